@@ -1,0 +1,1 @@
+"""Queue-length autoscaling policy and its limits (built in the autoscaling issue)."""

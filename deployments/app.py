@@ -1,0 +1,117 @@
+"""The one place where plain deployment classes become a Ray Serve application.
+
+Serve configs point at ``deployments.app:build_app`` with typed arguments
+(``AppArgs``). Deployment names are stable (``Router``, ``Scheduler-<model>``,
+``TextToImage-<model>``) so a Serve config can override any of their options,
+and ``serve deploy`` of a changed config is a lightweight update.
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve import Application
+from ray.serve.deployment import Deployment
+
+from deployments.router import Router, RouterSettings
+from deployments.scheduler import Scheduler
+from deployments.text_to_image import TextToImage
+from mediagate.settings import HomeLayout, get_settings
+from models.catalog import ModelSpec, load_catalog
+
+WORKER_CLASSES = {"text-to-image": TextToImage}
+
+
+class AppArgs(BaseModel):
+    """Arguments of the mediagate application (the Serve config's ``args``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    home: str | None = Field(None, description="MEDIAGATE_HOME; the environment's if unset.")
+    catalog: str | None = Field(None, description="Catalog file; the shipped one if unset.")
+    models: list[str] | None = Field(None, description="Model ids to serve; all if unset.")
+    router: RouterSettings = Field(default_factory=RouterSettings)
+    router_replicas: int = Field(1, ge=1, description="Router replicas (stateless).")
+    worker_ray_actor_options: dict[str, Any] | None = Field(
+        None,
+        description="Replaces every worker's ray_actor_options (e.g. num_gpus: 0 on a CPU box); "
+        "per-deployment overrides in the Serve config take precedence over both.",
+    )
+
+
+def scheduler_name(model_id: str) -> str:
+    return f"Scheduler-{model_id}"
+
+
+def worker_name(spec: ModelSpec) -> str:
+    return f"{WORKER_CLASSES[spec.task].__name__}-{spec.id}"
+
+
+def worker_actor_options(spec: ModelSpec) -> dict[str, Any]:
+    """What one replica of ``spec`` asks Ray for on a real cluster."""
+    options: dict[str, Any] = {"num_cpus": 1, "num_gpus": spec.num_gpus}
+    if spec.accelerator_type and spec.num_gpus:
+        options["accelerator_type"] = spec.accelerator_type
+    return options
+
+
+def _deployment(cls: type) -> Deployment:
+    return cast(Deployment, serve.deployment(cls))
+
+
+def build_app(args: dict[str, Any] | AppArgs) -> Application:
+    """Router -> one Scheduler per model -> that model's worker replicas."""
+    app_args = AppArgs.model_validate(args)
+    home = app_args.home or str(get_settings().home_dir)
+    layout = HomeLayout(home)
+    catalog = load_catalog(app_args.catalog)
+    wanted = app_args.models or [spec.id for spec in catalog.models.values()]
+    unknown = sorted(set(wanted) - set(catalog.models))
+    if unknown:
+        raise ValueError(f"models not in the catalog: {', '.join(unknown)}")
+
+    schedulers = {}
+    for model_id in wanted:
+        spec = catalog.models[model_id]
+        if spec.task not in WORKER_CLASSES:
+            continue  # served once its worker exists
+        worker = (
+            _deployment(WORKER_CLASSES[spec.task])
+            .options(
+                name=worker_name(spec),
+                max_ongoing_requests=1,
+                ray_actor_options=app_args.worker_ray_actor_options or worker_actor_options(spec),
+                health_check_period_s=10,
+                health_check_timeout_s=60,
+            )
+            .bind(spec.model_dump(), cache_dir=str(layout.model_cache))
+        )
+        schedulers[model_id] = (
+            _deployment(Scheduler)
+            .options(
+                name=scheduler_name(model_id),
+                num_replicas=None,
+                # Exactly one: the scheduler owns its model's queue. An autoscaling
+                # config (min = max = 1) makes Serve collect its queue metrics.
+                autoscaling_config={"min_replicas": 1, "max_replicas": 1},
+                max_ongoing_requests=100_000,
+                ray_actor_options={"num_cpus": 0},
+                user_config={"batching": spec.batching.model_dump()},
+            )
+            .bind(worker, spec.model_dump(), worker_deployment=worker_name(spec))
+        )
+
+    router = _deployment(serve.ingress()(Router)).options(
+        name="Router",
+        num_replicas=app_args.router_replicas,
+        max_ongoing_requests=10_000,
+        ray_actor_options={"num_cpus": 0},
+    )
+    return router.bind(
+        schedulers,
+        home=home,
+        catalog=app_args.catalog,
+        settings=app_args.router.model_dump(),
+    )

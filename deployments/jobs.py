@@ -1,0 +1,78 @@
+"""Plain data that crosses Ray handles between router, scheduler and workers.
+
+Frozen pydantic models of resolved work (no defaults left to guess) and its
+encoded result: bytes, never PIL images or tensors.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ImageFormat = Literal["png", "jpeg", "webp"]
+
+
+class ImageJob(BaseModel):
+    """One image request, resolved against its model spec; field names follow diffusers."""
+
+    model_config = ConfigDict(frozen=True)
+
+    request_id: str = Field(description="The router's id for the HTTP request.")
+    prompt: str = Field(description="Prompt text.")
+    negative_prompt: str | None = Field(None, description="Negative prompt text.")
+    width: int = Field(description="Output width in pixels.")
+    height: int = Field(description="Output height in pixels.")
+    num_inference_steps: int = Field(description="Denoising steps.")
+    guidance_scale: float = Field(description="Classifier-free guidance.")
+    num_images_per_prompt: int = Field(description="Images to make (the API's `n`).")
+    seed: int = Field(description="Image i uses seed + i, so results are reproducible.")
+    output_format: ImageFormat = Field(description="Encoding of the result.")
+    output_compression: int | None = Field(None, description="JPEG/WebP quality.")
+
+    @property
+    def batch_key(self) -> tuple[int, int, int, float]:
+        """Jobs with equal keys can share one pipeline call."""
+        return (self.width, self.height, self.num_inference_steps, self.guidance_scale)
+
+    @property
+    def images(self) -> int:
+        return self.num_images_per_prompt
+
+
+class ImageResult(BaseModel):
+    """The encoded images of one job."""
+
+    model_config = ConfigDict(frozen=True)
+
+    request_id: str = Field(description="Echoes the job's request id.")
+    images: list[bytes] = Field(description="Encoded images, in order.")
+    content_type: str = Field(description="MIME type of every image.")
+    batch_images: int = Field(description="How many images shared the pipeline call.")
+    inference_s: float = Field(description="Seconds the pipeline call took.")
+
+
+def pipeline_call_kwargs(jobs: list[ImageJob]) -> dict[str, Any]:
+    """One diffusers call for a batch of same-shape jobs: prompts expanded per image."""
+    first = jobs[0]
+    prompts: list[str] = []
+    negatives: list[str] = []
+    for job in jobs:
+        prompts.extend([job.prompt] * job.images)
+        negatives.extend([job.negative_prompt or ""] * job.images)
+    kwargs: dict[str, Any] = {
+        "prompt": prompts,
+        "width": first.width,
+        "height": first.height,
+        "num_inference_steps": first.num_inference_steps,
+        "guidance_scale": first.guidance_scale,
+        "num_images_per_prompt": 1,
+    }
+    if any(job.negative_prompt for job in jobs):
+        kwargs["negative_prompt"] = negatives
+    return kwargs
+
+
+def image_seeds(jobs: list[ImageJob]) -> list[int]:
+    """The seed of every image of a batch, in the order of ``pipeline_call_kwargs``."""
+    return [job.seed + index for job in jobs for index in range(job.images)]

@@ -1,0 +1,187 @@
+"""Scheduler: one per model; owns the queue and dispatches into free worker slots only.
+
+Workers run one batch per slot and keep ``max_ongoing_requests`` equal to their
+slots, so nothing waits inside a worker: waiting happens here, where the queue
+discipline applies and where newly started replicas can take the next batch.
+The scheduler knows its capacity (running worker replicas x slots) by asking the
+Serve controller, and reports queue length and in-flight work for autoscaling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from deployments.errors import GenerationFailed, MediagateError, unwrap
+from deployments.jobs import ImageJob, ImageResult
+from deployments.request_queue import FifoQueue, Ticket
+from models.catalog import Batching, ModelSpec
+
+logger = logging.getLogger(__name__)
+
+ReplicaCounter = Callable[[], Awaitable[int]]
+
+
+def serve_replica_counter(deployment_name: str) -> ReplicaCounter:
+    """Counts RUNNING replicas of ``deployment_name`` in this replica's Serve application."""
+
+    async def count() -> int:
+        from ray import serve
+
+        app_name = serve.get_replica_context().app_name
+        status = await asyncio.to_thread(serve.status)
+        deployment = status.applications[app_name].deployments[deployment_name]
+        states = deployment.replica_states.items()
+        return sum(count for state, count in states if state == "RUNNING")
+
+    return count
+
+
+class Scheduler:
+    """Queues jobs for one model and feeds them, batched by shape, to free worker slots."""
+
+    def __init__(
+        self,
+        worker: Any,
+        spec: dict[str, Any],
+        *,
+        worker_deployment: str | None = None,
+        count_replicas: ReplicaCounter | None = None,
+        slots_per_replica: int = 1,
+        capacity_refresh_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.spec = ModelSpec.model_validate(spec)
+        self._worker = worker
+        self._clock = clock
+        self._queue: FifoQueue[ImageJob] = FifoQueue()
+        self._batching: Batching = self.spec.batching
+        self._slots_per_replica = slots_per_replica
+        self._replicas = 1
+        self._busy_slots = 0
+        self._wakeup = asyncio.Event()
+        self._count_replicas = count_replicas
+        if count_replicas is None and worker_deployment is not None:
+            self._count_replicas = serve_replica_counter(worker_deployment)
+        self._capacity_refresh_s = capacity_refresh_s
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._capacity_watcher: asyncio.Task[None] | None = None
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """Live update from the Serve config's ``user_config`` (no replica restart)."""
+        merged = {**self._batching.model_dump(), **(config.get("batching") or {})}
+        self._batching = Batching.model_validate(merged)
+        self._slots_per_replica = int(config.get("slots_per_replica", self._slots_per_replica))
+        self._wakeup.set()
+
+    def _ensure_started(self) -> None:
+        if self._dispatcher is None:
+            self._dispatcher = asyncio.create_task(self._dispatch_loop())
+            if self._count_replicas is not None:
+                self._capacity_watcher = asyncio.create_task(self._watch_capacity())
+
+    @property
+    def capacity(self) -> int:
+        return self._replicas * self._slots_per_replica
+
+    async def submit(self, job: ImageJob) -> ImageResult:
+        """Queue ``job`` and wait for its result; leaving early takes it off the queue."""
+        self._ensure_started()
+        future: asyncio.Future[ImageResult] = asyncio.get_running_loop().create_future()
+        ticket = Ticket(job=job, enqueued_at=self._clock(), future=future)
+        self._queue.push(ticket)
+        self._wakeup.set()
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if self._queue.discard(ticket):
+                logger.info("dropped queued request %s: its caller went away", job.request_id)
+            raise
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Queue metrics that the autoscaling policy reads (``ctx.aggregated_metrics``)."""
+        return {"queue_len": float(len(self._queue)), "inflight": float(self._busy_slots)}
+
+    def stats(self) -> dict[str, Any]:
+        """Plain numbers for the status endpoint and tests."""
+        return {
+            "model": self.spec.id,
+            "queue_len": len(self._queue),
+            "busy_slots": self._busy_slots,
+            "capacity": self.capacity,
+            "replicas": self._replicas,
+            "max_batch_size": self._batching.max_batch_size,
+        }
+
+    async def _watch_capacity(self) -> None:
+        assert self._count_replicas is not None
+        while True:
+            try:
+                replicas = await self._count_replicas()
+            except Exception as error:  # the controller may be briefly unreachable
+                logger.warning("could not count worker replicas: %s", error)
+            else:
+                if replicas != self._replicas:
+                    self._replicas = replicas
+                    self._wakeup.set()
+            await asyncio.sleep(self._capacity_refresh_s)
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            hold_s = self._dispatch_ready()
+            if hold_s is not None:
+                asyncio.get_running_loop().call_later(hold_s, self._wakeup.set)
+
+    def _dispatch_ready(self) -> float | None:
+        """Dispatch batches while slots are free; returns how long to hold a partial batch."""
+        while len(self._queue) and self._busy_slots < self.capacity:
+            head = self._queue.head()
+            assert head is not None
+            max_images = self._batching.max_batch_size
+            waited_s = self._clock() - head.enqueued_at
+            if (
+                self._batching.batch_wait_s > waited_s
+                and self._queue.batch_images_available(max_images) < max_images
+            ):
+                return self._batching.batch_wait_s - waited_s
+            batch = [t for t in self._queue.take_batch(max_images) if not t.future.done()]
+            if not batch:
+                continue
+            self._busy_slots += 1
+            task = asyncio.create_task(self._run(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return None
+
+    async def _run(self, batch: list[Ticket[ImageJob]]) -> None:
+        try:
+            results = await self._worker.generate.remote([ticket.job for ticket in batch])
+        except Exception as error:
+            cause = unwrap(error)
+            if not isinstance(cause, MediagateError):
+                logger.error("worker call failed: %r", error)
+                cause = GenerationFailed(f"model {self.spec.id} is unavailable; please retry")
+            for ticket in batch:
+                if not ticket.future.done():
+                    ticket.future.set_exception(cause)
+        else:
+            for ticket, result in zip(batch, results, strict=True):
+                if not ticket.future.done():
+                    ticket.future.set_result(result)
+        finally:
+            self._busy_slots -= 1
+            self._wakeup.set()
+
+    async def shutdown(self) -> None:
+        for task in (self._dispatcher, self._capacity_watcher, *self._tasks):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task

@@ -1,0 +1,116 @@
+"""TextToImage: a GPU replica that runs one catalog model's diffusers pipeline.
+
+It loads its model in the constructor, warms up, and runs batches of same-shape
+jobs (formed by the scheduler) as single pipeline calls. It returns encoded image
+bytes, never PIL images or tensors. One replica runs one batch at a time, so its
+``max_ongoing_requests`` is 1 and waiting work stays in the scheduler's queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from deployments.errors import GenerationFailed, InvalidRequest
+from deployments.jobs import ImageJob, ImageResult, image_seeds, pipeline_call_kwargs
+from models.catalog import ModelSpec
+from models.encoding import CONTENT_TYPES, encode_image
+from models.loading import load_pipeline
+
+logger = logging.getLogger(__name__)
+
+PipelineLoader = Callable[..., Any]
+
+
+def generate_batch(pipeline: Any, jobs: list[ImageJob]) -> list[ImageResult]:
+    """Run one pipeline call for same-shape ``jobs`` and encode each job's images."""
+    import torch
+
+    if len({job.batch_key for job in jobs}) != 1:
+        raise InvalidRequest("a batch must share width, height, steps and guidance")
+    generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in image_seeds(jobs)]
+    started = time.perf_counter()
+    output = pipeline(**pipeline_call_kwargs(jobs), generator=generators, output_type="pil")
+    inference_s = time.perf_counter() - started
+    images = list(output.images)
+    results: list[ImageResult] = []
+    offset = 0
+    for job in jobs:
+        own = images[offset : offset + job.images]
+        offset += job.images
+        results.append(
+            ImageResult(
+                request_id=job.request_id,
+                images=[
+                    encode_image(img, job.output_format, job.output_compression) for img in own
+                ],
+                content_type=CONTENT_TYPES[job.output_format],
+                batch_images=len(images),
+                inference_s=inference_s,
+            )
+        )
+    return results
+
+
+def _assigned_cpus() -> int | None:
+    try:
+        import ray
+
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    except Exception:  # outside Ray: leave torch's own default
+        return None
+    return max(1, int(cpus)) if cpus else None
+
+
+class TextToImage:
+    """Holds one loaded text-to-image pipeline and generates batches on request."""
+
+    def __init__(
+        self,
+        spec: dict[str, Any],
+        *,
+        cache_dir: str,
+        load: PipelineLoader = load_pipeline,
+        torch_threads: int | None = None,
+    ) -> None:
+        import torch
+
+        threads = torch_threads or _assigned_cpus()
+        if threads:
+            torch.set_num_threads(threads)
+        self.spec = ModelSpec.model_validate(spec)
+        self.pipeline = load(self.spec, cache_dir=Path(cache_dir))
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        width, height = self.spec.default_size
+        warm = ImageJob(
+            request_id="warm-up",
+            prompt="warm up",
+            width=width,
+            height=height,
+            num_inference_steps=1,
+            guidance_scale=self.spec.defaults.guidance_scale,
+            num_images_per_prompt=1,
+            seed=0,
+            output_format="png",
+        )
+        started = time.perf_counter()
+        generate_batch(self.pipeline, [warm])
+        logger.info("%s warmed up in %.2fs", self.spec.id, time.perf_counter() - started)
+
+    async def generate(self, jobs: list[ImageJob]) -> list[ImageResult]:
+        """Generate a batch off the event loop so health checks stay answered."""
+        try:
+            return await asyncio.to_thread(generate_batch, self.pipeline, jobs)
+        except InvalidRequest:
+            raise
+        except Exception as error:
+            logger.exception("generation failed for %s", [job.request_id for job in jobs])
+            raise GenerationFailed(
+                f"model {self.spec.id} failed to generate; please retry"
+            ) from error

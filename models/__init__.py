@@ -1,0 +1,1 @@
+"""Model catalog, pipeline loading (tiny://, local, hf://, simulated://) and output encoding."""

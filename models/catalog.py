@@ -1,0 +1,175 @@
+"""The model catalog: data (a YAML file) mapped onto frozen ``ModelSpec`` objects.
+
+Adding or swapping a model is one entry in the catalog file, never code. A spec
+says what the model does (task), where its weights come from (source), how to
+load it (pipeline class, dtype), what it needs (GPUs), its defaults and its caps.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Task = Literal["text-to-image", "text-to-video"]
+SOURCE_SCHEMES = ("tiny://", "simulated://", "hf://", "s3://", "file://")
+MODEL_ID_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    """``"640x480"`` -> ``(640, 480)`` (width, height); raises ``ValueError`` otherwise."""
+    match = _SIZE.match(size)
+    if not match:
+        raise ValueError(f"size must look like WIDTHxHEIGHT (for example 512x512), got {size!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class GenerationDefaults(_Frozen):
+    """What a request gets for every field it leaves out."""
+
+    size: str = Field("512x512", description="Default output size, WIDTHxHEIGHT.")
+    num_inference_steps: int = Field(25, ge=1, description="Default denoising steps.")
+    guidance_scale: float = Field(7.5, ge=0, description="Default classifier-free guidance.")
+
+    @field_validator("size")
+    @classmethod
+    def _size_parses(cls, value: str) -> str:
+        parse_size(value)
+        return value
+
+
+class GenerationCaps(_Frozen):
+    """Hard limits a request may not exceed for this model."""
+
+    max_width: int = Field(1024, ge=8, description="Largest width in pixels.")
+    max_height: int = Field(1024, ge=8, description="Largest height in pixels.")
+    min_side: int = Field(8, ge=1, description="Smallest width or height in pixels.")
+    size_multiple: int = Field(8, ge=1, description="Width and height must be multiples of this.")
+    max_steps: int = Field(50, ge=1, description="Most denoising steps a request may ask for.")
+    max_n: int = Field(4, ge=1, le=10, description="Most images one request may ask for.")
+
+
+class Batching(_Frozen):
+    """How the scheduler groups queued requests of the same shape into one pipeline call."""
+
+    max_batch_size: int = Field(4, ge=1, description="Most images in one pipeline call.")
+    batch_wait_s: float = Field(
+        0.0, ge=0, le=5, description="How long to hold a partial batch hoping for more work."
+    )
+
+
+class ModelSpec(_Frozen):
+    """One catalog entry: everything needed to load, place and bound a model."""
+
+    id: str = Field(pattern=MODEL_ID_PATTERN, description="Public model id (the API's `model`).")
+    task: Task = Field(description="What the model generates.")
+    source: str = Field(
+        description="tiny://NAME, simulated://NAME?step_ms=N, hf://ORG/NAME, s3://BUCKET/PREFIX, "
+        "or a local directory (absolute, or relative to the catalog file)."
+    )
+    pipeline_class: str = Field(
+        "DiffusionPipeline", description="diffusers pipeline class used by from_pretrained."
+    )
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="Weights dtype on a GPU; CPUs always use float32."
+    )
+    num_gpus: float = Field(1, ge=0, description="GPUs one replica needs on a real cluster.")
+    accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. A10G.")
+    owned_by: str = Field("mediagate", description="Shown as `owned_by` in /v1/models.")
+    description: str = Field("", description="One line for humans.")
+    defaults: GenerationDefaults = Field(default_factory=GenerationDefaults)
+    caps: GenerationCaps = Field(default_factory=GenerationCaps)
+    quality_steps: dict[str, int] = Field(
+        default_factory=dict,
+        description="OpenAI `quality` values this model accepts, mapped to denoising steps.",
+    )
+    batching: Batching = Field(default_factory=Batching)
+
+    @field_validator("source")
+    @classmethod
+    def _source_known(cls, value: str) -> str:
+        if "://" in value and not value.startswith(SOURCE_SCHEMES):
+            schemes = ", ".join(SOURCE_SCHEMES)
+            raise ValueError(f"source must start with one of {schemes} or be a path, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _defaults_within_caps(self) -> ModelSpec:
+        width, height = parse_size(self.defaults.size)
+        if width > self.caps.max_width or height > self.caps.max_height:
+            raise ValueError(f"default size {self.defaults.size} exceeds the caps")
+        if self.defaults.num_inference_steps > self.caps.max_steps:
+            raise ValueError("default num_inference_steps exceeds caps.max_steps")
+        return self
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        return parse_size(self.defaults.size)
+
+
+class Catalog(_Frozen):
+    """All models the service knows, and the default model per task."""
+
+    models: dict[str, ModelSpec]
+    default_models: dict[Task, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _defaults_exist(self) -> Catalog:
+        for task, model_id in self.default_models.items():
+            spec = self.models.get(model_id)
+            if spec is None:
+                raise ValueError(f"default model {model_id!r} for {task} is not in the catalog")
+            if spec.task != task:
+                raise ValueError(f"default model {model_id!r} for {task} has task {spec.task}")
+        return self
+
+    def get(self, model_id: str) -> ModelSpec | None:
+        return self.models.get(model_id)
+
+    def default_for(self, task: Task) -> ModelSpec | None:
+        model_id = self.default_models.get(task)
+        if model_id is None:
+            candidates = [spec for spec in self.models.values() if spec.task == task]
+            return candidates[0] if candidates else None
+        return self.models[model_id]
+
+    def for_task(self, task: Task) -> list[ModelSpec]:
+        return [spec for spec in self.models.values() if spec.task == task]
+
+
+def parse_catalog(data: dict[str, Any], base_dir: Path | None = None) -> Catalog:
+    """Build a catalog from parsed YAML; relative local sources resolve against ``base_dir``."""
+    raw_models = data.get("models") or {}
+    if not isinstance(raw_models, dict):
+        raise ValueError("catalog `models` must be a mapping of model id -> spec")
+    models: dict[str, ModelSpec] = {}
+    for model_id, entry in raw_models.items():
+        fields = dict(entry or {})
+        source = str(fields.get("source", ""))
+        if (
+            base_dir is not None
+            and source
+            and "://" not in source
+            and not Path(source).is_absolute()
+        ):
+            fields["source"] = str((base_dir / source).resolve())
+        models[model_id] = ModelSpec(id=model_id, **fields)
+    return Catalog(models=models, default_models=data.get("default_models") or {})
+
+
+def load_catalog(path: str | Path | None = None) -> Catalog:
+    """Read a catalog file; ``None`` reads the catalog shipped with mediagate."""
+    if path is None:
+        text = resources.files("models").joinpath("catalog.yaml").read_text()
+        return parse_catalog(yaml.safe_load(text) or {})
+    file = Path(path)
+    return parse_catalog(yaml.safe_load(file.read_text()) or {}, base_dir=file.parent)

@@ -1,0 +1,96 @@
+"""Load a catalog model's pipeline, whatever its source, onto the chosen device.
+
+Every real source ends in ``DiffusionPipeline.from_pretrained`` on a directory or
+a Hub id; only ``simulated://`` (tests and benchmarks) bypasses diffusers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from deployments.errors import ModelUnavailable
+from models.catalog import ModelSpec
+from models.device import Placement, choose_placement
+from models.simulated import SimulatedPipeline
+from models.tiny import MODEL_INDEX, ensure_tiny_pipeline
+
+logger = logging.getLogger(__name__)
+
+
+def _pipeline_class(spec: ModelSpec) -> Any:
+    import diffusers
+
+    cls = getattr(diffusers, spec.pipeline_class, None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise ModelUnavailable(
+            f"model {spec.id}: diffusers has no pipeline class {spec.pipeline_class!r}"
+        )
+    return cls
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def resolve_weights(spec: ModelSpec, cache_dir: Path) -> str:
+    """The directory (or Hub id) that ``from_pretrained`` should read for ``spec``."""
+    source = spec.source
+    if source.startswith("tiny://"):
+        try:
+            return str(ensure_tiny_pipeline(source.removeprefix("tiny://"), cache_dir / "tiny"))
+        except ValueError as error:
+            raise ModelUnavailable(f"model {spec.id}: {error}") from None
+    if source.startswith("hf://"):
+        return source.removeprefix("hf://")
+    if source.startswith("s3://"):
+        raise ModelUnavailable(
+            f"model {spec.id}: s3:// weight sources are not supported yet; "
+            "copy the weights to a local directory and point `source` at it"
+        )
+    path = Path(source.removeprefix("file://")).expanduser()
+    if not (path / MODEL_INDEX).exists():
+        raise ModelUnavailable(
+            f"model {spec.id}: {path} is not a diffusers pipeline directory (no {MODEL_INDEX})"
+        )
+    return str(path)
+
+
+def load_pipeline(spec: ModelSpec, *, cache_dir: Path, placement: Placement | None = None) -> Any:
+    """Load ``spec``'s pipeline with ``from_pretrained`` and move it to its device.
+
+    ``hf://`` ids load through the Hugging Face cache; with ``HF_HUB_OFFLINE=1`` only
+    cached weights are used, and absent weights raise ``ModelUnavailable`` saying so.
+    """
+    if spec.source.startswith("simulated://"):
+        query = parse_qs(urlsplit(spec.source).query)
+        return SimulatedPipeline(step_ms=float(query.get("step_ms", ["50"])[0]))
+    placement = placement or choose_placement(spec.dtype)
+    weights = resolve_weights(spec, cache_dir)
+    pipeline_class = _pipeline_class(spec)
+    is_hub = spec.source.startswith("hf://")
+    try:
+        pipeline = pipeline_class.from_pretrained(
+            weights,
+            dtype=placement.torch_dtype(),
+            local_files_only=is_hub and _hub_offline(),
+        )
+    except (OSError, ValueError) as error:
+        if not is_hub:
+            raise ModelUnavailable(f"model {spec.id}: cannot load {weights}: {error}") from error
+        hint = (
+            "HF_HUB_OFFLINE is set and the weights are not in the Hugging Face cache"
+            if _hub_offline()
+            else "the weights could not be downloaded from the Hugging Face Hub"
+        )
+        raise ModelUnavailable(
+            f"model {spec.id}: {hint} ({weights}); pre-fetch them with "
+            f"`huggingface-cli download {weights}` or set HF_HOME to a cache that has them"
+        ) from error
+    pipeline = pipeline.to(placement.device)
+    pipeline.set_progress_bar_config(disable=True)
+    logger.info("loaded %s from %s on %s/%s", spec.id, weights, placement.device, placement.dtype)
+    return pipeline
