@@ -69,8 +69,8 @@ def load_pipeline(spec: ModelSpec, *, cache_dir: Path, placement: Placement | No
         query = parse_qs(urlsplit(spec.source).query)
         return SimulatedPipeline(step_ms=float(query.get("step_ms", ["50"])[0]))
     placement = placement or choose_placement(spec.dtype)
-    weights = resolve_weights(spec, cache_dir)
     pipeline_class = _pipeline_class(spec)
+    weights = resolve_weights(spec, cache_dir)
     is_hub = spec.source.startswith("hf://")
     try:
         pipeline = pipeline_class.from_pretrained(

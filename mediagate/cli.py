@@ -1,0 +1,252 @@
+"""The ``mediagate`` command: start and stop the service, manage accounts and keys.
+
+``mediagate up`` starts a local Ray head (or uses ``--address``), deploys the
+application from a Serve config YAML through Serve's REST API (the same path as
+``serve deploy``, so later config changes are lightweight updates), waits until
+it answers and prints the base URL. Ray's token authentication stays on: every
+call of ours sets ``RAY_AUTH_MODE=token`` so the client reads ``~/.ray/auth_token``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mediagate.accounts import DEFAULT_TIERS, SqliteAccountStore
+from mediagate.settings import HomeLayout, get_settings
+
+DEFAULT_DASHBOARD_PORT = 8265
+DEFAULT_RAY_PORT = 6390
+READY_TIMEOUT_S = 900
+
+
+class CommandError(Exception):
+    """A failure to report in one line, with exit status 1."""
+
+
+def _layout() -> HomeLayout:
+    return HomeLayout(get_settings().home_dir)
+
+
+def _ray_executable() -> str:
+    beside_python = Path(sys.executable).with_name("ray")
+    return str(beside_python) if beside_python.exists() else "ray"
+
+
+def _serve_client(dashboard_url: str) -> Any:
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    return ServeSubmissionClient(dashboard_url)
+
+
+def effective_config(config_path: str | None, host: str, port: int, home: Path) -> dict[str, Any]:
+    """The Serve config to deploy: the given (or shipped) file with host, port and home set."""
+    if config_path is None:
+        text = resources.files("mediagate").joinpath("configs/serve.yaml").read_text()
+    else:
+        text = Path(config_path).read_text()
+    config = yaml.safe_load(text)
+    config.setdefault("http_options", {}).update({"host": host, "port": port})
+    for application in config.get("applications", []):
+        args = application.setdefault("args", {}) or {}
+        application["args"] = args
+        if not args.get("home"):
+            args["home"] = str(home)
+    return config
+
+
+def _local_url(host: str, port: int) -> str:
+    reachable = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    return f"http://{reachable}:{port}"
+
+
+def _wait_until_ready(client: Any, base_url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    last_status = ""
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{base_url}/healthz", timeout=5) as answer:
+                if answer.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        details = client.get_serve_details()
+        for name, app in (details.get("applications") or {}).items():
+            status = app.get("status")
+            if status == "DEPLOY_FAILED":
+                raise CommandError(f"application {name} failed to deploy: {app.get('message')}")
+            if status != last_status:
+                print(f"application {name}: {status}", file=sys.stderr)
+                last_status = status
+        time.sleep(1)
+    raise CommandError(f"the service did not answer {base_url}/healthz within {timeout_s:.0f}s")
+
+
+def _start_ray(args: argparse.Namespace, layout: HomeLayout) -> str:
+    command = [
+        _ray_executable(),
+        "start",
+        "--head",
+        f"--port={args.ray_port}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={args.dashboard_port}",
+        f"--num-cpus={args.num_cpus or os.cpu_count() or 1}",
+        "--disable-usage-stats",
+    ]
+    environment = {**os.environ, "MEDIAGATE_HOME": str(layout.root)}
+    print("starting Ray:", " ".join(command[1:]), file=sys.stderr)
+    completed = subprocess.run(command, env=environment, capture_output=True, text=True)
+    if completed.returncode != 0:
+        raise CommandError(f"`ray start` failed:\n{completed.stderr[-2000:]}")
+    return f"http://127.0.0.1:{args.dashboard_port}"
+
+
+def _stop(run: dict[str, Any]) -> None:
+    try:
+        _serve_client(run["dashboard_url"]).delete_applications()
+    except Exception as error:  # the cluster may already be gone
+        print(f"could not delete the Serve applications: {error}", file=sys.stderr)
+    if run.get("started_ray"):
+        subprocess.run([_ray_executable(), "stop"], capture_output=True)
+
+
+def command_up(args: argparse.Namespace) -> int:
+    layout = _layout()
+    layout.root.mkdir(parents=True, exist_ok=True)
+    if layout.run_file.exists():
+        raise CommandError(
+            f"mediagate already runs from {layout.root} (run `mediagate down` first, "
+            f"or remove {layout.run_file} if it died)"
+        )
+    config = effective_config(args.config, args.host, args.port, layout.root)
+    layout.serve_config.write_text(yaml.safe_dump(config, sort_keys=False))
+    started_ray = args.address is None
+    dashboard_url = _start_ray(args, layout) if started_ray else args.address
+    run = {"dashboard_url": dashboard_url, "started_ray": started_ray}
+    base_url = _local_url(args.host, args.port)
+    try:
+        client = _serve_client(dashboard_url)
+        print(f"deploying {layout.serve_config}", file=sys.stderr)
+        client.deploy_applications(config)
+        _wait_until_ready(client, base_url, args.ready_timeout_s)
+    except BaseException:
+        _stop(run)
+        raise
+    layout.run_file.write_text(json.dumps({**run, "base_url": base_url}))
+    print(f"mediagate is serving; OpenAI base URL: {base_url}/v1", file=sys.stderr)
+    print(f"{base_url}/v1")
+    sys.stdout.flush()
+    if args.detach:
+        return 0
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(1):
+            pass
+    except KeyboardInterrupt:
+        pass
+    print("shutting down", file=sys.stderr)
+    _stop(run)
+    layout.run_file.unlink(missing_ok=True)
+    return 0
+
+
+def command_down(_: argparse.Namespace) -> int:
+    layout = _layout()
+    if not layout.run_file.exists():
+        raise CommandError(f"no running mediagate found under {layout.root}")
+    _stop(json.loads(layout.run_file.read_text()))
+    layout.run_file.unlink(missing_ok=True)
+    print("mediagate stopped", file=sys.stderr)
+    return 0
+
+
+def _accounts() -> SqliteAccountStore:
+    return SqliteAccountStore(_layout().state_db)
+
+
+def command_keys_create(args: argparse.Namespace) -> int:
+    store = _accounts()
+    name = args.account or f"account-{int(time.time())}"
+    account = store.ensure_account(name, args.tier)
+    if account.tier != args.tier:
+        print(f"note: account {name} exists with tier {account.tier}; kept", file=sys.stderr)
+    key = store.create_key(account.id)
+    print(f"created a key for account {account.name} (tier {account.tier}); it is shown once:")
+    print(key)
+    return 0
+
+
+def command_keys_list(_: argparse.Namespace) -> int:
+    print(f"{'PREFIX':<13} {'ACCOUNT':<24} {'TIER':<8} {'CREATED (UTC)':<20} STATE")
+    for info in _accounts().list_keys():
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(info.created_at))
+        state = "revoked" if info.revoked else "active"
+        print(f"{info.prefix:<13} {info.account:<24} {info.tier:<8} {created:<20} {state}")
+    return 0
+
+
+def command_keys_revoke(args: argparse.Namespace) -> int:
+    if not _accounts().revoke(args.prefix):
+        raise CommandError(f"no active key starts with {args.prefix}")
+    print(f"revoked {args.prefix}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mediagate", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser("up", help="start the service and print its base URL")
+    up.add_argument("--host", default="127.0.0.1", help="address the HTTP proxy binds")
+    up.add_argument("--port", type=int, default=8000, help="HTTP port")
+    up.add_argument("--config", help="Serve config YAML (default: the embedded CPU config)")
+    up.add_argument("--detach", action="store_true", help="return once serving")
+    up.add_argument("--address", help="dashboard URL of an existing Ray cluster to deploy to")
+    up.add_argument("--num-cpus", type=int, help="CPUs the local Ray head offers")
+    up.add_argument("--dashboard-port", type=int, default=DEFAULT_DASHBOARD_PORT)
+    up.add_argument("--ray-port", type=int, default=DEFAULT_RAY_PORT)
+    up.add_argument("--ready-timeout-s", type=float, default=READY_TIMEOUT_S)
+    up.set_defaults(handler=command_up)
+
+    down = commands.add_parser("down", help="stop a detached service")
+    down.set_defaults(handler=command_down)
+
+    keys = commands.add_parser("keys", help="API keys").add_subparsers(dest="keys", required=True)
+    create = keys.add_parser("create", help="create an API key (printed once, last line)")
+    create.add_argument("--tier", choices=DEFAULT_TIERS, required=True)
+    create.add_argument("--account", help="account name (created if new)")
+    create.set_defaults(handler=command_keys_create)
+    listing = keys.add_parser("list", help="list key prefixes, accounts and tiers")
+    listing.set_defaults(handler=command_keys_list)
+    revoke = keys.add_parser("revoke", help="revoke a key by its prefix")
+    revoke.add_argument("prefix")
+    revoke.set_defaults(handler=command_keys_revoke)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except CommandError as error:
+        print(f"mediagate: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Fakes with the same interface as the real collaborators; the only place they live."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import Callable
+from typing import Any
+
+from deployments.errors import MediagateError
+from deployments.jobs import ImageJob, ImageResult
+
+
+def solid_png(width: int, height: int, seed: int) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (seed % 256, 0, 0)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class _Method:
+    def __init__(self, function: Callable[..., Any]) -> None:
+        self._function = function
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        return self._function(*args, **kwargs)
+
+
+class FakeSchedulerHandle:
+    """Answers ``submit.remote(job)`` like a scheduler, recording every job it got."""
+
+    def __init__(self, *, fail_with: MediagateError | Exception | None = None) -> None:
+        self.jobs: list[ImageJob] = []
+        self.fail_with = fail_with
+        self.submit = _Method(self._submit)
+
+    async def _submit(self, job: ImageJob) -> ImageResult:
+        self.jobs.append(job)
+        if self.fail_with is not None:
+            raise self.fail_with
+        images = [solid_png(job.width, job.height, job.seed + i) for i in range(job.images)]
+        return ImageResult(
+            request_id=job.request_id,
+            images=images,
+            content_type="image/png",
+            batch_images=job.images,
+            inference_s=0.0,
+        )
+
+
+class FakeWorkerHandle:
+    """A worker whose batches finish only when the test releases them."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[ImageJob]] = []
+        self.release = asyncio.Event()
+        self.started = asyncio.Event()
+        self._arrived = asyncio.Condition()
+        self.generate = _Method(self._generate)
+
+    async def wait_for_batches(self, count: int) -> None:
+        async with self._arrived:
+            await self._arrived.wait_for(lambda: len(self.batches) >= count)
+
+    async def _generate(self, jobs: list[ImageJob]) -> list[ImageResult]:
+        self.batches.append(list(jobs))
+        self.started.set()
+        async with self._arrived:
+            self._arrived.notify_all()
+        await self.release.wait()
+        return [
+            ImageResult(
+                request_id=job.request_id,
+                images=[b"x"] * job.images,
+                content_type="image/png",
+                batch_images=sum(j.images for j in jobs),
+                inference_s=0.0,
+            )
+            for job in jobs
+        ]
+
+
+class FakeClock:
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds

@@ -1,0 +1,90 @@
+"""The README's way in: `mediagate up --detach`, a key from the CLI, the README snippet, `down`.
+
+Marked `own_ray_cluster`: it starts its own Ray head with `ray start` and `down`
+runs `ray stop`, so it runs before the session's shared cluster exists.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.integration.conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+MEDIAGATE = str(Path(sys.executable).with_name("mediagate"))
+
+
+def readme_python_snippet() -> str:
+    readme = (ROOT / "README.md").read_text()
+    match = re.search(r"<!-- quickstart-python -->\n```python\n(.*?)```", readme, re.S)
+    assert match, "README lost its quick-start snippet"
+    return match.group(1)
+
+
+@pytest.mark.own_ray_cluster
+def test_up_serve_readme_snippet_down(tmp_path: Path) -> None:
+    port, dashboard_port, ray_port = free_port(), free_port(), free_port()
+    env = {**os.environ, "MEDIAGATE_HOME": str(tmp_path / "home")}
+    up = subprocess.run(
+        [
+            MEDIAGATE,
+            "up",
+            "--detach",
+            "--port",
+            str(port),
+            "--dashboard-port",
+            str(dashboard_port),
+            "--ray-port",
+            str(ray_port),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    try:
+        assert up.returncode == 0, up.stderr
+        assert up.stdout.strip().splitlines()[-1] == f"http://127.0.0.1:{port}/v1"
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+
+        created = subprocess.run(
+            [MEDIAGATE, "keys", "create", "--tier", "pro", "--account", "readme"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        key = created.stdout.strip().splitlines()[-1]
+        snippet = readme_python_snippet().replace("127.0.0.1:8000", f"127.0.0.1:{port}")
+        ran = subprocess.run(
+            [sys.executable, "-c", snippet],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            env={**env, "MEDIAGATE_API_KEY": key},
+            timeout=120,
+        )
+        assert ran.returncode == 0, ran.stderr
+        assert ran.stdout.strip() == "wrote 2 images"
+        assert (tmp_path / "image-1.png").read_bytes().startswith(b"\x89PNG")
+
+        # The deployed config is on disk for later `serve deploy` updates.
+        assert f"port: {port}" in (tmp_path / "home" / "serve.yaml").read_text()
+        again = subprocess.run(
+            [MEDIAGATE, "up", "--detach"], env=env, capture_output=True, text=True
+        )
+        assert again.returncode == 1 and "already runs" in again.stderr
+    finally:
+        down = subprocess.run(
+            [MEDIAGATE, "down"], env=env, capture_output=True, text=True, timeout=300
+        )
+    assert down.returncode == 0, down.stderr
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)

@@ -1,0 +1,114 @@
+"""Accounts and keys (hashed at rest), signed artifacts, and the CLI's commands."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from mediagate import cli
+from mediagate.accounts import SqliteAccountStore, hash_key
+from mediagate.artifacts import LocalArtifactStore, load_or_create_secret
+from mediagate.settings import get_settings
+from tests.fakes import FakeClock
+
+
+async def test_keys_are_stored_only_as_hashes(tmp_path: Path) -> None:
+    store = SqliteAccountStore(tmp_path / "state.db")
+    account = store.ensure_account("alice", "plus")
+    key = store.create_key(account.id)
+    assert key.startswith("mg-") and len(key) > 30
+    with sqlite3.connect(tmp_path / "state.db") as db:
+        dump = "\n".join(db.iterdump())
+    assert key not in dump and hash_key(key) in dump
+    found = await store.authenticate(key)
+    assert found is not None and (found.name, found.tier) == ("alice", "plus")
+    assert await store.authenticate(key + "x") is None
+    assert await store.authenticate("sk-other") is None
+
+
+async def test_revoke_by_prefix(tmp_path: Path) -> None:
+    store = SqliteAccountStore(tmp_path / "state.db")
+    account = store.ensure_account("bob", "free")
+    key = store.create_key(account.id)
+    other = store.create_key(account.id)
+    assert store.revoke(key[3:11])  # with or without the mg- prefix
+    assert not store.revoke(key[:11])
+    assert await store.authenticate(key) is None
+    assert await store.authenticate(other) is not None
+    assert [info.revoked for info in store.list_keys()] == [True, False]
+
+
+def test_existing_account_keeps_its_tier(tmp_path: Path) -> None:
+    store = SqliteAccountStore(tmp_path / "state.db")
+    first = store.ensure_account("carol", "pro")
+    again = store.ensure_account("carol", "free")
+    assert again == first
+
+
+def test_signing_secret_is_shared_and_private(tmp_path: Path) -> None:
+    path = tmp_path / "secrets" / "key"
+    assert load_or_create_secret(path) == load_or_create_secret(path)
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_artifact_sweep_removes_only_old_files(tmp_path: Path) -> None:
+    clock = FakeClock(now=2_000_000_000.0)
+    store = LocalArtifactStore(tmp_path, b"s" * 32, clock=clock)
+    store.put(b"data", "png")
+    assert store.delete_older_than(3600) == 1  # the file's mtime is real time, long before
+    store2 = LocalArtifactStore(tmp_path, b"s" * 32)
+    store2.put(b"data", "png")
+    assert store2.delete_older_than(3600) == 0
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("MEDIAGATE_HOME", str(tmp_path / "home"))
+    get_settings.cache_clear()
+    yield tmp_path / "home"
+    get_settings.cache_clear()
+
+
+def test_cli_keys_create_prints_the_key_last(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["keys", "create", "--tier", "pro", "--account", "dana"]) == 0
+    key = capsys.readouterr().out.strip().splitlines()[-1]
+    assert key.startswith("mg-")
+    assert cli.main(["keys", "list"]) == 0
+    listing = capsys.readouterr().out
+    assert key[:11] in listing and "dana" in listing and "pro" in listing and key not in listing
+    assert cli.main(["keys", "revoke", key[:11]]) == 0
+    assert cli.main(["keys", "revoke", key[:11]]) == 1
+    assert "revoked" in capsys.readouterr().out
+
+
+def test_cli_rejects_unknown_tier(home: Path) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["keys", "create", "--tier", "gold"])
+
+
+def test_effective_config_sets_host_port_and_home(tmp_path: Path) -> None:
+    config = cli.effective_config(None, "0.0.0.0", 9000, tmp_path)
+    assert config["http_options"] == {"host": "0.0.0.0", "port": 9000}
+    [app] = config["applications"]
+    assert app["import_path"] == "deployments.app:build_app"
+    assert app["args"]["home"] == str(tmp_path)
+    workers = [d for d in app["deployments"] if d["name"].startswith("TextToImage-")]
+    assert workers and all(d["ray_actor_options"]["num_gpus"] == 0 for d in workers)
+
+
+def test_gpu_example_config_validates_against_serve_schema(tmp_path: Path) -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    for name in ("serve.yaml", "serve.gpu.yaml"):
+        path = Path(cli.__file__).parent / "configs" / name
+        config = cli.effective_config(str(path), "127.0.0.1", 8000, tmp_path)
+        ServeDeploySchema.model_validate(config)
+
+
+def test_down_without_up_is_a_clear_error(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["down"]) == 1
+    assert "no running mediagate" in capsys.readouterr().err

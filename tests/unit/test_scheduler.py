@@ -1,0 +1,153 @@
+"""Scheduler and queue discipline without Ray: fake worker handle, events instead of sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from deployments.jobs import ImageJob
+from deployments.request_queue import FifoQueue, Ticket
+from deployments.scheduler import Scheduler
+from models.catalog import load_catalog
+from tests.fakes import FakeClock, FakeWorkerHandle
+
+SPEC = load_catalog().models["tiny-sd"].model_dump()
+
+
+def job(request_id: str, *, n: int = 1, width: int = 64, steps: int = 4) -> ImageJob:
+    return ImageJob(
+        request_id=request_id,
+        prompt="p",
+        width=width,
+        height=64,
+        num_inference_steps=steps,
+        guidance_scale=7.5,
+        num_images_per_prompt=n,
+        seed=1,
+        output_format="png",
+    )
+
+
+def ticket(request_id: str, **kwargs: Any) -> Ticket[ImageJob]:
+    return Ticket(job=job(request_id, **kwargs), enqueued_at=0.0, future=asyncio.Future())
+
+
+async def test_fifo_batches_same_shape_only_up_to_max_images() -> None:
+    queue: FifoQueue[ImageJob] = FifoQueue()
+    for item in [
+        ticket("a", n=2),
+        ticket("b", width=128),
+        ticket("c"),
+        ticket("d", n=2),
+        ticket("e"),
+    ]:
+        queue.push(item)
+    assert [t.job.request_id for t in queue.take_batch(4)] == ["a", "c", "e"]
+    assert [t.job.request_id for t in queue.take_batch(4)] == ["b"]
+    assert [t.job.request_id for t in queue.take_batch(4)] == ["d"]
+    assert len(queue) == 0
+
+
+async def test_head_larger_than_batch_is_still_taken_alone() -> None:
+    queue: FifoQueue[ImageJob] = FifoQueue()
+    queue.push(ticket("big", n=4))
+    queue.push(ticket("small"))
+    assert [t.job.request_id for t in queue.take_batch(2)] == ["big"]
+
+
+async def test_discard_removes_only_queued() -> None:
+    queue: FifoQueue[ImageJob] = FifoQueue()
+    first = ticket("a")
+    queue.push(first)
+    assert queue.discard(first) and not queue.discard(first)
+
+
+async def count_one() -> int:
+    return 1
+
+
+async def test_dispatches_only_into_free_slots_and_batches_the_rest() -> None:
+    worker = FakeWorkerHandle()
+    scheduler = Scheduler(worker, SPEC, count_replicas=count_one, clock=FakeClock())
+    first = asyncio.create_task(scheduler.submit(job("a")))
+    await worker.started.wait()
+    later = [asyncio.create_task(scheduler.submit(job(name))) for name in "bcdef"]
+    await asyncio.sleep(0)
+    # One replica with one slot is busy: everything else waits in the queue.
+    assert len(worker.batches) == 1
+    assert scheduler.record_autoscaling_stats() == {"queue_len": 5.0, "inflight": 1.0}
+    worker.release.set()
+    results = await asyncio.gather(first, *later)
+    assert [r.request_id for r in results] == list("abcdef")
+    # After the first batch, the queue drains in batches of up to four images.
+    assert [len(batch) for batch in worker.batches] == [1, 4, 1]
+    assert scheduler.record_autoscaling_stats() == {"queue_len": 0.0, "inflight": 0.0}
+    await scheduler.shutdown()
+
+
+async def test_capacity_follows_running_replicas() -> None:
+    replicas = 3
+    worker = FakeWorkerHandle()
+
+    async def count() -> int:
+        return replicas
+
+    scheduler = Scheduler(worker, SPEC, count_replicas=count, capacity_refresh_s=0.01)
+    scheduler.reconfigure({"batching": {"max_batch_size": 1}})
+    tasks = [asyncio.create_task(scheduler.submit(job(str(i)))) for i in range(5)]
+    await worker.wait_for_batches(3)
+    for _ in range(10):  # let the dispatcher run: it must not exceed the three slots
+        await asyncio.sleep(0)
+    assert len(worker.batches) == 3 and scheduler.capacity == 3
+    worker.release.set()
+    await asyncio.gather(*tasks)
+    await scheduler.shutdown()
+
+
+async def test_caller_that_goes_away_leaves_the_queue() -> None:
+    worker = FakeWorkerHandle()
+    scheduler = Scheduler(worker, SPEC, count_replicas=count_one)
+    running = asyncio.create_task(scheduler.submit(job("a")))
+    await worker.started.wait()
+    abandoned = asyncio.create_task(scheduler.submit(job("b", width=128)))
+    await asyncio.sleep(0)
+    assert scheduler.stats()["queue_len"] == 1
+    abandoned.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await abandoned
+    assert scheduler.stats()["queue_len"] == 0
+    worker.release.set()
+    await running
+    assert [[j.request_id for j in batch] for batch in worker.batches] == [["a"]]
+    await scheduler.shutdown()
+
+
+async def test_worker_failure_reaches_every_caller_of_the_batch() -> None:
+    class Broken:
+        class generate:
+            @staticmethod
+            async def remote(jobs: list[ImageJob]) -> Any:
+                raise RuntimeError("replica died")
+
+    scheduler = Scheduler(Broken(), SPEC, count_replicas=count_one)
+    from deployments.errors import GenerationFailed
+
+    with pytest.raises(GenerationFailed):
+        await scheduler.submit(job("a"))
+    await scheduler.shutdown()
+
+
+async def test_batch_wait_holds_a_partial_batch_then_sends_it() -> None:
+    worker = FakeWorkerHandle()
+    worker.release.set()
+    scheduler = Scheduler(worker, SPEC, count_replicas=count_one)
+    scheduler.reconfigure({"batching": {"max_batch_size": 4, "batch_wait_s": 0.2}})
+    first = asyncio.create_task(scheduler.submit(job("a")))
+    await asyncio.sleep(0.05)
+    assert worker.batches == []
+    second = asyncio.create_task(scheduler.submit(job("b")))
+    await asyncio.gather(first, second)
+    assert [len(batch) for batch in worker.batches] == [2]
+    await scheduler.shutdown()
