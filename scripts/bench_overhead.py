@@ -1,0 +1,227 @@
+"""Serving overhead and batching efficiency on the tiny model, measured in one run.
+
+1. Bare pipeline: the tiny Stable-Diffusion pipeline called directly inside a Ray
+   actor with the worker replica's resources (one CPU, so one torch thread, and the
+   same process environment): one 64x64 image, then throughput at batch 1 and B.
+2. Served: the same model through HTTP -> Ray Serve proxy -> router -> scheduler ->
+   worker on a local Ray instance: sequential single-image latency, then throughput
+   with enough concurrent clients to fill batches of 1 and of B.
+
+Prints a human summary and, on its last line, one JSON object with the ratios.
+Usage: python scripts/bench_overhead.py [--requests 50] [--batch 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+STEPS = 4
+SIZE = 64
+PROMPT = "a lighthouse at dusk"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+class BarePipeline:
+    """Runs in a Ray actor with num_cpus=1, like a TextToImage replica."""
+
+    def __init__(self, home: str) -> None:
+        import torch
+
+        from models.catalog import load_catalog
+        from models.loading import load_pipeline
+
+        torch.set_num_threads(1)
+        self.pipeline = load_pipeline(
+            load_catalog().models["tiny-sd"], cache_dir=Path(home) / "models"
+        )
+
+    def measure(self, requests: int, batch: int) -> dict[str, float]:
+        return measure_bare(self.pipeline, requests, batch)
+
+
+def bare_call(pipeline: Any, batch: int, seed: int) -> None:
+    import torch
+
+    generators = [torch.Generator().manual_seed(seed + i) for i in range(batch)]
+    pipeline(
+        prompt=[PROMPT] * batch,
+        width=SIZE,
+        height=SIZE,
+        num_inference_steps=STEPS,
+        guidance_scale=7.5,
+        generator=generators,
+        output_type="pil",
+    )
+
+
+def measure_bare(pipeline: Any, requests: int, batch: int) -> dict[str, float]:
+    for seed in range(3):
+        bare_call(pipeline, 1, seed)
+    latencies = []
+    for seed in range(requests):
+        started = time.perf_counter()
+        bare_call(pipeline, 1, seed)
+        latencies.append(time.perf_counter() - started)
+    throughput = {}
+    # The same number of images as the served runs: `requests` at batch 1, twice that at B.
+    for size, images in ((1, requests), (batch, 2 * requests)):
+        calls = max(3, images // size)
+        started = time.perf_counter()
+        for seed in range(calls):
+            bare_call(pipeline, size, seed)
+        throughput[size] = calls * size / (time.perf_counter() - started)
+    return {
+        "p50_s": statistics.median(latencies),
+        "p99_s": percentile(latencies, 99),
+        "throughput_b1": throughput[1],
+        f"throughput_b{batch}": throughput[batch],
+    }
+
+
+def catalog_with_batch(home: Path, batch: int) -> Path:
+    from importlib import resources
+
+    data = yaml.safe_load(resources.files("models").joinpath("catalog.yaml").read_text())
+    data["models"]["tiny-sd"]["batching"] = {"max_batch_size": batch, "batch_wait_s": 0.0}
+    path = home / f"catalog-b{batch}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def deploy(home: Path, batch: int) -> None:
+    from ray import serve
+
+    from deployments.app import AppArgs, build_app
+
+    args = AppArgs(
+        home=str(home),
+        catalog=str(catalog_with_batch(home, batch)),
+        worker_ray_actor_options={"num_cpus": 1, "num_gpus": 0},
+    )
+    serve.run(build_app(args), name="mediagate", route_prefix="/")
+
+
+def post(client: httpx.Client, seed: int) -> None:
+    response = client.post(
+        "/v1/images/generations",
+        json={
+            "prompt": PROMPT,
+            "size": f"{SIZE}x{SIZE}",
+            "seed": seed,
+            "num_inference_steps": STEPS,
+        },
+    )
+    response.raise_for_status()
+
+
+def served_latency(base_url: str, key: str, requests: int) -> dict[str, float]:
+    headers = {"Authorization": f"Bearer {key}"}
+    with httpx.Client(base_url=base_url, headers=headers, timeout=120) as client:
+        for seed in range(3):
+            post(client, seed)
+        latencies = []
+        for seed in range(requests):
+            started = time.perf_counter()
+            post(client, seed)
+            latencies.append(time.perf_counter() - started)
+    return {"p50_s": statistics.median(latencies), "p99_s": percentile(latencies, 99)}
+
+
+def served_throughput(base_url: str, key: str, total: int, concurrency: int) -> float:
+    headers = {"Authorization": f"Bearer {key}"}
+    remaining = list(range(total))
+    lock = threading.Lock()
+
+    def client_loop() -> None:
+        with httpx.Client(base_url=base_url, headers=headers, timeout=120) as client:
+            while True:
+                with lock:
+                    if not remaining:
+                        return
+                    seed = remaining.pop()
+                post(client, seed)
+
+    with httpx.Client(base_url=base_url, headers=headers, timeout=120) as warm:
+        post(warm, 0)
+    threads = [threading.Thread(target=client_loop) for _ in range(concurrency)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return total / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--requests", type=int, default=50)
+    parser.add_argument("--batch", type=int, default=4)
+    args = parser.parse_args()
+
+    import ray
+    from ray import serve
+
+    from mediagate.accounts import SqliteAccountStore
+
+    with tempfile.TemporaryDirectory() as scratch:
+        home = Path(scratch)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        actor = ray.remote(num_cpus=1)(BarePipeline).remote(str(home))
+        bare = ray.get(actor.measure.remote(args.requests, args.batch))
+        ray.kill(actor)
+        serve.start(http_options={"host": "127.0.0.1", "port": 8765})
+        store = SqliteAccountStore(home / "state.db")
+        key = store.create_key(store.ensure_account("bench", "pro").id)
+        base_url = "http://127.0.0.1:8765"
+
+        deploy(home, 1)
+        served = served_latency(base_url, key, args.requests)
+        served["throughput_b1"] = served_throughput(base_url, key, args.requests, concurrency=2)
+        deploy(home, args.batch)
+        served[f"throughput_b{args.batch}"] = served_throughput(
+            base_url, key, args.requests * 2, concurrency=2 * args.batch
+        )
+        serve.shutdown()
+        ray.shutdown()
+
+    batch_key = f"throughput_b{args.batch}"
+    result = {
+        "model": "tiny-sd",
+        "size": f"{SIZE}x{SIZE}",
+        "steps": STEPS,
+        "requests": args.requests,
+        "bare_p50_s": round(bare["p50_s"], 4),
+        "bare_p99_s": round(bare["p99_s"], 4),
+        "served_p50_s": round(served["p50_s"], 4),
+        "served_p99_s": round(served["p99_s"], 4),
+        "p50_ratio": round(served["p50_s"] / bare["p50_s"], 3),
+        "p99_ratio": round(served["p99_s"] / bare["p99_s"], 3),
+        "bare_images_per_s_b1": round(bare["throughput_b1"], 3),
+        "served_images_per_s_b1": round(served["throughput_b1"], 3),
+        "throughput_ratio_b1": round(served["throughput_b1"] / bare["throughput_b1"], 3),
+        f"bare_images_per_s_b{args.batch}": round(bare[batch_key], 3),
+        f"served_images_per_s_b{args.batch}": round(served[batch_key], 3),
+        f"throughput_ratio_b{args.batch}": round(served[batch_key] / bare[batch_key], 3),
+    }
+    for name, value in result.items():
+        print(f"{name:>28}: {value}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
