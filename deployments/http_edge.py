@@ -87,7 +87,11 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _routing(_: Request, error: StarletteHTTPException) -> JSONResponse:
         if error.status_code == 404:
             return error_response(NotFound("no such endpoint", code="unknown_url"))
-        wrapped = MediagateError(str(error.detail), code="http_error")
+        wrapped: MediagateError = (
+            InvalidRequest(str(error.detail), code="http_error")
+            if error.status_code < 500
+            else MediagateError(str(error.detail), code="http_error")
+        )
         return JSONResponse(wrapped.envelope(), status_code=error.status_code)
 
 

@@ -212,6 +212,12 @@ def test_unknown_route_is_404_envelope(service: Service) -> None:
     assert_error(service.client.get("/v1/nothing"), 404, None, "unknown_url")
 
 
+def test_wrong_method_is_405_client_error(service: Service) -> None:
+    response = service.client.get(URL, headers=service.auth)
+    assert_error(response, 405, None, "http_error")
+    assert response.json()["error"]["type"] == "invalid_request_error"
+
+
 def test_url_response_downloads_until_it_expires(service: Service) -> None:
     body = service.generate({"prompt": "x", "response_format": "url", "n": 2}).json()
     urls = [item["url"] for item in body["data"]]
