@@ -144,7 +144,7 @@ class EdgeMiddleware:
         except Exception as error:
             if started:
                 raise
-            if isinstance(error, _BodyTooLarge) or isinstance(unwrap(error), _BodyTooLarge):
+            if isinstance(unwrap(error), _BodyTooLarge):
                 await self._send_error(send_with_id, self._too_large())
                 return
             logger.exception("unhandled error in request %s", request_id)

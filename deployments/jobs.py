@@ -6,11 +6,11 @@ encoded result: bytes, never PIL images or tensors.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-ImageFormat = Literal["png", "jpeg", "webp"]
+from models.encoding import ImageFormat
 
 
 class ImageJob(BaseModel):
