@@ -18,10 +18,14 @@ from ray.serve.deployment import Deployment
 from deployments.router import Router, RouterSettings
 from deployments.scheduler import Scheduler
 from deployments.text_to_image import TextToImage
-from mediagate.settings import HomeLayout, get_settings
+from deployments.text_to_video import TextToVideo
+from deployments.video_scheduler import VideoScheduler, VideoSchedulerSettings
+from mediagate.artifacts import ArtifactConfig
+from mediagate.settings import HomeLayout, artifact_config, get_settings, state_config
+from mediagate.state import StateConfig
 from models.catalog import ModelSpec, load_catalog
 
-WORKER_CLASSES = {"text-to-image": TextToImage}
+WORKER_CLASSES: dict[str, type] = {"text-to-image": TextToImage, "text-to-video": TextToVideo}
 
 
 class AppArgs(BaseModel):
@@ -33,6 +37,16 @@ class AppArgs(BaseModel):
     catalog: str | None = Field(None, description="Catalog file; the shipped one if unset.")
     models: list[str] | None = Field(None, description="Model ids to serve; all if unset.")
     router: RouterSettings = Field(default_factory=RouterSettings)
+    video: VideoSchedulerSettings = Field(
+        default_factory=VideoSchedulerSettings,
+        description="Video jobs: leases, attempts, content lifetime (live via user_config).",
+    )
+    state: StateConfig | None = Field(
+        None, description="State store; from MEDIAGATE_REDIS_URL, else SQLite under home."
+    )
+    artifacts: ArtifactConfig | None = Field(
+        None, description="Artifact store; from MEDIAGATE_S3_BUCKET, else files under home."
+    )
     router_replicas: int = Field(1, ge=1, description="Router replicas (stateless).")
     worker_ray_actor_options: dict[str, Any] | None = Field(
         None,
@@ -62,10 +76,13 @@ def _deployment(cls: type) -> Deployment:
 
 
 def build_app(args: dict[str, Any] | AppArgs) -> Application:
-    """Router -> one Scheduler per model -> that model's worker replicas."""
+    """Router -> one (Video)Scheduler per model -> that model's worker replicas."""
     app_args = AppArgs.model_validate(args)
-    home = app_args.home or str(get_settings().home_dir)
+    settings = get_settings()
+    home = app_args.home or str(settings.home_dir)
     layout = HomeLayout(home)
+    state = (app_args.state or state_config(settings, layout)).model_dump()
+    artifacts = (app_args.artifacts or artifact_config(settings, layout)).model_dump()
     catalog = load_catalog(app_args.catalog)
     wanted = app_args.models or [spec.id for spec in catalog.models.values()]
     unknown = sorted(set(wanted) - set(catalog.models))
@@ -77,6 +94,10 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
         spec = catalog.models[model_id]
         if spec.task not in WORKER_CLASSES:
             continue  # served once its worker exists
+        is_video = spec.task == "text-to-video"
+        worker_kwargs: dict[str, Any] = {"cache_dir": str(layout.model_cache)}
+        if is_video:
+            worker_kwargs |= {"state": state, "artifacts": artifacts}
         worker = (
             _deployment(WORKER_CLASSES[spec.task])
             .options(
@@ -86,22 +107,29 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
                 health_check_period_s=10,
                 health_check_timeout_s=60,
             )
-            .bind(spec.model_dump(), cache_dir=str(layout.model_cache))
+            .bind(spec.model_dump(), **worker_kwargs)
         )
-        schedulers[model_id] = (
-            _deployment(Scheduler)
-            .options(
-                name=scheduler_name(model_id),
-                num_replicas=None,
-                # Exactly one: the scheduler owns its model's queue. An autoscaling
-                # config (min = max = 1) makes Serve collect its queue metrics.
-                autoscaling_config={"min_replicas": 1, "max_replicas": 1},
-                max_ongoing_requests=100_000,
-                ray_actor_options={"num_cpus": 0},
-                user_config={"batching": spec.batching.model_dump()},
+        scheduler_options: dict[str, Any] = {
+            "name": scheduler_name(model_id),
+            "num_replicas": None,
+            # Exactly one: the scheduler owns its model's queue. An autoscaling
+            # config (min = max = 1) makes Serve collect its queue metrics.
+            "autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
+            "max_ongoing_requests": 100_000,
+            "ray_actor_options": {"num_cpus": 0},
+        }
+        if is_video:
+            schedulers[model_id] = (
+                _deployment(VideoScheduler)
+                .options(**scheduler_options, user_config=app_args.video.model_dump())
+                .bind(worker, spec.model_dump(), state=state, worker_deployment=worker_name(spec))
             )
-            .bind(worker, spec.model_dump(), worker_deployment=worker_name(spec))
-        )
+        else:
+            schedulers[model_id] = (
+                _deployment(Scheduler)
+                .options(**scheduler_options, user_config={"batching": spec.batching.model_dump()})
+                .bind(worker, spec.model_dump(), worker_deployment=worker_name(spec))
+            )
 
     router = _deployment(serve.ingress()(Router)).options(
         name="Router",
@@ -112,6 +140,8 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
     return router.bind(
         schedulers,
         home=home,
+        state=state,
+        artifacts=artifacts,
         catalog=app_args.catalog,
         settings=app_args.router.model_dump(),
     )

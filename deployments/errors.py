@@ -83,6 +83,14 @@ class NotFound(MediagateError):
     default_code = "not_found"
 
 
+class Gone(MediagateError):
+    """The resource existed but its content has expired."""
+
+    status = 410
+    type = "invalid_request_error"
+    default_code = "expired"
+
+
 class PayloadTooLarge(MediagateError):
     status = 413
     type = "invalid_request_error"

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import uuid
+from collections.abc import Collection
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -102,9 +103,24 @@ class _BodyTooLarge(Exception):
 class EdgeMiddleware:
     """Request ids, the body size limit, and a last-resort 500 in the envelope."""
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_body_bytes: int,
+        upload_paths: Collection[str] = (),
+        max_upload_bytes: int | None = None,
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        # Endpoints that take file uploads (multipart) get their own, larger limit.
+        self.upload_paths = frozenset(upload_paths)
+        self.max_upload_bytes = max_upload_bytes or max_body_bytes
+
+    def _limit_for(self, scope: Scope) -> int:
+        if scope.get("path") in self.upload_paths:
+            return self.max_upload_bytes
+        return self.max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -123,9 +139,10 @@ class EdgeMiddleware:
                 message = {**message, "headers": headers}
             await send(message)
 
+        limit = self._limit_for(scope)
         declared = _content_length(scope)
-        if declared is not None and declared > self.max_body_bytes:
-            await self._send_error(send_with_id, self._too_large())
+        if declared is not None and declared > limit:
+            await self._send_error(send_with_id, self._too_large(limit))
             return
 
         received = 0
@@ -135,7 +152,7 @@ class EdgeMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
+                if received > limit:
                     raise _BodyTooLarge
             return message
 
@@ -145,7 +162,7 @@ class EdgeMiddleware:
             if started:
                 raise
             if isinstance(unwrap(error), _BodyTooLarge):
-                await self._send_error(send_with_id, self._too_large())
+                await self._send_error(send_with_id, self._too_large(limit))
                 return
             logger.exception("unhandled error in request %s", request_id)
             internal = MediagateError(
@@ -154,8 +171,9 @@ class EdgeMiddleware:
             )
             await self._send_error(send_with_id, internal)
 
-    def _too_large(self) -> PayloadTooLarge:
-        return PayloadTooLarge(f"request body exceeds the limit of {self.max_body_bytes} bytes")
+    @staticmethod
+    def _too_large(limit: int) -> PayloadTooLarge:
+        return PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
 
     @staticmethod
     async def _send_error(send: Send, error: MediagateError) -> None:

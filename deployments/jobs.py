@@ -6,7 +6,7 @@ encoded result: bytes, never PIL images or tensors.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -76,3 +76,61 @@ def pipeline_call_kwargs(jobs: list[ImageJob]) -> dict[str, Any]:
 def image_seeds(jobs: list[ImageJob]) -> list[int]:
     """The seed of every image of a batch, in the order of ``pipeline_call_kwargs``."""
     return [job.seed + index for job in jobs for index in range(job.images)]
+
+
+class VideoGeneration(BaseModel):
+    """A video job's resolved pipeline arguments (diffusers names), kept with the job."""
+
+    model_config = ConfigDict(frozen=True)
+
+    prompt: str = Field(description="Prompt text.")
+    negative_prompt: str | None = Field(None, description="Negative prompt text.")
+    width: int = Field(description="Frame width in pixels.")
+    height: int = Field(description="Frame height in pixels.")
+    num_frames: int = Field(description="Frames to generate (seconds x fps, model-rounded).")
+    fps: int = Field(description="Frames per second of the MP4.")
+    num_inference_steps: int = Field(description="Denoising steps.")
+    guidance_scale: float = Field(description="Classifier-free guidance.")
+    seed: int = Field(description="Seed of the generator: same inputs, same video.")
+    input_reference: str | None = Field(
+        None, description="Artifact id of the conditioning image (image-to-video), if any."
+    )
+
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "prompt": self.prompt,
+            "width": self.width,
+            "height": self.height,
+            "num_frames": self.num_frames,
+            "num_inference_steps": self.num_inference_steps,
+            "guidance_scale": self.guidance_scale,
+        }
+        if self.negative_prompt:
+            kwargs["negative_prompt"] = self.negative_prompt
+        return kwargs
+
+
+class VideoTask(BaseModel):
+    """What the scheduler hands a video worker: one dispatch (attempt) of one job."""
+
+    model_config = ConfigDict(frozen=True)
+
+    job_id: str = Field(description="The job.")
+    account_id: str = Field(description="Its owner (addresses the job in the store).")
+    attempt: int = Field(description="This dispatch's number; fences stale writes.")
+    generation: VideoGeneration = Field(description="What to generate.")
+    lease_s: float = Field(description="The worker renews the job's lease this often x3.")
+    content_ttl_s: float = Field(description="How long the finished files stay downloadable.")
+
+
+class VideoOutcome(BaseModel):
+    """How a dispatch ended, as the worker saw it (the store holds the details)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    job_id: str = Field(description="The job.")
+    status: Literal["completed", "failed", "cancelled"] = Field(
+        description="`cancelled`: the job was deleted or taken back while running."
+    )
+    inference_s: float = Field(0.0, description="Seconds in the pipeline.")
+    steps_done: int = Field(0, description="Denoising steps run.")

@@ -13,32 +13,16 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
+from deployments.capacity import ReplicaCounter, WorkerSlots, serve_replica_counter
 from deployments.errors import GenerationFailed, MediagateError, unwrap
 from deployments.jobs import ImageJob, ImageResult
 from deployments.request_queue import FifoQueue, Ticket
 from models.catalog import Batching, ModelSpec
 
 logger = logging.getLogger(__name__)
-
-ReplicaCounter = Callable[[], Awaitable[int]]
-
-
-def serve_replica_counter(deployment_name: str) -> ReplicaCounter:
-    """Counts RUNNING replicas of ``deployment_name`` in this replica's Serve application."""
-
-    async def count() -> int:
-        from ray import serve
-
-        app_name = serve.get_replica_context().app_name
-        status = await asyncio.to_thread(serve.status)
-        deployment = status.applications[app_name].deployments[deployment_name]
-        states = deployment.replica_states.items()
-        return sum(count for state, count in states if state == "RUNNING")
-
-    return count
 
 
 class Scheduler:
@@ -60,14 +44,14 @@ class Scheduler:
         self._clock = clock
         self._queue: FifoQueue[ImageJob] = FifoQueue()
         self._batching: Batching = self.spec.batching
-        self._slots_per_replica = slots_per_replica
-        self._replicas = 1
-        self._busy_slots = 0
-        self._wakeup = asyncio.Event()
-        self._count_replicas = count_replicas
         if count_replicas is None and worker_deployment is not None:
-            self._count_replicas = serve_replica_counter(worker_deployment)
-        self._capacity_refresh_s = capacity_refresh_s
+            count_replicas = serve_replica_counter(worker_deployment)
+        self._slots = WorkerSlots(
+            count_replicas=count_replicas,
+            slots_per_replica=slots_per_replica,
+            refresh_s=capacity_refresh_s,
+        )
+        self._wakeup = self._slots.changed
         self._tasks: set[asyncio.Task[Any]] = set()
         self._dispatcher: asyncio.Task[None] | None = None
         self._capacity_watcher: asyncio.Task[None] | None = None
@@ -76,18 +60,17 @@ class Scheduler:
         """Live update from the Serve config's ``user_config`` (no replica restart)."""
         merged = {**self._batching.model_dump(), **(config.get("batching") or {})}
         self._batching = Batching.model_validate(merged)
-        self._slots_per_replica = int(config.get("slots_per_replica", self._slots_per_replica))
-        self._wakeup.set()
+        slots = int(config.get("slots_per_replica", self._slots.slots_per_replica))
+        self._slots.set_slots_per_replica(slots)
 
     def _ensure_started(self) -> None:
         if self._dispatcher is None:
             self._dispatcher = asyncio.create_task(self._dispatch_loop())
-            if self._count_replicas is not None:
-                self._capacity_watcher = asyncio.create_task(self._watch_capacity())
+            self._capacity_watcher = asyncio.create_task(self._slots.watch())
 
     @property
     def capacity(self) -> int:
-        return self._replicas * self._slots_per_replica
+        return self._slots.capacity
 
     async def submit(self, job: ImageJob) -> ImageResult:
         """Queue ``job`` and wait for its result; leaving early takes it off the queue."""
@@ -105,31 +88,18 @@ class Scheduler:
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Queue metrics that the autoscaling policy reads (``ctx.aggregated_metrics``)."""
-        return {"queue_len": float(len(self._queue)), "inflight": float(self._busy_slots)}
+        return {"queue_len": float(len(self._queue)), "inflight": float(self._slots.busy)}
 
     def stats(self) -> dict[str, Any]:
         """Plain numbers for the status endpoint and tests."""
         return {
             "model": self.spec.id,
             "queue_len": len(self._queue),
-            "busy_slots": self._busy_slots,
+            "busy_slots": self._slots.busy,
             "capacity": self.capacity,
-            "replicas": self._replicas,
+            "replicas": self._slots.replicas,
             "max_batch_size": self._batching.max_batch_size,
         }
-
-    async def _watch_capacity(self) -> None:
-        assert self._count_replicas is not None
-        while True:
-            try:
-                replicas = await self._count_replicas()
-            except Exception as error:  # the controller may be briefly unreachable
-                logger.warning("could not count worker replicas: %s", error)
-            else:
-                if replicas != self._replicas:
-                    self._replicas = replicas
-                    self._wakeup.set()
-            await asyncio.sleep(self._capacity_refresh_s)
 
     async def _dispatch_loop(self) -> None:
         while True:
@@ -141,7 +111,7 @@ class Scheduler:
 
     def _dispatch_ready(self) -> float | None:
         """Dispatch batches while slots are free; returns how long to hold a partial batch."""
-        while len(self._queue) and self._busy_slots < self.capacity:
+        while len(self._queue) and self._slots.free:
             head = self._queue.head()
             assert head is not None
             max_images = self._batching.max_batch_size
@@ -154,7 +124,7 @@ class Scheduler:
             batch = [t for t in self._queue.take_batch(max_images) if not t.future.done()]
             if not batch:
                 continue
-            self._busy_slots += 1
+            self._slots.acquire()
             task = asyncio.create_task(self._run(batch))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -176,8 +146,7 @@ class Scheduler:
                 if not ticket.future.done():
                     ticket.future.set_result(result)
         finally:
-            self._busy_slots -= 1
-            self._wakeup.set()
+            self._slots.release()
 
     async def shutdown(self) -> None:
         for task in (self._dispatcher, self._capacity_watcher, *self._tasks):

@@ -8,6 +8,9 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from mediagate.artifacts import ArtifactConfig
+from mediagate.state import StateConfig
+
 
 class Settings(BaseSettings):
     """Where mediagate keeps its state, and how the local CLI reaches Ray."""
@@ -17,6 +20,17 @@ class Settings(BaseSettings):
     home: Path = Field(
         Path("~/.mediagate"), description="State directory: SQLite, artifacts, model cache."
     )
+    redis_url: str | None = Field(
+        None, description="redis:// URL: keep state in Redis instead of SQLite."
+    )
+    s3_bucket: str | None = Field(
+        None, description="Keep artifacts in this S3 bucket instead of local files."
+    )
+    s3_prefix: str = Field("mediagate/", description="Key prefix for artifacts in the bucket.")
+    s3_endpoint_url: str | None = Field(
+        None, description="An S3-compatible endpoint (MinIO, R2, ...); AWS if unset."
+    )
+    s3_region: str | None = Field(None, description="AWS region of the bucket.")
 
     @property
     def home_dir(self) -> Path:
@@ -57,3 +71,27 @@ class HomeLayout:
     @property
     def run_file(self) -> Path:
         return self.root / "run.json"
+
+
+def state_config(settings: Settings, layout: HomeLayout) -> StateConfig:
+    """Redis when MEDIAGATE_REDIS_URL is set, else SQLite under MEDIAGATE_HOME."""
+    if settings.redis_url:
+        return StateConfig(backend="redis", redis_url=settings.redis_url)
+    return StateConfig.embedded(layout.state_db)
+
+
+def artifact_config(settings: Settings, layout: HomeLayout) -> ArtifactConfig:
+    """S3 when MEDIAGATE_S3_BUCKET is set, else files under MEDIAGATE_HOME."""
+    if settings.s3_bucket:
+        return ArtifactConfig(
+            backend="s3",
+            s3_bucket=settings.s3_bucket,
+            s3_prefix=settings.s3_prefix,
+            s3_endpoint_url=settings.s3_endpoint_url,
+            s3_region=settings.s3_region,
+        )
+    return ArtifactConfig(
+        backend="local",
+        root=str(layout.artifacts),
+        secret_path=str(layout.secrets / "url_signing_key"),
+    )

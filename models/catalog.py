@@ -67,6 +67,36 @@ class Batching(_Frozen):
     )
 
 
+class VideoSettings(_Frozen):
+    """Timing of a video model: the API's ``seconds`` times ``fps`` gives the frame count."""
+
+    fps: int = Field(16, ge=1, le=60, description="Frames per second of the encoded MP4.")
+    allowed_seconds: list[int] = Field(
+        default_factory=lambda: [4, 8, 12], description="Values the API's `seconds` may take."
+    )
+    default_seconds: int = Field(4, ge=1, description="`seconds` when a request leaves it out.")
+    frame_multiple: int = Field(
+        4, ge=1, description="Frame counts are k * frame_multiple + 1 (the VAE's time stride)."
+    )
+    max_frames: int = Field(129, ge=1, description="Most frames one job may generate.")
+    image_to_video_pipeline_class: str | None = Field(
+        None,
+        description="diffusers pipeline class built from the same components (``from_pipe``) "
+        "for `input_reference`; unset means the model takes no image.",
+    )
+
+    @model_validator(mode="after")
+    def _default_allowed(self) -> VideoSettings:
+        if self.default_seconds not in self.allowed_seconds:
+            raise ValueError("video.default_seconds must be one of video.allowed_seconds")
+        return self
+
+    def num_frames(self, seconds: int) -> int:
+        """Frames for a clip of ``seconds``: the nearest count the model accepts, at least 1."""
+        multiple = self.frame_multiple
+        return max(0, round(seconds * self.fps / multiple)) * multiple + 1
+
+
 class ModelSpec(_Frozen):
     """One catalog entry: everything needed to load, place and bound a model."""
 
@@ -93,6 +123,9 @@ class ModelSpec(_Frozen):
         description="OpenAI `quality` values this model accepts, mapped to denoising steps.",
     )
     batching: Batching = Field(default_factory=Batching)
+    video: VideoSettings | None = Field(
+        None, description="Required for text-to-video models: fps, seconds and frame rules."
+    )
 
     @field_validator("source")
     @classmethod
@@ -109,6 +142,14 @@ class ModelSpec(_Frozen):
             raise ValueError(f"default size {self.defaults.size} exceeds the caps")
         if self.defaults.num_inference_steps > self.caps.max_steps:
             raise ValueError("default num_inference_steps exceeds caps.max_steps")
+        if self.task == "text-to-video" and self.video is None:
+            raise ValueError("a text-to-video model needs a `video` section (fps, seconds)")
+        if self.video is not None:
+            longest = self.video.num_frames(max(self.video.allowed_seconds))
+            if longest > self.video.max_frames:
+                raise ValueError(
+                    f"video.allowed_seconds reach {longest} frames, over video.max_frames"
+                )
         return self
 
     @property

@@ -19,3 +19,70 @@ def encode_image(image: Any, output_format: ImageFormat, compression: int | None
         pil_format = "JPEG" if output_format == "jpeg" else "WEBP"
         image.convert("RGB").save(buffer, format=pil_format, quality=quality)
     return buffer.getvalue()
+
+
+VIDEO_CONTENT_TYPES: dict[str, str] = {
+    "video": "video/mp4",
+    "thumbnail": "image/webp",
+    "spritesheet": "image/jpeg",
+}
+CONTENT_TYPES.update({"mp4": "video/mp4"})
+
+
+def to_uint8_frames(frames: Any) -> Any:
+    """Pipeline frames (float in [0, 1], shape F x H x W x 3) -> uint8 numpy frames."""
+    import numpy as np
+
+    array = np.asarray(frames)
+    if array.dtype != np.uint8:
+        array = (np.clip(array, 0.0, 1.0) * 255).round().astype(np.uint8)
+    if array.ndim != 4 or array.shape[-1] != 3:
+        raise ValueError(f"expected frames shaped (F, H, W, 3), got {array.shape}")
+    return array
+
+
+def encode_mp4(frames: Any, fps: int, *, crf: int = 18) -> bytes:
+    """uint8 frames -> H.264 MP4 (yuv420p, playable everywhere) through PyAV's bundled ffmpeg."""
+    import av
+
+    buffer = io.BytesIO()
+    count, height, width, _ = frames.shape
+    with av.open(buffer, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width = width
+        stream.height = height
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(crf), "preset": "veryfast"}
+        for index in range(count):
+            frame = av.VideoFrame.from_ndarray(frames[index], format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def encode_thumbnail(frames: Any) -> bytes:
+    """The first frame as WebP: what a client shows before the video loads."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(frames[0]).save(buffer, format="WEBP", quality=90)
+    return buffer.getvalue()
+
+
+def encode_spritesheet(frames: Any, *, tiles: int = 16, columns: int = 4) -> bytes:
+    """Up to ``tiles`` evenly spaced frames in a grid, as JPEG (for scrubbing previews)."""
+    from PIL import Image
+
+    count, height, width, _ = frames.shape
+    picks = sorted({round(i * (count - 1) / max(1, tiles - 1)) for i in range(min(tiles, count))})
+    rows = -(-len(picks) // columns)
+    sheet = Image.new("RGB", (width * min(columns, len(picks)), height * rows))
+    for slot, index in enumerate(picks):
+        sheet.paste(
+            Image.fromarray(frames[index]), ((slot % columns) * width, (slot // columns) * height)
+        )
+    buffer = io.BytesIO()
+    sheet.save(buffer, format="JPEG", quality=85)
+    return buffer.getvalue()

@@ -17,10 +17,11 @@ from typing import Any
 @dataclass
 class SimulatedOutput:
     images: list[Any]
+    frames: Any = None
 
 
 class SimulatedPipeline:
-    """Sleeps ``step_ms`` per step; answers like a diffusers text-to-image pipeline."""
+    """Sleeps ``step_ms`` per step; answers like a diffusers text-to-image or -video pipeline."""
 
     def __init__(self, step_ms: float, *, sleep: Callable[[float], None] = time.sleep) -> None:
         self.step_ms = step_ms
@@ -45,12 +46,15 @@ class SimulatedPipeline:
         height: int,
         num_inference_steps: int,
         num_images_per_prompt: int = 1,
+        num_frames: int | None = None,
+        output_type: str = "pil",
         generator: Any = None,
         callback_on_step_end: Callable[..., dict[str, Any]] | None = None,
         **_: Any,
     ) -> SimulatedOutput:
         from PIL import Image
 
+        self._interrupt = False
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         count = len(prompts) * num_images_per_prompt
         for step in range(num_inference_steps):
@@ -60,6 +64,14 @@ class SimulatedPipeline:
             if callback_on_step_end is not None:
                 callback_on_step_end(self, step, step, {})
         generators = generator if isinstance(generator, list) else [generator] * count
+        if num_frames is not None:  # a video pipeline: frames in [0, 1], (batch, F, H, W, 3)
+            import numpy as np
+
+            seed = generators[0].initial_seed() if generators[0] is not None else 0
+            shade = (seed % 255) / 255
+            return SimulatedOutput(
+                images=[], frames=np.full((1, num_frames, height, width, 3), shade, np.float32)
+            )
         images = []
         for index in range(count):
             seed = generators[index].initial_seed() if generators[index] is not None else index

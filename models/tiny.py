@@ -16,6 +16,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 MODEL_INDEX = "model_index.json"
 
@@ -105,8 +106,95 @@ def build_stable_diffusion(target: Path) -> None:
     pipeline.save_pretrained(target)  # type: ignore[attr-defined]
 
 
+def _character_tokenizer(max_length: int) -> Any:
+    """A T5-style tokenizer over single characters, built with the ``tokenizers`` library."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
+    for code in range(33, 127):
+        vocab[chr(code)] = len(vocab)
+    backend = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        model_max_length=max_length,
+    )
+
+
+def build_wan(target: Path) -> None:
+    """A Wan 2.2 "TI2V"-style pipeline: one transformer for text- and image-to-video.
+
+    2-layer Wan transformer, 2-layer UMT5 encoder of width 32, the Wan VAE with
+    ``base_dim=3`` (8x spatial, 4x temporal compression). ``expand_timesteps``
+    makes ``WanImageToVideoPipeline.from_pipe`` condition on an image through the
+    VAE alone, with no CLIP image encoder, as Wan2.2-TI2V-5B does.
+    """
+    import torch
+    from diffusers import (
+        AutoencoderKLWan,
+        FlowMatchEulerDiscreteScheduler,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(0)
+    tokenizer = _character_tokenizer(max_length=64)
+    text_encoder = UMT5EncoderModel(
+        UMT5Config(
+            vocab_size=len(tokenizer),
+            d_model=32,
+            d_kv=8,
+            d_ff=37,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
+    vae = AutoencoderKLWan(
+        base_dim=3,
+        z_dim=16,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+    )
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=16,
+        out_channels=16,
+        text_dim=32,
+        freq_dim=256,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )
+    pipeline = WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=5.0),
+        transformer=transformer,
+        expand_timesteps=True,
+    )
+    pipeline.save_pretrained(target)  # type: ignore[attr-defined]
+
+
 TINY_BUILDERS: dict[str, Callable[[Path], None]] = {
     "stable-diffusion": build_stable_diffusion,
+    "wan": build_wan,
 }
 
 

@@ -90,3 +90,24 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+class FakeVideoSchedulerHandle:
+    """Answers ``enqueue.remote`` / ``cancel.remote`` like a video scheduler, recording calls."""
+
+    def __init__(self, *, unreachable: bool = False) -> None:
+        self.enqueued: list[tuple[str, str]] = []
+        self.cancelled: list[tuple[str, str]] = []
+        self.unreachable = unreachable
+        self.enqueue = _Method(self._enqueue)
+        self.cancel = _Method(self._cancel)
+
+    async def _enqueue(self, account_id: str, job_id: str) -> int:
+        if self.unreachable:
+            raise ConnectionError("scheduler unreachable")
+        self.enqueued.append((account_id, job_id))
+        return len(self.enqueued)
+
+    async def _cancel(self, account_id: str, job_id: str) -> bool:
+        self.cancelled.append((account_id, job_id))
+        return True

@@ -15,8 +15,9 @@ from deployments.errors import GenerationFailed
 from deployments.router import Gateway, RouterSettings, create_api
 from mediagate.accounts import SqliteAccountStore
 from mediagate.artifacts import LocalArtifactStore
+from mediagate.state.sqlite_store import SqliteStateStore
 from models.catalog import load_catalog
-from tests.fakes import FakeClock, FakeSchedulerHandle
+from tests.fakes import FakeClock, FakeSchedulerHandle, FakeVideoSchedulerHandle
 
 URL = "/v1/images/generations"
 
@@ -28,12 +29,15 @@ class Service:
         account = self.accounts.ensure_account("alice", "pro")
         self.key = self.accounts.create_key(account.id)
         self.scheduler = FakeSchedulerHandle()
+        self.video_scheduler = FakeVideoSchedulerHandle()
         self.artifacts = LocalArtifactStore(tmp_path / "artifacts", b"k" * 32, clock=self.clock)
-        gateway = Gateway(
+        self.jobs = SqliteStateStore(tmp_path / "state.db")
+        self.gateway = gateway = Gateway(
             catalog=load_catalog(),
-            schedulers={"tiny-sd": self.scheduler},
+            schedulers={"tiny-sd": self.scheduler, "tiny-wan": self.video_scheduler},
             accounts=self.accounts,
             artifacts=self.artifacts,
+            jobs=self.jobs,
             settings=RouterSettings(**settings),
             clock=self.clock,
         )
@@ -169,7 +173,7 @@ def test_unknown_model_is_404(service: Service) -> None:
 def test_models_list_and_get(service: Service) -> None:
     listing = service.client.get("/v1/models", headers=service.auth).json()
     assert listing["object"] == "list"
-    assert [model["id"] for model in listing["data"]] == ["tiny-sd"]
+    assert [model["id"] for model in listing["data"]] == ["tiny-sd", "tiny-wan"]
     model = service.client.get("/v1/models/tiny-sd", headers=service.auth).json()
     assert model["object"] == "model" and model["owned_by"] == "mediagate"
 
@@ -230,7 +234,7 @@ def test_url_response_downloads_until_it_expires(service: Service) -> None:
 
     tampered = local.replace("signature=", "signature=0")
     assert_error(service.client.get(tampered), 403, None, "invalid_signature")
-    other_file = local.replace(path.path.split("/")[3], "art_" + "0" * 32 + ".png")
+    other_file = local.replace(path.path.split("/")[3], "img_" + "0" * 32 + ".png")
     assert service.client.get(other_file).status_code == 403
 
     service.clock.advance(3601)
@@ -246,4 +250,4 @@ def test_jpeg_output(service: Service) -> None:
 
 def test_health(service: Service) -> None:
     response = service.client.get("/healthz")
-    assert response.status_code == 200 and response.json()["models"] == ["tiny-sd"]
+    assert response.status_code == 200 and response.json()["models"] == ["tiny-sd", "tiny-wan"]

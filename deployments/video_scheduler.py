@@ -1,0 +1,251 @@
+"""VideoScheduler: one per video model; runs durable jobs through free worker slots.
+
+Jobs live in the state store, not here: this scheduler holds only the order in
+which queued jobs are dispatched, and rebuilds it from the store whenever it
+starts. A reconcile loop keeps memory and store in agreement:
+
+- a ``queued`` job that is not in the in-memory queue (the router could not reach
+  the scheduler, or the scheduler restarted) is enqueued;
+- an ``in_progress`` job whose worker lease has run out (its replica died, or the
+  whole application restarted) is re-queued once, then failed (``worker_lost``).
+
+A dispatch is ``queued -> in_progress`` with ``attempt + 1`` (compare-and-set);
+the worker's writes carry that attempt, so a job taken back can never be
+completed by the worker that lost it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from deployments.capacity import ReplicaCounter, WorkerSlots, serve_replica_counter
+from deployments.jobs import VideoGeneration, VideoOutcome, VideoTask
+from mediagate.state import JobStore, StateConfig, VideoJobRecord, open_state_store
+from models.catalog import ModelSpec
+
+logger = logging.getLogger(__name__)
+
+
+class VideoSchedulerSettings(BaseModel):
+    """Live settings (the Serve config's ``user_config``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    slots_per_replica: int = Field(1, ge=1, description="Jobs one worker replica runs at once.")
+    lease_s: float = Field(
+        30.0, gt=0, description="A running job whose worker is silent this long is lost."
+    )
+    max_attempts: int = Field(2, ge=1, description="Dispatches before a lost job fails.")
+    reconcile_s: float = Field(2.0, gt=0, description="How often memory and store are compared.")
+    content_ttl_s: float = Field(86_400, gt=0, description="How long finished files stay.")
+
+
+class VideoScheduler:
+    """Queues a video model's jobs and feeds them, one per slot, to its workers."""
+
+    def __init__(
+        self,
+        worker: Any,
+        spec: dict[str, Any],
+        *,
+        state: dict[str, Any],
+        settings: dict[str, Any] | None = None,
+        worker_deployment: str | None = None,
+        count_replicas: ReplicaCounter | None = None,
+        store: JobStore | None = None,
+        capacity_refresh_s: float = 1.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.spec = ModelSpec.model_validate(spec)
+        self.settings = VideoSchedulerSettings.model_validate(settings or {})
+        self._worker = worker
+        self._store = store or open_state_store(StateConfig.model_validate(state))
+        self._clock = clock
+        if count_replicas is None and worker_deployment is not None:
+            count_replicas = serve_replica_counter(worker_deployment)
+        self._slots = WorkerSlots(
+            count_replicas=count_replicas,
+            slots_per_replica=self.settings.slots_per_replica,
+            refresh_s=capacity_refresh_s,
+        )
+        self._queue: OrderedDict[str, str] = OrderedDict()  # job id -> account id
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self.counts = {"dispatched": 0, "completed": 0, "failed": 0, "requeued": 0, "lost": 0}
+        with contextlib.suppress(RuntimeError):  # Serve constructs us on the replica's loop:
+            asyncio.get_running_loop().call_soon(self._ensure_started)  # recover at once
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """Live update from ``user_config`` (no replica restart)."""
+        merged = {**self.settings.model_dump(), **config}
+        self.settings = VideoSchedulerSettings.model_validate(merged)
+        self._slots.set_slots_per_replica(self.settings.slots_per_replica)
+
+    def _ensure_started(self) -> None:
+        if not self._tasks:
+            self._tasks = [
+                asyncio.create_task(self._dispatch_loop()),
+                asyncio.create_task(self._reconcile_loop()),
+                asyncio.create_task(self._slots.watch()),
+            ]
+
+    async def start(self) -> None:
+        """Begin work without waiting for a request (recovery after a restart)."""
+        self._ensure_started()
+
+    async def enqueue(self, account_id: str, job_id: str) -> int:
+        """Queue a job the router has stored as ``queued``; returns its position (1 = next)."""
+        self._ensure_started()
+        if job_id not in self._queue and job_id not in self._running:
+            self._queue[job_id] = account_id
+            self._slots.changed.set()
+        return self.position(job_id)
+
+    def position(self, job_id: str) -> int:
+        """1-based place in the queue; 0 when it is not queued here."""
+        for index, queued in enumerate(self._queue, start=1):
+            if queued == job_id:
+                return index
+        return 0
+
+    async def cancel(self, account_id: str, job_id: str) -> bool:
+        """Drop a deleted job from the queue; a running one stops at its next step by itself."""
+        return self._queue.pop(job_id, None) is not None
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        return {"queue_len": float(len(self._queue)), "inflight": float(self._slots.busy)}
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "model": self.spec.id,
+            "queue_len": len(self._queue),
+            "running": sorted(self._running),
+            "busy_slots": self._slots.busy,
+            "capacity": self._slots.capacity,
+            "replicas": self._slots.replicas,
+            **self.counts,
+        }
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            await self._slots.changed.wait()
+            self._slots.changed.clear()
+            while self._queue and self._slots.free:
+                job_id, account_id = self._queue.popitem(last=False)
+                job = await self._claim(account_id, job_id)
+                if job is None:
+                    continue  # deleted, or already taken: nothing to run
+                self._slots.acquire()
+                self._running[job_id] = asyncio.create_task(self._run(job))
+
+    async def _claim(self, account_id: str, job_id: str) -> VideoJobRecord | None:
+        current = await self._store.get_job(account_id, job_id)
+        if current is None or current.status != "queued":
+            return None
+        now = self._clock()
+        return await self._store.update_job(
+            account_id,
+            job_id,
+            expect_status=("queued",),
+            expect_attempt=current.attempt,
+            changes={
+                "status": "in_progress",
+                "attempt": current.attempt + 1,
+                "started_at": now,
+                "lease_expires_at": now + self.settings.lease_s,
+                "progress": 0,
+            },
+        )
+
+    async def _run(self, job: VideoJobRecord) -> None:
+        task = VideoTask(
+            job_id=job.id,
+            account_id=job.account_id,
+            attempt=job.attempt,
+            generation=VideoGeneration.model_validate(job.generation),
+            lease_s=self.settings.lease_s,
+            content_ttl_s=self.settings.content_ttl_s,
+        )
+        self.counts["dispatched"] += 1
+        try:
+            outcome: VideoOutcome = await self._worker.run.remote(task)
+        except Exception as error:  # the replica died or could not be reached
+            logger.warning("worker lost job %s (attempt %d): %r", job.id, job.attempt, error)
+            self.counts["lost"] += 1
+            await self._requeue_or_fail(job)
+        else:
+            if outcome.status in ("completed", "failed"):
+                self.counts[outcome.status] += 1
+        finally:
+            self._running.pop(job.id, None)
+            self._slots.release()
+
+    async def _requeue_or_fail(self, job: VideoJobRecord) -> None:
+        """A dispatch that ended without an answer: run it once more, or fail it for good."""
+        if job.attempt < self.settings.max_attempts:
+            changes: dict[str, Any] = {
+                "status": "queued",
+                "progress": 0,
+                "lease_expires_at": None,
+            }
+        else:
+            now = self._clock()
+            changes = {
+                "status": "failed",
+                "completed_at": now,
+                "expires_at": now + self.settings.content_ttl_s,
+                "lease_expires_at": None,
+                "error_code": "worker_lost",
+                "error_message": (
+                    f"the worker running this video stopped {job.attempt} times; "
+                    "please submit it again"
+                ),
+            }
+        updated = await self._store.update_job(
+            job.account_id,
+            job.id,
+            expect_status=("in_progress",),
+            expect_attempt=job.attempt,
+            changes=changes,
+        )
+        if updated is None:
+            return  # it finished, or was deleted, after all
+        if updated.status == "queued":
+            self.counts["requeued"] += 1
+            await self.enqueue(updated.account_id, updated.id)
+        else:
+            self.counts["failed"] += 1
+
+    async def reconcile(self) -> None:
+        """One pass of bringing memory in line with the store (see the module docstring)."""
+        now = self._clock()
+        for job in await self._store.active_jobs(self.spec.id):
+            if job.id in self._running or job.id in self._queue:
+                continue
+            if job.status == "queued":
+                await self.enqueue(job.account_id, job.id)
+            elif job.lease_expires_at is not None and job.lease_expires_at < now:
+                logger.warning("job %s lost its worker (lease ran out)", job.id)
+                await self._requeue_or_fail(job)
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            try:
+                await self.reconcile()
+            except Exception as error:  # a store outage must not end the loop
+                logger.warning("reconcile of %s failed: %s", self.spec.id, error)
+            await asyncio.sleep(self.settings.reconcile_s)
+
+    async def shutdown(self) -> None:
+        for task in [*self._tasks, *self._running.values()]:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -1,0 +1,54 @@
+"""What the state store keeps about a video job: plain data, serialised as JSON."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+JobStatus = Literal["queued", "in_progress", "completed", "failed"]
+ACTIVE_STATUSES: tuple[JobStatus, ...] = ("queued", "in_progress")
+FINAL_STATUSES: tuple[JobStatus, ...] = ("completed", "failed")
+VideoVariant = Literal["video", "thumbnail", "spritesheet"]
+
+
+class VideoJobRecord(BaseModel):
+    """One video job. ``attempt`` counts dispatches and fences stale workers' writes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(description="Public id, `video_...`.")
+    account_id: str = Field(description="Owner; every other account gets 404.")
+    model: str = Field(description="Catalog model id.")
+    status: JobStatus = Field(description="Life-cycle state, exactly OpenAI's four values.")
+    progress: int = Field(0, ge=0, le=100, description="Percent of denoising steps done.")
+    prompt: str = Field(description="The prompt.")
+    seconds: int = Field(description="Clip length asked for.")
+    size: str = Field(description="WIDTHxHEIGHT.")
+    created_at: float = Field(description="Unix time the job was accepted.")
+    started_at: float | None = Field(None, description="Unix time of the latest dispatch.")
+    completed_at: float | None = Field(None, description="Unix time it completed or failed.")
+    expires_at: float | None = Field(None, description="Unix time its content is deleted.")
+    attempt: int = Field(0, ge=0, description="Dispatches so far; the worker echoes it.")
+    lease_expires_at: float | None = Field(
+        None, description="While in_progress: the worker renews this; past it, the job is lost."
+    )
+    error_code: str | None = Field(None, description="Why it failed (machine-readable).")
+    error_message: str | None = Field(None, description="Why it failed (for humans).")
+    remixed_from: str | None = Field(None, description="Source job of a remix.")
+    generation: dict[str, Any] = Field(
+        default_factory=dict, description="Resolved pipeline arguments (a VideoTask's inputs)."
+    )
+    artifacts: dict[str, str] = Field(
+        default_factory=dict, description="Variant -> artifact id, once completed."
+    )
+
+    @property
+    def ref(self) -> str:
+        """``account/job``: what cross-account indexes hold."""
+        return f"{self.account_id}/{self.id}"
+
+
+def split_ref(ref: str) -> tuple[str, str]:
+    account_id, _, job_id = ref.partition("/")
+    return account_id, job_id
