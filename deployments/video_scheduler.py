@@ -220,7 +220,11 @@ class VideoScheduler:
             return  # it finished, or was deleted, after all
         if updated.status == "queued":
             self.counts["requeued"] += 1
-            await self.enqueue(updated.account_id, updated.id)
+            # First in line: it was accepted before anything now queued. (Pushed directly:
+            # the job may still count as running here while its dispatch unwinds.)
+            self._queue[updated.id] = updated.account_id
+            self._queue.move_to_end(updated.id, last=False)
+            self._slots.changed.set()
         else:
             self.counts["failed"] += 1
 

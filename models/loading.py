@@ -6,8 +6,11 @@ a Hub id; only ``simulated://`` (tests and benchmarks) bypasses diffusers.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -47,16 +50,61 @@ def resolve_weights(spec: ModelSpec, cache_dir: Path) -> str:
     if source.startswith("hf://"):
         return source.removeprefix("hf://")
     if source.startswith("s3://"):
-        raise ModelUnavailable(
-            f"model {spec.id}: s3:// weight sources are not supported yet; "
-            "copy the weights to a local directory and point `source` at it"
-        )
+        try:
+            return str(download_s3_weights(source, cache_dir / "s3"))
+        except Exception as error:
+            raise ModelUnavailable(f"model {spec.id}: cannot fetch {source}: {error}") from error
     path = Path(source.removeprefix("file://")).expanduser()
     if not (path / MODEL_INDEX).exists():
         raise ModelUnavailable(
             f"model {spec.id}: {path} is not a diffusers pipeline directory (no {MODEL_INDEX})"
         )
     return str(path)
+
+
+def download_s3_weights(uri: str, cache_root: Path, *, client: Any = None) -> Path:
+    """Copy the pipeline directory at ``s3://bucket/prefix`` into the cache, once.
+
+    Safe across processes (a file lock, then an atomic rename of a complete copy).
+    The endpoint comes from ``MEDIAGATE_S3_ENDPOINT_URL`` (S3-compatible stores),
+    credentials from the usual AWS chain.
+    """
+    parts = urlsplit(uri)
+    bucket, prefix = parts.netloc, parts.path.strip("/")
+    if not bucket or not prefix:
+        raise ValueError(f"expected s3://BUCKET/PREFIX, got {uri!r}")
+    target = cache_root / bucket / prefix
+    if (target / MODEL_INDEX).exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / MODEL_INDEX).exists():
+            return target
+        if client is None:
+            from mediagate.artifacts import s3_client
+
+            client = s3_client(endpoint_url=os.environ.get("MEDIAGATE_S3_ENDPOINT_URL"))
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        try:
+            count = 0
+            paginator = client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=bucket, Prefix=prefix + "/"):
+                for item in page.get("Contents", []):
+                    relative = item["Key"][len(prefix) + 1 :]
+                    if not relative or relative.endswith("/"):
+                        continue
+                    destination = staging / relative
+                    destination.parent.mkdir(parents=True, exist_ok=True)
+                    client.download_file(bucket, item["Key"], str(destination))
+                    count += 1
+            if not (staging / MODEL_INDEX).exists():
+                raise ValueError(f"{uri} holds {count} files but no {MODEL_INDEX}")
+            staging.rename(target)
+            logger.info("downloaded %d files of %s into %s", count, uri, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
 
 
 def load_pipeline(spec: ModelSpec, *, cache_dir: Path, placement: Placement | None = None) -> Any:

@@ -41,6 +41,10 @@ def load_reference_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Any
         raise UploadRejected("the uploaded file is not a PNG, JPEG or WebP image")
     try:
         image = Image.open(io.BytesIO(data), formats=[sniffed])  # reads the header only
+    except Image.DecompressionBombError:
+        raise UploadRejected(
+            f"the uploaded image declares too many pixels; the limit is {max_pixels} pixels"
+        ) from None
     except Exception as error:
         raise UploadRejected(f"the uploaded {sniffed} image cannot be read: {error}") from None
     width, height = image.size

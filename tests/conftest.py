@@ -1,6 +1,16 @@
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+
 import pytest
+
+from tests.servers import MOTO_CREDENTIALS, moto_s3_server, redis_server
+
+# Fake AWS credentials for moto, set before any Ray worker starts so that workers
+# (which inherit this environment) can sign their S3 requests too.
+for _name, _value in MOTO_CREDENTIALS.items():
+    os.environ.setdefault(_name, _value)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -10,3 +20,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     machine, so those tests must finish before the shared session cluster starts.
     """
     items.sort(key=lambda item: 0 if item.get_closest_marker("own_ray_cluster") else 1)
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A real redis-server on a free port for the whole session."""
+    with redis_server() as server:
+        yield server.url
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """moto's S3 server on a free port for the whole session; AWS credentials are fakes."""
+    with moto_s3_server() as server:
+        yield server.endpoint_url

@@ -111,3 +111,52 @@ class FakeVideoSchedulerHandle:
     async def _cancel(self, account_id: str, job_id: str) -> bool:
         self.cancelled.append((account_id, job_id))
         return True
+
+
+class FakeVideoWorkerHandle:
+    """Answers ``run.remote(task)`` like a TextToVideo worker that the test steers.
+
+    Each call waits until the test calls ``finish(job_id)`` (completes the job in
+    the store, as the real worker does) or ``die(job_id)`` (the call raises, as a
+    killed replica's does).
+    """
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.tasks: list[Any] = []
+        self.started = asyncio.Event()
+        self._outcomes: dict[str, asyncio.Future[str]] = {}
+        self.run = _Method(self._run)
+
+    def running(self) -> list[str]:
+        return [job_id for job_id, future in self._outcomes.items() if not future.done()]
+
+    async def wait_running(self, count: int) -> None:
+        while len(self.running()) < count:
+            self.started.clear()
+            await self.started.wait()
+
+    def finish(self, job_id: str) -> None:
+        self._outcomes[job_id].set_result("completed")
+
+    def die(self, job_id: str) -> None:
+        self._outcomes[job_id].set_result("died")
+
+    async def _run(self, task: Any) -> Any:
+        from deployments.jobs import VideoOutcome
+
+        self.tasks.append(task)
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._outcomes[task.job_id] = future
+        self.started.set()
+        result = await future
+        if result == "died":
+            raise RuntimeError("ActorDiedError: the replica died")
+        done = await self.store.update_job(
+            task.account_id,
+            task.job_id,
+            expect_status=("in_progress",),
+            expect_attempt=task.attempt,
+            changes={"status": "completed", "progress": 100, "artifacts": {"video": "x"}},
+        )
+        return VideoOutcome(job_id=task.job_id, status="completed" if done else "cancelled")

@@ -9,43 +9,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from fastapi.testclient import TestClient
 
 from deployments.errors import GenerationFailed
-from deployments.router import Gateway, RouterSettings, create_api
-from mediagate.accounts import SqliteAccountStore
-from mediagate.artifacts import LocalArtifactStore
-from mediagate.state.sqlite_store import SqliteStateStore
-from models.catalog import load_catalog
-from tests.fakes import FakeClock, FakeSchedulerHandle, FakeVideoSchedulerHandle
+from tests.unit.harness import Service
 
 URL = "/v1/images/generations"
-
-
-class Service:
-    def __init__(self, tmp_path: Path, **settings: Any) -> None:
-        self.clock = FakeClock()
-        self.accounts = SqliteAccountStore(tmp_path / "state.db")
-        account = self.accounts.ensure_account("alice", "pro")
-        self.key = self.accounts.create_key(account.id)
-        self.scheduler = FakeSchedulerHandle()
-        self.video_scheduler = FakeVideoSchedulerHandle()
-        self.artifacts = LocalArtifactStore(tmp_path / "artifacts", b"k" * 32, clock=self.clock)
-        self.jobs = SqliteStateStore(tmp_path / "state.db")
-        self.gateway = gateway = Gateway(
-            catalog=load_catalog(),
-            schedulers={"tiny-sd": self.scheduler, "tiny-wan": self.video_scheduler},
-            accounts=self.accounts,
-            artifacts=self.artifacts,
-            jobs=self.jobs,
-            settings=RouterSettings(**settings),
-            clock=self.clock,
-        )
-        self.client = TestClient(create_api(gateway), raise_server_exceptions=False)
-        self.auth = {"Authorization": f"Bearer {self.key}"}
-
-    def generate(self, body: Any, **kwargs: Any) -> Any:
-        return self.client.post(URL, json=body, headers=self.auth, **kwargs)
 
 
 @pytest.fixture

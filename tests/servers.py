@@ -1,0 +1,123 @@
+"""Real servers that tests start on free ports: redis-server and moto's S3 server.
+
+A process started in a development session is gone before CI runs, so the tests
+start their own. ``scripts/test.sh`` installs redis-server when it is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_until(ready: Callable[[], bool], what: str, timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if ready():
+                return
+        except Exception:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not start within {timeout_s} s")
+
+
+@dataclass
+class RedisServer:
+    port: int
+    process: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+    def start_again(self) -> None:
+        """Restart on the same port (for outage tests)."""
+        self.process = _spawn_redis(self.port)
+        _wait_redis(self.port)
+
+
+def _spawn_redis(port: int) -> subprocess.Popen[bytes]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is not installed (scripts/test.sh installs it as root)")
+    return subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def _wait_redis(port: int) -> None:
+    import redis
+
+    def ping() -> bool:
+        return bool(redis.Redis(port=port, socket_connect_timeout=0.5).ping())
+
+    _wait_until(ping, "redis-server")
+
+
+@contextmanager
+def redis_server() -> Iterator[RedisServer]:
+    port = free_port()
+    server = RedisServer(port=port, process=_spawn_redis(port))
+    try:
+        _wait_redis(port)
+        yield server
+    finally:
+        server.stop()
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint_url: str
+
+    def client(self) -> object:
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint_url, region_name="us-east-1")
+
+
+MOTO_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@contextmanager
+def moto_s3_server() -> Iterator[S3Server]:
+    """moto's standalone server: a real HTTP endpoint that speaks the S3 API."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, **MOTO_CREDENTIALS},
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        _wait_until(lambda: httpx.get(endpoint, timeout=1).status_code < 500, "moto server")
+        yield S3Server(endpoint_url=endpoint)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)

@@ -1,0 +1,48 @@
+"""The router app in-process (FastAPI TestClient) with fake scheduler handles and real stores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fastapi.testclient import TestClient
+
+from deployments.router import Gateway, RouterSettings, create_api
+from mediagate.accounts import SqliteAccountStore
+from mediagate.artifacts import LocalArtifactStore
+from mediagate.state.sqlite_store import SqliteStateStore
+from models.catalog import Catalog, load_catalog
+from tests.fakes import FakeClock, FakeSchedulerHandle, FakeVideoSchedulerHandle
+
+URL = "/v1/images/generations"
+
+
+class Service:
+    def __init__(self, tmp_path: Path, *, catalog: Catalog | None = None, **settings: Any) -> None:
+        self.clock = FakeClock()
+        self.accounts = SqliteAccountStore(tmp_path / "state.db")
+        account = self.accounts.ensure_account("alice", "pro")
+        self.key = self.accounts.create_key(account.id)
+        self.scheduler = FakeSchedulerHandle()
+        self.video_scheduler = FakeVideoSchedulerHandle()
+        self.artifacts = LocalArtifactStore(tmp_path / "artifacts", b"k" * 32, clock=self.clock)
+        self.jobs = SqliteStateStore(tmp_path / "state.db")
+        self.gateway = gateway = Gateway(
+            catalog=catalog or load_catalog(),
+            schedulers={"tiny-sd": self.scheduler, "tiny-wan": self.video_scheduler},
+            accounts=self.accounts,
+            artifacts=self.artifacts,
+            jobs=self.jobs,
+            settings=RouterSettings(**settings),
+            clock=self.clock,
+        )
+        self.client = TestClient(create_api(gateway), raise_server_exceptions=False)
+        self.auth = {"Authorization": f"Bearer {self.key}"}
+
+    def generate(self, body: Any, **kwargs: Any) -> Any:
+        return self.client.post(URL, json=body, headers=self.auth, **kwargs)
+
+    def other_auth(self, name: str = "mallory") -> dict[str, str]:
+        """Auth headers of a second account."""
+        key = self.accounts.create_key(self.accounts.ensure_account(name, "pro").id)
+        return {"Authorization": f"Bearer {key}"}

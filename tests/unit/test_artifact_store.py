@@ -1,0 +1,131 @@
+"""The artifact store's contract on both backends (local files, S3 via moto's HTTP server),
+and catalog weights fetched from ``s3://`` into the model cache."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from deployments.errors import NotFound
+from mediagate.artifacts import ArtifactConfig, ArtifactStore, open_artifact_store
+from models.catalog import ModelSpec
+from models.loading import download_s3_weights, load_pipeline
+from tests.fakes import FakeClock
+
+
+def make_bucket(endpoint: str) -> str:
+    from mediagate.artifacts import s3_client
+
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    s3_client(endpoint_url=endpoint, region="us-east-1").create_bucket(Bucket=bucket)
+    return bucket
+
+
+@pytest.fixture(params=["local", "s3"])
+def store_and_clock(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[tuple[ArtifactStore, FakeClock]]:
+    clock = FakeClock(time.time())
+    if request.param == "local":
+        config = ArtifactConfig(
+            backend="local", root=str(tmp_path / "files"), secret_path=str(tmp_path / "key")
+        )
+    else:
+        endpoint = request.getfixturevalue("s3_endpoint")
+        config = ArtifactConfig(
+            backend="s3",
+            s3_bucket=make_bucket(endpoint),
+            s3_endpoint_url=endpoint,
+            s3_region="us-east-1",
+        )
+    yield open_artifact_store(config, clock=clock), clock
+
+
+def test_put_read_delete(store_and_clock: tuple[ArtifactStore, Any]) -> None:
+    store, _ = store_and_clock
+    video_id = store.put(b"\x00mp4 bytes", "mp4", "vid")
+    assert video_id.startswith("vid_") and video_id.endswith(".mp4")
+    assert store.read(video_id) == b"\x00mp4 bytes"
+    store.delete(video_id)
+    store.delete(video_id)  # already gone: no error
+    with pytest.raises(NotFound):
+        store.read(video_id)
+    with pytest.raises(NotFound):
+        store.read("../../etc/passwd")
+
+
+def test_url_downloads_without_a_key(store_and_clock: tuple[ArtifactStore, Any]) -> None:
+    store, _ = store_and_clock
+    image_id = store.put(b"png bytes", "png", "img")
+    url = store.url(image_id, 600, "http://router.invalid/")
+    if url.startswith("http://router.invalid/"):
+        assert "/v1/files/" in url and "signature=" in url  # served by the router (unit-tested)
+    else:
+        response = httpx.get(url)  # a presigned URL straight to the S3 endpoint
+        assert response.status_code == 200 and response.content == b"png bytes"
+        assert "X-Amz-Expires=600" in url
+
+
+def test_sweep_removes_only_old_artifacts_of_its_kind(
+    store_and_clock: tuple[ArtifactStore, Any], tmp_path: Path
+) -> None:
+    store, clock = store_and_clock
+    old_image = store.put(b"old", "png", "img")
+    video = store.put(b"video", "mp4", "vid")
+    assert store.delete_older_than(3600, "img") == 0  # both are new
+    clock.advance(10**8)  # files carry real timestamps; the store's clock decides what is old
+    assert store.delete_older_than(3600, "img") == 1
+    with pytest.raises(NotFound):
+        store.read(old_image)
+    assert store.read(video) == b"video"
+
+
+def test_s3_weights_download_once_then_load(
+    s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tiny pipeline saved with save_pretrained, uploaded to S3, loaded from s3://."""
+    from mediagate.artifacts import s3_client
+    from models.tiny import ensure_tiny_pipeline
+
+    local = ensure_tiny_pipeline("stable-diffusion", tmp_path / "tiny")
+    client = s3_client(endpoint_url=s3_endpoint, region="us-east-1")
+    bucket = make_bucket(s3_endpoint)
+    for path in local.rglob("*"):
+        if path.is_file():
+            client.upload_file(str(path), bucket, f"weights/sd/{path.relative_to(local)}")
+
+    spec = ModelSpec(
+        id="s3-sd",
+        task="text-to-image",
+        source=f"s3://{bucket}/weights/sd",
+        pipeline_class="StableDiffusionPipeline",
+        defaults={"size": "64x64", "num_inference_steps": 2},
+    )
+    monkeypatch.setenv("MEDIAGATE_S3_ENDPOINT_URL", s3_endpoint)
+    pipeline = load_pipeline(spec, cache_dir=tmp_path / "cache")
+    image = pipeline(prompt="x", width=64, height=64, num_inference_steps=1).images[0]
+    assert image.size == (64, 64)
+
+    fetched = tmp_path / "cache" / "s3" / bucket / "weights" / "sd"
+    assert sorted(p.name for p in fetched.iterdir()) == sorted(p.name for p in local.iterdir())
+    # Once cached, S3 is not asked again: an unreachable endpoint changes nothing.
+    monkeypatch.setenv("MEDIAGATE_S3_ENDPOINT_URL", "http://127.0.0.1:9")
+    again = download_s3_weights(f"s3://{bucket}/weights/sd", tmp_path / "cache" / "s3")
+    assert again == fetched
+
+
+def test_s3_weights_without_a_pipeline_are_refused(s3_endpoint: str, tmp_path: Path) -> None:
+    from mediagate.artifacts import s3_client
+
+    client = s3_client(endpoint_url=s3_endpoint, region="us-east-1")
+    bucket = make_bucket(s3_endpoint)
+    client.put_object(Bucket=bucket, Key="junk/readme.txt", Body=b"not a model")
+    with pytest.raises(ValueError, match=r"model_index\.json"):
+        download_s3_weights(f"s3://{bucket}/junk", tmp_path / "cache", client=client)
+    assert not (tmp_path / "cache" / bucket / "junk").exists()

@@ -1,0 +1,183 @@
+"""The state store's contract, run against both backends: SQLite and a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mediagate.state import JobStore, StateConfig, VideoJobRecord, open_state_store
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[JobStore]:
+    if request.param == "sqlite":
+        config = StateConfig.embedded(tmp_path / "state.db")
+    else:
+        import redis
+
+        url = request.getfixturevalue("redis_url")
+        redis.Redis.from_url(url).flushdb()
+        config = StateConfig(backend="redis", redis_url=url)
+    job_store = open_state_store(config)
+    yield job_store
+    await job_store.close()
+
+
+def job(job_id: str, account: str = "acct-a", **fields: Any) -> VideoJobRecord:
+    values: dict[str, Any] = {
+        "id": job_id,
+        "account_id": account,
+        "model": "tiny-wan",
+        "status": "queued",
+        "prompt": "p",
+        "seconds": 4,
+        "size": "64x64",
+        "created_at": 1000.0,
+        "generation": {"seed": 1},
+    }
+    return VideoJobRecord(**(values | fields))
+
+
+async def test_create_get_and_ownership(store: JobStore) -> None:
+    await store.create_job(job("video_1"))
+    got = await store.get_job("acct-a", "video_1")
+    assert got is not None and got.generation == {"seed": 1} and got.status == "queued"
+    assert await store.get_job("acct-b", "video_1") is None
+    assert await store.get_job("acct-a", "video_2") is None
+    with pytest.raises(Exception):  # noqa: B017 - each backend raises its own duplicate error
+        await store.create_job(job("video_1"))
+
+
+async def test_list_pages_in_both_orders(store: JobStore) -> None:
+    for index in range(5):
+        await store.create_job(job(f"video_{index}", created_at=1000.0 + index))
+    await store.create_job(job("video_other", account="acct-b", created_at=1002.5))
+
+    first, more = await store.list_jobs("acct-a", after=None, limit=2, order="asc")
+    assert [j.id for j in first] == ["video_0", "video_1"] and more
+    second, more = await store.list_jobs("acct-a", after="video_1", limit=2, order="asc")
+    assert [j.id for j in second] == ["video_2", "video_3"] and more
+    last, more = await store.list_jobs("acct-a", after="video_3", limit=2, order="asc")
+    assert [j.id for j in last] == ["video_4"] and not more
+
+    newest, more = await store.list_jobs("acct-a", after=None, limit=3, order="desc")
+    assert [j.id for j in newest] == ["video_4", "video_3", "video_2"] and more
+    rest, more = await store.list_jobs("acct-a", after="video_2", limit=3, order="desc")
+    assert [j.id for j in rest] == ["video_1", "video_0"] and not more
+
+    assert await store.list_jobs("acct-a", after="video_other", limit=2, order="asc") == ([], False)
+
+
+async def test_update_is_compare_and_set(store: JobStore) -> None:
+    await store.create_job(job("video_1"))
+    claimed = await store.update_job(
+        "acct-a",
+        "video_1",
+        expect_status=("queued",),
+        expect_attempt=0,
+        changes={"status": "in_progress", "attempt": 1, "lease_expires_at": 50.0},
+    )
+    assert claimed is not None and claimed.status == "in_progress" and claimed.attempt == 1
+    # Wrong status, wrong attempt, wrong account: nothing changes.
+    assert (
+        await store.update_job("acct-a", "video_1", expect_status=("queued",), changes={})
+    ) is None
+    stale = await store.update_job(
+        "acct-a",
+        "video_1",
+        expect_status=("in_progress",),
+        expect_attempt=0,
+        changes={"status": "completed"},
+    )
+    assert stale is None
+    assert (
+        await store.update_job("acct-b", "video_1", expect_status=("in_progress",), changes={})
+    ) is None
+    got = await store.get_job("acct-a", "video_1")
+    assert got is not None and got.status == "in_progress" and got.lease_expires_at == 50.0
+
+
+async def test_concurrent_claims_have_exactly_one_winner(store: JobStore) -> None:
+    await store.create_job(job("video_1"))
+
+    async def claim(worker: int) -> VideoJobRecord | None:
+        return await store.update_job(
+            "acct-a",
+            "video_1",
+            expect_status=("queued",),
+            expect_attempt=0,
+            changes={"status": "in_progress", "attempt": 1, "error_message": f"w{worker}"},
+        )
+
+    results = await asyncio.gather(*(claim(worker) for worker in range(20)))
+    winners = [result for result in results if result is not None]
+    assert len(winners) == 1
+    stored = await store.get_job("acct-a", "video_1")
+    assert stored is not None and stored.error_message == winners[0].error_message
+
+
+async def test_delete_returns_what_it_removed(store: JobStore) -> None:
+    await store.create_job(job("video_1"))
+    assert await store.delete_job("acct-b", "video_1") is None
+    removed = await store.delete_job("acct-a", "video_1")
+    assert removed is not None and removed.id == "video_1"
+    assert await store.delete_job("acct-a", "video_1") is None
+    assert await store.get_job("acct-a", "video_1") is None
+    assert await store.list_jobs("acct-a", after=None, limit=10, order="asc") == ([], False)
+    assert await store.active_jobs("tiny-wan") == []
+
+
+async def test_active_jobs_follow_status_across_accounts(store: JobStore) -> None:
+    await store.create_job(job("video_2", created_at=1002.0))
+    await store.create_job(job("video_1", account="acct-b", created_at=1001.0))
+    await store.create_job(job("video_3", created_at=1003.0, model="other"))
+    active = await store.active_jobs("tiny-wan")
+    assert [(j.account_id, j.id) for j in active] == [("acct-b", "video_1"), ("acct-a", "video_2")]
+
+    await store.update_job(
+        "acct-b",
+        "video_1",
+        expect_status=("queued",),
+        changes={"status": "completed", "completed_at": 1010.0, "expires_at": 2000.0},
+    )
+    assert [j.id for j in await store.active_jobs("tiny-wan")] == ["video_2"]
+    await store.update_job(
+        "acct-a", "video_2", expect_status=("queued",), changes={"status": "in_progress"}
+    )
+    assert [j.status for j in await store.active_jobs("tiny-wan")] == ["in_progress"]
+
+
+async def test_expired_jobs(store: JobStore) -> None:
+    for index, expires_at in enumerate((1500.0, 2500.0)):
+        await store.create_job(job(f"video_{index}", created_at=1000.0 + index))
+        await store.update_job(
+            "acct-a",
+            f"video_{index}",
+            expect_status=("queued",),
+            changes={"status": "completed", "completed_at": 1100.0, "expires_at": expires_at},
+        )
+    assert [j.id for j in await store.expired_jobs(1000.0)] == []
+    assert [j.id for j in await store.expired_jobs(2000.0)] == ["video_0"]
+    assert sorted(j.id for j in await store.expired_jobs(3000.0)) == ["video_0", "video_1"]
+    await store.delete_job("acct-a", "video_0")
+    assert [j.id for j in await store.expired_jobs(3000.0)] == ["video_1"]
+
+
+async def test_redis_keys_are_hash_tagged_per_account(redis_url: str) -> None:
+    """Every key an account owns shares its hash tag, so Redis Cluster keeps them in one slot."""
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    client.flushdb()
+    store = open_state_store(StateConfig(backend="redis", redis_url=redis_url))
+    await store.create_job(job("video_1", account="acct-x"))
+    await store.close()
+    account_keys = [key.decode() for key in client.keys("*{a:acct-x}*")]
+    assert sorted(account_keys) == ["mg:{a:acct-x}:job:video_1", "mg:{a:acct-x}:jobs"]
+    from redis.crc import key_slot
+
+    assert len({key_slot(key.encode()) for key in account_keys}) == 1

@@ -1,0 +1,211 @@
+"""VideoScheduler against a steerable fake worker and a real SQLite store."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deployments.video_scheduler import VideoScheduler
+from mediagate.state import VideoJobRecord
+from mediagate.state.sqlite_store import SqliteStateStore
+from models.catalog import load_catalog
+from tests.fakes import FakeClock, FakeVideoWorkerHandle
+
+SPEC = load_catalog().models["tiny-wan"].model_dump()
+GENERATION = {
+    "prompt": "p",
+    "width": 64,
+    "height": 64,
+    "num_frames": 33,
+    "fps": 8,
+    "num_inference_steps": 4,
+    "guidance_scale": 5.0,
+    "seed": 1,
+}
+
+
+class Rig:
+    def __init__(self, tmp_path: Path, *, replicas: int = 1, **settings: Any) -> None:
+        self.store = SqliteStateStore(tmp_path / "state.db")
+        self.worker = FakeVideoWorkerHandle(self.store)
+        self.clock = FakeClock()
+        self.replicas = replicas
+
+        async def count() -> int:
+            return self.replicas
+
+        self.scheduler = VideoScheduler(
+            self.worker,
+            SPEC,
+            state={},
+            settings={"lease_s": 30, "reconcile_s": 3600, **settings},
+            count_replicas=count,
+            store=self.store,
+            capacity_refresh_s=0.01,
+            clock=self.clock,
+        )
+
+    async def add(self, job_id: str, *, enqueue: bool = True, **fields: Any) -> None:
+        values: dict[str, Any] = {
+            "id": job_id,
+            "account_id": "acct",
+            "model": "tiny-wan",
+            "status": "queued",
+            "prompt": "p",
+            "seconds": 4,
+            "size": "64x64",
+            "created_at": self.clock(),
+            "generation": GENERATION,
+        }
+        await self.store.create_job(VideoJobRecord(**(values | fields)))
+        self.clock.advance(1)
+        if enqueue:
+            await self.scheduler.enqueue("acct", job_id)
+
+    async def job(self, job_id: str) -> VideoJobRecord:
+        job = await self.store.get_job("acct", job_id)
+        assert job is not None
+        return job
+
+
+@pytest.fixture
+async def rig(tmp_path: Path) -> AsyncIterator[Rig]:
+    rig = Rig(tmp_path)
+    yield rig
+    await rig.scheduler.shutdown()
+
+
+async def until(condition: Callable[[], Awaitable[bool]], timeout_s: float = 5) -> None:
+    async def poll() -> None:
+        # The store has no change notification: poll it.
+        while not await condition():  # noqa: ASYNC110
+            await asyncio.sleep(0.005)
+
+    await asyncio.wait_for(poll(), timeout_s)
+
+
+async def test_one_job_per_slot_in_arrival_order(rig: Rig) -> None:
+    for name in ("video_a", "video_b", "video_c"):
+        await rig.add(name)
+    await rig.worker.wait_running(1)
+    assert rig.worker.running() == ["video_a"]
+    assert (await rig.job("video_a")).status == "in_progress"
+    assert (await rig.job("video_a")).attempt == 1
+    assert rig.scheduler.record_autoscaling_stats() == {"queue_len": 2.0, "inflight": 1.0}
+    assert rig.scheduler.position("video_c") == 2
+
+    rig.worker.finish("video_a")
+    await rig.worker.wait_running(1)
+    assert rig.worker.running() == ["video_b"]
+    assert (await rig.job("video_a")).status == "completed"
+
+
+async def test_more_replicas_more_slots(tmp_path: Path) -> None:
+    rig = Rig(tmp_path, replicas=2)
+    try:
+        for name in ("video_a", "video_b", "video_c"):
+            await rig.add(name)
+        await rig.worker.wait_running(2)
+        assert sorted(rig.worker.running()) == ["video_a", "video_b"]
+    finally:
+        await rig.scheduler.shutdown()
+
+
+async def test_a_deleted_queued_job_is_never_dispatched(rig: Rig) -> None:
+    await rig.add("video_a")
+    await rig.add("video_b")
+    await rig.add("video_c")
+    await rig.worker.wait_running(1)
+    assert await rig.scheduler.cancel("acct", "video_b")
+    await rig.store.delete_job("acct", "video_c")  # deleted while the scheduler was away
+    rig.worker.finish("video_a")
+    await until(lambda: _idle(rig))
+    assert [task.job_id for task in rig.worker.tasks] == ["video_a"]
+
+
+async def _idle(rig: Rig) -> bool:
+    return rig.scheduler.stats()["queue_len"] == 0 and not rig.worker.running()
+
+
+async def test_a_lost_worker_reruns_the_job_once_then_fails_it(rig: Rig) -> None:
+    await rig.add("video_a")
+    await rig.worker.wait_running(1)
+    rig.worker.die("video_a")
+    await rig.worker.wait_running(1)  # dispatched again
+    assert (await rig.job("video_a")).attempt == 2
+    rig.worker.die("video_a")
+
+    async def failed() -> bool:
+        return (await rig.job("video_a")).status == "failed"
+
+    await until(failed)
+    job = await rig.job("video_a")
+    assert job.error_code == "worker_lost" and job.lease_expires_at is None
+    assert job.completed_at is not None and job.expires_at is not None
+    assert rig.scheduler.counts["lost"] == 2 and rig.scheduler.counts["requeued"] == 1
+
+
+async def test_reconcile_recovers_queued_and_expired_jobs(rig: Rig) -> None:
+    """What a restarted scheduler finds in the store: queued jobs it never heard of, and a
+    job left in progress by a worker that died with the previous scheduler."""
+    await rig.add("video_orphan", status="in_progress", attempt=1, lease_expires_at=rig.clock() + 5)
+    await rig.add("video_queued", enqueue=False)
+    await rig.add("video_done", status="completed", enqueue=False)
+
+    await rig.scheduler.reconcile()
+    await rig.worker.wait_running(1)
+    assert rig.worker.running() == ["video_queued"]  # the orphan's lease has not run out yet
+    assert (await rig.job("video_orphan")).status == "in_progress"
+
+    rig.clock.advance(10)
+    await rig.scheduler.reconcile()
+    orphan = await rig.job("video_orphan")
+    assert orphan.status == "queued" and rig.scheduler.position("video_orphan") == 1
+    rig.worker.finish("video_queued")
+    await rig.worker.wait_running(1)
+    assert rig.worker.running() == ["video_orphan"]
+    assert (await rig.job("video_orphan")).attempt == 2
+
+
+async def test_an_expired_job_out_of_attempts_fails(rig: Rig) -> None:
+    await rig.add("video_x", status="in_progress", attempt=2, lease_expires_at=rig.clock() - 1)
+    await rig.scheduler.reconcile()
+    job = await rig.job("video_x")
+    assert (job.status, job.error_code) == ("failed", "worker_lost")
+
+
+async def test_a_late_worker_cannot_complete_a_job_taken_back(rig: Rig) -> None:
+    """Attempt fencing: once the job is re-queued, the old dispatch's completion is void."""
+    await rig.add("video_a")
+    await rig.worker.wait_running(1)
+    [first_task] = rig.worker.tasks
+    await rig.store.update_job(
+        "acct", "video_a", expect_status=("in_progress",), changes={"status": "queued"}
+    )
+    late = await rig.store.update_job(
+        "acct",
+        "video_a",
+        expect_status=("in_progress",),
+        expect_attempt=first_task.attempt,
+        changes={"status": "completed"},
+    )
+    assert late is None
+    rig.worker.finish("video_a")  # the fake's own fenced write fails the same way
+    await until(lambda: _status_is(rig, "video_a", "queued"))
+
+
+async def _status_is(rig: Rig, job_id: str, status: str) -> bool:
+    return (await rig.job(job_id)).status == status
+
+
+async def test_live_settings(rig: Rig) -> None:
+    rig.scheduler.reconfigure({"slots_per_replica": 2, "lease_s": 5})
+    assert rig.scheduler.settings.lease_s == 5
+    for name in ("video_a", "video_b"):
+        await rig.add(name)
+    await rig.worker.wait_running(2)
+    assert {task.lease_s for task in rig.worker.tasks} == {5}
