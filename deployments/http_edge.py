@@ -118,9 +118,10 @@ class EdgeMiddleware:
         self.max_upload_bytes = max_upload_bytes or max_body_bytes
 
     def _limit_for(self, scope: Scope) -> int:
-        if scope.get("path") in self.upload_paths:
-            return self.max_upload_bytes
-        return self.max_body_bytes
+        path, root = str(scope.get("path", "")), str(scope.get("root_path", ""))
+        if root and path.startswith(root):  # mounted under a route prefix
+            path = path[len(root) :]
+        return self.max_upload_bytes if path in self.upload_paths else self.max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

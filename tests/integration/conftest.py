@@ -1,21 +1,26 @@
-"""One local Ray instance and one deployed mediagate app for the whole test session."""
+"""One local Ray instance for the whole test session, and the mediagate apps deployed on it.
+
+- ``service``: the image model on the embedded default (SQLite, local files).
+- ``video_service``: the video model, once per backend pair (SQLite + files, then
+  a real redis-server + moto's S3 server), each as its own Serve application under
+  its own route prefix. Only one video app exists at a time (two CPUs here).
+"""
 
 from __future__ import annotations
 
-import socket
+import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from mediagate.accounts import SqliteAccountStore
+from mediagate.artifacts import ArtifactConfig, s3_client
+from mediagate.state import StateConfig
+from tests.servers import free_port
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+__all__ = ["RunningService", "free_port"]
 
 
 @dataclass(frozen=True)
@@ -23,6 +28,10 @@ class RunningService:
     base_url: str
     home: Path
     key: str
+    app_name: str = "mediagate"
+    other_key: str = ""
+    state: StateConfig | None = field(default=None, repr=False)
+    artifacts: ArtifactConfig | None = field(default=None, repr=False)
 
 
 @pytest.fixture(scope="session")
@@ -37,16 +46,95 @@ def ray_session() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def service(ray_session: None, tmp_path_factory: pytest.TempPathFactory) -> RunningService:
+def serve_port(ray_session: None) -> int:
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return port
+
+
+def _keys(home: Path) -> tuple[str, str]:
+    store = SqliteAccountStore(home / "state.db")
+    key = store.create_key(store.ensure_account("integration", "pro").id)
+    other = store.create_key(store.ensure_account("someone-else", "pro").id)
+    return key, other
+
+
+@pytest.fixture(scope="session")
+def service(serve_port: int, tmp_path_factory: pytest.TempPathFactory) -> RunningService:
     from ray import serve
 
     from deployments.app import AppArgs, build_app
 
     home = tmp_path_factory.mktemp("mediagate-home")
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = AppArgs(home=str(home), worker_ray_actor_options={"num_cpus": 1, "num_gpus": 0})
+    args = AppArgs(
+        home=str(home),
+        models=["tiny-sd"],
+        worker_ray_actor_options={"num_cpus": 1, "num_gpus": 0},
+    )
     serve.run(build_app(args), name="mediagate", route_prefix="/")
-    store = SqliteAccountStore(home / "state.db")
-    key = store.create_key(store.ensure_account("integration", "pro").id)
-    return RunningService(base_url=f"http://127.0.0.1:{port}", home=home, key=key)
+    key, other = _keys(home)
+    return RunningService(
+        base_url=f"http://127.0.0.1:{serve_port}", home=home, key=key, other_key=other
+    )
+
+
+def video_app_args(home: Path, state: StateConfig, artifacts: ArtifactConfig) -> object:
+    from deployments.app import AppArgs
+
+    return AppArgs(
+        home=str(home),
+        models=["tiny-wan"],
+        worker_ray_actor_options={"num_cpus": 1, "num_gpus": 0},
+        state=state,
+        artifacts=artifacts,
+        router={"poll_after_ms": 100, "artifact_sweep_s": 1},
+        video={"lease_s": 3, "reconcile_s": 0.5, "max_attempts": 2},
+    )
+
+
+def deploy_video_app(name: str, home: Path, state: StateConfig, artifacts: ArtifactConfig) -> None:
+    from ray import serve
+
+    from deployments.app import build_app
+
+    serve.run(build_app(video_app_args(home, state, artifacts)), name=name, route_prefix=f"/{name}")
+
+
+@pytest.fixture(scope="session", params=["embedded", "redis-s3"])
+def video_service(
+    request: pytest.FixtureRequest, serve_port: int, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningService]:
+    from ray import serve
+
+    home = tmp_path_factory.mktemp(f"video-{request.param}")
+    if request.param == "embedded":
+        state = StateConfig.embedded(home / "state.db")
+        artifacts = ArtifactConfig(
+            backend="local",
+            root=str(home / "artifacts"),
+            secret_path=str(home / "secrets" / "url_signing_key"),
+        )
+    else:
+        redis_url: str = request.getfixturevalue("redis_url")
+        endpoint: str = request.getfixturevalue("s3_endpoint")
+        bucket = f"videos-{uuid.uuid4().hex[:8]}"
+        s3_client(endpoint_url=endpoint, region="us-east-1").create_bucket(Bucket=bucket)
+        state = StateConfig(backend="redis", redis_url=redis_url)
+        artifacts = ArtifactConfig(
+            backend="s3", s3_bucket=bucket, s3_endpoint_url=endpoint, s3_region="us-east-1"
+        )
+    name = f"video-{request.param}"
+    deploy_video_app(name, home, state, artifacts)
+    key, other = _keys(home)
+    yield RunningService(
+        base_url=f"http://127.0.0.1:{serve_port}/{name}",
+        home=home,
+        key=key,
+        app_name=name,
+        other_key=other,
+        state=state,
+        artifacts=artifacts,
+    )
+    serve.delete(name)

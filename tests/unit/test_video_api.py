@@ -200,6 +200,7 @@ def test_unknown_model_is_404(service: Service) -> None:
     ],
     ids=["gif", "truncated-png", "bomb-over-pillow-limit", "bomb-over-our-limit"],
 )
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_uploads_are_checked_before_decoding(service: Service, data: bytes, message: str) -> None:
     response = service.client.post(
         "/v1/videos",
