@@ -256,7 +256,8 @@ class VideoCreateRequest(BaseModel):
 
     def resolve(self, spec: ModelSpec) -> dict[str, Any]:
         """Defaults filled in and caps checked; keys follow diffusers' ``__call__`` names."""
-        assert spec.video is not None, "video models always carry video settings"
+        if spec.video is None:  # the catalog refuses such a video model; guard anyway
+            raise InvalidRequest(f"model {spec.id} does not generate video", param="model")
         video, caps = spec.video, spec.caps
         seconds = int(self.seconds) if self.seconds is not None else video.default_seconds
         if seconds not in video.allowed_seconds:

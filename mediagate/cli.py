@@ -75,25 +75,44 @@ def _local_url(host: str, port: int) -> str:
 
 
 def _wait_until_ready(client: Any, base_url: str, timeout_s: float) -> None:
+    """Ready = every application RUNNING (all replicas up) and the router answering."""
     deadline = time.monotonic() + timeout_s
     last_status = ""
     while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{base_url}/healthz", timeout=5) as answer:
-                if answer.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
         details = client.get_serve_details()
-        for name, app in (details.get("applications") or {}).items():
+        applications = details.get("applications") or {}
+        for name, app in applications.items():
             status = app.get("status")
             if status == "DEPLOY_FAILED":
                 raise CommandError(f"application {name} failed to deploy: {app.get('message')}")
             if status != last_status:
                 print(f"application {name}: {status}", file=sys.stderr)
                 last_status = status
+        running = bool(applications) and all(
+            app.get("status") == "RUNNING" for app in applications.values()
+        )
+        if running:
+            try:
+                with urllib.request.urlopen(f"{base_url}/healthz", timeout=5) as answer:
+                    if answer.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
         time.sleep(1)
-    raise CommandError(f"the service did not answer {base_url}/healthz within {timeout_s:.0f}s")
+    waiting = _unready_deployments(client.get_serve_details())
+    raise CommandError(
+        f"the service was not ready within {timeout_s:.0f}s; not yet running: {waiting or '?'} "
+        "(a worker asking for a GPU this machine lacks waits forever: see num_gpus in the config)"
+    )
+
+
+def _unready_deployments(details: dict[str, Any]) -> str:
+    names = []
+    for app in (details.get("applications") or {}).values():
+        for name, deployment in (app.get("deployments") or {}).items():
+            if deployment.get("status") != "HEALTHY":
+                names.append(f"{name} ({deployment.get('status')})")
+    return ", ".join(names)
 
 
 def _start_ray(args: argparse.Namespace, layout: HomeLayout) -> str:

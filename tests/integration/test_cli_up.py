@@ -72,8 +72,13 @@ def test_up_serve_readme_snippet_down(tmp_path: Path) -> None:
             timeout=120,
         )
         assert ran.returncode == 0, ran.stderr
-        assert ran.stdout.strip() == "wrote 2 images"
+        assert ran.stdout.strip() == "wrote 2 images and a 4 s video: completed"
         assert (tmp_path / "image-1.png").read_bytes().startswith(b"\x89PNG")
+        import av
+
+        with av.open(str(tmp_path / "video.mp4")) as container:
+            assert sum(1 for _ in container.decode(video=0)) == 33
+        assert (tmp_path / "thumbnail.webp").read_bytes()[8:12] == b"WEBP"
 
         # The deployed config is on disk for later `serve deploy` updates.
         assert f"port: {port}" in (tmp_path / "home" / "serve.yaml").read_text()

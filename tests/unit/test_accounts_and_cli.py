@@ -96,17 +96,39 @@ def test_effective_config_sets_host_port_and_home(tmp_path: Path) -> None:
     [app] = config["applications"]
     assert app["import_path"] == "deployments.app:build_app"
     assert app["args"]["home"] == str(tmp_path)
-    workers = [d for d in app["deployments"] if d["name"].startswith("TextToImage-")]
-    assert workers and all(d["ray_actor_options"]["num_gpus"] == 0 for d in workers)
+    workers = [d for d in app["deployments"] if d["name"].startswith("TextTo")]
+    assert len(workers) == 2 and all(d["ray_actor_options"]["num_gpus"] == 0 for d in workers)
+
+
+def test_shipped_config_names_every_deployment_the_builder_makes(tmp_path: Path) -> None:
+    """A GPU-less machine must override every worker (else it waits for a GPU forever)."""
+    from deployments.app import AppArgs, scheduler_name, worker_name
+    from deployments.video_scheduler import VideoSchedulerSettings
+    from models.catalog import load_catalog
+
+    path = Path(cli.__file__).parent / "configs" / "serve.yaml"
+    [app] = cli.effective_config(str(path), "127.0.0.1", 8000, tmp_path)["applications"]
+    AppArgs.model_validate(app["args"])
+    configured = {d["name"]: d for d in app["deployments"]}
+    catalog = load_catalog()
+    for spec in catalog.models.values():
+        assert configured[worker_name(spec)]["ray_actor_options"]["num_gpus"] == 0
+        assert scheduler_name(spec.id) in configured
+    video = configured["Scheduler-tiny-wan"]["user_config"]
+    VideoSchedulerSettings.model_validate(video)
 
 
 def test_gpu_example_config_validates_against_serve_schema(tmp_path: Path) -> None:
     from ray.serve.schema import ServeDeploySchema
 
+    from deployments.app import AppArgs
+
     for name in ("serve.yaml", "serve.gpu.yaml"):
         path = Path(cli.__file__).parent / "configs" / name
         config = cli.effective_config(str(path), "127.0.0.1", 8000, tmp_path)
         ServeDeploySchema.model_validate(config)
+        for app in config["applications"]:
+            AppArgs.model_validate(app["args"])
 
 
 def test_down_without_up_is_a_clear_error(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
