@@ -11,13 +11,25 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Any, Literal, Protocol
 
+from deployments.errors import MediagateError
 from mediagate.state.records import VideoJobRecord
 
 ListOrder = Literal["asc", "desc"]
 
 
-class StoreUnavailable(RuntimeError):
-    """The backing store cannot be reached; callers decide whether to fail open or closed."""
+class StoreUnavailable(MediagateError):
+    """The backing store cannot be reached: a 503 that tells the client when to retry.
+
+    Callers that can do better (fail open within a budget, say) catch it first.
+    """
+
+    status = 503
+    type = "server_error"
+    default_code = "store_unavailable"
+
+    def __init__(self, message: str, **kwargs: Any) -> None:
+        kwargs.setdefault("retry_after_s", 2.0)
+        super().__init__(message, **kwargs)
 
 
 class JobStore(Protocol):

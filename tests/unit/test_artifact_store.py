@@ -129,3 +129,47 @@ def test_s3_weights_without_a_pipeline_are_refused(s3_endpoint: str, tmp_path: P
     with pytest.raises(ValueError, match=r"model_index\.json"):
         download_s3_weights(f"s3://{bucket}/junk", tmp_path / "cache", client=client)
     assert not (tmp_path / "cache" / bucket / "junk").exists()
+
+
+def test_image_urls_from_the_router_are_presigned_s3_urls(s3_endpoint: str, tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from deployments.router import create_api
+    from mediagate.artifacts import S3ArtifactStore
+    from tests.unit.harness import Service
+
+    service = Service(tmp_path)
+    service.gateway.artifacts = S3ArtifactStore(
+        make_bucket(s3_endpoint), endpoint_url=s3_endpoint, region="us-east-1"
+    )
+    client = TestClient(create_api(service.gateway))
+    body = client.post(
+        "/v1/images/generations",
+        json={"prompt": "x", "response_format": "url"},
+        headers=service.auth,
+    ).json()
+    [item] = body["data"]
+    assert item["url"].startswith(s3_endpoint)
+    image = httpx.get(item["url"])
+    assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
+    assert image.headers["content-type"] == "image/png"
+
+
+def test_backends_follow_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from mediagate.settings import HomeLayout, Settings, artifact_config, state_config
+
+    layout = HomeLayout(tmp_path)
+    plain = Settings()
+    assert state_config(plain, layout).backend == "sqlite"
+    assert state_config(plain, layout).sqlite_path == str(layout.state_db)
+    assert artifact_config(plain, layout).backend == "local"
+
+    monkeypatch.setenv("MEDIAGATE_REDIS_URL", "redis://cache:6379/1")
+    monkeypatch.setenv("MEDIAGATE_S3_BUCKET", "media")
+    monkeypatch.setenv("MEDIAGATE_S3_ENDPOINT_URL", "http://minio:9000")
+    configured = Settings()
+    state = state_config(configured, layout)
+    artifacts = artifact_config(configured, layout)
+    assert (state.backend, state.redis_url) == ("redis", "redis://cache:6379/1")
+    assert (artifacts.backend, artifacts.s3_bucket) == ("s3", "media")
+    assert artifacts.s3_endpoint_url == "http://minio:9000"

@@ -181,3 +181,28 @@ async def test_redis_keys_are_hash_tagged_per_account(redis_url: str) -> None:
     from redis.crc import key_slot
 
     assert len({key_slot(key.encode()) for key in account_keys}) == 1
+
+
+async def test_an_unreachable_redis_is_a_503_with_retry_after(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from deployments.router import create_api
+    from mediagate.state import StoreUnavailable
+    from tests.servers import free_port
+    from tests.unit.harness import Service
+
+    dead = open_state_store(
+        StateConfig(backend="redis", redis_url=f"redis://127.0.0.1:{free_port()}")
+    )
+    with pytest.raises(StoreUnavailable):
+        await dead.get_job("acct", "video_1")
+
+    service = Service(tmp_path)
+    service.gateway.jobs = dead
+    client = TestClient(create_api(service.gateway), raise_server_exceptions=False)
+    response = client.get("/v1/videos/video_1", headers=service.auth)
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "store_unavailable"
+    assert response.headers["retry-after"] == "2"
+    created = client.post("/v1/videos", json={"prompt": "x"}, headers=service.auth)
+    assert created.status_code == 503 and service.video_scheduler.enqueued == []
