@@ -52,7 +52,7 @@ from mediagate.settings import HomeLayout
 from mediagate.state import JobStore, ListOrder, StateConfig, VideoJobRecord, open_state_store
 from mediagate.state.records import VideoVariant
 from models.catalog import Catalog, ModelSpec, Task, load_catalog
-from models.uploads import UploadRejected, load_reference_image
+from models.uploads import ALLOWED_FORMATS, UploadRejected, load_reference_image, sniff_format
 
 logger = logging.getLogger(__name__)
 
@@ -264,17 +264,15 @@ class Gateway:
                 code="unsupported_parameter",
             )
         try:
-            image = load_reference_image(
+            load_reference_image(
                 data,
                 max_bytes=self.settings.max_upload_bytes,
                 max_pixels=self.settings.max_reference_pixels,
             )
         except UploadRejected as error:
             raise InvalidRequest(str(error), param="input_reference") from None
-        extension = (image.format or "png").lower() if image.format else "png"
-        return self.artifacts.put(
-            data, extension if extension in ("png", "jpeg", "webp") else "png", "ref"
-        )
+        extension = ALLOWED_FORMATS[sniff_format(data) or "PNG"]
+        return self.artifacts.put(data, extension, "ref")
 
     async def create_video(
         self,

@@ -192,9 +192,13 @@ class TextToVideo:
             if self.image_pipeline is None:
                 raise ValueError(f"model {self.spec.id} takes no input_reference")
             data = self.artifacts.read(generation.input_reference)
-            kwargs["image"] = load_reference_image(
+            from PIL import ImageOps
+
+            reference = load_reference_image(
                 data, max_bytes=len(data), max_pixels=self.max_reference_pixels
-            ).resize((generation.width, generation.height))
+            )
+            # Crop to the video's aspect ratio, then scale: no stretched first frame.
+            kwargs["image"] = ImageOps.fit(reference, (generation.width, generation.height))
             pipeline = self.image_pipeline
         output = pipeline(
             **kwargs,

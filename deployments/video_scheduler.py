@@ -140,7 +140,14 @@ class VideoScheduler:
             self._slots.changed.clear()
             while self._queue and self._slots.free:
                 job_id, account_id = self._queue.popitem(last=False)
-                job = await self._claim(account_id, job_id)
+                try:
+                    job = await self._claim(account_id, job_id)
+                except Exception as error:  # store outage: keep its place, try again soon
+                    logger.warning("could not claim %s: %s", job_id, error)
+                    self._queue[job_id] = account_id
+                    self._queue.move_to_end(job_id, last=False)
+                    asyncio.get_running_loop().call_later(1.0, self._slots.changed.set)
+                    break
                 if job is None:
                     continue  # deleted, or already taken: nothing to run
                 self._slots.acquire()

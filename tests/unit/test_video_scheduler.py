@@ -209,3 +209,25 @@ async def test_live_settings(rig: Rig) -> None:
         await rig.add(name)
     await rig.worker.wait_running(2)
     assert {task.lease_s for task in rig.worker.tasks} == {5}
+
+
+async def test_a_store_outage_while_claiming_keeps_the_job_queued(tmp_path: Path) -> None:
+    from mediagate.state import StoreUnavailable
+
+    rig = Rig(tmp_path)
+    real_get = rig.store.get_job
+    failures = {"left": 1}
+
+    async def flaky_get(account_id: str, job_id: str) -> VideoJobRecord | None:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise StoreUnavailable("redis is down")
+        return await real_get(account_id, job_id)
+
+    rig.scheduler._store.get_job = flaky_get  # type: ignore[method-assign]
+    try:
+        await rig.add("video_a")
+        await rig.worker.wait_running(1)  # retried after the outage, about a second later
+        assert rig.worker.running() == ["video_a"] and failures["left"] == 0
+    finally:
+        await rig.scheduler.shutdown()
