@@ -6,11 +6,19 @@ encoded result: bytes, never PIL images or tensors.
 
 from __future__ import annotations
 
+import secrets
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.encoding import ImageFormat
+
+MAX_SEED_DRAWN = 2**32 - 1
+
+
+def draw_seed(requested: int | None) -> int:
+    """The request's seed, or a random one (recorded, so the result can be reproduced)."""
+    return requested if requested is not None else secrets.randbelow(MAX_SEED_DRAWN)
 
 
 class ImageJob(BaseModel):

@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import logging
-import secrets
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -23,9 +20,9 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field, ValidationError
 
-from deployments.errors import Gone, InvalidRequest, NotFound, Unauthorized
+from deployments.errors import InvalidRequest, NotFound, Unauthorized
 from deployments.http_edge import EdgeMiddleware, install_error_handlers, invalid_request_from
-from deployments.jobs import ImageJob, ImageResult, VideoGeneration
+from deployments.jobs import ImageJob, ImageResult, draw_seed
 from deployments.protocol import (
     ErrorResponse,
     ImageData,
@@ -35,11 +32,11 @@ from deployments.protocol import (
     ModelObject,
     VideoCreateRequest,
     VideoDeleted,
-    VideoError,
     VideoList,
     VideoObject,
     VideoRemixRequest,
 )
+from deployments.video_jobs import VideoJobs, parse_video_form
 from mediagate.accounts import Account, SqliteAccountStore
 from mediagate.artifacts import (
     ArtifactConfig,
@@ -52,67 +49,13 @@ from mediagate.settings import HomeLayout
 from mediagate.state import JobStore, ListOrder, StateConfig, VideoJobRecord, open_state_store
 from mediagate.state.records import VideoVariant
 from models.catalog import Catalog, ModelSpec, Task, load_catalog
-from models.uploads import ALLOWED_FORMATS, UploadRejected, load_reference_image, sniff_format
 
 logger = logging.getLogger(__name__)
 
-MAX_SEED_DRAWN = 2**32 - 1
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 410, 413, 429, 500, 503)
 }
 POLL_AFTER_HEADER = "openai-poll-after-ms"
-VIDEO_FORM_FIELDS = frozenset(VideoCreateRequest.model_fields) - {"input_reference"}
-
-
-def decode_image_reference(image_url: str | None, file_id: str | None) -> bytes:
-    """The bytes of an ``input_reference`` given as an object: only ``data:`` URLs.
-
-    Fetching arbitrary URLs from inside the cluster would let callers probe it, so
-    remote images must be uploaded (multipart) or inlined as a base64 data URL.
-    """
-    if file_id is not None:
-        raise InvalidRequest(
-            "`input_reference.file_id` is not supported; upload the image as a file",
-            param="input_reference",
-            code="unsupported_parameter",
-        )
-    if not image_url:
-        raise InvalidRequest(
-            "`input_reference` needs a file or an `image_url`", param="input_reference"
-        )
-    header, comma, payload = image_url.partition(",")
-    if not (header.startswith("data:image/") and header.endswith(";base64") and comma):
-        raise InvalidRequest(
-            "`input_reference.image_url` must be a base64 data URL (data:image/png;base64,...); "
-            "upload remote images as a file instead",
-            param="input_reference",
-        )
-    try:
-        return base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidRequest(
-            "`input_reference.image_url` is not valid base64", param="input_reference"
-        ) from None
-
-
-async def parse_video_form(request: Request) -> tuple[dict[str, Any], bytes | None]:
-    """A multipart ``POST /v1/videos``: fields, and the uploaded ``input_reference`` bytes."""
-    form = await request.form()
-    fields: dict[str, Any] = {}
-    reference: dict[str, str] = {}
-    upload: bytes | None = None
-    for name, value in form.multi_items():
-        if name == "input_reference" and not isinstance(value, str):
-            upload = await value.read()
-        elif name.startswith("input_reference[") and name.endswith("]"):
-            reference[name[len("input_reference[") : -1]] = str(value)
-        elif isinstance(value, str):
-            fields[name] = value
-        else:
-            raise InvalidRequest(f"unexpected file in field `{name}`", param=name)
-    if reference:
-        fields["input_reference"] = reference
-    return fields, upload
 
 
 class RouterSettings(BaseModel):
@@ -152,8 +95,9 @@ class Gateway:
         self.accounts = accounts
         self.artifacts = artifacts
         self.jobs = jobs
+        self.videos = VideoJobs(self)
         self.settings = settings
-        self._clock = clock
+        self.clock = clock
         self.started_at = int(clock())
 
     async def authenticate(self, authorization: str | None) -> Account:
@@ -205,17 +149,11 @@ class Gateway:
     async def generate_images(
         self, body: ImageGenerationRequest, *, request_id: str, base_url: str
     ) -> ImagesResponse:
-        if len(body.prompt) > self.settings.max_prompt_chars:
-            raise InvalidRequest(
-                f"`prompt` must be at most {self.settings.max_prompt_chars} characters, "
-                f"got {len(body.prompt)}",
-                param="prompt",
-                code="string_above_max_length",
-            )
+        self.check_prompt(body.prompt)
         spec = self.task_model(body.model, "text-to-image")
         job = ImageJob(
             request_id=request_id,
-            seed=body.seed if body.seed is not None else secrets.randbelow(MAX_SEED_DRAWN),
+            seed=draw_seed(body.seed),
             output_format=body.output_format,
             output_compression=body.output_compression,
             **body.to_pipeline_kwargs(spec),
@@ -226,7 +164,7 @@ class Gateway:
         else:
             data = [ImageData(b64_json=base64.b64encode(image).decode()) for image in result.images]
         return ImagesResponse(
-            created=int(self._clock()),
+            created=int(self.clock()),
             data=data,
             output_format=body.output_format,
             size=f"{job.width}x{job.height}",
@@ -244,9 +182,7 @@ class Gateway:
             )
         return data
 
-    # Videos: durable jobs in the state store.
-
-    def _check_prompt(self, prompt: str) -> None:
+    def check_prompt(self, prompt: str) -> None:
         if len(prompt) > self.settings.max_prompt_chars:
             raise InvalidRequest(
                 f"`prompt` must be at most {self.settings.max_prompt_chars} characters, "
@@ -254,192 +190,6 @@ class Gateway:
                 param="prompt",
                 code="string_above_max_length",
             )
-
-    def _store_reference(self, spec: ModelSpec, data: bytes) -> str:
-        """Validate an uploaded image (limits before decoding) and keep it for the worker."""
-        if spec.video is None or spec.video.image_to_video_pipeline_class is None:
-            raise InvalidRequest(
-                f"model {spec.id} generates from text only; it does not take `input_reference`",
-                param="input_reference",
-                code="unsupported_parameter",
-            )
-        try:
-            load_reference_image(
-                data,
-                max_bytes=self.settings.max_upload_bytes,
-                max_pixels=self.settings.max_reference_pixels,
-            )
-        except UploadRejected as error:
-            raise InvalidRequest(str(error), param="input_reference") from None
-        extension = ALLOWED_FORMATS[sniff_format(data) or "PNG"]
-        return self.artifacts.put(data, extension, "ref")
-
-    async def create_video(
-        self,
-        account: Account,
-        body: VideoCreateRequest,
-        reference: bytes | None = None,
-    ) -> VideoJobRecord:
-        """Store a new ``queued`` job and hand it to the model's scheduler."""
-        self._check_prompt(body.prompt)
-        spec = self.task_model(body.model, "text-to-video")
-        resolved = body.resolve(spec)
-        seconds = resolved.pop("seconds")
-        if reference is None and body.input_reference is not None:
-            reference = decode_image_reference(
-                body.input_reference.image_url, body.input_reference.file_id
-            )
-        reference_id = None
-        if reference is not None:
-            reference_id = await asyncio.to_thread(self._store_reference, spec, reference)
-        generation = VideoGeneration(
-            **resolved,
-            seed=body.seed if body.seed is not None else secrets.randbelow(MAX_SEED_DRAWN),
-            input_reference=reference_id,
-        )
-        return await self._submit_video(account, spec, generation, seconds)
-
-    async def _submit_video(
-        self,
-        account: Account,
-        spec: ModelSpec,
-        generation: VideoGeneration,
-        seconds: int,
-        remixed_from: str | None = None,
-    ) -> VideoJobRecord:
-        job = VideoJobRecord(
-            id=f"video_{uuid.uuid4().hex}",
-            account_id=account.id,
-            model=spec.id,
-            status="queued",
-            prompt=generation.prompt,
-            seconds=seconds,
-            size=f"{generation.width}x{generation.height}",
-            created_at=self._clock(),
-            remixed_from=remixed_from,
-            generation=generation.model_dump(),
-        )
-        await self.jobs.create_job(job)
-        try:
-            await self.schedulers[spec.id].enqueue.remote(account.id, job.id)
-        except Exception as error:  # stored as queued: the scheduler's reconcile finds it
-            logger.warning("could not hand %s to its scheduler now: %r", job.id, error)
-        return job
-
-    async def video(self, account: Account, video_id: str) -> VideoJobRecord:
-        job = await self.jobs.get_job(account.id, video_id)
-        if job is None:
-            raise NotFound(f"no video {video_id!r}", param="video_id", code="video_not_found")
-        return job
-
-    async def list_videos(
-        self, account: Account, *, after: str | None, limit: int, order: ListOrder
-    ) -> VideoList:
-        jobs, has_more = await self.jobs.list_jobs(
-            account.id, after=after, limit=limit, order=order
-        )
-        data = [self.video_object(job) for job in jobs]
-        return VideoList(
-            data=data,
-            first_id=data[0].id if data else None,
-            last_id=data[-1].id if data else None,
-            has_more=has_more,
-        )
-
-    async def delete_video(self, account: Account, video_id: str) -> VideoDeleted:
-        """Forget the job; a queued one leaves the queue, a running one stops at its next step."""
-        job = await self.jobs.delete_job(account.id, video_id)
-        if job is None:
-            raise NotFound(f"no video {video_id!r}", param="video_id", code="video_not_found")
-        if job.status == "queued" and job.model in self.schedulers:
-            try:
-                await self.schedulers[job.model].cancel.remote(job.account_id, job.id)
-            except Exception as error:  # the claim will find it deleted anyway
-                logger.warning("could not take %s off its queue: %r", job.id, error)
-        await asyncio.to_thread(self._delete_files, job)
-        return VideoDeleted(id=job.id)
-
-    def _delete_files(self, job: VideoJobRecord) -> None:
-        reference = job.generation.get("input_reference")
-        for artifact_id in [*job.artifacts.values(), *([reference] if reference else [])]:
-            try:
-                self.artifacts.delete(artifact_id)
-            except Exception as error:
-                logger.warning("could not delete %s of %s: %r", artifact_id, job.id, error)
-
-    async def video_content(
-        self, account: Account, video_id: str, variant: VideoVariant
-    ) -> tuple[bytes, str]:
-        job = await self.video(account, video_id)
-        if job.status != "completed":
-            raise InvalidRequest(
-                f"video {video_id} is {job.status}; content exists once it is completed",
-                param="video_id",
-                code="video_not_ready",
-            )
-        if job.expires_at is not None and self._clock() >= job.expires_at:
-            raise Gone(f"the content of video {video_id} has expired", param="video_id")
-        artifact_id = job.artifacts.get(variant)
-        if artifact_id is None:
-            raise NotFound(f"video {video_id} has no {variant}", param="variant")
-        data = await asyncio.to_thread(self.artifacts.read, artifact_id)
-        return data, content_type(artifact_id)
-
-    async def remix_video(
-        self, account: Account, video_id: str, body: VideoRemixRequest
-    ) -> VideoJobRecord:
-        """A new job with the source's model, size, length and seed, and a new prompt."""
-        self._check_prompt(body.prompt)
-        source = await self.video(account, video_id)
-        if source.status != "completed":
-            raise InvalidRequest(
-                f"video {video_id} is {source.status}; only completed videos can be remixed",
-                param="video_id",
-                code="video_not_ready",
-            )
-        spec = self.model(source.model)
-        generation = VideoGeneration.model_validate({**source.generation, "prompt": body.prompt})
-        if generation.input_reference is not None:  # the remix must outlive its source
-            copied = await asyncio.to_thread(self._copy_artifact, generation.input_reference)
-            generation = generation.model_copy(update={"input_reference": copied})
-        return await self._submit_video(
-            account, spec, generation, source.seconds, remixed_from=source.id
-        )
-
-    def _copy_artifact(self, artifact_id: str) -> str:
-        extension = artifact_id.rsplit(".", 1)[-1]
-        return self.artifacts.put(self.artifacts.read(artifact_id), extension, "ref")
-
-    def video_object(self, job: VideoJobRecord) -> VideoObject:
-        error = None
-        if job.status == "failed":
-            error = VideoError(
-                code=job.error_code or "generation_failed",
-                message=job.error_message or "the video could not be generated",
-            )
-        return VideoObject(
-            id=job.id,
-            status=job.status,
-            progress=job.progress,
-            created_at=int(job.created_at),
-            completed_at=int(job.completed_at) if job.completed_at is not None else None,
-            expires_at=int(job.expires_at) if job.expires_at is not None else None,
-            model=job.model,
-            prompt=job.prompt,
-            seconds=str(job.seconds),
-            size=job.size,
-            remixed_from_video_id=job.remixed_from,
-            error=error,
-        )
-
-    async def purge_expired_videos(self) -> int:
-        """Delete the files and records of jobs whose content has expired."""
-        removed = 0
-        for job in await self.jobs.expired_jobs(self._clock()):
-            if await self.jobs.delete_job(job.account_id, job.id) is not None:
-                await asyncio.to_thread(self._delete_files, job)
-                removed += 1
-        return removed
 
     def model_object(self, spec: ModelSpec) -> ModelObject:
         return ModelObject(
@@ -475,6 +225,11 @@ def create_api(
 
     async def account_of(request: Request) -> Account:
         return await gateway.authenticate(request.headers.get("authorization"))
+
+    def video_response(job: VideoJobRecord) -> JSONResponse:
+        """A job as the client sees it, with the header that paces its polling."""
+        body = gateway.videos.to_object(job).model_dump(mode="json")
+        return JSONResponse(body, headers=poll_headers)
 
     @app.post(
         "/v1/images/generations",
@@ -549,8 +304,10 @@ def create_api(
                 )
         else:
             body = VideoCreateRequest.model_validate_json(await request.body())
-        job = await gateway.create_video(account, body, upload)
-        return JSONResponse(gateway.video_object(job).model_dump(mode="json"), headers=poll_headers)
+        job = await gateway.videos.create(account, body, upload)
+        return JSONResponse(
+            gateway.videos.to_object(job).model_dump(mode="json"), headers=poll_headers
+        )
 
     @app.get("/v1/videos", response_model=VideoList)
     async def list_videos(
@@ -559,18 +316,20 @@ def create_api(
         limit: Annotated[int, Query(ge=1, le=100, description="Page size.")] = 20,
         order: Annotated[ListOrder, Query(description="By creation time.")] = "desc",
     ) -> VideoList:
-        return await gateway.list_videos(
+        return await gateway.videos.list(
             await account_of(request), after=after, limit=limit, order=order
         )
 
     @app.get("/v1/videos/{video_id}", response_model=VideoObject)
     async def get_video(video_id: str, request: Request) -> JSONResponse:
-        job = await gateway.video(await account_of(request), video_id)
-        return JSONResponse(gateway.video_object(job).model_dump(mode="json"), headers=poll_headers)
+        job = await gateway.videos.get(await account_of(request), video_id)
+        return JSONResponse(
+            gateway.videos.to_object(job).model_dump(mode="json"), headers=poll_headers
+        )
 
     @app.delete("/v1/videos/{video_id}", response_model=VideoDeleted)
     async def delete_video(video_id: str, request: Request) -> VideoDeleted:
-        return await gateway.delete_video(await account_of(request), video_id)
+        return await gateway.videos.delete(await account_of(request), video_id)
 
     @app.get("/v1/videos/{video_id}/content")
     async def video_content(
@@ -580,15 +339,19 @@ def create_api(
             VideoVariant, Query(description="video, thumbnail or spritesheet.")
         ] = "video",
     ) -> Response:
-        data, media_type = await gateway.video_content(await account_of(request), video_id, variant)
+        data, media_type = await gateway.videos.content(
+            await account_of(request), video_id, variant
+        )
         return Response(data, media_type=media_type, headers={"cache-control": "private"})
 
     @app.post("/v1/videos/{video_id}/remix", response_model=VideoObject)
     async def remix_video(video_id: str, request: Request) -> JSONResponse:
         account = await account_of(request)
         body = VideoRemixRequest.model_validate_json(await request.body())
-        job = await gateway.remix_video(account, video_id, body)
-        return JSONResponse(gateway.video_object(job).model_dump(mode="json"), headers=poll_headers)
+        job = await gateway.videos.remix(account, video_id, body)
+        return JSONResponse(
+            gateway.videos.to_object(job).model_dump(mode="json"), headers=poll_headers
+        )
 
     @app.get("/healthz")
     async def health() -> JSONResponse:
@@ -636,7 +399,7 @@ class Router:
                 images = await asyncio.to_thread(
                     gateway.artifacts.delete_older_than, settings.url_ttl_s + 60, "img"
                 )
-                videos = await gateway.purge_expired_videos()
+                videos = await gateway.videos.purge_expired()
             except Exception as error:  # a store outage must not end the sweep
                 logger.warning("artifact sweep failed: %r", error)
             else:

@@ -159,11 +159,16 @@ class TextToVideo:
         )
         logger.info("%s warmed up in %.2fs", self.spec.id, time.perf_counter() - started)
 
-    async def renew(self, task: VideoTask, *, progress: int | None = None) -> bool:
+    async def renew(
+        self, task: VideoTask, *, progress: int | None = None, starting: bool = False
+    ) -> bool:
         """Extend the lease (and record progress); ``False`` if the job is no longer ours."""
-        changes: dict[str, Any] = {"lease_expires_at": self._clock() + task.lease_s}
+        now = self._clock()
+        changes: dict[str, Any] = {"lease_expires_at": now + task.lease_s}
         if progress is not None:
             changes["progress"] = progress
+        if starting:
+            changes["worker_started_at"] = now
         updated = await self.store.update_job(
             task.account_id,
             task.job_id,
@@ -226,6 +231,8 @@ class TextToVideo:
 
     async def run(self, task: VideoTask) -> VideoOutcome:
         """Generate one dispatched job to its end; returns how it ended."""
+        if not await self.renew(task, starting=True):  # deleted or taken back meanwhile
+            return VideoOutcome(job_id=task.job_id, status="cancelled")
         loop = asyncio.get_running_loop()
         cancelled = threading.Event()
         reporter = _StepReporter(self, task, loop, cancelled)

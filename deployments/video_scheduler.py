@@ -7,11 +7,14 @@ starts. A reconcile loop keeps memory and store in agreement:
 - a ``queued`` job that is not in the in-memory queue (the router could not reach
   the scheduler, or the scheduler restarted) is enqueued;
 - an ``in_progress`` job whose worker lease has run out (its replica died, or the
-  whole application restarted) is re-queued once, then failed (``worker_lost``).
+  whole application restarted) is re-queued, and failed (``worker_lost``) once
+  ``max_attempts`` runs have been lost.
 
 A dispatch is ``queued -> in_progress`` with ``attempt + 1`` (compare-and-set);
 the worker's writes carry that attempt, so a job taken back can never be
-completed by the worker that lost it.
+completed by the worker that lost it. Only a run that a worker actually started
+(``worker_started_at``) counts as lost: a dispatch that never reached a live
+replica (Serve still routing to one that just died, say) is simply retried.
 """
 
 from __future__ import annotations
@@ -43,7 +46,15 @@ class VideoSchedulerSettings(BaseModel):
     lease_s: float = Field(
         30.0, gt=0, description="A running job whose worker is silent this long is lost."
     )
-    max_attempts: int = Field(2, ge=1, description="Dispatches before a lost job fails.")
+    max_attempts: int = Field(
+        2, ge=1, description="Runs a job may lose (its worker died mid-job) before it fails."
+    )
+    max_dispatches: int = Field(
+        10, ge=1, description="Dispatches in all, reached or not, before a job fails."
+    )
+    redispatch_delay_s: float = Field(
+        1.0, ge=0, description="Pause before retrying a dispatch that reached no worker."
+    )
     reconcile_s: float = Field(2.0, gt=0, description="How often memory and store are compared.")
     content_ttl_s: float = Field(86_400, gt=0, description="How long finished files stay.")
 
@@ -168,6 +179,7 @@ class VideoScheduler:
                 "attempt": current.attempt + 1,
                 "started_at": now,
                 "lease_expires_at": now + self.settings.lease_s,
+                "worker_started_at": None,
                 "progress": 0,
             },
         )
@@ -196,26 +208,32 @@ class VideoScheduler:
             self._slots.release()
 
     async def _requeue_or_fail(self, job: VideoJobRecord) -> None:
-        """A dispatch that ended without an answer: run it once more, or fail it for good."""
-        if job.attempt < self.settings.max_attempts:
-            changes: dict[str, Any] = {
-                "status": "queued",
-                "progress": 0,
-                "lease_expires_at": None,
-            }
-        else:
-            now = self._clock()
-            changes = {
+        """A dispatch that ended without an answer: run it again, or fail it for good."""
+        current = await self._store.get_job(job.account_id, job.id)
+        if current is None or current.status != "in_progress" or current.attempt != job.attempt:
+            return  # it finished, was deleted, or was already taken back
+        started = current.worker_started_at is not None
+        runs_lost = current.runs_lost + int(started)
+        now = self._clock()
+        changes: dict[str, Any] = {"lease_expires_at": None, "runs_lost": runs_lost}
+        if (
+            runs_lost >= self.settings.max_attempts
+            or current.attempt >= self.settings.max_dispatches
+        ):
+            reason = (
+                f"the worker running this video stopped {runs_lost} times"
+                if started
+                else f"no worker took this video up after {current.attempt} dispatches"
+            )
+            changes |= {
                 "status": "failed",
                 "completed_at": now,
                 "expires_at": now + self.settings.content_ttl_s,
-                "lease_expires_at": None,
                 "error_code": "worker_lost",
-                "error_message": (
-                    f"the worker running this video stopped {job.attempt} times; "
-                    "please submit it again"
-                ),
+                "error_message": f"{reason}; please submit it again",
             }
+        else:
+            changes |= {"status": "queued", "progress": 0}
         updated = await self._store.update_job(
             job.account_id,
             job.id,
@@ -224,16 +242,18 @@ class VideoScheduler:
             changes=changes,
         )
         if updated is None:
-            return  # it finished, or was deleted, after all
-        if updated.status == "queued":
-            self.counts["requeued"] += 1
-            # First in line: it was accepted before anything now queued. (Pushed directly:
-            # the job may still count as running here while its dispatch unwinds.)
-            self._queue[updated.id] = updated.account_id
-            self._queue.move_to_end(updated.id, last=False)
-            self._slots.changed.set()
-        else:
+            return  # it finished, or was deleted, meanwhile
+        if updated.status == "failed":
             self.counts["failed"] += 1
+            return
+        self.counts["requeued"] += 1
+        if not started:  # Serve may still route to a dead replica: give it a moment
+            await asyncio.sleep(self.settings.redispatch_delay_s)
+        # First in line: it was accepted before anything now queued. (Pushed directly:
+        # the job may still count as running here while its dispatch unwinds.)
+        self._queue[updated.id] = updated.account_id
+        self._queue.move_to_end(updated.id, last=False)
+        self._slots.changed.set()
 
     async def reconcile(self) -> None:
         """One pass of bringing memory in line with the store (see the module docstring)."""

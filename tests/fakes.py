@@ -123,6 +123,7 @@ class FakeVideoWorkerHandle:
 
     def __init__(self, store: Any) -> None:
         self.store = store
+        self.unreachable = False
         self.tasks: list[Any] = []
         self.started = asyncio.Event()
         self._outcomes: dict[str, asyncio.Future[str]] = {}
@@ -145,6 +146,16 @@ class FakeVideoWorkerHandle:
     async def _run(self, task: Any) -> Any:
         from deployments.jobs import VideoOutcome
 
+        if self.unreachable:  # like a handle still routing to a replica that just died
+            self.tasks.append(task)
+            raise RuntimeError("ActorUnavailableError: the replica is gone")
+        await self.store.update_job(  # what the real worker does first
+            task.account_id,
+            task.job_id,
+            expect_status=("in_progress",),
+            expect_attempt=task.attempt,
+            changes={"worker_started_at": 1.0},
+        )
         self.tasks.append(task)
         future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._outcomes[task.job_id] = future

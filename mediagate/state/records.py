@@ -33,6 +33,10 @@ class VideoJobRecord(BaseModel):
     lease_expires_at: float | None = Field(
         None, description="While in_progress: the worker renews this; past it, the job is lost."
     )
+    worker_started_at: float | None = Field(
+        None, description="When a worker took up the current dispatch (None: not yet)."
+    )
+    runs_lost: int = Field(0, ge=0, description="Runs whose worker vanished mid-job.")
     error_code: str | None = Field(None, description="Why it failed (machine-readable).")
     error_message: str | None = Field(None, description="Why it failed (for humans).")
     remixed_from: str | None = Field(None, description="Source job of a remix.")

@@ -195,7 +195,7 @@ def test_a_killed_worker_loses_no_job(video_service: RunningService, client: ope
     final = wait_for(client, long_job.id, DONE, timeout_s=120)
     elapsed_s = time.monotonic() - killed_at
     # Re-run once on the replacement replica (or failed after the second loss).
-    assert final.status == "completed", final
+    assert final.status == "completed", (final.error, scheduler_stats(video_service))
     assert elapsed_s < 120
     stats = scheduler_stats(video_service)
     assert stats["lost"] >= 1 and stats["requeued"] >= 1 and not stats["running"]
@@ -243,7 +243,7 @@ def test_scheduler_and_worker_killed_together(
         ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
 
     final = wait_for(client, long_job.id, DONE, timeout_s=120)
-    assert final.status == "completed", final
+    assert final.status == "completed", (final.error, scheduler_stats(video_service))
     assert asyncio.run(_attempts(video_service, [long_job.id])) == [2]
 
 

@@ -210,3 +210,22 @@ async def test_the_heartbeat_renews_the_lease(tmp_path: Path, model_cache: Path)
         await asyncio.sleep(0.01)
     assert (await run).status == "completed"
     assert len(leases) >= 4, sorted(leases)
+
+
+async def test_a_job_gone_before_the_worker_starts_is_not_run(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    rig = Rig(tmp_path, model_cache)
+    task = await rig.dispatch("video_1")
+    await rig.store.delete_job("acct", "video_1")
+    outcome = await rig.worker.run(task)
+    assert (outcome.status, outcome.steps_done) == ("cancelled", 0)
+
+
+async def test_the_worker_marks_when_it_took_the_job_up(tmp_path: Path, model_cache: Path) -> None:
+    rig = Rig(tmp_path, model_cache)
+    task = await rig.dispatch("video_1", num_frames=5)
+    assert (await rig.job("video_1")).worker_started_at is None  # type: ignore[union-attr]
+    await rig.worker.run(task)
+    job = await rig.job("video_1")
+    assert job is not None and job.worker_started_at is not None

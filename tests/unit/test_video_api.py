@@ -305,7 +305,7 @@ def test_content_variants_expiry_and_purge(service: Service) -> None:
     assert_error(expired, 410, "video_id", "expired")
     files_before = list(service.artifacts.root.iterdir())
     assert len(files_before) == 3
-    assert asyncio.run(service.gateway.purge_expired_videos()) == 1
+    assert asyncio.run(service.gateway.videos.purge_expired()) == 1
     assert list(service.artifacts.root.iterdir()) == []
     assert_error(
         service.client.get(f"/v1/videos/{video_id}", headers=service.auth), 404, "video_id"

@@ -42,7 +42,7 @@ class Rig:
             self.worker,
             SPEC,
             state={},
-            settings={"lease_s": 30, "reconcile_s": 3600, **settings},
+            settings={"lease_s": 30, "reconcile_s": 3600, "redispatch_delay_s": 0, **settings},
             count_replicas=count,
             store=self.store,
             capacity_refresh_s=0.01,
@@ -145,6 +145,7 @@ async def test_a_lost_worker_reruns_the_job_once_then_fails_it(rig: Rig) -> None
     await until(failed)
     job = await rig.job("video_a")
     assert job.error_code == "worker_lost" and job.lease_expires_at is None
+    assert job.runs_lost == 2
     assert job.completed_at is not None and job.expires_at is not None
     assert rig.scheduler.counts["lost"] == 2 and rig.scheduler.counts["requeued"] == 1
 
@@ -152,7 +153,13 @@ async def test_a_lost_worker_reruns_the_job_once_then_fails_it(rig: Rig) -> None
 async def test_reconcile_recovers_queued_and_expired_jobs(rig: Rig) -> None:
     """What a restarted scheduler finds in the store: queued jobs it never heard of, and a
     job left in progress by a worker that died with the previous scheduler."""
-    await rig.add("video_orphan", status="in_progress", attempt=1, lease_expires_at=rig.clock() + 5)
+    await rig.add(
+        "video_orphan",
+        status="in_progress",
+        attempt=1,
+        worker_started_at=rig.clock(),
+        lease_expires_at=rig.clock() + 5,
+    )
     await rig.add("video_queued", enqueue=False)
     await rig.add("video_done", status="completed", enqueue=False)
 
@@ -172,10 +179,37 @@ async def test_reconcile_recovers_queued_and_expired_jobs(rig: Rig) -> None:
 
 
 async def test_an_expired_job_out_of_attempts_fails(rig: Rig) -> None:
-    await rig.add("video_x", status="in_progress", attempt=2, lease_expires_at=rig.clock() - 1)
+    await rig.add(
+        "video_x",
+        status="in_progress",
+        attempt=2,
+        runs_lost=1,
+        worker_started_at=rig.clock() - 10,
+        lease_expires_at=rig.clock() - 1,
+    )
     await rig.scheduler.reconcile()
     job = await rig.job("video_x")
-    assert (job.status, job.error_code) == ("failed", "worker_lost")
+    assert (job.status, job.error_code, job.runs_lost) == ("failed", "worker_lost", 2)
+
+
+async def test_a_dispatch_that_reaches_no_worker_costs_no_run(tmp_path: Path) -> None:
+    """Serve may route to a replica that just died: retried, not counted as a lost run,
+    and failed only after max_dispatches."""
+    rig = Rig(tmp_path, max_dispatches=4)
+    rig.worker.unreachable = True
+    try:
+        await rig.add("video_a")
+
+        async def failed() -> bool:
+            return (await rig.job("video_a")).status == "failed"
+
+        await until(failed)
+        job = await rig.job("video_a")
+        assert (job.attempt, job.runs_lost, job.error_code) == (4, 0, "worker_lost")
+        assert "no worker took this video up" in (job.error_message or "")
+        assert len(rig.worker.tasks) == 4
+    finally:
+        await rig.scheduler.shutdown()
 
 
 async def test_a_late_worker_cannot_complete_a_job_taken_back(rig: Rig) -> None:
