@@ -199,7 +199,10 @@ class VideoScheduler:
         except Exception as error:  # the replica died or could not be reached
             logger.warning("worker lost job %s (attempt %d): %r", job.id, job.attempt, error)
             self.counts["lost"] += 1
-            await self._requeue_or_fail(job)
+            try:
+                await self._requeue_or_fail(job)
+            except Exception as store_error:  # its lease runs out; reconcile takes it from there
+                logger.warning("could not re-queue %s now: %s", job.id, store_error)
         else:
             if outcome.status in ("completed", "failed"):
                 self.counts[outcome.status] += 1
