@@ -8,13 +8,17 @@ overwrite one another's decisions.
 
 from __future__ import annotations
 
-from collections.abc import Collection
-from typing import Any, Literal, Protocol
+from collections.abc import Callable, Collection
+from typing import Any, Literal, Protocol, TypeVar
 
 from deployments.errors import MediagateError
 from mediagate.state.records import VideoJobRecord
 
 ListOrder = Literal["asc", "desc"]
+T = TypeVar("T")
+# Reads an account document (None if absent), returns its new text (None deletes it)
+# and a result for the caller. It must be pure: a backend may call it more than once.
+DocumentChange = Callable[[str | None], tuple[str | None, T]]
 
 
 class StoreUnavailable(MediagateError):
@@ -65,6 +69,16 @@ class JobStore(Protocol):
 
     async def expired_jobs(self, now: float, limit: int = 100) -> list[VideoJobRecord]:
         """Finished jobs whose content expired at or before ``now``."""
+
+    async def mutate(
+        self, account_id: str, name: str, change: DocumentChange[T], *, ttl_s: float | None = None
+    ) -> T:
+        """Atomically read, change and write the account's document ``name``.
+
+        The quota ledger and idempotency records are such documents: one per account
+        (or per account and key), so every update is a single-slot transaction.
+        ``ttl_s`` lets the backend drop the document after that long untouched.
+        """
 
     async def close(self) -> None:
         """Release connections."""

@@ -19,10 +19,11 @@ the job key: the transaction fails, and is retried, if anyone else wrote it.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any, TypeVar
 
-from mediagate.state.base import ListOrder, StoreUnavailable
+from mediagate.state.base import DocumentChange, ListOrder, StoreUnavailable
 from mediagate.state.records import ACTIVE_STATUSES, VideoJobRecord, split_ref
 
 T = TypeVar("T")
@@ -44,6 +45,10 @@ def active_key(model: str) -> str:
 EXPIRY_KEY = f"{PREFIX}:{{expiry}}"
 
 
+def document_key(account_id: str, name: str) -> str:
+    return f"{PREFIX}:{{a:{account_id}}}:doc:{name}"
+
+
 class RedisStateStore:
     """``JobStore`` on Redis, through ``redis.asyncio``."""
 
@@ -54,6 +59,9 @@ class RedisStateStore:
         self._redis: Any = client or redis.Redis.from_url(
             url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=30
         )
+        # Serialises this process's transactions per document: optimistic WATCH/MULTI
+        # then only retries on writes from *other* processes.
+        self._locks: dict[str, asyncio.Lock] = {}
 
     async def _call(self, operation: Callable[[], Awaitable[T]]) -> T:
         from redis.exceptions import ConnectionError as RedisConnectionError
@@ -200,6 +208,40 @@ class RedisStateStore:
             return jobs
 
         return await self._call(read)
+
+    async def mutate(
+        self, account_id: str, name: str, change: DocumentChange[T], *, ttl_s: float | None = None
+    ) -> T:
+        from redis.exceptions import WatchError
+
+        key = document_key(account_id, name)
+        if len(self._locks) > 10_000:  # forget idle locks now and then
+            self._locks = {k: v for k, v in self._locks.items() if v.locked()}
+        lock = self._locks.setdefault(key, asyncio.Lock())
+
+        async def transaction() -> T:
+            async with lock:
+                while True:
+                    async with self._redis.pipeline(transaction=True) as tx:
+                        try:
+                            await tx.watch(key)
+                            raw = await tx.get(key)
+                            current = raw.decode() if raw is not None else None
+                            updated, result = change(current)
+                            if updated != current:
+                                tx.multi()
+                                if updated is None:
+                                    tx.delete(key)
+                                elif ttl_s is not None:
+                                    tx.set(key, updated, px=int(ttl_s * 1000))
+                                else:
+                                    tx.set(key, updated)
+                                await tx.execute()
+                            return result
+                        except WatchError:
+                            continue
+
+        return await self._call(transaction)
 
     async def close(self) -> None:
         await self._redis.aclose()

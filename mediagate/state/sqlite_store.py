@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from mediagate.state.base import ListOrder, StoreUnavailable
+from mediagate.state.base import DocumentChange, ListOrder, StoreUnavailable, T
 from mediagate.state.records import ACTIVE_STATUSES, FINAL_STATUSES, VideoJobRecord
 
 _SCHEMA = """
@@ -31,6 +32,13 @@ CREATE TABLE IF NOT EXISTS video_jobs (
 CREATE INDEX IF NOT EXISTS video_jobs_by_account ON video_jobs (account_id, created_at, id);
 CREATE INDEX IF NOT EXISTS video_jobs_by_model ON video_jobs (model, status, created_at);
 CREATE INDEX IF NOT EXISTS video_jobs_by_expiry ON video_jobs (expires_at);
+CREATE TABLE IF NOT EXISTS account_docs (
+    account_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    doc TEXT NOT NULL,
+    expires_at REAL,
+    PRIMARY KEY (account_id, name)
+);
 """
 
 
@@ -186,6 +194,40 @@ class SqliteStateStore:
             return [VideoJobRecord.model_validate_json(row[0]) for row in rows]
 
         return await asyncio.to_thread(read)
+
+    async def mutate(
+        self, account_id: str, name: str, change: DocumentChange[T], *, ttl_s: float | None = None
+    ) -> T:
+        def transaction() -> T:
+            now = time.time()
+            with self._connect() as db:
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    row = db.execute(
+                        "SELECT doc, expires_at FROM account_docs "
+                        "WHERE account_id = ? AND name = ?",
+                        (account_id, name),
+                    ).fetchone()
+                    current = row[0] if row and (row[1] is None or row[1] > now) else None
+                    updated, result = change(current)
+                    if updated is None:
+                        db.execute(
+                            "DELETE FROM account_docs WHERE account_id = ? AND name = ?",
+                            (account_id, name),
+                        )
+                    elif updated != current:
+                        expires_at = now + ttl_s if ttl_s is not None else None
+                        db.execute(
+                            "INSERT OR REPLACE INTO account_docs VALUES (?, ?, ?, ?)",
+                            (account_id, name, updated, expires_at),
+                        )
+                    db.execute("COMMIT")
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+            return result
+
+        return await asyncio.to_thread(transaction)
 
     async def close(self) -> None:
         """Nothing to release: connections live for one call."""
