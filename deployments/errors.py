@@ -83,6 +83,22 @@ class NotFound(MediagateError):
     default_code = "not_found"
 
 
+class Conflict(MediagateError):
+    """The same request is still being processed (an Idempotency-Key repeat)."""
+
+    status = 409
+    type = "invalid_request_error"
+    default_code = "idempotency_key_in_use"
+
+
+class Unprocessable(MediagateError):
+    """The request contradicts an earlier one (an Idempotency-Key reused for another body)."""
+
+    status = 422
+    type = "invalid_request_error"
+    default_code = "idempotency_key_reused"
+
+
 class Gone(MediagateError):
     """The resource existed but its content has expired."""
 

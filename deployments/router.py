@@ -37,7 +37,8 @@ from deployments.protocol import (
     VideoRemixRequest,
 )
 from deployments.video_jobs import VideoJobs, parse_video_form
-from mediagate.accounts import Account, SqliteAccountStore
+from mediagate.accounts import Account, hash_key, open_account_store
+from mediagate.admission import TierGuard, rate_limit_headers
 from mediagate.artifacts import (
     ArtifactConfig,
     ArtifactStore,
@@ -45,9 +46,18 @@ from mediagate.artifacts import (
     content_type,
     open_artifact_store,
 )
+from mediagate.ledger import QuotaLedger
 from mediagate.settings import HomeLayout
-from mediagate.state import JobStore, ListOrder, StateConfig, VideoJobRecord, open_state_store
+from mediagate.state import (
+    JobStore,
+    ListOrder,
+    StateConfig,
+    StoreUnavailable,
+    VideoJobRecord,
+    open_state_store,
+)
 from mediagate.state.records import VideoVariant
+from mediagate.tiers import TierPolicy, check_image_caps, load_tier_policy, parse_tier_policy
 from models.catalog import Catalog, ModelSpec, Task, load_catalog
 
 logger = logging.getLogger(__name__)
@@ -56,6 +66,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 410, 413, 429, 500, 503)
 }
 POLL_AFTER_HEADER = "openai-poll-after-ms"
+AUTH_STALE_IF_ERROR_S = 600.0
 
 
 class RouterSettings(BaseModel):
@@ -88,6 +99,7 @@ class Gateway:
         artifacts: ArtifactStore,
         jobs: JobStore,
         settings: RouterSettings,
+        guard: TierGuard | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.catalog = catalog
@@ -95,10 +107,13 @@ class Gateway:
         self.accounts = accounts
         self.artifacts = artifacts
         self.jobs = jobs
+        self.guard = guard or TierGuard(QuotaLedger(jobs, load_tier_policy(), clock=clock))
         self.videos = VideoJobs(self)
         self.settings = settings
         self.clock = clock
         self.started_at = int(clock())
+        # Accounts last seen per key hash, used only while the store is unreachable.
+        self._seen: dict[str, tuple[Account, float]] = {}
 
     async def authenticate(self, authorization: str | None) -> Account:
         if not authorization:
@@ -108,10 +123,25 @@ class Gateway:
         scheme, _, key = authorization.partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
             raise Unauthorized("the Authorization header must be `Bearer YOUR_KEY`")
-        account = await self.accounts.authenticate(key.strip())
+        key_hash = hash_key(key.strip())
+        try:
+            account = await self.accounts.authenticate(key.strip())
+        except StoreUnavailable:
+            seen = self._seen.get(key_hash)
+            if seen is None or self.clock() - seen[1] > AUTH_STALE_IF_ERROR_S:
+                raise
+            return seen[0]  # the store is down: trust a recent answer for a while
         if account is None:
+            self._seen.pop(key_hash, None)
             raise Unauthorized("incorrect or revoked API key")
+        if len(self._seen) > 100_000:
+            self._seen.clear()
+        self._seen[key_hash] = (account, self.clock())
         return account
+
+    @property
+    def policy(self) -> TierPolicy:
+        return self.guard.ledger.policy
 
     def served_models(self) -> list[ModelSpec]:
         return [
@@ -147,8 +177,9 @@ class Gateway:
         return spec
 
     async def generate_images(
-        self, body: ImageGenerationRequest, *, request_id: str, base_url: str
-    ) -> ImagesResponse:
+        self, account: Account, body: ImageGenerationRequest, *, request_id: str, base_url: str
+    ) -> tuple[ImagesResponse, dict[str, str]]:
+        """Check, reserve, generate, then commit (or release on any failure)."""
         self.check_prompt(body.prompt)
         spec = self.task_model(body.model, "text-to-image")
         job = ImageJob(
@@ -158,18 +189,35 @@ class Gateway:
             output_compression=body.output_compression,
             **body.to_pipeline_kwargs(spec),
         )
-        result: ImageResult = await self.schedulers[spec.id].submit.remote(job)
-        if body.response_format == "url":
-            data = await asyncio.to_thread(self._store_images, result.images, body, base_url)
-        else:
-            data = [ImageData(b64_json=base64.b64encode(image).decode()) for image in result.images]
-        return ImagesResponse(
+        check_image_caps(
+            account.tier,
+            self.policy.tier(account.tier),
+            n=job.images,
+            width=job.width,
+            height=job.height,
+            steps=job.num_inference_steps,
+        )
+        admission = await self.guard.admit(account, kind="image", units=job.images)
+        delivered = False
+        try:
+            result: ImageResult = await self.schedulers[spec.id].submit.remote(job)
+            if body.response_format == "url":
+                data = await asyncio.to_thread(self._store_images, result.images, body, base_url)
+            else:
+                data = [
+                    ImageData(b64_json=base64.b64encode(image).decode()) for image in result.images
+                ]
+            delivered = True
+        finally:  # failures, shedding and callers who left all give the quota back
+            await self.guard.settle(admission, delivered=delivered)
+        response = ImagesResponse(
             created=int(self.clock()),
             data=data,
             output_format=body.output_format,
             size=f"{job.width}x{job.height}",
             quality=body.quality,
         )
+        return response, rate_limit_headers(admission.usage)
 
     def _store_images(
         self, images: list[bytes], body: ImageGenerationRequest, base_url: str
@@ -244,12 +292,13 @@ def create_api(
             }
         },
     )
-    async def generate_images(request: Request) -> ImagesResponse:
-        await gateway.authenticate(request.headers.get("authorization"))
+    async def generate_images(request: Request) -> JSONResponse:
+        account = await account_of(request)
         body = ImageGenerationRequest.model_validate_json(await request.body())
-        return await gateway.generate_images(
-            body, request_id=request.state.request_id, base_url=str(request.base_url)
+        response, headers = await gateway.generate_images(
+            account, body, request_id=request.state.request_id, base_url=str(request.base_url)
         )
+        return JSONResponse(response.model_dump(mode="json", exclude_none=True), headers=headers)
 
     @app.get("/v1/models", response_model=ModelList)
     async def list_models(request: Request) -> ModelList:
@@ -361,7 +410,11 @@ def create_api(
 
 
 class Router:
-    """Serve ingress deployment; the builder wraps it with ``serve.ingress()``."""
+    """Serve ingress deployment; the builder wraps it with ``serve.ingress()``.
+
+    Its ``user_config`` carries the tier policy (``tiers_file`` or inline
+    ``tiers``): a ``serve deploy`` that changes it reloads the policy in place.
+    """
 
     def __init__(
         self,
@@ -372,19 +425,38 @@ class Router:
         artifacts: dict[str, Any],
         catalog: str | None = None,
         settings: dict[str, Any] | None = None,
+        tiers_file: str | None = None,
         accounts: Any = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        layout = HomeLayout(home)
+        HomeLayout(home).root.mkdir(parents=True, exist_ok=True)
+        state_config = StateConfig.model_validate(state)
+        jobs = open_state_store(state_config)
+        self.ledger = QuotaLedger(jobs, load_tier_policy(tiers_file), clock=clock)
         self.gateway = Gateway(
             catalog=load_catalog(catalog),
             schedulers=schedulers,
-            accounts=accounts or SqliteAccountStore(layout.state_db, clock=clock),
+            accounts=accounts or open_account_store(state_config, clock=clock),
             artifacts=open_artifact_store(ArtifactConfig.model_validate(artifacts), clock=clock),
-            jobs=open_state_store(StateConfig.model_validate(state)),
+            jobs=jobs,
             settings=RouterSettings.model_validate(settings or {}),
+            guard=TierGuard(self.ledger),
             clock=clock,
         )
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """Reload the tier policy from ``tiers`` (inline) or ``tiers_file``."""
+        if config.get("tiers"):
+            self.ledger.policy = parse_tier_policy(config["tiers"])
+        elif config.get("tiers_file"):
+            self.ledger.policy = load_tier_policy(config["tiers_file"])
+        else:
+            return
+        logger.info("tier policy loaded: %s", ", ".join(self.ledger.policy.tiers))
+
+    def status(self) -> dict[str, Any]:
+        """Counters of admissions, settlements and store-outage decisions."""
+        return dict(self.gateway.guard.counters)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_api(self.gateway, background=[self._sweep])

@@ -21,6 +21,7 @@ from typing import Any
 
 from deployments.jobs import VideoGeneration, VideoOutcome, VideoTask
 from mediagate.artifacts import ArtifactConfig, ArtifactStore, open_artifact_store
+from mediagate.ledger import finish_reservation
 from mediagate.state import JobStore, StateConfig, open_state_store
 from models.catalog import ModelSpec
 from models.encoding import encode_mp4, encode_spritesheet, encode_thumbnail, to_uint8_frames
@@ -276,6 +277,7 @@ class TextToVideo:
         if completed is None:  # deleted (or taken back) while encoding: nobody will fetch these
             await asyncio.to_thread(self._discard, artifacts)
             return VideoOutcome(job_id=task.job_id, status="cancelled")
+        await self._finish_reservation(completed.account_id, completed.reservation_id, commit=True)
         return VideoOutcome(
             job_id=task.job_id,
             status="completed",
@@ -290,7 +292,7 @@ class TextToVideo:
             if isinstance(error, ValueError) and task.generation.input_reference
             else f"model {self.spec.id} failed to generate this video"
         )
-        await self.store.update_job(
+        failed = await self.store.update_job(
             task.account_id,
             task.job_id,
             expect_status=("in_progress",),
@@ -304,3 +306,14 @@ class TextToVideo:
                 "error_message": message,
             },
         )
+        if failed is not None:
+            await self._finish_reservation(failed.account_id, failed.reservation_id, commit=False)
+
+    async def _finish_reservation(self, account_id: str, rid: str | None, *, commit: bool) -> None:
+        """The job has ended: its quota reservation is committed or released (once)."""
+        if rid is None:
+            return
+        try:
+            await finish_reservation(self.store, account_id, rid, commit=commit)
+        except Exception as error:  # the slot then frees when the reservation expires
+            logger.warning("could not settle reservation %s: %r", rid, error)

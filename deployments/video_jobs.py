@@ -29,8 +29,10 @@ from deployments.protocol import (
 )
 from mediagate.accounts import Account
 from mediagate.artifacts import content_type
+from mediagate.ledger import finish_reservation
 from mediagate.state import ListOrder, VideoJobRecord
 from mediagate.state.records import VideoVariant
+from mediagate.tiers import check_video_request
 from models.catalog import ModelSpec
 from models.uploads import ALLOWED_FORMATS, UploadRejected, load_reference_image, sniff_format
 
@@ -123,10 +125,20 @@ class VideoJobs:
         reference: bytes | None = None,
     ) -> VideoJobRecord:
         """Store a new ``queued`` job and hand it to the model's scheduler."""
-        self.gateway.check_prompt(body.prompt)
-        spec = self.gateway.task_model(body.model, "text-to-video")
+        gateway = self.gateway
+        gateway.check_prompt(body.prompt)
+        spec = gateway.task_model(body.model, "text-to-video")
         resolved = body.resolve(spec)
         seconds = resolved.pop("seconds")
+        check_video_request(
+            account.tier,
+            gateway.policy.tier(account.tier),
+            account_age_s=gateway.clock() - account.created_at,
+            seconds=seconds,
+            width=resolved["width"],
+            height=resolved["height"],
+            steps=resolved["num_inference_steps"],
+        )
         if reference is None and body.input_reference is not None:
             reference = decode_image_reference(
                 body.input_reference.image_url, body.input_reference.file_id
@@ -149,6 +161,7 @@ class VideoJobs:
         seconds: int,
         remixed_from: str | None = None,
     ) -> VideoJobRecord:
+        admission = await self.gateway.guard.admit(account, kind="video", units=1)
         job = VideoJobRecord(
             id=f"video_{uuid.uuid4().hex}",
             account_id=account.id,
@@ -160,8 +173,13 @@ class VideoJobs:
             created_at=self.gateway.clock(),
             remixed_from=remixed_from,
             generation=generation.model_dump(),
+            reservation_id=admission.reservation_id,
         )
-        await self.gateway.jobs.create_job(job)
+        try:
+            await self.gateway.jobs.create_job(job)
+        except BaseException:
+            await self.gateway.guard.settle(admission, delivered=False)
+            raise
         try:
             await self.gateway.schedulers[spec.id].enqueue.remote(account.id, job.id)
         except Exception as error:  # stored as queued: the scheduler's reconcile finds it
@@ -198,6 +216,10 @@ class VideoJobs:
                 await self.gateway.schedulers[job.model].cancel.remote(job.account_id, job.id)
             except Exception as error:  # the claim will find it deleted anyway
                 logger.warning("could not take %s off its queue: %r", job.id, error)
+        if job.reservation_id is not None:  # frees the slot if the job had not ended yet
+            await finish_reservation(
+                self.gateway.jobs, job.account_id, job.reservation_id, commit=False
+            )
         await asyncio.to_thread(self._delete_files, job)
         return VideoDeleted(id=job.id)
 

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.capacity import ReplicaCounter, WorkerSlots, serve_replica_counter
 from deployments.jobs import VideoGeneration, VideoOutcome, VideoTask
+from mediagate.ledger import finish_reservation
 from mediagate.state import JobStore, StateConfig, VideoJobRecord, open_state_store
 from models.catalog import ModelSpec
 
@@ -248,6 +249,10 @@ class VideoScheduler:
             return  # it finished, or was deleted, meanwhile
         if updated.status == "failed":
             self.counts["failed"] += 1
+            if updated.reservation_id is not None:  # a server-side failure costs no quota
+                await finish_reservation(
+                    self._store, updated.account_id, updated.reservation_id, commit=False
+                )
             return
         self.counts["requeued"] += 1
         if not started:  # Serve may still route to a dead replica: give it a moment

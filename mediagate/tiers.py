@@ -15,6 +15,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from deployments.errors import Forbidden, InvalidRequest
+
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -55,6 +57,12 @@ class Tier(_Frozen):
     caps: TierCaps = Field(default_factory=TierCaps)
     priority_class: int = Field(0, ge=0, description="Higher is served first.")
     max_queue_wait_s: float = Field(60, gt=0, description="Longest wait before shedding.")
+    fail_open_images_per_minute: int = Field(
+        0,
+        ge=0,
+        description="While the state store is down: images per minute per account admitted "
+        "by each router replica without a ledger (0 = fail closed, 503).",
+    )
 
 
 class TierPolicy(_Frozen):
@@ -99,3 +107,61 @@ def load_tier_policy(path: str | Path | None = None) -> TierPolicy:
     else:
         text = Path(path).read_text()
     return parse_tier_policy(yaml.safe_load(text) or {})
+
+
+def check_image_caps(
+    tier_name: str, tier: Tier, *, n: int, width: int, height: int, steps: int
+) -> None:
+    """400 naming the field when an image request exceeds the tier's caps."""
+    caps = tier.caps
+    if caps.max_n is not None and n > caps.max_n:
+        raise InvalidRequest(
+            f"the {tier_name} tier makes at most {caps.max_n} image(s) per request, got n={n}",
+            param="n",
+        )
+    _check_common(tier_name, caps, width=width, height=height, steps=steps)
+
+
+def check_video_request(
+    tier_name: str,
+    tier: Tier,
+    *,
+    account_age_s: float,
+    seconds: int,
+    width: int,
+    height: int,
+    steps: int,
+) -> None:
+    """403 when video is closed to the tier or the account is too young; 400 over the caps."""
+    if not tier.video.enabled:
+        raise Forbidden(
+            f"video generation is not available on the {tier_name} tier",
+            code="tier_not_allowed",
+        )
+    min_age_days = tier.video.min_account_age_days
+    if account_age_s < min_age_days * 86400:
+        raise Forbidden(
+            f"video generation on the {tier_name} tier needs an account at least "
+            f"{min_age_days:g} days old; this one is {account_age_s / 86400:.1f} days old",
+            code="account_too_new",
+        )
+    if tier.caps.max_seconds is not None and seconds > tier.caps.max_seconds:
+        raise InvalidRequest(
+            f"the {tier_name} tier makes videos of at most {tier.caps.max_seconds} seconds, "
+            f"got {seconds}",
+            param="seconds",
+        )
+    _check_common(tier_name, tier.caps, width=width, height=height, steps=steps)
+
+
+def _check_common(tier_name: str, caps: TierCaps, *, width: int, height: int, steps: int) -> None:
+    if caps.max_side is not None and max(width, height) > caps.max_side:
+        raise InvalidRequest(
+            f"the {tier_name} tier allows sides up to {caps.max_side} pixels, got {width}x{height}",
+            param="size",
+        )
+    if caps.max_steps is not None and steps > caps.max_steps:
+        raise InvalidRequest(
+            f"the {tier_name} tier allows at most {caps.max_steps} denoising steps, got {steps}",
+            param="num_inference_steps",
+        )

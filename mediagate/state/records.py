@@ -40,6 +40,9 @@ class VideoJobRecord(BaseModel):
     error_code: str | None = Field(None, description="Why it failed (machine-readable).")
     error_message: str | None = Field(None, description="Why it failed (for humans).")
     remixed_from: str | None = Field(None, description="Source job of a remix.")
+    reservation_id: str | None = Field(
+        None, description="The quota reservation (a video slot) this job holds until it ends."
+    )
     generation: dict[str, Any] = Field(
         default_factory=dict, description="Resolved pipeline arguments (a VideoTask's inputs)."
     )

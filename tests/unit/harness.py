@@ -9,8 +9,11 @@ from fastapi.testclient import TestClient
 
 from deployments.router import Gateway, RouterSettings, create_api
 from mediagate.accounts import SqliteAccountStore
+from mediagate.admission import TierGuard
 from mediagate.artifacts import LocalArtifactStore
+from mediagate.ledger import QuotaLedger
 from mediagate.state.sqlite_store import SqliteStateStore
+from mediagate.tiers import TierPolicy, load_tier_policy
 from models.catalog import Catalog, load_catalog
 from tests.fakes import FakeClock, FakeSchedulerHandle, FakeVideoSchedulerHandle
 
@@ -18,10 +21,18 @@ URL = "/v1/images/generations"
 
 
 class Service:
-    def __init__(self, tmp_path: Path, *, catalog: Catalog | None = None, **settings: Any) -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        *,
+        catalog: Catalog | None = None,
+        policy: TierPolicy | None = None,
+        tier: str = "pro",
+        **settings: Any,
+    ) -> None:
         self.clock = FakeClock()
         self.accounts = SqliteAccountStore(tmp_path / "state.db")
-        account = self.accounts.ensure_account("alice", "pro")
+        account = self.accounts.ensure_account("alice", tier)
         self.key = self.accounts.create_key(account.id)
         self.scheduler = FakeSchedulerHandle()
         self.video_scheduler = FakeVideoSchedulerHandle()
@@ -34,6 +45,7 @@ class Service:
             artifacts=self.artifacts,
             jobs=self.jobs,
             settings=RouterSettings(**settings),
+            guard=TierGuard(QuotaLedger(self.jobs, policy or load_tier_policy(), clock=self.clock)),
             clock=self.clock,
         )
         self.client = TestClient(create_api(gateway), raise_server_exceptions=False)

@@ -12,14 +12,22 @@ from typing import Any
 import pytest
 
 from mediagate.state import VideoJobRecord
+from mediagate.tiers import TierPolicy, load_tier_policy
 from models.catalog import load_catalog, parse_catalog
 from tests.fakes import solid_png
 from tests.unit.harness import Service
 
 
+def roomy_policy() -> TierPolicy:
+    """The shipped policy with room for many video jobs: these tests are about the API."""
+    policy = load_tier_policy()
+    pro = policy.tiers["pro"].model_copy(update={"video_jobs_at_once": 100})
+    return policy.model_copy(update={"tiers": {**policy.tiers, "pro": pro}})
+
+
 @pytest.fixture
 def service(tmp_path: Path) -> Service:
-    return Service(tmp_path, poll_after_ms=250, max_upload_bytes=64 * 1024)
+    return Service(tmp_path, policy=roomy_policy(), poll_after_ms=250, max_upload_bytes=64 * 1024)
 
 
 def create(service: Service, body: dict[str, Any], **kwargs: Any) -> Any:

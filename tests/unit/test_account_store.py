@@ -1,0 +1,55 @@
+"""Accounts and keys: one contract, both backends (SQLite, a real redis-server)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mediagate.accounts import AccountStore, open_account_store
+from mediagate.state import StateConfig
+from tests.fakes import FakeClock
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def accounts(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AccountStore]:
+    if request.param == "sqlite":
+        config = StateConfig.embedded(tmp_path / "state.db")
+    else:
+        import redis
+
+        url = request.getfixturevalue("redis_url")
+        redis.Redis.from_url(url).flushdb()
+        config = StateConfig(backend="redis", redis_url=url)
+    yield open_account_store(config, clock=FakeClock(1_800_000_000.0))
+
+
+async def test_accounts_keys_and_authentication(accounts: AccountStore) -> None:
+    alice = accounts.ensure_account("alice", "plus")
+    assert accounts.ensure_account("alice", "pro") == alice  # exists: unchanged
+    assert alice.created_at == 1_800_000_000.0 and alice.tier == "plus"
+    key = accounts.create_key(alice.id)
+    assert key.startswith("mg-")
+    assert await accounts.authenticate(key) == alice
+    assert await accounts.authenticate(key + "x") is None
+    assert await accounts.authenticate("sk-not-ours") is None
+
+    moved = accounts.set_tier("alice", "pro")
+    assert moved is not None and moved.tier == "pro"
+    assert (await accounts.authenticate(key)) == moved
+    assert accounts.set_tier("nobody", "pro") is None
+
+    [info] = accounts.list_keys()
+    assert (info.account, info.tier, info.revoked) == ("alice", "pro", False)
+    assert accounts.revoke(info.prefix)
+    assert not accounts.revoke(info.prefix)  # already revoked
+    assert await accounts.authenticate(key) is None
+    assert accounts.list_keys()[0].revoked
+
+
+def test_backdated_accounts(accounts: AccountStore) -> None:
+    old = accounts.ensure_account("imported", "plus", created_at=1_800_000_000.0 - 8 * 86400)
+    assert old.created_at == 1_800_000_000.0 - 8 * 86400
+    assert accounts.get_account("imported") == old
+    assert accounts.get_account("missing") is None
