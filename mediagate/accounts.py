@@ -192,11 +192,13 @@ class RedisAccountStore:
         import redis
         import redis.asyncio as redis_async
 
+        from mediagate.state.redis_store import blocking_pool
+
         self.url = url
         self._clock = clock
         self._redis: Any = redis.Redis.from_url(url, socket_timeout=5, decode_responses=True)
-        self._async: Any = redis_async.Redis.from_url(
-            url, socket_timeout=5, socket_connect_timeout=2, decode_responses=True
+        self._async: Any = redis_async.Redis(
+            connection_pool=blocking_pool(url, decode_responses=True)
         )
 
     @staticmethod

@@ -49,6 +49,22 @@ def document_key(account_id: str, name: str) -> str:
     return f"{PREFIX}:{{a:{account_id}}}:doc:{name}"
 
 
+def blocking_pool(url: str, *, decode_responses: bool = False) -> Any:
+    """A pool that makes callers wait for a free connection instead of failing at once
+    ("Too many connections") when hundreds of requests arrive together."""
+    import redis.asyncio as redis
+
+    return redis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=64,
+        timeout=5,
+        socket_timeout=5,
+        socket_connect_timeout=2,
+        health_check_interval=30,
+        decode_responses=decode_responses,
+    )
+
+
 class RedisStateStore:
     """``JobStore`` on Redis, through ``redis.asyncio``."""
 
@@ -56,9 +72,7 @@ class RedisStateStore:
         import redis.asyncio as redis
 
         self.url = url
-        self._redis: Any = client or redis.Redis.from_url(
-            url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=30
-        )
+        self._redis: Any = client or redis.Redis(connection_pool=blocking_pool(url))
         # Serialises this process's transactions per document: optimistic WATCH/MULTI
         # then only retries on writes from *other* processes.
         self._locks: dict[str, asyncio.Lock] = {}

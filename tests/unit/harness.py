@@ -8,10 +8,11 @@ from typing import Any
 from fastapi.testclient import TestClient
 
 from deployments.router import Gateway, RouterSettings, create_api
-from mediagate.accounts import SqliteAccountStore
+from mediagate.accounts import AccountStore, SqliteAccountStore
 from mediagate.admission import TierGuard
 from mediagate.artifacts import LocalArtifactStore
 from mediagate.ledger import QuotaLedger
+from mediagate.state import JobStore
 from mediagate.state.sqlite_store import SqliteStateStore
 from mediagate.tiers import TierPolicy, load_tier_policy
 from models.catalog import Catalog, load_catalog
@@ -28,16 +29,18 @@ class Service:
         catalog: Catalog | None = None,
         policy: TierPolicy | None = None,
         tier: str = "pro",
+        jobs: JobStore | None = None,
+        accounts: AccountStore | None = None,
         **settings: Any,
     ) -> None:
         self.clock = FakeClock()
-        self.accounts = SqliteAccountStore(tmp_path / "state.db")
+        self.accounts = accounts or SqliteAccountStore(tmp_path / "state.db")
         account = self.accounts.ensure_account("alice", tier)
         self.key = self.accounts.create_key(account.id)
         self.scheduler = FakeSchedulerHandle()
         self.video_scheduler = FakeVideoSchedulerHandle()
         self.artifacts = LocalArtifactStore(tmp_path / "artifacts", b"k" * 32, clock=self.clock)
-        self.jobs = SqliteStateStore(tmp_path / "state.db")
+        self.jobs = jobs or SqliteStateStore(tmp_path / "state.db")
         self.gateway = gateway = Gateway(
             catalog=catalog or load_catalog(),
             schedulers={"tiny-sd": self.scheduler, "tiny-wan": self.video_scheduler},
@@ -54,7 +57,10 @@ class Service:
     def generate(self, body: Any, **kwargs: Any) -> Any:
         return self.client.post(URL, json=body, headers=self.auth, **kwargs)
 
-    def other_auth(self, name: str = "mallory") -> dict[str, str]:
-        """Auth headers of a second account."""
-        key = self.accounts.create_key(self.accounts.ensure_account(name, "pro").id)
-        return {"Authorization": f"Bearer {key}"}
+    def other_auth(
+        self, name: str = "mallory", tier: str = "pro", *, age_days: float | None = None
+    ) -> dict[str, str]:
+        """Auth headers of another account (of ``tier``, ``age_days`` old if given)."""
+        created_at = None if age_days is None else self.clock() - age_days * 86400
+        account = self.accounts.ensure_account(name, tier, created_at=created_at)
+        return {"Authorization": f"Bearer {self.accounts.create_key(account.id)}"}
