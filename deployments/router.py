@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
+import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
@@ -46,6 +48,7 @@ from mediagate.artifacts import (
     content_type,
     open_artifact_store,
 )
+from mediagate.idempotency import IdempotencyKeys, StoredAnswer, check_key, fingerprint
 from mediagate.ledger import QuotaLedger
 from mediagate.settings import HomeLayout
 from mediagate.state import (
@@ -109,6 +112,7 @@ class Gateway:
         self.jobs = jobs
         self.guard = guard or TierGuard(QuotaLedger(jobs, load_tier_policy(), clock=clock))
         self.videos = VideoJobs(self)
+        self.idempotency = IdempotencyKeys(jobs, clock=clock)
         self.settings = settings
         self.clock = clock
         self.started_at = int(clock())
@@ -274,6 +278,49 @@ def create_api(
     async def account_of(request: Request) -> Account:
         return await gateway.authenticate(request.headers.get("authorization"))
 
+    async def idempotent(
+        request: Request,
+        account: Account,
+        payload: Any,
+        produce: Callable[[], Awaitable[tuple[JSONResponse, str | None]]],
+    ) -> JSONResponse:
+        """Run ``produce`` once per Idempotency-Key; repeats get the first answer again.
+
+        ``produce`` returns the response and, for video jobs, the job id (a repeat then
+        shows the job as it is now rather than as it was).
+        """
+        key = request.headers.get("idempotency-key")
+        if key is None:
+            return (await produce())[0]
+        check_key(key)
+        digest = fingerprint(request.method, request.url.path, payload)
+        answer = await gateway.idempotency.claim(account.id, key, digest)
+        if answer is not None:
+            replayed = {"idempotent-replayed": "true"}
+            if answer.video_id is not None:
+                response = video_response(await gateway.videos.get(account, answer.video_id))
+                response.headers.update(replayed)
+                return response
+            return JSONResponse(
+                json.loads(answer.body or "null"),
+                status_code=answer.status_code,
+                headers={**answer.headers, **replayed},
+            )
+        try:
+            response, video_id = await produce()
+        except BaseException:
+            await gateway.idempotency.release(account.id, key)
+            raise
+        kept = {k: v for k, v in response.headers.items() if k.startswith("x-ratelimit-")}
+        stored = StoredAnswer(
+            status_code=response.status_code,
+            body=None if video_id else bytes(response.body).decode(),
+            headers=kept,
+            video_id=video_id,
+        )
+        await gateway.idempotency.complete(account.id, key, digest, stored)
+        return response
+
     def video_response(job: VideoJobRecord) -> JSONResponse:
         """A job as the client sees it, with the header that paces its polling."""
         body = gateway.videos.to_object(job).model_dump(mode="json")
@@ -295,10 +342,15 @@ def create_api(
     async def generate_images(request: Request) -> JSONResponse:
         account = await account_of(request)
         body = ImageGenerationRequest.model_validate_json(await request.body())
-        response, headers = await gateway.generate_images(
-            account, body, request_id=request.state.request_id, base_url=str(request.base_url)
-        )
-        return JSONResponse(response.model_dump(mode="json", exclude_none=True), headers=headers)
+
+        async def produce() -> tuple[JSONResponse, str | None]:
+            response, headers = await gateway.generate_images(
+                account, body, request_id=request.state.request_id, base_url=str(request.base_url)
+            )
+            content = response.model_dump(mode="json", exclude_none=True)
+            return JSONResponse(content, headers=headers), None
+
+        return await idempotent(request, account, body.model_dump(mode="json"), produce)
 
     @app.get("/v1/models", response_model=ModelList)
     async def list_models(request: Request) -> ModelList:
@@ -353,10 +405,16 @@ def create_api(
                 )
         else:
             body = VideoCreateRequest.model_validate_json(await request.body())
-        job = await gateway.videos.create(account, body, upload)
-        return JSONResponse(
-            gateway.videos.to_object(job).model_dump(mode="json"), headers=poll_headers
-        )
+        payload = {
+            "body": body.model_dump(mode="json"),
+            "upload": hashlib.sha256(upload).hexdigest() if upload is not None else None,
+        }
+
+        async def produce() -> tuple[JSONResponse, str | None]:
+            job = await gateway.videos.create(account, body, upload)
+            return video_response(job), job.id
+
+        return await idempotent(request, account, payload, produce)
 
     @app.get("/v1/videos", response_model=VideoList)
     async def list_videos(
@@ -372,9 +430,7 @@ def create_api(
     @app.get("/v1/videos/{video_id}", response_model=VideoObject)
     async def get_video(video_id: str, request: Request) -> JSONResponse:
         job = await gateway.videos.get(await account_of(request), video_id)
-        return JSONResponse(
-            gateway.videos.to_object(job).model_dump(mode="json"), headers=poll_headers
-        )
+        return video_response(job)
 
     @app.delete("/v1/videos/{video_id}", response_model=VideoDeleted)
     async def delete_video(video_id: str, request: Request) -> VideoDeleted:
@@ -397,10 +453,12 @@ def create_api(
     async def remix_video(video_id: str, request: Request) -> JSONResponse:
         account = await account_of(request)
         body = VideoRemixRequest.model_validate_json(await request.body())
-        job = await gateway.videos.remix(account, video_id, body)
-        return JSONResponse(
-            gateway.videos.to_object(job).model_dump(mode="json"), headers=poll_headers
-        )
+
+        async def produce() -> tuple[JSONResponse, str | None]:
+            job = await gateway.videos.remix(account, video_id, body)
+            return video_response(job), job.id
+
+        return await idempotent(request, account, body.model_dump(mode="json"), produce)
 
     @app.get("/healthz")
     async def health() -> JSONResponse:

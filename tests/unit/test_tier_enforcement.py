@@ -216,3 +216,58 @@ async def test_video_length_is_capped_per_tier(tmp_path: Path) -> None:
     auth = service.other_auth("plus-long", "plus", age_days=30)
     response = await post(service, "/v1/videos", {"prompt": "x", "seconds": "12"}, auth)
     assert response.status_code == 400 and response.json()["error"]["param"] == "seconds"
+
+
+async def test_idempotent_image_requests_run_and_charge_once(
+    tmp_path: Path, backend: StateConfig
+) -> None:
+    service = make_service(tmp_path, backend)
+    auth = {**service.other_auth("careful", "plus", age_days=30), "Idempotency-Key": "img-1"}
+    body = {"prompt": "x", "n": 2, "seed": 5}
+    concurrent = await asyncio.gather(
+        *(post(service, "/v1/images/generations", body, auth) for _ in range(5))
+    )
+    assert {r.status_code for r in concurrent} <= {200, 409}
+    assert 200 in {r.status_code for r in concurrent}
+    for conflict in (r for r in concurrent if r.status_code == 409):
+        assert conflict.json()["error"]["code"] == "idempotency_key_in_use"
+    first = next(r for r in concurrent if r.status_code == 200)
+    sequential = [await post(service, "/v1/images/generations", body, auth) for _ in range(5)]
+    assert all(r.status_code == 200 and r.json() == first.json() for r in sequential)
+    assert all(r.headers["idempotent-replayed"] == "true" for r in sequential)
+    assert len(service.scheduler.jobs) == 1
+    assert await ledger_images(service, "careful") == 2
+
+    other = await post(service, "/v1/images/generations", {**body, "n": 1}, auth)
+    assert other.status_code == 422 and other.json()["error"]["code"] == "idempotency_key_reused"
+    bad = await post(service, "/v1/images/generations", body, {**auth, "Idempotency-Key": "a b"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "Idempotency-Key"
+
+
+async def test_idempotent_video_requests_make_one_job(tmp_path: Path, backend: StateConfig) -> None:
+    service = make_service(tmp_path, backend)
+    auth = {**service.other_auth("video-retry", "pro"), "Idempotency-Key": "vid-1"}
+    body = {"prompt": "a kite", "seconds": "4"}
+    responses = list(
+        await asyncio.gather(*(post(service, "/v1/videos", body, auth) for _ in range(5)))
+    )
+    responses += [await post(service, "/v1/videos", body, auth) for _ in range(5)]
+    ids = {r.json()["id"] for r in responses if r.status_code == 200}
+    assert len(ids) == 1 and {r.status_code for r in responses} <= {200, 409}
+    assert len(service.video_scheduler.enqueued) == 1
+    account = service.accounts.get_account("video-retry")
+    assert account is not None
+    usage = await service.gateway.guard.ledger.usage(account)
+    assert usage.video_jobs_active == 1  # one slot taken, not five
+
+
+async def test_a_failed_request_gives_its_key_back(tmp_path: Path, backend: StateConfig) -> None:
+    service = make_service(tmp_path, backend)
+    auth = {**service.other_auth("retrier", "free"), "Idempotency-Key": "retry-me"}
+    service.scheduler.fail_with = GenerationFailed("the model broke")
+    failed = await post(service, "/v1/images/generations", {"prompt": "x"}, auth)
+    assert failed.status_code == 500
+    service.scheduler.fail_with = None
+    retried = await post(service, "/v1/images/generations", {"prompt": "x"}, auth)
+    assert retried.status_code == 200 and "idempotent-replayed" not in retried.headers
+    assert await ledger_images(service, "retrier") == 1
