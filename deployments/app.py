@@ -44,6 +44,11 @@ class AppArgs(BaseModel):
     state: StateConfig | None = Field(
         None, description="State store; from MEDIAGATE_REDIS_URL, else SQLite under home."
     )
+    tiers_file: str | None = Field(
+        None,
+        description="Tier policy YAML (MEDIAGATE_TIERS_FILE, else the shipped one). Changing "
+        "the Router's user_config (tiers_file, or tiers inline) reloads it live.",
+    )
     artifacts: ArtifactConfig | None = Field(
         None, description="Artifact store; from MEDIAGATE_S3_BUCKET, else files under home."
     )
@@ -131,11 +136,13 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
                 .bind(worker, spec.model_dump(), worker_deployment=worker_name(spec))
             )
 
+    tiers_file = app_args.tiers_file or (str(settings.tiers_file) if settings.tiers_file else None)
     router = _deployment(serve.ingress()(Router)).options(
         name="Router",
         num_replicas=app_args.router_replicas,
         max_ongoing_requests=10_000,
         ray_actor_options={"num_cpus": 0},
+        user_config={"tiers_file": tiers_file},
     )
     return router.bind(
         schedulers,
@@ -144,4 +151,5 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
         artifacts=artifacts,
         catalog=app_args.catalog,
         settings=app_args.router.model_dump(),
+        tiers_file=tiers_file,
     )

@@ -25,7 +25,6 @@ if TYPE_CHECKING:
 
 KEY_PREFIX = "mg-"
 PREFIX_LENGTH = len(KEY_PREFIX) + 8
-DEFAULT_TIERS = ("free", "plus", "pro")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS accounts (

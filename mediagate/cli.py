@@ -10,6 +10,7 @@ call of ours sets ``RAY_AUTH_MODE=token`` so the client reads ``~/.ray/auth_toke
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import signal
@@ -25,8 +26,13 @@ from typing import Any
 
 import yaml
 
-from mediagate.accounts import DEFAULT_TIERS, SqliteAccountStore
-from mediagate.settings import HomeLayout, get_settings
+from mediagate.accounts import AccountStore, open_account_store
+from mediagate.admission import go_duration
+from mediagate.ledger import QuotaLedger
+from mediagate.quota import Usage
+from mediagate.settings import HomeLayout, get_settings, state_config
+from mediagate.state import StateConfig, open_state_store
+from mediagate.tiers import TierPolicy, load_tier_policy
 
 DEFAULT_DASHBOARD_PORT = 8265
 DEFAULT_RAY_PORT = 6390
@@ -194,19 +200,84 @@ def command_down(_: argparse.Namespace) -> int:
     return 0
 
 
-def _accounts() -> SqliteAccountStore:
-    return SqliteAccountStore(_layout().state_db)
+def _state() -> StateConfig:
+    return state_config(get_settings(), _layout())
+
+
+def _accounts() -> AccountStore:
+    return open_account_store(_state())
+
+
+def _policy() -> TierPolicy:
+    return load_tier_policy(get_settings().tiers_file)
+
+
+def _tier(name: str) -> str:
+    policy = _policy()
+    if name not in policy.tiers:
+        raise CommandError(f"unknown tier {name!r}; the tier file has {', '.join(policy.tiers)}")
+    return name
 
 
 def command_keys_create(args: argparse.Namespace) -> int:
     store = _accounts()
+    tier = _tier(args.tier)
     name = args.account or f"account-{int(time.time())}"
-    account = store.ensure_account(name, args.tier)
-    if account.tier != args.tier:
+    created_at = None
+    if args.created_days_ago is not None:
+        created_at = time.time() - args.created_days_ago * 86400
+    account = store.ensure_account(name, tier, created_at=created_at)
+    if account.tier != tier:
         print(f"note: account {name} exists with tier {account.tier}; kept", file=sys.stderr)
     key = store.create_key(account.id)
     print(f"created a key for account {account.name} (tier {account.tier}); it is shown once:")
     print(key)
+    return 0
+
+
+def command_accounts_set_tier(args: argparse.Namespace) -> int:
+    account = _accounts().set_tier(args.name, _tier(args.tier))
+    if account is None:
+        raise CommandError(f"no account called {args.name!r}")
+    print(f"account {account.name} is now on tier {account.tier}")
+    return 0
+
+
+def command_usage(args: argparse.Namespace) -> int:
+    account = _accounts().get_account(args.name)
+    if account is None:
+        raise CommandError(f"no account called {args.name!r}")
+    policy = _policy()
+
+    async def read() -> Usage:
+        store = open_state_store(_state())
+        try:
+            return await QuotaLedger(store, policy).usage(account)
+        finally:
+            await store.close()
+
+    usage = asyncio.run(read())
+    age_days = (time.time() - account.created_at) / 86400
+
+    def limit(value: int | None) -> str:
+        return "unlimited" if value is None else str(value)
+
+    print(f"account {account.name}: tier {account.tier}, {age_days:.1f} days old")
+    print(
+        f"quota day {usage.day} ({policy.timezone}), resets in {go_duration(usage.day_resets_in_s)}"
+    )
+    print(f"{'LIMIT':<22} {'USED':>6} {'OF':>10}")
+    print(f"{'images today':<22} {usage.images_today:>6} {limit(usage.images_per_day):>10}")
+    print(
+        f"{'images last minute':<22} {usage.images_last_minute:>6} "
+        f"{limit(usage.images_per_minute):>10}"
+    )
+    tier = policy.tier(account.tier)
+    if tier.cooldown is not None:
+        print(f"{'images this burst':<22} {usage.burst_images:>6} {tier.cooldown.after_images:>10}")
+        if usage.cooldown_left_s:
+            print(f"cooling down for another {go_duration(usage.cooldown_left_s)}")
+    print(f"{'video jobs running':<22} {usage.video_jobs_active:>6} {usage.video_jobs_at_once:>10}")
     return 0
 
 
@@ -247,14 +318,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys = commands.add_parser("keys", help="API keys").add_subparsers(dest="keys", required=True)
     create = keys.add_parser("create", help="create an API key (printed once, last line)")
-    create.add_argument("--tier", choices=DEFAULT_TIERS, required=True)
+    create.add_argument("--tier", required=True, help="a tier of the tier file (free, plus, pro)")
     create.add_argument("--account", help="account name (created if new)")
+    create.add_argument(
+        "--created-days-ago",
+        type=float,
+        help="backdate a new account (when importing accounts from another system)",
+    )
     create.set_defaults(handler=command_keys_create)
     listing = keys.add_parser("list", help="list key prefixes, accounts and tiers")
     listing.set_defaults(handler=command_keys_list)
     revoke = keys.add_parser("revoke", help="revoke a key by its prefix")
     revoke.add_argument("prefix")
     revoke.set_defaults(handler=command_keys_revoke)
+
+    accounts = commands.add_parser("accounts", help="accounts").add_subparsers(
+        dest="accounts", required=True
+    )
+    set_tier = accounts.add_parser("set-tier", help="move an account to another tier")
+    set_tier.add_argument("name")
+    set_tier.add_argument("tier")
+    set_tier.set_defaults(handler=command_accounts_set_tier)
+
+    usage = commands.add_parser("usage", help="today's usage of an account, per limit")
+    usage.add_argument("name")
+    usage.set_defaults(handler=command_usage)
     return parser
 
 

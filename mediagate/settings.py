@@ -20,6 +20,9 @@ class Settings(BaseSettings):
     home: Path = Field(
         Path("~/.mediagate"), description="State directory: SQLite, artifacts, model cache."
     )
+    tiers_file: Path | None = Field(
+        None, description="Tier policy YAML; the shipped mediagate/configs/tiers.yaml if unset."
+    )
     redis_url: str | None = Field(
         None, description="redis:// URL: keep state in Redis instead of SQLite."
     )

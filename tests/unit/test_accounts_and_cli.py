@@ -85,9 +85,49 @@ def test_cli_keys_create_prints_the_key_last(
     assert "revoked" in capsys.readouterr().out
 
 
-def test_cli_rejects_unknown_tier(home: Path) -> None:
-    with pytest.raises(SystemExit):
-        cli.main(["keys", "create", "--tier", "gold"])
+def test_cli_rejects_unknown_tier(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["keys", "create", "--tier", "gold"]) == 1
+    assert "unknown tier 'gold'" in capsys.readouterr().err
+
+
+def test_operator_adds_a_tier_in_the_tier_file(
+    home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Tiers are names: a `team` tier in the file is usable without code."""
+    import yaml
+
+    from mediagate.tiers import load_tier_policy
+
+    data = yaml.safe_load(
+        Path(cli.__file__).with_name("configs").joinpath("tiers.yaml").read_text()
+    )
+    data["tiers"]["team"] = {**data["tiers"]["plus"], "images_per_day": 1000}
+    home.mkdir(parents=True, exist_ok=True)
+    tiers_file = home / "tiers.yaml"
+    tiers_file.write_text(yaml.safe_dump(data))
+    monkeypatch.setenv("MEDIAGATE_TIERS_FILE", str(tiers_file))
+    get_settings.cache_clear()
+    assert cli.main(["keys", "create", "--tier", "team", "--account", "acme"]) == 0
+    assert cli.main(["accounts", "set-tier", "acme", "pro"]) == 0
+    assert cli.main(["accounts", "set-tier", "acme", "team"]) == 0
+    assert "now on tier team" in capsys.readouterr().out
+    assert load_tier_policy(tiers_file).tiers["team"].images_per_day == 1000
+
+
+def test_keys_create_backdated_and_usage(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert (
+        cli.main(
+            ["keys", "create", "--tier", "plus", "--account", "old", "--created-days-ago", "8"]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert cli.main(["usage", "old"]) == 0
+    out = capsys.readouterr().out
+    assert "tier plus, 8.0 days old" in out
+    assert "images today" in out and "200" in out and "video jobs running" in out
+    assert cli.main(["usage", "nobody"]) == 1
+    assert cli.main(["accounts", "set-tier", "nobody", "pro"]) == 1
 
 
 def test_effective_config_sets_host_port_and_home(tmp_path: Path) -> None:
