@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from mediagate.accounts import SqliteAccountStore
+from mediagate.accounts import open_account_store
 from mediagate.artifacts import ArtifactConfig, s3_client
 from mediagate.state import StateConfig
 from tests.servers import free_port
@@ -54,8 +54,8 @@ def serve_port(ray_session: None) -> int:
     return port
 
 
-def _keys(home: Path) -> tuple[str, str]:
-    store = SqliteAccountStore(home / "state.db")
+def _keys(state: StateConfig) -> tuple[str, str]:
+    store = open_account_store(state)
     key = store.create_key(store.ensure_account("integration", "pro").id)
     other = store.create_key(store.ensure_account("someone-else", "pro").id)
     return key, other
@@ -74,7 +74,7 @@ def service(serve_port: int, tmp_path_factory: pytest.TempPathFactory) -> Runnin
         worker_ray_actor_options={"num_cpus": 1, "num_gpus": 0},
     )
     serve.run(build_app(args), name="mediagate", route_prefix="/")
-    key, other = _keys(home)
+    key, other = _keys(StateConfig.embedded(home / "state.db"))
     return RunningService(
         base_url=f"http://127.0.0.1:{serve_port}", home=home, key=key, other_key=other
     )
@@ -127,7 +127,7 @@ def video_service(
         )
     name = f"video-{request.param}"
     deploy_video_app(name, home, state, artifacts)
-    key, other = _keys(home)
+    key, other = _keys(state)
     yield RunningService(
         base_url=f"http://127.0.0.1:{serve_port}/{name}",
         home=home,

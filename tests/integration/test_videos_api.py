@@ -248,11 +248,11 @@ def test_scheduler_and_worker_killed_together(
 
 
 async def _attempts(service: RunningService, job_ids: list[str]) -> list[int]:
-    from mediagate.accounts import SqliteAccountStore
+    from mediagate.accounts import open_account_store
     from mediagate.state import open_state_store
 
     assert service.state is not None
-    account = SqliteAccountStore(service.home / "state.db").ensure_account("integration", "pro")
+    account = open_account_store(service.state).ensure_account("integration", "pro")
     store = open_state_store(service.state)
     try:
         jobs = [await store.get_job(account.id, job_id) for job_id in job_ids]
