@@ -411,8 +411,10 @@ def create_api(
         }
 
         async def produce() -> tuple[JSONResponse, str | None]:
-            job = await gateway.videos.create(account, body, upload)
-            return video_response(job), job.id
+            job, headers = await gateway.videos.create(account, body, upload)
+            response = video_response(job)
+            response.headers.update(headers)
+            return response, job.id
 
         return await idempotent(request, account, payload, produce)
 
@@ -455,8 +457,10 @@ def create_api(
         body = VideoRemixRequest.model_validate_json(await request.body())
 
         async def produce() -> tuple[JSONResponse, str | None]:
-            job = await gateway.videos.remix(account, video_id, body)
-            return video_response(job), job.id
+            job, headers = await gateway.videos.remix(account, video_id, body)
+            response = video_response(job)
+            response.headers.update(headers)
+            return response, job.id
 
         return await idempotent(request, account, body.model_dump(mode="json"), produce)
 

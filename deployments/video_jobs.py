@@ -28,6 +28,7 @@ from deployments.protocol import (
     VideoRemixRequest,
 )
 from mediagate.accounts import Account
+from mediagate.admission import rate_limit_headers
 from mediagate.artifacts import content_type
 from mediagate.ledger import finish_reservation
 from mediagate.state import ListOrder, VideoJobRecord
@@ -123,7 +124,7 @@ class VideoJobs:
         account: Account,
         body: VideoCreateRequest,
         reference: bytes | None = None,
-    ) -> VideoJobRecord:
+    ) -> tuple[VideoJobRecord, dict[str, str]]:
         """Store a new ``queued`` job and hand it to the model's scheduler."""
         gateway = self.gateway
         gateway.check_prompt(body.prompt)
@@ -160,7 +161,7 @@ class VideoJobs:
         generation: VideoGeneration,
         seconds: int,
         remixed_from: str | None = None,
-    ) -> VideoJobRecord:
+    ) -> tuple[VideoJobRecord, dict[str, str]]:
         admission = await self.gateway.guard.admit(account, kind="video", units=1)
         job = VideoJobRecord(
             id=f"video_{uuid.uuid4().hex}",
@@ -184,7 +185,7 @@ class VideoJobs:
             await self.gateway.schedulers[spec.id].enqueue.remote(account.id, job.id)
         except Exception as error:  # stored as queued: the scheduler's reconcile finds it
             logger.warning("could not hand %s to its scheduler now: %r", job.id, error)
-        return job
+        return job, rate_limit_headers(admission.usage)
 
     async def get(self, account: Account, video_id: str) -> VideoJobRecord:
         job = await self.gateway.jobs.get_job(account.id, video_id)
@@ -251,7 +252,7 @@ class VideoJobs:
 
     async def remix(
         self, account: Account, video_id: str, body: VideoRemixRequest
-    ) -> VideoJobRecord:
+    ) -> tuple[VideoJobRecord, dict[str, str]]:
         """A new job with the source's model, size, length and seed, and a new prompt."""
         self.gateway.check_prompt(body.prompt)
         source = await self.get(account, video_id)

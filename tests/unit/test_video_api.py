@@ -86,6 +86,7 @@ def test_json_create_stores_a_queued_job_and_hands_it_over(service: Service) -> 
     response = create(service, {"prompt": "a cat", "seconds": "4", "seed": 7})
     assert response.status_code == 200, response.text
     assert response.headers["openai-poll-after-ms"] == "250"
+    assert response.headers["x-ratelimit-limit-requests"] == "60"  # the pro tier's rate
     video = response.json()
     assert video["object"] == "video" and video["id"].startswith("video_")
     assert (video["status"], video["progress"], video["model"]) == ("queued", 0, "tiny-wan")
