@@ -162,7 +162,13 @@ class VideoJobs:
         seconds: int,
         remixed_from: str | None = None,
     ) -> tuple[VideoJobRecord, dict[str, str]]:
-        admission = await self.gateway.guard.admit(account, kind="video", units=1)
+        """Reserve a video slot and store the job; a refused or failed submission leaves
+        nothing behind (the reference image stored for it is deleted again)."""
+        try:
+            admission = await self.gateway.guard.admit(account, kind="video", units=1)
+        except BaseException:
+            await self._forget_reference(generation)
+            raise
         job = VideoJobRecord(
             id=f"video_{uuid.uuid4().hex}",
             account_id=account.id,
@@ -180,12 +186,20 @@ class VideoJobs:
             await self.gateway.jobs.create_job(job)
         except BaseException:
             await self.gateway.guard.settle(admission, delivered=False)
+            await self._forget_reference(generation)
             raise
         try:
             await self.gateway.schedulers[spec.id].enqueue.remote(account.id, job.id)
         except Exception as error:  # stored as queued: the scheduler's reconcile finds it
             logger.warning("could not hand %s to its scheduler now: %r", job.id, error)
         return job, rate_limit_headers(admission.usage)
+
+    async def _forget_reference(self, generation: VideoGeneration) -> None:
+        if generation.input_reference is not None:
+            try:
+                await asyncio.to_thread(self.gateway.artifacts.delete, generation.input_reference)
+            except Exception as error:
+                logger.warning("could not delete %s: %r", generation.input_reference, error)
 
     async def get(self, account: Account, video_id: str) -> VideoJobRecord:
         job = await self.gateway.jobs.get_job(account.id, video_id)

@@ -218,8 +218,9 @@ def test_restarting_the_application_keeps_queued_jobs(
     # runs out and it runs again); the queued two are picked up from the store.
     finals = [wait_for(client, job_id, DONE, timeout_s=180) for job_id in jobs]
     assert [video.status for video in finals] == ["completed"] * 3, finals
-    attempts = asyncio.run(_attempts(video_service, jobs))
-    assert attempts[0] in (1, 2) and attempts[1:] == [1, 1], attempts
+    runs = asyncio.run(_runs(video_service, jobs))
+    # The queued two never lost a run; the running one lost at most the one cut short.
+    assert runs[0][1] <= 1 and [lost for _, lost in runs[1:]] == [0, 0], runs
 
 
 def test_scheduler_and_worker_killed_together(
@@ -244,10 +245,14 @@ def test_scheduler_and_worker_killed_together(
 
     final = wait_for(client, long_job.id, DONE, timeout_s=120)
     assert final.status == "completed", (final.error, scheduler_stats(video_service))
-    assert asyncio.run(_attempts(video_service, [long_job.id])) == [2]
+    # One run was lost; a dispatch that Serve routed to a replica still being replaced
+    # may add an attempt that never ran (retried, not counted as lost).
+    [(attempt, runs_lost)] = asyncio.run(_runs(video_service, [long_job.id]))
+    assert runs_lost == 1 and attempt >= 2, (attempt, runs_lost)
 
 
-async def _attempts(service: RunningService, job_ids: list[str]) -> list[int]:
+async def _runs(service: RunningService, job_ids: list[str]) -> list[tuple[int, int]]:
+    """(attempt, runs_lost) of each job, read from the app's state store."""
     from mediagate.accounts import open_account_store
     from mediagate.state import open_state_store
 
@@ -258,4 +263,4 @@ async def _attempts(service: RunningService, job_ids: list[str]) -> list[int]:
         jobs = [await store.get_job(account.id, job_id) for job_id in job_ids]
     finally:
         await store.close()
-    return [job.attempt if job else -1 for job in jobs]
+    return [(job.attempt, job.runs_lost) if job else (-1, -1) for job in jobs]

@@ -167,9 +167,14 @@ async def test_cooldown_after_a_burst(tmp_path: Path, backend: StateConfig) -> N
     ],
 )
 async def test_video_gates(
-    tmp_path: Path, tier: str, age_days: float, status: int, code: str | None
+    tmp_path: Path,
+    backend: StateConfig,
+    tier: str,
+    age_days: float,
+    status: int,
+    code: str | None,
 ) -> None:
-    service = Service(tmp_path)
+    service = make_service(tmp_path, backend)
     auth = service.other_auth(f"{tier}-{age_days}", tier, age_days=age_days)
     response = await post(service, "/v1/videos", {"prompt": "x"}, auth)
     assert response.status_code == status, response.text
@@ -179,8 +184,10 @@ async def test_video_gates(
         assert service.video_scheduler.enqueued == []
 
 
-async def test_video_jobs_at_once_and_the_slot_comes_back(tmp_path: Path) -> None:
-    service = Service(tmp_path)
+async def test_video_jobs_at_once_and_the_slot_comes_back(
+    tmp_path: Path, backend: StateConfig
+) -> None:
+    service = make_service(tmp_path, backend)
     auth = service.other_auth("plus-video", "plus", age_days=30)
     first = await post(service, "/v1/videos", {"prompt": "x"}, auth)
     assert first.status_code == 200
@@ -271,3 +278,17 @@ async def test_a_failed_request_gives_its_key_back(tmp_path: Path, backend: Stat
     retried = await post(service, "/v1/images/generations", {"prompt": "x"}, auth)
     assert retried.status_code == 200 and "idempotent-replayed" not in retried.headers
     assert await ledger_images(service, "retrier") == 1
+
+
+async def test_a_refused_video_leaves_no_uploaded_file_behind(tmp_path: Path) -> None:
+    from tests.fakes import solid_png
+
+    service = Service(tmp_path)
+    auth = service.other_auth("plus-uploader", "plus", age_days=30)
+    files = {"prompt": (None, "x"), "input_reference": ("r.png", solid_png(16, 16, 1), "image/png")}
+    async with client_of(service) as client:
+        first = await client.post("/v1/videos", files=files, headers=auth)
+        second = await client.post("/v1/videos", files=files, headers=auth)
+    assert (first.status_code, second.status_code) == (200, 429)
+    references = [p for p in service.artifacts.root.iterdir() if p.name.startswith("ref_")]
+    assert len(references) == 1  # the refused request's upload was removed again
