@@ -39,7 +39,7 @@ from deployments.protocol import (
     VideoRemixRequest,
 )
 from deployments.video_jobs import VideoJobs, parse_video_form
-from mediagate.accounts import Account, hash_key, open_account_store
+from mediagate.accounts import Account, AccountStore, hash_key, open_account_store
 from mediagate.admission import TierGuard, rate_limit_headers
 from mediagate.artifacts import (
     ArtifactConfig,
@@ -98,7 +98,7 @@ class Gateway:
         *,
         catalog: Catalog,
         schedulers: Mapping[str, Any],
-        accounts: Any,
+        accounts: AccountStore,
         artifacts: ArtifactStore,
         jobs: JobStore,
         settings: RouterSettings,
