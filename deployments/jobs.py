@@ -37,6 +37,14 @@ class ImageJob(BaseModel):
     seed: int = Field(description="Image i uses seed + i, so results are reproducible.")
     output_format: ImageFormat = Field(description="Encoding of the result.")
     output_compression: int | None = Field(None, description="JPEG/WebP quality.")
+    account_id: str = Field("", description="Who asked: fairness is per account.")
+    priority_class: int = Field(0, ge=0, description="From the tier: higher is served first.")
+    max_wait_s: float = Field(
+        float("inf"), gt=0, description="From the tier: shed rather than wait longer."
+    )
+    max_queued: int | None = Field(
+        None, ge=0, description="From the tier: its class's queue cap in this scheduler."
+    )
 
     @property
     def batch_key(self) -> tuple[int, int, int, float]:

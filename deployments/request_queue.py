@@ -1,26 +1,37 @@
 """The scheduler's queue discipline, kept apart from Ray so it can be tested alone.
 
-FIFO for now; the priority issue replaces ``take_batch``'s choice of head with
-tier classes and per-account fairness behind the same interface.
+Strict priority between classes (higher first), with optional minimum shares so
+that a lower class with work still gets, say, 10% of dispatches; round-robin
+between accounts inside a class, so one account flooding its class does not
+starve the others. Batches gather tickets of the head's shape from the head's
+class, in the same round-robin order.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Hashable
+from collections import OrderedDict, deque
+from collections.abc import Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 
-class Batchable(Protocol):
+class Queueable(Protocol):
     @property
     def batch_key(self) -> Hashable: ...
 
     @property
     def images(self) -> int: ...
 
+    @property
+    def account_id(self) -> str: ...
 
-JobT = TypeVar("JobT", bound=Batchable)
+    @property
+    def priority_class(self) -> int: ...
+
+
+JobT = TypeVar("JobT", bound=Queueable)
+RECENT_DISPATCHES = 100
 
 
 @dataclass(eq=False)
@@ -30,52 +41,101 @@ class Ticket(Generic[JobT]):
     job: JobT
     enqueued_at: float
     future: asyncio.Future[Any] = field(repr=False)
+    deadline: float = float("inf")
 
 
-class FifoQueue(Generic[JobT]):
-    """First come, first served; batches gather later tickets of the head's shape."""
+class _Class(Generic[JobT]):
+    """One priority class: a FIFO per account, served round-robin."""
 
     def __init__(self) -> None:
-        self._tickets: list[Ticket[JobT]] = []
-
-    def __len__(self) -> int:
-        return len(self._tickets)
+        self.accounts: OrderedDict[str, deque[Ticket[JobT]]] = OrderedDict()
+        self.size = 0
 
     def push(self, ticket: Ticket[JobT]) -> None:
-        self._tickets.append(ticket)
+        self.accounts.setdefault(ticket.job.account_id, deque()).append(ticket)
+        self.size += 1
+
+    def discard(self, ticket: Ticket[JobT]) -> bool:
+        own = self.accounts.get(ticket.job.account_id)
+        if own is None or ticket not in own:
+            return False
+        own.remove(ticket)
+        self.size -= 1
+        if not own:
+            del self.accounts[ticket.job.account_id]
+        return True
+
+    def in_turn(self) -> Iterator[Ticket[JobT]]:
+        """Every ticket in the order this class would dispatch them."""
+        queues = [list(own) for own in self.accounts.values()]
+        for depth in range(max((len(q) for q in queues), default=0)):
+            for own in queues:
+                if depth < len(own):
+                    yield own[depth]
+
+    def take(self, tickets: list[Ticket[JobT]]) -> None:
+        """Remove ``tickets`` (the head's account goes to the back of the rotation)."""
+        head_account = tickets[0].job.account_id
+        for ticket in tickets:
+            self.discard(ticket)
+        if head_account in self.accounts:
+            self.accounts.move_to_end(head_account)
+
+
+class FairQueue(Generic[JobT]):
+    """Priority classes with optional minimum shares; round-robin accounts within a class."""
+
+    def __init__(self, min_shares: Mapping[int, float] | None = None) -> None:
+        self._classes: dict[int, _Class[JobT]] = {}
+        self.min_shares = dict(min_shares or {})
+        self._recent: deque[int] = deque(maxlen=RECENT_DISPATCHES)
+
+    def __len__(self) -> int:
+        return sum(queued.size for queued in self._classes.values())
+
+    def length_by_class(self) -> dict[int, int]:
+        return {cls: queued.size for cls, queued in sorted(self._classes.items()) if queued.size}
+
+    def push(self, ticket: Ticket[JobT]) -> None:
+        self._classes.setdefault(ticket.job.priority_class, _Class()).push(ticket)
 
     def discard(self, ticket: Ticket[JobT]) -> bool:
         """Remove a ticket whose submitter went away; ``False`` if it was not queued."""
-        try:
-            self._tickets.remove(ticket)
-        except ValueError:
-            return False
-        return True
+        queued = self._classes.get(ticket.job.priority_class)
+        return queued is not None and queued.discard(ticket)
+
+    def tickets(self) -> Iterator[Ticket[JobT]]:
+        """Every queued ticket, in no particular order."""
+        for queued in self._classes.values():
+            for own in queued.accounts.values():
+                yield from own
+
+    def _next_class(self) -> int | None:
+        waiting = [cls for cls, queued in self._classes.items() if queued.size]
+        if not waiting:
+            return None
+        dispatched = len(self._recent) or 1
+        starved = [
+            cls
+            for cls in waiting
+            if self._recent.count(cls) / dispatched < self.min_shares.get(cls, 0.0)
+        ]
+        return max(starved) if starved else max(waiting)
 
     def head(self) -> Ticket[JobT] | None:
-        return self._tickets[0] if self._tickets else None
-
-    def batch_images_available(self, max_images: int) -> int:
-        """How many images ``take_batch(max_images)`` would return now."""
-        return sum(ticket.job.images for ticket in self._plan_batch(max_images))
-
-    def take_batch(self, max_images: int) -> list[Ticket[JobT]]:
-        """Remove and return the head plus later same-shape tickets, up to ``max_images``.
-
-        The head is always taken, even when it alone exceeds ``max_images``.
-        """
-        batch = self._plan_batch(max_images)
-        taken = {id(ticket) for ticket in batch}
-        self._tickets = [ticket for ticket in self._tickets if id(ticket) not in taken]
-        return batch
+        cls = self._next_class()
+        if cls is None:
+            return None
+        return next(self._classes[cls].in_turn())
 
     def _plan_batch(self, max_images: int) -> list[Ticket[JobT]]:
-        if not self._tickets:
+        cls = self._next_class()
+        if cls is None:
             return []
-        head = self._tickets[0]
-        batch = [head]
-        images = head.job.images
-        for ticket in self._tickets[1:]:
+        order = self._classes[cls].in_turn()
+        head = next(order)
+        batch, images = [head], head.job.images
+        for ticket in order:
             if images >= max_images:
                 break
             if (
@@ -85,3 +145,29 @@ class FifoQueue(Generic[JobT]):
                 batch.append(ticket)
                 images += ticket.job.images
         return batch
+
+    def batch_images_available(self, max_images: int) -> int:
+        """How many images ``take_batch(max_images)`` would return now."""
+        return sum(ticket.job.images for ticket in self._plan_batch(max_images))
+
+    def take_batch(self, max_images: int) -> list[Ticket[JobT]]:
+        """Remove and return the next ticket plus same-shape ones of its class, up to
+        ``max_images`` (the first is always taken, even when it alone exceeds it)."""
+        batch = self._plan_batch(max_images)
+        if batch:
+            cls = batch[0].job.priority_class
+            self._classes[cls].take(batch)
+            self._recent.append(cls)
+        return batch
+
+    def ahead_of(self, job: JobT) -> int:
+        """Tickets that would be dispatched before ``job`` if it were pushed now (strict
+        priority; round-robin: one per account of its class per round it waits)."""
+        ahead = sum(
+            queued.size for cls, queued in self._classes.items() if cls > job.priority_class
+        )
+        same = self._classes.get(job.priority_class)
+        if same is not None:
+            rounds = len(same.accounts.get(job.account_id, ())) + 1
+            ahead += sum(min(len(own), rounds) for own in same.accounts.values())
+        return ahead

@@ -186,16 +186,21 @@ class Gateway:
         """Check, reserve, generate, then commit (or release on any failure)."""
         self.check_prompt(body.prompt)
         spec = self.task_model(body.model, "text-to-image")
+        tier = self.policy.tier(account.tier)
         job = ImageJob(
             request_id=request_id,
             seed=draw_seed(body.seed),
             output_format=body.output_format,
             output_compression=body.output_compression,
+            account_id=account.id,
+            priority_class=tier.priority_class,
+            max_wait_s=tier.max_queue_wait_s,
+            max_queued=tier.max_queued,
             **body.to_pipeline_kwargs(spec),
         )
         check_image_caps(
             account.tier,
-            self.policy.tier(account.tier),
+            tier,
             n=job.images,
             width=job.width,
             height=job.height,

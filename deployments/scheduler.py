@@ -13,13 +13,15 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Hashable
 from typing import Any
 
 from deployments.capacity import ReplicaCounter, WorkerSlots, serve_replica_counter
-from deployments.errors import GenerationFailed, MediagateError, unwrap
+from deployments.errors import GenerationFailed, MediagateError, Overloaded, unwrap
 from deployments.jobs import ImageJob, ImageResult
-from deployments.request_queue import FifoQueue, Ticket
+from deployments.request_queue import FairQueue, Ticket
+from deployments.shedding import admit_or_shed, updated_service_time
 from models.catalog import Batching, ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -42,7 +44,9 @@ class Scheduler:
         self.spec = ModelSpec.model_validate(spec)
         self._worker = worker
         self._clock = clock
-        self._queue: FifoQueue[ImageJob] = FifoQueue()
+        self._queue: FairQueue[ImageJob] = FairQueue()
+        self._service_s: dict[Hashable, float] = {}  # measured, per batch shape
+        self.counts: Counter[str] = Counter()  # admitted/shed/expired per class
         self._batching: Batching = self.spec.batching
         if count_replicas is None and worker_deployment is not None:
             count_replicas = serve_replica_counter(worker_deployment)
@@ -62,6 +66,9 @@ class Scheduler:
         self._batching = Batching.model_validate(merged)
         slots = int(config.get("slots_per_replica", self._slots.slots_per_replica))
         self._slots.set_slots_per_replica(slots)
+        if "min_shares" in config:  # e.g. {0: 0.1}: class 0 gets >= 10% of dispatches
+            shares = {int(cls): float(share) for cls, share in config["min_shares"].items()}
+            self._queue.min_shares = shares
 
     def _ensure_started(self) -> None:
         if self._dispatcher is None:
@@ -75,8 +82,24 @@ class Scheduler:
     async def submit(self, job: ImageJob) -> ImageResult:
         """Queue ``job`` and wait for its result; leaving early takes it off the queue."""
         self._ensure_started()
+        cls = job.priority_class
+        try:
+            admit_or_shed(
+                ahead=self._queue.ahead_of(job),
+                busy=self._slots.busy,
+                slots=self.capacity,
+                service_s=self._service_s.get(job.batch_key),
+                max_wait_s=job.max_wait_s,
+                queued_in_class=self._queue.length_by_class().get(cls, 0),
+                max_queued=job.max_queued,
+            )
+        except Overloaded:
+            self.counts[f"shed_class_{cls}"] += 1
+            raise
+        self.counts[f"admitted_class_{cls}"] += 1
         future: asyncio.Future[ImageResult] = asyncio.get_running_loop().create_future()
-        ticket = Ticket(job=job, enqueued_at=self._clock(), future=future)
+        now = self._clock()
+        ticket = Ticket(job=job, enqueued_at=now, future=future, deadline=now + job.max_wait_s)
         self._queue.push(ticket)
         self._wakeup.set()
         try:
@@ -88,7 +111,10 @@ class Scheduler:
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Queue metrics that the autoscaling policy reads (``ctx.aggregated_metrics``)."""
-        return {"queue_len": float(len(self._queue)), "inflight": float(self._slots.busy)}
+        stats = {"queue_len": float(len(self._queue)), "inflight": float(self._slots.busy)}
+        for cls, queued in self._queue.length_by_class().items():
+            stats[f"queue_len_class_{cls}"] = float(queued)
+        return stats
 
     def stats(self) -> dict[str, Any]:
         """Plain numbers for the status endpoint and tests."""
@@ -99,6 +125,9 @@ class Scheduler:
             "capacity": self.capacity,
             "replicas": self._slots.replicas,
             "max_batch_size": self._batching.max_batch_size,
+            "queue_by_class": self._queue.length_by_class(),
+            "service_s": {str(key): round(value, 4) for key, value in self._service_s.items()},
+            **self.counts,
         }
 
     async def _dispatch_loop(self) -> None:
@@ -111,6 +140,8 @@ class Scheduler:
 
     def _dispatch_ready(self) -> float | None:
         """Dispatch batches while slots are free; returns how long to hold a partial batch."""
+        if len(self._queue) and self._slots.free:
+            self._drop_expired()
         while len(self._queue) and self._slots.free:
             head = self._queue.head()
             assert head is not None
@@ -130,7 +161,23 @@ class Scheduler:
             task.add_done_callback(self._tasks.discard)
         return None
 
+    def _drop_expired(self) -> None:
+        """Tickets past their tier's longest wait leave before they reach a worker."""
+        now = self._clock()
+        for ticket in [t for t in self._queue.tickets() if t.deadline < now]:
+            self._queue.discard(ticket)
+            self.counts[f"expired_class_{ticket.job.priority_class}"] += 1
+            if not ticket.future.done():
+                ticket.future.set_exception(
+                    Overloaded(
+                        "the service is busy: your request waited longer than your tier allows; "
+                        "please retry later",
+                        retry_after_s=max(1.0, now - ticket.enqueued_at),
+                    )
+                )
+
     async def _run(self, batch: list[Ticket[ImageJob]]) -> None:
+        started = self._clock()
         try:
             results = await self._worker.generate.remote([ticket.job for ticket in batch])
         except Exception as error:
@@ -142,6 +189,10 @@ class Scheduler:
                 if not ticket.future.done():
                     ticket.future.set_exception(cause)
         else:
+            key = batch[0].job.batch_key
+            self._service_s[key] = updated_service_time(
+                self._service_s.get(key), self._clock() - started
+            )
             for ticket, result in zip(batch, results, strict=True):
                 if not ticket.future.done():
                     ticket.future.set_result(result)

@@ -57,6 +57,9 @@ class Tier(_Frozen):
     caps: TierCaps = Field(default_factory=TierCaps)
     priority_class: int = Field(0, ge=0, description="Higher is served first.")
     max_queue_wait_s: float = Field(60, gt=0, description="Longest wait before shedding.")
+    max_queued: int | None = Field(
+        None, ge=0, description="Requests of this tier queued per model before shedding."
+    )
     fail_open_images_per_minute: int = Field(
         0,
         ge=0,

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from deployments.jobs import ImageJob
-from deployments.request_queue import FifoQueue, Ticket
+from deployments.request_queue import FairQueue, Ticket
 from deployments.scheduler import Scheduler
 from models.catalog import load_catalog
 from tests.fakes import FakeClock, FakeWorkerHandle
@@ -35,7 +35,7 @@ def ticket(request_id: str, **kwargs: Any) -> Ticket[ImageJob]:
 
 
 async def test_fifo_batches_same_shape_only_up_to_max_images() -> None:
-    queue: FifoQueue[ImageJob] = FifoQueue()
+    queue: FairQueue[ImageJob] = FairQueue()
     for item in [
         ticket("a", n=2),
         ticket("b", width=128),
@@ -51,14 +51,14 @@ async def test_fifo_batches_same_shape_only_up_to_max_images() -> None:
 
 
 async def test_head_larger_than_batch_is_still_taken_alone() -> None:
-    queue: FifoQueue[ImageJob] = FifoQueue()
+    queue: FairQueue[ImageJob] = FairQueue()
     queue.push(ticket("big", n=4))
     queue.push(ticket("small"))
     assert [t.job.request_id for t in queue.take_batch(2)] == ["big"]
 
 
 async def test_discard_removes_only_queued() -> None:
-    queue: FifoQueue[ImageJob] = FifoQueue()
+    queue: FairQueue[ImageJob] = FairQueue()
     first = ticket("a")
     queue.push(first)
     assert queue.discard(first) and not queue.discard(first)
@@ -77,7 +77,11 @@ async def test_dispatches_only_into_free_slots_and_batches_the_rest() -> None:
     await asyncio.sleep(0)
     # One replica with one slot is busy: everything else waits in the queue.
     assert len(worker.batches) == 1
-    assert scheduler.record_autoscaling_stats() == {"queue_len": 5.0, "inflight": 1.0}
+    assert scheduler.record_autoscaling_stats() == {
+        "queue_len": 5.0,
+        "inflight": 1.0,
+        "queue_len_class_0": 5.0,
+    }
     worker.release.set()
     results = await asyncio.gather(first, *later)
     assert [r.request_id for r in results] == list("abcdef")

@@ -1,0 +1,59 @@
+"""Admission control: refuse at once, and honestly, what could not start in time.
+
+Pure functions of the queue position, the measured service time and the slots,
+so the scheduler's decisions are tested without a clock or a worker.
+"""
+
+from __future__ import annotations
+
+import math
+
+from deployments.errors import Overloaded
+
+# Smoothing of the measured service time per batch shape.
+SERVICE_TIME_ALPHA = 0.2
+
+
+def estimate_wait_s(*, ahead: int, busy: int, slots: int, service_s: float) -> float:
+    """Seconds until a new ticket would start: the work ahead of it spread over the
+    slots, after the batches running now (assumed half done)."""
+    if slots <= 0:
+        return math.inf
+    running_left_s = service_s / 2 if busy >= slots else 0.0
+    return running_left_s + (ahead // slots) * service_s
+
+
+def admit_or_shed(
+    *,
+    ahead: int,
+    busy: int,
+    slots: int,
+    service_s: float | None,
+    max_wait_s: float,
+    queued_in_class: int,
+    max_queued: int | None,
+) -> None:
+    """Raise ``Overloaded`` (503, with an honest Retry-After) when the request would wait
+    longer than its tier allows or its class's queue is full; return when it may queue."""
+    if max_queued is not None and queued_in_class >= max_queued:
+        retry_s = max(
+            1.0, (service_s or 1.0) * max(1, queued_in_class - max_queued + 1) / max(1, slots)
+        )
+        raise Overloaded(
+            "the queue for your tier is full; please retry shortly", retry_after_s=retry_s
+        )
+    if service_s is None:
+        return  # nothing measured yet: admit, and learn
+    wait_s = estimate_wait_s(ahead=ahead, busy=busy, slots=slots, service_s=service_s)
+    if wait_s > max_wait_s:
+        raise Overloaded(
+            f"the service is busy: your request would wait about {wait_s:.0f}s, longer than "
+            f"your tier's {max_wait_s:g}s; please retry later",
+            retry_after_s=max(1.0, wait_s - max_wait_s),
+        )
+
+
+def updated_service_time(previous: float | None, measured: float) -> float:
+    if previous is None:
+        return measured
+    return (1 - SERVICE_TIME_ALPHA) * previous + SERVICE_TIME_ALPHA * measured

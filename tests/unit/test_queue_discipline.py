@@ -1,0 +1,199 @@
+"""Priority classes, per-account fairness, minimum shares, wait estimates, shedding and
+deadlines: the queue and admission decisions as pure functions, plus the scheduler
+with a fake clock and worker."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Any
+
+import pytest
+
+from deployments.errors import Overloaded
+from deployments.jobs import ImageJob
+from deployments.request_queue import FairQueue, Ticket
+from deployments.scheduler import Scheduler
+from deployments.shedding import admit_or_shed, estimate_wait_s, updated_service_time
+from models.catalog import load_catalog
+from tests.fakes import FakeClock, FakeWorkerHandle
+
+SPEC = load_catalog().models["tiny-sd"].model_dump()
+
+
+def job(name: str, account: str = "a", cls: int = 0, **fields: Any) -> ImageJob:
+    values: dict[str, Any] = {
+        "request_id": name,
+        "prompt": "p",
+        "width": 64,
+        "height": 64,
+        "num_inference_steps": 4,
+        "guidance_scale": 7.5,
+        "num_images_per_prompt": 1,
+        "seed": 1,
+        "output_format": "png",
+        "account_id": account,
+        "priority_class": cls,
+    }
+    return ImageJob(**(values | fields))
+
+
+def ticket(name: str, account: str = "a", cls: int = 0, **fields: Any) -> Ticket[ImageJob]:
+    return Ticket(job=job(name, account, cls, **fields), enqueued_at=0.0, future=asyncio.Future())
+
+
+def drain(queue: FairQueue[ImageJob], max_images: int = 1) -> list[str]:
+    order = []
+    while len(queue):
+        order += [t.job.request_id for t in queue.take_batch(max_images)]
+    return order
+
+
+async def test_higher_classes_first_fifo_within_an_account() -> None:
+    queue: FairQueue[ImageJob] = FairQueue()
+    for item in [
+        ticket("f1", cls=0),
+        ticket("p1", cls=2),
+        ticket("s1", cls=1),
+        ticket("p2", cls=2),
+    ]:
+        queue.push(item)
+    assert queue.length_by_class() == {0: 1, 1: 1, 2: 2}
+    assert drain(queue) == ["p1", "p2", "s1", "f1"]
+
+
+async def test_round_robin_between_accounts_in_a_class() -> None:
+    queue: FairQueue[ImageJob] = FairQueue()
+    for index in range(5):
+        queue.push(ticket(f"flood{index}", account="flooder"))
+    queue.push(ticket("single", account="quiet"))
+    # The quiet account's one request goes second, not sixth.
+    assert drain(queue)[:3] == ["flood0", "single", "flood1"]
+
+
+async def test_minimum_share_for_a_lower_class() -> None:
+    queue: FairQueue[ImageJob] = FairQueue(min_shares={0: 0.25})
+    for index in range(40):
+        queue.push(ticket(f"pro{index}", cls=2))
+    for index in range(40):
+        queue.push(ticket(f"free{index}", cls=0))
+    first_40 = drain(queue)[:40]
+    free_served = sum(name.startswith("free") for name in first_40)
+    assert 9 <= free_served <= 11  # about a quarter while it has work
+    strict: FairQueue[ImageJob] = FairQueue()
+    for index in range(5):
+        strict.push(ticket(f"pro{index}", cls=2))
+        strict.push(ticket(f"free{index}", cls=0))
+    assert drain(strict)[:5] == [f"pro{index}" for index in range(5)]
+
+
+async def test_batches_take_same_shape_from_the_head_class_in_turn() -> None:
+    queue: FairQueue[ImageJob] = FairQueue()
+    queue.push(ticket("x1", account="x"))
+    queue.push(ticket("x2", account="x"))
+    queue.push(ticket("y1", account="y"))
+    queue.push(ticket("odd", account="z", width=128))
+    queue.push(ticket("pro", account="p", cls=1, width=128))
+    assert [t.job.request_id for t in queue.take_batch(4)] == ["pro"]
+    assert [t.job.request_id for t in queue.take_batch(4)] == ["x1", "y1", "x2"]
+    assert [t.job.request_id for t in queue.take_batch(4)] == ["odd"]
+
+
+async def test_ahead_of_counts_what_would_go_first() -> None:
+    queue: FairQueue[ImageJob] = FairQueue()
+    for index in range(3):
+        queue.push(ticket(f"pro{index}", account="p", cls=2))
+    for index in range(4):
+        queue.push(ticket(f"flood{index}", account="f", cls=0))
+    queue.push(ticket("other", account="o", cls=0))
+    # A new pro account is served in the first round: behind one of p's, not all three.
+    assert queue.ahead_of(job("new-pro", "q", cls=2)) == 1
+    # A new free account waits behind all pro work plus one ticket per free account.
+    assert queue.ahead_of(job("new", "n", cls=0)) == 3 + 1 + 1
+    # The flooder's next request waits behind its own four and the other account's one.
+    assert queue.ahead_of(job("flood4", "f", cls=0)) == 3 + 4 + 1
+
+
+def test_wait_estimate_and_shedding() -> None:
+    assert estimate_wait_s(ahead=0, busy=0, slots=2, service_s=4) == 0
+    assert estimate_wait_s(ahead=0, busy=2, slots=2, service_s=4) == 2
+    assert estimate_wait_s(ahead=5, busy=2, slots=2, service_s=4) == 2 + 2 * 4
+    assert estimate_wait_s(ahead=1, busy=0, slots=0, service_s=4) == math.inf
+    admit_or_shed(
+        ahead=50, busy=1, slots=1, service_s=None, max_wait_s=1, queued_in_class=0, max_queued=None
+    )
+    admit_or_shed(
+        ahead=5, busy=1, slots=1, service_s=4, max_wait_s=30, queued_in_class=5, max_queued=None
+    )
+    with pytest.raises(Overloaded) as shed:
+        admit_or_shed(
+            ahead=10,
+            busy=1,
+            slots=1,
+            service_s=4,
+            max_wait_s=30,
+            queued_in_class=10,
+            max_queued=None,
+        )
+    assert shed.value.status == 503 and shed.value.code == "server_overloaded"
+    assert shed.value.retry_after_s == pytest.approx(2 + 40 - 30)
+    with pytest.raises(Overloaded, match="queue for your tier is full"):
+        admit_or_shed(
+            ahead=0, busy=0, slots=1, service_s=1, max_wait_s=30, queued_in_class=3, max_queued=3
+        )
+    assert updated_service_time(None, 2.0) == 2.0
+    assert updated_service_time(2.0, 4.0) == pytest.approx(2.4)
+
+
+async def count_one() -> int:
+    return 1
+
+
+async def test_scheduler_sheds_what_would_wait_too_long_without_touching_a_worker() -> None:
+    worker = FakeWorkerHandle()
+    clock = FakeClock(0.0)
+    scheduler = Scheduler(worker, SPEC, count_replicas=count_one, clock=clock)
+    scheduler.reconfigure({"batching": {"max_batch_size": 1}})
+    first = asyncio.create_task(scheduler.submit(job("warm", max_wait_s=30)))
+    await worker.started.wait()
+    clock.advance(10)  # the first batch takes 10 s: now the scheduler knows the service time
+    worker.release.set()
+    await first
+    worker.release.clear()
+    running = asyncio.create_task(scheduler.submit(job("busy", max_wait_s=30)))
+    await asyncio.sleep(0)
+    queued = [asyncio.create_task(scheduler.submit(job(f"q{i}", max_wait_s=30))) for i in range(3)]
+    await asyncio.sleep(0)
+    with pytest.raises(Overloaded) as shed:  # 5 + 3 x 10 s > 30 s
+        await scheduler.submit(job("too-late", max_wait_s=30))
+    assert shed.value.retry_after_s is not None and shed.value.retry_after_s >= 1
+    pro = asyncio.create_task(scheduler.submit(job("pro", "p", cls=2, max_wait_s=600)))
+    await asyncio.sleep(0)
+    stats = scheduler.stats()
+    assert stats["shed_class_0"] == 1 and stats["admitted_class_2"] == 1
+    assert stats["queue_by_class"] == {0: 3, 2: 1}
+    worker.release.set()
+    done = await asyncio.gather(running, pro, *queued)
+    assert [r.request_id for r in done] == ["busy", "pro", "q0", "q1", "q2"]
+    # The pro request went next, ahead of the free ones queued before it.
+    assert [b[0].request_id for b in worker.batches][2] == "pro"
+    await scheduler.shutdown()
+
+
+async def test_queued_work_past_its_deadline_is_dropped_before_dispatch() -> None:
+    worker = FakeWorkerHandle()
+    clock = FakeClock(0.0)
+    scheduler = Scheduler(worker, SPEC, count_replicas=count_one, clock=clock)
+    scheduler.reconfigure({"batching": {"max_batch_size": 1}})
+    running = asyncio.create_task(scheduler.submit(job("running", max_wait_s=5)))
+    await worker.started.wait()
+    waiting = asyncio.create_task(scheduler.submit(job("waiting", max_wait_s=5)))
+    await asyncio.sleep(0)
+    clock.advance(6)
+    worker.release.set()
+    await running
+    with pytest.raises(Overloaded, match="waited longer"):
+        await waiting
+    assert [b[0].request_id for b in worker.batches] == ["running"]
+    assert scheduler.stats()["expired_class_0"] == 1
+    await scheduler.shutdown()
