@@ -171,3 +171,9 @@ class FairQueue(Generic[JobT]):
             rounds = len(same.accounts.get(job.account_id, ())) + 1
             ahead += sum(min(len(own), rounds) for own in same.accounts.values())
         return ahead
+
+    def ahead_of_new(self, priority_class: int) -> int:
+        """Tickets ahead of a request from an account with nothing queued, in ``priority_class``."""
+        ahead = sum(queued.size for cls, queued in self._classes.items() if cls > priority_class)
+        same = self._classes.get(priority_class)
+        return ahead + (len(same.accounts) if same is not None else 0)

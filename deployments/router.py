@@ -239,6 +239,44 @@ class Gateway:
             )
         return data
 
+    async def status(self, account: Account) -> dict[str, Any]:
+        names: dict[int, list[str]] = {}
+        for name, tier in self.policy.tiers.items():
+            names.setdefault(tier.priority_class, []).append(name)
+
+        def by_tier(values: Mapping[Any, Any]) -> dict[str, Any]:
+            return {"/".join(names.get(int(cls), [f"class-{cls}"])): v for cls, v in values.items()}
+
+        models: dict[str, Any] = {}
+        for spec in self.served_models():
+            try:
+                stats = await asyncio.wait_for(self.schedulers[spec.id].stats.remote(), 5)
+            except Exception as error:  # one scheduler down must not hide the others
+                models[spec.id] = {"task": spec.task, "error": f"scheduler unavailable: {error!r}"}
+                continue
+            counts = {
+                decision: by_tier(
+                    {
+                        key.rsplit("_", 1)[1]: value
+                        for key, value in stats.items()
+                        if key.startswith(f"{decision}_class_")
+                    }
+                )
+                for decision in ("admitted", "shed", "expired")
+            }
+            models[spec.id] = {
+                "task": spec.task,
+                "queue_len": stats.get("queue_len", 0),
+                "queue_by_tier": by_tier(stats.get("queue_by_class", {})),
+                "running_by_tier": by_tier(stats.get("running_by_class", {})),
+                "busy_slots": stats.get("busy_slots", 0),
+                "capacity": stats.get("capacity", 0),
+                "replicas": stats.get("replicas", 0),
+                "wait_estimate_s_by_tier": by_tier(stats.get("wait_estimate_s_by_class", {})),
+                **counts,
+            }
+        return {"object": "status", "tier": account.tier, "models": models}
+
     def check_prompt(self, prompt: str) -> None:
         if len(prompt) > self.settings.max_prompt_chars:
             raise InvalidRequest(
@@ -468,6 +506,13 @@ def create_api(
             return response, job.id
 
         return await idempotent(request, account, body.model_dump(mode="json"), produce)
+
+    @app.get("/v1/status")
+    async def status(request: Request) -> JSONResponse:
+        """Queues, capacity, wait estimates and shedding per model and tier: for humans
+        and scripts (no secrets, nothing about other accounts)."""
+        account = await account_of(request)
+        return JSONResponse(await gateway.status(account))
 
     @app.get("/healthz")
     async def health() -> JSONResponse:

@@ -21,10 +21,49 @@ from deployments.capacity import ReplicaCounter, WorkerSlots, serve_replica_coun
 from deployments.errors import GenerationFailed, MediagateError, Overloaded, unwrap
 from deployments.jobs import ImageJob, ImageResult
 from deployments.request_queue import FairQueue, Ticket
-from deployments.shedding import admit_or_shed, updated_service_time
+from deployments.shedding import admit_or_shed, estimate_wait_s, updated_service_time
 from models.catalog import Batching, ModelSpec
 
 logger = logging.getLogger(__name__)
+
+
+def _tags(*names: str) -> Any:
+    """Ray annotates ``tag_keys`` as a one-element tuple; any length works."""
+    return names
+
+
+class SchedulerMetrics:
+    """Prometheus metrics through Ray Serve (app, deployment and replica tags are added)."""
+
+    def __init__(self, model: str) -> None:
+        from ray.serve import metrics
+
+        self.model = model
+        self.queue_length = metrics.Gauge(
+            "mediagate_queue_length",
+            description="Requests waiting in the scheduler, per priority class.",
+            tag_keys=_tags("model", "priority_class"),
+        )
+        self.inflight = metrics.Gauge(
+            "mediagate_inflight_batches",
+            description="Batches running on worker slots.",
+            tag_keys=("model",),
+        )
+        self.decisions = metrics.Counter(
+            "mediagate_scheduler_decisions",
+            description="Requests admitted, shed at once, or expired in the queue, per class.",
+            tag_keys=_tags("model", "priority_class", "decision"),
+        )
+
+    def decided(self, decision: str, priority_class: int) -> None:
+        tags = {"model": self.model, "priority_class": str(priority_class), "decision": decision}
+        self.decisions.inc(tags=tags)
+
+    def observe(self, queue_by_class: dict[int, int], busy: int, classes: set[int]) -> None:
+        for cls in classes:
+            tags = {"model": self.model, "priority_class": str(cls)}
+            self.queue_length.set(queue_by_class.get(cls, 0), tags=tags)
+        self.inflight.set(busy, tags={"model": self.model})
 
 
 class Scheduler:
@@ -47,6 +86,9 @@ class Scheduler:
         self._queue: FairQueue[ImageJob] = FairQueue()
         self._service_s: dict[Hashable, float] = {}  # measured, per batch shape
         self.counts: Counter[str] = Counter()  # admitted/shed/expired per class
+        self._metrics = SchedulerMetrics(self.spec.id)
+        self._classes_seen: set[int] = set()
+        self._running_classes: Counter[int] = Counter()  # what each busy slot serves
         self._batching: Batching = self.spec.batching
         if count_replicas is None and worker_deployment is not None:
             count_replicas = serve_replica_counter(worker_deployment)
@@ -94,9 +136,9 @@ class Scheduler:
                 max_queued=job.max_queued,
             )
         except Overloaded:
-            self.counts[f"shed_class_{cls}"] += 1
+            self._count("shed", cls)
             raise
-        self.counts[f"admitted_class_{cls}"] += 1
+        self._count("admitted", cls)
         future: asyncio.Future[ImageResult] = asyncio.get_running_loop().create_future()
         now = self._clock()
         ticket = Ticket(job=job, enqueued_at=now, future=future, deadline=now + job.max_wait_s)
@@ -111,10 +153,29 @@ class Scheduler:
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Queue metrics that the autoscaling policy reads (``ctx.aggregated_metrics``)."""
+        by_class = self._queue.length_by_class()
+        self._metrics.observe(by_class, self._slots.busy, self._classes_seen | set(by_class))
         stats = {"queue_len": float(len(self._queue)), "inflight": float(self._slots.busy)}
-        for cls, queued in self._queue.length_by_class().items():
+        for cls, queued in by_class.items():
             stats[f"queue_len_class_{cls}"] = float(queued)
         return stats
+
+    def wait_estimates_s(self) -> dict[int, float]:
+        """How long a new request of each class would wait now (None measured yet: 0)."""
+        service_s = sum(self._service_s.values()) / len(self._service_s) if self._service_s else 0.0
+        classes = self._classes_seen | set(self._queue.length_by_class())
+        return {
+            cls: round(
+                estimate_wait_s(
+                    ahead=self._queue.ahead_of_new(cls),
+                    busy=self._slots.busy,
+                    slots=self.capacity,
+                    service_s=service_s,
+                ),
+                3,
+            )
+            for cls in sorted(classes)
+        }
 
     def stats(self) -> dict[str, Any]:
         """Plain numbers for the status endpoint and tests."""
@@ -126,6 +187,8 @@ class Scheduler:
             "replicas": self._slots.replicas,
             "max_batch_size": self._batching.max_batch_size,
             "queue_by_class": self._queue.length_by_class(),
+            "running_by_class": {c: n for c, n in self._running_classes.items() if n},
+            "wait_estimate_s_by_class": self.wait_estimates_s(),
             "service_s": {str(key): round(value, 4) for key, value in self._service_s.items()},
             **self.counts,
         }
@@ -161,12 +224,17 @@ class Scheduler:
             task.add_done_callback(self._tasks.discard)
         return None
 
+    def _count(self, decision: str, priority_class: int) -> None:
+        self.counts[f"{decision}_class_{priority_class}"] += 1
+        self._classes_seen.add(priority_class)
+        self._metrics.decided(decision, priority_class)
+
     def _drop_expired(self) -> None:
         """Tickets past their tier's longest wait leave before they reach a worker."""
         now = self._clock()
         for ticket in [t for t in self._queue.tickets() if t.deadline < now]:
             self._queue.discard(ticket)
-            self.counts[f"expired_class_{ticket.job.priority_class}"] += 1
+            self._count("expired", ticket.job.priority_class)
             if not ticket.future.done():
                 ticket.future.set_exception(
                     Overloaded(
@@ -178,6 +246,8 @@ class Scheduler:
 
     async def _run(self, batch: list[Ticket[ImageJob]]) -> None:
         started = self._clock()
+        running_class = batch[0].job.priority_class  # a preemption policy would read this
+        self._running_classes[running_class] += 1
         try:
             results = await self._worker.generate.remote([ticket.job for ticket in batch])
         except Exception as error:
@@ -197,6 +267,7 @@ class Scheduler:
                 if not ticket.future.done():
                     ticket.future.set_result(result)
         finally:
+            self._running_classes[running_class] -= 1
             self._slots.release()
 
     async def shutdown(self) -> None:

@@ -34,6 +34,21 @@ class FakeSchedulerHandle:
         self.jobs: list[ImageJob] = []
         self.fail_with = fail_with
         self.submit = _Method(self._submit)
+        self.stats = _Method(self._stats)
+
+    async def _stats(self) -> dict[str, Any]:
+        return {
+            "queue_len": 4,
+            "queue_by_class": {0: 3, 2: 1},
+            "running_by_class": {2: 1},
+            "busy_slots": 1,
+            "capacity": 1,
+            "replicas": 1,
+            "wait_estimate_s_by_class": {0: 12.5, 2: 0.5},
+            "admitted_class_0": 10,
+            "shed_class_0": 7,
+            "admitted_class_2": 3,
+        }
 
     async def _submit(self, job: ImageJob) -> ImageResult:
         self.jobs.append(job)
@@ -101,6 +116,16 @@ class FakeVideoSchedulerHandle:
         self.unreachable = unreachable
         self.enqueue = _Method(self._enqueue)
         self.cancel = _Method(self._cancel)
+        self.stats = _Method(self._stats)
+
+    async def _stats(self) -> dict[str, Any]:
+        return {
+            "queue_len": 2,
+            "busy_slots": 1,
+            "capacity": 1,
+            "replicas": 1,
+            "running": ["video_secret"],
+        }
 
     async def _enqueue(self, account_id: str, job_id: str) -> int:
         if self.unreachable:

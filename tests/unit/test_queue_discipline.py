@@ -197,3 +197,21 @@ async def test_queued_work_past_its_deadline_is_dropped_before_dispatch() -> Non
     assert [b[0].request_id for b in worker.batches] == ["running"]
     assert scheduler.stats()["expired_class_0"] == 1
     await scheduler.shutdown()
+
+
+def test_status_shows_queues_per_tier_without_other_accounts_data(tmp_path: Any) -> None:
+    from tests.unit.harness import Service
+
+    service = Service(tmp_path)
+    response = service.client.get("/v1/status", headers=service.auth)
+    assert response.status_code == 200
+    body = response.json()
+    image = body["models"]["tiny-sd"]
+    assert image["queue_by_tier"] == {"free": 3, "pro": 1}
+    assert image["wait_estimate_s_by_tier"] == {"free": 12.5, "pro": 0.5}
+    assert image["shed"] == {"free": 7} and image["admitted"] == {"free": 10, "pro": 3}
+    assert image["running_by_tier"] == {"pro": 1}
+    video = body["models"]["tiny-wan"]
+    assert video["queue_len"] == 2 and "running" not in video  # job ids stay private
+    assert "video_secret" not in response.text
+    assert service.client.get("/v1/status").status_code == 401
