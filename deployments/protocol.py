@@ -332,6 +332,9 @@ class VideoObject(BaseModel):
     size: str = Field(description="WIDTHxHEIGHT.")
     remixed_from_video_id: str | None = Field(None, description="Source of a remix.")
     error: VideoError | None = Field(None, description="Set when `status` is `failed`.")
+    queue_position: int | None = Field(
+        None, description="mediagate extension: 1 = next to run, while `queued`."
+    )
 
 
 class VideoList(BaseModel):

@@ -364,9 +364,9 @@ def create_api(
         await gateway.idempotency.complete(account.id, key, digest, stored)
         return response
 
-    def video_response(job: VideoJobRecord) -> JSONResponse:
+    def video_response(job: VideoJobRecord, *, queue_position: int | None = None) -> JSONResponse:
         """A job as the client sees it, with the header that paces its polling."""
-        body = gateway.videos.to_object(job).model_dump(mode="json")
+        body = gateway.videos.to_object(job, queue_position=queue_position).model_dump(mode="json")
         return JSONResponse(body, headers=poll_headers)
 
     @app.post(
@@ -475,7 +475,7 @@ def create_api(
     @app.get("/v1/videos/{video_id}", response_model=VideoObject)
     async def get_video(video_id: str, request: Request) -> JSONResponse:
         job = await gateway.videos.get(await account_of(request), video_id)
-        return video_response(job)
+        return video_response(job, queue_position=await gateway.videos.queue_position(job))
 
     @app.delete("/v1/videos/{video_id}", response_model=VideoDeleted)
     async def delete_video(video_id: str, request: Request) -> VideoDeleted:

@@ -289,7 +289,19 @@ class VideoJobs:
             self.gateway.artifacts.read(artifact_id), extension, "ref"
         )
 
-    def to_object(self, job: VideoJobRecord) -> VideoObject:
+    async def queue_position(self, job: VideoJobRecord) -> int | None:
+        """Where a queued job stands in its scheduler's queue (None if unknown)."""
+        if job.status != "queued" or job.model not in self.gateway.schedulers:
+            return None
+        try:
+            position = await asyncio.wait_for(
+                self.gateway.schedulers[job.model].position.remote(job.id), 2
+            )
+        except Exception:  # the scheduler is busy or restarting: the job is still queued
+            return None
+        return int(position) or None
+
+    def to_object(self, job: VideoJobRecord, *, queue_position: int | None = None) -> VideoObject:
         error = None
         if job.status == "failed":
             error = VideoError(
@@ -309,6 +321,7 @@ class VideoJobs:
             size=job.size,
             remixed_from_video_id=job.remixed_from,
             error=error,
+            queue_position=queue_position,
         )
 
     async def purge_expired(self) -> int:

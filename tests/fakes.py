@@ -117,6 +117,12 @@ class FakeVideoSchedulerHandle:
         self.enqueue = _Method(self._enqueue)
         self.cancel = _Method(self._cancel)
         self.stats = _Method(self._stats)
+        self.position = _Method(self._position)
+
+    async def _position(self, job_id: str) -> int:
+        cancelled = {queued for _, queued in self.cancelled}
+        waiting = [queued for _, queued in self.enqueued if queued not in cancelled]
+        return waiting.index(job_id) + 1 if job_id in waiting else 0
 
     async def _stats(self) -> dict[str, Any]:
         return {

@@ -99,7 +99,11 @@ def test_json_create_stores_a_queued_job_and_hands_it_over(service: Service) -> 
     assert service.video_scheduler.enqueued == [(job.account_id, job.id)]
 
     again = service.client.get(f"/v1/videos/{video['id']}", headers=service.auth)
-    assert again.json() == video and again.headers["openai-poll-after-ms"] == "250"
+    assert again.json() == {**video, "queue_position": 1}
+    assert again.headers["openai-poll-after-ms"] == "250"
+    second = create(service, {"prompt": "a dog"}).json()
+    got = service.client.get(f"/v1/videos/{second['id']}", headers=service.auth).json()
+    assert got["queue_position"] == 2
 
 
 def test_multipart_create_like_client_3x(service: Service) -> None:
