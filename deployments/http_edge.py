@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 import uuid
 from collections.abc import Collection
 from typing import Any
@@ -32,6 +33,7 @@ from deployments.errors import (
 
 logger = logging.getLogger(__name__)
 
+HANDLED_MS_HEADER = "x-mediagate-handled-ms"
 REQUEST_ID_HEADER = "x-request-id"
 
 
@@ -130,6 +132,7 @@ class EdgeMiddleware:
         request_id = f"req_{uuid.uuid4().hex}"
         scope.setdefault("state", {})["request_id"] = request_id
         started = False
+        arrived = time.perf_counter()
 
         async def send_with_id(message: Message) -> None:
             nonlocal started
@@ -137,6 +140,9 @@ class EdgeMiddleware:
                 started = True
                 headers = list(message.get("headers", []))
                 headers.append((REQUEST_ID_HEADER.encode(), request_id.encode()))
+                # Time spent in the router (and what it waited on) for this answer.
+                handled_ms = f"{(time.perf_counter() - arrived) * 1000:.2f}"
+                headers.append((HANDLED_MS_HEADER.encode(), handled_ms.encode()))
                 message = {**message, "headers": headers}
             await send(message)
 

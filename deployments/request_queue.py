@@ -177,3 +177,10 @@ class FairQueue(Generic[JobT]):
         ahead = sum(queued.size for cls, queued in self._classes.items() if cls > priority_class)
         same = self._classes.get(priority_class)
         return ahead + (len(same.accounts) if same is not None else 0)
+
+    def share_above(self, priority_class: int) -> float:
+        """Fraction of recent dispatches that went to classes above ``priority_class``: the
+        part of the capacity a request of this class cannot count on."""
+        if not self._recent:
+            return 0.0
+        return sum(1 for cls in self._recent if cls > priority_class) / len(self._recent)

@@ -134,6 +134,7 @@ class Scheduler:
                 max_wait_s=job.max_wait_s,
                 queued_in_class=self._queue.length_by_class().get(cls, 0),
                 max_queued=job.max_queued,
+                share_above=self._queue.share_above(cls),
             )
         except Overloaded:
             self._count("shed", cls)

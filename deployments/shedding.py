@@ -14,13 +14,17 @@ from deployments.errors import Overloaded
 SERVICE_TIME_ALPHA = 0.2
 
 
-def estimate_wait_s(*, ahead: int, busy: int, slots: int, service_s: float) -> float:
+def estimate_wait_s(
+    *, ahead: int, busy: int, slots: int, service_s: float, share_above: float = 0.0
+) -> float:
     """Seconds until a new ticket would start: the work ahead of it spread over the
-    slots, after the batches running now (assumed half done)."""
+    slots left after higher classes take their recent share, after the batches
+    running now (assumed half done)."""
     if slots <= 0:
         return math.inf
+    usable = slots * max(0.1, 1.0 - share_above)
     running_left_s = service_s / 2 if busy >= slots else 0.0
-    return running_left_s + (ahead // slots) * service_s
+    return running_left_s + math.floor(ahead / usable) * service_s
 
 
 def admit_or_shed(
@@ -32,6 +36,7 @@ def admit_or_shed(
     max_wait_s: float,
     queued_in_class: int,
     max_queued: int | None,
+    share_above: float = 0.0,
 ) -> None:
     """Raise ``Overloaded`` (503, with an honest Retry-After) when the request would wait
     longer than its tier allows or its class's queue is full; return when it may queue."""
@@ -44,7 +49,9 @@ def admit_or_shed(
         )
     if service_s is None:
         return  # nothing measured yet: admit, and learn
-    wait_s = estimate_wait_s(ahead=ahead, busy=busy, slots=slots, service_s=service_s)
+    wait_s = estimate_wait_s(
+        ahead=ahead, busy=busy, slots=slots, service_s=service_s, share_above=share_above
+    )
     if wait_s > max_wait_s:
         raise Overloaded(
             f"the service is busy: your request would wait about {wait_s:.0f}s, longer than "

@@ -215,3 +215,16 @@ def test_status_shows_queues_per_tier_without_other_accounts_data(tmp_path: Any)
     assert video["queue_len"] == 2 and "running" not in video  # job ids stay private
     assert "video_secret" not in response.text
     assert service.client.get("/v1/status").status_code == 401
+
+
+async def test_lower_classes_count_only_the_capacity_left_to_them() -> None:
+    queue: FairQueue[ImageJob] = FairQueue()
+    for index in range(6):
+        queue.push(ticket(f"pro{index}", cls=2))
+        queue.push(ticket(f"free{index}", cls=0))
+    for _ in range(4):
+        queue.take_batch(1)  # strict priority: four pro dispatches
+    assert queue.share_above(0) == 1.0 and queue.share_above(2) == 0.0
+    # Only a tenth of two slots is left to free work here: its wait is ten times longer.
+    assert estimate_wait_s(ahead=2, busy=0, slots=2, service_s=1, share_above=0.0) == 1
+    assert estimate_wait_s(ahead=2, busy=0, slots=2, service_s=1, share_above=1.0) == 10

@@ -1,0 +1,253 @@
+"""Paid traffic under 10x overload, measured in one run.
+
+A SIMULATED model (it sleeps a fixed time per denoising step, like a GPU replica
+waits on its device, so the two CPU cores stay free for the router, the proxy and
+the load generator) is served through the real path: HTTP -> Serve proxy ->
+router (tiers, quotas) -> scheduler (priority, fairness, shedding) -> worker.
+
+1. Capacity C: closed-loop pro requests, completed per second.
+2. Unloaded: pro traffic alone at 0.3 C (open loop): its p99 latency.
+3. Overload: pro at 0.3 C plus free traffic at 10 C from many accounts.
+
+Prints a summary and, on its last line, one JSON object: pro p50/p99 at 10x over
+pro p99 unloaded, pro success rate, free rejection latency p99 (client) and the
+router's own time for rejections p99 (x-mediagate-handled-ms), goodput / C, shed
+counts per tier, and the memory of the router and scheduler before and after.
+Usage: python scripts/bench_overload.py [--step-ms 40] [--seconds 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+
+STEPS = 4
+FREE_ACCOUNTS = 20
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+
+
+@dataclass
+class Outcome:
+    tier: str
+    status: int
+    latency_s: float
+    handled_ms: float
+    expired: bool = False  # queued, then dropped at its tier's deadline
+
+
+def write_catalog(home: Path, step_ms: float) -> Path:
+    data = yaml.safe_load(resources.files("models").joinpath("catalog.yaml").read_text())
+    data["default_models"] = {"text-to-image": "sim"}
+    data["models"] = {
+        "sim": {
+            "task": "text-to-image",
+            "description": "SIMULATED model for the overload benchmark: sleeps per step.",
+            "source": f"simulated://sim?step_ms={step_ms}",
+            "num_gpus": 0,
+            "defaults": {"size": "64x64", "num_inference_steps": STEPS, "guidance_scale": 1.0},
+            "caps": {"max_width": 64, "max_height": 64, "max_steps": STEPS, "max_n": 1},
+            "batching": {"max_batch_size": 1, "batch_wait_s": 0.0},
+        }
+    }
+    path = home / "catalog.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def write_tiers(home: Path) -> Path:
+    """The shipped tiers without daily quotas and rates (they would hide the scheduler)."""
+    data = yaml.safe_load(resources.files("mediagate").joinpath("configs/tiers.yaml").read_text())
+    for tier in data["tiers"].values():
+        tier.update(images_per_day=None, images_per_minute=None, cooldown=None, max_queued=None)
+    path = home / "tiers.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+async def one(client: httpx.AsyncClient, key: str, tier: str, sink: list[Outcome]) -> None:
+    started = time.perf_counter()
+    response = await client.post(
+        "/v1/images/generations",
+        json={"prompt": "load", "model": "sim"},
+        headers={"Authorization": f"Bearer {key}"},
+    )
+    sink.append(
+        Outcome(
+            tier=tier,
+            status=response.status_code,
+            latency_s=time.perf_counter() - started,
+            handled_ms=float(response.headers.get("x-mediagate-handled-ms", "nan")),
+            expired="waited longer" in response.text,
+        )
+    )
+
+
+async def open_loop(
+    client: httpx.AsyncClient,
+    keys: list[str],
+    tier: str,
+    rate: float,
+    seconds: float,
+    sink: list[Outcome],
+) -> None:
+    """Requests at a fixed rate whatever the answers (arrivals do not wait for replies)."""
+    tasks = []
+    interval = 1 / rate
+    start = time.perf_counter()
+    for index in range(int(rate * seconds)):
+        delay = start + index * interval - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(client, keys[index % len(keys)], tier, sink)))
+    await asyncio.gather(*tasks)
+
+
+async def capacity(client: httpx.AsyncClient, key: str, seconds: float) -> float:
+    sink: list[Outcome] = []
+    deadline = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        while time.perf_counter() < deadline:
+            await one(client, key, "pro", sink)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(4)))
+    return sum(o.status == 200 for o in sink) / (time.perf_counter() - started)
+
+
+def actor_memory_mb(app: str) -> dict[str, float]:
+    import psutil
+    import ray
+
+    sizes = {}
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        for name in ("Router", "Scheduler-sim"):
+            if f"{app}#{name}#" in actor["name"]:
+                handle = ray.get_actor(actor["name"], namespace=actor["namespace"])
+                pid = ray.get(handle.__ray_call__.remote(lambda self: __import__("os").getpid()))
+                sizes[name] = psutil.Process(pid).memory_info().rss / 2**20
+    return sizes
+
+
+async def run(base_url: str, pro_key: str, free_keys: list[str], seconds: float) -> dict[str, Any]:
+    limits = httpx.Limits(max_connections=2000, max_keepalive_connections=200)
+    async with httpx.AsyncClient(base_url=base_url, timeout=120, limits=limits) as client:
+        await capacity(client, pro_key, 2)  # warm up
+        c = await capacity(client, pro_key, 8)
+        unloaded: list[Outcome] = []
+        await open_loop(client, [pro_key], "pro", 0.3 * c, seconds, unloaded)
+        memory_before = actor_memory_mb("mediagate")
+        overload: list[Outcome] = []
+        started = time.perf_counter()
+        await asyncio.gather(
+            open_loop(client, [pro_key], "pro", 0.3 * c, seconds, overload),
+            open_loop(client, free_keys, "free", 10 * c, seconds, overload),
+        )
+        elapsed = time.perf_counter() - started
+        memory_after = actor_memory_mb("mediagate")
+        status = (
+            await client.get("/v1/status", headers={"Authorization": f"Bearer {pro_key}"})
+        ).json()
+    return {
+        "capacity": c,
+        "unloaded": unloaded,
+        "overload": overload,
+        "elapsed": elapsed,
+        "status": status,
+        "memory_before": memory_before,
+        "memory_after": memory_after,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--step-ms", type=float, default=40)
+    parser.add_argument("--seconds", type=float, default=20)
+    args = parser.parse_args()
+
+    import ray
+    from ray import serve
+
+    from deployments.app import AppArgs, build_app
+    from mediagate.accounts import SqliteAccountStore
+
+    with tempfile.TemporaryDirectory() as scratch:
+        home = Path(scratch)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        serve.start(http_options={"host": "127.0.0.1", "port": 8766})
+        app_args = AppArgs(
+            home=str(home),
+            catalog=str(write_catalog(home, args.step_ms)),
+            tiers_file=str(write_tiers(home)),
+            worker_ray_actor_options={"num_cpus": 0.1, "num_gpus": 0},
+        )
+        serve.run(build_app(app_args), name="mediagate", route_prefix="/")
+        store = SqliteAccountStore(home / "state.db")
+        pro_key = store.create_key(store.ensure_account("bench-pro", "pro").id)
+        free_keys = [
+            store.create_key(store.ensure_account(f"bench-free-{i}", "free").id)
+            for i in range(FREE_ACCOUNTS)
+        ]
+        measured = asyncio.run(run("http://127.0.0.1:8766", pro_key, free_keys, args.seconds))
+        serve.shutdown()
+        ray.shutdown()
+
+    c = measured["capacity"]
+    unloaded = [o for o in measured["unloaded"] if o.status == 200]
+    pro = [o for o in measured["overload"] if o.tier == "pro"]
+    pro_ok = [o for o in pro if o.status == 200]
+    free = [o for o in measured["overload"] if o.tier == "free"]
+    free_rejected = [o for o in free if o.status in (429, 503)]
+    free_shed = [o for o in free_rejected if not o.expired]
+    completed = sum(o.status == 200 for o in measured["overload"])
+    unloaded_p99 = percentile([o.latency_s for o in unloaded], 99)
+    model = measured["status"]["models"]["sim"]
+    result = {
+        "model": f"simulated {STEPS} steps x {args.step_ms:g} ms",
+        "capacity_rps": round(c, 2),
+        "pro_rate_rps": round(0.3 * c, 2),
+        "free_rate_rps": round(10 * c, 2),
+        "pro_unloaded_p50_s": round(statistics.median(o.latency_s for o in unloaded), 4),
+        "pro_unloaded_p99_s": round(unloaded_p99, 4),
+        "pro_p50_ratio": round(statistics.median(o.latency_s for o in pro_ok) / unloaded_p99, 3),
+        "pro_p99_ratio": round(percentile([o.latency_s for o in pro_ok], 99) / unloaded_p99, 3),
+        "pro_success_rate": round(len(pro_ok) / max(1, len(pro)), 4),
+        "free_requests": len(free),
+        "free_rejected": len(free_rejected),
+        "free_shed_at_once": len(free_shed),
+        "free_rejection_p99_ms": round(
+            1000 * percentile([o.latency_s for o in free_rejected], 99), 2
+        ),
+        "free_shed_p99_ms": round(1000 * percentile([o.latency_s for o in free_shed], 99), 2),
+        "router_shed_p99_ms": round(percentile([o.handled_ms for o in free_shed], 99), 2),
+        "goodput_ratio": round(completed / measured["elapsed"] / c, 3),
+        "shed": model["shed"],
+        "expired": model["expired"],
+        "other_statuses": sorted({o.status for o in measured["overload"]} - {200, 429, 503}),
+        "memory_mb_before": {k: round(v, 1) for k, v in measured["memory_before"].items()},
+        "memory_mb_after": {k: round(v, 1) for k, v in measured["memory_after"].items()},
+    }
+    for name, value in result.items():
+        print(f"{name:>26}: {value}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
