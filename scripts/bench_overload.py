@@ -29,6 +29,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import bench_overhead  # scripts/ is on sys.path when a script in it runs
 import httpx
 import yaml
 
@@ -37,10 +38,7 @@ FREE_ACCOUNTS = 20
 
 
 def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
+    return bench_overhead.percentile(values, q) if values else float("nan")
 
 
 @dataclass

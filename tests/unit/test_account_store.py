@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 
 from mediagate.accounts import AccountStore, open_account_store
@@ -12,17 +9,9 @@ from mediagate.state import StateConfig
 from tests.fakes import FakeClock
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-def accounts(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AccountStore]:
-    if request.param == "sqlite":
-        config = StateConfig.embedded(tmp_path / "state.db")
-    else:
-        import redis
-
-        url = request.getfixturevalue("redis_url")
-        redis.Redis.from_url(url).flushdb()
-        config = StateConfig(backend="redis", redis_url=url)
-    yield open_account_store(config, clock=FakeClock(1_800_000_000.0))
+@pytest.fixture
+def accounts(state_config: StateConfig) -> AccountStore:
+    return open_account_store(state_config, clock=FakeClock(1_800_000_000.0))
 
 
 async def test_accounts_keys_and_authentication(accounts: AccountStore) -> None:

@@ -12,17 +12,9 @@ import pytest
 from mediagate.state import JobStore, StateConfig, VideoJobRecord, open_state_store
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[JobStore]:
-    if request.param == "sqlite":
-        config = StateConfig.embedded(tmp_path / "state.db")
-    else:
-        import redis
-
-        url = request.getfixturevalue("redis_url")
-        redis.Redis.from_url(url).flushdb()
-        config = StateConfig(backend="redis", redis_url=url)
-    job_store = open_state_store(config)
+@pytest.fixture
+async def store(state_config: StateConfig) -> AsyncIterator[JobStore]:
+    job_store = open_state_store(state_config)
     yield job_store
     await job_store.close()
 

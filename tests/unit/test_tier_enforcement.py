@@ -4,7 +4,6 @@ gates, caps and headers. The router app runs in-process with a fake scheduler.""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +19,9 @@ RACES = 20
 CONCURRENT = 200
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StateConfig]:
-    if request.param == "sqlite":
-        yield StateConfig.embedded(tmp_path / "state.db")
-    else:
-        import redis
-
-        url = request.getfixturevalue("redis_url")
-        redis.Redis.from_url(url).flushdb()
-        yield StateConfig(backend="redis", redis_url=url)
+@pytest.fixture
+def backend(state_config: StateConfig) -> StateConfig:
+    return state_config
 
 
 def make_service(tmp_path: Path, config: StateConfig, **kwargs: Any) -> Service:
