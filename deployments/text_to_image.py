@@ -18,6 +18,7 @@ from typing import Any
 from deployments.errors import GenerationFailed, InvalidRequest
 from deployments.jobs import ImageJob, ImageResult, image_seeds, pipeline_call_kwargs
 from models.catalog import ModelSpec
+from models.device import assigned_cpus
 from models.encoding import CONTENT_TYPES, encode_image
 from models.loading import load_pipeline
 
@@ -56,16 +57,6 @@ def generate_batch(pipeline: Any, jobs: list[ImageJob]) -> list[ImageResult]:
     return results
 
 
-def _assigned_cpus() -> int | None:
-    try:
-        import ray
-
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
-    except Exception:  # outside Ray: leave torch's own default
-        return None
-    return max(1, int(cpus)) if cpus else None
-
-
 class TextToImage:
     """Holds one loaded text-to-image pipeline and generates batches on request."""
 
@@ -79,7 +70,7 @@ class TextToImage:
     ) -> None:
         import torch
 
-        threads = torch_threads or _assigned_cpus()
+        threads = torch_threads or assigned_cpus()
         if threads:
             torch.set_num_threads(threads)
         self.spec = ModelSpec.model_validate(spec)

@@ -24,6 +24,7 @@ from mediagate.artifacts import ArtifactConfig, ArtifactStore, open_artifact_sto
 from mediagate.ledger import finish_reservation
 from mediagate.state import JobStore, StateConfig, open_state_store
 from models.catalog import ModelSpec
+from models.device import assigned_cpus
 from models.encoding import encode_mp4, encode_spritesheet, encode_thumbnail, to_uint8_frames
 from models.loading import load_pipeline
 from models.uploads import load_reference_image
@@ -37,16 +38,6 @@ DENOISING_SHARE = 0.95
 
 class JobCancelled(Exception):
     """Raised out of the denoising loop when the job is no longer this worker's."""
-
-
-def _assigned_cpus() -> int | None:
-    try:
-        import ray
-
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
-    except Exception:  # outside Ray: leave torch's own default
-        return None
-    return max(1, int(cpus)) if cpus else None
 
 
 def image_to_video_pipeline(spec: ModelSpec, pipeline: Any) -> Any | None:
@@ -129,7 +120,7 @@ class TextToVideo:
     ) -> None:
         import torch
 
-        threads = torch_threads or _assigned_cpus()
+        threads = torch_threads or assigned_cpus()
         if threads:
             torch.set_num_threads(threads)
         self.spec = ModelSpec.model_validate(spec)

@@ -41,3 +41,14 @@ def choose_placement(
     if requested == "auto":
         return Placement("cuda", "bfloat16" if bf16_supported else "float16")
     return Placement("cuda", requested)
+
+
+def assigned_cpus() -> int | None:
+    """CPUs Ray gave this replica (torch should use that many threads); None outside Ray."""
+    try:
+        import ray
+
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    except Exception:  # outside Ray: leave torch's own default
+        return None
+    return max(1, int(cpus)) if cpus else None
