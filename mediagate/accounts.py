@@ -288,24 +288,21 @@ class RedisAccountStore:
         return bool(self._redis.hsetnx(self._api_key(key_hash), "revoked_at", repr(self._clock())))
 
     async def authenticate(self, key: str) -> Account | None:
-        from mediagate.state import StoreUnavailable
+        from mediagate.state.redis_store import call_redis
 
         if not key.startswith(KEY_PREFIX):
             return None
-        try:
+
+        async def lookup() -> dict[str, str] | None:
             fields = await self._async.hgetall(self._api_key(hash_key(key)))
             if not fields or "revoked_at" in fields:
                 return None
-            account = await self._async.hgetall(self._account_key(fields["account_id"]))
-        except OSError as error:
-            raise StoreUnavailable(f"redis at {self.url} is unreachable: {error}") from error
-        except Exception as error:
-            from redis.exceptions import ConnectionError as RedisConnectionError
-            from redis.exceptions import TimeoutError as RedisTimeoutError
+            account: dict[str, str] = await self._async.hgetall(
+                self._account_key(fields["account_id"])
+            )
+            return account
 
-            if isinstance(error, RedisConnectionError | RedisTimeoutError):
-                raise StoreUnavailable(f"redis at {self.url} is unreachable: {error}") from error
-            raise
+        account = await call_redis(self.url, lookup)
         return self._account(account) if account else None
 
 

@@ -65,6 +65,17 @@ def blocking_pool(url: str, *, decode_responses: bool = False) -> Any:
     )
 
 
+async def call_redis(url: str, operation: Callable[[], Awaitable[T]]) -> T:
+    """Run ``operation``; a Redis that cannot be reached becomes ``StoreUnavailable`` (503)."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    try:
+        return await operation()
+    except (RedisConnectionError, RedisTimeoutError, OSError) as error:
+        raise StoreUnavailable(f"redis at {url} is unreachable: {error}") from error
+
+
 class RedisStateStore:
     """``JobStore`` on Redis, through ``redis.asyncio``."""
 
@@ -78,13 +89,7 @@ class RedisStateStore:
         self._locks: dict[str, asyncio.Lock] = {}
 
     async def _call(self, operation: Callable[[], Awaitable[T]]) -> T:
-        from redis.exceptions import ConnectionError as RedisConnectionError
-        from redis.exceptions import TimeoutError as RedisTimeoutError
-
-        try:
-            return await operation()
-        except (RedisConnectionError, RedisTimeoutError, OSError) as error:
-            raise StoreUnavailable(f"redis at {self.url} is unreachable: {error}") from error
+        return await call_redis(self.url, operation)
 
     async def create_job(self, job: VideoJobRecord) -> None:
         async def create() -> None:
