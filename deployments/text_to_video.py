@@ -22,7 +22,7 @@ from typing import Any
 from deployments.jobs import VideoGeneration, VideoOutcome, VideoTask
 from mediagate.artifacts import ArtifactConfig, ArtifactStore, open_artifact_store
 from mediagate.ledger import finish_reservation
-from mediagate.state import JobStore, StateConfig, open_state_store
+from mediagate.state import JobStore, StateConfig, VideoJobRecord, open_state_store
 from models.catalog import ModelSpec
 from models.device import assigned_cpus
 from models.encoding import encode_mp4, encode_spritesheet, encode_thumbnail, to_uint8_frames
@@ -161,14 +161,17 @@ class TextToVideo:
             changes["progress"] = progress
         if starting:
             changes["worker_started_at"] = now
-        updated = await self.store.update_job(
+        return await self._write(task, changes) is not None
+
+    async def _write(self, task: VideoTask, changes: dict[str, Any]) -> VideoJobRecord | None:
+        """Change the job only while it is still this dispatch's (in progress, same attempt)."""
+        return await self.store.update_job(
             task.account_id,
             task.job_id,
             expect_status=("in_progress",),
             expect_attempt=task.attempt,
             changes=changes,
         )
-        return updated is not None
 
     async def _heartbeat(self, task: VideoTask, cancelled: threading.Event) -> None:
         """Renews the lease while the pipeline runs, whatever a single step costs."""
@@ -251,12 +254,9 @@ class TextToVideo:
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
         now = self._clock()
-        completed = await self.store.update_job(
-            task.account_id,
-            task.job_id,
-            expect_status=("in_progress",),
-            expect_attempt=task.attempt,
-            changes={
+        completed = await self._write(
+            task,
+            {
                 "status": "completed",
                 "progress": 100,
                 "completed_at": now,
@@ -283,12 +283,9 @@ class TextToVideo:
             if isinstance(error, ValueError) and task.generation.input_reference
             else f"model {self.spec.id} failed to generate this video"
         )
-        failed = await self.store.update_job(
-            task.account_id,
-            task.job_id,
-            expect_status=("in_progress",),
-            expect_attempt=task.attempt,
-            changes={
+        failed = await self._write(
+            task,
+            {
                 "status": "failed",
                 "completed_at": self._clock(),
                 "expires_at": self._clock() + task.content_ttl_s,
