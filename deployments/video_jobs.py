@@ -246,16 +246,21 @@ class VideoJobs:
             except Exception as error:
                 logger.warning("could not delete %s of %s: %r", artifact_id, job.id, error)
 
-    async def content(
-        self, account: Account, video_id: str, variant: VideoVariant
-    ) -> tuple[bytes, str]:
+    async def _completed(self, account: Account, video_id: str, why: str) -> VideoJobRecord:
+        """The account's job, which must have completed (400 ``video_not_ready`` otherwise)."""
         job = await self.get(account, video_id)
         if job.status != "completed":
             raise InvalidRequest(
-                f"video {video_id} is {job.status}; content exists once it is completed",
+                f"video {video_id} is {job.status}; {why}",
                 param="video_id",
                 code="video_not_ready",
             )
+        return job
+
+    async def content(
+        self, account: Account, video_id: str, variant: VideoVariant
+    ) -> tuple[bytes, str]:
+        job = await self._completed(account, video_id, "content exists once it is completed")
         if job.expires_at is not None and self.gateway.clock() >= job.expires_at:
             raise Gone(f"the content of video {video_id} has expired", param="video_id")
         artifact_id = job.artifacts.get(variant)
@@ -269,13 +274,7 @@ class VideoJobs:
     ) -> tuple[VideoJobRecord, dict[str, str]]:
         """A new job with the source's model, size, length and seed, and a new prompt."""
         self.gateway.check_prompt(body.prompt)
-        source = await self.get(account, video_id)
-        if source.status != "completed":
-            raise InvalidRequest(
-                f"video {video_id} is {source.status}; only completed videos can be remixed",
-                param="video_id",
-                code="video_not_ready",
-            )
+        source = await self._completed(account, video_id, "only completed videos can be remixed")
         spec = self.gateway.model(source.model)
         generation = VideoGeneration.model_validate({**source.generation, "prompt": body.prompt})
         if generation.input_reference is not None:  # the remix must outlive its source
