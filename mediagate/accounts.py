@@ -14,11 +14,13 @@ import secrets
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from mediagate.state.sqlite_connections import SqliteConnections
 
 if TYPE_CHECKING:
     from mediagate.state import StateConfig
@@ -73,24 +75,18 @@ class KeyInfo:
 
 
 class SqliteAccountStore:
-    """Accounts and hashed API keys; one connection per call, safe across processes."""
+    """Accounts and hashed API keys; a connection per thread, safe across processes."""
 
     def __init__(self, path: str | Path, *, clock: Callable[[], float] = time.time) -> None:
         self.path = Path(path)
         self._clock = clock
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._connections = SqliteConnections(self.path, "PRAGMA foreign_keys=ON")
         with self._connect() as db:
             db.executescript(_SCHEMA)
 
-    @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA foreign_keys=ON")
-            yield db
-        finally:
-            db.close()
+    def _connect(self) -> AbstractContextManager[sqlite3.Connection]:
+        return self._connections.connection()
 
     def ensure_account(self, name: str, tier: str, *, created_at: float | None = None) -> Account:
         """The account called ``name``, created with ``tier`` if it does not exist yet.

@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Collection, Iterator
-from contextlib import contextmanager
+from collections.abc import Collection
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
-from mediagate.state.base import DocumentChange, ListOrder, StoreUnavailable, T
+from mediagate.state.base import DocumentChange, ListOrder, T
 from mediagate.state.records import ACTIVE_STATUSES, FINAL_STATUSES, VideoJobRecord
+from mediagate.state.sqlite_connections import SqliteConnections
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS video_jobs (
@@ -48,21 +49,12 @@ class SqliteStateStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._connections = SqliteConnections(self.path, "PRAGMA synchronous=NORMAL")
         with self._connect() as db:
             db.executescript(_SCHEMA)
 
-    @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        try:
-            db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        except sqlite3.Error as error:
-            raise StoreUnavailable(f"cannot open {self.path}: {error}") from error
-        try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
-            yield db
-        finally:
-            db.close()
+    def _connect(self) -> AbstractContextManager[sqlite3.Connection]:
+        return self._connections.connection()
 
     @staticmethod
     def _row(job: VideoJobRecord) -> tuple[Any, ...]:
