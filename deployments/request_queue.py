@@ -42,6 +42,7 @@ class Ticket(Generic[JobT]):
     enqueued_at: float
     future: asyncio.Future[Any] = field(repr=False)
     deadline: float = float("inf")
+    preemptions: int = 0  # times a running batch holding it was taken back
 
 
 class _Class(Generic[JobT]):
@@ -53,6 +54,13 @@ class _Class(Generic[JobT]):
 
     def push(self, ticket: Ticket[JobT]) -> None:
         self.accounts.setdefault(ticket.job.account_id, deque()).append(ticket)
+        self.size += 1
+
+    def push_front(self, ticket: Ticket[JobT]) -> None:
+        """Put a taken-back ticket first in its account's line, and that account first."""
+        account = ticket.job.account_id
+        self.accounts.setdefault(account, deque()).appendleft(ticket)
+        self.accounts.move_to_end(account, last=False)
         self.size += 1
 
     def discard(self, ticket: Ticket[JobT]) -> bool:
@@ -98,6 +106,10 @@ class FairQueue(Generic[JobT]):
 
     def push(self, ticket: Ticket[JobT]) -> None:
         self._classes.setdefault(ticket.job.priority_class, _Class()).push(ticket)
+
+    def requeue(self, ticket: Ticket[JobT]) -> None:
+        """Return a ticket whose batch was preempted: it keeps its place at the front."""
+        self._classes.setdefault(ticket.job.priority_class, _Class()).push_front(ticket)
 
     def discard(self, ticket: Ticket[JobT]) -> bool:
         """Remove a ticket whose submitter went away; ``False`` if it was not queued."""

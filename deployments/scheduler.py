@@ -20,6 +20,7 @@ from typing import Any
 from deployments.capacity import ReplicaCounter, WorkerSlots, serve_replica_counter
 from deployments.errors import GenerationFailed, MediagateError, Overloaded, unwrap
 from deployments.jobs import ImageJob, ImageResult
+from deployments.preemption import PreemptionPolicy, RunningBatch, batch_to_preempt
 from deployments.request_queue import FairQueue, Ticket
 from deployments.shedding import admit_or_shed, estimate_wait_s, updated_service_time
 from models.catalog import Batching, ModelSpec
@@ -51,7 +52,10 @@ class SchedulerMetrics:
         )
         self.decisions = metrics.Counter(
             "mediagate_scheduler_decisions",
-            description="Requests admitted, shed at once, or expired in the queue, per class.",
+            description=(
+                "Requests admitted, shed at once, expired in the queue, or preempted "
+                "(taken back from a worker for higher-priority work), per class."
+            ),
             tag_keys=_tags("model", "priority_class", "decision"),
         )
 
@@ -64,6 +68,29 @@ class SchedulerMetrics:
             tags = {"model": self.model, "priority_class": str(cls)}
             self.queue_length.set(queue_by_class.get(cls, 0), tags=tags)
         self.inflight.set(busy, tags={"model": self.model})
+
+
+class _InFlight:
+    """One batch on a worker slot: its tickets, the worker call, and whether it is
+    being taken back for higher-priority work."""
+
+    def __init__(self, batch_id: int, tickets: list[Ticket[ImageJob]], started_at: float) -> None:
+        self.batch_id = batch_id
+        self.tickets = tickets
+        self.started_at = started_at
+        self.priority_class = tickets[0].job.priority_class
+        self.response: Any = None
+        self.preempted = False
+
+    def view(self, expected_s: float | None) -> RunningBatch:
+        return RunningBatch(
+            batch_id=self.batch_id,
+            priority_class=self.priority_class,
+            started_at=self.started_at,
+            expected_s=expected_s,
+            preemptions=max(ticket.preemptions for ticket in self.tickets),
+            stopping=self.preempted,
+        )
 
 
 class Scheduler:
@@ -88,7 +115,9 @@ class Scheduler:
         self.counts: Counter[str] = Counter()  # admitted/shed/expired per class
         self._metrics = SchedulerMetrics(self.spec.id)
         self._classes_seen: set[int] = set()
-        self._running_classes: Counter[int] = Counter()  # what each busy slot serves
+        self._in_flight: dict[int, _InFlight] = {}  # what each busy slot serves
+        self._batch_ids = 0
+        self.preemption = PreemptionPolicy()
         self._batching: Batching = self.spec.batching
         if count_replicas is None and worker_deployment is not None:
             count_replicas = serve_replica_counter(worker_deployment)
@@ -111,6 +140,8 @@ class Scheduler:
         if "min_shares" in config:  # e.g. {0: 0.1}: class 0 gets >= 10% of dispatches
             shares = {int(cls): float(share) for cls, share in config["min_shares"].items()}
             self._queue.min_shares = shares
+        if "preemption" in config:  # e.g. {"enabled": false} or {"min_remaining_fraction": 0.5}
+            self.preemption = PreemptionPolicy.from_config(config["preemption"] or {})
 
     def _ensure_started(self) -> None:
         if self._dispatcher is None:
@@ -172,10 +203,21 @@ class Scheduler:
                     busy=self._slots.busy,
                     slots=self.capacity,
                     service_s=service_s,
+                    share_above=self._queue.share_above(cls),
                 ),
                 3,
             )
             for cls in sorted(classes)
+        }
+
+    def published_load(self) -> dict[str, Any]:
+        """What routers need to refuse early without asking: per class, the wait of a
+        new account's request and the queue length (class numbers as strings)."""
+        return {
+            "wait_estimate_s_by_class": {
+                str(cls): wait for cls, wait in self.wait_estimates_s().items()
+            },
+            "queue_by_class": {str(cls): n for cls, n in self._queue.length_by_class().items()},
         }
 
     def stats(self) -> dict[str, Any]:
@@ -188,7 +230,7 @@ class Scheduler:
             "replicas": self._slots.replicas,
             "max_batch_size": self._batching.max_batch_size,
             "queue_by_class": self._queue.length_by_class(),
-            "running_by_class": {c: n for c, n in self._running_classes.items() if n},
+            "running_by_class": dict(Counter(b.priority_class for b in self._in_flight.values())),
             "wait_estimate_s_by_class": self.wait_estimates_s(),
             "service_s": {str(key): round(value, 4) for key, value in self._service_s.items()},
             **self.counts,
@@ -220,10 +262,44 @@ class Scheduler:
             if not batch:
                 continue
             self._slots.acquire()
-            task = asyncio.create_task(self._run(batch))
+            self._batch_ids += 1
+            in_flight = _InFlight(self._batch_ids, batch, self._clock())
+            self._in_flight[in_flight.batch_id] = in_flight
+            task = asyncio.create_task(self._run(in_flight))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        if len(self._queue) and not self._slots.free:
+            self._preempt_for_waiting_work()
         return None
+
+    def _preempt_for_waiting_work(self) -> None:
+        """Take back at most one lower-class batch per waiting request of the top class."""
+        by_class = self._queue.length_by_class()
+        waiting_class = max(by_class)
+        stopping = sum(1 for batch in self._in_flight.values() if batch.preempted)
+        if stopping >= by_class[waiting_class]:
+            return
+        victim = batch_to_preempt(
+            [
+                batch.view(self._service_s.get(batch.tickets[0].job.batch_key))
+                for batch in self._in_flight.values()
+                if batch.response is not None
+            ],
+            waiting_class,
+            now=self._clock(),
+            policy=self.preemption,
+        )
+        if victim is None:
+            return
+        in_flight = self._in_flight[victim.batch_id]
+        in_flight.preempted = True
+        in_flight.response.cancel()  # the worker stops at its next denoising step
+        logger.info(
+            "preempting batch of class %d (%s) for class %d work",
+            in_flight.priority_class,
+            ", ".join(t.job.request_id for t in in_flight.tickets),
+            waiting_class,
+        )
 
     def _count(self, decision: str, priority_class: int) -> None:
         self.counts[f"{decision}_class_{priority_class}"] += 1
@@ -245,13 +321,15 @@ class Scheduler:
                     )
                 )
 
-    async def _run(self, batch: list[Ticket[ImageJob]]) -> None:
-        started = self._clock()
-        running_class = batch[0].job.priority_class  # a preemption policy would read this
-        self._running_classes[running_class] += 1
+    async def _run(self, in_flight: _InFlight) -> None:
+        batch = in_flight.tickets
         try:
-            results = await self._worker.generate.remote([ticket.job for ticket in batch])
+            in_flight.response = self._worker.generate.remote([ticket.job for ticket in batch])
+            results = await in_flight.response
         except Exception as error:
+            if in_flight.preempted:
+                self._requeue(batch)
+                return
             cause = unwrap(error)
             if not isinstance(cause, MediagateError):
                 logger.error("worker call failed: %r", error)
@@ -262,14 +340,23 @@ class Scheduler:
         else:
             key = batch[0].job.batch_key
             self._service_s[key] = updated_service_time(
-                self._service_s.get(key), self._clock() - started
+                self._service_s.get(key), self._clock() - in_flight.started_at
             )
             for ticket, result in zip(batch, results, strict=True):
                 if not ticket.future.done():
                     ticket.future.set_result(result)
         finally:
-            self._running_classes[running_class] -= 1
+            del self._in_flight[in_flight.batch_id]
             self._slots.release()
+
+    def _requeue(self, batch: list[Ticket[ImageJob]]) -> None:
+        """A preempted batch's requests go back first in line (their callers still wait)."""
+        for ticket in reversed(batch):
+            if ticket.future.done():
+                continue
+            ticket.preemptions += 1
+            self._queue.requeue(ticket)
+            self._count("preempted", ticket.job.priority_class)
 
     async def shutdown(self) -> None:
         for task in (self._dispatcher, self._capacity_watcher, *self._tasks):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,15 +28,41 @@ logger = logging.getLogger(__name__)
 PipelineLoader = Callable[..., Any]
 
 
-def generate_batch(pipeline: Any, jobs: list[ImageJob]) -> list[ImageResult]:
-    """Run one pipeline call for same-shape ``jobs`` and encode each job's images."""
+class BatchStopped(Exception):
+    """The scheduler took the batch back (to run higher-priority work) mid-way."""
+
+
+def stop_when_set(stop: threading.Event) -> Callable[..., dict[str, Any]]:
+    """A ``callback_on_step_end`` that ends the denoising loop once ``stop`` is set."""
+
+    def callback(pipeline: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> Any:
+        if stop.is_set():
+            # The interrupt flag makes diffusers skip the remaining steps; raising also
+            # skips the VAE decode of images nobody will receive.
+            pipeline._interrupt = True
+            raise BatchStopped(f"stopped after step {step + 1}")
+        return kwargs
+
+    return callback
+
+
+def generate_batch(
+    pipeline: Any, jobs: list[ImageJob], stop: threading.Event | None = None
+) -> list[ImageResult]:
+    """Run one pipeline call for same-shape ``jobs`` and encode each job's images;
+    setting ``stop`` ends it at the next denoising step with ``BatchStopped``."""
     import torch
 
     if len({job.batch_key for job in jobs}) != 1:
         raise InvalidRequest("a batch must share width, height, steps and guidance")
     generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in image_seeds(jobs)]
+    extra: dict[str, Any] = {}
+    if stop is not None:
+        extra["callback_on_step_end"] = stop_when_set(stop)
     started = time.perf_counter()
-    output = pipeline(**pipeline_call_kwargs(jobs), generator=generators, output_type="pil")
+    output = pipeline(
+        **pipeline_call_kwargs(jobs), generator=generators, output_type="pil", **extra
+    )
     inference_s = time.perf_counter() - started
     images = list(output.images)
     results: list[ImageResult] = []
@@ -95,9 +122,23 @@ class TextToImage:
         logger.info("%s warmed up in %.2fs", self.spec.id, time.perf_counter() - started)
 
     async def generate(self, jobs: list[ImageJob]) -> list[ImageResult]:
-        """Generate a batch off the event loop so health checks stay answered."""
+        """Generate a batch off the event loop so health checks stay answered.
+
+        A caller that cancels the call (the scheduler preempting the batch) stops the
+        pipeline at its next step; the call ends only once the pipeline has stopped,
+        so the replica is free when Serve sends it the next batch.
+        """
+        stop = threading.Event()
+        run = asyncio.ensure_future(asyncio.to_thread(generate_batch, self.pipeline, jobs, stop))
         try:
-            return await asyncio.to_thread(generate_batch, self.pipeline, jobs)
+            return await asyncio.shield(run)
+        except asyncio.CancelledError:
+            stop.set()
+            await asyncio.wait({run})
+            if not run.cancelled():
+                run.exception()  # BatchStopped, or whatever ended it: nobody awaits it now
+            logger.info("batch %s stopped early", [job.request_id for job in jobs])
+            raise
         except InvalidRequest:
             raise
         except Exception as error:

@@ -35,6 +35,11 @@ class FakeSchedulerHandle:
         self.fail_with = fail_with
         self.submit = _Method(self._submit)
         self.stats = _Method(self._stats)
+        self.load: dict[str, Any] = {"wait_estimate_s_by_class": {}, "queue_by_class": {}}
+        self.published_load = _Method(self._published_load)
+
+    async def _published_load(self) -> dict[str, Any]:
+        return self.load
 
     async def _stats(self) -> dict[str, Any]:
         return {
@@ -64,15 +69,47 @@ class FakeSchedulerHandle:
         )
 
 
+class FakeResponse:
+    """Like Serve's DeploymentResponse: awaitable, and ``cancel()`` makes the awaiting
+    caller see ``RequestCancelledError`` (the worker sees ``CancelledError``)."""
+
+    def __init__(self, coroutine: Any) -> None:
+        self._task = asyncio.ensure_future(coroutine)
+
+    def cancel(self) -> None:
+        self._task.cancel()
+
+    def __await__(self) -> Any:
+        return self._result().__await__()
+
+    async def _result(self) -> Any:
+        from ray.serve.exceptions import RequestCancelledError
+
+        try:
+            return await self._task
+        except asyncio.CancelledError:
+            if self._task.cancelled():
+                raise RequestCancelledError("fake") from None
+            raise
+
+
 class FakeWorkerHandle:
     """A worker whose batches finish only when the test releases them."""
 
     def __init__(self) -> None:
         self.batches: list[list[ImageJob]] = []
+        self.stopped: list[list[str]] = []  # request ids of batches taken back mid-way
         self.release = asyncio.Event()
         self.started = asyncio.Event()
         self._arrived = asyncio.Condition()
-        self.generate = _Method(self._generate)
+        self.generate = _Method(lambda jobs: FakeResponse(self._generate_or_stop(jobs)))
+
+    async def _generate_or_stop(self, jobs: list[ImageJob]) -> list[ImageResult]:
+        try:
+            return await self._generate(jobs)
+        except asyncio.CancelledError:
+            self.stopped.append([job.request_id for job in jobs])
+            raise
 
     async def wait_for_batches(self, count: int) -> None:
         async with self._arrived:

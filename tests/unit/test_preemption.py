@@ -1,0 +1,168 @@
+"""Preemption: the pure decision, the scheduler taking a slot back for pro work, and
+the worker stopping a batch at the next denoising step when its call is cancelled."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deployments.preemption import PreemptionPolicy, RunningBatch, batch_to_preempt
+from deployments.scheduler import Scheduler
+from deployments.text_to_image import BatchStopped, TextToImage, generate_batch
+from models.simulated import SimulatedPipeline
+from tests.fakes import FakeClock, FakeWorkerHandle
+from tests.unit.test_queue_discipline import SPEC, count_one, job
+
+POLICY = PreemptionPolicy(min_remaining_fraction=0.3, max_per_request=1)
+
+
+def running(batch_id: int, cls: int, started_at: float, **fields: Any) -> RunningBatch:
+    values: dict[str, Any] = {
+        "batch_id": batch_id,
+        "priority_class": cls,
+        "started_at": started_at,
+        "expected_s": 10.0,
+        "preemptions": 0,
+    }
+    return RunningBatch(**(values | fields))
+
+
+def test_only_lower_classes_with_enough_work_left_are_preempted() -> None:
+    free_early = running(1, 0, started_at=100.0)  # 10% done at t=101
+    free_late = running(2, 0, started_at=92.0)  # 90% done: cheaper to wait for it
+    plus = running(3, 1, started_at=100.0)
+    assert batch_to_preempt([free_late, free_early, plus], 2, now=101.0, policy=POLICY) == (
+        free_early
+    )
+    assert batch_to_preempt([free_late, plus], 2, now=101.0, policy=POLICY) == plus
+    assert batch_to_preempt([free_late], 2, now=101.0, policy=POLICY) is None
+    # Never for the same or a lower class.
+    assert batch_to_preempt([plus], 1, now=101.0, policy=POLICY) is None
+    assert batch_to_preempt([free_early], 0, now=101.0, policy=POLICY) is None
+
+
+def test_preemption_limits() -> None:
+    fresh = running(1, 0, started_at=100.0)
+    assert batch_to_preempt([fresh], 2, now=100.0, policy=PreemptionPolicy(enabled=False)) is None
+
+    # A request already taken back once runs to the end: it cannot starve.
+    def decide(batch: RunningBatch) -> RunningBatch | None:
+        return batch_to_preempt([batch], 2, now=100.0, policy=POLICY)
+
+    assert decide(running(1, 0, 100.0, preemptions=1)) is None
+    # Unknown length (nothing measured yet) or already stopping: left alone.
+    assert decide(running(1, 0, 100.0, expected_s=None)) is None
+    assert decide(running(1, 0, 100.0, stopping=True)) is None
+    assert decide(running(1, 0, 100.0)) is not None
+    with pytest.raises(ValueError, match="min_remaining_fraction"):
+        PreemptionPolicy.from_config({"min_remaining_fraction": 2})
+
+
+async def learn_service_time(
+    scheduler: Scheduler, worker: FakeWorkerHandle, clock: FakeClock
+) -> None:
+    first = asyncio.create_task(scheduler.submit(job("warm", max_wait_s=600)))
+    await worker.started.wait()
+    clock.advance(10)  # the shape takes 10 s
+    worker.release.set()
+    await first
+    worker.release.clear()
+
+
+async def test_pro_request_takes_the_slot_of_a_free_batch_that_just_started() -> None:
+    worker = FakeWorkerHandle()
+    clock = FakeClock(0.0)
+    scheduler = Scheduler(worker, SPEC, count_replicas=count_one, clock=clock)
+    scheduler.reconfigure({"batching": {"max_batch_size": 1}})
+    await learn_service_time(scheduler, worker, clock)
+    free = asyncio.create_task(scheduler.submit(job("free", "f", cls=0, max_wait_s=600)))
+    other_free = asyncio.create_task(scheduler.submit(job("free2", "g", cls=0, max_wait_s=600)))
+    await worker.wait_for_batches(2)
+    clock.advance(2)  # 80% of the free batch is still ahead
+    pro = asyncio.create_task(scheduler.submit(job("pro", "p", cls=2, max_wait_s=600)))
+    await worker.wait_for_batches(3)
+    assert worker.stopped == [["free"]]
+    assert [b[0].request_id for b in worker.batches] == ["warm", "free", "pro"]
+    assert scheduler.stats()["preempted_class_0"] == 1
+    assert scheduler.stats()["queue_by_class"] == {0: 2}
+    # A second pro request while the preempted free request re-runs: it waits its turn.
+    worker.release.set()
+    await pro
+    worker.release.clear()
+    await worker.wait_for_batches(4)
+    assert worker.batches[3][0].request_id == "free"  # back first in line
+    late_pro = asyncio.create_task(scheduler.submit(job("pro2", "p", cls=2, max_wait_s=600)))
+    await asyncio.sleep(0.01)
+    assert worker.stopped == [["free"]] and len(worker.batches) == 4
+    worker.release.set()
+    results = await asyncio.gather(free, late_pro, other_free)
+    assert [r.request_id for r in results] == ["free", "pro2", "free2"]
+    assert [b[0].request_id for b in worker.batches][4:] == ["pro2", "free2"]
+    await scheduler.shutdown()
+
+
+async def test_nearly_finished_batches_and_disabled_policy_are_waited_for() -> None:
+    worker = FakeWorkerHandle()
+    clock = FakeClock(0.0)
+    scheduler = Scheduler(worker, SPEC, count_replicas=count_one, clock=clock)
+    scheduler.reconfigure({"batching": {"max_batch_size": 1}, "preemption": {"enabled": False}})
+    await learn_service_time(scheduler, worker, clock)
+    free = asyncio.create_task(scheduler.submit(job("free", "f", cls=0, max_wait_s=600)))
+    await worker.wait_for_batches(2)
+    pro = asyncio.create_task(scheduler.submit(job("pro", "p", cls=2, max_wait_s=600)))
+    await asyncio.sleep(0.01)
+    scheduler.reconfigure({"preemption": {"min_remaining_fraction": 0.3}})
+    clock.advance(8)  # 20% left: cheaper to wait
+    free2 = asyncio.create_task(scheduler.submit(job("free2", "g", cls=0, max_wait_s=600)))
+    await asyncio.sleep(0.01)
+    assert worker.stopped == [] and len(worker.batches) == 2
+    worker.release.set()
+    await asyncio.gather(free, pro, free2)
+    assert [b[0].request_id for b in worker.batches] == ["warm", "free", "pro", "free2"]
+    await scheduler.shutdown()
+
+
+def test_a_set_stop_ends_the_real_tiny_pipeline_after_one_step(tmp_path: Path) -> None:
+    from models.catalog import load_catalog
+    from models.loading import load_pipeline
+
+    pipeline = load_pipeline(load_catalog().models["tiny-sd"], cache_dir=tmp_path)
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(BatchStopped, match="after step 1"):
+        generate_batch(pipeline, [job("x", num_inference_steps=50)], stop)
+    # Not set: the same call runs through.
+    (result,) = generate_batch(pipeline, [job("y", num_inference_steps=2)], threading.Event())
+    assert result.images[0][:4] == b"\x89PNG"
+
+
+async def test_cancelling_a_worker_call_stops_the_pipeline_at_the_next_step() -> None:
+    pipeline = SimulatedPipeline(step_ms=50)
+    worker = TextToImage(SPEC, cache_dir="unused", load=lambda spec, cache_dir: pipeline)
+    steps_done: list[int] = []
+    original = pipeline.__call__
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        callback = kwargs["callback_on_step_end"]
+
+        def count(p: Any, step: int, timestep: Any, state: dict[str, Any]) -> Any:
+            steps_done.append(step)
+            return callback(p, step, timestep, state)
+
+        return original(*args, **(kwargs | {"callback_on_step_end": count}))
+
+    pipeline.__call__ = counting  # type: ignore[method-assign]
+    worker.pipeline = counting
+    call = asyncio.create_task(worker.generate([job("long", num_inference_steps=40)]))
+    await asyncio.sleep(0.2)
+    started = time.perf_counter()
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
+    assert time.perf_counter() - started < 0.15  # one 50 ms step at most
+    assert 2 <= len(steps_done) <= 6  # of 40
