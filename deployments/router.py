@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Annotated, Any
@@ -22,7 +23,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field, ValidationError
 
-from deployments.errors import InvalidRequest, NotFound, Unauthorized
+from deployments.errors import InvalidRequest, NotFound, Overloaded, Unauthorized
 from deployments.http_edge import EdgeMiddleware, install_error_handlers, invalid_request_from
 from deployments.jobs import ImageJob, ImageResult, draw_seed
 from deployments.protocol import (
@@ -38,6 +39,7 @@ from deployments.protocol import (
     VideoObject,
     VideoRemixRequest,
 )
+from deployments.shedding import shed_on_published_load
 from deployments.video_jobs import VideoJobs, parse_video_form
 from mediagate.accounts import Account, AccountStore, hash_key, open_account_store
 from mediagate.admission import TierGuard, rate_limit_headers
@@ -60,7 +62,13 @@ from mediagate.state import (
     open_state_store,
 )
 from mediagate.state.records import VideoVariant
-from mediagate.tiers import TierPolicy, check_image_caps, load_tier_policy, parse_tier_policy
+from mediagate.tiers import (
+    Tier,
+    TierPolicy,
+    check_image_caps,
+    load_tier_policy,
+    parse_tier_policy,
+)
 from models.catalog import Catalog, ModelSpec, Task, load_catalog
 
 logger = logging.getLogger(__name__)
@@ -87,6 +95,12 @@ class RouterSettings(BaseModel):
     )
     poll_after_ms: int = Field(
         1000, ge=50, description="`openai-poll-after-ms` on video GETs: how often clients poll."
+    )
+    load_refresh_s: float = Field(
+        0.2, gt=0, description="How often the router reads each image scheduler's wait estimates."
+    )
+    load_max_age_s: float = Field(
+        2.0, gt=0, description="Older wait estimates are not used to refuse requests early."
     )
 
 
@@ -118,6 +132,9 @@ class Gateway:
         self.started_at = int(clock())
         # Accounts last seen per key hash, used only while the store is unreachable.
         self._seen: dict[str, tuple[Account, float]] = {}
+        # Per image model: the load its scheduler last published, and when it arrived.
+        self._published_load: dict[str, tuple[dict[str, Any], float]] = {}
+        self.shed_by_router: Counter[str] = Counter()  # per tier, this replica only
 
     async def authenticate(self, authorization: str | None) -> Account:
         if not authorization:
@@ -206,6 +223,7 @@ class Gateway:
             height=job.height,
             steps=job.num_inference_steps,
         )
+        self.refuse_if_overloaded(spec.id, account.tier, tier)
         admission = await self.guard.admit(account, kind="image", units=job.images)
         delivered = False
         try:
@@ -227,6 +245,44 @@ class Gateway:
             quality=body.quality,
         )
         return response, rate_limit_headers(admission.usage)
+
+    def refuse_if_overloaded(self, model_id: str, tier_name: str, tier: Tier) -> None:
+        """Refuse here, before any quota write or hop, what the scheduler's last
+        published load says could not start in time even for an idle account."""
+        published = self._published_load.get(model_id)
+        if published is None:
+            return
+        load, received_at = published
+        cls = str(tier.priority_class)
+        try:
+            shed_on_published_load(
+                wait_estimate_s=load["wait_estimate_s_by_class"].get(cls),
+                queued_in_class=load["queue_by_class"].get(cls, 0),
+                max_wait_s=tier.max_queue_wait_s,
+                max_queued=tier.max_queued,
+                age_s=self.clock() - received_at,
+                max_age_s=self.settings.load_max_age_s,
+            )
+        except Overloaded:
+            self.shed_by_router[tier_name] += 1
+            raise
+
+    async def follow_load(self) -> None:
+        """Keep a fresh copy of every image scheduler's published load (runs for the
+        router's lifetime); a scheduler that does not answer is simply not used."""
+        while True:
+            for spec in self.served_models():
+                if spec.task != "text-to-image":
+                    continue
+                try:
+                    load = await asyncio.wait_for(
+                        self.schedulers[spec.id].published_load.remote(), 2
+                    )
+                except Exception as error:
+                    logger.debug("no load from %s: %r", spec.id, error)
+                else:
+                    self._published_load[spec.id] = (load, self.clock())
+            await asyncio.sleep(self.settings.load_refresh_s)
 
     def _store_images(
         self, images: list[bytes], body: ImageGenerationRequest, base_url: str
@@ -262,7 +318,7 @@ class Gateway:
                         if key.startswith(f"{decision}_class_")
                     }
                 )
-                for decision in ("admitted", "shed", "expired")
+                for decision in ("admitted", "shed", "expired", "preempted")
             }
             models[spec.id] = {
                 "task": spec.task,
@@ -275,7 +331,12 @@ class Gateway:
                 "wait_estimate_s_by_tier": by_tier(stats.get("wait_estimate_s_by_class", {})),
                 **counts,
             }
-        return {"object": "status", "tier": account.tier, "models": models}
+        return {
+            "object": "status",
+            "tier": account.tier,
+            "models": models,
+            "shed_by_this_router": dict(self.shed_by_router),
+        }
 
     def check_prompt(self, prompt: str) -> None:
         if len(prompt) > self.settings.max_prompt_chars:
@@ -571,7 +632,7 @@ class Router:
         return dict(self.gateway.guard.counters)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return create_api(self.gateway, background=[self._sweep])
+        return create_api(self.gateway, background=[self._sweep, self.gateway.follow_load])
 
     async def _sweep(self) -> None:
         """Delete image files whose URLs have expired (with a minute's grace) and the

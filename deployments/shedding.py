@@ -60,6 +60,33 @@ def admit_or_shed(
         )
 
 
+def shed_on_published_load(
+    *,
+    wait_estimate_s: float | None,
+    queued_in_class: int,
+    max_wait_s: float,
+    max_queued: int | None,
+    age_s: float,
+    max_age_s: float,
+) -> None:
+    """The router's early refusal, from the load its scheduler last published: raise
+    ``Overloaded`` when even an account with nothing queued would wait too long, or the
+    class's queue is full. No fresh view (or none yet): return, the scheduler decides."""
+    if wait_estimate_s is None or age_s > max_age_s:
+        return
+    if max_queued is not None and queued_in_class >= max_queued:
+        raise Overloaded(
+            "the queue for your tier is full; please retry shortly",
+            retry_after_s=max(1.0, wait_estimate_s - max_wait_s),
+        )
+    if wait_estimate_s > max_wait_s:
+        raise Overloaded(
+            f"the service is busy: your request would wait about {wait_estimate_s:.0f}s, longer "
+            f"than your tier's {max_wait_s:g}s; please retry later",
+            retry_after_s=max(1.0, wait_estimate_s - max_wait_s),
+        )
+
+
 def updated_service_time(previous: float | None, measured: float) -> float:
     if previous is None:
         return measured

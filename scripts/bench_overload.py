@@ -12,7 +12,8 @@ router (tiers, quotas) -> scheduler (priority, fairness, shedding) -> worker.
 Prints a summary and, on its last line, one JSON object: pro p50/p99 at 10x over
 pro p99 unloaded, pro success rate, free rejection latency p99 (client) and the
 router's own time for rejections p99 (x-mediagate-handled-ms), goodput / C, shed
-counts per tier, and the memory of the router and scheduler before and after.
+counts per tier (at the router and at the scheduler), preemptions, and the memory
+of the router and scheduler (sampled every second; growth over the second half).
 Usage: python scripts/bench_overload.py [--step-ms 40] [--seconds 20]
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -130,18 +132,42 @@ async def capacity(client: httpx.AsyncClient, key: str, seconds: float) -> float
     return sum(o.status == 200 for o in sink) / (time.perf_counter() - started)
 
 
-def actor_memory_mb(app: str) -> dict[str, float]:
-    import psutil
+def actor_pids(app: str) -> dict[str, int]:
     import ray
 
-    sizes = {}
+    pids = {}
     for actor in ray.util.list_named_actors(all_namespaces=True):
         for name in ("Router", "Scheduler-sim"):
             if f"{app}#{name}#" in actor["name"]:
                 handle = ray.get_actor(actor["name"], namespace=actor["namespace"])
-                pid = ray.get(handle.__ray_call__.remote(lambda self: __import__("os").getpid()))
-                sizes[name] = psutil.Process(pid).memory_info().rss / 2**20
-    return sizes
+                pids[name] = ray.get(handle.__ray_call__.remote(lambda self: os.getpid()))
+    return pids
+
+
+async def sample_memory(pids: dict[str, int], every_s: float, sink: list[dict[str, float]]) -> None:
+    """RSS of the router and scheduler (MB) every ``every_s`` until cancelled."""
+    import psutil
+
+    processes = {name: psutil.Process(pid) for name, pid in pids.items()}
+    while True:
+        sink.append({name: p.memory_info().rss / 2**20 for name, p in processes.items()})
+        await asyncio.sleep(every_s)
+
+
+def growth_mb_per_min(samples: list[dict[str, float]], every_s: float) -> dict[str, float]:
+    """Least-squares slope of RSS over the second half of the run (after warm-up)."""
+    half = samples[len(samples) // 2 :]
+    if len(half) < 3:
+        return {}
+    xs = [index * every_s / 60 for index in range(len(half))]
+    mean_x = statistics.fmean(xs)
+    slopes = {}
+    for name in half[0]:
+        ys = [sample[name] for sample in half]
+        mean_y = statistics.fmean(ys)
+        covariance = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True))
+        slopes[name] = covariance / sum((x - mean_x) ** 2 for x in xs)
+    return slopes
 
 
 async def run(base_url: str, pro_key: str, free_keys: list[str], seconds: float) -> dict[str, Any]:
@@ -151,7 +177,8 @@ async def run(base_url: str, pro_key: str, free_keys: list[str], seconds: float)
         c = await capacity(client, pro_key, 8)
         unloaded: list[Outcome] = []
         await open_loop(client, [pro_key], "pro", 0.3 * c, seconds, unloaded)
-        memory_before = actor_memory_mb("mediagate")
+        memory: list[dict[str, float]] = []
+        sampler = asyncio.create_task(sample_memory(actor_pids("mediagate"), 1.0, memory))
         overload: list[Outcome] = []
         started = time.perf_counter()
         await asyncio.gather(
@@ -159,7 +186,7 @@ async def run(base_url: str, pro_key: str, free_keys: list[str], seconds: float)
             open_loop(client, free_keys, "free", 10 * c, seconds, overload),
         )
         elapsed = time.perf_counter() - started
-        memory_after = actor_memory_mb("mediagate")
+        sampler.cancel()
         status = (
             await client.get("/v1/status", headers={"Authorization": f"Bearer {pro_key}"})
         ).json()
@@ -169,8 +196,7 @@ async def run(base_url: str, pro_key: str, free_keys: list[str], seconds: float)
         "overload": overload,
         "elapsed": elapsed,
         "status": status,
-        "memory_before": memory_before,
-        "memory_after": memory_after,
+        "memory": memory,
     }
 
 
@@ -208,6 +234,7 @@ def main() -> None:
         ray.shutdown()
 
     c = measured["capacity"]
+    memory = measured["memory"]
     unloaded = [o for o in measured["unloaded"] if o.status == 200]
     pro = [o for o in measured["overload"] if o.tier == "pro"]
     pro_ok = [o for o in pro if o.status == 200]
@@ -236,11 +263,16 @@ def main() -> None:
         "free_shed_p99_ms": round(1000 * percentile([o.latency_s for o in free_shed], 99), 2),
         "router_shed_p99_ms": round(percentile([o.handled_ms for o in free_shed], 99), 2),
         "goodput_ratio": round(completed / measured["elapsed"] / c, 3),
-        "shed": model["shed"],
+        "shed_by_scheduler": model["shed"],
+        "shed_by_router": measured["status"]["shed_by_this_router"],
         "expired": model["expired"],
+        "preempted": model["preempted"],
         "other_statuses": sorted({o.status for o in measured["overload"]} - {200, 429, 503}),
-        "memory_mb_before": {k: round(v, 1) for k, v in measured["memory_before"].items()},
-        "memory_mb_after": {k: round(v, 1) for k, v in measured["memory_after"].items()},
+        "memory_mb_start": {k: round(v, 1) for k, v in memory[0].items()},
+        "memory_mb_end": {k: round(v, 1) for k, v in memory[-1].items()},
+        "memory_growth_mb_per_min_second_half": {
+            k: round(v, 2) for k, v in growth_mb_per_min(memory, 1.0).items()
+        },
     }
     for name, value in result.items():
         print(f"{name:>26}: {value}")

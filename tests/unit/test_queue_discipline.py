@@ -14,9 +14,15 @@ from deployments.errors import Overloaded
 from deployments.jobs import ImageJob
 from deployments.request_queue import FairQueue, Ticket
 from deployments.scheduler import Scheduler
-from deployments.shedding import admit_or_shed, estimate_wait_s, updated_service_time
+from deployments.shedding import (
+    admit_or_shed,
+    estimate_wait_s,
+    shed_on_published_load,
+    updated_service_time,
+)
 from models.catalog import load_catalog
 from tests.fakes import FakeClock, FakeWorkerHandle
+from tests.unit.harness import URL
 
 SPEC = load_catalog().models["tiny-sd"].model_dump()
 
@@ -228,3 +234,57 @@ async def test_lower_classes_count_only_the_capacity_left_to_them() -> None:
     # Only a tenth of two slots is left to free work here: its wait is ten times longer.
     assert estimate_wait_s(ahead=2, busy=0, slots=2, service_s=1, share_above=0.0) == 1
     assert estimate_wait_s(ahead=2, busy=0, slots=2, service_s=1, share_above=1.0) == 10
+
+
+def test_shedding_on_published_load_is_a_pure_decision() -> None:
+    def decide(**fields: Any) -> None:
+        values: dict[str, Any] = {
+            "wait_estimate_s": 40.0,
+            "queued_in_class": 5,
+            "max_wait_s": 30.0,
+            "max_queued": 200,
+            "age_s": 0.1,
+            "max_age_s": 2.0,
+        }
+        shed_on_published_load(**(values | fields))
+
+    with pytest.raises(Overloaded, match="about 40s") as shed:
+        decide()
+    assert shed.value.retry_after_s == 10
+    with pytest.raises(Overloaded, match="queue for your tier is full"):
+        decide(wait_estimate_s=1.0, queued_in_class=200)
+    decide(wait_estimate_s=29.0)  # fits
+    decide(age_s=3.0)  # stale: the scheduler decides
+    decide(wait_estimate_s=None)  # class never seen: the scheduler decides
+
+
+def test_router_refuses_early_from_published_load_without_a_reservation(tmp_path: Any) -> None:
+    from tests.unit.harness import Service
+
+    service = Service(tmp_path, tier="free")
+    pro = service.other_auth("paid", "pro")
+    service.scheduler.load = {
+        "wait_estimate_s_by_class": {"0": 95.0, "2": 0.4},
+        "queue_by_class": {"0": 150},
+    }
+
+    async def follow_once() -> None:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(service.gateway.follow_load(), 0.05)
+
+    asyncio.run(follow_once())
+    response = service.generate({"prompt": "a cat", "size": "64x64"})
+    assert response.status_code == 503, response.text
+    assert response.json()["error"]["code"] == "server_overloaded"
+    assert int(response.headers["retry-after"]) >= 60
+    assert service.scheduler.jobs == []  # no hop to the scheduler
+    assert service.gateway.guard.counters.get("admitted_image", 0) == 0  # no reservation
+    # Pro fits, and goes to the scheduler.
+    paid = service.client.post(URL, json={"prompt": "a cat", "size": "64x64"}, headers=pro)
+    assert paid.status_code == 200
+    assert len(service.scheduler.jobs) == 1
+    status = service.client.get("/v1/status", headers=service.auth).json()
+    assert status["shed_by_this_router"] == {"free": 1}
+    # A stale view is not used: the scheduler decides.
+    service.clock.advance(5)
+    assert service.generate({"prompt": "a cat", "size": "64x64"}).status_code == 200
