@@ -34,6 +34,7 @@ from deployments.errors import (
 logger = logging.getLogger(__name__)
 
 HANDLED_MS_HEADER = "x-mediagate-handled-ms"
+DECISION_MS_HEADER = "x-mediagate-decision-ms"
 REQUEST_ID_HEADER = "x-request-id"
 
 
@@ -143,6 +144,10 @@ class EdgeMiddleware:
                 # Time spent in the router (and what it waited on) for this answer.
                 handled_ms = f"{(time.perf_counter() - arrived) * 1000:.2f}"
                 headers.append((HANDLED_MS_HEADER.encode(), handled_ms.encode()))
+                # Image generation: the router's own time to refuse or forward the request.
+                decision_ms = scope["state"].get("decision_ms")
+                if decision_ms is not None:
+                    headers.append((DECISION_MS_HEADER.encode(), f"{decision_ms:.3f}".encode()))
                 message = {**message, "headers": headers}
             await send(message)
 

@@ -10,10 +10,19 @@ class, in the same round-robin order.
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
+
+
+def tickets_ahead(*, queued_above: int, depths: Mapping[int, int], own_depth: int) -> int:
+    """Tickets dispatched before a new one from an account with ``own_depth`` queued:
+    every ticket of higher classes (strict priority), and in its own class one per
+    account per round it waits (round-robin), ``own_depth + 1`` rounds. ``depths``
+    counts the class's accounts by how many tickets each has queued."""
+    rounds = own_depth + 1
+    return queued_above + sum(accounts * min(depth, rounds) for depth, accounts in depths.items())
 
 
 class Queueable(Protocol):
@@ -172,23 +181,31 @@ class FairQueue(Generic[JobT]):
             self._recent.append(cls)
         return batch
 
+    def queued_above(self, priority_class: int) -> int:
+        return sum(queued.size for cls, queued in self._classes.items() if cls > priority_class)
+
+    def depths(self, priority_class: int) -> Counter[int]:
+        """How many accounts of the class have 1, 2, ... tickets queued (no account ids)."""
+        same = self._classes.get(priority_class)
+        return Counter(len(own) for own in same.accounts.values()) if same else Counter()
+
     def ahead_of(self, job: JobT) -> int:
-        """Tickets that would be dispatched before ``job`` if it were pushed now (strict
-        priority; round-robin: one per account of its class per round it waits)."""
-        ahead = sum(
-            queued.size for cls, queued in self._classes.items() if cls > job.priority_class
-        )
+        """Tickets that would be dispatched before ``job`` if it were pushed now."""
         same = self._classes.get(job.priority_class)
-        if same is not None:
-            rounds = len(same.accounts.get(job.account_id, ())) + 1
-            ahead += sum(min(len(own), rounds) for own in same.accounts.values())
-        return ahead
+        own = len(same.accounts.get(job.account_id, ())) if same is not None else 0
+        return tickets_ahead(
+            queued_above=self.queued_above(job.priority_class),
+            depths=self.depths(job.priority_class),
+            own_depth=own,
+        )
 
     def ahead_of_new(self, priority_class: int) -> int:
         """Tickets ahead of a request from an account with nothing queued, in ``priority_class``."""
-        ahead = sum(queued.size for cls, queued in self._classes.items() if cls > priority_class)
-        same = self._classes.get(priority_class)
-        return ahead + (len(same.accounts) if same is not None else 0)
+        return tickets_ahead(
+            queued_above=self.queued_above(priority_class),
+            depths=self.depths(priority_class),
+            own_depth=0,
+        )
 
     def share_above(self, priority_class: int) -> float:
         """Fraction of recent dispatches that went to classes above ``priority_class``: the

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import hashlib
 import json
 import logging
@@ -39,7 +40,7 @@ from deployments.protocol import (
     VideoObject,
     VideoRemixRequest,
 )
-from deployments.shedding import shed_on_published_load
+from deployments.shedding import count_forwarded, shed_on_published_load
 from deployments.video_jobs import VideoJobs, parse_video_form
 from mediagate.accounts import Account, AccountStore, hash_key, open_account_store
 from mediagate.admission import TierGuard, rate_limit_headers
@@ -63,7 +64,6 @@ from mediagate.state import (
 )
 from mediagate.state.records import VideoVariant
 from mediagate.tiers import (
-    Tier,
     TierPolicy,
     check_image_caps,
     load_tier_policy,
@@ -135,6 +135,9 @@ class Gateway:
         # Per image model: the load its scheduler last published, and when it arrived.
         self._published_load: dict[str, tuple[dict[str, Any], float]] = {}
         self.shed_by_router: Counter[str] = Counter()  # per tier, this replica only
+        # Per (model, account): image requests this router has handed to the scheduler
+        # and not had back (queued or running), for its early refusals.
+        self._pending: Counter[tuple[str, str]] = Counter()
 
     async def authenticate(self, authorization: str | None) -> Account:
         if not authorization:
@@ -198,36 +201,53 @@ class Gateway:
         return spec
 
     async def generate_images(
-        self, account: Account, body: ImageGenerationRequest, *, request_id: str, base_url: str
+        self,
+        account: Account,
+        body: ImageGenerationRequest,
+        *,
+        request_id: str,
+        base_url: str,
+        decided: Callable[[], None] = lambda: None,
     ) -> tuple[ImagesResponse, dict[str, str]]:
-        """Check, reserve, generate, then commit (or release on any failure)."""
-        self.check_prompt(body.prompt)
-        spec = self.task_model(body.model, "text-to-image")
-        tier = self.policy.tier(account.tier)
-        job = ImageJob(
-            request_id=request_id,
-            seed=draw_seed(body.seed),
-            output_format=body.output_format,
-            output_compression=body.output_compression,
-            account_id=account.id,
-            priority_class=tier.priority_class,
-            max_wait_s=tier.max_queue_wait_s,
-            max_queued=tier.max_queued,
-            **body.to_pipeline_kwargs(spec),
-        )
-        check_image_caps(
-            account.tier,
-            tier,
-            n=job.images,
-            width=job.width,
-            height=job.height,
-            steps=job.num_inference_steps,
-        )
-        self.refuse_if_overloaded(spec.id, account.tier, tier)
+        """Check, refuse early or reserve, generate, then commit (or release on any
+        failure). ``decided`` is called once the request is refused or goes on."""
+        try:
+            self.check_prompt(body.prompt)
+            spec = self.task_model(body.model, "text-to-image")
+            tier = self.policy.tier(account.tier)
+            job = ImageJob(
+                request_id=request_id,
+                seed=draw_seed(body.seed),
+                output_format=body.output_format,
+                output_compression=body.output_compression,
+                account_id=account.id,
+                priority_class=tier.priority_class,
+                max_wait_s=tier.max_queue_wait_s,
+                max_queued=tier.max_queued,
+                **body.to_pipeline_kwargs(spec),
+            )
+            check_image_caps(
+                account.tier,
+                tier,
+                n=job.images,
+                width=job.width,
+                height=job.height,
+                steps=job.num_inference_steps,
+            )
+            self.refuse_if_overloaded(spec.id, job, account.tier)
+        finally:
+            decided()
         admission = await self.guard.admit(account, kind="image", units=job.images)
         delivered = False
+        pending = (spec.id, account.id)
+        self._pending[pending] += 1
         try:
-            result: ImageResult = await self.schedulers[spec.id].submit.remote(job)
+            try:
+                result: ImageResult = await self.schedulers[spec.id].submit.remote(job)
+            finally:
+                self._pending[pending] -= 1
+                if not self._pending[pending]:
+                    del self._pending[pending]
             if body.response_format == "url":
                 data = await asyncio.to_thread(self._store_images, result.images, body, base_url)
             else:
@@ -246,26 +266,33 @@ class Gateway:
         )
         return response, rate_limit_headers(admission.usage)
 
-    def refuse_if_overloaded(self, model_id: str, tier_name: str, tier: Tier) -> None:
-        """Refuse here, before any quota write or hop, what the scheduler's last
-        published load says could not start in time even for an idle account."""
+    def refuse_if_overloaded(self, model_id: str, job: ImageJob, tier_name: str) -> None:
+        """Refuse here, before any quota write or hop, what the scheduler would refuse:
+        its decision, from the load it last published and this account's requests that
+        this router has in its queue."""
         published = self._published_load.get(model_id)
         if published is None:
             return
         load, received_at = published
-        cls = str(tier.priority_class)
         try:
             shed_on_published_load(
-                wait_estimate_s=load["wait_estimate_s_by_class"].get(cls),
-                queued_in_class=load["queue_by_class"].get(cls, 0),
-                max_wait_s=tier.max_queue_wait_s,
-                max_queued=tier.max_queued,
+                load,
+                priority_class=job.priority_class,
+                batch_key=job.batch_key,
+                own_pending=self._pending[(model_id, job.account_id)],
+                max_wait_s=job.max_wait_s,
+                max_queued=job.max_queued,
                 age_s=self.clock() - received_at,
                 max_age_s=self.settings.load_max_age_s,
             )
         except Overloaded:
             self.shed_by_router[tier_name] += 1
             raise
+        count_forwarded(
+            load,
+            priority_class=job.priority_class,
+            own_pending=self._pending[(model_id, job.account_id)],
+        )
 
     async def follow_load(self) -> None:
         """Keep a fresh copy of every image scheduler's published load (runs for the
@@ -444,12 +471,22 @@ def create_api(
         },
     )
     async def generate_images(request: Request) -> JSONResponse:
+        raw = await request.body()
+        received = time.perf_counter()
+
+        def decided() -> None:  # the router's own time to refuse or forward, no transport
+            request.state.decision_ms = (time.perf_counter() - received) * 1000
+
         account = await account_of(request)
-        body = ImageGenerationRequest.model_validate_json(await request.body())
+        body = ImageGenerationRequest.model_validate_json(raw)
 
         async def produce() -> tuple[JSONResponse, str | None]:
             response, headers = await gateway.generate_images(
-                account, body, request_id=request.state.request_id, base_url=str(request.base_url)
+                account,
+                body,
+                request_id=request.state.request_id,
+                base_url=str(request.base_url),
+                decided=decided,
             )
             content = response.model_dump(mode="json", exclude_none=True)
             return JSONResponse(content, headers=headers), None
@@ -616,6 +653,10 @@ class Router:
             guard=TierGuard(self.ledger),
             clock=clock,
         )
+        # Everything loaded so far (FastAPI, pydantic, Ray) lives as long as the replica:
+        # keep it out of the garbage collector's full passes, which otherwise walk it all
+        # and stall the event loop for milliseconds under load.
+        gc.freeze()
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """Reload the tier policy from ``tiers`` (inline) or ``tiers_file``."""

@@ -211,13 +211,24 @@ class Scheduler:
         }
 
     def published_load(self) -> dict[str, Any]:
-        """What routers need to refuse early without asking: per class, the wait of a
-        new account's request and the queue length (class numbers as strings)."""
+        """What routers need to make this scheduler's admission decision themselves,
+        without a hop: slots, measured service times, and per class the queue, the work
+        above it, the share of capacity above it and its accounts' queue depths (counts
+        only: no account ids leave the scheduler)."""
+        classes = self._classes_seen | set(self._queue.length_by_class())
         return {
-            "wait_estimate_s_by_class": {
-                str(cls): wait for cls, wait in self.wait_estimates_s().items()
+            "busy": self._slots.busy,
+            "slots": self.capacity,
+            "service_s": dict(self._service_s),
+            "classes": {
+                cls: {
+                    "queued": self._queue.length_by_class().get(cls, 0),
+                    "queued_above": self._queue.queued_above(cls),
+                    "share_above": self._queue.share_above(cls),
+                    "depths": dict(self._queue.depths(cls)),
+                }
+                for cls in classes
             },
-            "queue_by_class": {str(cls): n for cls, n in self._queue.length_by_class().items()},
         }
 
     def stats(self) -> dict[str, Any]:

@@ -7,8 +7,11 @@ so the scheduler's decisions are tested without a clock or a worker.
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable, Mapping
+from typing import Any
 
 from deployments.errors import Overloaded
+from deployments.request_queue import tickets_ahead
 
 # Smoothing of the measured service time per batch shape.
 SERVICE_TIME_ALPHA = 0.2
@@ -61,30 +64,56 @@ def admit_or_shed(
 
 
 def shed_on_published_load(
+    load: Mapping[str, Any],
     *,
-    wait_estimate_s: float | None,
-    queued_in_class: int,
+    priority_class: int,
+    batch_key: Hashable,
+    own_pending: int,
     max_wait_s: float,
     max_queued: int | None,
     age_s: float,
     max_age_s: float,
 ) -> None:
-    """The router's early refusal, from the load its scheduler last published: raise
-    ``Overloaded`` when even an account with nothing queued would wait too long, or the
-    class's queue is full. No fresh view (or none yet): return, the scheduler decides."""
-    if wait_estimate_s is None or age_s > max_age_s:
+    """The router's early refusal: the scheduler's own decision (``admit_or_shed``), made
+    from the load it last published (see ``Scheduler.published_load``) and the number of
+    this account's requests the router has handed over and not had back (``own_pending``:
+    queued or running, so at least ``own_pending - busy`` of them are queued). No fresh
+    view, or a class or shape not measured yet: return, and the scheduler decides."""
+    view = load.get("classes", {}).get(priority_class)
+    service_s = load.get("service_s", {}).get(batch_key)
+    if age_s > max_age_s or view is None or service_s is None:
         return
-    if max_queued is not None and queued_in_class >= max_queued:
-        raise Overloaded(
-            "the queue for your tier is full; please retry shortly",
-            retry_after_s=max(1.0, wait_estimate_s - max_wait_s),
-        )
-    if wait_estimate_s > max_wait_s:
-        raise Overloaded(
-            f"the service is busy: your request would wait about {wait_estimate_s:.0f}s, longer "
-            f"than your tier's {max_wait_s:g}s; please retry later",
-            retry_after_s=max(1.0, wait_estimate_s - max_wait_s),
-        )
+    admit_or_shed(
+        ahead=tickets_ahead(
+            queued_above=view["queued_above"],
+            depths=view["depths"],
+            own_depth=max(0, own_pending - load["busy"]),
+        ),
+        busy=load["busy"],
+        slots=load["slots"],
+        service_s=service_s,
+        max_wait_s=max_wait_s,
+        queued_in_class=view["queued"],
+        max_queued=max_queued,
+        share_above=view["share_above"],
+    )
+
+
+def count_forwarded(load: dict[str, Any], *, priority_class: int, own_pending: int) -> None:
+    """Update a router's copy of the published load for a request it just forwarded, so
+    its next decisions see it before the scheduler publishes again: one more ticket in
+    the class, and the account one deeper."""
+    view = load.get("classes", {}).get(priority_class)
+    if view is None:
+        return
+    own_depth = max(0, own_pending - load["busy"])
+    depths: dict[int, int] = view["depths"]
+    if own_depth and depths.get(own_depth):
+        depths[own_depth] -= 1
+        if not depths[own_depth]:
+            del depths[own_depth]
+    depths[own_depth + 1] = depths.get(own_depth + 1, 0) + 1
+    view["queued"] += 1
 
 
 def updated_service_time(previous: float | None, measured: float) -> float:

@@ -102,6 +102,7 @@ class TextToImage:
             torch.set_num_threads(threads)
         self.spec = ModelSpec.model_validate(spec)
         self.pipeline = load(self.spec, cache_dir=Path(cache_dir))
+        self._one_at_a_time = asyncio.Lock()
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -125,24 +126,30 @@ class TextToImage:
         """Generate a batch off the event loop so health checks stay answered.
 
         A caller that cancels the call (the scheduler preempting the batch) stops the
-        pipeline at its next step; the call ends only once the pipeline has stopped,
-        so the replica is free when Serve sends it the next batch.
+        pipeline at its next step. Serve may route the next batch here at once; it
+        waits until the stopped one has left the pipeline.
         """
         stop = threading.Event()
-        run = asyncio.ensure_future(asyncio.to_thread(generate_batch, self.pipeline, jobs, stop))
-        try:
-            return await asyncio.shield(run)
-        except asyncio.CancelledError:
-            stop.set()
-            await asyncio.wait({run})
-            if not run.cancelled():
-                run.exception()  # BatchStopped, or whatever ended it: nobody awaits it now
-            logger.info("batch %s stopped early", [job.request_id for job in jobs])
-            raise
-        except InvalidRequest:
-            raise
-        except Exception as error:
-            logger.exception("generation failed for %s", [job.request_id for job in jobs])
-            raise GenerationFailed(
-                f"model {self.spec.id} failed to generate; please retry"
-            ) from error
+        # Serve may send the next batch as soon as a call is cancelled, while the stopped
+        # batch still finishes its step: one pipeline call at a time, or the two would
+        # share the pipeline (and its interrupt flag).
+        async with self._one_at_a_time:
+            run = asyncio.ensure_future(
+                asyncio.to_thread(generate_batch, self.pipeline, jobs, stop)
+            )
+            try:
+                return await asyncio.shield(run)
+            except asyncio.CancelledError:
+                stop.set()
+                await asyncio.wait({run})
+                if not run.cancelled():
+                    run.exception()  # BatchStopped, or whatever ended it: nobody awaits it
+                logger.info("batch %s stopped early", [job.request_id for job in jobs])
+                raise
+            except InvalidRequest:
+                raise
+            except Exception as error:
+                logger.exception("generation failed for %s", [job.request_id for job in jobs])
+                raise GenerationFailed(
+                    f"model {self.spec.id} failed to generate; please retry"
+                ) from error

@@ -35,7 +35,7 @@ class FakeSchedulerHandle:
         self.fail_with = fail_with
         self.submit = _Method(self._submit)
         self.stats = _Method(self._stats)
-        self.load: dict[str, Any] = {"wait_estimate_s_by_class": {}, "queue_by_class": {}}
+        self.load: dict[str, Any] = {"busy": 0, "slots": 1, "service_s": {}, "classes": {}}
         self.published_load = _Method(self._published_load)
 
     async def _published_load(self) -> dict[str, Any]:
@@ -75,8 +75,10 @@ class FakeResponse:
 
     def __init__(self, coroutine: Any) -> None:
         self._task = asyncio.ensure_future(coroutine)
+        self._cancelled_by_caller = False
 
     def cancel(self) -> None:
+        self._cancelled_by_caller = True
         self._task.cancel()
 
     def __await__(self) -> Any:
@@ -88,7 +90,7 @@ class FakeResponse:
         try:
             return await self._task
         except asyncio.CancelledError:
-            if self._task.cancelled():
+            if self._cancelled_by_caller:
                 raise RequestCancelledError("fake") from None
             raise
 

@@ -166,3 +166,17 @@ async def test_cancelling_a_worker_call_stops_the_pipeline_at_the_next_step() ->
         await call
     assert time.perf_counter() - started < 0.15  # one 50 ms step at most
     assert 2 <= len(steps_done) <= 6  # of 40
+
+
+async def test_the_next_batch_waits_until_the_stopped_one_has_left_the_pipeline() -> None:
+    pipeline = SimulatedPipeline(step_ms=50)
+    worker = TextToImage(SPEC, cache_dir="unused", load=lambda spec, cache_dir: pipeline)
+    stopped = asyncio.create_task(worker.generate([job("stopped", num_inference_steps=40)]))
+    await asyncio.sleep(0.12)
+    stopped.cancel()
+    started = time.perf_counter()
+    # Sent while the stopped batch still finishes its step: all four steps run, after it.
+    (result,) = await worker.generate([job("next", num_inference_steps=4)])
+    assert result.request_id == "next"
+    assert time.perf_counter() - started >= 0.2
+    assert stopped.cancelled()

@@ -12,7 +12,7 @@ import pytest
 
 from deployments.errors import Overloaded
 from deployments.jobs import ImageJob
-from deployments.request_queue import FairQueue, Ticket
+from deployments.request_queue import FairQueue, Ticket, tickets_ahead
 from deployments.scheduler import Scheduler
 from deployments.shedding import (
     admit_or_shed,
@@ -236,26 +236,45 @@ async def test_lower_classes_count_only_the_capacity_left_to_them() -> None:
     assert estimate_wait_s(ahead=2, busy=0, slots=2, service_s=1, share_above=1.0) == 10
 
 
-def test_shedding_on_published_load_is_a_pure_decision() -> None:
+KEY = (64, 64, 4, 7.5)
+LOAD: dict[str, Any] = {
+    "busy": 1,
+    "slots": 1,
+    "service_s": {KEY: 1.0},
+    "classes": {
+        0: {"queued": 20, "queued_above": 2, "share_above": 0.0, "depths": {1: 4, 4: 4}},
+        2: {"queued": 2, "queued_above": 0, "share_above": 0.0, "depths": {2: 1}},
+    },
+}
+
+
+def test_shedding_on_published_load_is_the_schedulers_decision() -> None:
     def decide(**fields: Any) -> None:
         values: dict[str, Any] = {
-            "wait_estimate_s": 40.0,
-            "queued_in_class": 5,
-            "max_wait_s": 30.0,
+            "priority_class": 0,
+            "batch_key": KEY,
+            "own_pending": 0,
+            "max_wait_s": 12.0,
             "max_queued": 200,
             "age_s": 0.1,
             "max_age_s": 2.0,
         }
-        shed_on_published_load(**(values | fields))
+        shed_on_published_load(LOAD, **(values | fields))
 
-    with pytest.raises(Overloaded, match="about 40s") as shed:
-        decide()
-    assert shed.value.retry_after_s == 10
+    # A new account: 2 pro + one per free account (8) ahead, plus half the running batch.
+    decide()  # 0.5 + 10 x 1 s <= 12 s
+    # An account with 3 queued (4 pending, one of which may run): 4 rounds ahead of it.
+    with pytest.raises(Overloaded, match="about 22s") as shed:
+        decide(own_pending=4)  # 0.5 + (2 + 4 x 1 + 4 x 4) x 1 s
+    assert shed.value.retry_after_s == pytest.approx(10.5)
+    # The same answer as the scheduler's own computation.
+    assert tickets_ahead(queued_above=2, depths={1: 4, 4: 4}, own_depth=3) == 22
     with pytest.raises(Overloaded, match="queue for your tier is full"):
-        decide(wait_estimate_s=1.0, queued_in_class=200)
-    decide(wait_estimate_s=29.0)  # fits
-    decide(age_s=3.0)  # stale: the scheduler decides
-    decide(wait_estimate_s=None)  # class never seen: the scheduler decides
+        decide(max_queued=20)
+    decide(priority_class=2, max_wait_s=3)  # pro: 0.5 + 2 ahead
+    decide(own_pending=4, age_s=3.0)  # stale: the scheduler decides
+    decide(own_pending=4, priority_class=1)  # class never seen: the scheduler decides
+    decide(own_pending=4, batch_key=(32, 32, 4, 7.5))  # shape not measured yet
 
 
 def test_router_refuses_early_from_published_load_without_a_reservation(tmp_path: Any) -> None:
@@ -264,8 +283,13 @@ def test_router_refuses_early_from_published_load_without_a_reservation(tmp_path
     service = Service(tmp_path, tier="free")
     pro = service.other_auth("paid", "pro")
     service.scheduler.load = {
-        "wait_estimate_s_by_class": {"0": 95.0, "2": 0.4},
-        "queue_by_class": {"0": 150},
+        "busy": 1,
+        "slots": 1,
+        "service_s": {(64, 64, 4, 7.5): 1.0},
+        "classes": {
+            0: {"queued": 150, "queued_above": 0, "share_above": 0.0, "depths": {1: 90}},
+            2: {"queued": 0, "queued_above": 0, "share_above": 0.0, "depths": {}},
+        },
     }
 
     async def follow_once() -> None:
@@ -276,8 +300,9 @@ def test_router_refuses_early_from_published_load_without_a_reservation(tmp_path
     response = service.generate({"prompt": "a cat", "size": "64x64"})
     assert response.status_code == 503, response.text
     assert response.json()["error"]["code"] == "server_overloaded"
-    assert int(response.headers["retry-after"]) >= 60
+    assert int(response.headers["retry-after"]) >= 60  # 90.5 s of wait, 30 s allowed
     assert service.scheduler.jobs == []  # no hop to the scheduler
+    assert 0 < float(response.headers["x-mediagate-decision-ms"]) < 100
     assert service.gateway.guard.counters.get("admitted_image", 0) == 0  # no reservation
     # Pro fits, and goes to the scheduler.
     paid = service.client.post(URL, json={"prompt": "a cat", "size": "64x64"}, headers=pro)
@@ -288,3 +313,32 @@ def test_router_refuses_early_from_published_load_without_a_reservation(tmp_path
     # A stale view is not used: the scheduler decides.
     service.clock.advance(5)
     assert service.generate({"prompt": "a cat", "size": "64x64"}).status_code == 200
+
+
+async def test_published_load_reproduces_the_schedulers_queue_position() -> None:
+    worker = FakeWorkerHandle()
+    scheduler = Scheduler(worker, SPEC, count_replicas=count_one, clock=FakeClock(0.0))
+    scheduler.reconfigure({"batching": {"max_batch_size": 1}})
+    waiting = [
+        asyncio.create_task(scheduler.submit(job(f"{account}{i}", account, cls, max_wait_s=600)))
+        for account, cls, count in (
+            ("acct-a", 0, 5),
+            ("acct-b", 0, 2),
+            ("acct-c", 0, 1),
+            ("acct-p", 2, 3),
+        )
+        for i in range(count)
+    ]
+    await worker.wait_for_batches(1)  # one running, the rest queued
+    load = scheduler.published_load()
+    assert "acct-" not in str(load)  # depths only, no account ids
+    for account, cls in (("acct-a", 0), ("acct-b", 0), ("new", 0), ("acct-p", 2), ("new", 2)):
+        probe = job("probe", account, cls)
+        view = load["classes"][cls]
+        queued = sum(1 for t in scheduler._queue.tickets() if t.job.account_id == account)
+        assert tickets_ahead(
+            queued_above=view["queued_above"], depths=view["depths"], own_depth=queued
+        ) == scheduler._queue.ahead_of(probe)
+    worker.release.set()
+    await asyncio.gather(*waiting)
+    await scheduler.shutdown()
