@@ -181,6 +181,23 @@ class FairQueue(Generic[JobT]):
             self._recent.append(cls)
         return batch
 
+    def charge(self, priority_class: int) -> None:
+        """Count capacity used by ``priority_class`` outside a dispatch (the work a batch
+        it preempted had done and will redo), so lower classes' wait estimates and
+        minimum shares see that the capacity was not theirs."""
+        self._recent.append(priority_class)
+
+    def position(self, ticket: Ticket[JobT]) -> int:
+        """1-based place of a queued ticket in dispatch order under strict priority
+        (minimum shares aside); 0 when it is not queued."""
+        ahead = 0
+        for cls in sorted(self._classes, reverse=True):
+            for queued in self._classes[cls].in_turn():
+                ahead += 1
+                if queued is ticket:
+                    return ahead
+        return 0
+
     def queued_above(self, priority_class: int) -> int:
         return sum(queued.size for cls, queued in self._classes.items() if cls > priority_class)
 

@@ -305,6 +305,7 @@ class Scheduler:
         in_flight = self._in_flight[victim.batch_id]
         in_flight.preempted = True
         in_flight.response.cancel()  # the worker stops at its next denoising step
+        self._queue.charge(waiting_class)  # the steps it had done are lost to lower classes
         logger.info(
             "preempting batch of class %d (%s) for class %d work",
             in_flight.priority_class,

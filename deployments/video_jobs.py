@@ -181,6 +181,7 @@ class VideoJobs:
             remixed_from=remixed_from,
             generation=generation.model_dump(),
             reservation_id=admission.reservation_id,
+            priority_class=self.gateway.policy.tier(account.tier).priority_class,
         )
         try:
             await self.gateway.jobs.create_job(job)
@@ -189,7 +190,8 @@ class VideoJobs:
             await self._forget_reference(generation)
             raise
         try:
-            await self.gateway.schedulers[spec.id].enqueue.remote(account.id, job.id)
+            scheduler = self.gateway.schedulers[spec.id]
+            await scheduler.enqueue.remote(account.id, job.id, job.priority_class)
         except Exception as error:  # stored as queued: the scheduler's reconcile finds it
             logger.warning("could not hand %s to its scheduler now: %r", job.id, error)
         return job, rate_limit_headers(admission.usage)

@@ -23,14 +23,15 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.capacity import ReplicaCounter, WorkerSlots, serve_replica_counter
 from deployments.jobs import VideoGeneration, VideoOutcome, VideoTask
+from deployments.request_queue import FairQueue, Ticket
 from mediagate.ledger import finish_reservation
 from mediagate.state import JobStore, StateConfig, VideoJobRecord, open_state_store
 from models.catalog import ModelSpec
@@ -60,8 +61,26 @@ class VideoSchedulerSettings(BaseModel):
     content_ttl_s: float = Field(86_400, gt=0, description="How long finished files stay.")
 
 
+@dataclass(frozen=True)
+class QueuedVideo:
+    """A queued job as the queue discipline sees it (the record stays in the store)."""
+
+    job_id: str
+    account_id: str
+    priority_class: int
+
+    @property
+    def batch_key(self) -> str:
+        return self.job_id  # video jobs run one per slot, never batched
+
+    @property
+    def images(self) -> int:
+        return 1
+
+
 class VideoScheduler:
-    """Queues a video model's jobs and feeds them, one per slot, to its workers."""
+    """Queues a video model's jobs and feeds them, one per slot, to its workers: higher
+    priority classes first, round-robin between accounts within a class."""
 
     def __init__(
         self,
@@ -88,7 +107,10 @@ class VideoScheduler:
             slots_per_replica=self.settings.slots_per_replica,
             refresh_s=capacity_refresh_s,
         )
-        self._queue: OrderedDict[str, str] = OrderedDict()  # job id -> account id
+        self._queue: FairQueue[QueuedVideo] = FairQueue()
+        self._tickets: dict[str, Ticket[QueuedVideo]] = {}  # queued job id -> its ticket
+        self._claiming: set[str] = set()  # taken off the queue, being claimed in the store
+        self._reconciling = asyncio.Lock()
         self._running: dict[str, asyncio.Task[None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.counts = {"dispatched": 0, "completed": 0, "failed": 0, "requeued": 0, "lost": 0}
@@ -113,32 +135,56 @@ class VideoScheduler:
         """Begin work without waiting for a request (recovery after a restart)."""
         self._ensure_started()
 
-    async def enqueue(self, account_id: str, job_id: str) -> int:
+    async def enqueue(self, account_id: str, job_id: str, priority_class: int = 0) -> int:
         """Queue a job the router has stored as ``queued``; returns its position (1 = next)."""
         self._ensure_started()
-        if job_id not in self._queue and job_id not in self._running:
-            self._queue[job_id] = account_id
+        if not self._holds(job_id):
+            self._push(QueuedVideo(job_id, account_id, priority_class))
             self._slots.changed.set()
         return self.position(job_id)
 
+    def _holds(self, job_id: str) -> bool:
+        return job_id in self._tickets or job_id in self._claiming or job_id in self._running
+
+    def _push(self, video: QueuedVideo, *, first: bool = False) -> None:
+        ticket: Ticket[QueuedVideo] = Ticket(
+            job=video,
+            enqueued_at=self._clock(),
+            future=asyncio.get_running_loop().create_future(),  # set when dispatched
+        )
+        self._tickets[video.job_id] = ticket
+        if first:
+            self._queue.requeue(ticket)
+        else:
+            self._queue.push(ticket)
+
+    def _pop_next(self) -> QueuedVideo:
+        (ticket,) = self._queue.take_batch(1)
+        del self._tickets[ticket.job.job_id]
+        ticket.future.set_result(None)
+        return ticket.job
+
     def position(self, job_id: str) -> int:
         """1-based place in the queue; 0 when it is not queued here."""
-        for index, queued in enumerate(self._queue, start=1):
-            if queued == job_id:
-                return index
-        return 0
+        ticket = self._tickets.get(job_id)
+        return self._queue.position(ticket) if ticket is not None else 0
 
     async def cancel(self, account_id: str, job_id: str) -> bool:
         """Drop a deleted job from the queue; a running one stops at its next step by itself."""
-        return self._queue.pop(job_id, None) is not None
+        ticket = self._tickets.pop(job_id, None)
+        return ticket is not None and self._queue.discard(ticket)
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        return {"queue_len": float(len(self._queue)), "inflight": float(self._slots.busy)}
+        stats = {"queue_len": float(len(self._queue)), "inflight": float(self._slots.busy)}
+        for cls, queued in self._queue.length_by_class().items():
+            stats[f"queue_len_class_{cls}"] = float(queued)
+        return stats
 
     def stats(self) -> dict[str, Any]:
         return {
             "model": self.spec.id,
             "queue_len": len(self._queue),
+            "queue_by_class": self._queue.length_by_class(),
             "running": sorted(self._running),
             "busy_slots": self._slots.busy,
             "capacity": self._slots.capacity,
@@ -150,20 +196,22 @@ class VideoScheduler:
         while True:
             await self._slots.changed.wait()
             self._slots.changed.clear()
-            while self._queue and self._slots.free:
-                job_id, account_id = self._queue.popitem(last=False)
+            while len(self._queue) and self._slots.free:
+                video = self._pop_next()
+                self._claiming.add(video.job_id)  # neither queued nor running: not lost
                 try:
-                    job = await self._claim(account_id, job_id)
+                    job = await self._claim(video.account_id, video.job_id)
                 except Exception as error:  # store outage: keep its place, try again soon
-                    logger.warning("could not claim %s: %s", job_id, error)
-                    self._queue[job_id] = account_id
-                    self._queue.move_to_end(job_id, last=False)
+                    logger.warning("could not claim %s: %s", video.job_id, error)
+                    self._push(video, first=True)
                     asyncio.get_running_loop().call_later(1.0, self._slots.changed.set)
                     break
+                finally:
+                    self._claiming.discard(video.job_id)
                 if job is None:
                     continue  # deleted, or already taken: nothing to run
                 self._slots.acquire()
-                self._running[job_id] = asyncio.create_task(self._run(job))
+                self._running[video.job_id] = asyncio.create_task(self._run(job))
 
     async def _claim(self, account_id: str, job_id: str) -> VideoJobRecord | None:
         current = await self._store.get_job(account_id, job_id)
@@ -259,18 +307,22 @@ class VideoScheduler:
             await asyncio.sleep(self.settings.redispatch_delay_s)
         # First in line: it was accepted before anything now queued. (Pushed directly:
         # the job may still count as running here while its dispatch unwinds.)
-        self._queue[updated.id] = updated.account_id
-        self._queue.move_to_end(updated.id, last=False)
+        self._push(QueuedVideo(updated.id, updated.account_id, updated.priority_class), first=True)
         self._slots.changed.set()
 
     async def reconcile(self) -> None:
-        """One pass of bringing memory in line with the store (see the module docstring)."""
+        """One pass of bringing memory in line with the store (see the module docstring);
+        passes never overlap (the loop's and a caller's would act on the same jobs)."""
+        async with self._reconciling:
+            await self._reconcile_pass()
+
+    async def _reconcile_pass(self) -> None:
         now = self._clock()
         for job in await self._store.active_jobs(self.spec.id):
-            if job.id in self._running or job.id in self._queue:
+            if self._holds(job.id):
                 continue
             if job.status == "queued":
-                await self.enqueue(job.account_id, job.id)
+                await self.enqueue(job.account_id, job.id, job.priority_class)
             elif job.lease_expires_at is not None and job.lease_expires_at < now:
                 logger.warning("job %s lost its worker (lease ran out)", job.id)
                 await self._requeue_or_fail(job)

@@ -172,7 +172,7 @@ class FakeVideoSchedulerHandle:
             "running": ["video_secret"],
         }
 
-    async def _enqueue(self, account_id: str, job_id: str) -> int:
+    async def _enqueue(self, account_id: str, job_id: str, priority_class: int = 0) -> int:
         if self.unreachable:
             raise ConnectionError("scheduler unreachable")
         self.enqueued.append((account_id, job_id))

@@ -37,6 +37,9 @@ class VideoJobRecord(BaseModel):
         None, description="When a worker took up the current dispatch (None: not yet)."
     )
     runs_lost: int = Field(0, ge=0, description="Runs whose worker vanished mid-job.")
+    priority_class: int = Field(
+        0, description="The owner's tier's priority class when accepted: higher runs first."
+    )
     error_code: str | None = Field(None, description="Why it failed (machine-readable).")
     error_message: str | None = Field(None, description="Why it failed (for humans).")
     remixed_from: str | None = Field(None, description="Source job of a remix.")

@@ -96,6 +96,7 @@ def test_json_create_stores_a_queued_job_and_hands_it_over(service: Service) -> 
     assert job.id == video["id"] and job.status == "queued"
     assert job.generation["num_frames"] == 33 and job.generation["fps"] == 8
     assert job.generation["seed"] == 7 and job.generation["num_inference_steps"] == 4
+    assert job.priority_class == 2  # the pro tier's: the video queue serves it first
     assert service.video_scheduler.enqueued == [(job.account_id, job.id)]
 
     again = service.client.get(f"/v1/videos/{video['id']}", headers=service.auth)

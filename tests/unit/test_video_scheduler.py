@@ -61,10 +61,11 @@ class Rig:
             "created_at": self.clock(),
             "generation": GENERATION,
         }
-        await self.store.create_job(VideoJobRecord(**(values | fields)))
+        record = VideoJobRecord(**(values | fields))
+        await self.store.create_job(record)
         self.clock.advance(1)
         if enqueue:
-            await self.scheduler.enqueue("acct", job_id)
+            await self.scheduler.enqueue(record.account_id, job_id, record.priority_class)
 
     async def job(self, job_id: str) -> VideoJobRecord:
         job = await self.store.get_job("acct", job_id)
@@ -95,7 +96,11 @@ async def test_one_job_per_slot_in_arrival_order(rig: Rig) -> None:
     assert rig.worker.running() == ["video_a"]
     assert (await rig.job("video_a")).status == "in_progress"
     assert (await rig.job("video_a")).attempt == 1
-    assert rig.scheduler.record_autoscaling_stats() == {"queue_len": 2.0, "inflight": 1.0}
+    assert rig.scheduler.record_autoscaling_stats() == {
+        "queue_len": 2.0,
+        "inflight": 1.0,
+        "queue_len_class_0": 2.0,
+    }
     assert rig.scheduler.position("video_c") == 2
 
     rig.worker.finish("video_a")
@@ -159,6 +164,7 @@ async def test_reconcile_recovers_queued_and_expired_jobs(rig: Rig) -> None:
         attempt=1,
         worker_started_at=rig.clock(),
         lease_expires_at=rig.clock() + 5,
+        enqueue=False,
     )
     await rig.add("video_queued", enqueue=False)
     await rig.add("video_done", status="completed", enqueue=False)
@@ -186,6 +192,7 @@ async def test_an_expired_job_out_of_attempts_fails(rig: Rig) -> None:
         runs_lost=1,
         worker_started_at=rig.clock() - 10,
         lease_expires_at=rig.clock() - 1,
+        enqueue=False,
     )
     await rig.scheduler.reconcile()
     job = await rig.job("video_x")
@@ -265,3 +272,26 @@ async def test_a_store_outage_while_claiming_keeps_the_job_queued(tmp_path: Path
         assert rig.worker.running() == ["video_a"] and failures["left"] == 0
     finally:
         await rig.scheduler.shutdown()
+
+
+async def test_higher_classes_first_and_accounts_in_turn(rig: Rig) -> None:
+    await rig.add("video_running")
+    await rig.worker.wait_running(1)
+    for name, account, cls in (
+        ("video_a1", "free-a", 0),
+        ("video_a2", "free-a", 0),
+        ("video_a3", "free-a", 0),
+        ("video_b1", "free-b", 0),
+        ("video_p1", "pro-p", 2),
+    ):
+        await rig.add(name, account_id=account, priority_class=cls)
+    order = ["video_p1", "video_a1", "video_b1", "video_a2", "video_a3"]
+    assert [rig.scheduler.position(name) for name in order] == [1, 2, 3, 4, 5]
+    assert rig.scheduler.stats()["queue_by_class"] == {0: 4, 2: 1}
+    assert rig.scheduler.record_autoscaling_stats()["queue_len_class_2"] == 1.0
+    started = ["video_running"]
+    for _ in order:
+        rig.worker.finish(started[-1])
+        await rig.worker.wait_running(1)
+        started.append(rig.worker.running()[0])
+    assert started[1:] == order
