@@ -16,7 +16,9 @@ read to the refusal or the hand-over) and its whole handling time including wait
 its event loop and the body transfer (x-mediagate-handled-ms), goodput / C, shed
 counts per tier (at the router and at the scheduler), preemptions, and the memory
 of the router and scheduler (sampled every second; growth over the second half).
-Usage: python scripts/bench_overload.py [--step-ms 40] [--seconds 20]
+The model takes 20 steps, as diffusion pipelines do (20-50), because a preemption
+takes effect at the next step: 4 long steps would make that point artificially coarse.
+Usage: python scripts/bench_overload.py [--steps 20] [--step-ms 8] [--seconds 20]
 """
 
 from __future__ import annotations
@@ -37,7 +39,6 @@ import bench_overhead  # scripts/ is on sys.path when a script in it runs
 import httpx
 import yaml
 
-STEPS = 4
 FREE_ACCOUNTS = 20
 
 
@@ -55,7 +56,7 @@ class Outcome:
     expired: bool = False  # queued, then dropped at its tier's deadline
 
 
-def write_catalog(home: Path, step_ms: float) -> Path:
+def write_catalog(home: Path, steps: int, step_ms: float) -> Path:
     data = yaml.safe_load(resources.files("models").joinpath("catalog.yaml").read_text())
     data["default_models"] = {"text-to-image": "sim"}
     data["models"] = {
@@ -64,8 +65,8 @@ def write_catalog(home: Path, step_ms: float) -> Path:
             "description": "SIMULATED model for the overload benchmark: sleeps per step.",
             "source": f"simulated://sim?step_ms={step_ms}",
             "num_gpus": 0,
-            "defaults": {"size": "64x64", "num_inference_steps": STEPS, "guidance_scale": 1.0},
-            "caps": {"max_width": 64, "max_height": 64, "max_steps": STEPS, "max_n": 1},
+            "defaults": {"size": "64x64", "num_inference_steps": steps, "guidance_scale": 1.0},
+            "caps": {"max_width": 64, "max_height": 64, "max_steps": steps, "max_n": 1},
             "batching": {"max_batch_size": 1, "batch_wait_s": 0.0},
         }
     }
@@ -206,7 +207,8 @@ async def run(base_url: str, pro_key: str, free_keys: list[str], seconds: float)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--step-ms", type=float, default=40)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--step-ms", type=float, default=8)
     parser.add_argument("--seconds", type=float, default=20)
     args = parser.parse_args()
 
@@ -222,7 +224,7 @@ def main() -> None:
         serve.start(http_options={"host": "127.0.0.1", "port": 8766})
         app_args = AppArgs(
             home=str(home),
-            catalog=str(write_catalog(home, args.step_ms)),
+            catalog=str(write_catalog(home, args.steps, args.step_ms)),
             tiers_file=str(write_tiers(home)),
             worker_ray_actor_options={"num_cpus": 0.1, "num_gpus": 0},
         )
@@ -249,7 +251,7 @@ def main() -> None:
     unloaded_p99 = percentile([o.latency_s for o in unloaded], 99)
     model = measured["status"]["models"]["sim"]
     result = {
-        "model": f"simulated {STEPS} steps x {args.step_ms:g} ms",
+        "model": f"simulated {args.steps} steps x {args.step_ms:g} ms",
         "capacity_rps": round(c, 2),
         "pro_rate_rps": round(0.3 * c, 2),
         "free_rate_rps": round(10 * c, 2),
