@@ -107,6 +107,10 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
             _deployment(WORKER_CLASSES[spec.task])
             .options(
                 name=worker_name(spec),
+                num_replicas=None,
+                # Sized by autoscaling/policy.py from the scheduler's queue (when the
+                # application declares it), within these limits.
+                autoscaling_config=spec.scaling.autoscaling_config(),
                 max_ongoing_requests=1,
                 ray_actor_options=app_args.worker_ray_actor_options or worker_actor_options(spec),
                 health_check_period_s=10,
@@ -119,7 +123,12 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
             "num_replicas": None,
             # Exactly one: the scheduler owns its model's queue. An autoscaling
             # config (min = max = 1) makes Serve collect its queue metrics.
-            "autoscaling_config": {"min_replicas": 1, "max_replicas": 1},
+            "autoscaling_config": {
+                "min_replicas": 1,
+                "max_replicas": 1,
+                "metrics_interval_s": 0.5,  # the queue reaches the policy within a second
+                "look_back_period_s": 2.0,
+            },
             "max_ongoing_requests": 100_000,
             "ray_actor_options": {"num_cpus": 0},
         }

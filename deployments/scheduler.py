@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Callable, Hashable
 from typing import Any
 
+from autoscaling.policy import queue_weights_from_config, report_metrics
 from deployments.capacity import ReplicaCounter, WorkerSlots, serve_replica_counter
 from deployments.errors import GenerationFailed, MediagateError, Overloaded, unwrap
 from deployments.jobs import ImageJob, ImageResult
@@ -118,6 +119,7 @@ class Scheduler:
         self._in_flight: dict[int, _InFlight] = {}  # what each busy slot serves
         self._batch_ids = 0
         self.preemption = PreemptionPolicy()
+        self.queue_weights = queue_weights_from_config(None)
         self._batching: Batching = self.spec.batching
         if count_replicas is None and worker_deployment is not None:
             count_replicas = serve_replica_counter(worker_deployment)
@@ -140,6 +142,8 @@ class Scheduler:
         if "min_shares" in config:  # e.g. {0: 0.1}: class 0 gets >= 10% of dispatches
             shares = {int(cls): float(share) for cls, share in config["min_shares"].items()}
             self._queue.min_shares = shares
+        if "queue_weights" in config:  # how much each class's waiting work buys replicas
+            self.queue_weights = queue_weights_from_config(config["queue_weights"])
         if "preemption" in config:  # e.g. {"enabled": false} or {"min_remaining_fraction": 0.5}
             self.preemption = PreemptionPolicy.from_config(config["preemption"] or {})
 
@@ -187,10 +191,9 @@ class Scheduler:
         """Queue metrics that the autoscaling policy reads (``ctx.aggregated_metrics``)."""
         by_class = self._queue.length_by_class()
         self._metrics.observe(by_class, self._slots.busy, self._classes_seen | set(by_class))
-        stats = {"queue_len": float(len(self._queue)), "inflight": float(self._slots.busy)}
-        for cls, queued in by_class.items():
-            stats[f"queue_len_class_{cls}"] = float(queued)
-        return stats
+        running = sum(len(batch.tickets) for batch in self._in_flight.values())
+        stats = report_metrics(by_class, running, self.queue_weights, self._classes_seen)
+        return stats | {"inflight": float(self._slots.busy)}
 
     def wait_estimates_s(self) -> dict[int, float]:
         """How long a new request of each class would wait now (None measured yet: 0)."""

@@ -29,6 +29,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from autoscaling.policy import queue_weights_from_config, report_metrics
 from deployments.capacity import ReplicaCounter, WorkerSlots, serve_replica_counter
 from deployments.jobs import VideoGeneration, VideoOutcome, VideoTask
 from deployments.request_queue import FairQueue, Ticket
@@ -59,6 +60,11 @@ class VideoSchedulerSettings(BaseModel):
     )
     reconcile_s: float = Field(2.0, gt=0, description="How often memory and store are compared.")
     content_ttl_s: float = Field(86_400, gt=0, description="How long finished files stay.")
+    queue_weights: dict[int, float] | None = Field(
+        None,
+        description="Per priority class, how much a waiting job counts for the autoscaler "
+        "(default: class 0, free, counts half).",
+    )
 
 
 @dataclass(frozen=True)
@@ -111,6 +117,8 @@ class VideoScheduler:
         self._tickets: dict[str, Ticket[QueuedVideo]] = {}  # queued job id -> its ticket
         self._claiming: set[str] = set()  # taken off the queue, being claimed in the store
         self._reconciling = asyncio.Lock()
+        self._classes_seen: set[int] = set()
+        self.queue_weights = queue_weights_from_config(None)
         self._running: dict[str, asyncio.Task[None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self.counts = {"dispatched": 0, "completed": 0, "failed": 0, "requeued": 0, "lost": 0}
@@ -121,6 +129,7 @@ class VideoScheduler:
         """Live update from ``user_config`` (no replica restart)."""
         merged = {**self.settings.model_dump(), **config}
         self.settings = VideoSchedulerSettings.model_validate(merged)
+        self.queue_weights = queue_weights_from_config(self.settings.queue_weights)
         self._slots.set_slots_per_replica(self.settings.slots_per_replica)
 
     def _ensure_started(self) -> None:
@@ -175,10 +184,11 @@ class VideoScheduler:
         return ticket is not None and self._queue.discard(ticket)
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        stats = {"queue_len": float(len(self._queue)), "inflight": float(self._slots.busy)}
-        for cls, queued in self._queue.length_by_class().items():
-            stats[f"queue_len_class_{cls}"] = float(queued)
-        return stats
+        """Queue metrics that the autoscaling policy reads (one job per slot)."""
+        by_class = self._queue.length_by_class()
+        self._classes_seen |= set(by_class)
+        stats = report_metrics(by_class, self._slots.busy, self.queue_weights, self._classes_seen)
+        return stats | {"inflight": float(self._slots.busy)}
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -67,6 +67,46 @@ class Batching(_Frozen):
     )
 
 
+class Scaling(_Frozen):
+    """How many replicas of the model's worker the autoscaler may run, and how fast it
+    follows the queue (``autoscaling/policy.py``). The Serve config can override any of
+    these per deployment (``autoscaling_config``), live."""
+
+    min_replicas: int = Field(1, ge=0, description="Never fewer (0 only for video models).")
+    max_replicas: int = Field(1, ge=1, description="Never more.")
+    target_per_replica: float = Field(
+        1.0, gt=0, description="Requests (weighted queued + running) one replica should carry."
+    )
+    upscale_delay_s: float = Field(1.0, ge=0, description="Demand must last this long to add.")
+    downscale_delay_s: float = Field(60.0, ge=0, description="Idle this long to remove one.")
+    downscale_to_zero_delay_s: float | None = Field(
+        None, ge=0, description="Idle this long to go from 1 to 0 (default: downscale_delay_s)."
+    )
+
+    @model_validator(mode="after")
+    def _min_below_max(self) -> Scaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("scaling.min_replicas must not exceed scaling.max_replicas")
+        return self
+
+    def autoscaling_config(self) -> dict[str, Any]:
+        """The worker deployment's Serve ``autoscaling_config``."""
+        config: dict[str, Any] = {
+            "min_replicas": self.min_replicas,
+            "max_replicas": self.max_replicas,
+            "initial_replicas": max(1, self.min_replicas),
+            "target_ongoing_requests": self.target_per_replica,
+            "upscale_delay_s": self.upscale_delay_s,
+            "downscale_delay_s": self.downscale_delay_s,
+            # Decide in about a second, not Serve's defaults (10 s / 30 s) made for CPUs.
+            "metrics_interval_s": 0.5,
+            "look_back_period_s": 2.0,
+        }
+        if self.downscale_to_zero_delay_s is not None:
+            config["downscale_to_zero_delay_s"] = self.downscale_to_zero_delay_s
+        return config
+
+
 class VideoSettings(_Frozen):
     """Timing of a video model: the API's ``seconds`` times ``fps`` gives the frame count."""
 
@@ -123,6 +163,7 @@ class ModelSpec(_Frozen):
         description="OpenAI `quality` values this model accepts, mapped to denoising steps.",
     )
     batching: Batching = Field(default_factory=Batching)
+    scaling: Scaling = Field(default_factory=Scaling)
     video: VideoSettings | None = Field(
         None, description="Required for text-to-video models: fps, seconds and frame rules."
     )
@@ -142,6 +183,11 @@ class ModelSpec(_Frozen):
             raise ValueError(f"default size {self.defaults.size} exceeds the caps")
         if self.defaults.num_inference_steps > self.caps.max_steps:
             raise ValueError("default num_inference_steps exceeds caps.max_steps")
+        if self.task == "text-to-image" and self.scaling.min_replicas < 1:
+            raise ValueError(
+                "scaling.min_replicas must be >= 1 for image models: an image request waits "
+                "for its answer and cannot wait for a GPU replica to start"
+            )
         if self.task == "text-to-video" and self.video is None:
             raise ValueError("a text-to-video model needs a `video` section (fps, seconds)")
         if self.video is not None:

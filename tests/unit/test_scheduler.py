@@ -79,15 +79,25 @@ async def test_dispatches_only_into_free_slots_and_batches_the_rest() -> None:
     assert len(worker.batches) == 1
     assert scheduler.record_autoscaling_stats() == {
         "queue_len": 5.0,
-        "inflight": 1.0,
+        "inflight": 1.0,  # batches
+        "inflight_requests": 1.0,
         "queue_len_class_0": 5.0,
+        "weight_class_0": 0.5,  # free work counts half for the autoscaler by default
     }
     worker.release.set()
     results = await asyncio.gather(first, *later)
     assert [r.request_id for r in results] == list("abcdef")
     # After the first batch, the queue drains in batches of up to four images.
     assert [len(batch) for batch in worker.batches] == [1, 4, 1]
-    assert scheduler.record_autoscaling_stats() == {"queue_len": 0.0, "inflight": 0.0}
+    assert scheduler.record_autoscaling_stats() == {
+        "queue_len": 0.0,
+        "inflight": 0.0,
+        "inflight_requests": 0.0,
+        "queue_len_class_0": 0.0,  # emptied, still reported
+        "weight_class_0": 0.5,
+    }
+    scheduler.reconfigure({"queue_weights": {"0": 0.1}})
+    assert scheduler.record_autoscaling_stats()["weight_class_0"] == 0.1
     await scheduler.shutdown()
 
 

@@ -99,7 +99,9 @@ async def test_one_job_per_slot_in_arrival_order(rig: Rig) -> None:
     assert rig.scheduler.record_autoscaling_stats() == {
         "queue_len": 2.0,
         "inflight": 1.0,
+        "inflight_requests": 1.0,
         "queue_len_class_0": 2.0,
+        "weight_class_0": 0.5,
     }
     assert rig.scheduler.position("video_c") == 2
 

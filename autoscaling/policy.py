@@ -1,0 +1,149 @@
+"""Application-level Ray Serve autoscaling policy: worker replicas follow the queue.
+
+Each model has a scheduler (``Scheduler-<model>``) that holds its queue and a worker
+deployment (``TextToImage-<model>`` / ``TextToVideo-<model>``) that runs the work.
+Serve cannot see a queue that our code holds, so the scheduler reports it through
+``record_autoscaling_stats``: per priority class the requests waiting
+(``queue_len_class_<c>``), the requests running (``inflight_requests``) and the
+weight each class's waiting work has (``weight_class_<c>``, from the scheduler's
+``user_config``, so an SRE changes it live). This policy sizes each worker:
+
+    desired = ceil((sum over classes of weight x queued + in flight) / target)
+
+where ``target`` is the worker's ``autoscaling_config.target_ongoing_requests``
+(requests per replica), bounded by its ``min_replicas`` / ``max_replicas``. Paid
+work counts fully; free work can count less, so a free flood does not buy GPUs.
+
+The function is pure: it reads only the contexts (no I/O, no clock of its own) and
+runs in the Serve controller about ten times a second. Serve wraps it: the
+``upscale_delay_s`` / ``downscale_delay_s`` / ``downscale_to_zero_delay_s`` of each
+worker's ``autoscaling_config``, its scaling factors and the cold-start path
+(0 -> 1 at once when work waits) apply to what it returns.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+SCHEDULER_PREFIX = "Scheduler-"
+WORKER_PREFIXES = ("TextToImage-", "TextToVideo-")
+QUEUE_PREFIX = "queue_len_class_"
+WEIGHT_PREFIX = "weight_class_"
+
+
+@dataclass(frozen=True)
+class QueueReport:
+    """What one model's scheduler reported (summed over its replicas)."""
+
+    queued_by_class: dict[int, float]
+    inflight: float
+    weights: dict[int, float]
+
+    @property
+    def demand(self) -> float:
+        """Weighted waiting work plus the work running now, in requests."""
+        waiting = sum(
+            self.weights.get(cls, 1.0) * queued for cls, queued in self.queued_by_class.items()
+        )
+        return waiting + self.inflight
+
+
+DEFAULT_QUEUE_WEIGHTS = {0: 0.5}  # class 0 (free by default) counts half; others fully
+
+
+def queue_weights_from_config(config: Mapping[Any, Any] | None) -> dict[int, float]:
+    """A scheduler's ``queue_weights`` user_config ({class: weight}, keys may be strings)."""
+    if config is None:
+        return dict(DEFAULT_QUEUE_WEIGHTS)
+    weights = {int(cls): float(weight) for cls, weight in config.items()}
+    if any(not 0.0 <= weight <= 10.0 for weight in weights.values()):
+        raise ValueError("queue_weights must be between 0 and 10")
+    return weights
+
+
+def report_metrics(
+    queued_by_class: Mapping[int, int],
+    inflight_requests: int,
+    weights: Mapping[int, float],
+    classes_seen: set[int],
+) -> dict[str, float]:
+    """What a scheduler returns from ``record_autoscaling_stats`` (read by ``read_report``).
+    Every class seen so far is reported, at 0 when empty, so that an emptied queue reads
+    as empty rather than as missing."""
+    metrics = {
+        "queue_len": float(sum(queued_by_class.values())),
+        "inflight_requests": float(inflight_requests),
+    }
+    for cls in classes_seen | set(queued_by_class):
+        metrics[f"{QUEUE_PREFIX}{cls}"] = float(queued_by_class.get(cls, 0))
+    for cls, weight in weights.items():
+        metrics[f"{WEIGHT_PREFIX}{cls}"] = float(weight)
+    return metrics
+
+
+def read_report(metrics: Mapping[str, Mapping[Any, float]] | None) -> QueueReport | None:
+    """The scheduler's report from ``ctx.aggregated_metrics`` (name -> replica -> value);
+    None when nothing has arrived yet (a scheduler that just started or died)."""
+    if not metrics or not any(metrics.values()):
+        return None
+
+    def total(name: str) -> float:
+        return float(sum((metrics.get(name) or {}).values()))
+
+    def per_class(prefix: str) -> dict[int, float]:
+        return {
+            int(name.removeprefix(prefix)): total(name)
+            for name in metrics
+            if name.startswith(prefix) and name.removeprefix(prefix).lstrip("-").isdigit()
+        }
+
+    inflight_name = "inflight_requests" if "inflight_requests" in metrics else "inflight"
+    weights = {
+        cls: max(0.0, value / max(1, len(metrics[f"{WEIGHT_PREFIX}{cls}"])))
+        for cls, value in per_class(WEIGHT_PREFIX).items()
+    }  # a weight is a setting, not an amount: averaged over replicas, not summed
+    return QueueReport(
+        queued_by_class=per_class(QUEUE_PREFIX), inflight=total(inflight_name), weights=weights
+    )
+
+
+def desired_replicas(demand: float, *, target: float, min_replicas: int, max_replicas: int) -> int:
+    """ceil(demand / target) within [min_replicas, max_replicas]."""
+    wanted = math.ceil(demand / target - 1e-9) if demand > 0 else 0
+    return max(min_replicas, min(max_replicas, wanted))
+
+
+def worker_model(deployment_name: str) -> str | None:
+    for prefix in WORKER_PREFIXES:
+        if deployment_name.startswith(prefix):
+            return deployment_name.removeprefix(prefix)
+    return None
+
+
+def scale_workers(contexts: Mapping[Any, Any]) -> tuple[dict[Any, int], dict[Any, dict[str, Any]]]:
+    """Serve's application-level policy entry point: ``{DeploymentID: AutoscalingContext}``
+    in, ``({DeploymentID: replicas}, {DeploymentID: policy_state})`` out. Deployments
+    other than workers (routers, schedulers) are left out, so Serve leaves them be."""
+    by_name = {deployment_id.name: (deployment_id, ctx) for deployment_id, ctx in contexts.items()}
+    decisions: dict[Any, int] = {}
+    states: dict[Any, dict[str, Any]] = {}
+    for name, (deployment_id, ctx) in by_name.items():
+        model = worker_model(name)
+        scheduler = by_name.get(f"{SCHEDULER_PREFIX}{model}") if model else None
+        if scheduler is None:
+            continue
+        report = read_report(scheduler[1].aggregated_metrics)
+        if report is None:  # no news from the scheduler: keep what was decided
+            decisions[deployment_id] = ctx.target_num_replicas
+            continue
+        decisions[deployment_id] = desired_replicas(
+            report.demand,
+            target=float(ctx.config.target_ongoing_requests or 1.0),
+            min_replicas=ctx.capacity_adjusted_min_replicas,
+            max_replicas=ctx.capacity_adjusted_max_replicas,
+        )
+        states[deployment_id] = {"demand": round(report.demand, 3)}
+    return decisions, states

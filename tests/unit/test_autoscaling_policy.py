@@ -1,0 +1,214 @@
+"""The queue-length autoscaling policy, driven with constructed Serve contexts.
+
+``scale_workers`` alone is checked for its arithmetic (weights, target, bounds,
+missing reports); scripted queue histories then run it inside Ray Serve's own
+wrapper for application-level policies (the code the controller runs), with a fake
+clock, for what the delays and the cold-start path add: scale-up after the
+upscale delay, hold, scale-down after the downscale delay, to zero and back.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from ray.serve._private.common import DeploymentID, ReplicaID
+from ray.serve.autoscaling_policy import _apply_app_level_autoscaling_config
+from ray.serve.config import AutoscalingConfig, AutoscalingContext
+
+from autoscaling.policy import (
+    desired_replicas,
+    queue_weights_from_config,
+    read_report,
+    report_metrics,
+    scale_workers,
+)
+
+APP = "mediagate"
+WORKER = DeploymentID(name="TextToImage-sim", app_name=APP)
+SCHEDULER = DeploymentID(name="Scheduler-sim", app_name=APP)
+ROUTER = DeploymentID(name="Router", app_name=APP)
+
+
+def context(
+    deployment_id: DeploymentID,
+    *,
+    replicas: int,
+    metrics: dict[str, float] | None = None,
+    policy_state: dict[str, Any] | None = None,
+    total_requests: float = 0.0,
+    now: float = 0.0,
+    **config: Any,
+) -> AutoscalingContext:
+    """An AutoscalingContext like the controller builds, for one deployment."""
+    settings = AutoscalingConfig(**({"min_replicas": 1, "max_replicas": 8} | config))
+    replica_ids = [ReplicaID(f"{deployment_id.name}-{i}", deployment_id) for i in range(replicas)]
+    reporter = ReplicaID("only", deployment_id)
+    return AutoscalingContext(
+        deployment_id=deployment_id,
+        deployment_name=deployment_id.name,
+        app_name=APP,
+        current_num_replicas=replicas,
+        target_num_replicas=replicas,
+        running_replicas=replica_ids,
+        total_num_requests=total_requests,
+        total_queued_requests=0.0,
+        aggregated_metrics={name: {reporter: value} for name, value in (metrics or {}).items()},
+        raw_metrics={},
+        capacity_adjusted_min_replicas=settings.min_replicas,
+        capacity_adjusted_max_replicas=settings.max_replicas,
+        policy_state=policy_state or {},
+        last_scale_up_time=None,
+        last_scale_down_time=None,
+        current_time=now,
+        config=settings,
+    )
+
+
+def queue(
+    free: int = 0, pro: int = 0, inflight: int = 0, free_weight: float = 0.5
+) -> dict[str, float]:
+    return report_metrics({0: free, 2: pro}, inflight, {0: free_weight}, {0, 2})
+
+
+def decide(worker_replicas: int, metrics: dict[str, float] | None, **config: Any) -> int:
+    contexts = {
+        WORKER: context(WORKER, replicas=worker_replicas, target_ongoing_requests=2, **config),
+        SCHEDULER: context(SCHEDULER, replicas=1, metrics=metrics, max_replicas=1),
+        ROUTER: context(ROUTER, replicas=1),
+    }
+    decisions, _ = scale_workers(contexts)
+    assert set(decisions) == {WORKER}  # routers and schedulers are left to Serve
+    return decisions[WORKER]
+
+
+def test_desired_replicas_is_weighted_demand_over_target_within_bounds() -> None:
+    assert decide(1, queue(pro=6, inflight=2)) == 4  # (6 + 2) / 2
+    assert decide(1, queue(free=8, inflight=0)) == 2  # free counts half: 8 x 0.5 / 2
+    assert decide(1, queue(free=8, free_weight=0.0, inflight=1)) == 1
+    assert decide(1, queue(free=8, free_weight=1.0)) == 4
+    assert decide(3, queue(pro=100)) == 8  # max_replicas
+    assert decide(3, queue()) == 1  # min_replicas
+    assert decide(3, queue(), min_replicas=0) == 0
+    assert decide(2, None) == 2  # no report yet: hold
+    assert desired_replicas(4.0, target=2, min_replicas=0, max_replicas=10) == 2
+    assert desired_replicas(4.01, target=2, min_replicas=0, max_replicas=10) == 3
+
+
+def test_reports_and_weights_are_plain_numbers() -> None:
+    metrics = report_metrics({2: 3}, 1, {0: 0.25}, {0, 2})
+    assert metrics == {
+        "queue_len": 3.0,
+        "inflight_requests": 1.0,
+        "queue_len_class_0": 0.0,  # an emptied class reads as 0, not as missing
+        "queue_len_class_2": 3.0,
+        "weight_class_0": 0.25,
+    }
+    reporter = ReplicaID("only", SCHEDULER)
+    report = read_report({name: {reporter: value} for name, value in metrics.items()})
+    assert report is not None and report.demand == 4.0
+    assert read_report({}) is None
+    assert queue_weights_from_config({"0": "0.1"}) == {0: 0.1}
+    with pytest.raises(ValueError, match="between 0 and 10"):
+        queue_weights_from_config({"0": -1})
+
+
+class ControllerLoop:
+    """Runs the policy the way the Serve controller does: inside Serve's wrapper, each
+    tick feeding back the decision and the policy state, with a fake clock."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, **worker_config: Any) -> None:
+        self.now = 1_000.0
+        fake_time = types.SimpleNamespace(time=lambda: self.now)
+        monkeypatch.setattr("ray.serve.autoscaling_policy.time", fake_time)
+        self.policy = _apply_app_level_autoscaling_config(scale_workers)
+        self.replicas = worker_config.pop("replicas", 1)
+        self.config = {"target_ongoing_requests": 2} | worker_config
+        self.states: dict[Any, dict[str, Any]] = {WORKER: {}, SCHEDULER: {}}
+
+    def tick(self, metrics: dict[str, float], seconds: float = 0.1) -> int:
+        self.now += seconds
+        contexts = {
+            WORKER: context(
+                WORKER,
+                replicas=self.replicas,
+                policy_state=self.states[WORKER],
+                now=self.now,
+                **self.config,
+            ),
+            SCHEDULER: context(
+                SCHEDULER,
+                replicas=1,
+                metrics=metrics,
+                policy_state=self.states[SCHEDULER],
+                now=self.now,
+                max_replicas=1,
+            ),
+        }
+        decisions, states = self.policy(contexts)
+        self.states = {deployment: states.get(deployment, {}) for deployment in contexts}
+        self.replicas = decisions[WORKER]
+        return self.replicas
+
+    def run(self, metrics: dict[str, float], seconds: float) -> Iterator[tuple[float, int]]:
+        """Ticks for ``seconds``; yields (elapsed, replicas) after each."""
+        start = self.now
+        while self.now - start < seconds - 1e-9:
+            replicas = self.tick(metrics)
+            yield round(self.now - start, 3), replicas
+
+
+def first_change(history: Iterator[tuple[float, int]], start: int) -> tuple[float, int]:
+    for elapsed, replicas in history:
+        if replicas != start:
+            return elapsed, replicas
+    raise AssertionError("no change")
+
+
+def test_a_burst_scales_up_after_the_upscale_delay_then_holds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    loop = ControllerLoop(monkeypatch, upscale_delay_s=1.0, downscale_delay_s=5.0)
+    elapsed, replicas = first_change(loop.run(queue(pro=7, inflight=1), 3.0), 1)
+    assert replicas == 4 and elapsed == pytest.approx(1.0, abs=0.11)
+    # The same queue keeps the same size: no flapping.
+    assert {replicas for _, replicas in loop.run(queue(pro=7, inflight=1), 10.0)} == {4}
+
+
+def test_a_short_blip_does_not_scale(monkeypatch: pytest.MonkeyPatch) -> None:
+    loop = ControllerLoop(monkeypatch, upscale_delay_s=1.0, downscale_delay_s=5.0)
+    assert {r for _, r in loop.run(queue(pro=9), 0.5)} == {1}
+    assert {r for _, r in loop.run(queue(), 3.0)} == {1}
+
+
+def test_scale_down_waits_for_the_downscale_delay(monkeypatch: pytest.MonkeyPatch) -> None:
+    loop = ControllerLoop(monkeypatch, replicas=4, upscale_delay_s=1.0, downscale_delay_s=5.0)
+    elapsed, replicas = first_change(loop.run(queue(inflight=1), 10.0), 4)
+    assert replicas == 1 and elapsed == pytest.approx(5.0, abs=0.11)
+
+
+def test_free_floods_buy_fewer_replicas_than_paid_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    paid = ControllerLoop(monkeypatch, upscale_delay_s=0.5, downscale_delay_s=5.0)
+    assert list(paid.run(queue(pro=12), 1.0))[-1][1] == 6
+    free = ControllerLoop(monkeypatch, upscale_delay_s=0.5, downscale_delay_s=5.0)
+    assert list(free.run(queue(free=12, free_weight=0.25), 1.0))[-1][1] == 2
+
+
+def test_idle_video_goes_to_zero_and_a_job_brings_it_back_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    loop = ControllerLoop(
+        monkeypatch,
+        min_replicas=0,
+        upscale_delay_s=5.0,
+        downscale_delay_s=5.0,
+        downscale_to_zero_delay_s=8.0,
+    )
+    elapsed, replicas = first_change(loop.run(queue(), 20.0), 1)
+    assert replicas == 0 and elapsed == pytest.approx(8.0, abs=0.11)
+    # Cold start: one queued job, no upscale delay (5 s) waited.
+    assert loop.tick(queue(pro=1)) == 1
+    # Bounds are Serve's too: max_replicas caps a flood.
+    assert list(loop.run(queue(pro=100), 6.0))[-1][1] == 8
