@@ -30,6 +30,13 @@ from mediagate.accounts import AccountStore, open_account_store
 from mediagate.admission import go_duration
 from mediagate.ledger import QuotaLedger
 from mediagate.quota import Usage
+from mediagate.scaling import (
+    ScaleChange,
+    ScaleError,
+    apply_scale_change,
+    scale_rows,
+    worker_deployment,
+)
 from mediagate.settings import HomeLayout, get_settings, state_config
 from mediagate.state import StateConfig, open_state_store
 from mediagate.tiers import TierPolicy, load_tier_policy
@@ -297,6 +304,152 @@ def command_keys_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+AUDIT_ACCOUNT = "_operator"  # not an account: the owner of operator documents
+AUDIT_DOCUMENT = "scale_audit"
+AUDIT_KEEP = 1000
+
+
+def _dashboard_url(address: str | None) -> str:
+    """--address, else the cluster `mediagate up` started (its run file)."""
+    if address:
+        return address
+    layout = _layout()
+    if layout.run_file.exists():
+        return str(json.loads(layout.run_file.read_text())["dashboard_url"])
+    return f"http://127.0.0.1:{DEFAULT_DASHBOARD_PORT}"
+
+
+def _tier_names() -> dict[int, str]:
+    names: dict[int, list[str]] = {}
+    for name, tier in _policy().tiers.items():
+        names.setdefault(tier.priority_class, []).append(name)
+    return {cls: "/".join(tiers) for cls, tiers in names.items()}
+
+
+def _free_class() -> int:
+    """The lowest priority class of the tier file (free, by default)."""
+    return min(tier.priority_class for tier in _policy().tiers.values())
+
+
+def command_scale_show(args: argparse.Namespace) -> int:
+    details = _serve_client(_dashboard_url(args.address)).get_serve_details()
+    rows = scale_rows(details, args.app, _tier_names())
+    if not rows:
+        raise CommandError(f"application {args.app!r} has no model workers deployed")
+    header = ("MODEL", "REPLICAS", "TARGET", "MIN", "MAX", "PER-REPLICA")
+    print("{:<16} {:>8} {:>6} {:>4} {:>4} {:>11}  QUEUE".format(*header))
+    for row in rows:
+        queue = ", ".join(f"{tier} {n:g}" for tier, n in sorted(row["queue"].items())) or "-"
+        print(
+            f"{row['model']:<16} {row['replicas']:>8} {row['target_replicas'] or 0:>6} "
+            f"{row['min']:>4} {row['max']:>4} {row['target_per_replica']:>11g}  {queue}"
+        )
+    for line in _audit_lines(args.history):
+        print(line)
+    return 0
+
+
+def command_scale_set(args: argparse.Namespace) -> int:
+    client = _serve_client(_dashboard_url(args.address))
+    details = client.get_serve_details()
+    app = (details.get("applications") or {}).get(args.app)
+    if not app or not app.get("deployed_app_config"):
+        raise CommandError(
+            f"application {args.app!r} was not deployed from a config (mediagate up / "
+            "serve deploy); nothing to change"
+        )
+    deployments = app.get("deployments") or {}
+    change = ScaleChange(
+        model=args.model,
+        min_replicas=args.min,
+        max_replicas=args.max,
+        target=args.target,
+        free_weight=args.free_weight,
+        allow_zero_images=args.allow_zero,
+    )
+    try:
+        worker = worker_deployment(args.model, deployments)
+        current = deployments[worker]["deployment_config"].get("autoscaling_config") or {}
+        config = {
+            "proxy_location": details.get("proxy_location"),
+            "http_options": details.get("http_options"),
+            "applications": [
+                other["deployed_app_config"]
+                for other in details["applications"].values()
+                if other.get("deployed_app_config")
+            ],
+        }
+        updated, lines = apply_scale_change(
+            config,
+            args.app,
+            change,
+            current_limits=current,
+            worker=worker,
+            free_class=_free_class(),
+        )
+    except ScaleError as error:
+        raise CommandError(str(error)) from error
+    if not lines:
+        print("nothing changed: the deployed values are already these")
+        return 0
+    client.deploy_applications(updated)
+    _audit(lines)
+    for line in lines:
+        print(line)
+    print("applied as a lightweight update: running replicas keep running")
+    return 0
+
+
+def _operator() -> str:
+    import getpass
+    import socket
+
+    return os.environ.get("MEDIAGATE_OPERATOR") or f"{getpass.getuser()}@{socket.gethostname()}"
+
+
+def _audit(lines: list[str]) -> None:
+    """One line per change, who and when, in the state store (shared by the cluster)
+    and in $MEDIAGATE_HOME/audit.log."""
+    entry = {"at": time.time(), "by": _operator(), "changes": lines}
+
+    def append(current: str | None) -> tuple[str, None]:
+        entries = json.loads(current) if current else []
+        return json.dumps([*entries, entry][-AUDIT_KEEP:]), None
+
+    async def write() -> None:
+        store = open_state_store(_state())
+        try:
+            await store.mutate(AUDIT_ACCOUNT, AUDIT_DOCUMENT, append)
+        finally:
+            await store.close()
+
+    layout = _layout()
+    layout.root.mkdir(parents=True, exist_ok=True)
+    with (layout.root / "audit.log").open("a") as log:
+        log.write(json.dumps(entry) + "\n")
+    asyncio.run(write())
+
+
+def _audit_lines(count: int) -> list[str]:
+    if count <= 0:
+        return []
+
+    async def read() -> list[dict[str, Any]]:
+        store = open_state_store(_state())
+        try:
+            document = await store.mutate(AUDIT_ACCOUNT, AUDIT_DOCUMENT, lambda c: (c, c))
+        finally:
+            await store.close()
+        return json.loads(document) if document else []
+
+    entries = asyncio.run(read())[-count:]
+    lines = ["", "recent changes:"] if entries else []
+    for entry in entries:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(entry["at"]))
+        lines += [f"{when} UTC {entry['by']}: {change}" for change in entry["changes"]]
+    return lines
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mediagate", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -343,6 +496,29 @@ def build_parser() -> argparse.ArgumentParser:
     usage = commands.add_parser("usage", help="today's usage of an account, per limit")
     usage.add_argument("name")
     usage.set_defaults(handler=command_usage)
+
+    scale = commands.add_parser("scale", help="autoscaling limits, live").add_subparsers(
+        dest="scale", required=True
+    )
+    show = scale.add_parser("show", help="per model: replicas, limits and queue per tier")
+    show.add_argument("--history", type=int, default=5, help="recent changes to list")
+    setter = scale.add_parser(
+        "set", help="change a model's limits without restarting replicas (prints the change)"
+    )
+    setter.add_argument("model", help="model id, e.g. tiny-sd")
+    setter.add_argument("--min", type=int, help="fewest replicas (0: scale to zero, video)")
+    setter.add_argument("--max", type=int, help="most replicas")
+    setter.add_argument("--target", type=float, help="requests per replica to aim at")
+    setter.add_argument(
+        "--free-weight", type=float, help="how much a queued free request counts (0-10)"
+    )
+    setter.add_argument(
+        "--allow-zero", action="store_true", help="let an image model go to zero replicas"
+    )
+    for command, handler in ((show, command_scale_show), (setter, command_scale_set)):
+        command.add_argument("--address", help="Ray dashboard URL (default: from `mediagate up`)")
+        command.add_argument("--app", default="mediagate", help="Serve application name")
+        command.set_defaults(handler=handler)
     return parser
 
 

@@ -1,0 +1,295 @@
+"""Autoscaling end to end: `mediagate up` deploys a config (the application-level policy
+only applies to config deployments) with SIMULATED models on its own Ray cluster; a
+burst grows the image workers and they shrink back; `mediagate scale set` changes the
+limits during load without restarting a replica; an idle video model goes to zero
+replicas and a new job brings it back.
+
+Marked `own_ray_cluster`: it starts its own Ray head (with the dashboard, whose REST
+API `mediagate scale` uses) before the session's shared cluster exists.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from tests.integration.conftest import free_port
+
+MEDIAGATE = str(Path(sys.executable).with_name("mediagate"))
+STEP_MS = 100
+STEPS = 10  # one image: 1 s of simulated GPU time
+
+
+@dataclass
+class Cluster:
+    env: dict[str, str]
+    base_url: str
+    dashboard_url: str
+    keys: dict[str, str]
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [MEDIAGATE, *args], env=self.env, capture_output=True, text=True, timeout=120
+        )
+
+    def details(self) -> dict[str, Any]:
+        """GET /api/serve/applications/ (with the cluster's auth token, as the CLI)."""
+        from mediagate.cli import _serve_client
+
+        return dict(_serve_client(self.dashboard_url).get_serve_details())
+
+    def replicas(self, deployment: str) -> list[str]:
+        """Ids of the RUNNING replicas of ``deployment``."""
+        app = self.details()["applications"]["mediagate"]
+        found = app["deployments"][deployment]["replicas"]
+        return sorted(r["replica_id"] for r in found if r["state"] == "RUNNING")
+
+    def image(self, key: str = "pro") -> int:
+        answer = httpx.post(
+            f"{self.base_url}/v1/images/generations",
+            json={"prompt": "burst", "model": "sim"},
+            headers={"Authorization": f"Bearer {self.keys[key]}"},
+            timeout=300,
+        )
+        return answer.status_code
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> float:
+    """Seconds it took until ``condition()``; fails after ``timeout_s``."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout_s:
+            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        time.sleep(0.25)
+    return time.monotonic() - started
+
+
+def write_config(home: Path) -> Path:
+    catalog = {
+        "default_models": {"text-to-image": "sim", "text-to-video": "simvid"},
+        "models": {
+            "sim": {
+                "task": "text-to-image",
+                "description": "SIMULATED image model (sleeps per step)",
+                "source": f"simulated://sim?step_ms={STEP_MS}",
+                "num_gpus": 0,
+                "defaults": {"size": "64x64", "num_inference_steps": STEPS},
+                "caps": {"max_width": 64, "max_height": 64, "max_steps": STEPS, "max_n": 1},
+                "batching": {"max_batch_size": 1, "batch_wait_s": 0.0},
+            },
+            "simvid": {
+                "task": "text-to-video",
+                "description": "SIMULATED video model (sleeps per step)",
+                "source": "simulated://simvid?step_ms=50",
+                "num_gpus": 0,
+                "defaults": {"size": "64x64", "num_inference_steps": 4},
+                "caps": {"max_width": 64, "max_height": 64, "max_steps": 4, "max_n": 1},
+                "scaling": {"min_replicas": 0, "max_replicas": 1},
+                "video": {"fps": 8, "allowed_seconds": [4], "default_seconds": 4},
+            },
+        },
+    }
+    (home / "catalog.yaml").write_text(yaml.safe_dump(catalog))
+    tiers = yaml.safe_load(resources.files("mediagate").joinpath("configs/tiers.yaml").read_text())
+    for tier in tiers["tiers"].values():
+        tier.update(images_per_day=None, images_per_minute=None, cooldown=None, max_queued=None)
+    (home / "tiers.yaml").write_text(yaml.safe_dump(tiers))
+    workers = {"num_cpus": 0, "num_gpus": 0}
+    fast = {"metrics_interval_s": 0.5, "look_back_period_s": 1.0, "upscale_delay_s": 0.5}
+    config = {
+        "proxy_location": "HeadOnly",
+        "applications": [
+            {
+                "name": "mediagate",
+                "route_prefix": "/",
+                "import_path": "deployments.app:build_app",
+                "autoscaling_policy": {"policy_function": "autoscaling.policy:scale_workers"},
+                "args": {
+                    "catalog": str(home / "catalog.yaml"),
+                    "tiers_file": str(home / "tiers.yaml"),
+                },
+                "deployments": [
+                    {
+                        "name": "TextToImage-sim",
+                        "ray_actor_options": workers,
+                        "autoscaling_config": {
+                            "min_replicas": 1,
+                            "max_replicas": 4,
+                            "target_ongoing_requests": 1,
+                            "downscale_delay_s": 3.0,
+                            **fast,
+                        },
+                    },
+                    {
+                        "name": "TextToVideo-simvid",
+                        "ray_actor_options": workers,
+                        "autoscaling_config": {
+                            "min_replicas": 0,
+                            "max_replicas": 1,
+                            "initial_replicas": 1,
+                            "target_ongoing_requests": 1,
+                            "downscale_delay_s": 2.0,
+                            "downscale_to_zero_delay_s": 2.0,
+                            **fast,
+                        },
+                    },
+                ],
+            }
+        ],
+    }
+    path = home / "serve.sim.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    home = tmp_path_factory.mktemp("autoscale")
+    port, dashboard_port, ray_port = free_port(), free_port(), free_port()
+    env = {**os.environ, "MEDIAGATE_HOME": str(home), "MEDIAGATE_OPERATOR": "sre-test"}
+    up = subprocess.run(
+        [
+            MEDIAGATE,
+            "up",
+            "--detach",
+            "--config",
+            str(write_config(home)),
+            "--port",
+            str(port),
+            "--dashboard-port",
+            str(dashboard_port),
+            "--ray-port",
+            str(ray_port),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    running = Cluster(
+        env=env,
+        base_url=f"http://127.0.0.1:{port}",
+        dashboard_url=f"http://127.0.0.1:{dashboard_port}",
+        keys={},
+    )
+    try:
+        assert up.returncode == 0, up.stderr[-3000:]
+        for tier in ("pro", "free"):
+            created = running.cli("keys", "create", "--tier", tier, "--account", f"as-{tier}")
+            assert created.returncode == 0, created.stderr
+            running.keys[tier] = created.stdout.strip().splitlines()[-1]
+        yield running
+    finally:
+        subprocess.run([MEDIAGATE, "down"], env=env, capture_output=True, timeout=120)
+
+
+def burst(cluster: Cluster, count: int) -> concurrent.futures.Future[list[int]]:
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=count)
+
+    def run() -> list[int]:
+        return list(pool.map(lambda _: cluster.image(), range(count)))
+
+    return pool.submit(run)
+
+
+@pytest.mark.own_ray_cluster
+def test_a_burst_scales_workers_up_then_back_to_min(cluster: Cluster) -> None:
+    assert len(cluster.replicas("TextToImage-sim")) == 1
+    scheduler_before = cluster.replicas("Scheduler-sim")
+    started = time.monotonic()
+    results = burst(cluster, 16)  # 16 s of work for one replica
+    took = wait_for(lambda: len(cluster.replicas("TextToImage-sim")) >= 3, 60, ">= 3 replicas")
+    statuses = results.result(timeout=120)
+    elapsed = time.monotonic() - started
+    assert statuses == [200] * 16
+    # Served by the new replicas too: well under the 16 s one replica needs.
+    assert elapsed < 13, f"burst took {elapsed:.1f}s (3 replicas after {took:.1f}s)"
+    assert len(cluster.replicas("TextToImage-sim")) <= 4  # max_replicas
+    wait_for(lambda: len(cluster.replicas("TextToImage-sim")) == 1, 60, "back to min (1)")
+    assert cluster.replicas("Scheduler-sim") == scheduler_before  # never restarted
+
+    shown = cluster.cli("scale", "show")
+    assert shown.returncode == 0, shown.stderr
+    row = next(line for line in shown.stdout.splitlines() if line.startswith("sim "))
+    assert row.split()[1:6] == ["1", "1", "1", "4", "1"], shown.stdout
+    assert row.endswith("pro 0"), shown.stdout  # the scheduler's queue, per tier
+
+
+@pytest.mark.own_ray_cluster
+def test_scale_set_under_load_changes_max_without_restarting_replicas(cluster: Cluster) -> None:
+    lowered = cluster.cli("scale", "set", "sim", "--max", "2")
+    assert lowered.returncode == 0, lowered.stderr
+    assert "max_replicas: 4 -> 2" in lowered.stdout
+    results = burst(cluster, 24)
+    wait_for(lambda: len(cluster.replicas("TextToImage-sim")) == 2, 60, "2 replicas")
+    before = {
+        name: cluster.replicas(name) for name in ("TextToImage-sim", "Scheduler-sim", "Router")
+    }
+    time.sleep(2)
+    assert len(cluster.replicas("TextToImage-sim")) == 2  # the max holds under load
+
+    raised = cluster.cli("scale", "set", "sim", "--max", "3", "--free-weight", "0.25")
+    assert raised.returncode == 0, raised.stderr
+    assert (
+        "max_replicas: 2 -> 3" in raised.stdout and "queue_weights.0: 0.5 -> 0.25" in raised.stdout
+    )
+    wait_for(lambda: len(cluster.replicas("TextToImage-sim")) == 3, 60, "3 replicas")
+    after = {name: cluster.replicas(name) for name in before}
+    # Lightweight update: every replica that ran before still runs, none restarted.
+    assert set(before["TextToImage-sim"]) <= set(after["TextToImage-sim"])
+    assert after["Scheduler-sim"] == before["Scheduler-sim"]
+    assert after["Router"] == before["Router"]
+    peak = 3
+    while not results.done():
+        peak = max(peak, len(cluster.replicas("TextToImage-sim")))
+        time.sleep(0.25)
+    assert peak == 3, "the new max was not honoured"
+    assert results.result() == [200] * 24
+
+    refused = cluster.cli("scale", "set", "sim", "--min", "5")
+    assert refused.returncode != 0 and "must not exceed max" in refused.stderr
+    audit = [
+        json.loads(line) for line in (Path(cluster.env["MEDIAGATE_HOME"]) / "audit.log").open()
+    ]
+    assert [entry["by"] for entry in audit] == ["sre-test", "sre-test"]
+    shown = cluster.cli("scale", "show")
+    assert "sre-test: TextToImage-sim.autoscaling_config.max_replicas: 2 -> 3" in shown.stdout
+
+
+@pytest.mark.own_ray_cluster
+def test_idle_video_goes_to_zero_and_a_job_brings_it_back(cluster: Cluster) -> None:
+    wait_for(lambda: cluster.replicas("TextToVideo-simvid") == [], 60, "video at zero")
+    created = httpx.post(
+        f"{cluster.base_url}/v1/videos",
+        json={"prompt": "cold start", "model": "simvid"},
+        headers={"Authorization": f"Bearer {cluster.keys['pro']}"},
+        timeout=30,
+    )
+    assert created.status_code == 200, created.text
+    video_id = created.json()["id"]
+
+    def completed() -> bool:
+        job = httpx.get(
+            f"{cluster.base_url}/v1/videos/{video_id}",
+            headers={"Authorization": f"Bearer {cluster.keys['pro']}"},
+            timeout=10,
+        ).json()
+        assert job["status"] != "failed", job
+        return bool(job["status"] == "completed")
+
+    took = wait_for(completed, 90, "the video job to complete after a cold start")
+    assert took < 60
+    wait_for(lambda: cluster.replicas("TextToVideo-simvid") == [], 60, "video back at zero")
