@@ -1,0 +1,102 @@
+"""The cluster definitions: cluster.yaml against Ray's own launcher schema, the KubeRay
+RayService manifest, and their agreement with the GPU Serve config."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load(relative: str) -> Any:
+    return yaml.safe_load((ROOT / relative).read_text())
+
+
+def gpu_serve_config() -> dict[str, Any]:
+    return dict(load("mediagate/configs/serve.gpu.yaml"))
+
+
+def deployments(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    [app] = config["applications"]
+    return {entry["name"]: entry for entry in app["deployments"]}
+
+
+def test_cluster_yaml_passes_rays_own_validation() -> None:
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    cluster = load("cluster.yaml")
+    validate_config(prepare_config(copy.deepcopy(cluster)))
+    # The same check refuses a typo, so it is not vacuous.
+    broken = copy.deepcopy(cluster)
+    broken["available_node_types"]["gpu.a10g"]["max_worker"] = 3
+    with pytest.raises(Exception, match="max_worker"):
+        validate_config(prepare_config(broken))
+
+
+def test_head_runs_routers_and_schedulers_gpu_nodes_run_workers() -> None:
+    cluster = load("cluster.yaml")
+    node_types = cluster["available_node_types"]
+    head = node_types[cluster["head_node_type"]]
+    assert head["resources"].get("head") == 1 and not head["resources"].get("GPU")
+    assert "--resources='{\"head\": 1}'" in " ".join(cluster["head_start_ray_commands"])
+    offered = {
+        name: set(spec["resources"])
+        for name, spec in node_types.items()
+        if name != "ray.head.default"
+    }
+    for name, entry in deployments(gpu_serve_config()).items():
+        options = entry.get("ray_actor_options", {})
+        if name == "Router" or name.startswith("Scheduler-"):
+            assert options.get("resources", {}).get("head"), f"{name} is not pinned to the head"
+            assert not options.get("num_gpus")
+        else:
+            assert options["num_gpus"] >= 1 and options.get("accelerator_type"), name
+            wanted = f"accelerator_type:{options['accelerator_type']}"
+            assert any(wanted in resources for resources in offered.values()), (
+                f"{name} asks for {wanted}, which no node type of cluster.yaml offers"
+            )
+            limits = entry["autoscaling_config"]
+            assert limits["min_replicas"] <= limits["max_replicas"]
+    for spec in node_types.values():
+        if spec is not head:
+            assert spec["max_workers"] >= spec["min_workers"] and spec["idle_timeout_s"] > 0
+
+
+def test_gpu_serve_config_declares_the_queue_policy_and_validates() -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    config = gpu_serve_config()
+    ServeDeploySchema.model_validate(config)
+    [app] = config["applications"]
+    assert app["autoscaling_policy"] == {"policy_function": "autoscaling.policy:scale_workers"}
+    video = deployments(config)["TextToVideo-wan-1.3b"]["autoscaling_config"]
+    assert video["min_replicas"] == 0  # an idle video model gives its GPU back
+    images = deployments(config)["TextToImage-sd-turbo"]["autoscaling_config"]
+    assert images["min_replicas"] >= 1
+
+
+def test_kuberay_rayservice_is_the_same_service() -> None:
+    from ray.serve.schema import ServeDeploySchema
+
+    manifest = load("deploy/kuberay/rayservice.yaml")
+    assert (manifest["apiVersion"], manifest["kind"]) == ("ray.io/v1", "RayService")
+    serve_config = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(serve_config)
+    assert serve_config["applications"] == gpu_serve_config()["applications"]
+    cluster = manifest["spec"]["rayClusterConfig"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    head = cluster["headGroupSpec"]
+    assert '\\"head\\": 1' in head["rayStartParams"]["resources"]
+    assert head["rayStartParams"]["num-gpus"] == "0"
+    groups = {group["groupName"]: group for group in cluster["workerGroupSpecs"]}
+    for name, accelerator in (("gpu-a10g", "A10G"), ("gpu-a100", "A100")):
+        group = groups[name]
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        assert f"accelerator_type:{accelerator}" in group["rayStartParams"]["resources"]
+        [container] = group["template"]["spec"]["containers"]
+        assert int(container["resources"]["limits"]["nvidia.com/gpu"]) >= 1
