@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -121,6 +122,21 @@ class TextToImage:
         started = time.perf_counter()
         generate_batch(self.pipeline, [warm])
         logger.info("%s warmed up in %.2fs", self.spec.id, time.perf_counter() - started)
+
+    def placement_report(self) -> dict[str, Any]:
+        """Where this replica runs and what it runs on, for operators: the GPUs Ray gave
+        it, what CUDA_VISIBLE_DEVICES says, and the pipeline's device and dtype."""
+        import ray
+
+        device = getattr(self.pipeline, "device", "cpu")
+        dtype = getattr(self.pipeline, "dtype", "float32")
+        return {
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "gpu_ids": list(ray.get_gpu_ids()),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "device": getattr(device, "type", str(device)),
+            "dtype": str(dtype).removeprefix("torch."),
+        }
 
     async def generate(self, jobs: list[ImageJob]) -> list[ImageResult]:
         """Generate a batch off the event loop so health checks stay answered.

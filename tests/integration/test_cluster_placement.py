@@ -1,0 +1,190 @@
+"""Placement on a multi-node cluster: a local Ray cluster (``ray.cluster_utils.Cluster``)
+with a CPU head offering the `head` resource, and two nodes that declare one fake GPU
+each (an A10G and an A100, no GPU behind them). `mediagate up --address` deploys a
+config shaped like serve.gpu.yaml: routers and schedulers must land on the head, the
+image worker on the A10G node and the video worker on the A100 node; the worker on a
+"GPU" node still finds no CUDA and serves on the CPU in float32.
+
+Marked `own_ray_cluster`: it runs before the session's shared cluster exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from tests.integration.conftest import free_port
+
+MEDIAGATE = str(Path(sys.executable).with_name("mediagate"))
+
+
+def placement_config(home: Path) -> Path:
+    head = {"num_cpus": 0, "resources": {"head": 0.01}}
+    config = {
+        "proxy_location": "HeadOnly",
+        "applications": [
+            {
+                "name": "mediagate",
+                "route_prefix": "/",
+                "import_path": "deployments.app:build_app",
+                "autoscaling_policy": {"policy_function": "autoscaling.policy:scale_workers"},
+                "args": {"models": ["tiny-sd", "tiny-wan"]},
+                "deployments": [
+                    {"name": "Router", "ray_actor_options": head},
+                    {"name": "Scheduler-tiny-sd", "ray_actor_options": head},
+                    {"name": "Scheduler-tiny-wan", "ray_actor_options": head},
+                    {
+                        "name": "TextToImage-tiny-sd",
+                        "ray_actor_options": {
+                            "num_cpus": 1,
+                            "num_gpus": 1,
+                            "accelerator_type": "A10G",
+                        },
+                    },
+                    {
+                        "name": "TextToVideo-tiny-wan",
+                        "ray_actor_options": {
+                            "num_cpus": 1,
+                            "num_gpus": 1,
+                            "accelerator_type": "A100",
+                        },
+                    },
+                ],
+            }
+        ],
+    }
+    path = home / "serve.placement.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def gpu_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    from ray.cluster_utils import Cluster
+
+    home = tmp_path_factory.mktemp("placement")
+    dashboard_port, port = free_port(), free_port()
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 2,
+            "num_gpus": 0,
+            "resources": {"head": 1},
+            "include_dashboard": True,
+            "dashboard_host": "127.0.0.1",
+            "dashboard_port": dashboard_port,
+        },
+    )
+    a10g = cluster.add_node(num_cpus=1, num_gpus=1, resources={"accelerator_type:A10G": 1})
+    a100 = cluster.add_node(num_cpus=1, num_gpus=1, resources={"accelerator_type:A100": 1})
+    cluster.wait_for_nodes()
+    env = {**os.environ, "MEDIAGATE_HOME": str(home)}
+    address = f"http://127.0.0.1:{dashboard_port}"
+    try:
+        up = subprocess.run(
+            [
+                MEDIAGATE,
+                "up",
+                "--detach",
+                "--address",
+                address,
+                "--config",
+                str(placement_config(home)),
+                "--port",
+                str(port),
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert up.returncode == 0, up.stderr[-3000:]
+        yield {
+            "env": env,
+            "address": address,
+            "ray_address": cluster.address,
+            "base_url": f"http://127.0.0.1:{port}",
+            "nodes": {
+                "head": cluster.head_node.node_id,
+                "A10G": a10g.node_id,
+                "A100": a100.node_id,
+            },
+        }
+    finally:
+        subprocess.run([MEDIAGATE, "down"], env=env, capture_output=True, timeout=120)
+        cluster.shutdown()
+
+
+@pytest.mark.own_ray_cluster
+def test_routers_on_the_head_workers_on_their_gpu_nodes(gpu_cluster: dict[str, Any]) -> None:
+    from mediagate.cli import _serve_client
+
+    details = _serve_client(gpu_cluster["address"]).get_serve_details()
+    deployments = details["applications"]["mediagate"]["deployments"]
+    nodes = gpu_cluster["nodes"]
+    where = {
+        name: {replica["node_id"] for replica in deployment["replicas"]}
+        for name, deployment in deployments.items()
+    }
+    assert where == {
+        "Router": {nodes["head"]},
+        "Scheduler-tiny-sd": {nodes["head"]},
+        "Scheduler-tiny-wan": {nodes["head"]},
+        "TextToImage-tiny-sd": {nodes["A10G"]},
+        "TextToVideo-tiny-wan": {nodes["A100"]},
+    }
+    # The proxy stays on the head too (HeadOnly).
+    proxies = {proxy["node_id"] for proxy in details["proxies"].values()}
+    assert proxies == {nodes["head"]}
+
+
+@pytest.mark.own_ray_cluster
+def test_a_worker_on_a_fake_gpu_node_serves_on_the_cpu(gpu_cluster: dict[str, Any]) -> None:
+    env = gpu_cluster["env"]
+    created = subprocess.run(
+        [MEDIAGATE, "keys", "create", "--tier", "pro", "--account", "placement"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    key = created.stdout.strip().splitlines()[-1]
+    answer = httpx.post(
+        f"{gpu_cluster['base_url']}/v1/images/generations",
+        json={"prompt": "a red barn", "size": "64x64"},
+        headers={"Authorization": f"Bearer {key}"},
+        timeout=120,
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["data"][0]["b64_json"]
+
+    # Ask the replica itself what it saw (from a separate driver process, so that this
+    # one never joins the cluster): Ray gave it GPU 0, torch found no CUDA.
+    script = (
+        "import json, sys, ray\n"
+        "from ray import serve\n"
+        "ray.init(address=sys.argv[1], namespace='serve', log_to_driver=False)\n"
+        "handle = serve.get_deployment_handle('TextToImage-tiny-sd', app_name='mediagate')\n"
+        "print(json.dumps(handle.placement_report.remote().result(timeout_s=60)))\n"
+    )
+    asked = subprocess.run(
+        [sys.executable, "-c", script, gpu_cluster["ray_address"]],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert asked.returncode == 0, asked.stderr[-3000:]
+    seen = json.loads(asked.stdout.strip().splitlines()[-1])
+    assert seen["node_id"] == gpu_cluster["nodes"]["A10G"]
+    assert seen["cuda_visible_devices"] == "0" and seen["gpu_ids"] in ([0], ["0"])
+    assert (seen["device"], seen["dtype"]) == ("cpu", "float32")
