@@ -66,6 +66,7 @@ class ImageResult(BaseModel):
     content_type: str = Field(description="MIME type of every image.")
     batch_images: int = Field(description="How many images shared the pipeline call.")
     inference_s: float = Field(description="Seconds the pipeline call took.")
+    worker: str = Field("", description="The worker replica that ran it (for operators).")
 
 
 def pipeline_call_kwargs(jobs: list[ImageJob]) -> dict[str, Any]:

@@ -80,6 +80,9 @@ POLL_AFTER_HEADER = "openai-poll-after-ms"
 AUTH_STALE_IF_ERROR_S = 600.0
 
 
+WORKER_HEADER = "x-mediagate-worker"  # the worker replica that made the images
+
+
 class RouterSettings(BaseModel):
     """Limits at the edge; part of the typed application arguments."""
 
@@ -264,7 +267,10 @@ class Gateway:
             size=f"{job.width}x{job.height}",
             quality=body.quality,
         )
-        return response, rate_limit_headers(admission.usage)
+        headers = rate_limit_headers(admission.usage)
+        if result.worker:
+            headers[WORKER_HEADER] = result.worker
+        return response, headers
 
     def refuse_if_overloaded(self, model_id: str, job: ImageJob, tier_name: str) -> None:
         """Refuse here, before any quota write or hop, what the scheduler would refuse:

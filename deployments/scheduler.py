@@ -105,7 +105,7 @@ class Scheduler:
         worker_deployment: str | None = None,
         count_replicas: ReplicaCounter | None = None,
         slots_per_replica: int = 1,
-        capacity_refresh_s: float = 1.0,
+        capacity_refresh_s: float = 0.25,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.spec = ModelSpec.model_validate(spec)

@@ -29,6 +29,16 @@ logger = logging.getLogger(__name__)
 PipelineLoader = Callable[..., Any]
 
 
+def _replica_id() -> str:
+    """This Serve replica's id ("" outside Serve)."""
+    try:
+        from ray import serve
+
+        return str(serve.get_replica_context().replica_id.unique_id)
+    except Exception:  # not running as a Serve replica (tests, benchmarks)
+        return ""
+
+
 class BatchStopped(Exception):
     """The scheduler took the batch back (to run higher-priority work) mid-way."""
 
@@ -48,7 +58,7 @@ def stop_when_set(stop: threading.Event) -> Callable[..., dict[str, Any]]:
 
 
 def generate_batch(
-    pipeline: Any, jobs: list[ImageJob], stop: threading.Event | None = None
+    pipeline: Any, jobs: list[ImageJob], stop: threading.Event | None = None, worker: str = ""
 ) -> list[ImageResult]:
     """Run one pipeline call for same-shape ``jobs`` and encode each job's images;
     setting ``stop`` ends it at the next denoising step with ``BatchStopped``."""
@@ -80,6 +90,7 @@ def generate_batch(
                 content_type=CONTENT_TYPES[job.output_format],
                 batch_images=len(images),
                 inference_s=inference_s,
+                worker=worker,
             )
         )
     return results
@@ -104,6 +115,7 @@ class TextToImage:
         self.spec = ModelSpec.model_validate(spec)
         self.pipeline = load(self.spec, cache_dir=Path(cache_dir))
         self._one_at_a_time = asyncio.Lock()
+        self.replica_id = _replica_id()
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -151,7 +163,7 @@ class TextToImage:
         # share the pipeline (and its interrupt flag).
         async with self._one_at_a_time:
             run = asyncio.ensure_future(
-                asyncio.to_thread(generate_batch, self.pipeline, jobs, stop)
+                asyncio.to_thread(generate_batch, self.pipeline, jobs, stop, self.replica_id)
             )
             try:
                 return await asyncio.shield(run)

@@ -98,7 +98,7 @@ class VideoScheduler:
         worker_deployment: str | None = None,
         count_replicas: ReplicaCounter | None = None,
         store: JobStore | None = None,
-        capacity_refresh_s: float = 1.0,
+        capacity_refresh_s: float = 0.25,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.spec = ModelSpec.model_validate(spec)
