@@ -24,7 +24,15 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field, ValidationError
 
-from deployments.errors import InvalidRequest, NotFound, Overloaded, Unauthorized
+from deployments.errors import (
+    InvalidRequest,
+    MediagateError,
+    ModelUnavailable,
+    NotFound,
+    Overloaded,
+    Unauthorized,
+    unwrap,
+)
 from deployments.http_edge import EdgeMiddleware, install_error_handlers, invalid_request_from
 from deployments.jobs import ImageJob, ImageResult, draw_seed
 from deployments.protocol import (
@@ -247,6 +255,13 @@ class Gateway:
         try:
             try:
                 result: ImageResult = await self.schedulers[spec.id].submit.remote(job)
+            except Exception as error:
+                if isinstance(unwrap(error), MediagateError):
+                    raise unwrap(error) from None
+                logger.error("scheduler of %s unreachable: %r", spec.id, error)
+                raise ModelUnavailable(
+                    f"model {spec.id} is restarting; please retry shortly", retry_after_s=2
+                ) from error
             finally:
                 self._pending[pending] -= 1
                 if not self._pending[pending]:

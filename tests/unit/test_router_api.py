@@ -172,12 +172,13 @@ def test_generation_failure_is_500_in_the_envelope(service: Service) -> None:
     assert_error(service.generate({"prompt": "x"}), 500, None, "generation_failed")
 
 
-def test_unexpected_error_is_500_without_internals(service: Service) -> None:
-    service.scheduler.fail_with = RuntimeError("secret internal detail")
+def test_an_unreachable_scheduler_is_a_503_to_retry_without_internals(service: Service) -> None:
+    # What a handle raises when the scheduler's actor died (Serve restarts it).
+    service.scheduler.fail_with = RuntimeError("ActorDiedError: secret internal detail")
     response = service.generate({"prompt": "x"})
-    assert_error(response, 500, None, "internal_error")
+    assert_error(response, 503, None, "model_unavailable")
+    assert response.headers["retry-after"] == "2"
     assert "secret" not in response.text
-    assert response.headers["x-request-id"] in response.json()["error"]["message"]
 
 
 def test_unknown_route_is_404_envelope(service: Service) -> None:
@@ -219,3 +220,14 @@ def test_jpeg_output(service: Service) -> None:
 def test_health(service: Service) -> None:
     response = service.client.get("/healthz")
     assert response.status_code == 200 and response.json()["models"] == ["tiny-sd", "tiny-wan"]
+
+
+def test_unexpected_error_is_500_without_internals(service: Service) -> None:
+    def broken_put(*args: object) -> str:
+        raise RuntimeError("secret internal detail")
+
+    service.gateway.artifacts.put = broken_put  # type: ignore[method-assign]
+    response = service.generate({"prompt": "x", "response_format": "url"})
+    assert_error(response, 500, None, "internal_error")
+    assert "secret" not in response.text
+    assert response.headers["x-request-id"] in response.json()["error"]["message"]
