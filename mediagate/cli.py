@@ -3,8 +3,8 @@
 ``mediagate up`` starts a local Ray head (or uses ``--address``), deploys the
 application from a Serve config YAML through Serve's REST API (the same path as
 ``serve deploy``, so later config changes are lightweight updates), waits until
-it answers and prints the base URL. Ray's token authentication stays on: every
-call of ours sets ``RAY_AUTH_MODE=token`` so the client reads ``~/.ray/auth_token``.
+it answers and prints the base URL. Ray's token authentication stays on: our calls
+to the Serve REST API send the token that ``ray start`` wrote (``~/.ray/auth_token``).
 """
 
 from __future__ import annotations
@@ -59,11 +59,23 @@ def _ray_executable() -> str:
     return str(beside_python) if beside_python.exists() else "ray"
 
 
+def ray_auth_headers() -> dict[str, str]:
+    """The cluster's token as an HTTP header, when there is one: RAY_AUTH_TOKEN, the file
+    at RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token (where `ray start` writes it). Sent
+    explicitly, because Ray decides once per process whether to send it itself, and a
+    process that has used Ray before may have decided "no"."""
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if not token:
+        path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+        if path.is_file():
+            token = path.read_text().strip()
+    return {"authorization": f"Bearer {token}"} if token else {}
+
+
 def _serve_client(dashboard_url: str) -> Any:
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
-    return ServeSubmissionClient(dashboard_url)
+    return ServeSubmissionClient(dashboard_url, headers=ray_auth_headers())
 
 
 def effective_config(config_path: str | None, host: str, port: int, home: Path) -> dict[str, Any]:
@@ -319,21 +331,38 @@ def _dashboard_url(address: str | None) -> str:
     return f"http://127.0.0.1:{DEFAULT_DASHBOARD_PORT}"
 
 
-def _tier_names() -> dict[int, str]:
-    names: dict[int, list[str]] = {}
-    for name, tier in _policy().tiers.items():
-        names.setdefault(tier.priority_class, []).append(name)
-    return {cls: "/".join(tiers) for cls, tiers in names.items()}
-
-
 def _free_class() -> int:
     """The lowest priority class of the tier file (free, by default)."""
     return min(tier.priority_class for tier in _policy().tiers.values())
 
 
+def _service_queues(url: str | None, api_key: str | None) -> dict[str, dict[str, Any]]:
+    """Queue per model and tier from the service's GET /v1/status (any valid key)."""
+    if not api_key:
+        return {}
+    if url is None:
+        layout = _layout()
+        run = json.loads(layout.run_file.read_text()) if layout.run_file.exists() else {}
+        url = run.get("base_url") or "http://127.0.0.1:8000"
+    request = urllib.request.Request(
+        f"{url.rstrip('/')}/v1/status", headers={"Authorization": f"Bearer {api_key}"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            status = json.loads(answer.read())
+    except (urllib.error.URLError, OSError, ValueError) as error:
+        print(f"note: no queue figures from {url}/v1/status: {error}", file=sys.stderr)
+        return {}
+    return {
+        model: dict(figures.get("queue_by_tier") or {})
+        for model, figures in (status.get("models") or {}).items()
+    }
+
+
 def command_scale_show(args: argparse.Namespace) -> int:
     details = _serve_client(_dashboard_url(args.address)).get_serve_details()
-    rows = scale_rows(details, args.app, _tier_names())
+    api_key = args.api_key or os.environ.get("MEDIAGATE_API_KEY")
+    rows = scale_rows(details, args.app, _service_queues(args.url, api_key))
     if not rows:
         raise CommandError(f"application {args.app!r} has no model workers deployed")
     header = ("MODEL", "REPLICAS", "TARGET", "MIN", "MAX", "PER-REPLICA")
@@ -344,6 +373,8 @@ def command_scale_show(args: argparse.Namespace) -> int:
             f"{row['model']:<16} {row['replicas']:>8} {row['target_replicas'] or 0:>6} "
             f"{row['min']:>4} {row['max']:>4} {row['target_per_replica']:>11g}  {queue}"
         )
+    if not api_key:
+        print("(queue per tier: set MEDIAGATE_API_KEY or --api-key to any valid key)")
     for line in _audit_lines(args.history):
         print(line)
     return 0
@@ -502,6 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     show = scale.add_parser("show", help="per model: replicas, limits and queue per tier")
     show.add_argument("--history", type=int, default=5, help="recent changes to list")
+    show.add_argument("--url", help="the service's base URL (default: from `mediagate up`)")
+    show.add_argument("--api-key", help="any valid key, for the queue (or MEDIAGATE_API_KEY)")
     setter = scale.add_parser(
         "set", help="change a model's limits without restarting replicas (prints the change)"
     )

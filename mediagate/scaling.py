@@ -14,12 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from autoscaling.policy import (
-    DEFAULT_QUEUE_WEIGHTS,
-    QUEUE_PREFIX,
-    SCHEDULER_PREFIX,
-    WORKER_PREFIXES,
-)
+from autoscaling.policy import DEFAULT_QUEUE_WEIGHTS, SCHEDULER_PREFIX, WORKER_PREFIXES
 
 MAX_REPLICAS_LIMIT = 1000
 # The numbers of an autoscaling_config that may be carried into the config file. The
@@ -181,10 +176,11 @@ def _check_limits(limits: dict[str, Any], *, worker: str, allow_zero_images: boo
 
 
 def scale_rows(
-    details: dict[str, Any], app_name: str, tier_names: dict[int, str]
+    details: dict[str, Any], app_name: str, queues: dict[str, dict[str, Any]]
 ) -> list[dict[str, Any]]:
-    """Per model: replicas now and targeted, limits, and the queue per tier, from the
-    Serve REST API's application details (``GET /api/serve/applications/``)."""
+    """Per model: replicas now and targeted and limits, from the Serve REST API's
+    application details (``GET /api/serve/applications/``), with the queue per tier
+    from the service's ``GET /v1/status`` (``queues``: model -> tier -> queued)."""
     app = (details.get("applications") or {}).get(app_name) or {}
     deployments: dict[str, Any] = app.get("deployments") or {}
     rows = []
@@ -194,15 +190,6 @@ def scale_rows(
             continue
         config = (deployment.get("deployment_config") or {}).get("autoscaling_config") or {}
         running = sum(1 for r in deployment.get("replicas") or [] if r.get("state") == "RUNNING")
-        scheduler = deployments.get(f"{SCHEDULER_PREFIX}{model}") or {}
-        metrics = ((scheduler.get("autoscaling_detail") or {}).get("metrics")) or {}
-        queue = {
-            tier_names.get(int(key.removeprefix(QUEUE_PREFIX)), key.removeprefix(QUEUE_PREFIX)): (
-                _metric_value(value)
-            )
-            for key, value in metrics.items()
-            if key.startswith(QUEUE_PREFIX)
-        }
         rows.append(
             {
                 "model": model,
@@ -212,16 +199,13 @@ def scale_rows(
                 "min": config.get("min_replicas"),
                 "max": config.get("max_replicas"),
                 "target_per_replica": config.get("target_ongoing_requests"),
-                "queue": queue,
+                "queue": {tier: _metric_value(n) for tier, n in (queues.get(model) or {}).items()},
             }
         )
     return rows
 
 
 def _metric_value(value: Any) -> float:
-    """Serve reports a metric as a number or as {replica: number}: the total."""
-    if isinstance(value, dict):
-        return float(sum(_metric_value(v) for v in value.values()))
     try:
         return float(value)
     except (TypeError, ValueError):

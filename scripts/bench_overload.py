@@ -19,6 +19,7 @@ of the router and scheduler (sampled every second; growth over the second half).
 The model takes 20 steps, as diffusion pipelines do (20-50), because a preemption
 takes effect at the next step: 4 long steps would make that point artificially coarse.
 Usage: python scripts/bench_overload.py [--steps 20] [--step-ms 8] [--seconds 20]
+       [--unloaded-seconds N]
 """
 
 from __future__ import annotations
@@ -175,13 +176,15 @@ def growth_mb_per_min(samples: list[dict[str, float]], every_s: float) -> dict[s
     return slopes
 
 
-async def run(base_url: str, pro_key: str, free_keys: list[str], seconds: float) -> dict[str, Any]:
+async def run(
+    base_url: str, pro_key: str, free_keys: list[str], seconds: float, unloaded_s: float
+) -> dict[str, Any]:
     limits = httpx.Limits(max_connections=2000, max_keepalive_connections=200)
     async with httpx.AsyncClient(base_url=base_url, timeout=120, limits=limits) as client:
         await capacity(client, pro_key, 2)  # warm up
         c = await capacity(client, pro_key, 8)
         unloaded: list[Outcome] = []
-        await open_loop(client, [pro_key], "pro", 0.3 * c, seconds, unloaded)
+        await open_loop(client, [pro_key], "pro", 0.3 * c, unloaded_s, unloaded)
         memory: list[dict[str, float]] = []
         sampler = asyncio.create_task(sample_memory(actor_pids("mediagate"), 1.0, memory))
         overload: list[Outcome] = []
@@ -209,7 +212,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--step-ms", type=float, default=8)
-    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--seconds", type=float, default=20, help="length of the overload")
+    parser.add_argument("--unloaded-seconds", type=float, help="pro alone (default: --seconds)")
     args = parser.parse_args()
 
     import ray
@@ -235,7 +239,10 @@ def main() -> None:
             store.create_key(store.ensure_account(f"bench-free-{i}", "free").id)
             for i in range(FREE_ACCOUNTS)
         ]
-        measured = asyncio.run(run("http://127.0.0.1:8766", pro_key, free_keys, args.seconds))
+        unloaded_s = args.unloaded_seconds or args.seconds
+        measured = asyncio.run(
+            run("http://127.0.0.1:8766", pro_key, free_keys, args.seconds, unloaded_s)
+        )
         serve.shutdown()
         ray.shutdown()
 

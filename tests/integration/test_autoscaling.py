@@ -13,6 +13,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -26,6 +27,7 @@ import httpx
 import pytest
 import yaml
 
+from mediagate.cli import ray_auth_headers
 from tests.integration.conftest import free_port
 
 MEDIAGATE = str(Path(sys.executable).with_name("mediagate"))
@@ -46,10 +48,13 @@ class Cluster:
         )
 
     def details(self) -> dict[str, Any]:
-        """GET /api/serve/applications/ (with the cluster's auth token, as the CLI)."""
-        from mediagate.cli import _serve_client
-
-        return dict(_serve_client(self.dashboard_url).get_serve_details())
+        """GET /api/serve/applications/ with the cluster's token. Plain HTTP: Ray's own
+        client would fix this process's token setting before the shared cluster starts."""
+        answer = httpx.get(
+            f"{self.dashboard_url}/api/serve/applications/", headers=ray_auth_headers(), timeout=30
+        )
+        answer.raise_for_status()
+        return dict(answer.json())
 
     def replicas(self, deployment: str) -> list[str]:
         """Ids of the RUNNING replicas of ``deployment``."""
@@ -221,11 +226,10 @@ def test_a_burst_scales_workers_up_then_back_to_min(cluster: Cluster) -> None:
     wait_for(lambda: len(cluster.replicas("TextToImage-sim")) == 1, 60, "back to min (1)")
     assert cluster.replicas("Scheduler-sim") == scheduler_before  # never restarted
 
-    shown = cluster.cli("scale", "show")
+    shown = cluster.cli("scale", "show", "--api-key", cluster.keys["pro"])
     assert shown.returncode == 0, shown.stderr
     row = next(line for line in shown.stdout.splitlines() if line.startswith("sim "))
     assert row.split()[1:6] == ["1", "1", "1", "4", "1"], shown.stdout
-    assert row.endswith("pro 0"), shown.stdout  # the scheduler's queue, per tier
 
 
 @pytest.mark.own_ray_cluster
@@ -240,6 +244,10 @@ def test_scale_set_under_load_changes_max_without_restarting_replicas(cluster: C
     }
     time.sleep(2)
     assert len(cluster.replicas("TextToImage-sim")) == 2  # the max holds under load
+    shown = cluster.cli("scale", "show", "--api-key", cluster.keys["pro"])
+    row = next(line for line in shown.stdout.splitlines() if line.startswith("sim "))
+    queued = re.search(r"pro (\d+)$", row)  # the scheduler's queue, per tier
+    assert queued and int(queued.group(1)) > 0, shown.stdout
 
     raised = cluster.cli("scale", "set", "sim", "--max", "3", "--free-weight", "0.25")
     assert raised.returncode == 0, raised.stderr

@@ -22,9 +22,11 @@ import httpx
 import pytest
 import yaml
 
+from mediagate.cli import ray_auth_headers
 from tests.integration.conftest import free_port
 
 MEDIAGATE = str(Path(sys.executable).with_name("mediagate"))
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def placement_config(home: Path) -> Path:
@@ -69,34 +71,27 @@ def placement_config(home: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def gpu_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    from ray.cluster_utils import Cluster
-
     home = tmp_path_factory.mktemp("placement")
     dashboard_port, port = free_port(), free_port()
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 2,
-            "num_gpus": 0,
-            "resources": {"head": 1},
-            "include_dashboard": True,
-            "dashboard_host": "127.0.0.1",
-            "dashboard_port": dashboard_port,
-        },
-    )
-    a10g = cluster.add_node(num_cpus=1, num_gpus=1, resources={"accelerator_type:A10G": 1})
-    a100 = cluster.add_node(num_cpus=1, num_gpus=1, resources={"accelerator_type:A100": 1})
-    cluster.wait_for_nodes()
     env = {**os.environ, "MEDIAGATE_HOME": str(home)}
-    address = f"http://127.0.0.1:{dashboard_port}"
+    # The cluster lives in a child process: Cluster() would change this one's Ray state.
+    child = subprocess.Popen(
+        [sys.executable, "-m", "tests.integration.fake_gpu_cluster", str(dashboard_port)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     try:
+        assert child.stdout is not None
+        cluster = json.loads(child.stdout.readline())
         up = subprocess.run(
             [
                 MEDIAGATE,
                 "up",
                 "--detach",
                 "--address",
-                address,
+                cluster["dashboard_url"],
                 "--config",
                 str(placement_config(home)),
                 "--port",
@@ -110,25 +105,27 @@ def gpu_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
         assert up.returncode == 0, up.stderr[-3000:]
         yield {
             "env": env,
-            "address": address,
-            "ray_address": cluster.address,
+            "address": cluster["dashboard_url"],
+            "ray_address": cluster["ray_address"],
             "base_url": f"http://127.0.0.1:{port}",
-            "nodes": {
-                "head": cluster.head_node.node_id,
-                "A10G": a10g.node_id,
-                "A100": a100.node_id,
-            },
+            "nodes": cluster["nodes"],
         }
     finally:
         subprocess.run([MEDIAGATE, "down"], env=env, capture_output=True, timeout=120)
-        cluster.shutdown()
+        if child.stdin is not None:
+            child.stdin.close()  # the child shuts its cluster down
+        child.wait(timeout=120)
 
 
 @pytest.mark.own_ray_cluster
 def test_routers_on_the_head_workers_on_their_gpu_nodes(gpu_cluster: dict[str, Any]) -> None:
-    from mediagate.cli import _serve_client
-
-    details = _serve_client(gpu_cluster["address"]).get_serve_details()
+    # Plain HTTP with the token: Ray's own client would fix this process's token setting
+    # before the session's shared cluster starts.
+    answer = httpx.get(
+        f"{gpu_cluster['address']}/api/serve/applications/", headers=ray_auth_headers(), timeout=30
+    )
+    answer.raise_for_status()
+    details = answer.json()
     deployments = details["applications"]["mediagate"]["deployments"]
     nodes = gpu_cluster["nodes"]
     where = {

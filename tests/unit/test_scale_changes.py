@@ -119,17 +119,13 @@ def test_scale_rows_from_serve_details() -> None:
                         ],
                         "deployment_config": {"autoscaling_config": DEPLOYED_LIMITS},
                     },
-                    "Scheduler-sd": {
-                        "autoscaling_detail": {
-                            "metrics": {"queue_len_class_0": 7.0, "queue_len_class_2": {"r1": 2.0}}
-                        }
-                    },
+                    "Scheduler-sd": {},
                     "Router": {},
                 }
             }
         }
     }
-    [row] = scale_rows(details, "mediagate", {0: "free", 2: "pro"})
+    [row] = scale_rows(details, "mediagate", {"sd": {"free": 7, "pro": 2}})
     assert row == {
         "model": "sd",
         "deployment": "TextToImage-sd",
