@@ -146,6 +146,9 @@ class RedisStateStore:
         key = job_key(account_id, job_id)
 
         async def compare_and_set() -> VideoJobRecord | None:
+            # (before, after) of our last EXEC: redis-py reports a connection lost during
+            # EXEC as a WatchError too, so a retry that finds our own write must win.
+            written: tuple[VideoJobRecord, VideoJobRecord] | None = None
             while True:
                 async with self._redis.pipeline(transaction=True) as tx:
                     try:
@@ -153,24 +156,30 @@ class RedisStateStore:
                         raw = await tx.get(key)
                         if raw is None:
                             return None
-                        job = VideoJobRecord.model_validate_json(raw)
-                        if job.status not in expect_status or (
-                            expect_attempt is not None and job.attempt != expect_attempt
+                        current = VideoJobRecord.model_validate_json(raw)
+                        if written is not None and current == written[1]:
+                            before, updated = written
+                            break
+                        if current.status not in expect_status or (
+                            expect_attempt is not None and current.attempt != expect_attempt
                         ):
                             return None
-                        updated = VideoJobRecord.model_validate({**job.model_dump(), **changes})
-                        if updated.expires_at is not None and updated.status != job.status:
+                        updated = VideoJobRecord.model_validate({**current.model_dump(), **changes})
+                        if updated.expires_at is not None and updated.status != current.status:
                             await self._redis.zadd(EXPIRY_KEY, {updated.ref: updated.expires_at})
                         tx.multi()
                         tx.set(key, updated.model_dump_json())
+                        written = (current, updated)
                         await tx.execute()
+                        before = current
+                        break
                     except WatchError:
                         continue
-                if updated.status not in ACTIVE_STATUSES:
-                    await self._redis.srem(active_key(updated.model), updated.ref)
-                elif job.status not in ACTIVE_STATUSES:
-                    await self._redis.sadd(active_key(updated.model), updated.ref)
-                return updated
+            if updated.status not in ACTIVE_STATUSES:
+                await self._redis.srem(active_key(updated.model), updated.ref)
+            elif before.status not in ACTIVE_STATUSES:
+                await self._redis.sadd(active_key(updated.model), updated.ref)
+            return updated
 
         return await self._call(compare_and_set)
 
@@ -239,6 +248,10 @@ class RedisStateStore:
         lock = self._locks.setdefault(key, asyncio.Lock())
 
         async def transaction() -> T:
+            # Our last EXEC, if its answer was lost: redis-py reports a connection lost
+            # during EXEC as a WatchError, and applying the change again would count it
+            # twice. A retry that finds exactly what we wrote takes it as done.
+            written: tuple[str | None, T] | None = None
             async with lock:
                 while True:
                     async with self._redis.pipeline(transaction=True) as tx:
@@ -246,6 +259,8 @@ class RedisStateStore:
                             await tx.watch(key)
                             raw = await tx.get(key)
                             current = raw.decode() if raw is not None else None
+                            if written is not None and current == written[0]:
+                                return written[1]
                             updated, result = change(current)
                             if updated != current:
                                 tx.multi()
@@ -255,6 +270,7 @@ class RedisStateStore:
                                     tx.set(key, updated, px=int(ttl_s * 1000))
                                 else:
                                     tx.set(key, updated)
+                                written = (updated, result)
                                 await tx.execute()
                             return result
                         except WatchError:

@@ -198,3 +198,48 @@ async def test_an_unreachable_redis_is_a_503_with_retry_after(tmp_path: Path) ->
     assert response.headers["retry-after"] == "2"
     created = client.post("/v1/videos", json={"prompt": "x"}, headers=service.auth)
     assert created.status_code == 503 and service.video_scheduler.enqueued == []
+
+
+async def test_a_lost_exec_reply_is_not_applied_twice(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """redis-py reports a connection lost during EXEC as a WatchError: the write may have
+    landed. A retry that finds exactly that write must take it as done, not redo it."""
+    from redis.asyncio.client import Pipeline
+    from redis.exceptions import WatchError
+
+    from mediagate.state.redis_store import RedisStateStore
+
+    real_execute = Pipeline.execute
+    lost = {"left": 0}
+
+    async def execute_then_lose_the_reply(self: Pipeline, *args: Any, **kwargs: Any) -> Any:
+        answer = await real_execute(self, *args, **kwargs)
+        if lost["left"] and self.watching is False and self.command_stack == []:
+            lost["left"] -= 1
+            raise WatchError("A ConnectionError occurred while watching one or more keys")
+        return answer
+
+    monkeypatch.setattr(Pipeline, "execute", execute_then_lose_the_reply)
+    store = RedisStateStore(redis_url)
+    try:
+        await store.create_job(job("video_lost"))
+        lost["left"] = 1
+        claimed = await store.update_job(
+            "acct-a",
+            "video_lost",
+            expect_status=("queued",),
+            expect_attempt=0,
+            changes={"status": "in_progress", "attempt": 1},
+        )
+        assert claimed is not None and claimed.attempt == 1  # the claim is ours
+
+        def add_one(current: str | None) -> tuple[str, int]:
+            count = int(current or 0) + 1
+            return str(count), count
+
+        lost["left"] = 1
+        assert await store.mutate("acct-a", "lost_counter", add_one) == 1
+        assert await store.mutate("acct-a", "lost_counter", lambda c: (c, c)) == "1"  # once
+    finally:
+        await store.close()
