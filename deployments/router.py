@@ -675,8 +675,9 @@ class Router:
             clock=clock,
         )
         # Everything loaded so far (FastAPI, pydantic, Ray) lives as long as the replica:
-        # keep it out of the garbage collector's full passes, which otherwise walk it all
-        # and stall the event loop for milliseconds under load.
+        # keep it out of the garbage collector's full passes, which would walk it all on
+        # the event loop. (Kept for every overload measurement in BENCHMARKS.md; its own
+        # effect was not measured separately.)
         gc.freeze()
 
     def reconfigure(self, config: dict[str, Any]) -> None:

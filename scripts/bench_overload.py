@@ -54,6 +54,7 @@ class Outcome:
     latency_s: float
     handled_ms: float
     decision_ms: float
+    sent_at: float = 0.0  # perf_counter when the request was sent
     expired: bool = False  # queued, then dropped at its tier's deadline
 
 
@@ -100,6 +101,7 @@ async def one(client: httpx.AsyncClient, key: str, tier: str, sink: list[Outcome
             latency_s=time.perf_counter() - started,
             handled_ms=float(response.headers.get("x-mediagate-handled-ms", "nan")),
             decision_ms=float(response.headers.get("x-mediagate-decision-ms", "nan")),
+            sent_at=started,
             expired="waited longer" in response.text,
         )
     )
@@ -289,6 +291,27 @@ def main() -> None:
             k: round(v, 2) for k, v in growth_mb_per_min(memory, 1.0).items()
         },
     }
+    start = min((o.sent_at for o in measured["overload"]), default=0.0)
+    per_minute = []
+    for minute in range(int(args.seconds // 60) + 1):
+        window = [
+            o for o in measured["overload"] if 60 * minute <= o.sent_at - start < 60 * (minute + 1)
+        ]
+        pro_window = [o.latency_s for o in window if o.tier == "pro" and o.status == 200]
+        shed_window = [o for o in window if o.tier == "free" and o.status in (429, 503)]
+        if pro_window:
+            per_minute.append(
+                {
+                    "minute": minute,
+                    "pro_p99_ratio": round(percentile(pro_window, 99) / unloaded_p99, 3),
+                    "decision_p99_ms": round(
+                        percentile([o.decision_ms for o in shed_window], 99), 2
+                    ),
+                    "handled_p50_ms": round(percentile([o.handled_ms for o in shed_window], 50), 2),
+                }
+            )
+    if len(per_minute) > 1:
+        result["per_minute"] = per_minute
     for name, value in result.items():
         print(f"{name:>26}: {value}")
     print(json.dumps(result))
