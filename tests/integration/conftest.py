@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,7 +22,20 @@ from mediagate.artifacts import ArtifactConfig, s3_client
 from mediagate.state import StateConfig
 from tests.servers import free_port
 
-__all__ = ["RunningService", "free_port"]
+__all__ = ["RunningService", "free_port", "mediagate_up"]
+
+MEDIAGATE = str(Path(sys.executable).with_name("mediagate"))
+
+
+def mediagate_up(env: dict[str, str], *options: str) -> subprocess.CompletedProcess[str]:
+    """`mediagate up --detach OPTIONS...` as a newcomer runs it (its own process)."""
+    return subprocess.run(
+        [MEDIAGATE, "up", "--detach", *options],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ import pytest
 import yaml
 
 from mediagate.cli import ray_auth_headers
-from tests.integration.conftest import free_port
+from tests.integration.conftest import free_port, mediagate_up
 
 MEDIAGATE = str(Path(sys.executable).with_name("mediagate"))
 STEP_MS = 100
@@ -165,24 +165,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     home = tmp_path_factory.mktemp("autoscale")
     port, dashboard_port, ray_port = free_port(), free_port(), free_port()
     env = {**os.environ, "MEDIAGATE_HOME": str(home), "MEDIAGATE_OPERATOR": "sre-test"}
-    up = subprocess.run(
-        [
-            MEDIAGATE,
-            "up",
-            "--detach",
-            "--config",
-            str(write_config(home)),
-            "--port",
-            str(port),
-            "--dashboard-port",
-            str(dashboard_port),
-            "--ray-port",
-            str(ray_port),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    up = mediagate_up(
+        env,
+        *("--config", str(write_config(home)), "--port", str(port)),
+        *("--dashboard-port", str(dashboard_port), "--ray-port", str(ray_port)),
     )
     running = Cluster(
         env=env,

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.conftest import free_port
+from tests.integration.conftest import free_port, mediagate_up
 
 ROOT = Path(__file__).resolve().parents[2]
 MEDIAGATE = str(Path(sys.executable).with_name("mediagate"))
@@ -32,22 +32,10 @@ def readme_python_snippet() -> str:
 def test_up_serve_readme_snippet_down(tmp_path: Path) -> None:
     port, dashboard_port, ray_port = free_port(), free_port(), free_port()
     env = {**os.environ, "MEDIAGATE_HOME": str(tmp_path / "home")}
-    up = subprocess.run(
-        [
-            MEDIAGATE,
-            "up",
-            "--detach",
-            "--port",
-            str(port),
-            "--dashboard-port",
-            str(dashboard_port),
-            "--ray-port",
-            str(ray_port),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    up = mediagate_up(
+        env,
+        *("--port", str(port), "--dashboard-port", str(dashboard_port)),
+        *("--ray-port", str(ray_port)),
     )
     try:
         assert up.returncode == 0, up.stderr

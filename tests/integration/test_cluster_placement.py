@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from mediagate.cli import ray_auth_headers
-from tests.integration.conftest import free_port
+from tests.integration.conftest import free_port, mediagate_up
 
 MEDIAGATE = str(Path(sys.executable).with_name("mediagate"))
 ROOT = Path(__file__).resolve().parents[2]
@@ -85,22 +85,10 @@ def gpu_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
     try:
         assert child.stdout is not None
         cluster = json.loads(child.stdout.readline())
-        up = subprocess.run(
-            [
-                MEDIAGATE,
-                "up",
-                "--detach",
-                "--address",
-                cluster["dashboard_url"],
-                "--config",
-                str(placement_config(home)),
-                "--port",
-                str(port),
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
+        up = mediagate_up(
+            env,
+            *("--address", cluster["dashboard_url"], "--port", str(port)),
+            *("--config", str(placement_config(home))),
         )
         assert up.returncode == 0, up.stderr[-3000:]
         yield {
