@@ -100,13 +100,14 @@ def read_report(metrics: Mapping[str, Mapping[Any, float]] | None) -> QueueRepor
             if name.startswith(prefix) and name.removeprefix(prefix).lstrip("-").isdigit()
         }
 
-    inflight_name = "inflight_requests" if "inflight_requests" in metrics else "inflight"
     weights = {
         cls: max(0.0, value / max(1, len(metrics[f"{WEIGHT_PREFIX}{cls}"])))
         for cls, value in per_class(WEIGHT_PREFIX).items()
     }  # a weight is a setting, not an amount: averaged over replicas, not summed
     return QueueReport(
-        queued_by_class=per_class(QUEUE_PREFIX), inflight=total(inflight_name), weights=weights
+        queued_by_class=per_class(QUEUE_PREFIX),
+        inflight=total("inflight_requests"),
+        weights=weights,
     )
 
 

@@ -199,14 +199,7 @@ def scale_rows(
                 "min": config.get("min_replicas"),
                 "max": config.get("max_replicas"),
                 "target_per_replica": config.get("target_ongoing_requests"),
-                "queue": {tier: _metric_value(n) for tier, n in (queues.get(model) or {}).items()},
+                "queue": {tier: float(n) for tier, n in (queues.get(model) or {}).items()},
             }
         )
     return rows
-
-
-def _metric_value(value: Any) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan

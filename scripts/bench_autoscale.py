@@ -29,10 +29,10 @@ import socket
 import tempfile
 import threading
 import time
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import bench_overload  # scripts/ is on sys.path when a script in it runs
 import httpx
 import yaml
 
@@ -61,10 +61,7 @@ def write_config(home: Path, args: argparse.Namespace, port: int) -> dict[str, A
         },
     }
     (home / "catalog.yaml").write_text(yaml.safe_dump(catalog))
-    tiers = yaml.safe_load(resources.files("mediagate").joinpath("configs/tiers.yaml").read_text())
-    for tier in tiers["tiers"].values():
-        tier.update(images_per_day=None, images_per_minute=None, cooldown=None, max_queued=None)
-    (home / "tiers.yaml").write_text(yaml.safe_dump(tiers))
+    tiers_file = bench_overload.write_tiers(home)
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": port},
@@ -77,7 +74,7 @@ def write_config(home: Path, args: argparse.Namespace, port: int) -> dict[str, A
                 "args": {
                     "home": str(home),
                     "catalog": str(home / "catalog.yaml"),
-                    "tiers_file": str(home / "tiers.yaml"),
+                    "tiers_file": str(tiers_file),
                 },
                 "deployments": [
                     {

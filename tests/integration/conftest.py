@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,6 +26,28 @@ from tests.servers import free_port
 __all__ = ["RunningService", "free_port", "mediagate_up"]
 
 MEDIAGATE = str(Path(sys.executable).with_name("mediagate"))
+
+
+def write_unlimited_tiers(home: Path, *, keep_queue_caps: bool = False) -> Path:
+    """The shipped tier file without daily quotas, rates and cooldowns (and queue caps,
+    unless kept), so that only the scheduler decides what waits and what is shed."""
+    from importlib import resources
+
+    import yaml
+
+    tiers = yaml.safe_load(resources.files("mediagate").joinpath("configs/tiers.yaml").read_text())
+    unlimited: dict[str, Any] = {
+        "images_per_day": None,
+        "images_per_minute": None,
+        "cooldown": None,
+    }
+    if not keep_queue_caps:
+        unlimited["max_queued"] = None
+    for tier in tiers["tiers"].values():
+        tier.update(unlimited)
+    path = home / "tiers.yaml"
+    path.write_text(yaml.safe_dump(tiers))
+    return path
 
 
 def mediagate_up(env: dict[str, str], *options: str) -> subprocess.CompletedProcess[str]:

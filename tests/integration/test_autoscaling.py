@@ -19,7 +19,6 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ import pytest
 import yaml
 
 from mediagate.cli import ray_auth_headers
-from tests.integration.conftest import free_port, mediagate_up
+from tests.integration.conftest import free_port, mediagate_up, write_unlimited_tiers
 
 MEDIAGATE = str(Path(sys.executable).with_name("mediagate"))
 STEP_MS = 100
@@ -108,10 +107,7 @@ def write_config(home: Path) -> Path:
         },
     }
     (home / "catalog.yaml").write_text(yaml.safe_dump(catalog))
-    tiers = yaml.safe_load(resources.files("mediagate").joinpath("configs/tiers.yaml").read_text())
-    for tier in tiers["tiers"].values():
-        tier.update(images_per_day=None, images_per_minute=None, cooldown=None, max_queued=None)
-    (home / "tiers.yaml").write_text(yaml.safe_dump(tiers))
+    tiers_file = write_unlimited_tiers(home)
     workers = {"num_cpus": 0, "num_gpus": 0}
     fast = {"metrics_interval_s": 0.5, "look_back_period_s": 1.0, "upscale_delay_s": 0.5}
     config = {
@@ -124,7 +120,7 @@ def write_config(home: Path) -> Path:
                 "autoscaling_policy": {"policy_function": "autoscaling.policy:scale_workers"},
                 "args": {
                     "catalog": str(home / "catalog.yaml"),
-                    "tiers_file": str(home / "tiers.yaml"),
+                    "tiers_file": str(tiers_file),
                 },
                 "deployments": [
                     {

@@ -13,7 +13,7 @@ import yaml
 
 from mediagate.accounts import open_account_store
 from mediagate.state import StateConfig
-from tests.integration.conftest import RunningService
+from tests.integration.conftest import RunningService, write_unlimited_tiers
 
 STEP_MS = 100
 SERVICE_S = 4 * STEP_MS / 1000  # 4 steps, batch 1
@@ -23,8 +23,6 @@ SERVICE_S = 4 * STEP_MS / 1000  # 4 steps, batch 1
 def prio_service(
     serve_port: int, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[RunningService, dict[str, str]]]:
-    from importlib import resources
-
     from ray import serve
 
     from deployments.app import AppArgs, build_app
@@ -44,14 +42,11 @@ def prio_service(
         },
     }
     (home / "catalog.yaml").write_text(yaml.safe_dump(catalog))
-    tiers = yaml.safe_load(resources.files("mediagate").joinpath("configs/tiers.yaml").read_text())
-    for tier in tiers["tiers"].values():
-        tier.update(images_per_day=None, images_per_minute=None, cooldown=None)
-    (home / "tiers.yaml").write_text(yaml.safe_dump(tiers))
+    tiers_file = write_unlimited_tiers(home, keep_queue_caps=True)
     args = AppArgs(
         home=str(home),
         catalog=str(home / "catalog.yaml"),
-        tiers_file=str(home / "tiers.yaml"),
+        tiers_file=str(tiers_file),
         worker_ray_actor_options={"num_cpus": 0, "num_gpus": 0},
     )
     serve.run(build_app(args), name="prio", route_prefix="/prio")
