@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Hashable
@@ -365,11 +366,14 @@ class Scheduler:
             self._slots.release()
 
     def _requeue(self, batch: list[Ticket[ImageJob]]) -> None:
-        """A preempted batch's requests go back first in line (their callers still wait)."""
+        """A preempted batch's requests go back first in line (their callers still wait).
+        They started in time, so their queue deadline no longer applies: expiring one now
+        would fail a request after it had run, for the capacity a higher class took."""
         for ticket in reversed(batch):
             if ticket.future.done():
                 continue
             ticket.preemptions += 1
+            ticket.deadline = math.inf
             self._queue.requeue(ticket)
             self._count("preempted", ticket.job.priority_class)
 

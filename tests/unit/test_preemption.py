@@ -106,6 +106,29 @@ async def test_pro_request_takes_the_slot_of_a_free_batch_that_just_started() ->
     await scheduler.shutdown()
 
 
+async def test_a_preempted_request_is_not_expired_by_its_queue_deadline() -> None:
+    """It started in time; the deadline bounds the wait before a first start, so a
+    request taken back near its deadline runs again rather than fail after running."""
+    worker = FakeWorkerHandle()
+    clock = FakeClock(0.0)
+    scheduler = Scheduler(worker, SPEC, count_replicas=count_one, clock=clock)
+    scheduler.reconfigure({"batching": {"max_batch_size": 1}})
+    await learn_service_time(scheduler, worker, clock)
+    free = asyncio.create_task(scheduler.submit(job("free", "f", cls=0, max_wait_s=30)))
+    await worker.wait_for_batches(2)
+    clock.advance(1)
+    pro = asyncio.create_task(scheduler.submit(job("pro", "p", cls=2, max_wait_s=600)))
+    await worker.wait_for_batches(3)
+    assert worker.stopped == [["free"]]
+    clock.advance(40)  # the pro request runs long: the free one's queue deadline passes
+    worker.release.set()
+    await pro
+    assert (await free).request_id == "free"
+    assert [b[0].request_id for b in worker.batches] == ["warm", "free", "pro", "free"]
+    assert "expired_class_0" not in scheduler.stats()
+    await scheduler.shutdown()
+
+
 async def test_nearly_finished_batches_and_disabled_policy_are_waited_for() -> None:
     worker = FakeWorkerHandle()
     clock = FakeClock(0.0)
