@@ -55,6 +55,7 @@ class Outcome:
     handled_ms: float
     decision_ms: float
     sent_at: float = 0.0  # perf_counter when the request was sent
+    send_lag_s: float = 0.0  # how late the generator sent it (its own event loop's delay)
     expired: bool = False  # queued, then dropped at its tier's deadline
 
 
@@ -87,7 +88,9 @@ def write_tiers(home: Path) -> Path:
     return path
 
 
-async def one(client: httpx.AsyncClient, key: str, tier: str, sink: list[Outcome]) -> None:
+async def one(
+    client: httpx.AsyncClient, key: str, tier: str, sink: list[Outcome], due: float = 0.0
+) -> None:
     started = time.perf_counter()
     response = await client.post(
         "/v1/images/generations",
@@ -103,6 +106,7 @@ async def one(client: httpx.AsyncClient, key: str, tier: str, sink: list[Outcome
             decision_ms=float(response.headers.get("x-mediagate-decision-ms", "nan")),
             sent_at=started,
             expired="waited longer" in response.text,
+            send_lag_s=started - due if due else 0.0,
         )
     )
 
@@ -123,7 +127,8 @@ async def open_loop(
         delay = start + index * interval - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(client, keys[index % len(keys)], tier, sink)))
+        due = start + index * interval
+        tasks.append(asyncio.create_task(one(client, keys[index % len(keys)], tier, sink, due)))
     await asyncio.gather(*tasks)
 
 
@@ -152,14 +157,68 @@ def actor_pids(app: str) -> dict[str, int]:
     return pids
 
 
-async def sample_memory(pids: dict[str, int], every_s: float, sink: list[dict[str, float]]) -> None:
-    """RSS of the router and scheduler (MB) every ``every_s`` until cancelled."""
+def process_name(process: Any) -> str:
+    """A short name for a process of the run: Ray's title for its workers, else the binary."""
     import psutil
 
-    processes = {name: psutil.Process(pid) for name, pid in pids.items()}
+    try:
+        title = " ".join(process.cmdline()) or process.name()
+    except psutil.Error:  # it exited, or is not ours to read
+        return ""
+    if title.startswith("ray::"):  # Ray's title names the task running: keep the actor
+        actor = title.split()[0].removeprefix("ray::").split(".")[0]
+        return actor.replace("ServeReplica:mediagate:", "")
+    for known in ("gcs_server", "raylet", "dashboard", "log_monitor", "monitor.py", "redis"):
+        if known in title:
+            return known
+    return "other python" if "python" in title else process.name()
+
+
+async def sample_processes(
+    pids: dict[str, int],
+    every_s: float,
+    memory: list[dict[str, float]],
+    cpu: list[dict[str, float]],
+) -> None:
+    """Every ``every_s`` until cancelled: the RSS (MB) of the router and scheduler, and
+    the CPU seconds used so far by every process of the machine, by name (this
+    generator counts as "load generator")."""
+    import psutil
+
+    watched = {name: psutil.Process(pid) for name, pid in pids.items()}
+    names: dict[int, str] = {os.getpid(): "load generator"}
     while True:
-        sink.append({name: p.memory_info().rss / 2**20 for name, p in processes.items()})
+        memory.append({name: p.memory_info().rss / 2**20 for name, p in watched.items()})
+        used: dict[str, float] = {}
+        for process in psutil.process_iter():
+            try:
+                times = process.cpu_times()
+            except psutil.Error:
+                continue
+            if process.pid not in names:
+                names[process.pid] = process_name(process)
+            name = names[process.pid]
+            if name and not name.startswith("kworker"):
+                used[name] = used.get(name, 0.0) + times.user + times.system
+        cpu.append(used)
         await asyncio.sleep(every_s)
+
+
+def cpu_share_per_minute(samples: list[dict[str, float]], every_s: float) -> list[dict[str, float]]:
+    """Per minute, each process's share of one core (1.0 = a whole core), the busiest first."""
+    per_minute: list[dict[str, Any]] = []
+    step = max(1, int(60 / every_s))
+    for first in range(0, len(samples) - 1, step):
+        last = min(first + step, len(samples) - 1)
+        seconds = (last - first) * every_s
+        shares = {
+            name: (samples[last].get(name, 0.0) - samples[first].get(name, 0.0)) / seconds
+            for name in samples[last]
+        }
+        per_minute.append(
+            {n: round(v, 2) for n, v in sorted(shares.items(), key=lambda kv: -kv[1]) if v >= 0.01}
+        )
+    return per_minute
 
 
 def growth_mb_per_min(samples: list[dict[str, float]], every_s: float) -> dict[str, float]:
@@ -188,7 +247,8 @@ async def run(
         unloaded: list[Outcome] = []
         await open_loop(client, [pro_key], "pro", 0.3 * c, unloaded_s, unloaded)
         memory: list[dict[str, float]] = []
-        sampler = asyncio.create_task(sample_memory(actor_pids("mediagate"), 1.0, memory))
+        cpu: list[dict[str, float]] = []
+        sampler = asyncio.create_task(sample_processes(actor_pids("mediagate"), 1.0, memory, cpu))
         overload: list[Outcome] = []
         started = time.perf_counter()
         await asyncio.gather(
@@ -207,6 +267,7 @@ async def run(
         "elapsed": elapsed,
         "status": status,
         "memory": memory,
+        "cpu": cpu,
     }
 
 
@@ -292,7 +353,7 @@ def main() -> None:
         },
     }
     start = min((o.sent_at for o in measured["overload"]), default=0.0)
-    per_minute = []
+    per_minute: list[dict[str, Any]] = []
     for minute in range(int(args.seconds // 60) + 1):
         window = [
             o for o in measured["overload"] if 60 * minute <= o.sent_at - start < 60 * (minute + 1)
@@ -308,8 +369,18 @@ def main() -> None:
                         percentile([o.decision_ms for o in shed_window], 99), 2
                     ),
                     "handled_p50_ms": round(percentile([o.handled_ms for o in shed_window], 50), 2),
+                    "shed_p99_ms": round(
+                        1000 * percentile([o.latency_s for o in shed_window if not o.expired], 99),
+                        1,
+                    ),
+                    "send_lag_p99_ms": round(
+                        1000 * percentile([o.send_lag_s for o in window], 99), 1
+                    ),
                 }
             )
+    cpu_minutes = cpu_share_per_minute(measured["cpu"], 1.0)
+    for figures, shares in zip(per_minute, cpu_minutes, strict=False):
+        figures["cpu_cores"] = shares
     if len(per_minute) > 1:
         result["per_minute"] = per_minute
     for name, value in result.items():
