@@ -52,6 +52,7 @@ class Ticket(Generic[JobT]):
     future: asyncio.Future[Any] = field(repr=False)
     deadline: float = float("inf")
     preemptions: int = 0  # times a running batch holding it was taken back
+    estimated_wait_s: float | None = None  # what admission expected, to check it against
 
 
 class _Class(Generic[JobT]):

@@ -377,6 +377,9 @@ class Gateway:
                 "capacity": stats.get("capacity", 0),
                 "replicas": stats.get("replicas", 0),
                 "wait_estimate_s_by_tier": by_tier(stats.get("wait_estimate_s_by_class", {})),
+                "wait_beyond_estimate_s_by_tier": by_tier(
+                    stats.get("wait_beyond_estimate_s_by_class", {})
+                ),
                 **counts,
             }
         return {

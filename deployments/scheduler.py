@@ -24,7 +24,12 @@ from deployments.errors import GenerationFailed, MediagateError, Overloaded, unw
 from deployments.jobs import ImageJob, ImageResult
 from deployments.preemption import PreemptionPolicy, RunningBatch, batch_to_preempt
 from deployments.request_queue import FairQueue, Ticket
-from deployments.shedding import admit_or_shed, estimate_wait_s, updated_service_time
+from deployments.shedding import (
+    EstimateCheck,
+    admit_or_shed,
+    estimate_wait_s,
+    updated_service_time,
+)
 from models.catalog import Batching, ModelSpec
 
 logger = logging.getLogger(__name__)
@@ -115,6 +120,7 @@ class Scheduler:
         self._queue: FairQueue[ImageJob] = FairQueue()
         self._service_s: dict[Hashable, float] = {}  # measured, per batch shape
         self.counts: Counter[str] = Counter()  # admitted/shed/expired per class
+        self.estimate_check = EstimateCheck()
         self._metrics = SchedulerMetrics(self.spec.id)
         self._classes_seen: set[int] = set()
         self._in_flight: dict[int, _InFlight] = {}  # what each busy slot serves
@@ -162,7 +168,7 @@ class Scheduler:
         self._ensure_started()
         cls = job.priority_class
         try:
-            admit_or_shed(
+            estimated_wait_s = admit_or_shed(
                 ahead=self._queue.ahead_of(job),
                 busy=self._slots.busy,
                 slots=self.capacity,
@@ -178,7 +184,13 @@ class Scheduler:
         self._count("admitted", cls)
         future: asyncio.Future[ImageResult] = asyncio.get_running_loop().create_future()
         now = self._clock()
-        ticket = Ticket(job=job, enqueued_at=now, future=future, deadline=now + job.max_wait_s)
+        ticket = Ticket(
+            job=job,
+            enqueued_at=now,
+            future=future,
+            deadline=now + job.max_wait_s,
+            estimated_wait_s=estimated_wait_s,
+        )
         self._queue.push(ticket)
         self._wakeup.set()
         try:
@@ -248,6 +260,7 @@ class Scheduler:
             "running_by_class": dict(Counter(b.priority_class for b in self._in_flight.values())),
             "wait_estimate_s_by_class": self.wait_estimates_s(),
             "service_s": {str(key): round(value, 4) for key, value in self._service_s.items()},
+            "wait_beyond_estimate_s_by_class": self.estimate_check.summary(),
             **self.counts,
         }
 
@@ -276,6 +289,7 @@ class Scheduler:
             batch = [t for t in self._queue.take_batch(max_images) if not t.future.done()]
             if not batch:
                 continue
+            self._check_estimates(batch)
             self._slots.acquire()
             self._batch_ids += 1
             in_flight = _InFlight(self._batch_ids, batch, self._clock())
@@ -286,6 +300,16 @@ class Scheduler:
         if len(self._queue) and not self._slots.free:
             self._preempt_for_waiting_work()
         return None
+
+    def _check_estimates(self, batch: list[Ticket[ImageJob]]) -> None:
+        now = self._clock()
+        for ticket in batch:
+            if not ticket.preemptions:  # a first start: the wait admission estimated
+                self.estimate_check.record(
+                    ticket.job.priority_class,
+                    estimated_s=ticket.estimated_wait_s,
+                    waited_s=now - ticket.enqueued_at,
+                )
 
     def _preempt_for_waiting_work(self) -> None:
         """Take back at most one lower-class batch per waiting request of the top class."""
@@ -328,6 +352,11 @@ class Scheduler:
         for ticket in [t for t in self._queue.tickets() if t.deadline < now]:
             self._queue.discard(ticket)
             self._count("expired", ticket.job.priority_class)
+            self.estimate_check.record(
+                ticket.job.priority_class,
+                estimated_s=ticket.estimated_wait_s,
+                waited_s=now - ticket.enqueued_at,
+            )
             if not ticket.future.done():
                 ticket.future.set_exception(
                     Overloaded(

@@ -345,6 +345,7 @@ def main() -> None:
         "shed_by_router": measured["status"]["shed_by_this_router"],
         "expired": model["expired"],
         "preempted": model["preempted"],
+        "wait_beyond_estimate_s": model["wait_beyond_estimate_s_by_tier"],
         "other_statuses": sorted({o.status for o in measured["overload"]} - {200, 429, 503}),
         "memory_mb_start": {k: round(v, 1) for k, v in memory[0].items()},
         "memory_mb_end": {k: round(v, 1) for k, v in memory[-1].items()},
@@ -373,6 +374,7 @@ def main() -> None:
                         1000 * percentile([o.latency_s for o in shed_window if not o.expired], 99),
                         1,
                     ),
+                    "expired": sum(o.expired for o in window),
                     "send_lag_p99_ms": round(
                         1000 * percentile([o.send_lag_s for o in window], 99), 1
                     ),
@@ -381,7 +383,7 @@ def main() -> None:
     cpu_minutes = cpu_share_per_minute(measured["cpu"], 1.0)
     for figures, shares in zip(per_minute, cpu_minutes, strict=False):
         figures["cpu_cores"] = shares
-    if len(per_minute) > 1:
+    if per_minute:
         result["per_minute"] = per_minute
     for name, value in result.items():
         print(f"{name:>26}: {value}")

@@ -15,6 +15,7 @@ from deployments.jobs import ImageJob
 from deployments.request_queue import FairQueue, Ticket, tickets_ahead
 from deployments.scheduler import Scheduler
 from deployments.shedding import (
+    EstimateCheck,
     admit_or_shed,
     estimate_wait_s,
     shed_on_published_load,
@@ -128,9 +129,10 @@ def test_wait_estimate_and_shedding() -> None:
     admit_or_shed(
         ahead=50, busy=1, slots=1, service_s=None, max_wait_s=1, queued_in_class=0, max_queued=None
     )
-    admit_or_shed(
+    admitted_wait_s = admit_or_shed(
         ahead=5, busy=1, slots=1, service_s=4, max_wait_s=30, queued_in_class=5, max_queued=None
     )
+    assert admitted_wait_s == 2 + 5 * 4  # what the scheduler later checks the real wait against
     with pytest.raises(Overloaded) as shed:
         admit_or_shed(
             ahead=10,
@@ -142,7 +144,15 @@ def test_wait_estimate_and_shedding() -> None:
             max_queued=None,
         )
     assert shed.value.status == 503 and shed.value.code == "server_overloaded"
-    assert shed.value.retry_after_s == pytest.approx(2 + 40 - 30)
+    assert shed.value.retry_after_s == pytest.approx(2 + 40 - 0.9 * 30)
+    # Near the limit is refused too: a wait estimated at 26 s of 28 could run past it.
+    with pytest.raises(Overloaded, match="about 26s, too close to or beyond"):
+        admit_or_shed(
+            ahead=6, busy=1, slots=1, service_s=4, max_wait_s=28, queued_in_class=6, max_queued=None
+        )
+    assert admit_or_shed(
+        ahead=6, busy=1, slots=1, service_s=4, max_wait_s=30, queued_in_class=6, max_queued=None
+    ) == pytest.approx(26)
     with pytest.raises(Overloaded, match="queue for your tier is full"):
         admit_or_shed(
             ahead=0, busy=0, slots=1, service_s=1, max_wait_s=30, queued_in_class=3, max_queued=3
@@ -202,6 +212,44 @@ async def test_queued_work_past_its_deadline_is_dropped_before_dispatch() -> Non
         await waiting
     assert [b[0].request_id for b in worker.batches] == ["running"]
     assert scheduler.stats()["expired_class_0"] == 1
+    await scheduler.shutdown()
+
+
+def test_estimate_check_reports_how_far_waits_ran_past_the_estimates() -> None:
+    check = EstimateCheck(kept=4)
+    check.record(0, estimated_s=None, waited_s=9.0)  # admitted before anything was measured
+    assert check.summary() == {}
+    for estimated_s, waited_s in [(10, 8), (10, 9), (10, 10), (10, 14)]:
+        check.record(0, estimated_s=estimated_s, waited_s=waited_s)
+    check.record(2, estimated_s=0.5, waited_s=0.25)
+    assert check.summary() == {0: {"p50": 0.0, "p99": 4.0}, 2: {"p50": -0.25, "p99": -0.25}}
+    check.record(0, estimated_s=1, waited_s=31)  # only the last `kept` count: (10, 8) is gone
+    assert check.summary()[0] == {"p50": 4.0, "p99": 30.0}
+
+
+async def test_the_scheduler_checks_its_wait_estimates_against_the_real_waits() -> None:
+    worker = FakeWorkerHandle()
+    clock = FakeClock(0.0)
+    scheduler = Scheduler(worker, SPEC, count_replicas=count_one, clock=clock)
+    scheduler.reconfigure({"batching": {"max_batch_size": 1}})
+    first = asyncio.create_task(scheduler.submit(job("warm", max_wait_s=30)))
+    await worker.started.wait()
+    clock.advance(10)  # service time 10 s; "warm" had no estimate, so it is not checked
+    worker.release.set()
+    await first
+    worker.release.clear()
+    running = asyncio.create_task(scheduler.submit(job("busy", max_wait_s=30)))  # starts at once
+    await asyncio.sleep(0)
+    queued = asyncio.create_task(scheduler.submit(job("next", max_wait_s=30)))  # estimated 5 s
+    late = asyncio.create_task(scheduler.submit(job("late", max_wait_s=20)))  # estimated 15 s
+    await asyncio.sleep(0)
+    clock.advance(25)  # the running batch overran: "next" waited 25 s, "late" expired
+    worker.release.set()
+    await asyncio.gather(running, queued)
+    with pytest.raises(Overloaded, match="waited longer"):
+        await late
+    # Overruns: busy 0, next 25 - 5 = 20, late (expired, at 25 s) 25 - 15 = 10.
+    assert scheduler.stats()["wait_beyond_estimate_s_by_class"] == {0: {"p50": 10.0, "p99": 20.0}}
     await scheduler.shutdown()
 
 
@@ -266,7 +314,7 @@ def test_shedding_on_published_load_is_the_schedulers_decision() -> None:
     # An account with 3 queued (4 pending, one of which may run): 4 rounds ahead of it.
     with pytest.raises(Overloaded, match="about 22s") as shed:
         decide(own_pending=4)  # 0.5 + (2 + 4 x 1 + 4 x 4) x 1 s
-    assert shed.value.retry_after_s == pytest.approx(10.5)
+    assert shed.value.retry_after_s == pytest.approx(22.5 - 0.9 * 12)
     # The same answer as the scheduler's own computation.
     assert tickets_ahead(queued_above=2, depths={1: 4, 4: 4}, own_depth=3) == 22
     with pytest.raises(Overloaded, match="queue for your tier is full"):
