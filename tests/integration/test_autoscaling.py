@@ -61,14 +61,15 @@ class Cluster:
         found = app["deployments"][deployment]["replicas"]
         return sorted(r["replica_id"] for r in found if r["state"] == "RUNNING")
 
-    def image(self, key: str = "pro") -> int:
+    def image(self, key: str = "pro") -> tuple[int, str]:
+        """The status and the worker replica that made the image."""
         answer = httpx.post(
             f"{self.base_url}/v1/images/generations",
             json={"prompt": "burst", "model": "sim"},
             headers={"Authorization": f"Bearer {self.keys[key]}"},
             timeout=300,
         )
-        return answer.status_code
+        return answer.status_code, answer.headers.get("x-mediagate-worker", "")
 
 
 def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> float:
@@ -183,10 +184,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         subprocess.run([MEDIAGATE, "down"], env=env, capture_output=True, timeout=120)
 
 
-def burst(cluster: Cluster, count: int) -> concurrent.futures.Future[list[int]]:
+def burst(cluster: Cluster, count: int) -> concurrent.futures.Future[list[tuple[int, str]]]:
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=count)
 
-    def run() -> list[int]:
+    def run() -> list[tuple[int, str]]:
         return list(pool.map(lambda _: cluster.image(), range(count)))
 
     return pool.submit(run)
@@ -199,11 +200,13 @@ def test_a_burst_scales_workers_up_then_back_to_min(cluster: Cluster) -> None:
     started = time.monotonic()
     results = burst(cluster, 16)  # 16 s of work for one replica
     took = wait_for(lambda: len(cluster.replicas("TextToImage-sim")) >= 3, 60, ">= 3 replicas")
-    statuses = results.result(timeout=120)
+    answers = results.result(timeout=120)
     elapsed = time.monotonic() - started
-    assert statuses == [200] * 16
-    # Served by the new replicas too: well under the 16 s one replica needs.
-    assert elapsed < 13, f"burst took {elapsed:.1f}s (3 replicas after {took:.1f}s)"
+    assert [status for status, _ in answers] == [200] * 16
+    # Served by the new replicas too, not only by the one that was there (how soon
+    # they start depends on the machine: bench_autoscale measures that).
+    workers = {worker for _, worker in answers}
+    assert len(workers) >= 2, f"one worker served all ({elapsed:.1f}s, 3 after {took:.1f}s)"
     assert len(cluster.replicas("TextToImage-sim")) <= 4  # max_replicas
     wait_for(lambda: len(cluster.replicas("TextToImage-sim")) == 1, 60, "back to min (1)")
     assert cluster.replicas("Scheduler-sim") == scheduler_before  # never restarted
@@ -247,7 +250,7 @@ def test_scale_set_under_load_changes_max_without_restarting_replicas(cluster: C
         peak = max(peak, len(cluster.replicas("TextToImage-sim")))
         time.sleep(0.25)
     assert peak == 3, "the new max was not honoured"
-    assert results.result() == [200] * 24
+    assert [status for status, _ in results.result()] == [200] * 24
 
     refused = cluster.cli("scale", "set", "sim", "--min", "5")
     assert refused.returncode != 0 and "must not exceed max" in refused.stderr
