@@ -144,14 +144,14 @@ def test_wait_estimate_and_shedding() -> None:
             max_queued=None,
         )
     assert shed.value.status == 503 and shed.value.code == "server_overloaded"
-    assert shed.value.retry_after_s == pytest.approx(2 + 40 - 0.9 * 30)
+    assert shed.value.retry_after_s == pytest.approx(2 + 40 - 0.8 * 30)
     # Near the limit is refused too: a wait estimated at 26 s of 28 could run past it.
     with pytest.raises(Overloaded, match="about 26s, too close to or beyond"):
         admit_or_shed(
             ahead=6, busy=1, slots=1, service_s=4, max_wait_s=28, queued_in_class=6, max_queued=None
         )
     assert admit_or_shed(
-        ahead=6, busy=1, slots=1, service_s=4, max_wait_s=30, queued_in_class=6, max_queued=None
+        ahead=6, busy=1, slots=1, service_s=4, max_wait_s=33, queued_in_class=6, max_queued=None
     ) == pytest.approx(26)
     with pytest.raises(Overloaded, match="queue for your tier is full"):
         admit_or_shed(
@@ -176,12 +176,12 @@ async def test_scheduler_sheds_what_would_wait_too_long_without_touching_a_worke
     worker.release.set()
     await first
     worker.release.clear()
-    running = asyncio.create_task(scheduler.submit(job("busy", max_wait_s=30)))
+    running = asyncio.create_task(scheduler.submit(job("busy", max_wait_s=32)))
     await asyncio.sleep(0)
-    queued = [asyncio.create_task(scheduler.submit(job(f"q{i}", max_wait_s=30))) for i in range(3)]
+    queued = [asyncio.create_task(scheduler.submit(job(f"q{i}", max_wait_s=32))) for i in range(3)]
     await asyncio.sleep(0)
-    with pytest.raises(Overloaded) as shed:  # 5 + 3 x 10 s > 30 s
-        await scheduler.submit(job("too-late", max_wait_s=30))
+    with pytest.raises(Overloaded) as shed:  # 5 + 3 x 10 s > 0.8 x 32 s
+        await scheduler.submit(job("too-late", max_wait_s=32))
     assert shed.value.retry_after_s is not None and shed.value.retry_after_s >= 1
     pro = asyncio.create_task(scheduler.submit(job("pro", "p", cls=2, max_wait_s=600)))
     await asyncio.sleep(0)
@@ -302,7 +302,7 @@ def test_shedding_on_published_load_is_the_schedulers_decision() -> None:
             "priority_class": 0,
             "batch_key": KEY,
             "own_pending": 0,
-            "max_wait_s": 12.0,
+            "max_wait_s": 14.0,
             "max_queued": 200,
             "age_s": 0.1,
             "max_age_s": 2.0,
@@ -310,16 +310,16 @@ def test_shedding_on_published_load_is_the_schedulers_decision() -> None:
         shed_on_published_load(LOAD, **(values | fields))
 
     # A new account: 2 pro + one per free account (8) ahead, plus half the running batch.
-    decide()  # 0.5 + 10 x 1 s <= 12 s
+    decide()  # 0.5 + 10 x 1 s <= 0.8 x 14 s
     # An account with 3 queued (4 pending, one of which may run): 4 rounds ahead of it.
     with pytest.raises(Overloaded, match="about 22s") as shed:
         decide(own_pending=4)  # 0.5 + (2 + 4 x 1 + 4 x 4) x 1 s
-    assert shed.value.retry_after_s == pytest.approx(22.5 - 0.9 * 12)
+    assert shed.value.retry_after_s == pytest.approx(22.5 - 0.8 * 14)
     # The same answer as the scheduler's own computation.
     assert tickets_ahead(queued_above=2, depths={1: 4, 4: 4}, own_depth=3) == 22
     with pytest.raises(Overloaded, match="queue for your tier is full"):
         decide(max_queued=20)
-    decide(priority_class=2, max_wait_s=3)  # pro: 0.5 + 2 ahead
+    decide(priority_class=2, max_wait_s=4)  # pro: 0.5 + 2 ahead
     decide(own_pending=4, age_s=3.0)  # stale: the scheduler decides
     decide(own_pending=4, priority_class=1)  # class never seen: the scheduler decides
     decide(own_pending=4, batch_key=(32, 32, 4, 7.5))  # shape not measured yet
