@@ -53,8 +53,8 @@ def admit_or_shed(
 ) -> float | None:
     """Raise ``Overloaded`` (503, with an honest Retry-After) when the request would not
     start well within its tier's longest wait (``ADMIT_WITHIN_FRACTION``) or its class's
-    queue is full; when it may queue, return
-    the estimated wait (``None`` before any service time is measured)."""
+    queue is full. When it may queue, return the estimated wait (``None`` before any
+    service time is measured)."""
     if max_queued is not None and queued_in_class >= max_queued:
         retry_s = max(
             1.0, (service_s or 1.0) * max(1, queued_in_class - max_queued + 1) / max(1, slots)
@@ -153,15 +153,12 @@ class EstimateCheck:
 
     def summary(self) -> dict[int, dict[str, float]]:
         """Per class: seconds waited beyond the estimate at p50 / p99 (negative: sooner)."""
-        return {
-            cls: {
-                "p50": round(_quantile(sorted(overruns), 0.5), 3),
-                "p99": round(_quantile(sorted(overruns), 0.99), 3),
-            }
-            for cls, overruns in sorted(self._overruns.items())
-            if overruns
-        }
+        summary = {}
+        for cls, overruns in sorted(self._overruns.items()):
+            ordered = sorted(overruns)
+            summary[cls] = {"p50": _quantile(ordered, 0.5), "p99": _quantile(ordered, 0.99)}
+        return summary
 
 
 def _quantile(ordered: list[float], q: float) -> float:
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)

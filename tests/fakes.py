@@ -50,6 +50,7 @@ class FakeSchedulerHandle:
             "capacity": 1,
             "replicas": 1,
             "wait_estimate_s_by_class": {0: 12.5, 2: 0.5},
+            "wait_beyond_estimate_s_by_class": {0: {"p50": -0.5, "p99": 2.0}},
             "admitted_class_0": 10,
             "shed_class_0": 7,
             "admitted_class_2": 3,

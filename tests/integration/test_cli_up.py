@@ -119,7 +119,7 @@ def test_up_in_serve_throughput_mode_serves_through_haproxy(tmp_path: Path) -> N
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
         image = client.images.generate(model="tiny-sd", prompt="a red square", size="64x64")
         assert image.data and image.data[0].b64_json
-        # Errors keep the OpenAI envelope on this path too, and change nothing.
+        # Errors keep the OpenAI envelope on this path too.
         bad = httpx.post(
             f"http://127.0.0.1:{port}/v1/images/generations",
             json={"model": "tiny-sd", "prompt": "x", "n": 0},

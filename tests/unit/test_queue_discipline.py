@@ -263,6 +263,7 @@ def test_status_shows_queues_per_tier_without_other_accounts_data(tmp_path: Any)
     image = body["models"]["tiny-sd"]
     assert image["queue_by_tier"] == {"free": 3, "pro": 1}
     assert image["wait_estimate_s_by_tier"] == {"free": 12.5, "pro": 0.5}
+    assert image["wait_beyond_estimate_s_by_tier"] == {"free": {"p50": -0.5, "p99": 2.0}}
     assert image["shed"] == {"free": 7} and image["admitted"] == {"free": 10, "pro": 3}
     assert image["running_by_tier"] == {"pro": 1}
     video = body["models"]["tiny-wan"]
