@@ -159,7 +159,10 @@ def video_service(
         endpoint: str = request.getfixturevalue("s3_endpoint")
         bucket = f"videos-{uuid.uuid4().hex[:8]}"
         s3_client(endpoint_url=endpoint, region="us-east-1").create_bucket(Bucket=bucket)
-        state = StateConfig(backend="redis", redis_url=redis_url)
+        # A database of its own: this session-scoped app (its video scheduler reconciles
+        # `tiny-wan` jobs every 2 s) may outlive the integration tests, and the unit tests
+        # flush and fill database 0 of the same server with `tiny-wan` jobs.
+        state = StateConfig(backend="redis", redis_url=redis_url.rsplit("/", 1)[0] + "/1")
         artifacts = ArtifactConfig(
             backend="s3", s3_bucket=bucket, s3_endpoint_url=endpoint, s3_region="us-east-1"
         )
