@@ -16,7 +16,7 @@ from deployments.scheduler import Scheduler
 from deployments.text_to_image import BatchStopped, TextToImage, generate_batch
 from models.simulated import SimulatedPipeline
 from tests.fakes import FakeClock, FakeWorkerHandle
-from tests.unit.test_queue_discipline import SPEC, count_one, job
+from tests.unit.test_queue_discipline import SPEC, count_one, job, learn_service_time
 
 POLICY = PreemptionPolicy(min_remaining_fraction=0.3, max_per_request=1)
 
@@ -61,17 +61,6 @@ def test_preemption_limits() -> None:
     assert decide(running(1, 0, 100.0)) is not None
     with pytest.raises(ValueError, match="min_remaining_fraction"):
         PreemptionPolicy.from_config({"min_remaining_fraction": 2})
-
-
-async def learn_service_time(
-    scheduler: Scheduler, worker: FakeWorkerHandle, clock: FakeClock
-) -> None:
-    first = asyncio.create_task(scheduler.submit(job("warm", max_wait_s=600)))
-    await worker.started.wait()
-    clock.advance(10)  # the shape takes 10 s
-    worker.release.set()
-    await first
-    worker.release.clear()
 
 
 async def test_pro_request_takes_the_slot_of_a_free_batch_that_just_started() -> None:

@@ -165,17 +165,25 @@ async def count_one() -> int:
     return 1
 
 
+async def learn_service_time(
+    scheduler: Scheduler, worker: FakeWorkerHandle, clock: FakeClock
+) -> None:
+    """One request of the shape, taking 10 s: the scheduler then knows its service time
+    (the request itself had no estimate: nothing was measured when it came)."""
+    first = asyncio.create_task(scheduler.submit(job("warm", max_wait_s=600)))
+    await worker.started.wait()
+    clock.advance(10)
+    worker.release.set()
+    await first
+    worker.release.clear()
+
+
 async def test_scheduler_sheds_what_would_wait_too_long_without_touching_a_worker() -> None:
     worker = FakeWorkerHandle()
     clock = FakeClock(0.0)
     scheduler = Scheduler(worker, SPEC, count_replicas=count_one, clock=clock)
     scheduler.reconfigure({"batching": {"max_batch_size": 1}})
-    first = asyncio.create_task(scheduler.submit(job("warm", max_wait_s=30)))
-    await worker.started.wait()
-    clock.advance(10)  # the first batch takes 10 s: now the scheduler knows the service time
-    worker.release.set()
-    await first
-    worker.release.clear()
+    await learn_service_time(scheduler, worker, clock)
     running = asyncio.create_task(scheduler.submit(job("busy", max_wait_s=32)))
     await asyncio.sleep(0)
     queued = [asyncio.create_task(scheduler.submit(job(f"q{i}", max_wait_s=32))) for i in range(3)]
@@ -232,12 +240,7 @@ async def test_the_scheduler_checks_its_wait_estimates_against_the_real_waits() 
     clock = FakeClock(0.0)
     scheduler = Scheduler(worker, SPEC, count_replicas=count_one, clock=clock)
     scheduler.reconfigure({"batching": {"max_batch_size": 1}})
-    first = asyncio.create_task(scheduler.submit(job("warm", max_wait_s=30)))
-    await worker.started.wait()
-    clock.advance(10)  # service time 10 s; "warm" had no estimate, so it is not checked
-    worker.release.set()
-    await first
-    worker.release.clear()
+    await learn_service_time(scheduler, worker, clock)
     running = asyncio.create_task(scheduler.submit(job("busy", max_wait_s=30)))  # starts at once
     await asyncio.sleep(0)
     queued = asyncio.create_task(scheduler.submit(job("next", max_wait_s=30)))  # estimated 5 s
