@@ -12,11 +12,9 @@ from typing import Any
 import pytest
 
 from deployments.preemption import PreemptionPolicy, RunningBatch, batch_to_preempt
-from deployments.scheduler import Scheduler
 from deployments.text_to_image import BatchStopped, TextToImage, generate_batch
 from models.simulated import SimulatedPipeline
-from tests.fakes import FakeClock, FakeWorkerHandle
-from tests.unit.test_queue_discipline import SPEC, count_one, job, learn_service_time
+from tests.unit.test_queue_discipline import SPEC, job, learn_service_time, one_slot_scheduler
 
 POLICY = PreemptionPolicy(min_remaining_fraction=0.3, max_per_request=1)
 
@@ -64,10 +62,7 @@ def test_preemption_limits() -> None:
 
 
 async def test_pro_request_takes_the_slot_of_a_free_batch_that_just_started() -> None:
-    worker = FakeWorkerHandle()
-    clock = FakeClock(0.0)
-    scheduler = Scheduler(worker, SPEC, count_replicas=count_one, clock=clock)
-    scheduler.reconfigure({"batching": {"max_batch_size": 1}})
+    worker, clock, scheduler = one_slot_scheduler()
     await learn_service_time(scheduler, worker, clock)
     free = asyncio.create_task(scheduler.submit(job("free", "f", cls=0, max_wait_s=600)))
     other_free = asyncio.create_task(scheduler.submit(job("free2", "g", cls=0, max_wait_s=600)))
@@ -98,10 +93,7 @@ async def test_pro_request_takes_the_slot_of_a_free_batch_that_just_started() ->
 async def test_a_preempted_request_is_not_expired_by_its_queue_deadline() -> None:
     """It started in time; the deadline bounds the wait before a first start, so a
     request taken back near its deadline runs again rather than fail after running."""
-    worker = FakeWorkerHandle()
-    clock = FakeClock(0.0)
-    scheduler = Scheduler(worker, SPEC, count_replicas=count_one, clock=clock)
-    scheduler.reconfigure({"batching": {"max_batch_size": 1}})
+    worker, clock, scheduler = one_slot_scheduler()
     await learn_service_time(scheduler, worker, clock)
     free = asyncio.create_task(scheduler.submit(job("free", "f", cls=0, max_wait_s=30)))
     await worker.wait_for_batches(2)
@@ -119,10 +111,7 @@ async def test_a_preempted_request_is_not_expired_by_its_queue_deadline() -> Non
 
 
 async def test_nearly_finished_batches_and_disabled_policy_are_waited_for() -> None:
-    worker = FakeWorkerHandle()
-    clock = FakeClock(0.0)
-    scheduler = Scheduler(worker, SPEC, count_replicas=count_one, clock=clock)
-    scheduler.reconfigure({"batching": {"max_batch_size": 1}, "preemption": {"enabled": False}})
+    worker, clock, scheduler = one_slot_scheduler(preemption={"enabled": False})
     await learn_service_time(scheduler, worker, clock)
     free = asyncio.create_task(scheduler.submit(job("free", "f", cls=0, max_wait_s=600)))
     await worker.wait_for_batches(2)

@@ -165,6 +165,16 @@ async def count_one() -> int:
     return 1
 
 
+def one_slot_scheduler(**config: Any) -> tuple[FakeWorkerHandle, FakeClock, Scheduler]:
+    """A scheduler over one worker slot, one request per batch, on a fake clock at 0;
+    ``config`` is more of its user_config."""
+    worker = FakeWorkerHandle()
+    clock = FakeClock(0.0)
+    scheduler = Scheduler(worker, SPEC, count_replicas=count_one, clock=clock)
+    scheduler.reconfigure({"batching": {"max_batch_size": 1}, **config})
+    return worker, clock, scheduler
+
+
 async def learn_service_time(
     scheduler: Scheduler, worker: FakeWorkerHandle, clock: FakeClock
 ) -> None:
@@ -179,10 +189,7 @@ async def learn_service_time(
 
 
 async def test_scheduler_sheds_what_would_wait_too_long_without_touching_a_worker() -> None:
-    worker = FakeWorkerHandle()
-    clock = FakeClock(0.0)
-    scheduler = Scheduler(worker, SPEC, count_replicas=count_one, clock=clock)
-    scheduler.reconfigure({"batching": {"max_batch_size": 1}})
+    worker, clock, scheduler = one_slot_scheduler()
     await learn_service_time(scheduler, worker, clock)
     running = asyncio.create_task(scheduler.submit(job("busy", max_wait_s=32)))
     await asyncio.sleep(0)
@@ -205,10 +212,7 @@ async def test_scheduler_sheds_what_would_wait_too_long_without_touching_a_worke
 
 
 async def test_queued_work_past_its_deadline_is_dropped_before_dispatch() -> None:
-    worker = FakeWorkerHandle()
-    clock = FakeClock(0.0)
-    scheduler = Scheduler(worker, SPEC, count_replicas=count_one, clock=clock)
-    scheduler.reconfigure({"batching": {"max_batch_size": 1}})
+    worker, clock, scheduler = one_slot_scheduler()
     running = asyncio.create_task(scheduler.submit(job("running", max_wait_s=5)))
     await worker.started.wait()
     waiting = asyncio.create_task(scheduler.submit(job("waiting", max_wait_s=5)))
@@ -236,10 +240,7 @@ def test_estimate_check_reports_how_far_waits_ran_past_the_estimates() -> None:
 
 
 async def test_the_scheduler_checks_its_wait_estimates_against_the_real_waits() -> None:
-    worker = FakeWorkerHandle()
-    clock = FakeClock(0.0)
-    scheduler = Scheduler(worker, SPEC, count_replicas=count_one, clock=clock)
-    scheduler.reconfigure({"batching": {"max_batch_size": 1}})
+    worker, clock, scheduler = one_slot_scheduler()
     await learn_service_time(scheduler, worker, clock)
     running = asyncio.create_task(scheduler.submit(job("busy", max_wait_s=30)))  # starts at once
     await asyncio.sleep(0)
