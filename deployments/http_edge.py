@@ -1,9 +1,10 @@
 """What every HTTP request passes through: ids, body limits, and the one error mapping.
 
-``EdgeMiddleware`` is plain ASGI and the outermost layer: it gives each request an
-``x-request-id``, refuses bodies over the limit with 413 without reading them whole
-(chunked bodies included), and turns anything unexpected into a 500 envelope that
-hides internals. ``error_response`` is the only place a domain error becomes HTTP.
+``EdgeMiddleware`` is plain ASGI and the outermost layer: it gives each request one
+``x-request-id`` (Serve's, when Serve's ingress already gave it one), refuses bodies
+over the limit with 413 without reading them whole (chunked bodies included), and
+turns anything unexpected into a 500 envelope that hides internals.
+``error_response`` is the only place a domain error becomes HTTP.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
 import uuid
 from collections.abc import Collection
@@ -36,6 +38,29 @@ logger = logging.getLogger(__name__)
 HANDLED_MS_HEADER = "x-mediagate-handled-ms"
 DECISION_MS_HEADER = "x-mediagate-decision-ms"
 REQUEST_ID_HEADER = "x-request-id"
+# An incoming request id we adopt (Serve's proxy or HAProxy sets one, or the client
+# sent it); anything else is replaced, so logs and error bodies carry no injected text.
+USABLE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def running_in_serve() -> bool:
+    """Inside a Serve replica, whose HTTP ingress (the proxy actor, or HAProxy in the
+    throughput mode) gives every request an ``x-request-id`` and echoes it on the answer."""
+    try:
+        from ray import serve
+
+        serve.get_replica_context()
+    except Exception:
+        return False
+    return True
+
+
+def incoming_request_id(scope: Scope) -> str | None:
+    for name, value in scope.get("headers", []):
+        if name == REQUEST_ID_HEADER.encode():
+            text = value.decode("latin-1")
+            return text if USABLE_REQUEST_ID.fullmatch(text) else None
+    return None
 
 
 def error_headers(error: MediagateError) -> dict[str, str]:
@@ -104,7 +129,12 @@ class _BodyTooLarge(Exception):
 
 
 class EdgeMiddleware:
-    """Request ids, the body size limit, and a last-resort 500 in the envelope."""
+    """Request ids, the body size limit, and a last-resort 500 in the envelope.
+
+    One id per request, the same in the header, the error body and the logs: behind
+    Serve's ingress, the one it gave the request (Serve adds the response header itself);
+    elsewhere (tests, another ASGI server) one of ours, which this middleware adds.
+    """
 
     def __init__(
         self,
@@ -113,8 +143,12 @@ class EdgeMiddleware:
         max_body_bytes: int,
         upload_paths: Collection[str] = (),
         max_upload_bytes: int | None = None,
+        ingress_sets_request_id: bool | None = None,
     ) -> None:
         self.app = app
+        self.ingress_sets_request_id = (
+            running_in_serve() if ingress_sets_request_id is None else ingress_sets_request_id
+        )
         self.max_body_bytes = max_body_bytes
         # Endpoints that take file uploads (multipart) get their own, larger limit.
         self.upload_paths = frozenset(upload_paths)
@@ -130,7 +164,8 @@ class EdgeMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = f"req_{uuid.uuid4().hex}"
+        given = incoming_request_id(scope) if self.ingress_sets_request_id else None
+        request_id = given or f"req_{uuid.uuid4().hex}"
         scope.setdefault("state", {})["request_id"] = request_id
         started = False
         arrived = time.perf_counter()
@@ -140,7 +175,8 @@ class EdgeMiddleware:
             if message["type"] == "http.response.start":
                 started = True
                 headers = list(message.get("headers", []))
-                headers.append((REQUEST_ID_HEADER.encode(), request_id.encode()))
+                if given is None:  # else Serve's ingress adds it (the same id)
+                    headers.append((REQUEST_ID_HEADER.encode(), request_id.encode()))
                 # Time spent in the router (and what it waited on) for this answer.
                 handled_ms = f"{(time.perf_counter() - arrived) * 1000:.2f}"
                 headers.append((HANDLED_MS_HEADER.encode(), handled_ms.encode()))
