@@ -79,7 +79,7 @@ def ray_auth_headers() -> dict[str, str]:
     return {"authorization": f"Bearer {token}"} if token else {}
 
 
-def _serve_client(dashboard_url: str) -> Any:
+def serve_client(dashboard_url: str) -> Any:
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
     return ServeSubmissionClient(dashboard_url, headers=ray_auth_headers())
@@ -170,7 +170,7 @@ def _start_ray(args: argparse.Namespace, layout: HomeLayout) -> str:
 
 def _stop(run: dict[str, Any]) -> None:
     try:
-        _serve_client(run["dashboard_url"]).delete_applications()
+        serve_client(run["dashboard_url"]).delete_applications()
     except Exception as error:  # the cluster may already be gone
         print(f"could not delete the Serve applications: {error}", file=sys.stderr)
     if run.get("started_ray"):
@@ -198,7 +198,7 @@ def command_up(args: argparse.Namespace) -> int:
     run = {"dashboard_url": dashboard_url, "started_ray": started_ray}
     base_url = _local_url(args.host, args.port)
     try:
-        client = _serve_client(dashboard_url)
+        client = serve_client(dashboard_url)
         print(f"deploying {layout.serve_config}", file=sys.stderr)
         client.deploy_applications(config)
         _wait_until_ready(client, base_url, args.ready_timeout_s)
@@ -215,7 +215,9 @@ def command_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         while not stop.wait(1):
-            pass
+            if not layout.run_file.exists():  # `mediagate down` from another terminal
+                print("mediagate was stopped by `mediagate down`", file=sys.stderr)
+                return 0
     except KeyboardInterrupt:
         pass
     print("shutting down", file=sys.stderr)
@@ -375,7 +377,7 @@ def _service_queues(url: str | None, api_key: str | None) -> dict[str, dict[str,
 
 
 def command_scale_show(args: argparse.Namespace) -> int:
-    details = _serve_client(_dashboard_url(args.address)).get_serve_details()
+    details = serve_client(_dashboard_url(args.address)).get_serve_details()
     api_key = args.api_key or os.environ.get("MEDIAGATE_API_KEY")
     rows = scale_rows(details, args.app, _service_queues(args.url, api_key))
     if not rows:
@@ -396,7 +398,7 @@ def command_scale_show(args: argparse.Namespace) -> int:
 
 
 def command_scale_set(args: argparse.Namespace) -> int:
-    client = _serve_client(_dashboard_url(args.address))
+    client = serve_client(_dashboard_url(args.address))
     details = client.get_serve_details()
     app = (details.get("applications") or {}).get(args.app)
     if not app or not app.get("deployed_app_config"):

@@ -17,7 +17,7 @@ with its dashboard. Worker limits: min 1, max 4, one request per replica.
    downscale_delay_s.
 
 Prints a summary and, on its last line, one JSON object.
-Usage: python scripts/bench_autoscale.py [--burst 16] [--steps 10] [--step-ms 100]
+Usage: python scripts/bench_autoscale.py [--burst 16] [--steps 10] [--step-ms 100] [--smoke]
 """
 
 from __future__ import annotations
@@ -25,24 +25,17 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
-import socket
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import bench_overload  # scripts/ is on sys.path when a script in it runs
 import httpx
 import yaml
+from benchmarking import free_port, write_tiers_without_quotas
 
 WORKER = "TextToImage-sim"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def write_config(home: Path, args: argparse.Namespace, port: int) -> dict[str, Any]:
@@ -61,7 +54,7 @@ def write_config(home: Path, args: argparse.Namespace, port: int) -> dict[str, A
         },
     }
     (home / "catalog.yaml").write_text(yaml.safe_dump(catalog))
-    tiers_file = bench_overload.write_tiers(home)
+    tiers_file = write_tiers_without_quotas(home)
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": port},
@@ -244,12 +237,18 @@ def main() -> None:
     parser.add_argument("--upscale-delay-s", type=float, default=1.0)
     parser.add_argument("--downscale-delay-s", type=float, default=5.0)
     parser.add_argument("--metrics-interval-s", type=float, default=0.5)
+    parser.add_argument(
+        "--smoke", action="store_true", help="a small burst to 2 replicas: checks the script runs"
+    )
     args = parser.parse_args()
+    if args.smoke:
+        args.burst, args.steps, args.step_ms = 20, 4, 100
+        args.max_replicas, args.downscale_delay_s = 2, 2.0
 
     import ray
 
     from mediagate.accounts import SqliteAccountStore
-    from mediagate.cli import _serve_client
+    from mediagate.cli import serve_client
 
     dashboard_port, port = free_port(), free_port()
     with tempfile.TemporaryDirectory() as scratch:
@@ -263,7 +262,7 @@ def main() -> None:
             log_to_driver=False,
         )
         try:
-            client = _serve_client(f"http://127.0.0.1:{dashboard_port}")
+            client = serve_client(f"http://127.0.0.1:{dashboard_port}")
             config = write_config(home, args, port)
             client.deploy_applications(config)
             store = SqliteAccountStore(home / "state.db")

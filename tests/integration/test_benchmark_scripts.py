@@ -1,0 +1,48 @@
+"""Every benchmark script still runs: each in its few-second smoke mode, on its own local
+Ray instance (a subprocess, before the session's shared cluster exists), printing its
+result as one JSON object on its last line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
+
+
+def run_smoke(script: str) -> dict[str, Any]:
+    ran = subprocess.run(
+        [sys.executable, str(SCRIPTS / script), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    result = json.loads(ran.stdout.strip().splitlines()[-1])
+    assert isinstance(result, dict)
+    return result
+
+
+@pytest.mark.own_ray_cluster
+def test_bench_overhead_runs_with_quotas_off() -> None:
+    result = run_smoke("bench_overhead.py")
+    for ratio in ("p50_ratio", "p99_ratio", "throughput_ratio_b1", "throughput_ratio_b2"):
+        assert result[ratio] > 0, result
+
+
+@pytest.mark.own_ray_cluster
+def test_bench_overload_runs() -> None:
+    result = run_smoke("bench_overload.py")
+    assert result["capacity_rps"] > 0 and result["pro_success_rate"] > 0, result
+    assert result["free_requests"] > 0 and result["other_statuses"] == [], result
+
+
+@pytest.mark.own_ray_cluster
+def test_bench_autoscale_runs() -> None:
+    result = run_smoke("bench_autoscale.py")
+    assert result["scale_down_ratio"] > 0, result
