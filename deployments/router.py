@@ -48,7 +48,12 @@ from deployments.protocol import (
     VideoObject,
     VideoRemixRequest,
 )
-from deployments.shedding import count_forwarded, shed_on_published_load
+from deployments.shedding import (
+    DECISIONS,
+    QueueStats,
+    count_forwarded,
+    shed_on_published_load,
+)
 from deployments.video_jobs import VideoJobs, parse_video_form
 from mediagate.accounts import Account, AccountStore, hash_key, open_account_store
 from mediagate.admission import TierGuard, rate_limit_headers
@@ -344,6 +349,8 @@ class Gateway:
         return data
 
     async def status(self, account: Account) -> dict[str, Any]:
+        """Every model's queue, image or video alike (``QueueStats``), per tier name
+        rather than priority class; nothing else of a scheduler's stats (job ids) shows."""
         names: dict[int, list[str]] = {}
         for name, tier in self.policy.tiers.items():
             names.setdefault(tier.priority_class, []).append(name)
@@ -358,29 +365,18 @@ class Gateway:
             except Exception as error:  # one scheduler down must not hide the others
                 models[spec.id] = {"task": spec.task, "error": f"scheduler unavailable: {error!r}"}
                 continue
-            counts = {
-                decision: by_tier(
-                    {
-                        key.rsplit("_", 1)[1]: value
-                        for key, value in stats.items()
-                        if key.startswith(f"{decision}_class_")
-                    }
-                )
-                for decision in ("admitted", "shed", "expired", "preempted")
-            }
+            queue = QueueStats.from_dict(stats)
             models[spec.id] = {
                 "task": spec.task,
-                "queue_len": stats.get("queue_len", 0),
-                "queue_by_tier": by_tier(stats.get("queue_by_class", {})),
-                "running_by_tier": by_tier(stats.get("running_by_class", {})),
-                "busy_slots": stats.get("busy_slots", 0),
-                "capacity": stats.get("capacity", 0),
-                "replicas": stats.get("replicas", 0),
-                "wait_estimate_s_by_tier": by_tier(stats.get("wait_estimate_s_by_class", {})),
-                "wait_beyond_estimate_s_by_tier": by_tier(
-                    stats.get("wait_beyond_estimate_s_by_class", {})
-                ),
-                **counts,
+                "queue_len": queue.queue_len,
+                "queue_by_tier": by_tier(queue.queue_by_class),
+                "running_by_tier": by_tier(queue.running_by_class),
+                "busy_slots": queue.busy_slots,
+                "capacity": queue.capacity,
+                "replicas": queue.replicas,
+                "wait_estimate_s_by_tier": by_tier(queue.wait_estimate_s_by_class),
+                "wait_beyond_estimate_s_by_tier": by_tier(queue.wait_beyond_estimate_s_by_class),
+                **{decision: by_tier(queue.by_class(decision)) for decision in DECISIONS},
             }
         return {
             "object": "status",

@@ -26,6 +26,7 @@ from deployments.preemption import PreemptionPolicy, RunningBatch, batch_to_pree
 from deployments.request_queue import FairQueue, Ticket
 from deployments.shedding import (
     EstimateCheck,
+    QueueStats,
     admit_or_shed,
     estimate_wait_s,
     updated_service_time,
@@ -248,20 +249,24 @@ class Scheduler:
         }
 
     def stats(self) -> dict[str, Any]:
-        """Plain numbers for the status endpoint and tests."""
+        """Plain numbers for the status endpoint and tests: the queue schema every
+        scheduler shares (``QueueStats``), plus this one's batching and service times."""
+        queue = QueueStats(
+            queue_len=len(self._queue),
+            queue_by_class=self._queue.length_by_class(),
+            running_by_class=dict(Counter(b.priority_class for b in self._in_flight.values())),
+            busy_slots=self._slots.busy,
+            capacity=self.capacity,
+            replicas=self._slots.replicas,
+            wait_estimate_s_by_class=self.wait_estimates_s(),
+            wait_beyond_estimate_s_by_class=self.estimate_check.summary(),
+            decision_counts=dict(self.counts),
+        )
         return {
             "model": self.spec.id,
-            "queue_len": len(self._queue),
-            "busy_slots": self._slots.busy,
-            "capacity": self.capacity,
-            "replicas": self._slots.replicas,
+            **queue.as_dict(),
             "max_batch_size": self._batching.max_batch_size,
-            "queue_by_class": self._queue.length_by_class(),
-            "running_by_class": dict(Counter(b.priority_class for b in self._in_flight.values())),
-            "wait_estimate_s_by_class": self.wait_estimates_s(),
             "service_s": {str(key): round(value, 4) for key, value in self._service_s.items()},
-            "wait_beyond_estimate_s_by_class": self.estimate_check.summary(),
-            **self.counts,
         }
 
     async def _dispatch_loop(self) -> None:

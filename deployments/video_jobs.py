@@ -1,9 +1,11 @@
 """Video jobs as the router sees them: durable records in the state store.
 
-Create stores a ``queued`` job before answering and hands it to the model's
-scheduler (which also finds it on its own if that hand-over fails); every
-operation is scoped to the calling account, so other accounts get 404. Only
-plain data goes to the scheduler: the account and job ids.
+Create asks the model's scheduler whether the job may queue (the tier's longest
+wait and queue length; refused at once, before anything is reserved or stored),
+stores a ``queued`` job before answering and hands it to the scheduler (which also
+finds it on its own if that hand-over fails); every operation is scoped to the
+calling account, so other accounts get 404. Only plain data goes to the
+scheduler: ids and the tier's numbers.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 
-from deployments.errors import Gone, InvalidRequest, NotFound
+from deployments.errors import Gone, InvalidRequest, NotFound, Overloaded, unwrap
 from deployments.jobs import VideoGeneration, draw_seed
 from deployments.protocol import (
     VideoCreateRequest,
@@ -33,7 +35,7 @@ from mediagate.artifacts import content_type
 from mediagate.ledger import finish_reservation
 from mediagate.state import ListOrder, VideoJobRecord
 from mediagate.state.records import VideoVariant
-from mediagate.tiers import check_video_request
+from mediagate.tiers import Tier, check_video_request
 from models.catalog import ModelSpec
 from models.uploads import ALLOWED_FORMATS, UploadRejected, load_reference_image, sniff_format
 
@@ -41,6 +43,10 @@ if TYPE_CHECKING:
     from deployments.router import Gateway
 
 logger = logging.getLogger(__name__)
+
+# How long creation waits for the scheduler's admission answer before going on
+# without it (the job is durable; the scheduler finds it either way).
+ADMIT_TIMEOUT_S = 5.0
 
 
 def decode_image_reference(image_url: str | None, file_id: str | None) -> bytes:
@@ -162,13 +168,17 @@ class VideoJobs:
         seconds: int,
         remixed_from: str | None = None,
     ) -> tuple[VideoJobRecord, dict[str, str]]:
-        """Reserve a video slot and store the job; a refused or failed submission leaves
-        nothing behind (the reference image stored for it is deleted again)."""
+        """Ask the scheduler to admit the job, reserve a video slot and store the job; a
+        refused or failed submission leaves nothing behind (the reference image stored
+        for it is deleted again)."""
+        tier = self.gateway.policy.tier(account.tier)
         try:
+            await self._admit_to_queue(account, spec, tier)
             admission = await self.gateway.guard.admit(account, kind="video", units=1)
         except BaseException:
             await self._forget_reference(generation)
             raise
+        created_at = self.gateway.clock()
         job = VideoJobRecord(
             id=f"video_{uuid.uuid4().hex}",
             account_id=account.id,
@@ -177,11 +187,12 @@ class VideoJobs:
             prompt=generation.prompt,
             seconds=seconds,
             size=f"{generation.width}x{generation.height}",
-            created_at=self.gateway.clock(),
+            created_at=created_at,
             remixed_from=remixed_from,
             generation=generation.model_dump(),
             reservation_id=admission.reservation_id,
-            priority_class=self.gateway.policy.tier(account.tier).priority_class,
+            priority_class=tier.priority_class,
+            queue_deadline_at=created_at + tier.max_queue_wait_s,
         )
         try:
             await self.gateway.jobs.create_job(job)
@@ -195,6 +206,23 @@ class VideoJobs:
         except Exception as error:  # stored as queued: the scheduler's reconcile finds it
             logger.warning("could not hand %s to its scheduler now: %r", job.id, error)
         return job, rate_limit_headers(admission.usage)
+
+    async def _admit_to_queue(self, account: Account, spec: ModelSpec, tier: Tier) -> None:
+        """The scheduler's admission decision, the image path's on the video queue: 503
+        ``server_overloaded`` when the tier's class queue is full or the job would not
+        start well within the tier's longest wait. A scheduler that cannot answer does
+        not block creation: the job is durable and its reconcile finds it."""
+        try:
+            await asyncio.wait_for(
+                self.gateway.schedulers[spec.id].admit.remote(
+                    account.id, tier.priority_class, tier.max_queue_wait_s, tier.max_queued
+                ),
+                ADMIT_TIMEOUT_S,
+            )
+        except Exception as error:
+            if isinstance(unwrap(error), Overloaded):
+                raise unwrap(error) from None
+            logger.warning("could not ask %s's scheduler to admit a job: %r", spec.id, error)
 
     async def _forget_reference(self, generation: VideoGeneration) -> None:
         if generation.input_reference is not None:

@@ -8,7 +8,14 @@ starts. A reconcile loop keeps memory and store in agreement:
   the scheduler, or the scheduler restarted) is enqueued;
 - an ``in_progress`` job whose worker lease has run out (its replica died, or the
   whole application restarted) is re-queued, and failed (``worker_lost``) once
-  ``max_attempts`` runs have been lost.
+  ``max_attempts`` runs have been lost;
+- a ``queued`` job past its ``queue_deadline_at`` (its tier's longest wait) that was
+  never dispatched is failed (``queue_timeout``) and its video slot given back.
+
+Admission is the image scheduler's (``deployments/shedding.py``): the router asks
+``admit`` before it reserves or stores anything, and a job is refused when its
+class's queue is full or it would not start well within its tier's longest wait,
+estimated from the service time measured per completed job.
 
 A dispatch is ``queued -> in_progress`` with ``attempt + 1`` (compare-and-set);
 the worker's writes carry that attempt, so a job taken back can never be
@@ -23,6 +30,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,8 +39,19 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from autoscaling.policy import queue_weights_from_config, report_metrics
 from deployments.capacity import ReplicaCounter, WorkerSlots, serve_replica_counter
+from deployments.errors import Overloaded
 from deployments.jobs import VideoGeneration, VideoOutcome, VideoTask
 from deployments.request_queue import FairQueue, Ticket
+from deployments.shedding import (
+    Decision,
+    EstimateCheck,
+    QueueStats,
+    admit_or_shed,
+    decision_key,
+    estimate_wait_s,
+    updated_service_time,
+    wait_estimates_s_by_class,
+)
 from mediagate.ledger import finish_reservation
 from mediagate.state import JobStore, StateConfig, VideoJobRecord, open_state_store
 from models.catalog import ModelSpec
@@ -84,6 +103,13 @@ class QueuedVideo:
         return 1
 
 
+def _overdue(job: VideoJobRecord, now: float) -> bool:
+    """Queued past its tier's longest wait without ever being dispatched. A job that
+    was dispatched once (re-queued after a lost worker) started in time and is not
+    expired, as the image scheduler spares preempted requests."""
+    return job.attempt == 0 and job.queue_deadline_at is not None and job.queue_deadline_at < now
+
+
 class VideoScheduler:
     """Queues a video model's jobs and feeds them, one per slot, to its workers: higher
     priority classes first, round-robin between accounts within a class."""
@@ -120,8 +146,12 @@ class VideoScheduler:
         self._classes_seen: set[int] = set()
         self.queue_weights = queue_weights_from_config(None)
         self._running: dict[str, asyncio.Task[None]] = {}
+        self._running_class: dict[str, int] = {}  # running job id -> its priority class
         self._tasks: list[asyncio.Task[None]] = []
         self.counts = {"dispatched": 0, "completed": 0, "failed": 0, "requeued": 0, "lost": 0}
+        self.decisions: Counter[str] = Counter()  # admitted/shed/expired per class
+        self.estimate_check = EstimateCheck()
+        self._service_s: float | None = None  # measured per completed job
         with contextlib.suppress(RuntimeError):  # Serve constructs us on the replica's loop:
             asyncio.get_running_loop().call_soon(self._ensure_started)  # recover at once
 
@@ -144,22 +174,69 @@ class VideoScheduler:
         """Begin work without waiting for a request (recovery after a restart)."""
         self._ensure_started()
 
+    async def admit(
+        self, account_id: str, priority_class: int, max_wait_s: float, max_queued: int | None
+    ) -> float | None:
+        """Decide, before the router reserves or stores anything, whether a new job of
+        this account and tier may queue: raise ``Overloaded`` (503 with Retry-After) when
+        its class's queue holds ``max_queued`` jobs or it would not start well within
+        ``max_wait_s``; else return the estimated wait (None before any job was measured)."""
+        self._ensure_started()
+        probe = QueuedVideo("", account_id, priority_class)
+        try:
+            return admit_or_shed(
+                ahead=self._queue.ahead_of(probe),
+                busy=self._slots.busy,
+                slots=self._estimated_slots,
+                service_s=self._service_s,
+                max_wait_s=max_wait_s,
+                queued_in_class=self._queue.length_by_class().get(priority_class, 0),
+                max_queued=max_queued,
+                share_above=self._queue.share_above(priority_class),
+            )
+        except Overloaded:
+            self._count("shed", priority_class)
+            raise
+
+    @property
+    def _estimated_slots(self) -> int:
+        """Slots the wait estimates count on: a worker deployment scaled to zero gets a
+        replica as soon as work waits, so it counts as one rather than as no capacity
+        (which would refuse every job and never wake the autoscaler)."""
+        return max(1, self._slots.capacity)
+
+    def _estimate_s(self, video: QueuedVideo) -> float | None:
+        if self._service_s is None:
+            return None
+        return estimate_wait_s(
+            ahead=self._queue.ahead_of(video),
+            busy=self._slots.busy,
+            slots=self._estimated_slots,
+            service_s=self._service_s,
+            share_above=self._queue.share_above(video.priority_class),
+        )
+
     async def enqueue(self, account_id: str, job_id: str, priority_class: int = 0) -> int:
         """Queue a job the router has stored as ``queued``; returns its position (1 = next)."""
         self._ensure_started()
         if not self._holds(job_id):
-            self._push(QueuedVideo(job_id, account_id, priority_class))
+            video = QueuedVideo(job_id, account_id, priority_class)
+            self._push(video, estimated_wait_s=self._estimate_s(video))
+            self._count("admitted", priority_class)
             self._slots.changed.set()
         return self.position(job_id)
 
     def _holds(self, job_id: str) -> bool:
         return job_id in self._tickets or job_id in self._claiming or job_id in self._running
 
-    def _push(self, video: QueuedVideo, *, first: bool = False) -> None:
+    def _push(
+        self, video: QueuedVideo, *, first: bool = False, estimated_wait_s: float | None = None
+    ) -> None:
         ticket: Ticket[QueuedVideo] = Ticket(
             job=video,
             enqueued_at=self._clock(),
             future=asyncio.get_running_loop().create_future(),  # set when dispatched
+            estimated_wait_s=estimated_wait_s,
         )
         self._tickets[video.job_id] = ticket
         if first:
@@ -167,11 +244,11 @@ class VideoScheduler:
         else:
             self._queue.push(ticket)
 
-    def _pop_next(self) -> QueuedVideo:
+    def _pop_next(self) -> Ticket[QueuedVideo]:
         (ticket,) = self._queue.take_batch(1)
         del self._tickets[ticket.job.job_id]
         ticket.future.set_result(None)
-        return ticket.job
+        return ticket
 
     def position(self, job_id: str) -> int:
         """1-based place in the queue; 0 when it is not queued here."""
@@ -191,26 +268,48 @@ class VideoScheduler:
         return stats | {"inflight": float(self._slots.busy)}
 
     def stats(self) -> dict[str, Any]:
+        """The queue schema every scheduler shares (``QueueStats``, what the status
+        endpoint shows), plus this one's job counters and, for operators and tests only,
+        the running job ids."""
+        classes = self._classes_seen | set(self._queue.length_by_class())
+        queue = QueueStats(
+            queue_len=len(self._queue),
+            queue_by_class=self._queue.length_by_class(),
+            running_by_class=dict(Counter(self._running_class.values())),
+            busy_slots=self._slots.busy,
+            capacity=self._slots.capacity,
+            replicas=self._slots.replicas,
+            wait_estimate_s_by_class=wait_estimates_s_by_class(
+                self._queue,
+                classes,
+                busy=self._slots.busy,
+                slots=self._estimated_slots,
+                service_s=self._service_s or 0.0,
+            ),
+            wait_beyond_estimate_s_by_class=self.estimate_check.summary(),
+            decision_counts=dict(self.decisions),
+        )
         return {
             "model": self.spec.id,
-            "queue_len": len(self._queue),
-            "queue_by_class": self._queue.length_by_class(),
+            **queue.as_dict(),
             "running": sorted(self._running),
-            "busy_slots": self._slots.busy,
-            "capacity": self._slots.capacity,
-            "replicas": self._slots.replicas,
             **self.counts,
         }
+
+    def _count(self, decision: Decision, priority_class: int) -> None:
+        self.decisions[decision_key(decision, priority_class)] += 1
+        self._classes_seen.add(priority_class)
 
     async def _dispatch_loop(self) -> None:
         while True:
             await self._slots.changed.wait()
             self._slots.changed.clear()
             while len(self._queue) and self._slots.free:
-                video = self._pop_next()
+                ticket = self._pop_next()
+                video = ticket.job
                 self._claiming.add(video.job_id)  # neither queued nor running: not lost
                 try:
-                    job = await self._claim(video.account_id, video.job_id)
+                    job = await self._claim(ticket)
                 except Exception as error:  # store outage: keep its place, try again soon
                     logger.warning("could not claim %s: %s", video.job_id, error)
                     self._push(video, first=True)
@@ -219,16 +318,21 @@ class VideoScheduler:
                 finally:
                     self._claiming.discard(video.job_id)
                 if job is None:
-                    continue  # deleted, or already taken: nothing to run
+                    continue  # deleted, taken, or waited too long: nothing to run
                 self._slots.acquire()
+                self._running_class[video.job_id] = video.priority_class
                 self._running[video.job_id] = asyncio.create_task(self._run(job))
 
-    async def _claim(self, account_id: str, job_id: str) -> VideoJobRecord | None:
+    async def _claim(self, ticket: Ticket[QueuedVideo]) -> VideoJobRecord | None:
+        account_id, job_id = ticket.job.account_id, ticket.job.job_id
         current = await self._store.get_job(account_id, job_id)
         if current is None or current.status != "queued":
             return None
         now = self._clock()
-        return await self._store.update_job(
+        if _overdue(current, now):
+            await self._expire(current, ticket)
+            return None
+        claimed = await self._store.update_job(
             account_id,
             job_id,
             expect_status=("queued",),
@@ -242,6 +346,51 @@ class VideoScheduler:
                 "progress": 0,
             },
         )
+        if claimed is not None:
+            self.estimate_check.record(
+                ticket.job.priority_class,
+                estimated_s=ticket.estimated_wait_s,
+                waited_s=now - ticket.enqueued_at,
+            )
+        return claimed
+
+    async def _expire(self, job: VideoJobRecord, ticket: Ticket[QueuedVideo] | None) -> None:
+        """Fail a job that waited past its tier's longest wait before its first dispatch
+        and give its video slot back: nothing is charged. Compare-and-set, so a job
+        dispatched, deleted or expired meanwhile is left alone."""
+        now = self._clock()
+        limit_s = (job.queue_deadline_at or now) - job.created_at
+        updated = await self._store.update_job(
+            job.account_id,
+            job.id,
+            expect_status=("queued",),
+            expect_attempt=0,
+            changes={
+                "status": "failed",
+                "completed_at": now,
+                "expires_at": now + self.settings.content_ttl_s,
+                "error_code": "queue_timeout",
+                "error_message": f"this video waited longer than your tier allows "
+                f"({limit_s:g}s) for a free worker; please submit it again",
+            },
+        )
+        if updated is None:
+            return
+        queued = self._tickets.pop(job.id, None)
+        if queued is not None:
+            self._queue.discard(queued)
+        self._count("expired", updated.priority_class)
+        if ticket is not None:
+            self.estimate_check.record(
+                updated.priority_class,
+                estimated_s=ticket.estimated_wait_s,
+                waited_s=now - ticket.enqueued_at,
+            )
+        logger.info("job %s waited past its tier's limit (%gs): failed", job.id, limit_s)
+        if updated.reservation_id is not None:  # a job that never ran costs no quota
+            await finish_reservation(
+                self._store, updated.account_id, updated.reservation_id, commit=False
+            )
 
     async def _run(self, job: VideoJobRecord) -> None:
         task = VideoTask(
@@ -253,6 +402,7 @@ class VideoScheduler:
             content_ttl_s=self.settings.content_ttl_s,
         )
         self.counts["dispatched"] += 1
+        started_at = self._clock()
         try:
             outcome: VideoOutcome = await self._worker.run.remote(task)
         except Exception as error:  # the replica died or could not be reached
@@ -265,8 +415,11 @@ class VideoScheduler:
         else:
             if outcome.status in ("completed", "failed"):
                 self.counts[outcome.status] += 1
+            if outcome.status == "completed":  # what admission estimates waits from
+                self._service_s = updated_service_time(self._service_s, self._clock() - started_at)
         finally:
             self._running.pop(job.id, None)
+            self._running_class.pop(job.id, None)
             self._slots.release()
 
     async def _requeue_or_fail(self, job: VideoJobRecord) -> None:
@@ -329,9 +482,11 @@ class VideoScheduler:
     async def _reconcile_pass(self) -> None:
         now = self._clock()
         for job in await self._store.active_jobs(self.spec.id):
-            if self._holds(job.id):
+            if job.status == "queued" and _overdue(job, now):
+                await self._expire(job, self._tickets.get(job.id))
+            elif self._holds(job.id):
                 continue
-            if job.status == "queued":
+            elif job.status == "queued":
                 await self.enqueue(job.account_id, job.id, job.priority_class)
             elif job.lease_expires_at is not None and job.lease_expires_at < now:
                 logger.warning("job %s lost its worker (lease ran out)", job.id)

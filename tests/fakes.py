@@ -9,6 +9,7 @@ from typing import Any
 
 from deployments.errors import MediagateError
 from deployments.jobs import ImageJob, ImageResult
+from deployments.shedding import QueueStats
 
 
 def solid_png(width: int, height: int, seed: int) -> bytes:
@@ -148,12 +149,17 @@ class FakeClock:
 
 
 class FakeVideoSchedulerHandle:
-    """Answers ``enqueue.remote`` / ``cancel.remote`` like a video scheduler, recording calls."""
+    """Answers ``admit.remote`` / ``enqueue.remote`` / ``cancel.remote`` like a video
+    scheduler, recording calls; ``admit_raises`` makes ``admit`` refuse (``Overloaded``)
+    or fail (an unreachable scheduler)."""
 
     def __init__(self, *, unreachable: bool = False) -> None:
+        self.admissions: list[tuple[str, int, float, int | None]] = []
+        self.admit_raises: Exception | None = None
         self.enqueued: list[tuple[str, str]] = []
         self.cancelled: list[tuple[str, str]] = []
         self.unreachable = unreachable
+        self.admit = _Method(self._admit)
         self.enqueue = _Method(self._enqueue)
         self.cancel = _Method(self._cancel)
         self.stats = _Method(self._stats)
@@ -165,13 +171,27 @@ class FakeVideoSchedulerHandle:
         return waiting.index(job_id) + 1 if job_id in waiting else 0
 
     async def _stats(self) -> dict[str, Any]:
-        return {
-            "queue_len": 2,
-            "busy_slots": 1,
-            "capacity": 1,
-            "replicas": 1,
-            "running": ["video_secret"],
-        }
+        queue = QueueStats(
+            queue_len=2,
+            queue_by_class={1: 2},
+            running_by_class={2: 1},
+            busy_slots=1,
+            capacity=1,
+            replicas=1,
+            wait_estimate_s_by_class={1: 90.0, 2: 30.0},
+            decision_counts={"admitted_class_1": 2, "admitted_class_2": 1},
+        )
+        return {**queue.as_dict(), "running": ["video_secret"], "dispatched": 1}
+
+    async def _admit(
+        self, account_id: str, priority_class: int, max_wait_s: float, max_queued: int | None
+    ) -> float | None:
+        if self.unreachable:
+            raise ConnectionError("scheduler unreachable")
+        self.admissions.append((account_id, priority_class, max_wait_s, max_queued))
+        if self.admit_raises is not None:
+            raise self.admit_raises
+        return None
 
     async def _enqueue(self, account_id: str, job_id: str, priority_class: int = 0) -> int:
         if self.unreachable:
@@ -182,6 +202,23 @@ class FakeVideoSchedulerHandle:
     async def _cancel(self, account_id: str, job_id: str) -> bool:
         self.cancelled.append((account_id, job_id))
         return True
+
+
+class LocalHandle:
+    """A real deployment object behind a handle's interface (``handle.method.remote(...)``
+    awaitable, sync or async methods alike), for tests that drive it in-process."""
+
+    def __init__(self, target: Any) -> None:
+        self._target = target
+
+    def __getattr__(self, name: str) -> _Method:
+        method = getattr(self._target, name)
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            result = method(*args, **kwargs)
+            return await result if asyncio.iscoroutine(result) else result
+
+        return _Method(call)
 
 
 class FakeVideoWorkerHandle:

@@ -40,6 +40,11 @@ class VideoJobRecord(BaseModel):
     priority_class: int = Field(
         0, description="The owner's tier's priority class when accepted: higher runs first."
     )
+    queue_deadline_at: float | None = Field(
+        None,
+        description="Unix time past which a job never yet dispatched fails (`queue_timeout`) "
+        "instead of running: accepted + its tier's max_queue_wait_s. None: it never expires.",
+    )
     error_code: str | None = Field(None, description="Why it failed (machine-readable).")
     error_message: str | None = Field(None, description="Why it failed (for humans).")
     remixed_from: str | None = Field(None, description="Source job of a remix.")
