@@ -7,6 +7,14 @@ import pytest
 
 from tests.servers import MOTO_CREDENTIALS, moto_s3_server, redis_server
 
+# The developer's own mediagate settings (MEDIAGATE_REDIS_URL, MEDIAGATE_S3_*,
+# MEDIAGATE_HOME, MEDIAGATE_TIERS_FILE, ...) must not reach the tests: the test apps
+# would talk to a real Redis or bucket. Cleared before anything reads the settings,
+# and before any Ray worker starts (workers inherit this environment). Tests that
+# want a setting give it themselves (monkeypatch, or a subprocess's env).
+for _name in [name for name in os.environ if name.startswith("MEDIAGATE_")]:
+    del os.environ[_name]
+
 # Fake AWS credentials for moto, set before any Ray worker starts so that workers
 # (which inherit this environment) can sign their S3 requests too.
 for _name, _value in MOTO_CREDENTIALS.items():

@@ -138,7 +138,22 @@ class FakeWorkerHandle:
 
 
 class FakeClock:
-    def __init__(self, now: float = 1_800_000_000.0) -> None:
+    """A clock that only the test moves.
+
+    By default it starts at 08:00 UTC of the first day at least an hour after the real
+    time: never behind what real-time things wrote just before (an account created on
+    the real clock, SQLite's expiry, a file's mtime), whatever today's date, and always
+    16 hours before a UTC midnight, so moving it a few hours stays in one quota day.
+    """
+
+    def __init__(self, now: float | None = None) -> None:
+        if now is None:
+            import time
+
+            day_s, eight_s = 86_400, 8 * 3_600
+            earliest = time.time() + 3_600
+            days = -(-(earliest - eight_s) // day_s)  # rounded up
+            now = days * day_s + eight_s
         self.now = now
 
     def __call__(self) -> float:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -142,42 +141,88 @@ def test_a_set_stop_ends_the_real_tiny_pipeline_after_one_step(tmp_path: Path) -
     assert result.images[0][:4] == b"\x89PNG"
 
 
-async def test_cancelling_a_worker_call_stops_the_pipeline_at_the_next_step() -> None:
-    pipeline = SimulatedPipeline(step_ms=50)
+class SteppedSleep:
+    """The simulated pipeline's per-step sleep, under the test's control: every step
+    waits for a permit (``allow``), and the test can wait until steps have begun."""
+
+    def __init__(self) -> None:
+        self.steps_begun = 0
+        self._begun = threading.Semaphore(0)
+        self._permits = threading.Semaphore(0)
+
+    def __call__(self, seconds: float) -> None:
+        self.steps_begun += 1
+        self._begun.release()
+        assert self._permits.acquire(timeout=60), "the test never let this step finish"
+
+    def allow(self, steps: int) -> None:
+        self._permits.release(steps)
+
+    async def wait_begun(self, steps: int) -> None:
+        """Until ``steps`` more steps have begun (each then waits for its permit)."""
+        for _ in range(steps):
+            assert await self.begins_within(60), "no step began"
+
+    async def begins_within(self, timeout_s: float) -> bool:
+        """Whether one more step begins within ``timeout_s``."""
+        return await asyncio.to_thread(self._begun.acquire, timeout=timeout_s)
+
+
+def stepped_worker() -> tuple[TextToImage, SteppedSleep]:
+    """A worker on the simulated pipeline whose steps, after the warm-up, run only as
+    the test allows them: no wall-clock assumptions about a step's length."""
+    pipeline = SimulatedPipeline(step_ms=50, sleep=lambda seconds: None)
     worker = TextToImage(SPEC, cache_dir="unused", load=lambda spec, cache_dir: pipeline)
-    steps_done: list[int] = []
-    original = pipeline.__call__
+    sleep = SteppedSleep()
+    pipeline._sleep = sleep
+    return worker, sleep
 
-    def counting(*args: Any, **kwargs: Any) -> Any:
-        callback = kwargs["callback_on_step_end"]
 
-        def count(p: Any, step: int, timestep: Any, state: dict[str, Any]) -> Any:
-            steps_done.append(step)
-            return callback(p, step, timestep, state)
-
-        return original(*args, **(kwargs | {"callback_on_step_end": count}))
-
-    pipeline.__call__ = counting  # type: ignore[method-assign]
-    worker.pipeline = counting
+async def test_cancelling_a_worker_call_stops_the_pipeline_at_the_next_step() -> None:
+    worker, sleep = stepped_worker()
     call = asyncio.create_task(worker.generate([job("long", num_inference_steps=40)]))
-    await asyncio.sleep(0.2)
-    started = time.perf_counter()
+    sleep.allow(3)
+    await sleep.wait_begun(4)  # three steps done, the fourth under way
     call.cancel()
+    for _ in range(10):  # the worker takes the cancellation in and sets its stop flag
+        await asyncio.sleep(0)
+    sleep.allow(40)  # whatever the pipeline asks for from here on
     with pytest.raises(asyncio.CancelledError):
         await call
-    assert time.perf_counter() - started < 0.15  # one 50 ms step at most
-    assert 2 <= len(steps_done) <= 6  # of 40
+    # The step under way when the call was cancelled was the last one: 4 of 40.
+    assert sleep.steps_begun == 4
 
 
 async def test_the_next_batch_waits_until_the_stopped_one_has_left_the_pipeline() -> None:
-    pipeline = SimulatedPipeline(step_ms=50)
-    worker = TextToImage(SPEC, cache_dir="unused", load=lambda spec, cache_dir: pipeline)
-    stopped = asyncio.create_task(worker.generate([job("stopped", num_inference_steps=40)]))
-    await asyncio.sleep(0.12)
+    worker, sleep = stepped_worker()
+    calls: list[str] = []  # "enter <prompt>" and "leave <prompt>", as the pipeline sees them
+    pipeline = worker.pipeline
+
+    def recording(**kwargs: Any) -> Any:
+        name = kwargs["prompt"][0]
+        calls.append(f"enter {name}")
+        try:
+            return pipeline(**kwargs)
+        finally:
+            calls.append(f"leave {name}")
+
+    worker.pipeline = recording
+    stopped = asyncio.create_task(
+        worker.generate([job("stopped", prompt="stopped", num_inference_steps=40)])
+    )
+    sleep.allow(1)
+    await sleep.wait_begun(2)  # its second step is under way
     stopped.cancel()
-    started = time.perf_counter()
-    # Sent while the stopped batch still finishes its step: all four steps run, after it.
-    (result,) = await worker.generate([job("next", num_inference_steps=4)])
-    assert result.request_id == "next"
-    assert time.perf_counter() - started >= 0.2
-    assert stopped.cancelled()
+    # Sent while the stopped batch still finishes its step. A worker without the lock
+    # lets it into the pipeline at once; half a second is its chance to (a correct
+    # worker never does, so the bound cannot fail one).
+    following = asyncio.create_task(
+        worker.generate([job("next", prompt="next", num_inference_steps=4)])
+    )
+    assert not await sleep.begins_within(0.5)
+    assert calls == ["enter stopped"]
+    sleep.allow(100)
+    (result,) = await following
+    assert result.request_id == "next" and stopped.cancelled()
+    assert calls == ["enter stopped", "leave stopped", "enter next", "leave next"]
+    assert sleep.steps_begun == 2 + 4

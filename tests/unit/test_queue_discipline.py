@@ -346,16 +346,22 @@ def test_router_refuses_early_from_published_load_without_a_reservation(tmp_path
     }
 
     async def follow_once() -> None:
-        with pytest.raises(TimeoutError):
-            await asyncio.wait_for(service.gateway.follow_load(), 0.05)
+        """Run the router's follower until it has read the load once."""
+        follower = asyncio.create_task(service.gateway.follow_load())
+        while "tiny-sd" not in service.gateway._published_load:
+            assert not follower.done(), follower
+            await asyncio.sleep(0.01)
+        follower.cancel()
 
-    asyncio.run(follow_once())
+    asyncio.run(asyncio.wait_for(follow_once(), 30))
     response = service.generate({"prompt": "a cat", "size": "64x64"})
     assert response.status_code == 503, response.text
     assert response.json()["error"]["code"] == "server_overloaded"
     assert int(response.headers["retry-after"]) >= 60  # 90.5 s of wait, 30 s allowed
     assert service.scheduler.jobs == []  # no hop to the scheduler
-    assert 0 < float(response.headers["x-mediagate-decision-ms"]) < 100
+    # The router's own decision time is reported; the bound only catches a value in the
+    # wrong unit or an absolute timestamp, not a slow machine.
+    assert 0 < float(response.headers["x-mediagate-decision-ms"]) < 10_000
     assert service.gateway.guard.counters.get("admitted_image", 0) == 0  # no reservation
     # Pro fits, and goes to the scheduler.
     paid = service.client.post(URL, json={"prompt": "a cat", "size": "64x64"}, headers=pro)

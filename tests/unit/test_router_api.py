@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
-from collections.abc import Iterator
+import json
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from starlette.types import Message, Scope
 
 from deployments.errors import GenerationFailed
+from deployments.jobs import ImageJob, ImageResult
+from models.encoding import CONTENT_TYPES, encode_image
 from tests.unit.harness import Service
 
 URL = "/v1/images/generations"
+JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 @pytest.fixture
@@ -147,9 +153,48 @@ def test_models_list_and_get(service: Service) -> None:
 
 
 def test_declared_body_over_limit_is_413_unread(tmp_path: Path) -> None:
+    """A raw ASGI call, so the test sees every read of the body: there is none."""
     service = Service(tmp_path, max_body_bytes=2048)
-    response = service.generate({"prompt": "x" * 5000})
-    assert_error(response, 413, None, "request_too_large")
+    body = json.dumps({"prompt": "x" * 5000}).encode()
+    reads: list[Message] = []
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        message: Message = {"type": "http.request", "body": body, "more_body": False}
+        reads.append(message)
+        return message
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope: Scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": URL,
+        "raw_path": URL.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [
+            (b"host", b"testserver"),
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            *[(k.lower().encode(), v.encode()) for k, v in service.auth.items()],
+        ],
+        "client": ("127.0.0.1", 1234),
+        "server": ("testserver", 80),
+    }
+
+    async def call() -> None:
+        await service.client.app(scope, receive, send)
+
+    asyncio.run(call())
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 413
+    assert json.loads(sent[1]["body"])["error"]["code"] == "request_too_large"
+    assert reads == []  # refused on its declared length, before a byte was read
+    assert service.scheduler.jobs == []
 
 
 def test_chunked_body_over_limit_is_413(tmp_path: Path) -> None:
@@ -210,11 +255,46 @@ def test_url_response_downloads_until_it_expires(service: Service) -> None:
     assert_error(service.client.get(local), 403, None, "url_expired")
 
 
+class Remote:
+    """A handle method: ``remote`` is the coroutine function it calls."""
+
+    def __init__(self, function: Callable[..., Awaitable[Any]]) -> None:
+        self.remote = function
+
+
 def test_jpeg_output(service: Service) -> None:
-    response = service.generate({"prompt": "x", "output_format": "jpeg", "output_compression": 80})
-    assert response.status_code == 200
-    [job] = service.scheduler.jobs
-    assert (job.output_format, job.output_compression) == ("jpeg", 80)
+    async def encode_as_asked(job: ImageJob) -> ImageResult:
+        """What a worker does with the job's format and quality (the plain fake sends PNG)."""
+        from PIL import Image
+
+        service.scheduler.jobs.append(job)
+        image = Image.new("RGB", (job.width, job.height), (200, 30, 30))
+        encoded = encode_image(image, job.output_format, job.output_compression)
+        return ImageResult(
+            request_id=job.request_id,
+            images=[encoded] * job.images,
+            content_type=CONTENT_TYPES[job.output_format],
+            batch_images=job.images,
+            inference_s=0.0,
+        )
+
+    service.scheduler.submit = Remote(encode_as_asked)  # type: ignore[assignment]
+    jpeg = {"prompt": "x", "output_format": "jpeg", "output_compression": 80}
+    inline = service.generate(jpeg)
+    assert inline.status_code == 200, inline.text
+    assert inline.json()["output_format"] == "jpeg"
+    assert base64.b64decode(inline.json()["data"][0]["b64_json"]).startswith(JPEG_MAGIC)
+
+    stored = service.generate(jpeg | {"response_format": "url"})
+    assert stored.status_code == 200, stored.text
+    path = urlsplit(stored.json()["data"][0]["url"])
+    download = service.client.get(f"{path.path}?{path.query}")
+    assert download.status_code == 200 and download.headers["content-type"] == "image/jpeg"
+    assert download.content.startswith(JPEG_MAGIC)
+    assert [(job.output_format, job.output_compression) for job in service.scheduler.jobs] == [
+        ("jpeg", 80),
+        ("jpeg", 80),
+    ]
 
 
 def test_health(service: Service) -> None:

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from deployments.jobs import ImageJob
+from deployments.jobs import ImageJob, ImageResult
 from deployments.request_queue import FairQueue, Ticket
 from deployments.scheduler import Scheduler
 from models.catalog import load_catalog
@@ -138,30 +138,56 @@ async def test_caller_that_goes_away_leaves_the_queue() -> None:
     await scheduler.shutdown()
 
 
-async def test_worker_failure_reaches_every_caller_of_the_batch() -> None:
-    class Broken:
-        class generate:
-            @staticmethod
-            async def remote(jobs: list[ImageJob]) -> Any:
-                raise RuntimeError("replica died")
+class DyingWorker(FakeWorkerHandle):
+    """Holds each batch until released, then fails it as a dead replica's call does."""
 
-    scheduler = Scheduler(Broken(), SPEC, count_replicas=count_one)
+    async def _generate(self, jobs: list[ImageJob]) -> list[ImageResult]:
+        await super()._generate(jobs)
+        raise RuntimeError("replica died")
+
+
+async def test_worker_failure_reaches_every_caller_of_the_batch() -> None:
     from deployments.errors import GenerationFailed
 
-    with pytest.raises(GenerationFailed):
-        await scheduler.submit(job("a"))
+    worker = DyingWorker()
+    scheduler = Scheduler(worker, SPEC, count_replicas=count_one)
+    first = asyncio.create_task(scheduler.submit(job("first")))
+    await worker.started.wait()
+    # Three callers of three accounts wait while the slot is busy: one batch takes them all.
+    callers = [
+        asyncio.create_task(scheduler.submit(job(name).model_copy(update={"account_id": name})))
+        for name in ("bob", "carol", "dave")
+    ]
+    await asyncio.sleep(0)
+    assert scheduler.stats()["queue_len"] == 3
+    worker.release.set()
+    # Bounded: a caller that never hears back would otherwise hang the suite.
+    outcomes = await asyncio.wait_for(
+        asyncio.gather(first, *callers, return_exceptions=True), timeout=30
+    )
+    assert [[j.request_id for j in batch] for batch in worker.batches] == [
+        ["first"],
+        ["bob", "carol", "dave"],
+    ]
+    assert all(isinstance(outcome, GenerationFailed) for outcome in outcomes), outcomes
     await scheduler.shutdown()
 
 
 async def test_batch_wait_holds_a_partial_batch_then_sends_it() -> None:
     worker = FakeWorkerHandle()
     worker.release.set()
-    scheduler = Scheduler(worker, SPEC, count_replicas=count_one)
+    clock = FakeClock(0.0)  # the hold is decided on the scheduler's clock, not the wall's
+    scheduler = Scheduler(worker, SPEC, count_replicas=count_one, clock=clock)
     scheduler.reconfigure({"batching": {"max_batch_size": 4, "batch_wait_s": 0.2}})
     first = asyncio.create_task(scheduler.submit(job("a")))
-    await asyncio.sleep(0.05)
+    for _ in range(10):  # let the dispatcher run: it must hold the lone request
+        await asyncio.sleep(0)
     assert worker.batches == []
     second = asyncio.create_task(scheduler.submit(job("b")))
-    await asyncio.gather(first, second)
+    for _ in range(10):
+        await asyncio.sleep(0)
+    assert worker.batches == []  # two of four images: still held
+    clock.advance(0.2)  # the wait is over: the next wake-up sends what there is
+    await asyncio.wait_for(asyncio.gather(first, second), timeout=30)
     assert [len(batch) for batch in worker.batches] == [2]
     await scheduler.shutdown()

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import redis
 
 from mediagate.accounts import open_account_store
 from mediagate.state import StateConfig, open_state_store
@@ -36,8 +37,12 @@ async def test_redis_stopped_mid_run(tmp_path: Path) -> None:
         never_seen = service.other_auth("latecomer", "plus", age_days=30)
         assert (await post(service, {"prompt": "x"}, free)).status_code == 200
         assert (await post(service, {"prompt": "x"}, plus)).status_code == 200
+        counters = service.gateway.guard.counters
+        assert not {name for name in counters if name.startswith("store_outage")}, counters
 
         server.stop()  # the store goes away while the service runs
+        with pytest.raises(redis.exceptions.ConnectionError):  # it is really gone
+            redis.Redis.from_url(server.url, socket_connect_timeout=1).ping()
         for _ in range(3):
             refused = await post(service, {"prompt": "x"}, free)
             assert refused.status_code == 503, refused.text
@@ -48,7 +53,6 @@ async def test_redis_stopped_mid_run(tmp_path: Path) -> None:
         assert statuses == [200] * 5 + [503] * 2
         # A key this replica never saw cannot be checked at all: 503, not 500 or 401.
         assert (await post(service, {"prompt": "x"}, never_seen)).status_code == 503
-        counters = service.gateway.guard.counters
         assert counters["store_outage_fail_open"] == 5
         assert counters["store_outage_fail_closed"] == 5
 

@@ -149,24 +149,41 @@ async def test_progress_is_written_while_denoising(tmp_path: Path, model_cache: 
     assert len({p for p in seen if 0 < p < 100}) >= 2, seen
 
 
+def hold_progress_write(worker: TextToVideo, number: int) -> tuple[asyncio.Event, asyncio.Event]:
+    """Make the worker's ``number``-th progress write wait: returns (reached, go_on).
+
+    The denoising loop waits for each write, so the test acts at a known step.
+    """
+    reached, go_on = asyncio.Event(), asyncio.Event()
+    real_renew = worker.renew
+    writes = 0
+
+    async def renew(task: VideoTask, **changes: Any) -> bool:
+        nonlocal writes
+        if changes.get("progress") is not None:
+            writes += 1
+            if writes == number:
+                reached.set()
+                await go_on.wait()
+        return await real_renew(task, **changes)
+
+    worker.renew = renew  # type: ignore[method-assign]
+    return reached, go_on
+
+
 async def test_deleting_a_running_job_stops_it_at_the_next_step(
     tmp_path: Path, model_cache: Path
 ) -> None:
-    rig = Rig(tmp_path, model_cache, progress_interval_s=0.0)
+    rig = Rig(tmp_path, model_cache, progress_interval_s=0.0)  # a progress write every step
     task = await rig.dispatch("video_1", num_inference_steps=50, num_frames=97)
+    at_step_5, go_on = hold_progress_write(rig.worker, 5)
     run = asyncio.create_task(rig.worker.run(task))
-
-    async def started() -> None:
-        # The store has no change notification: poll it.
-        while (job := await rig.job("video_1")) is None or job.progress == 0:  # noqa: ASYNC110
-            await asyncio.sleep(0.005)
-
-    await asyncio.wait_for(started(), 30)
-    await rig.store.delete_job("acct", "video_1")
-    deleted_at = time.perf_counter()
-    outcome = await asyncio.wait_for(run, 30)
-    assert outcome.status == "cancelled" and outcome.steps_done < 50
-    assert time.perf_counter() - deleted_at < 2
+    await asyncio.wait_for(at_step_5.wait(), 60)
+    await rig.store.delete_job("acct", "video_1")  # while step 5's write waits
+    go_on.set()
+    outcome = await asyncio.wait_for(run, 60)
+    # That write found the job gone: the loop ended at step 5 of 50.
+    assert outcome.status == "cancelled" and outcome.steps_done == 5
     assert list((tmp_path / "files").iterdir()) == []  # nothing stored for a deleted job
 
 
@@ -176,13 +193,15 @@ async def test_a_taken_back_job_is_not_completed_by_its_old_worker(
     """The scheduler re-queued the job (lease ran out); the old attempt's writes are void."""
     rig = Rig(tmp_path, model_cache, progress_interval_s=0.0)
     task = await rig.dispatch("video_1", num_inference_steps=50, num_frames=97)
+    at_step_3, go_on = hold_progress_write(rig.worker, 3)
     run = asyncio.create_task(rig.worker.run(task))
-    await asyncio.sleep(0.3)
+    await asyncio.wait_for(at_step_3.wait(), 60)  # running: its third step's write waits
     await rig.store.update_job(
         "acct", "video_1", expect_status=("in_progress",), changes={"status": "queued"}
     )
-    outcome = await asyncio.wait_for(run, 30)
-    assert outcome.status == "cancelled"
+    go_on.set()
+    outcome = await asyncio.wait_for(run, 60)
+    assert outcome.status == "cancelled" and outcome.steps_done == 3
     job = await rig.job("video_1")
     assert job is not None and job.status == "queued" and job.artifacts == {}
 
