@@ -445,8 +445,9 @@ def create_api(
             return (await produce())[0]
         check_key(key)
         digest = fingerprint(request.method, request.url.path, payload)
-        answer = await gateway.idempotency.claim(account.id, key, digest)
-        if answer is not None:
+        claim = await gateway.idempotency.claim(account.id, key, digest)
+        if claim.answer is not None:
+            answer = claim.answer
             replayed = {"idempotent-replayed": "true"}
             if answer.video_id is not None:
                 response = video_response(await gateway.videos.get(account, answer.video_id))
@@ -457,10 +458,11 @@ def create_api(
                 status_code=answer.status_code,
                 headers={**answer.headers, **replayed},
             )
+        assert claim.claim_id is not None  # a claim replays an answer or holds the key
         try:
             response, video_id = await produce()
         except BaseException:
-            await gateway.idempotency.release(account.id, key)
+            await gateway.idempotency.release(account.id, key, claim.claim_id)
             raise
         kept = {k: v for k, v in response.headers.items() if k.startswith("x-ratelimit-")}
         stored = StoredAnswer(
@@ -469,7 +471,7 @@ def create_api(
             headers=kept,
             video_id=video_id,
         )
-        await gateway.idempotency.complete(account.id, key, digest, stored)
+        await gateway.idempotency.complete(account.id, key, claim.claim_id, digest, stored)
         return response
 
     def video_response(job: VideoJobRecord, *, queue_position: int | None = None) -> JSONResponse:

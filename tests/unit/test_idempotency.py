@@ -18,13 +18,19 @@ import pytest
 
 import mediagate.idempotency
 import mediagate.state.sqlite_store
-from deployments.errors import GenerationFailed
+from deployments.errors import Conflict, GenerationFailed
 from deployments.jobs import ImageJob, ImageResult
 from mediagate.accounts import Account, open_account_store
-from mediagate.idempotency import IDEMPOTENCY_TTL_S, STALE_CLAIM_S
+from mediagate.idempotency import (
+    IDEMPOTENCY_TTL_S,
+    STALE_CLAIM_S,
+    IdempotencyKeys,
+    StoredAnswer,
+    fingerprint,
+)
 from mediagate.quota import Usage
 from mediagate.state import StateConfig, VideoJobRecord, open_state_store
-from tests.fakes import FakeSchedulerHandle, solid_png
+from tests.fakes import FakeClock, FakeSchedulerHandle, solid_png
 from tests.unit.harness import URL, Service
 
 BODY = {"prompt": "a lighthouse", "n": 2, "seed": 7}
@@ -222,8 +228,9 @@ async def test_a_stale_claim_of_a_crashed_request_is_taken_over(
     service = make_service(tmp_path, state_config)
     auth = {**service.other_auth("survivor", "plus", age_days=30), "Idempotency-Key": "img-crash"}
 
-    async def router_died(account_id: str, key: str) -> None:
+    async def router_died(account_id: str, key: str, claim_id: str) -> bool:
         """The first request's router dies before it can give the key back."""
+        return False
 
     monkeypatch.setattr(service.gateway.idempotency, "release", router_died)
     service.scheduler.fail_with = GenerationFailed("the router died mid-request")
@@ -312,3 +319,25 @@ async def test_a_request_whose_client_left_gives_its_key_back(
     assert "idempotent-replayed" not in retried.headers
     assert held.calls == 2
     assert (await usage_of(service, "leaver")).images_today == 2  # the cancelled one refunded
+
+
+async def test_a_request_whose_claim_was_taken_over_cannot_complete_or_release_it(
+    tmp_path: Path, state_config: StateConfig
+) -> None:
+    """A slow request (A) whose claim went stale and was taken over by a retry (B): A's
+    late answer must not replace B's claim, nor its failure delete it."""
+    clock = FakeClock()
+    keys = IdempotencyKeys(open_state_store(state_config), clock=clock)
+    digest = fingerprint("POST", "/v1/images/generations", {"prompt": "x"})
+    slow = await keys.claim("acct", "k", digest)
+    clock.advance(STALE_CLAIM_S + 1)
+    retry = await keys.claim("acct", "k", digest)
+    assert slow.claim_id and retry.claim_id and slow.claim_id != retry.claim_id
+    late = StoredAnswer(status_code=200, body='"from the slow request"')
+    assert not await keys.complete("acct", "k", slow.claim_id, digest, late)
+    assert not await keys.release("acct", "k", slow.claim_id)
+    with pytest.raises(Conflict):  # the retry still holds the key
+        await keys.claim("acct", "k", digest)
+    answer = StoredAnswer(status_code=200, body='"from the retry"')
+    assert await keys.complete("acct", "k", retry.claim_id, digest, answer)
+    assert (await keys.claim("acct", "k", digest)).answer == answer
