@@ -7,6 +7,7 @@ import concurrent.futures
 import hashlib
 import hmac
 import io
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -94,7 +95,8 @@ def test_wrong_key_is_authentication_error(service: RunningService) -> None:
     with pytest.raises(openai.AuthenticationError) as caught:
         bad.images.generate(prompt="x")
     assert caught.value.status_code == 401
-    assert caught.value.response.headers["x-request-id"].startswith("req_")
+    # One id, Serve's (the router adopts it rather than adding its own).
+    assert len(caught.value.response.headers.get_list("x-request-id")) == 1
 
 
 def test_unknown_model_is_not_found(client: openai.OpenAI) -> None:
@@ -114,13 +116,23 @@ def test_models_endpoint(client: openai.OpenAI) -> None:
     assert client.models.retrieve("tiny-sd").owned_by == "mediagate"
 
 
-def test_concurrent_requests_all_succeed_in_order(client: openai.OpenAI) -> None:
-    def one(seed: int) -> tuple[int, str]:
+def test_concurrent_requests_each_get_their_own_seeds_image(client: openai.OpenAI) -> None:
+    import numpy as np
+
+    def one(seed: int) -> str:
         result = client.images.generate(prompt="p", size="32x32", extra_body={"seed": seed})
         assert result.data[0].b64_json is not None
-        return seed, result.data[0].b64_json
+        return result.data[0].b64_json
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(one, range(8)))
-    assert [seed for seed, _ in results] == list(range(8))
-    assert len({image for _, image in results}) == 8
+        together = dict(zip(range(8), pool.map(one, range(8)), strict=True))
+    alone = {seed: one(seed) for seed in range(8)}  # one at a time: a batch of its own
+
+    def pixels(b64: str) -> Any:
+        return np.asarray(decode(b64).convert("RGB"), dtype=np.int16)
+
+    for seed in range(8):
+        # Batched arithmetic rounds a few pixels one level differently from a batch of
+        # one, so compare pixels, not bytes: images of two seeds differ by ~40 levels.
+        difference = np.abs(pixels(together[seed]) - pixels(alone[seed])).mean()
+        assert difference < 1.0, (seed, difference)

@@ -68,6 +68,18 @@ def wait_running(client: openai.OpenAI, video_id: str, timeout_s: float = 90) ->
     raise AssertionError(f"{video_id} never started")
 
 
+def wait_progress(client: openai.OpenAI, video_id: str, at_least: int) -> Any:
+    """The job once its progress reaches ``at_least`` (it must still be running)."""
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        video = client.videos.retrieve(video_id)
+        assert video.status == "in_progress", video
+        if video.progress >= at_least:
+            return video
+        time.sleep(0.02)
+    raise AssertionError(f"{video_id} never reached {at_least}%")
+
+
 def scheduler_stats(service: RunningService) -> dict[str, Any]:
     from ray import serve
 
@@ -164,19 +176,27 @@ def test_cancel_while_running_frees_the_slot(
 ) -> None:
     long_job = client.videos.create(prompt="a long one", **LONG_JOB)
     running = wait_running(client, long_job.id)
-    assert running.progress < 90
+    # The job's own pace, over about five of its progress writes (one each 0.25 s), so
+    # that their spacing blurs it little. Denoising ends at 95.
+    measured_from, progress_from = time.monotonic(), running.progress
+    later = wait_progress(client, long_job.id, progress_from + 30)
+    s_per_point = (time.monotonic() - measured_from) / (later.progress - progress_from)
+    remaining_s = (95 - later.progress) * s_per_point
+    assert later.progress < 60, later  # most of its steps are still ahead
     client.videos.delete(long_job.id)
     cancelled_at = time.monotonic()
 
     # The worker stops at its next step: the scheduler sees the slot free again...
     while scheduler_stats(video_service)["running"]:
-        assert time.monotonic() - cancelled_at < 10, scheduler_stats(video_service)
+        assert time.monotonic() - cancelled_at < 60, scheduler_stats(video_service)
         time.sleep(0.05)
     stopped_s = time.monotonic() - cancelled_at
     # ...and the next job runs at once, not after the deleted one's remaining steps.
     short = client.videos.create_and_poll(prompt="next in line", poll_interval_ms=50)
     assert short.status == "completed"
-    assert stopped_s < 1.5, stopped_s  # the remaining ~3 s of steps were not run
+    # A worker that ran its remaining steps (and then decoded and encoded) would need at
+    # least remaining_s at the pace it had; the machine's load slows both alike.
+    assert stopped_s < remaining_s, (stopped_s, remaining_s)
 
 
 def test_a_killed_worker_loses_no_job(video_service: RunningService, client: openai.OpenAI) -> None:
@@ -190,15 +210,17 @@ def test_a_killed_worker_loses_no_job(video_service: RunningService, client: ope
         if f"{video_service.app_name}#TextToVideo-tiny-wan" in actor["name"]
     ]
     ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
-    killed_at = time.monotonic()
 
+    # The scheduler sees the call fail, re-queues the job, and Serve's replacement
+    # replica runs it again: a replica start (a minute at most on a busy 2-core machine)
+    # plus the job's ~5 s, well inside 120 s. Never reaching an end is the failure.
     final = wait_for(client, long_job.id, DONE, timeout_s=120)
-    elapsed_s = time.monotonic() - killed_at
-    # Re-run once on the replacement replica (or failed after the second loss).
     assert final.status == "completed", (final.error, scheduler_stats(video_service))
-    assert elapsed_s < 120
     stats = scheduler_stats(video_service)
     assert stats["lost"] >= 1 and stats["requeued"] >= 1 and not stats["running"]
+    # The run cut short is counted, and the job ran again as a later attempt.
+    [(attempt, runs_lost)] = asyncio.run(_runs(video_service, [long_job.id]))
+    assert runs_lost == 1 and attempt >= 2, (attempt, runs_lost)
 
 
 def test_restarting_the_application_keeps_queued_jobs(
