@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -168,12 +169,56 @@ def _start_ray(args: argparse.Namespace, layout: HomeLayout) -> str:
     return f"http://127.0.0.1:{args.dashboard_port}"
 
 
+def ray_temp_dir() -> Path:
+    """Where `ray start` keeps its sessions (Ray's rule: RAY_TMPDIR, else TMPDIR on
+    Linux, else /tmp; then `ray/`)."""
+    linux_tmp = os.environ.get("TMPDIR") if sys.platform.startswith("linux") else None
+    return Path(os.environ.get("RAY_TMPDIR") or linux_tmp or "/tmp") / "ray"
+
+
+def ray_session_processes(session_dir: str) -> list[Any]:
+    """The processes of one Ray session: its daemons (GCS, raylet, dashboard, monitors:
+    each names the session directory on its command line) and everything they started
+    (workers, replicas, HAProxy)."""
+    import psutil  # type: ignore[import-untyped]
+
+    found: dict[int, Any] = {}
+    for process in psutil.process_iter(["cmdline"]):
+        if any(session_dir in part for part in process.info["cmdline"] or ()):
+            found[process.pid] = process
+            with contextlib.suppress(psutil.Error):
+                for child in process.children(recursive=True):
+                    found[child.pid] = child
+    found.pop(os.getpid(), None)
+    return list(found.values())
+
+
+def stop_ray_session(session_dir: str, *, grace_s: float = 15.0) -> int:
+    """Stop only the Ray instance `mediagate up` started (`ray stop` would stop every Ray
+    on the machine): SIGTERM its processes, SIGKILL what is left after ``grace_s``."""
+    import psutil
+
+    processes = ray_session_processes(session_dir)
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _, alive = psutil.wait_procs(processes, timeout=grace_s)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    return len(processes)
+
+
 def _stop(run: dict[str, Any]) -> None:
     try:
         serve_client(run["dashboard_url"]).delete_applications()
     except Exception as error:  # the cluster may already be gone
         print(f"could not delete the Serve applications: {error}", file=sys.stderr)
-    if run.get("started_ray"):
+    if not run.get("started_ray"):
+        return
+    if run.get("ray_session_dir"):
+        stop_ray_session(run["ray_session_dir"])
+    else:  # a run file from before sessions were recorded
         subprocess.run([_ray_executable(), "stop"], capture_output=True)
 
 
@@ -195,7 +240,9 @@ def command_up(args: argparse.Namespace) -> int:
     layout.serve_config.write_text(yaml.safe_dump(config, sort_keys=False))
     started_ray = args.address is None
     dashboard_url = _start_ray(args, layout) if started_ray else args.address
-    run = {"dashboard_url": dashboard_url, "started_ray": started_ray}
+    run: dict[str, Any] = {"dashboard_url": dashboard_url, "started_ray": started_ray}
+    if started_ray:  # the session `ray start` just made, so that `down` stops only it
+        run["ray_session_dir"] = str((ray_temp_dir() / "session_latest").resolve())
     base_url = _local_url(args.host, args.port)
     try:
         client = serve_client(dashboard_url)
