@@ -42,12 +42,17 @@ def _tags(*names: str) -> Any:
 
 
 class SchedulerMetrics:
-    """Prometheus metrics through Ray Serve (app, deployment and replica tags are added)."""
+    """Prometheus metrics through Ray Serve (app, deployment and replica tags are added).
+
+    Outside Ray (unit tests, a scheduler built by hand) it records nothing: recording a
+    Ray metric there would start, or connect to, a Ray instance."""
 
     def __init__(self, model: str) -> None:
+        import ray
         from ray.serve import metrics
 
         self.model = model
+        self.enabled = ray.is_initialized()
         self.queue_length = metrics.Gauge(
             "mediagate_queue_length",
             description="Requests waiting in the scheduler, per priority class.",
@@ -68,10 +73,14 @@ class SchedulerMetrics:
         )
 
     def decided(self, decision: str, priority_class: int) -> None:
+        if not self.enabled:
+            return
         tags = {"model": self.model, "priority_class": str(priority_class), "decision": decision}
         self.decisions.inc(tags=tags)
 
     def observe(self, queue_by_class: dict[int, int], busy: int, classes: set[int]) -> None:
+        if not self.enabled:
+            return
         for cls in classes:
             tags = {"model": self.model, "priority_class": str(cls)}
             self.queue_length.set(queue_by_class.get(cls, 0), tags=tags)

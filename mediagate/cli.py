@@ -193,7 +193,7 @@ def ray_session_processes(session_dir: str) -> list[Any]:
     return list(found.values())
 
 
-def stop_ray_session(session_dir: str, *, grace_s: float = 15.0) -> int:
+def stop_ray_session(session_dir: str, gcs_port: int, *, grace_s: float = 15.0) -> int:
     """Stop only the Ray instance `mediagate up` started (`ray stop` would stop every Ray
     on the machine): SIGTERM its processes, SIGKILL what is left after ``grace_s``."""
     import psutil
@@ -206,7 +206,18 @@ def stop_ray_session(session_dir: str, *, grace_s: float = 15.0) -> int:
     for process in alive:
         with contextlib.suppress(psutil.Error):
             process.kill()
+    forget_cluster_address(session_dir, gcs_port)
     return len(processes)
+
+
+def forget_cluster_address(session_dir: str, gcs_port: int) -> None:
+    """Remove Ray's "current cluster" file when it names the stopped cluster (as `ray
+    stop` does): a later `ray.init()` on this machine would otherwise try to join a
+    cluster that is gone."""
+    address_file = Path(session_dir).parent / "ray_current_cluster"
+    with contextlib.suppress(OSError):
+        if address_file.read_text().strip().endswith(f":{gcs_port}"):
+            address_file.unlink()
 
 
 def _stop(run: dict[str, Any]) -> None:
@@ -216,8 +227,8 @@ def _stop(run: dict[str, Any]) -> None:
         print(f"could not delete the Serve applications: {error}", file=sys.stderr)
     if not run.get("started_ray"):
         return
-    if run.get("ray_session_dir"):
-        stop_ray_session(run["ray_session_dir"])
+    if run.get("ray_session_dir") and run.get("ray_port"):
+        stop_ray_session(run["ray_session_dir"], int(run["ray_port"]))
     else:  # a run file from before sessions were recorded
         subprocess.run([_ray_executable(), "stop"], capture_output=True)
 
@@ -243,6 +254,7 @@ def command_up(args: argparse.Namespace) -> int:
     run: dict[str, Any] = {"dashboard_url": dashboard_url, "started_ray": started_ray}
     if started_ray:  # the session `ray start` just made, so that `down` stops only it
         run["ray_session_dir"] = str((ray_temp_dir() / "session_latest").resolve())
+        run["ray_port"] = args.ray_port
     base_url = _local_url(args.host, args.port)
     try:
         client = serve_client(dashboard_url)

@@ -27,6 +27,7 @@ def start(session_dir: str, *, with_child: bool) -> subprocess.Popen[bytes]:
 def test_only_the_named_sessions_processes_and_their_children_are_stopped(
     tmp_path: Path,
 ) -> None:
+    (tmp_path / "ray").mkdir()
     ours = str(tmp_path / "ray" / "session_2026-12-02_10-00-00_000001_1")
     theirs = str(tmp_path / "ray" / "session_2026-12-02_10-00-00_000002_2")
     daemon, other = start(ours, with_child=True), start(theirs, with_child=False)
@@ -38,7 +39,10 @@ def test_only_the_named_sessions_processes_and_their_children_are_stopped(
             subprocess.run(["sleep", "0.05"], check=True)
         assert {process.pid for process in found} >= {daemon.pid}
         assert other.pid not in {process.pid for process in found}
-        assert stop_ray_session(ours, grace_s=10) == 2
+        address_file = tmp_path / "ray" / "ray_current_cluster"
+        address_file.write_text("10.0.0.5:6390")
+        assert stop_ray_session(ours, 6390, grace_s=10) == 2
+        assert not address_file.exists()  # no later ray.init() tries to join it
         assert daemon.wait(timeout=10) is not None
         assert ray_session_processes(ours) == []
         assert other.poll() is None  # another Ray's process keeps running
@@ -46,3 +50,11 @@ def test_only_the_named_sessions_processes_and_their_children_are_stopped(
         for process in (daemon, other):
             process.kill()
             process.wait()
+
+
+def test_the_cluster_address_of_another_cluster_is_kept(tmp_path: Path) -> None:
+    (tmp_path / "ray").mkdir()
+    address_file = tmp_path / "ray" / "ray_current_cluster"
+    address_file.write_text("10.0.0.5:7000")
+    assert stop_ray_session(str(tmp_path / "ray" / "session_x"), 6390, grace_s=1) == 0
+    assert address_file.read_text() == "10.0.0.5:7000"
