@@ -112,6 +112,8 @@ def test_up_serve_readme_snippet_down(tmp_path: Path) -> None:
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
     assert session_dir and not ray_session_processes(session_dir), "its Ray is still running"
+    address_file = Path(session_dir).parent / "ray_current_cluster"  # a later ray.init() reads it
+    assert not address_file.is_file() or not address_file.read_text().endswith(f":{ray_port}")
 
 
 def haproxy_processes(ray_port: int) -> set[tuple[int, float]]:
