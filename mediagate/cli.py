@@ -180,7 +180,7 @@ def ray_session_processes(session_dir: str) -> list[Any]:
     """The processes of one Ray session: its daemons (GCS, raylet, dashboard, monitors:
     each names the session directory on its command line) and everything they started
     (workers, replicas, HAProxy)."""
-    import psutil  # type: ignore[import-untyped]
+    import psutil
 
     found: dict[int, Any] = {}
     for process in psutil.process_iter(["cmdline"]):

@@ -48,6 +48,8 @@ def assigned_cpus() -> int | None:
     try:
         import ray
 
+        if not ray.is_initialized():  # asking would start (or join) a Ray instance
+            return None
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
     except Exception:  # outside Ray: leave torch's own default
         return None

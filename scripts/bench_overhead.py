@@ -184,8 +184,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         home = Path(scratch)
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-        actor = ray.remote(num_cpus=1)(BarePipeline).remote(str(home))
-        bare = ray.get(actor.measure.remote(args.requests, args.batch))
+        # Ray types this handle as `ActorHandle | type[BarePipeline]`, whose methods are
+        # plain functions without `.remote`: hold it untyped and type the result instead.
+        actor: Any = ray.remote(num_cpus=1)(BarePipeline).remote(str(home))
+        bare: dict[str, float] = ray.get(actor.measure.remote(args.requests, args.batch))
         ray.kill(actor)
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -139,11 +139,13 @@ async def capacity(client: httpx.AsyncClient, key: str, seconds: float) -> float
 def actor_pids(app: str) -> dict[str, int]:
     import ray
 
-    pids = {}
+    pids: dict[str, int] = {}
     for actor in ray.util.list_named_actors(all_namespaces=True):
         for name in ("Router", "Scheduler-sim"):
             if f"{app}#{name}#" in actor["name"]:
-                handle = ray.get_actor(actor["name"], namespace=actor["namespace"])
+                # Ray types attributes of a handle without `@ray.method` (even the built-in
+                # `__ray_call__`) as `Never`: hold it untyped.
+                handle: Any = ray.get_actor(actor["name"], namespace=actor["namespace"])
                 pids[name] = ray.get(handle.__ray_call__.remote(lambda self: os.getpid()))
     return pids
 

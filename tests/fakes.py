@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import io
 from collections.abc import Callable
 from typing import Any
@@ -166,9 +167,11 @@ class FakeClock:
 class FakeVideoSchedulerHandle:
     """Answers ``admit.remote`` / ``enqueue.remote`` / ``cancel.remote`` like a video
     scheduler, recording calls; ``admit_raises`` makes ``admit`` refuse (``Overloaded``)
-    or fail (an unreachable scheduler)."""
+    or fail (an unreachable scheduler). ``attempts`` names every admit/enqueue call, also
+    those an unreachable scheduler fails."""
 
     def __init__(self, *, unreachable: bool = False) -> None:
+        self.attempts: list[str] = []
         self.admissions: list[tuple[str, int, float, int | None]] = []
         self.admit_raises: Exception | None = None
         self.enqueued: list[tuple[str, str]] = []
@@ -201,6 +204,7 @@ class FakeVideoSchedulerHandle:
     async def _admit(
         self, account_id: str, priority_class: int, max_wait_s: float, max_queued: int | None
     ) -> float | None:
+        self.attempts.append("admit")
         if self.unreachable:
             raise ConnectionError("scheduler unreachable")
         self.admissions.append((account_id, priority_class, max_wait_s, max_queued))
@@ -209,6 +213,7 @@ class FakeVideoSchedulerHandle:
         return None
 
     async def _enqueue(self, account_id: str, job_id: str, priority_class: int = 0) -> int:
+        self.attempts.append("enqueue")
         if self.unreachable:
             raise ConnectionError("scheduler unreachable")
         self.enqueued.append((account_id, job_id))
@@ -231,7 +236,7 @@ class LocalHandle:
 
         async def call(*args: Any, **kwargs: Any) -> Any:
             result = method(*args, **kwargs)
-            return await result if asyncio.iscoroutine(result) else result
+            return await result if inspect.isawaitable(result) else result
 
         return _Method(call)
 
@@ -239,9 +244,9 @@ class LocalHandle:
 class FakeVideoWorkerHandle:
     """Answers ``run.remote(task)`` like a TextToVideo worker that the test steers.
 
-    Each call waits until the test calls ``finish(job_id)`` (completes the job in
-    the store, as the real worker does) or ``die(job_id)`` (the call raises, as a
-    killed replica's does).
+    Each call waits until the test calls ``finish(job_id)`` (completes the job in the
+    store, then commits its quota reservation, as the real worker does) or ``die(job_id)``
+    (the call raises, as a killed replica's does).
     """
 
     def __init__(self, store: Any) -> None:
@@ -268,6 +273,7 @@ class FakeVideoWorkerHandle:
 
     async def _run(self, task: Any) -> Any:
         from deployments.jobs import VideoOutcome
+        from mediagate.ledger import finish_reservation
 
         if self.unreachable:  # like a handle still routing to a replica that just died
             self.tasks.append(task)
@@ -293,4 +299,6 @@ class FakeVideoWorkerHandle:
             expect_attempt=task.attempt,
             changes={"status": "completed", "progress": 100, "artifacts": {"video": "x"}},
         )
+        if done is not None and done.reservation_id is not None:  # delivered: it costs quota
+            await finish_reservation(self.store, done.account_id, done.reservation_id, commit=True)
         return VideoOutcome(job_id=task.job_id, status="completed" if done else "cancelled")

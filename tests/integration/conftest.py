@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -22,6 +22,9 @@ from mediagate.accounts import open_account_store
 from mediagate.artifacts import ArtifactConfig, s3_client
 from mediagate.state import StateConfig
 from tests.servers import free_port
+
+if TYPE_CHECKING:
+    from deployments.app import AppArgs
 
 __all__ = ["RunningService", "free_port", "mediagate_up"]
 
@@ -118,7 +121,7 @@ def service(serve_port: int, tmp_path_factory: pytest.TempPathFactory) -> Runnin
     )
 
 
-def video_app_args(home: Path, state: StateConfig, artifacts: ArtifactConfig) -> object:
+def video_app_args(home: Path, state: StateConfig, artifacts: ArtifactConfig) -> AppArgs:
     from deployments.app import AppArgs
 
     return AppArgs(

@@ -39,7 +39,9 @@ def main() -> None:
                     "ray_address": cluster.address,
                     "dashboard_url": f"http://127.0.0.1:{dashboard_port}",
                     "nodes": {
-                        "head": cluster.head_node.node_id,
+                        # Ray infers `head_node` as None (its __init__ sets it so, unannotated);
+                        # it is the started head `Node` here.
+                        "head": cluster.head_node.node_id,  # type: ignore[attr-defined]
                         "A10G": a10g.node_id,
                         "A100": a100.node_id,
                     },

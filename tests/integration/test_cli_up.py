@@ -103,7 +103,7 @@ def test_up_serve_readme_snippet_down(tmp_path: Path) -> None:
             [MEDIAGATE, "down"], env=env, capture_output=True, text=True, timeout=300
         )
         try:
-            exited = up.wait(timeout=30)
+            exited: int | None = up.wait(timeout=30)
         except subprocess.TimeoutExpired:
             up.kill()
             exited = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -22,7 +23,6 @@ import httpx
 import pytest
 import yaml
 
-from mediagate.cli import ray_auth_headers
 from tests.integration.conftest import free_port, mediagate_up
 
 MEDIAGATE = str(Path(sys.executable).with_name("mediagate"))
@@ -73,10 +73,17 @@ def placement_config(home: Path) -> Path:
 def gpu_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     home = tmp_path_factory.mktemp("placement")
     dashboard_port, port = free_port(), free_port()
-    env = {**os.environ, "MEDIAGATE_HOME": str(home)}
+    env = {
+        **os.environ,
+        "MEDIAGATE_HOME": str(home),
+        # The cluster's own token (for the cluster, `mediagate up/down` and this test),
+        # not whatever ~/.ray/auth_token holds on this machine.
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+    }
     # The cluster lives in a child process: Cluster() would change this one's Ray state.
     child = subprocess.Popen(
         [sys.executable, "-m", "tests.integration.fake_gpu_cluster", str(dashboard_port)],
+        env=env,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -109,8 +116,11 @@ def gpu_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
 def test_routers_on_the_head_workers_on_their_gpu_nodes(gpu_cluster: dict[str, Any]) -> None:
     # Plain HTTP with the token: Ray's own client would fix this process's token setting
     # before the session's shared cluster starts.
+    token = gpu_cluster["env"]["RAY_AUTH_TOKEN"]
     answer = httpx.get(
-        f"{gpu_cluster['address']}/api/serve/applications/", headers=ray_auth_headers(), timeout=30
+        f"{gpu_cluster['address']}/api/serve/applications/",
+        headers={"authorization": f"Bearer {token}"},
+        timeout=30,
     )
     answer.raise_for_status()
     details = answer.json()

@@ -31,7 +31,7 @@ def decode(b64: str) -> Image.Image:
 
 def test_generate_n_images_inline(client: openai.OpenAI) -> None:
     result = client.images.generate(model="tiny-sd", prompt="a red bicycle", n=3, size="64x48")
-    assert len(result.data) == 3
+    assert result.data is not None and len(result.data) == 3
     for item in result.data:
         assert item.b64_json is not None
         image = decode(item.b64_json)
@@ -44,14 +44,14 @@ def test_generate_jpeg_and_webp(client: openai.OpenAI) -> None:
         result = client.images.generate(
             prompt="x", output_format=output_format, output_compression=70, size="32x32"
         )
-        assert result.data[0].b64_json is not None
+        assert result.data is not None and result.data[0].b64_json is not None
         assert decode(result.data[0].b64_json).format == output_format.upper()
 
 
 def test_seed_makes_results_reproducible(client: openai.OpenAI) -> None:
     def image(seed: int) -> str:
         result = client.images.generate(prompt="a cat", size="32x32", extra_body={"seed": seed})
-        assert result.data[0].b64_json is not None
+        assert result.data is not None and result.data[0].b64_json is not None
         return result.data[0].b64_json
 
     first, again, other = image(1234), image(1234), image(99)
@@ -61,6 +61,7 @@ def test_seed_makes_results_reproducible(client: openai.OpenAI) -> None:
 
 def test_url_download_and_refusals(client: openai.OpenAI, service: RunningService) -> None:
     result = client.images.generate(prompt="a boat", n=2, size="32x32", response_format="url")
+    assert result.data is not None
     urls = [item.url for item in result.data]
     assert all(url and url.startswith(service.base_url) for url in urls)
     for url in urls:
@@ -121,7 +122,7 @@ def test_concurrent_requests_each_get_their_own_seeds_image(client: openai.OpenA
 
     def one(seed: int) -> str:
         result = client.images.generate(prompt="p", size="32x32", extra_body={"seed": seed})
-        assert result.data[0].b64_json is not None
+        assert result.data is not None and result.data[0].b64_json is not None
         return result.data[0].b64_json
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:

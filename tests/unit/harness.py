@@ -34,7 +34,8 @@ class Service:
         **settings: Any,
     ) -> None:
         self.clock = FakeClock()
-        self.accounts = accounts or SqliteAccountStore(tmp_path / "state.db")
+        # Account ages are read on the router's clock, so accounts are born on it too.
+        self.accounts = accounts or SqliteAccountStore(tmp_path / "state.db", clock=self.clock)
         account = self.accounts.ensure_account("alice", tier)
         self.key = self.accounts.create_key(account.id)
         self.scheduler = FakeSchedulerHandle()

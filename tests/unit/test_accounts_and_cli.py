@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -54,17 +56,17 @@ def test_signing_secret_is_shared_and_private(tmp_path: Path) -> None:
 
 
 def test_artifact_sweep_removes_only_old_files(tmp_path: Path) -> None:
-    clock = FakeClock(now=2_000_000_000.0)
+    clock = FakeClock(now=time.time() + 2 * 3600)  # two hours ahead of the file's mtime
     store = LocalArtifactStore(tmp_path, b"s" * 32, clock=clock)
     store.put(b"data", "png")
-    assert store.delete_older_than(3600) == 1  # the file's mtime is real time, long before
+    assert store.delete_older_than(3600) == 1  # its real mtime is two hours behind the clock
     store2 = LocalArtifactStore(tmp_path, b"s" * 32)
     store2.put(b"data", "png")
     assert store2.delete_older_than(3600) == 0
 
 
 @pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.setenv("MEDIAGATE_HOME", str(tmp_path / "home"))
     get_settings.cache_clear()
     yield tmp_path / "home"

@@ -123,7 +123,9 @@ class ControllerLoop:
         self.now = 1_000.0
         fake_time = types.SimpleNamespace(time=lambda: self.now)
         monkeypatch.setattr("ray.serve.autoscaling_policy.time", fake_time)
-        self.policy = _apply_app_level_autoscaling_config(scale_workers)
+        # Ray declares the policy's result as `dict[DeploymentID, int | float]`, and dict is
+        # invariant, so a policy returning `dict[..., int]` (which Serve accepts) is refused.
+        self.policy = _apply_app_level_autoscaling_config(scale_workers)  # type: ignore[arg-type]
         self.replicas = worker_config.pop("replicas", 1)
         self.config = {"target_ongoing_requests": 2} | worker_config
         self.states: dict[Any, dict[str, Any]] = {WORKER: {}, SCHEDULER: {}}

@@ -110,7 +110,8 @@ def reference_per_minute(
 @given(requests, st.integers(1, 6))
 def test_per_minute_rule_matches_its_reference(steps: list[tuple[float, int]], limit: int) -> None:
     tier = Tier(images_per_minute=limit)
-    state, now, history = LedgerState(), T0, []
+    state, now = LedgerState(), T0
+    history: list[tuple[float, int]] = []
     for index, (gap, units) in enumerate(steps):
         now += gap
         expected = reference_per_minute(history, now, units, limit)

@@ -302,11 +302,13 @@ def test_health(service: Service) -> None:
     assert response.status_code == 200 and response.json()["models"] == ["tiny-sd", "tiny-wan"]
 
 
-def test_unexpected_error_is_500_without_internals(service: Service) -> None:
+def test_unexpected_error_is_500_without_internals(
+    service: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def broken_put(*args: object) -> str:
         raise RuntimeError("secret internal detail")
 
-    service.gateway.artifacts.put = broken_put  # type: ignore[method-assign]
+    monkeypatch.setattr(service.gateway.artifacts, "put", broken_put)
     response = service.generate({"prompt": "x", "response_format": "url"})
     assert_error(response, 500, None, "internal_error")
     assert "secret" not in response.text

@@ -168,7 +168,10 @@ async def test_redis_keys_are_hash_tagged_per_account(redis_url: str) -> None:
     store = open_state_store(StateConfig(backend="redis", redis_url=redis_url))
     await store.create_job(job("video_1", account="acct-x"))
     await store.close()
-    account_keys = [key.decode() for key in client.keys("*{a:acct-x}*")]
+    # Without decode_responses the keys are bytes; redis-py types them as `bytes | str`.
+    account_keys = [
+        key.decode() if isinstance(key, bytes) else key for key in client.keys("*{a:acct-x}*")
+    ]
     assert sorted(account_keys) == ["mg:{a:acct-x}:job:video_1", "mg:{a:acct-x}:jobs"]
     from redis.crc import key_slot
 
@@ -232,6 +235,7 @@ async def test_a_lost_exec_reply_is_not_applied_twice(
             expect_attempt=0,
             changes={"status": "in_progress", "attempt": 1},
         )
+        assert lost["left"] == 0  # the claim's EXEC reply was lost
         assert claimed is not None and claimed.attempt == 1  # the claim is ours
 
         def add_one(current: str | None) -> tuple[str, int]:
@@ -240,6 +244,7 @@ async def test_a_lost_exec_reply_is_not_applied_twice(
 
         lost["left"] = 1
         assert await store.mutate("acct-a", "lost_counter", add_one) == 1
+        assert lost["left"] == 0  # the increment's EXEC reply was lost
         assert await store.mutate("acct-a", "lost_counter", lambda c: (c, c)) == "1"  # once
     finally:
         await store.close()

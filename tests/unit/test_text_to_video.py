@@ -84,7 +84,7 @@ class Rig:
 def decode(mp4: bytes) -> list[Any]:
     import av
 
-    with av.open(io.BytesIO(mp4)) as container:
+    with av.open(io.BytesIO(mp4), mode="r") as container:
         return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
 
 

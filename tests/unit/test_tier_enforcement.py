@@ -277,7 +277,10 @@ async def test_a_refused_video_leaves_no_uploaded_file_behind(tmp_path: Path) ->
 
     service = Service(tmp_path)
     auth = service.other_auth("plus-uploader", "plus", age_days=30)
-    files = {"prompt": (None, "x"), "input_reference": ("r.png", solid_png(16, 16, 1), "image/png")}
+    files: dict[str, tuple[str | None, str | bytes] | tuple[str, bytes, str]] = {
+        "prompt": (None, "x"),
+        "input_reference": ("r.png", solid_png(16, 16, 1), "image/png"),
+    }
     async with client_of(service) as client:
         first = await client.post("/v1/videos", files=files, headers=auth)
         second = await client.post("/v1/videos", files=files, headers=auth)

@@ -362,6 +362,7 @@ def test_an_unreachable_scheduler_still_accepts_the_job(tmp_path: Path) -> None:
     service.video_scheduler.unreachable = True
     response = create(service, {"prompt": "x"})
     assert response.status_code == 200 and response.json()["status"] == "queued"
+    assert service.video_scheduler.attempts == ["admit", "enqueue"]  # both failed
     [job] = all_jobs(service)
     assert job.status == "queued"  # the scheduler's reconcile loop will find it
 

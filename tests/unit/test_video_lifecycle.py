@@ -9,7 +9,6 @@ hold a real reservation), and a worker whose job was taken back and dispatched a
 from __future__ import annotations
 
 import asyncio
-import inspect
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -27,7 +26,7 @@ from mediagate.artifacts import ArtifactKind, LocalArtifactStore
 from mediagate.state import JobStore, VideoJobRecord
 from mediagate.state.sqlite_store import SqliteStateStore
 from models.catalog import load_catalog
-from tests.fakes import FakeVideoWorkerHandle
+from tests.fakes import FakeVideoWorkerHandle, LocalHandle
 from tests.unit.harness import Service
 
 SPEC = load_catalog().models["tiny-wan"]
@@ -46,29 +45,6 @@ async def until(condition: Callable[[], Awaitable[bool]], timeout_s: float = 30)
             await asyncio.sleep(0.005)
 
     await asyncio.wait_for(poll(), timeout_s)
-
-
-class _Remote:
-    def __init__(self, method: Callable[..., Any]) -> None:
-        self._method = method
-
-    def remote(self, *args: Any, **kwargs: Any) -> Awaitable[Any]:
-        async def call() -> Any:
-            result = self._method(*args, **kwargs)
-            return await result if inspect.isawaitable(result) else result
-
-        return call()
-
-
-class LocalHandle:
-    """``handle.method.remote(...)`` onto an object on this event loop; like a Serve handle,
-    every call is awaitable, whether the method is async or not."""
-
-    def __init__(self, target: object) -> None:
-        self._target = target
-
-    def __getattr__(self, name: str) -> _Remote:
-        return _Remote(getattr(self._target, name))
 
 
 class Gate:
@@ -260,6 +236,15 @@ async def test_a_job_whose_worker_dies_twice_fails_and_frees_its_slot(rig: Lifec
     second = await rig.created()  # refused with 429 if the failure kept the slot
     await worker.wait_running(1)
     assert worker.running() == [second]
+
+
+async def test_a_job_the_worker_completes_frees_its_slot(rig: Lifecycle) -> None:
+    worker: FakeVideoWorkerHandle = rig.worker
+    first = await rig.created()
+    await worker.wait_running(1)
+    worker.finish(first)
+    await rig.until_ended(first, "completed")
+    await rig.created()  # refused with 429 if the completion kept the slot
 
 
 @pytest.mark.parametrize("status", ["queued", "in_progress"])

@@ -179,7 +179,10 @@ async def test_a_remix_is_refused_like_a_new_video(tmp_path: Path) -> None:
     alice = account.id
     transport = httpx.ASGITransport(app=service.client.app)
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-        files = {"prompt": (None, "x"), "input_reference": ("r.png", solid_png(16, 16, 1))}
+        files: dict[str, tuple[str | None, str | bytes]] = {
+            "prompt": (None, "x"),
+            "input_reference": ("r.png", solid_png(16, 16, 1)),
+        }
         source = (await client.post("/v1/videos", files=files, headers=service.auth)).json()
         await service.jobs.update_job(
             alice,
