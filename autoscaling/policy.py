@@ -28,8 +28,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-SCHEDULER_PREFIX = "Scheduler-"
-WORKER_PREFIXES = ("TextToImage-", "TextToVideo-")
+from autoscaling.naming import scheduler_name, worker_model
+
 QUEUE_PREFIX = "queue_len_class_"
 WEIGHT_PREFIX = "weight_class_"
 
@@ -117,13 +117,6 @@ def desired_replicas(demand: float, *, target: float, min_replicas: int, max_rep
     return max(min_replicas, min(max_replicas, wanted))
 
 
-def worker_model(deployment_name: str) -> str | None:
-    for prefix in WORKER_PREFIXES:
-        if deployment_name.startswith(prefix):
-            return deployment_name.removeprefix(prefix)
-    return None
-
-
 def scale_workers(contexts: Mapping[Any, Any]) -> tuple[dict[Any, int], dict[Any, dict[str, Any]]]:
     """Serve's application-level policy entry point: ``{DeploymentID: AutoscalingContext}``
     in, ``({DeploymentID: replicas}, {DeploymentID: policy_state})`` out. Deployments
@@ -133,7 +126,7 @@ def scale_workers(contexts: Mapping[Any, Any]) -> tuple[dict[Any, int], dict[Any
     states: dict[Any, dict[str, Any]] = {}
     for name, (deployment_id, ctx) in by_name.items():
         model = worker_model(name)
-        scheduler = by_name.get(f"{SCHEDULER_PREFIX}{model}") if model else None
+        scheduler = by_name.get(scheduler_name(model)) if model else None
         if scheduler is None:
             continue
         report = read_report(scheduler[1].aggregated_metrics)

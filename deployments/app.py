@@ -15,15 +15,26 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.deployment import Deployment
 
-from deployments.router import Router, RouterSettings
-from deployments.scheduler import Scheduler
-from deployments.text_to_image import TextToImage
-from deployments.text_to_video import TextToVideo
-from deployments.video_scheduler import VideoScheduler, VideoSchedulerSettings
-from mediagate.artifacts import ArtifactConfig
+from autoscaling.naming import (
+    LOOK_BACK_PERIOD_S,
+    METRICS_INTERVAL_S,
+    ROUTER,
+    scheduler_name,
+    worker_autoscaling_config,
+    worker_name,
+)
+from deployments.router.deployment import Router
+from deployments.router.settings import RouterSettings
+from deployments.scheduler.images import Scheduler
+from deployments.scheduler.settings import VideoSchedulerSettings
+from deployments.scheduler.videos import VideoScheduler
+from deployments.workers.text_to_image import TextToImage
+from deployments.workers.text_to_video import TextToVideo
+from mediagate.protocol.catalog import ModelSpec
 from mediagate.settings import HomeLayout, artifact_config, get_settings, state_config
-from mediagate.state import StateConfig
-from models.catalog import ModelSpec, load_catalog
+from mediagate.stores import StateConfig
+from mediagate.stores.artifacts import ArtifactConfig
+from models.catalog import load_catalog
 
 WORKER_CLASSES: dict[str, type] = {"text-to-image": TextToImage, "text-to-video": TextToVideo}
 
@@ -60,14 +71,6 @@ class AppArgs(BaseModel):
     )
 
 
-def scheduler_name(model_id: str) -> str:
-    return f"Scheduler-{model_id}"
-
-
-def worker_name(spec: ModelSpec) -> str:
-    return f"{WORKER_CLASSES[spec.task].__name__}-{spec.id}"
-
-
 def worker_actor_options(spec: ModelSpec) -> dict[str, Any]:
     """What one replica of ``spec`` asks Ray for on a real cluster."""
     options: dict[str, Any] = {"num_cpus": 1, "num_gpus": spec.num_gpus}
@@ -100,17 +103,18 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
         if spec.task not in WORKER_CLASSES:
             continue  # served once its worker exists
         is_video = spec.task == "text-to-video"
+        worker_deployment = worker_name(spec.task, spec.id)
         worker_kwargs: dict[str, Any] = {"cache_dir": str(layout.model_cache)}
         if is_video:
             worker_kwargs |= {"state": state, "artifacts": artifacts}
         worker = (
             _deployment(WORKER_CLASSES[spec.task])
             .options(
-                name=worker_name(spec),
+                name=worker_deployment,
                 num_replicas=None,
                 # Sized by autoscaling/policy.py from the scheduler's queue (when the
                 # application declares it), within these limits.
-                autoscaling_config=spec.scaling.autoscaling_config(),
+                autoscaling_config=worker_autoscaling_config(spec.scaling),
                 max_ongoing_requests=1,
                 ray_actor_options=app_args.worker_ray_actor_options or worker_actor_options(spec),
                 health_check_period_s=10,
@@ -126,8 +130,8 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
             "autoscaling_config": {
                 "min_replicas": 1,
                 "max_replicas": 1,
-                "metrics_interval_s": 0.5,  # the queue reaches the policy within a second
-                "look_back_period_s": 2.0,
+                "metrics_interval_s": METRICS_INTERVAL_S,
+                "look_back_period_s": LOOK_BACK_PERIOD_S,
             },
             "max_ongoing_requests": 100_000,
             "ray_actor_options": {"num_cpus": 0},
@@ -136,18 +140,23 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
             schedulers[model_id] = (
                 _deployment(VideoScheduler)
                 .options(**scheduler_options, user_config=app_args.video.model_dump())
-                .bind(worker, spec.model_dump(), state=state, worker_deployment=worker_name(spec))
+                .bind(
+                    worker,
+                    spec.model_dump(),
+                    state=state,
+                    worker_deployment=worker_deployment,
+                )
             )
         else:
             schedulers[model_id] = (
                 _deployment(Scheduler)
                 .options(**scheduler_options, user_config={"batching": spec.batching.model_dump()})
-                .bind(worker, spec.model_dump(), worker_deployment=worker_name(spec))
+                .bind(worker, spec.model_dump(), worker_deployment=worker_deployment)
             )
 
     tiers_file = app_args.tiers_file or (str(settings.tiers_file) if settings.tiers_file else None)
     router = _deployment(serve.ingress()(Router)).options(
-        name="Router",
+        name=ROUTER,
         num_replicas=app_args.router_replicas,
         max_ongoing_requests=10_000,
         ray_actor_options={"num_cpus": 0},

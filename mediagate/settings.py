@@ -8,8 +8,8 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from mediagate.artifacts import ArtifactConfig
-from mediagate.state import StateConfig
+from mediagate.stores import StateConfig
+from mediagate.stores.artifacts import ArtifactConfig
 
 
 class Settings(BaseSettings):

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import io
-from typing import Any, Literal
+from typing import Any
 
-ImageFormat = Literal["png", "jpeg", "webp"]
-CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+from mediagate.protocol.media import CONTENT_TYPES, ImageFormat
 
 
 def encode_image(image: Any, output_format: ImageFormat, compression: int | None = None) -> bytes:
@@ -26,6 +25,8 @@ VIDEO_CONTENT_TYPES: dict[str, str] = {
     "thumbnail": "image/webp",
     "spritesheet": "image/jpeg",
 }
+
+
 CONTENT_TYPES.update({"mp4": "video/mp4"})
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from deployments.errors import ModelUnavailable
-from models.catalog import ModelSpec
+from mediagate.protocol.catalog import ModelSpec
+from mediagate.protocol.errors import ModelUnavailable
 from models.device import Placement, choose_placement
 from models.simulated import SimulatedPipeline
 from models.tiny import MODEL_INDEX, ensure_tiny_pipeline
@@ -82,7 +82,7 @@ def download_s3_weights(uri: str, cache_root: Path, *, client: Any = None) -> Pa
         if (target / MODEL_INDEX).exists():
             return target
         if client is None:
-            from mediagate.artifacts import s3_client
+            from mediagate.stores.artifacts import s3_client
 
             client = s3_client(endpoint_url=os.environ.get("MEDIAGATE_S3_ENDPOINT_URL"))
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))

@@ -247,8 +247,8 @@ def main() -> None:
 
     import ray
 
-    from mediagate.accounts import SqliteAccountStore
-    from mediagate.cli import serve_client
+    from mediagate.access.accounts import SqliteAccountStore
+    from mediagate.cli.service import serve_client
 
     dashboard_port, port = free_port(), free_port()
     with tempfile.TemporaryDirectory() as scratch:

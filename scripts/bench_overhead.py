@@ -179,7 +179,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from mediagate.accounts import SqliteAccountStore
+    from mediagate.access.accounts import SqliteAccountStore
 
     with tempfile.TemporaryDirectory() as scratch:
         home = Path(scratch)

@@ -282,7 +282,7 @@ def main() -> None:
     if args.smoke:
         args.seconds, args.unloaded_seconds = 2.0, 2.0
     if args.serve_throughput_mode:
-        from mediagate.cli import SERVE_THROUGHPUT_ENVIRONMENT
+        from mediagate.cli.service import SERVE_THROUGHPUT_ENVIRONMENT
 
         # Read by the processes ray.init starts below (they inherit this environment).
         os.environ.update(SERVE_THROUGHPUT_ENVIRONMENT)
@@ -291,7 +291,7 @@ def main() -> None:
     from ray import serve
 
     from deployments.app import AppArgs, build_app
-    from mediagate.accounts import SqliteAccountStore
+    from mediagate.access.accounts import SqliteAccountStore
 
     with tempfile.TemporaryDirectory() as scratch:
         home = Path(scratch)

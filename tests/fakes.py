@@ -8,9 +8,9 @@ import io
 from collections.abc import Callable
 from typing import Any
 
-from deployments.errors import MediagateError
-from deployments.jobs import ImageJob, ImageResult
-from deployments.shedding import QueueStats
+from mediagate.protocol.errors import MediagateError
+from mediagate.protocol.scheduling import QueueStats
+from mediagate.protocol.work import ImageJob, ImageResult
 
 
 def solid_png(width: int, height: int, seed: int) -> bytes:
@@ -272,19 +272,14 @@ class FakeVideoWorkerHandle:
         self._outcomes[job_id].set_result("died")
 
     async def _run(self, task: Any) -> Any:
-        from deployments.jobs import VideoOutcome
-        from mediagate.ledger import finish_reservation
+        from mediagate.jobs.video import VideoJobLifecycle
+        from mediagate.protocol.work import VideoOutcome
 
         if self.unreachable:  # like a handle still routing to a replica that just died
             self.tasks.append(task)
             raise RuntimeError("ActorUnavailableError: the replica is gone")
-        await self.store.update_job(  # what the real worker does first
-            task.account_id,
-            task.job_id,
-            expect_status=("in_progress",),
-            expect_attempt=task.attempt,
-            changes={"worker_started_at": 1.0},
-        )
+        jobs = VideoJobLifecycle(self.store)  # the transitions the real worker makes
+        await jobs.renew(task.account_id, task.job_id, task.attempt, lease_s=60, starting=True)
         self.tasks.append(task)
         future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._outcomes[task.job_id] = future
@@ -292,13 +287,7 @@ class FakeVideoWorkerHandle:
         result = await future
         if result == "died":
             raise RuntimeError("ActorDiedError: the replica died")
-        done = await self.store.update_job(
-            task.account_id,
-            task.job_id,
-            expect_status=("in_progress",),
-            expect_attempt=task.attempt,
-            changes={"status": "completed", "progress": 100, "artifacts": {"video": "x"}},
+        done = await jobs.complete(  # and the quota committed, as for the real worker
+            task.account_id, task.job_id, task.attempt, artifacts={"video": "x"}, content_ttl_s=60
         )
-        if done is not None and done.reservation_id is not None:  # delivered: it costs quota
-            await finish_reservation(self.store, done.account_id, done.reservation_id, commit=True)
         return VideoOutcome(job_id=task.job_id, status="completed" if done else "cancelled")

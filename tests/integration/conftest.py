@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from mediagate.accounts import open_account_store
-from mediagate.artifacts import ArtifactConfig, s3_client
-from mediagate.state import StateConfig
+from mediagate.access.accounts import open_account_store
+from mediagate.stores import StateConfig
+from mediagate.stores.artifacts import ArtifactConfig, s3_client
 from tests.servers import free_port
 
 if TYPE_CHECKING:

@@ -49,7 +49,7 @@ def foreground_up(env: dict[str, str], *options: str) -> tuple[subprocess.Popen[
 
 @pytest.mark.own_ray_cluster
 def test_up_serve_readme_snippet_down(tmp_path: Path) -> None:
-    from mediagate.cli import ray_session_processes
+    from mediagate.cli.service import ray_session_processes
 
     port, dashboard_port, ray_port = free_port(), free_port(), free_port()
     env = {**os.environ, "MEDIAGATE_HOME": str(tmp_path / "home")}

@@ -15,10 +15,10 @@ import httpx
 import pytest
 import yaml
 
-from mediagate.accounts import Account, open_account_store
-from mediagate.ledger import QuotaLedger
-from mediagate.state import StateConfig, open_state_store
-from mediagate.tiers import load_tier_policy
+from mediagate.access.accounts import Account, open_account_store
+from mediagate.access.ledger import QuotaLedger
+from mediagate.access.tiers import load_tier_policy
+from mediagate.stores import StateConfig, open_state_store
 from tests.integration.conftest import RunningService, write_unlimited_tiers
 
 STEP_MS = 100

@@ -11,8 +11,8 @@ import httpx
 import pytest
 import yaml
 
-from mediagate.accounts import open_account_store
-from mediagate.state import StateConfig
+from mediagate.access.accounts import open_account_store
+from mediagate.stores import StateConfig
 from tests.integration.conftest import RunningService, write_unlimited_tiers
 
 STEP_MS = 200

@@ -280,8 +280,8 @@ def test_scheduler_and_worker_killed_together(
 
 async def _runs(service: RunningService, job_ids: list[str]) -> list[tuple[int, int]]:
     """(attempt, runs_lost) of each job, read from the app's state store."""
-    from mediagate.accounts import open_account_store
-    from mediagate.state import open_state_store
+    from mediagate.access.accounts import open_account_store
+    from mediagate.stores import open_state_store
 
     assert service.state is not None
     account = open_account_store(service.state).ensure_account("integration", "pro")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mediagate.state import StateConfig
+from mediagate.stores import StateConfig
 
 
 @pytest.fixture(params=["sqlite", "redis"])

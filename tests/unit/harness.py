@@ -7,15 +7,18 @@ from typing import Any
 
 from fastapi.testclient import TestClient
 
-from deployments.router import Gateway, RouterSettings, create_api
-from mediagate.accounts import AccountStore, SqliteAccountStore
-from mediagate.admission import TierGuard
-from mediagate.artifacts import LocalArtifactStore
-from mediagate.ledger import QuotaLedger
-from mediagate.state import JobStore
-from mediagate.state.sqlite_store import SqliteStateStore
-from mediagate.tiers import TierPolicy, load_tier_policy
-from models.catalog import Catalog, load_catalog
+from deployments.router.gateway import Gateway
+from deployments.router.routes import create_api
+from deployments.router.settings import RouterSettings
+from mediagate.access.accounts import AccountStore, SqliteAccountStore
+from mediagate.access.guard import TierGuard
+from mediagate.access.ledger import QuotaLedger
+from mediagate.access.tiers import TierPolicy, load_tier_policy
+from mediagate.protocol.catalog import Catalog
+from mediagate.stores import JobStore
+from mediagate.stores.artifacts import LocalArtifactStore
+from mediagate.stores.sqlite_store import SqliteStateStore
+from models.catalog import load_catalog
 from tests.fakes import FakeClock, FakeSchedulerHandle, FakeVideoSchedulerHandle
 
 URL = "/v1/images/generations"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mediagate.accounts import AccountStore, open_account_store
-from mediagate.state import StateConfig
+from mediagate.access.accounts import AccountStore, open_account_store
+from mediagate.stores import StateConfig
 from tests.fakes import FakeClock
 
 

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from mediagate import cli
-from mediagate.accounts import SqliteAccountStore, hash_key
-from mediagate.artifacts import LocalArtifactStore, load_or_create_secret
+from mediagate.access.accounts import SqliteAccountStore, hash_key
+from mediagate.cli import main as cli
+from mediagate.cli import service
 from mediagate.settings import get_settings
+from mediagate.stores.artifacts import LocalArtifactStore, load_or_create_secret
 from tests.fakes import FakeClock
 
 
@@ -98,10 +99,10 @@ def test_operator_adds_a_tier_in_the_tier_file(
     """Tiers are names: a `team` tier in the file is usable without code."""
     import yaml
 
-    from mediagate.tiers import load_tier_policy
+    from mediagate.access.tiers import load_tier_policy
 
     data = yaml.safe_load(
-        Path(cli.__file__).with_name("configs").joinpath("tiers.yaml").read_text()
+        Path(cli.__file__).parents[1].joinpath("configs").joinpath("tiers.yaml").read_text()
     )
     data["tiers"]["team"] = {**data["tiers"]["plus"], "images_per_day": 1000}
     home.mkdir(parents=True, exist_ok=True)
@@ -133,7 +134,7 @@ def test_keys_create_backdated_and_usage(home: Path, capsys: pytest.CaptureFixtu
 
 
 def test_effective_config_sets_host_port_and_home(tmp_path: Path) -> None:
-    config = cli.effective_config(None, "0.0.0.0", 9000, tmp_path)
+    config = service.effective_config(None, "0.0.0.0", 9000, tmp_path)
     assert config["http_options"] == {"host": "0.0.0.0", "port": 9000}
     [app] = config["applications"]
     assert app["import_path"] == "deployments.app:build_app"
@@ -144,17 +145,18 @@ def test_effective_config_sets_host_port_and_home(tmp_path: Path) -> None:
 
 def test_shipped_config_names_every_deployment_the_builder_makes(tmp_path: Path) -> None:
     """A GPU-less machine must override every worker (else it waits for a GPU forever)."""
-    from deployments.app import AppArgs, scheduler_name, worker_name
-    from deployments.video_scheduler import VideoSchedulerSettings
+    from autoscaling.naming import scheduler_name, worker_name
+    from deployments.app import AppArgs
+    from deployments.scheduler.settings import VideoSchedulerSettings
     from models.catalog import load_catalog
 
-    path = Path(cli.__file__).parent / "configs" / "serve.yaml"
-    [app] = cli.effective_config(str(path), "127.0.0.1", 8000, tmp_path)["applications"]
+    path = Path(cli.__file__).parents[1] / "configs" / "serve.yaml"
+    [app] = service.effective_config(str(path), "127.0.0.1", 8000, tmp_path)["applications"]
     AppArgs.model_validate(app["args"])
     configured = {d["name"]: d for d in app["deployments"]}
     catalog = load_catalog()
     for spec in catalog.models.values():
-        assert configured[worker_name(spec)]["ray_actor_options"]["num_gpus"] == 0
+        assert configured[worker_name(spec.task, spec.id)]["ray_actor_options"]["num_gpus"] == 0
         assert scheduler_name(spec.id) in configured
     video = configured["Scheduler-tiny-wan"]["user_config"]
     VideoSchedulerSettings.model_validate(video)
@@ -166,8 +168,8 @@ def test_gpu_example_config_validates_against_serve_schema(tmp_path: Path) -> No
     from deployments.app import AppArgs
 
     for name in ("serve.yaml", "serve.gpu.yaml"):
-        path = Path(cli.__file__).parent / "configs" / name
-        config = cli.effective_config(str(path), "127.0.0.1", 8000, tmp_path)
+        path = Path(cli.__file__).parents[1] / "configs" / name
+        config = service.effective_config(str(path), "127.0.0.1", 8000, tmp_path)
         ServeDeploySchema.model_validate(config)
         for app in config["applications"]:
             AppArgs.model_validate(app["args"])

@@ -12,15 +12,15 @@ from typing import Any
 import httpx
 import pytest
 
-from deployments.errors import NotFound
-from mediagate.artifacts import ArtifactConfig, ArtifactStore, open_artifact_store
-from models.catalog import ModelSpec
+from mediagate.protocol.catalog import ModelSpec
+from mediagate.protocol.errors import NotFound
+from mediagate.stores.artifacts import ArtifactConfig, ArtifactStore, open_artifact_store
 from models.loading import download_s3_weights, load_pipeline
 from tests.fakes import FakeClock
 
 
 def make_bucket(endpoint: str) -> str:
-    from mediagate.artifacts import s3_client
+    from mediagate.stores.artifacts import s3_client
 
     bucket = f"test-{uuid.uuid4().hex[:12]}"
     s3_client(endpoint_url=endpoint, region="us-east-1").create_bucket(Bucket=bucket)
@@ -90,7 +90,7 @@ def test_s3_weights_download_once_then_load(
     s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A tiny pipeline saved with save_pretrained, uploaded to S3, loaded from s3://."""
-    from mediagate.artifacts import s3_client
+    from mediagate.stores.artifacts import s3_client
     from models.tiny import ensure_tiny_pipeline
 
     local = ensure_tiny_pipeline("stable-diffusion", tmp_path / "tiny")
@@ -121,7 +121,7 @@ def test_s3_weights_download_once_then_load(
 
 
 def test_s3_weights_without_a_pipeline_are_refused(s3_endpoint: str, tmp_path: Path) -> None:
-    from mediagate.artifacts import s3_client
+    from mediagate.stores.artifacts import s3_client
 
     client = s3_client(endpoint_url=s3_endpoint, region="us-east-1")
     bucket = make_bucket(s3_endpoint)
@@ -134,8 +134,8 @@ def test_s3_weights_without_a_pipeline_are_refused(s3_endpoint: str, tmp_path: P
 def test_image_urls_from_the_router_are_presigned_s3_urls(s3_endpoint: str, tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
 
-    from deployments.router import create_api
-    from mediagate.artifacts import S3ArtifactStore
+    from deployments.router.routes import create_api
+    from mediagate.stores.artifacts import S3ArtifactStore
     from tests.unit.harness import Service
 
     service = Service(tmp_path)

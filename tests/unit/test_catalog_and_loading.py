@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from deployments.errors import ModelUnavailable
+from mediagate.protocol.errors import ModelUnavailable
 from models.catalog import load_catalog, parse_catalog
 from models.device import choose_placement
 from models.loading import load_pipeline, resolve_weights

@@ -8,7 +8,7 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from deployments.http_edge import EdgeMiddleware, install_error_handlers
+from deployments.router.http_edge import EdgeMiddleware, install_error_handlers
 
 
 def edge_app(*, ingress_sets_request_id: bool) -> TestClient:

@@ -16,20 +16,20 @@ from typing import Any
 import httpx
 import pytest
 
-import mediagate.idempotency
-import mediagate.state.sqlite_store
-from deployments.errors import Conflict, GenerationFailed
-from deployments.jobs import ImageJob, ImageResult
-from mediagate.accounts import Account, open_account_store
-from mediagate.idempotency import (
+import mediagate.access.idempotency
+import mediagate.stores.sqlite_store
+from mediagate.access.accounts import Account, open_account_store
+from mediagate.access.idempotency import (
     IDEMPOTENCY_TTL_S,
     STALE_CLAIM_S,
     IdempotencyKeys,
     StoredAnswer,
     fingerprint,
 )
-from mediagate.quota import Usage
-from mediagate.state import StateConfig, VideoJobRecord, open_state_store
+from mediagate.access.quota import Usage
+from mediagate.protocol.errors import Conflict, GenerationFailed
+from mediagate.protocol.work import ImageJob, ImageResult
+from mediagate.stores import StateConfig, VideoJobRecord, open_state_store
 from tests.fakes import FakeClock, FakeSchedulerHandle, solid_png
 from tests.unit.harness import URL, Service
 
@@ -257,7 +257,7 @@ async def test_a_key_expires_after_its_ttl_on_the_store_clock(
 ) -> None:
     """Both stores expire documents by the wall clock (SQLite's ``time.time()``, Redis'
     own ``PX``), not the app's clock: with a short TTL, wait (poll) until the key is gone."""
-    monkeypatch.setattr(mediagate.idempotency, "IDEMPOTENCY_TTL_S", 0.3)
+    monkeypatch.setattr(mediagate.access.idempotency, "IDEMPOTENCY_TTL_S", 0.3)
     service = make_service(tmp_path, state_config)
     auth = {**service.other_auth("forgetful", "plus", age_days=30), "Idempotency-Key": "img-ttl"}
     loop = asyncio.get_running_loop()
@@ -283,7 +283,7 @@ async def test_a_key_is_kept_24_hours_and_then_runs_again(
     (Redis expires on the server's clock; the test above shows it honours the TTL given.)"""
     assert IDEMPOTENCY_TTL_S == 24 * 3600
     service = Service(tmp_path)
-    monkeypatch.setattr(mediagate.state.sqlite_store, "time", SimpleNamespace(time=service.clock))
+    monkeypatch.setattr(mediagate.stores.sqlite_store, "time", SimpleNamespace(time=service.clock))
     auth = {**service.other_auth("daily", "plus", age_days=30), "Idempotency-Key": "img-day"}
     async with client_of(service) as client:
         first = await client.post(URL, json=BODY, headers=auth)

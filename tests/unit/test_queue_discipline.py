@@ -10,17 +10,17 @@ from typing import Any
 
 import pytest
 
-from deployments.errors import Overloaded
-from deployments.jobs import ImageJob
-from deployments.request_queue import FairQueue, Ticket, tickets_ahead
-from deployments.scheduler import Scheduler
-from deployments.shedding import (
+from deployments.scheduler.admission import (
     EstimateCheck,
     admit_or_shed,
     estimate_wait_s,
     shed_on_published_load,
     updated_service_time,
 )
+from deployments.scheduler.images import Scheduler
+from deployments.scheduler.queue import FairQueue, Ticket, tickets_ahead
+from mediagate.protocol.errors import Overloaded
+from mediagate.protocol.work import ImageJob
 from models.catalog import load_catalog
 from tests.fakes import FakeClock, FakeWorkerHandle
 from tests.unit.harness import URL

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from deployments.errors import QuotaExceeded, RateLimited
-from mediagate.accounts import Account
-from mediagate.ledger import QuotaLedger, finish_reservation
-from mediagate.state import JobStore, StateConfig, open_state_store
-from mediagate.tiers import load_tier_policy
+from mediagate.access.accounts import Account
+from mediagate.access.ledger import QuotaLedger, finish_reservation
+from mediagate.access.tiers import load_tier_policy
+from mediagate.protocol.errors import QuotaExceeded, RateLimited
+from mediagate.stores import JobStore, StateConfig, open_state_store
 from tests.fakes import FakeClock
 
 RACES = 20

@@ -8,9 +8,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deployments.errors import QuotaExceeded, RateLimited
-from mediagate.quota import LedgerState, finish, quota_day, reserve, seconds_to_next_day, usage
-from mediagate.tiers import CooldownRule, Tier, load_tier_policy
+from mediagate.access.quota import (
+    LedgerState,
+    finish,
+    quota_day,
+    reserve,
+    seconds_to_next_day,
+    usage,
+)
+from mediagate.access.tiers import CooldownRule, Tier, load_tier_policy
+from mediagate.protocol.errors import QuotaExceeded, RateLimited
 
 UTC = ZoneInfo("UTC")
 T0 = 1_800_000_000.0  # 2027-01-15 08:00 UTC

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mediagate.cli import ray_session_processes, stop_ray_session
+from mediagate.cli.service import ray_session_processes, stop_ray_session
 
 SLEEPER = "import subprocess, sys, time; {spawn}time.sleep(60)"
 

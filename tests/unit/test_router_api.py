@@ -13,9 +13,10 @@ from urllib.parse import urlsplit
 import pytest
 from starlette.types import Message, Scope
 
-from deployments.errors import GenerationFailed
-from deployments.jobs import ImageJob, ImageResult
-from models.encoding import CONTENT_TYPES, encode_image
+from mediagate.protocol.errors import GenerationFailed
+from mediagate.protocol.media import CONTENT_TYPES
+from mediagate.protocol.work import ImageJob, ImageResult
+from models.encoding import encode_image
 from tests.unit.harness import Service
 
 URL = "/v1/images/generations"

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from mediagate.scaling import ScaleChange, ScaleError, apply_scale_change, scale_rows
+from mediagate.cli.scale_changes import ScaleChange, ScaleError, apply_scale_change, scale_rows
 
 DEPLOYED_LIMITS = {  # what the REST API shows for a worker, Serve's defaults included
     "min_replicas": 1,

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from deployments.jobs import ImageJob, ImageResult
-from deployments.request_queue import FairQueue, Ticket
-from deployments.scheduler import Scheduler
+from deployments.scheduler.images import Scheduler
+from deployments.scheduler.queue import FairQueue, Ticket
+from mediagate.protocol.work import ImageJob, ImageResult
 from models.catalog import load_catalog
 from tests.fakes import FakeClock, FakeWorkerHandle
 
@@ -147,7 +147,7 @@ class DyingWorker(FakeWorkerHandle):
 
 
 async def test_worker_failure_reaches_every_caller_of_the_batch() -> None:
-    from deployments.errors import GenerationFailed
+    from mediagate.protocol.errors import GenerationFailed
 
     worker = DyingWorker()
     scheduler = Scheduler(worker, SPEC, count_replicas=count_one)

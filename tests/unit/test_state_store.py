@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from mediagate.state import JobStore, StateConfig, VideoJobRecord, open_state_store
+from mediagate.stores import JobStore, StateConfig, VideoJobRecord, open_state_store
 
 
 @pytest.fixture
@@ -181,8 +181,8 @@ async def test_redis_keys_are_hash_tagged_per_account(redis_url: str) -> None:
 async def test_an_unreachable_redis_is_a_503_with_retry_after(tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
 
-    from deployments.router import create_api
-    from mediagate.state import StoreUnavailable
+    from deployments.router.routes import create_api
+    from mediagate.stores import StoreUnavailable
     from tests.servers import free_port
     from tests.unit.harness import Service
 
@@ -211,7 +211,7 @@ async def test_a_lost_exec_reply_is_not_applied_twice(
     from redis.asyncio.client import Pipeline
     from redis.exceptions import WatchError
 
-    from mediagate.state.redis_store import RedisStateStore
+    from mediagate.stores.redis_store import RedisStateStore
 
     real_execute = Pipeline.execute
     lost = {"left": 0}

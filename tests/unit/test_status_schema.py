@@ -7,8 +7,8 @@ import asyncio
 import dataclasses
 from pathlib import Path
 
-from deployments.scheduler import Scheduler
-from deployments.shedding import QueueStats
+from deployments.scheduler.images import Scheduler
+from mediagate.protocol.scheduling import QueueStats
 from tests.fakes import FakeClock, FakeWorkerHandle
 from tests.unit.test_queue_discipline import SPEC as IMAGE_SPEC
 from tests.unit.test_queue_discipline import count_one, job

@@ -14,8 +14,8 @@ import openai
 import pytest
 import redis
 
-from mediagate.accounts import open_account_store
-from mediagate.state import StateConfig, open_state_store
+from mediagate.access.accounts import open_account_store
+from mediagate.stores import StateConfig, open_state_store
 from tests.servers import free_port, redis_server
 from tests.unit.harness import Service
 
@@ -108,7 +108,7 @@ def test_openai_client_sees_insufficient_quota_and_does_not_retry(
 
 
 def test_tier_policy_reloads_live(tmp_path: Path) -> None:
-    from deployments.router import Router
+    from deployments.router.deployment import Router
 
     home = tmp_path / "home"
     router = Router(
@@ -118,7 +118,7 @@ def test_tier_policy_reloads_live(tmp_path: Path) -> None:
         artifacts={"backend": "local", "root": str(home / "files"), "secret_path": str(home / "k")},
     )
     assert router.gateway.policy.tiers["free"].images_per_day == 3
-    from mediagate.tiers import load_tier_policy
+    from mediagate.access.tiers import load_tier_policy
 
     data = load_tier_policy().model_dump()
     data["tiers"]["free"]["images_per_day"] = 10

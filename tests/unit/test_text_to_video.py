@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from deployments.jobs import VideoGeneration, VideoTask
-from deployments.text_to_video import TextToVideo
-from mediagate.artifacts import LocalArtifactStore
-from mediagate.state import VideoJobRecord
-from mediagate.state.sqlite_store import SqliteStateStore
+from deployments.workers.text_to_video import TextToVideo
+from mediagate.protocol.work import VideoGeneration, VideoTask
+from mediagate.stores import VideoJobRecord
+from mediagate.stores.artifacts import LocalArtifactStore
+from mediagate.stores.sqlite_store import SqliteStateStore
 from models.catalog import load_catalog
 from tests.fakes import solid_png
 

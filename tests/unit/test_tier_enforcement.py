@@ -10,9 +10,9 @@ from typing import Any
 import httpx
 import pytest
 
-from deployments.errors import GenerationFailed
-from mediagate.accounts import open_account_store
-from mediagate.state import StateConfig, open_state_store
+from mediagate.access.accounts import open_account_store
+from mediagate.protocol.errors import GenerationFailed
+from mediagate.stores import StateConfig, open_state_store
 from tests.unit.harness import Service
 
 RACES = 20

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from mediagate.state import VideoJobRecord
-from mediagate.tiers import TierPolicy, load_tier_policy
+from mediagate.access.tiers import TierPolicy, load_tier_policy
+from mediagate.stores import VideoJobRecord
 from models.catalog import load_catalog, parse_catalog
 from tests.fakes import solid_png
 from tests.unit.harness import Service

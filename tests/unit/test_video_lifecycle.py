@@ -18,13 +18,13 @@ from typing import Any
 import httpx
 import pytest
 
-from deployments.jobs import VideoGeneration, VideoOutcome, VideoTask
-from deployments.router import create_api
-from deployments.text_to_video import TextToVideo
-from deployments.video_scheduler import VideoScheduler
-from mediagate.artifacts import ArtifactKind, LocalArtifactStore
-from mediagate.state import JobStore, VideoJobRecord
-from mediagate.state.sqlite_store import SqliteStateStore
+from deployments.router.routes import create_api
+from deployments.scheduler.videos import VideoScheduler
+from deployments.workers.text_to_video import TextToVideo
+from mediagate.protocol.work import VideoGeneration, VideoOutcome, VideoTask
+from mediagate.stores import JobStore, VideoJobRecord
+from mediagate.stores.artifacts import ArtifactKind, LocalArtifactStore
+from mediagate.stores.sqlite_store import SqliteStateStore
 from models.catalog import load_catalog
 from tests.fakes import FakeVideoWorkerHandle, LocalHandle
 from tests.unit.harness import Service

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from deployments.video_scheduler import VideoScheduler
-from mediagate.state import VideoJobRecord
-from mediagate.state.sqlite_store import SqliteStateStore
+from deployments.scheduler.videos import VideoScheduler
+from mediagate.stores import VideoJobRecord
+from mediagate.stores.sqlite_store import SqliteStateStore
 from models.catalog import load_catalog
 from tests.fakes import FakeClock, FakeVideoWorkerHandle
 
@@ -255,7 +255,7 @@ async def test_live_settings(rig: Rig) -> None:
 
 
 async def test_a_store_outage_while_claiming_keeps_the_job_queued(tmp_path: Path) -> None:
-    from mediagate.state import StoreUnavailable
+    from mediagate.stores import StoreUnavailable
 
     rig = Rig(tmp_path)
     real_get = rig.store.get_job

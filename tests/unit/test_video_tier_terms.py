@@ -12,10 +12,10 @@ from typing import Any
 import httpx
 import pytest
 
-from deployments.errors import Overloaded
-from deployments.video_scheduler import VideoScheduler
-from mediagate.state import VideoJobRecord
-from mediagate.tiers import TierPolicy, load_tier_policy
+from deployments.scheduler.videos import VideoScheduler
+from mediagate.access.tiers import TierPolicy, load_tier_policy
+from mediagate.protocol.errors import Overloaded
+from mediagate.stores import VideoJobRecord
 from models.catalog import load_catalog
 from tests.fakes import FakeVideoWorkerHandle, LocalHandle, solid_png
 from tests.unit.harness import Service

@@ -1,0 +1,3 @@
+"""The ingress: HTTP routes, authentication, the edge middleware, and the router's side of
+video jobs.
+"""

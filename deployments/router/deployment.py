@@ -1,0 +1,111 @@
+"""Router: the Serve ingress deployment (FastAPI). Thin by design, and free of torch and
+diffusers: it builds the gateway from its arguments, serves the routes, reloads the tier
+policy live and sweeps expired files.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI
+
+from deployments.router.gateway import Gateway
+from deployments.router.routes import create_api
+from deployments.router.settings import RouterSettings
+from mediagate.access.accounts import open_account_store
+from mediagate.access.guard import TierGuard
+from mediagate.access.ledger import QuotaLedger
+from mediagate.access.tiers import load_tier_policy, parse_tier_policy
+from mediagate.settings import HomeLayout
+from mediagate.stores import (
+    StateConfig,
+    open_state_store,
+)
+from mediagate.stores.artifacts import (
+    ArtifactConfig,
+    open_artifact_store,
+)
+from models.catalog import load_catalog
+
+logger = logging.getLogger(__name__)
+
+
+class Router:
+    """Serve ingress deployment; the builder wraps it with ``serve.ingress()``.
+
+    Its ``user_config`` carries the tier policy (``tiers_file`` or inline
+    ``tiers``): a ``serve deploy`` that changes it reloads the policy in place.
+    """
+
+    def __init__(
+        self,
+        schedulers: dict[str, Any],
+        *,
+        home: str,
+        state: dict[str, Any],
+        artifacts: dict[str, Any],
+        catalog: str | None = None,
+        settings: dict[str, Any] | None = None,
+        tiers_file: str | None = None,
+        accounts: Any = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        HomeLayout(home).root.mkdir(parents=True, exist_ok=True)
+        state_config = StateConfig.model_validate(state)
+        jobs = open_state_store(state_config)
+        self.ledger = QuotaLedger(jobs, load_tier_policy(tiers_file), clock=clock)
+        self.gateway = Gateway(
+            catalog=load_catalog(catalog),
+            schedulers=schedulers,
+            accounts=accounts or open_account_store(state_config, clock=clock),
+            artifacts=open_artifact_store(ArtifactConfig.model_validate(artifacts), clock=clock),
+            jobs=jobs,
+            settings=RouterSettings.model_validate(settings or {}),
+            guard=TierGuard(self.ledger),
+            clock=clock,
+        )
+        # Everything loaded so far (FastAPI, pydantic, Ray) lives as long as the replica:
+        # keep it out of the garbage collector's full passes, which would walk it all on
+        # the event loop. (Kept for every overload measurement in BENCHMARKS.md; its own
+        # effect was not measured separately.)
+        gc.freeze()
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """Reload the tier policy from ``tiers`` (inline) or ``tiers_file``."""
+        if config.get("tiers"):
+            self.ledger.policy = parse_tier_policy(config["tiers"])
+        elif config.get("tiers_file"):
+            self.ledger.policy = load_tier_policy(config["tiers_file"])
+        else:
+            return
+        logger.info("tier policy loaded: %s", ", ".join(self.ledger.policy.tiers))
+
+    def status(self) -> dict[str, Any]:
+        """Counters of admissions, settlements and store-outage decisions."""
+        return dict(self.gateway.guard.counters)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return create_api(self.gateway, background=[self._sweep, self.gateway.follow_load])
+
+    async def _sweep(self) -> None:
+        """Delete image files whose URLs have expired (with a minute's grace) and the
+        files and records of videos whose content has expired."""
+        gateway = self.gateway
+        settings = gateway.settings
+        while True:
+            try:
+                images = await asyncio.to_thread(
+                    gateway.artifacts.delete_older_than, settings.url_ttl_s + 60, "img"
+                )
+                videos = await gateway.videos.purge_expired()
+            except Exception as error:  # a store outage must not end the sweep
+                logger.warning("artifact sweep failed: %r", error)
+            else:
+                if images or videos:
+                    logger.info("removed %d expired images and %d expired videos", images, videos)
+            await asyncio.sleep(settings.artifact_sweep_s)

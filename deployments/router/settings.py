@@ -1,0 +1,29 @@
+"""The router's limits at the edge (part of the typed application arguments)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class RouterSettings(BaseModel):
+    """Limits at the edge; part of the typed application arguments."""
+
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="Larger bodies get 413.")
+    max_prompt_chars: int = Field(4000, ge=1, description="Longer prompts get 400.")
+    url_ttl_s: int = Field(3600, ge=10, description="Lifetime of image URLs.")
+    artifact_sweep_s: float = Field(300, gt=0, description="How often expired files are removed.")
+    max_upload_bytes: int = Field(
+        20 * 1_048_576, ge=1024, description="Body limit of POST /v1/videos (image uploads)."
+    )
+    max_reference_pixels: int = Field(
+        4096 * 4096, ge=64, description="Uploaded images with more pixels are refused unread."
+    )
+    poll_after_ms: int = Field(
+        1000, ge=50, description="`openai-poll-after-ms` on video GETs: how often clients poll."
+    )
+    load_refresh_s: float = Field(
+        0.2, gt=0, description="How often the router reads each image scheduler's wait estimates."
+    )
+    load_max_age_s: float = Field(
+        2.0, gt=0, description="Older wait estimates are not used to refuse requests early."
+    )

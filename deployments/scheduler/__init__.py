@@ -1,0 +1,3 @@
+"""One scheduler per model: the queue discipline, admission, preemption, worker capacity;
+image and video schedulers.
+"""

@@ -1,0 +1,189 @@
+"""Admission control: refuse at once, and honestly, what could not start in time.
+
+Pure functions of the queue position, the measured service time and the slots, so the
+scheduler's decisions are tested without a clock or a worker. Image and video schedulers
+both use them, and both report their queues as ``QueueStats``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Hashable, Iterable, Mapping
+from typing import Any
+
+from deployments.scheduler.queue import FairQueue, tickets_ahead
+from mediagate.protocol.errors import Overloaded
+
+# Smoothing of the measured service time per batch shape.
+SERVICE_TIME_ALPHA = 0.2
+
+
+# Admit only what the estimate says starts within this fraction of the tier's longest
+# wait. The estimate cannot see higher-class work that arrives later nor the reruns
+# preemption causes: at 10x overload real waits ran up to 4-6 s (p99) past it with a
+# 30 s limit, and with 10% headroom 8% of the admitted free requests still expired
+# after waiting their whole limit for nothing (docs/BENCHMARKS.md). The queue still
+# holds 80% of the limit, so the workers never run dry.
+ADMIT_WITHIN_FRACTION = 0.8
+
+
+# How many recent starts per class the wait estimate is checked against.
+ESTIMATE_CHECKS_KEPT = 1000
+
+
+def estimate_wait_s(
+    *, ahead: int, busy: int, slots: int, service_s: float, share_above: float = 0.0
+) -> float:
+    """Seconds until a new ticket would start: the work ahead of it spread over the
+    slots left after higher classes take their recent share, after the batches
+    running now (assumed half done)."""
+    if slots <= 0:
+        return math.inf
+    usable = slots * max(0.1, 1.0 - share_above)
+    running_left_s = service_s / 2 if busy >= slots else 0.0
+    return running_left_s + math.floor(ahead / usable) * service_s
+
+
+def admit_or_shed(
+    *,
+    ahead: int,
+    busy: int,
+    slots: int,
+    service_s: float | None,
+    max_wait_s: float,
+    queued_in_class: int,
+    max_queued: int | None,
+    share_above: float = 0.0,
+) -> float | None:
+    """Raise ``Overloaded`` (503, with an honest Retry-After) when the request would not
+    start well within its tier's longest wait (``ADMIT_WITHIN_FRACTION``) or its class's
+    queue is full. When it may queue, return the estimated wait (``None`` before any
+    service time is measured)."""
+    if max_queued is not None and queued_in_class >= max_queued:
+        retry_s = max(
+            1.0, (service_s or 1.0) * max(1, queued_in_class - max_queued + 1) / max(1, slots)
+        )
+        raise Overloaded(
+            "the queue for your tier is full; please retry shortly", retry_after_s=retry_s
+        )
+    if service_s is None:
+        return None  # nothing measured yet: admit, and learn
+    wait_s = estimate_wait_s(
+        ahead=ahead, busy=busy, slots=slots, service_s=service_s, share_above=share_above
+    )
+    admit_within_s = ADMIT_WITHIN_FRACTION * max_wait_s
+    if wait_s > admit_within_s:
+        raise Overloaded(
+            f"the service is busy: your request would wait about {wait_s:.0f}s, too close to "
+            f"or beyond your tier's limit of {max_wait_s:g}s; please retry later",
+            retry_after_s=max(1.0, wait_s - admit_within_s),
+        )
+    return wait_s
+
+
+def shed_on_published_load(
+    load: Mapping[str, Any],
+    *,
+    priority_class: int,
+    batch_key: Hashable,
+    own_pending: int,
+    max_wait_s: float,
+    max_queued: int | None,
+    age_s: float,
+    max_age_s: float,
+) -> None:
+    """The router's early refusal: the scheduler's own decision (``admit_or_shed``), made
+    from the load it last published (see ``Scheduler.published_load``) and the number of
+    this account's requests the router has handed over and not had back (``own_pending``:
+    queued or running, so at least ``own_pending - busy`` of them are queued). No fresh
+    view, or a class or shape not measured yet: return, and the scheduler decides."""
+    view = load.get("classes", {}).get(priority_class)
+    service_s = load.get("service_s", {}).get(batch_key)
+    if age_s > max_age_s or view is None or service_s is None:
+        return
+    admit_or_shed(
+        ahead=tickets_ahead(
+            queued_above=view["queued_above"],
+            depths=view["depths"],
+            own_depth=max(0, own_pending - load["busy"]),
+        ),
+        busy=load["busy"],
+        slots=load["slots"],
+        service_s=service_s,
+        max_wait_s=max_wait_s,
+        queued_in_class=view["queued"],
+        max_queued=max_queued,
+        share_above=view["share_above"],
+    )
+
+
+def count_forwarded(load: dict[str, Any], *, priority_class: int, own_pending: int) -> None:
+    """Update a router's copy of the published load for a request it just forwarded, so
+    its next decisions see it before the scheduler publishes again: one more ticket in
+    the class, and the account one deeper."""
+    view = load.get("classes", {}).get(priority_class)
+    if view is None:
+        return
+    own_depth = max(0, own_pending - load["busy"])
+    depths: dict[int, int] = view["depths"]
+    if own_depth and depths.get(own_depth):
+        depths[own_depth] -= 1
+        if not depths[own_depth]:
+            del depths[own_depth]
+    depths[own_depth + 1] = depths.get(own_depth + 1, 0) + 1
+    view["queued"] += 1
+
+
+def updated_service_time(previous: float | None, measured: float) -> float:
+    if previous is None:
+        return measured
+    return (1 - SERVICE_TIME_ALPHA) * previous + SERVICE_TIME_ALPHA * measured
+
+
+class EstimateCheck:
+    """How far actual waits ran past the admission estimates, per class: the honesty of
+    the 503s' reasoning and of ``wait_estimate_s``. A request that expired counts with
+    the wait it had reached (a lower bound of what it would have waited)."""
+
+    def __init__(self, kept: int = ESTIMATE_CHECKS_KEPT) -> None:
+        self._overruns: dict[int, deque[float]] = {}
+        self._kept = kept
+
+    def record(self, priority_class: int, *, estimated_s: float | None, waited_s: float) -> None:
+        if estimated_s is None:
+            return
+        overruns = self._overruns.setdefault(priority_class, deque(maxlen=self._kept))
+        overruns.append(waited_s - estimated_s)
+
+    def summary(self) -> dict[int, dict[str, float]]:
+        """Per class: seconds waited beyond the estimate at p50 / p99 (negative: sooner)."""
+        summary = {}
+        for cls, overruns in sorted(self._overruns.items()):
+            ordered = sorted(overruns)
+            summary[cls] = {"p50": _quantile(ordered, 0.5), "p99": _quantile(ordered, 0.99)}
+        return summary
+
+
+def _quantile(ordered: list[float], q: float) -> float:
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
+
+
+def wait_estimates_s_by_class(
+    queue: FairQueue[Any], classes: Iterable[int], *, busy: int, slots: int, service_s: float
+) -> dict[int, float]:
+    """How long a new request of each class, from an account with nothing queued, would
+    wait now (``estimate_wait_s`` on the queue as it stands)."""
+    return {
+        cls: round(
+            estimate_wait_s(
+                ahead=queue.ahead_of_new(cls),
+                busy=busy,
+                slots=slots,
+                service_s=service_s,
+                share_above=queue.share_above(cls),
+            ),
+            3,
+        )
+        for cls in sorted(classes)
+    }

@@ -1,0 +1,378 @@
+"""Scheduler: one per model; owns the queue and dispatches into free worker slots only.
+
+Workers run one batch per slot and keep ``max_ongoing_requests`` equal to their slots,
+so nothing waits inside a worker: waiting happens here, where the queue discipline
+applies and where newly started replicas can take the next batch. The scheduler knows
+its capacity (running worker replicas x slots) by asking the Serve controller, and
+reports queue length and in-flight work for autoscaling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Hashable
+from typing import Any
+
+from autoscaling.policy import queue_weights_from_config, report_metrics
+from deployments.scheduler.admission import (
+    EstimateCheck,
+    admit_or_shed,
+    estimate_wait_s,
+    updated_service_time,
+)
+from deployments.scheduler.capacity import ReplicaCounter, WorkerSlots, serve_replica_counter
+from deployments.scheduler.metrics import SchedulerMetrics
+from deployments.scheduler.preemption import PreemptionPolicy, RunningBatch, batch_to_preempt
+from deployments.scheduler.queue import FairQueue, Ticket
+from mediagate.protocol.catalog import Batching, ModelSpec
+from mediagate.protocol.errors import GenerationFailed, MediagateError, Overloaded, unwrap
+from mediagate.protocol.scheduling import QueueStats
+from mediagate.protocol.work import ImageJob, ImageResult
+
+logger = logging.getLogger(__name__)
+
+
+class _InFlight:
+    """One batch on a worker slot: its tickets, the worker call, and whether it is
+    being taken back for higher-priority work."""
+
+    def __init__(self, batch_id: int, tickets: list[Ticket[ImageJob]], started_at: float) -> None:
+        self.batch_id = batch_id
+        self.tickets = tickets
+        self.started_at = started_at
+        self.priority_class = tickets[0].job.priority_class
+        self.response: Any = None
+        self.preempted = False
+
+    def view(self, expected_s: float | None) -> RunningBatch:
+        return RunningBatch(
+            batch_id=self.batch_id,
+            priority_class=self.priority_class,
+            started_at=self.started_at,
+            expected_s=expected_s,
+            preemptions=max(ticket.preemptions for ticket in self.tickets),
+            stopping=self.preempted,
+        )
+
+
+class Scheduler:
+    """Queues jobs for one model and feeds them, batched by shape, to free worker slots."""
+
+    def __init__(
+        self,
+        worker: Any,
+        spec: dict[str, Any],
+        *,
+        worker_deployment: str | None = None,
+        count_replicas: ReplicaCounter | None = None,
+        slots_per_replica: int = 1,
+        capacity_refresh_s: float = 0.25,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.spec = ModelSpec.model_validate(spec)
+        self._worker = worker
+        self._clock = clock
+        self._queue: FairQueue[ImageJob] = FairQueue()
+        self._service_s: dict[Hashable, float] = {}  # measured, per batch shape
+        self.counts: Counter[str] = Counter()  # admitted/shed/expired per class
+        self.estimate_check = EstimateCheck()
+        self._metrics = SchedulerMetrics(self.spec.id)
+        self._classes_seen: set[int] = set()
+        self._in_flight: dict[int, _InFlight] = {}  # what each busy slot serves
+        self._batch_ids = 0
+        self.preemption = PreemptionPolicy()
+        self.queue_weights = queue_weights_from_config(None)
+        self._batching: Batching = self.spec.batching
+        if count_replicas is None and worker_deployment is not None:
+            count_replicas = serve_replica_counter(worker_deployment)
+        self._slots = WorkerSlots(
+            count_replicas=count_replicas,
+            slots_per_replica=slots_per_replica,
+            refresh_s=capacity_refresh_s,
+        )
+        self._wakeup = self._slots.changed
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._capacity_watcher: asyncio.Task[None] | None = None
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """Live update from the Serve config's ``user_config`` (no replica restart)."""
+        merged = {**self._batching.model_dump(), **(config.get("batching") or {})}
+        self._batching = Batching.model_validate(merged)
+        slots = int(config.get("slots_per_replica", self._slots.slots_per_replica))
+        self._slots.set_slots_per_replica(slots)
+        if "min_shares" in config:  # e.g. {0: 0.1}: class 0 gets >= 10% of dispatches
+            shares = {int(cls): float(share) for cls, share in config["min_shares"].items()}
+            self._queue.min_shares = shares
+        if "queue_weights" in config:  # how much each class's waiting work buys replicas
+            self.queue_weights = queue_weights_from_config(config["queue_weights"])
+        if "preemption" in config:  # e.g. {"enabled": false} or {"min_remaining_fraction": 0.5}
+            self.preemption = PreemptionPolicy.from_config(config["preemption"] or {})
+
+    def _ensure_started(self) -> None:
+        if self._dispatcher is None:
+            self._dispatcher = asyncio.create_task(self._dispatch_loop())
+            self._capacity_watcher = asyncio.create_task(self._slots.watch())
+
+    @property
+    def capacity(self) -> int:
+        return self._slots.capacity
+
+    async def submit(self, job: ImageJob) -> ImageResult:
+        """Queue ``job`` and wait for its result; leaving early takes it off the queue."""
+        self._ensure_started()
+        cls = job.priority_class
+        try:
+            estimated_wait_s = admit_or_shed(
+                ahead=self._queue.ahead_of(job),
+                busy=self._slots.busy,
+                slots=self.capacity,
+                service_s=self._service_s.get(job.batch_key),
+                max_wait_s=job.max_wait_s,
+                queued_in_class=self._queue.length_by_class().get(cls, 0),
+                max_queued=job.max_queued,
+                share_above=self._queue.share_above(cls),
+            )
+        except Overloaded:
+            self._count("shed", cls)
+            raise
+        self._count("admitted", cls)
+        future: asyncio.Future[ImageResult] = asyncio.get_running_loop().create_future()
+        now = self._clock()
+        ticket = Ticket(
+            job=job,
+            enqueued_at=now,
+            future=future,
+            deadline=now + job.max_wait_s,
+            estimated_wait_s=estimated_wait_s,
+        )
+        self._queue.push(ticket)
+        self._wakeup.set()
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if self._queue.discard(ticket):
+                logger.info("dropped queued request %s: its caller went away", job.request_id)
+            raise
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Queue metrics that the autoscaling policy reads (``ctx.aggregated_metrics``)."""
+        by_class = self._queue.length_by_class()
+        self._metrics.observe(by_class, self._slots.busy, self._classes_seen | set(by_class))
+        running = sum(len(batch.tickets) for batch in self._in_flight.values())
+        stats = report_metrics(by_class, running, self.queue_weights, self._classes_seen)
+        return stats | {"inflight": float(self._slots.busy)}
+
+    def wait_estimates_s(self) -> dict[int, float]:
+        """How long a new request of each class would wait now (None measured yet: 0)."""
+        service_s = sum(self._service_s.values()) / len(self._service_s) if self._service_s else 0.0
+        classes = self._classes_seen | set(self._queue.length_by_class())
+        return {
+            cls: round(
+                estimate_wait_s(
+                    ahead=self._queue.ahead_of_new(cls),
+                    busy=self._slots.busy,
+                    slots=self.capacity,
+                    service_s=service_s,
+                    share_above=self._queue.share_above(cls),
+                ),
+                3,
+            )
+            for cls in sorted(classes)
+        }
+
+    def published_load(self) -> dict[str, Any]:
+        """What routers need to make this scheduler's admission decision themselves,
+        without a hop: slots, measured service times, and per class the queue, the work
+        above it, the share of capacity above it and its accounts' queue depths (counts
+        only: no account ids leave the scheduler)."""
+        classes = self._classes_seen | set(self._queue.length_by_class())
+        return {
+            "busy": self._slots.busy,
+            "slots": self.capacity,
+            "service_s": dict(self._service_s),
+            "classes": {
+                cls: {
+                    "queued": self._queue.length_by_class().get(cls, 0),
+                    "queued_above": self._queue.queued_above(cls),
+                    "share_above": self._queue.share_above(cls),
+                    "depths": dict(self._queue.depths(cls)),
+                }
+                for cls in classes
+            },
+        }
+
+    def stats(self) -> dict[str, Any]:
+        """Plain numbers for the status endpoint and tests: the queue schema every
+        scheduler shares (``QueueStats``), plus this one's batching and service times."""
+        queue = QueueStats(
+            queue_len=len(self._queue),
+            queue_by_class=self._queue.length_by_class(),
+            running_by_class=dict(Counter(b.priority_class for b in self._in_flight.values())),
+            busy_slots=self._slots.busy,
+            capacity=self.capacity,
+            replicas=self._slots.replicas,
+            wait_estimate_s_by_class=self.wait_estimates_s(),
+            wait_beyond_estimate_s_by_class=self.estimate_check.summary(),
+            decision_counts=dict(self.counts),
+        )
+        return {
+            "model": self.spec.id,
+            **queue.as_dict(),
+            "max_batch_size": self._batching.max_batch_size,
+            "service_s": {str(key): round(value, 4) for key, value in self._service_s.items()},
+        }
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            hold_s = self._dispatch_ready()
+            if hold_s is not None:
+                asyncio.get_running_loop().call_later(hold_s, self._wakeup.set)
+
+    def _dispatch_ready(self) -> float | None:
+        """Dispatch batches while slots are free; returns how long to hold a partial batch."""
+        if len(self._queue) and self._slots.free:
+            self._drop_expired()
+        while len(self._queue) and self._slots.free:
+            head = self._queue.head()
+            assert head is not None
+            max_images = self._batching.max_batch_size
+            waited_s = self._clock() - head.enqueued_at
+            if (
+                self._batching.batch_wait_s > waited_s
+                and self._queue.batch_images_available(max_images) < max_images
+            ):
+                return self._batching.batch_wait_s - waited_s
+            batch = [t for t in self._queue.take_batch(max_images) if not t.future.done()]
+            if not batch:
+                continue
+            self._check_estimates(batch)
+            self._slots.acquire()
+            self._batch_ids += 1
+            in_flight = _InFlight(self._batch_ids, batch, self._clock())
+            self._in_flight[in_flight.batch_id] = in_flight
+            task = asyncio.create_task(self._run(in_flight))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        if len(self._queue) and not self._slots.free:
+            self._preempt_for_waiting_work()
+        return None
+
+    def _check_estimates(self, batch: list[Ticket[ImageJob]]) -> None:
+        now = self._clock()
+        for ticket in batch:
+            if not ticket.preemptions:  # a first start: the wait admission estimated
+                self.estimate_check.record(
+                    ticket.job.priority_class,
+                    estimated_s=ticket.estimated_wait_s,
+                    waited_s=now - ticket.enqueued_at,
+                )
+
+    def _preempt_for_waiting_work(self) -> None:
+        """Take back at most one lower-class batch per waiting request of the top class."""
+        by_class = self._queue.length_by_class()
+        waiting_class = max(by_class)
+        stopping = sum(1 for batch in self._in_flight.values() if batch.preempted)
+        if stopping >= by_class[waiting_class]:
+            return
+        victim = batch_to_preempt(
+            [
+                batch.view(self._service_s.get(batch.tickets[0].job.batch_key))
+                for batch in self._in_flight.values()
+                if batch.response is not None
+            ],
+            waiting_class,
+            now=self._clock(),
+            policy=self.preemption,
+        )
+        if victim is None:
+            return
+        in_flight = self._in_flight[victim.batch_id]
+        in_flight.preempted = True
+        in_flight.response.cancel()  # the worker stops at its next denoising step
+        self._queue.charge(waiting_class)  # the steps it had done are lost to lower classes
+        logger.info(
+            "preempting batch of class %d (%s) for class %d work",
+            in_flight.priority_class,
+            ", ".join(t.job.request_id for t in in_flight.tickets),
+            waiting_class,
+        )
+
+    def _count(self, decision: str, priority_class: int) -> None:
+        self.counts[f"{decision}_class_{priority_class}"] += 1
+        self._classes_seen.add(priority_class)
+        self._metrics.decided(decision, priority_class)
+
+    def _drop_expired(self) -> None:
+        """Tickets past their tier's longest wait leave before they reach a worker."""
+        now = self._clock()
+        for ticket in [t for t in self._queue.tickets() if t.deadline < now]:
+            self._queue.discard(ticket)
+            self._count("expired", ticket.job.priority_class)
+            self.estimate_check.record(
+                ticket.job.priority_class,
+                estimated_s=ticket.estimated_wait_s,
+                waited_s=now - ticket.enqueued_at,
+            )
+            if not ticket.future.done():
+                ticket.future.set_exception(
+                    Overloaded(
+                        "the service is busy: your request waited longer than your tier allows; "
+                        "please retry later",
+                        retry_after_s=max(1.0, now - ticket.enqueued_at),
+                    )
+                )
+
+    async def _run(self, in_flight: _InFlight) -> None:
+        batch = in_flight.tickets
+        try:
+            in_flight.response = self._worker.generate.remote([ticket.job for ticket in batch])
+            results = await in_flight.response
+        except Exception as error:
+            if in_flight.preempted:
+                self._requeue(batch)
+                return
+            cause = unwrap(error)
+            if not isinstance(cause, MediagateError):
+                logger.error("worker call failed: %r", error)
+                cause = GenerationFailed(f"model {self.spec.id} is unavailable; please retry")
+            for ticket in batch:
+                if not ticket.future.done():
+                    ticket.future.set_exception(cause)
+        else:
+            key = batch[0].job.batch_key
+            self._service_s[key] = updated_service_time(
+                self._service_s.get(key), self._clock() - in_flight.started_at
+            )
+            for ticket, result in zip(batch, results, strict=True):
+                if not ticket.future.done():
+                    ticket.future.set_result(result)
+        finally:
+            del self._in_flight[in_flight.batch_id]
+            self._slots.release()
+
+    def _requeue(self, batch: list[Ticket[ImageJob]]) -> None:
+        """A preempted batch's requests go back first in line (their callers still wait).
+        They started in time, so their queue deadline no longer applies: expiring one now
+        would fail a request after it had run, for the capacity a higher class took."""
+        for ticket in reversed(batch):
+            if ticket.future.done():
+                continue
+            ticket.preemptions += 1
+            ticket.deadline = math.inf
+            self._queue.requeue(ticket)
+            self._count("preempted", ticket.job.priority_class)
+
+    async def shutdown(self) -> None:
+        for task in (self._dispatcher, self._capacity_watcher, *self._tasks):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task

@@ -1,0 +1,392 @@
+"""VideoScheduler: one per video model; runs durable jobs through free worker slots.
+
+Jobs live in the state store, not here: this scheduler holds only the order in which
+queued jobs are dispatched, and rebuilds it from the store whenever it starts. Every
+change of a job's status is a named transition of ``mediagate.jobs.video`` (claim,
+expire, re-queue or fail). A reconcile loop keeps memory and store in agreement: a
+``queued`` job missing from the queue is enqueued; an ``in_progress`` job whose lease
+ran out (its replica or the whole application died) is re-queued, or failed once
+``max_attempts`` runs were lost; a job queued past its tier's longest wait fails.
+Admission is the image scheduler's (``deployments.scheduler.admission``): the router
+asks ``admit`` before it reserves or stores anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from autoscaling.policy import queue_weights_from_config, report_metrics
+from deployments.scheduler.admission import (
+    EstimateCheck,
+    admit_or_shed,
+    estimate_wait_s,
+    updated_service_time,
+    wait_estimates_s_by_class,
+)
+from deployments.scheduler.capacity import ReplicaCounter, WorkerSlots, serve_replica_counter
+from deployments.scheduler.queue import FairQueue, Ticket
+from deployments.scheduler.settings import VideoSchedulerSettings
+from mediagate.jobs.video import RetryLimits, VideoJobLifecycle, overdue
+from mediagate.protocol.catalog import ModelSpec
+from mediagate.protocol.errors import Overloaded
+from mediagate.protocol.scheduling import Decision, QueueStats, decision_key
+from mediagate.protocol.work import VideoGeneration, VideoOutcome, VideoTask
+from mediagate.stores import JobStore, StateConfig, VideoJobRecord, open_state_store
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class QueuedVideo:
+    """A queued job as the queue discipline sees it (the record stays in the store)."""
+
+    job_id: str
+    account_id: str
+    priority_class: int
+
+    @property
+    def batch_key(self) -> str:
+        return self.job_id  # video jobs run one per slot, never batched
+
+    @property
+    def images(self) -> int:
+        return 1
+
+
+class VideoScheduler:
+    """Queues a video model's jobs and feeds them, one per slot, to its workers: higher
+    priority classes first, round-robin between accounts within a class."""
+
+    def __init__(
+        self,
+        worker: Any,
+        spec: dict[str, Any],
+        *,
+        state: dict[str, Any],
+        settings: dict[str, Any] | None = None,
+        worker_deployment: str | None = None,
+        count_replicas: ReplicaCounter | None = None,
+        store: JobStore | None = None,
+        capacity_refresh_s: float = 0.25,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.spec = ModelSpec.model_validate(spec)
+        self.settings = VideoSchedulerSettings.model_validate(settings or {})
+        self._worker = worker
+        self._store = store or open_state_store(StateConfig.model_validate(state))
+        self._clock = clock
+        self._jobs = VideoJobLifecycle(self._store, clock=clock)
+        if count_replicas is None and worker_deployment is not None:
+            count_replicas = serve_replica_counter(worker_deployment)
+        self._slots = WorkerSlots(
+            count_replicas=count_replicas,
+            slots_per_replica=self.settings.slots_per_replica,
+            refresh_s=capacity_refresh_s,
+        )
+        self._queue: FairQueue[QueuedVideo] = FairQueue()
+        self._tickets: dict[str, Ticket[QueuedVideo]] = {}  # queued job id -> its ticket
+        self._claiming: set[str] = set()  # taken off the queue, being claimed in the store
+        self._reconciling = asyncio.Lock()
+        self._classes_seen: set[int] = set()
+        self.queue_weights = queue_weights_from_config(None)
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._running_class: dict[str, int] = {}  # running job id -> its priority class
+        self._tasks: list[asyncio.Task[None]] = []
+        self.counts = {"dispatched": 0, "completed": 0, "failed": 0, "requeued": 0, "lost": 0}
+        self.decisions: Counter[str] = Counter()  # admitted/shed/expired per class
+        self.estimate_check = EstimateCheck()
+        self._service_s: float | None = None  # measured per completed job
+        with contextlib.suppress(RuntimeError):  # Serve constructs us on the replica's loop:
+            asyncio.get_running_loop().call_soon(self._ensure_started)  # recover at once
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """Live update from ``user_config`` (no replica restart)."""
+        merged = {**self.settings.model_dump(), **config}
+        self.settings = VideoSchedulerSettings.model_validate(merged)
+        self.queue_weights = queue_weights_from_config(self.settings.queue_weights)
+        self._slots.set_slots_per_replica(self.settings.slots_per_replica)
+
+    def _ensure_started(self) -> None:
+        if not self._tasks:
+            self._tasks = [
+                asyncio.create_task(self._dispatch_loop()),
+                asyncio.create_task(self._reconcile_loop()),
+                asyncio.create_task(self._slots.watch()),
+            ]
+
+    async def start(self) -> None:
+        """Begin work without waiting for a request (recovery after a restart)."""
+        self._ensure_started()
+
+    async def admit(
+        self, account_id: str, priority_class: int, max_wait_s: float, max_queued: int | None
+    ) -> float | None:
+        """Decide, before the router reserves or stores anything, whether a new job of
+        this account and tier may queue: raise ``Overloaded`` (503 with Retry-After) when
+        its class's queue holds ``max_queued`` jobs or it would not start well within
+        ``max_wait_s``; else return the estimated wait (None before any job was measured)."""
+        self._ensure_started()
+        probe = QueuedVideo("", account_id, priority_class)
+        try:
+            return admit_or_shed(
+                ahead=self._queue.ahead_of(probe),
+                busy=self._slots.busy,
+                slots=self._estimated_slots,
+                service_s=self._service_s,
+                max_wait_s=max_wait_s,
+                queued_in_class=self._queue.length_by_class().get(priority_class, 0),
+                max_queued=max_queued,
+                share_above=self._queue.share_above(priority_class),
+            )
+        except Overloaded:
+            self._count("shed", priority_class)
+            raise
+
+    @property
+    def _estimated_slots(self) -> int:
+        """Slots the wait estimates count on: a worker deployment scaled to zero gets a
+        replica as soon as work waits, so it counts as one rather than as no capacity
+        (which would refuse every job and never wake the autoscaler)."""
+        return max(1, self._slots.capacity)
+
+    def _estimate_s(self, video: QueuedVideo) -> float | None:
+        if self._service_s is None:
+            return None
+        return estimate_wait_s(
+            ahead=self._queue.ahead_of(video),
+            busy=self._slots.busy,
+            slots=self._estimated_slots,
+            service_s=self._service_s,
+            share_above=self._queue.share_above(video.priority_class),
+        )
+
+    async def enqueue(self, account_id: str, job_id: str, priority_class: int = 0) -> int:
+        """Queue a job the router has stored as ``queued``; returns its position (1 = next)."""
+        self._ensure_started()
+        if not self._holds(job_id):
+            video = QueuedVideo(job_id, account_id, priority_class)
+            self._push(video, estimated_wait_s=self._estimate_s(video))
+            self._count("admitted", priority_class)
+            self._slots.changed.set()
+        return self.position(job_id)
+
+    def _holds(self, job_id: str) -> bool:
+        return job_id in self._tickets or job_id in self._claiming or job_id in self._running
+
+    def _push(
+        self, video: QueuedVideo, *, first: bool = False, estimated_wait_s: float | None = None
+    ) -> None:
+        ticket: Ticket[QueuedVideo] = Ticket(
+            job=video,
+            enqueued_at=self._clock(),
+            future=asyncio.get_running_loop().create_future(),  # set when dispatched
+            estimated_wait_s=estimated_wait_s,
+        )
+        self._tickets[video.job_id] = ticket
+        if first:
+            self._queue.requeue(ticket)
+        else:
+            self._queue.push(ticket)
+
+    def _pop_next(self) -> Ticket[QueuedVideo]:
+        (ticket,) = self._queue.take_batch(1)
+        del self._tickets[ticket.job.job_id]
+        ticket.future.set_result(None)
+        return ticket
+
+    def position(self, job_id: str) -> int:
+        """1-based place in the queue; 0 when it is not queued here."""
+        ticket = self._tickets.get(job_id)
+        return self._queue.position(ticket) if ticket is not None else 0
+
+    async def cancel(self, account_id: str, job_id: str) -> bool:
+        """Drop a deleted job from the queue; a running one stops at its next step by itself."""
+        ticket = self._tickets.pop(job_id, None)
+        return ticket is not None and self._queue.discard(ticket)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Queue metrics that the autoscaling policy reads (one job per slot)."""
+        by_class = self._queue.length_by_class()
+        self._classes_seen |= set(by_class)
+        stats = report_metrics(by_class, self._slots.busy, self.queue_weights, self._classes_seen)
+        return stats | {"inflight": float(self._slots.busy)}
+
+    def stats(self) -> dict[str, Any]:
+        """The queue schema every scheduler shares (``QueueStats``, what the status
+        endpoint shows), plus this one's job counters and, for operators and tests only,
+        the running job ids."""
+        classes = self._classes_seen | set(self._queue.length_by_class())
+        queue = QueueStats(
+            queue_len=len(self._queue),
+            queue_by_class=self._queue.length_by_class(),
+            running_by_class=dict(Counter(self._running_class.values())),
+            busy_slots=self._slots.busy,
+            capacity=self._slots.capacity,
+            replicas=self._slots.replicas,
+            wait_estimate_s_by_class=wait_estimates_s_by_class(
+                self._queue,
+                classes,
+                busy=self._slots.busy,
+                slots=self._estimated_slots,
+                service_s=self._service_s or 0.0,
+            ),
+            wait_beyond_estimate_s_by_class=self.estimate_check.summary(),
+            decision_counts=dict(self.decisions),
+        )
+        return {
+            "model": self.spec.id,
+            **queue.as_dict(),
+            "running": sorted(self._running),
+            **self.counts,
+        }
+
+    def _count(self, decision: Decision, priority_class: int) -> None:
+        self.decisions[decision_key(decision, priority_class)] += 1
+        self._classes_seen.add(priority_class)
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            await self._slots.changed.wait()
+            self._slots.changed.clear()
+            while len(self._queue) and self._slots.free:
+                ticket = self._pop_next()
+                video = ticket.job
+                self._claiming.add(video.job_id)  # neither queued nor running: not lost
+                try:
+                    job = await self._claim(ticket)
+                except Exception as error:  # store outage: keep its place, try again soon
+                    logger.warning("could not claim %s: %s", video.job_id, error)
+                    self._push(video, first=True)
+                    asyncio.get_running_loop().call_later(1.0, self._slots.changed.set)
+                    break
+                finally:
+                    self._claiming.discard(video.job_id)
+                if job is None:
+                    continue  # deleted, taken, or waited too long: nothing to run
+                self._slots.acquire()
+                self._running_class[video.job_id] = video.priority_class
+                self._running[video.job_id] = asyncio.create_task(self._run(job))
+
+    async def _claim(self, ticket: Ticket[QueuedVideo]) -> VideoJobRecord | None:
+        current = await self._store.get_job(ticket.job.account_id, ticket.job.job_id)
+        if current is None or current.status != "queued":
+            return None
+        now = self._clock()
+        if overdue(current, now):
+            await self._expire(current, ticket)
+            return None
+        claimed = await self._jobs.claim(current, lease_s=self.settings.lease_s)
+        if claimed is not None:
+            self.estimate_check.record(
+                ticket.job.priority_class,
+                estimated_s=ticket.estimated_wait_s,
+                waited_s=now - ticket.enqueued_at,
+            )
+        return claimed
+
+    async def _expire(self, job: VideoJobRecord, ticket: Ticket[QueuedVideo] | None) -> None:
+        """A job that waited past its tier's longest wait before its first dispatch fails
+        (``queue_timeout``, nothing charged) and leaves the queue."""
+        expired = await self._jobs.expire_in_queue(job, content_ttl_s=self.settings.content_ttl_s)
+        if expired is None:
+            return  # dispatched, deleted or expired meanwhile
+        queued = self._tickets.pop(job.id, None)
+        if queued is not None:
+            self._queue.discard(queued)
+        self._count("expired", expired.priority_class)
+        if ticket is not None:
+            self.estimate_check.record(
+                expired.priority_class,
+                estimated_s=ticket.estimated_wait_s,
+                waited_s=self._clock() - ticket.enqueued_at,
+            )
+        logger.info("job %s waited past its tier's limit: failed", job.id)
+
+    async def _run(self, job: VideoJobRecord) -> None:
+        task = VideoTask(
+            job_id=job.id,
+            account_id=job.account_id,
+            attempt=job.attempt,
+            generation=VideoGeneration.model_validate(job.generation),
+            lease_s=self.settings.lease_s,
+            content_ttl_s=self.settings.content_ttl_s,
+        )
+        self.counts["dispatched"] += 1
+        started_at = self._clock()
+        try:
+            outcome: VideoOutcome = await self._worker.run.remote(task)
+        except Exception as error:  # the replica died or could not be reached
+            logger.warning("worker lost job %s (attempt %d): %r", job.id, job.attempt, error)
+            self.counts["lost"] += 1
+            try:
+                await self._requeue_or_fail(job)
+            except Exception as store_error:  # its lease runs out; reconcile takes it from there
+                logger.warning("could not re-queue %s now: %s", job.id, store_error)
+        else:
+            if outcome.status in ("completed", "failed"):
+                self.counts[outcome.status] += 1
+            if outcome.status == "completed":  # what admission estimates waits from
+                self._service_s = updated_service_time(self._service_s, self._clock() - started_at)
+        finally:
+            self._running.pop(job.id, None)
+            self._running_class.pop(job.id, None)
+            self._slots.release()
+
+    async def _requeue_or_fail(self, job: VideoJobRecord) -> None:
+        """A dispatch that ended without an answer: run it again, or fail it for good."""
+        limits = RetryLimits(self.settings.max_attempts, self.settings.max_dispatches)
+        updated = await self._jobs.requeue_or_fail(
+            job, limits=limits, content_ttl_s=self.settings.content_ttl_s
+        )
+        if updated is None:
+            return  # it finished, was deleted, or was already taken back
+        if updated.status == "failed":
+            self.counts["failed"] += 1
+            return
+        self.counts["requeued"] += 1
+        if updated.worker_started_at is None:  # Serve may still route to a dead replica
+            await asyncio.sleep(self.settings.redispatch_delay_s)
+        # First in line: it was accepted before anything now queued. (Pushed directly:
+        # the job may still count as running here while its dispatch unwinds.)
+        self._push(QueuedVideo(updated.id, updated.account_id, updated.priority_class), first=True)
+        self._slots.changed.set()
+
+    async def reconcile(self) -> None:
+        """One pass of bringing memory in line with the store (see the module docstring);
+        passes never overlap (the loop's and a caller's would act on the same jobs)."""
+        async with self._reconciling:
+            await self._reconcile_pass()
+
+    async def _reconcile_pass(self) -> None:
+        now = self._clock()
+        for job in await self._store.active_jobs(self.spec.id):
+            if job.status == "queued" and overdue(job, now):
+                await self._expire(job, self._tickets.get(job.id))
+            elif self._holds(job.id):
+                continue
+            elif job.status == "queued":
+                await self.enqueue(job.account_id, job.id, job.priority_class)
+            elif job.lease_expires_at is not None and job.lease_expires_at < now:
+                logger.warning("job %s lost its worker (lease ran out)", job.id)
+                await self._requeue_or_fail(job)
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            try:
+                await self.reconcile()
+            except Exception as error:  # a store outage must not end the loop
+                logger.warning("reconcile of %s failed: %s", self.spec.id, error)
+            await asyncio.sleep(self.settings.reconcile_s)
+
+    async def shutdown(self) -> None:
+        for task in [*self._tasks, *self._running.values()]:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

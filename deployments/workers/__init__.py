@@ -1,0 +1,1 @@
+"""The GPU replicas: text-to-image and text-to-video."""

@@ -1,0 +1,184 @@
+"""TextToImage: a GPU replica that runs one catalog model's diffusers pipeline.
+
+It loads its model in the constructor, warms up, and runs batches of same-shape
+jobs (formed by the scheduler) as single pipeline calls. It returns encoded image
+bytes, never PIL images or tensors. One replica runs one batch at a time, so its
+``max_ongoing_requests`` is 1 and waiting work stays in the scheduler's queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mediagate.protocol.catalog import ModelSpec
+from mediagate.protocol.errors import GenerationFailed, InvalidRequest
+from mediagate.protocol.media import CONTENT_TYPES
+from mediagate.protocol.work import ImageJob, ImageResult, image_seeds, pipeline_call_kwargs
+from models.device import assigned_cpus
+from models.encoding import encode_image
+from models.loading import load_pipeline
+
+logger = logging.getLogger(__name__)
+
+PipelineLoader = Callable[..., Any]
+
+
+def _replica_id() -> str:
+    """This Serve replica's id ("" outside Serve)."""
+    try:
+        from ray import serve
+
+        return str(serve.get_replica_context().replica_id.unique_id)
+    except Exception:  # not running as a Serve replica (tests, benchmarks)
+        return ""
+
+
+class BatchStopped(Exception):
+    """The scheduler took the batch back (to run higher-priority work) mid-way."""
+
+
+def stop_when_set(stop: threading.Event) -> Callable[..., dict[str, Any]]:
+    """A ``callback_on_step_end`` that ends the denoising loop once ``stop`` is set."""
+
+    def callback(pipeline: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> Any:
+        if stop.is_set():
+            # The interrupt flag makes diffusers skip the remaining steps; raising also
+            # skips the VAE decode of images nobody will receive.
+            pipeline._interrupt = True
+            raise BatchStopped(f"stopped after step {step + 1}")
+        return kwargs
+
+    return callback
+
+
+def generate_batch(
+    pipeline: Any, jobs: list[ImageJob], stop: threading.Event | None = None, worker: str = ""
+) -> list[ImageResult]:
+    """Run one pipeline call for same-shape ``jobs`` and encode each job's images;
+    setting ``stop`` ends it at the next denoising step with ``BatchStopped``."""
+    import torch
+
+    if len({job.batch_key for job in jobs}) != 1:
+        raise InvalidRequest("a batch must share width, height, steps and guidance")
+    generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in image_seeds(jobs)]
+    extra: dict[str, Any] = {}
+    if stop is not None:
+        extra["callback_on_step_end"] = stop_when_set(stop)
+    started = time.perf_counter()
+    output = pipeline(
+        **pipeline_call_kwargs(jobs), generator=generators, output_type="pil", **extra
+    )
+    inference_s = time.perf_counter() - started
+    images = list(output.images)
+    results: list[ImageResult] = []
+    offset = 0
+    for job in jobs:
+        own = images[offset : offset + job.images]
+        offset += job.images
+        results.append(
+            ImageResult(
+                request_id=job.request_id,
+                images=[
+                    encode_image(img, job.output_format, job.output_compression) for img in own
+                ],
+                content_type=CONTENT_TYPES[job.output_format],
+                batch_images=len(images),
+                inference_s=inference_s,
+                worker=worker,
+            )
+        )
+    return results
+
+
+class TextToImage:
+    """Holds one loaded text-to-image pipeline and generates batches on request."""
+
+    def __init__(
+        self,
+        spec: dict[str, Any],
+        *,
+        cache_dir: str,
+        load: PipelineLoader = load_pipeline,
+        torch_threads: int | None = None,
+    ) -> None:
+        import torch
+
+        threads = torch_threads or assigned_cpus()
+        if threads:
+            torch.set_num_threads(threads)
+        self.spec = ModelSpec.model_validate(spec)
+        self.pipeline = load(self.spec, cache_dir=Path(cache_dir))
+        self._one_at_a_time = asyncio.Lock()
+        self.replica_id = _replica_id()
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        width, height = self.spec.default_size
+        warm = ImageJob(
+            request_id="warm-up",
+            prompt="warm up",
+            width=width,
+            height=height,
+            num_inference_steps=1,
+            guidance_scale=self.spec.defaults.guidance_scale,
+            num_images_per_prompt=1,
+            seed=0,
+            output_format="png",
+        )
+        started = time.perf_counter()
+        generate_batch(self.pipeline, [warm])
+        logger.info("%s warmed up in %.2fs", self.spec.id, time.perf_counter() - started)
+
+    def placement_report(self) -> dict[str, Any]:
+        """Where this replica runs and what it runs on, for operators: the GPUs Ray gave
+        it, what CUDA_VISIBLE_DEVICES says, and the pipeline's device and dtype."""
+        import ray
+
+        device = getattr(self.pipeline, "device", "cpu")
+        dtype = getattr(self.pipeline, "dtype", "float32")
+        return {
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "gpu_ids": list(ray.get_gpu_ids()),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "device": getattr(device, "type", str(device)),
+            "dtype": str(dtype).removeprefix("torch."),
+        }
+
+    async def generate(self, jobs: list[ImageJob]) -> list[ImageResult]:
+        """Generate a batch off the event loop so health checks stay answered.
+
+        A caller that cancels the call (the scheduler preempting the batch) stops the
+        pipeline at its next step. Serve may route the next batch here at once; it
+        waits until the stopped one has left the pipeline.
+        """
+        stop = threading.Event()
+        # Serve may send the next batch as soon as a call is cancelled, while the stopped
+        # batch still finishes its step: one pipeline call at a time, or the two would
+        # share the pipeline (and its interrupt flag).
+        async with self._one_at_a_time:
+            run = asyncio.ensure_future(
+                asyncio.to_thread(generate_batch, self.pipeline, jobs, stop, self.replica_id)
+            )
+            try:
+                return await asyncio.shield(run)
+            except asyncio.CancelledError:
+                stop.set()
+                await asyncio.wait({run})
+                if not run.cancelled():
+                    run.exception()  # BatchStopped, or whatever ended it: nobody awaits it
+                logger.info("batch %s stopped early", [job.request_id for job in jobs])
+                raise
+            except InvalidRequest:
+                raise
+            except Exception as error:
+                logger.exception("generation failed for %s", [job.request_id for job in jobs])
+                raise GenerationFailed(
+                    f"model {self.spec.id} failed to generate; please retry"
+                ) from error

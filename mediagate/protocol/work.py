@@ -1,0 +1,153 @@
+"""Plain data that crosses Ray handles between router, scheduler and workers.
+
+Frozen pydantic models of resolved work (no defaults left to guess) and its
+encoded result: bytes, never PIL images or tensors.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mediagate.protocol.media import ImageFormat
+
+MAX_SEED_DRAWN = 2**32 - 1
+
+
+def draw_seed(requested: int | None) -> int:
+    """The request's seed, or a random one (recorded, so the result can be reproduced)."""
+    return requested if requested is not None else secrets.randbelow(MAX_SEED_DRAWN)
+
+
+class ImageJob(BaseModel):
+    """One image request, resolved against its model spec; field names follow diffusers."""
+
+    model_config = ConfigDict(frozen=True)
+
+    request_id: str = Field(description="The router's id for the HTTP request.")
+    prompt: str = Field(description="Prompt text.")
+    negative_prompt: str | None = Field(None, description="Negative prompt text.")
+    width: int = Field(description="Output width in pixels.")
+    height: int = Field(description="Output height in pixels.")
+    num_inference_steps: int = Field(description="Denoising steps.")
+    guidance_scale: float = Field(description="Classifier-free guidance.")
+    num_images_per_prompt: int = Field(description="Images to make (the API's `n`).")
+    seed: int = Field(description="Image i uses seed + i, so results are reproducible.")
+    output_format: ImageFormat = Field(description="Encoding of the result.")
+    output_compression: int | None = Field(None, description="JPEG/WebP quality.")
+    account_id: str = Field("", description="Who asked: fairness is per account.")
+    priority_class: int = Field(0, ge=0, description="From the tier: higher is served first.")
+    max_wait_s: float = Field(
+        float("inf"), gt=0, description="From the tier: shed rather than wait longer."
+    )
+    max_queued: int | None = Field(
+        None, ge=0, description="From the tier: its class's queue cap in this scheduler."
+    )
+
+    @property
+    def batch_key(self) -> tuple[int, int, int, float]:
+        """Jobs with equal keys can share one pipeline call."""
+        return (self.width, self.height, self.num_inference_steps, self.guidance_scale)
+
+    @property
+    def images(self) -> int:
+        return self.num_images_per_prompt
+
+
+class ImageResult(BaseModel):
+    """The encoded images of one job."""
+
+    model_config = ConfigDict(frozen=True)
+
+    request_id: str = Field(description="Echoes the job's request id.")
+    images: list[bytes] = Field(description="Encoded images, in order.")
+    content_type: str = Field(description="MIME type of every image.")
+    batch_images: int = Field(description="How many images shared the pipeline call.")
+    inference_s: float = Field(description="Seconds the pipeline call took.")
+    worker: str = Field("", description="The worker replica that ran it (for operators).")
+
+
+def pipeline_call_kwargs(jobs: list[ImageJob]) -> dict[str, Any]:
+    """One diffusers call for a batch of same-shape jobs: prompts expanded per image."""
+    first = jobs[0]
+    prompts: list[str] = []
+    negatives: list[str] = []
+    for job in jobs:
+        prompts.extend([job.prompt] * job.images)
+        negatives.extend([job.negative_prompt or ""] * job.images)
+    kwargs: dict[str, Any] = {
+        "prompt": prompts,
+        "width": first.width,
+        "height": first.height,
+        "num_inference_steps": first.num_inference_steps,
+        "guidance_scale": first.guidance_scale,
+        "num_images_per_prompt": 1,
+    }
+    if any(job.negative_prompt for job in jobs):
+        kwargs["negative_prompt"] = negatives
+    return kwargs
+
+
+def image_seeds(jobs: list[ImageJob]) -> list[int]:
+    """The seed of every image of a batch, in the order of ``pipeline_call_kwargs``."""
+    return [job.seed + index for job in jobs for index in range(job.images)]
+
+
+class VideoGeneration(BaseModel):
+    """A video job's resolved pipeline arguments (diffusers names), kept with the job."""
+
+    model_config = ConfigDict(frozen=True)
+
+    prompt: str = Field(description="Prompt text.")
+    negative_prompt: str | None = Field(None, description="Negative prompt text.")
+    width: int = Field(description="Frame width in pixels.")
+    height: int = Field(description="Frame height in pixels.")
+    num_frames: int = Field(description="Frames to generate (seconds x fps, model-rounded).")
+    fps: int = Field(description="Frames per second of the MP4.")
+    num_inference_steps: int = Field(description="Denoising steps.")
+    guidance_scale: float = Field(description="Classifier-free guidance.")
+    seed: int = Field(description="Seed of the generator: same inputs, same video.")
+    input_reference: str | None = Field(
+        None, description="Artifact id of the conditioning image (image-to-video), if any."
+    )
+
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {
+            "prompt": self.prompt,
+            "width": self.width,
+            "height": self.height,
+            "num_frames": self.num_frames,
+            "num_inference_steps": self.num_inference_steps,
+            "guidance_scale": self.guidance_scale,
+        }
+        if self.negative_prompt:
+            kwargs["negative_prompt"] = self.negative_prompt
+        return kwargs
+
+
+class VideoTask(BaseModel):
+    """What the scheduler hands a video worker: one dispatch (attempt) of one job."""
+
+    model_config = ConfigDict(frozen=True)
+
+    job_id: str = Field(description="The job.")
+    account_id: str = Field(description="Its owner (addresses the job in the store).")
+    attempt: int = Field(description="This dispatch's number; fences stale writes.")
+    generation: VideoGeneration = Field(description="What to generate.")
+    lease_s: float = Field(description="The worker renews the job's lease this often x3.")
+    content_ttl_s: float = Field(description="How long the finished files stay downloadable.")
+
+
+class VideoOutcome(BaseModel):
+    """How a dispatch ended, as the worker saw it (the store holds the details)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    job_id: str = Field(description="The job.")
+    status: Literal["completed", "failed", "cancelled"] = Field(
+        description="`cancelled`: the job was deleted or taken back while running."
+    )
+    inference_s: float = Field(0.0, description="Seconds in the pipeline.")
+    steps_done: int = Field(0, description="Denoising steps run.")

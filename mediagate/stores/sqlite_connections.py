@@ -1,0 +1,55 @@
+"""Long-lived SQLite connections, one per thread, shared by the SQLite stores.
+
+Opening a connection per call was the router's main cost under load: in WAL mode
+the last connection to close checkpoints the log and deletes it, so every call
+paid an open, a checkpoint and an fsync, partly on the event loop. A connection
+per thread stays open for the life of the store instead; each call still runs
+its own statement or transaction, so several processes can share the file.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from mediagate.protocol.errors import StoreUnavailable
+
+
+class SqliteConnections:
+    """Hands each thread its own open connection to ``path`` (autocommit mode)."""
+
+    def __init__(self, path: Path, *pragmas: str) -> None:
+        self.path = path
+        self._pragmas = ("PRAGMA journal_mode=WAL", *pragmas)
+        self._local = threading.local()
+
+    def _open(self) -> sqlite3.Connection:
+        try:
+            db = sqlite3.connect(
+                self.path, timeout=30, isolation_level=None, check_same_thread=True
+            )
+            for pragma in self._pragmas:
+                db.execute(pragma)
+        except sqlite3.Error as error:
+            raise StoreUnavailable(f"cannot open {self.path}: {error}") from error
+        return db
+
+    @contextmanager
+    def connection(self) -> Iterator[sqlite3.Connection]:
+        """This thread's connection; a transaction left open by an error is rolled back,
+        and a connection that failed is dropped so the next call opens a fresh one."""
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None:
+            db = self._local.db = self._open()
+        try:
+            yield db
+        except sqlite3.Error:
+            self._local.db = None
+            db.close()
+            raise
+        finally:
+            if self._local.db is db and db.in_transaction:
+                db.rollback()
