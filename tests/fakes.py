@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from mediagate.protocol.errors import MediagateError
-from mediagate.protocol.scheduling import QueueStats
+from mediagate.protocol.scheduling import PublishedLoad, QueueStats
 from mediagate.protocol.work import ImageJob, ImageResult
 
 
@@ -36,27 +36,25 @@ class FakeSchedulerHandle:
         self.jobs: list[ImageJob] = []
         self.fail_with = fail_with
         self.submit = _Method(self._submit)
-        self.stats = _Method(self._stats)
-        self.load: dict[str, Any] = {"busy": 0, "slots": 1, "service_s": {}, "classes": {}}
+        self.queue_stats = _Method(self._queue_stats)
+        self.load = PublishedLoad(busy=0, slots=1, service_s={})
         self.published_load = _Method(self._published_load)
 
-    async def _published_load(self) -> dict[str, Any]:
+    async def _published_load(self) -> PublishedLoad:
         return self.load
 
-    async def _stats(self) -> dict[str, Any]:
-        return {
-            "queue_len": 4,
-            "queue_by_class": {0: 3, 2: 1},
-            "running_by_class": {2: 1},
-            "busy_slots": 1,
-            "capacity": 1,
-            "replicas": 1,
-            "wait_estimate_s_by_class": {0: 12.5, 2: 0.5},
-            "wait_beyond_estimate_s_by_class": {0: {"p50": -0.5, "p99": 2.0}},
-            "admitted_class_0": 10,
-            "shed_class_0": 7,
-            "admitted_class_2": 3,
-        }
+    async def _queue_stats(self) -> QueueStats:
+        return QueueStats(
+            queue_len=4,
+            queue_by_class={0: 3, 2: 1},
+            running_by_class={2: 1},
+            busy_slots=1,
+            capacity=1,
+            replicas=1,
+            wait_estimate_s_by_class={0: 12.5, 2: 0.5},
+            wait_beyond_estimate_s_by_class={0: {"p50": -0.5, "p99": 2.0}},
+            decision_counts={"admitted_class_0": 10, "shed_class_0": 7, "admitted_class_2": 3},
+        )
 
     async def _submit(self, job: ImageJob) -> ImageResult:
         self.jobs.append(job)
@@ -180,7 +178,7 @@ class FakeVideoSchedulerHandle:
         self.admit = _Method(self._admit)
         self.enqueue = _Method(self._enqueue)
         self.cancel = _Method(self._cancel)
-        self.stats = _Method(self._stats)
+        self.queue_stats = _Method(self._queue_stats)
         self.position = _Method(self._position)
 
     async def _position(self, job_id: str) -> int:
@@ -188,8 +186,8 @@ class FakeVideoSchedulerHandle:
         waiting = [queued for _, queued in self.enqueued if queued not in cancelled]
         return waiting.index(job_id) + 1 if job_id in waiting else 0
 
-    async def _stats(self) -> dict[str, Any]:
-        queue = QueueStats(
+    async def _queue_stats(self) -> QueueStats:
+        return QueueStats(
             queue_len=2,
             queue_by_class={1: 2},
             running_by_class={2: 1},
@@ -199,7 +197,6 @@ class FakeVideoSchedulerHandle:
             wait_estimate_s_by_class={1: 90.0, 2: 30.0},
             decision_counts={"admitted_class_1": 2, "admitted_class_2": 1},
         )
-        return {**queue.as_dict(), "running": ["video_secret"], "dispatched": 1}
 
     async def _admit(
         self, account_id: str, priority_class: int, max_wait_s: float, max_queued: int | None

@@ -33,7 +33,7 @@ from mediagate.protocol.errors import (
 )
 from mediagate.protocol.images import ImageData, ImageGenerationRequest, ImagesResponse
 from mediagate.protocol.listing import ModelObject
-from mediagate.protocol.scheduling import DECISIONS, QueueStats
+from mediagate.protocol.scheduling import DECISIONS, PublishedLoad, QueueStats
 from mediagate.protocol.work import ImageJob, ImageResult, draw_seed
 from mediagate.stores import (
     JobStore,
@@ -80,7 +80,7 @@ class Gateway:
         # Accounts last seen per key hash, used only while the store is unreachable.
         self._seen: dict[str, tuple[Account, float]] = {}
         # Per image model: the load its scheduler last published, and when it arrived.
-        self._published_load: dict[str, tuple[dict[str, Any], float]] = {}
+        self._published_load: dict[str, tuple[PublishedLoad, float]] = {}
         self.shed_by_router: Counter[str] = Counter()  # per tier, this replica only
         # Per (model, account): image requests this router has handed to the scheduler
         # and not had back (queued or running), for its early refusals.
@@ -293,11 +293,12 @@ class Gateway:
         models: dict[str, Any] = {}
         for spec in self.served_models():
             try:
-                stats = await asyncio.wait_for(self.schedulers[spec.id].stats.remote(), 5)
+                queue: QueueStats = await asyncio.wait_for(
+                    self.schedulers[spec.id].queue_stats.remote(), 5
+                )
             except Exception as error:  # one scheduler down must not hide the others
                 models[spec.id] = {"task": spec.task, "error": f"scheduler unavailable: {error!r}"}
                 continue
-            queue = QueueStats.from_dict(stats)
             models[spec.id] = {
                 "task": spec.task,
                 "queue_len": queue.queue_len,

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Hashable, Iterable
 from typing import Any
 
 from deployments.scheduler.queue import FairQueue, tickets_ahead
 from mediagate.protocol.errors import Overloaded
+from mediagate.protocol.scheduling import PublishedLoad
 
 # Smoothing of the measured service time per batch shape.
 SERVICE_TIME_ALPHA = 0.2
@@ -83,7 +84,7 @@ def admit_or_shed(
 
 
 def shed_on_published_load(
-    load: Mapping[str, Any],
+    load: PublishedLoad,
     *,
     priority_class: int,
     batch_key: Hashable,
@@ -98,41 +99,41 @@ def shed_on_published_load(
     this account's requests the router has handed over and not had back (``own_pending``:
     queued or running, so at least ``own_pending - busy`` of them are queued). No fresh
     view, or a class or shape not measured yet: return, and the scheduler decides."""
-    view = load.get("classes", {}).get(priority_class)
-    service_s = load.get("service_s", {}).get(batch_key)
+    view = load.classes.get(priority_class)
+    service_s = load.service_s.get(batch_key)
     if age_s > max_age_s or view is None or service_s is None:
         return
     admit_or_shed(
         ahead=tickets_ahead(
-            queued_above=view["queued_above"],
-            depths=view["depths"],
-            own_depth=max(0, own_pending - load["busy"]),
+            queued_above=view.queued_above,
+            depths=view.depths,
+            own_depth=max(0, own_pending - load.busy),
         ),
-        busy=load["busy"],
-        slots=load["slots"],
+        busy=load.busy,
+        slots=load.slots,
         service_s=service_s,
         max_wait_s=max_wait_s,
-        queued_in_class=view["queued"],
+        queued_in_class=view.queued,
         max_queued=max_queued,
-        share_above=view["share_above"],
+        share_above=view.share_above,
     )
 
 
-def count_forwarded(load: dict[str, Any], *, priority_class: int, own_pending: int) -> None:
+def count_forwarded(load: PublishedLoad, *, priority_class: int, own_pending: int) -> None:
     """Update a router's copy of the published load for a request it just forwarded, so
     its next decisions see it before the scheduler publishes again: one more ticket in
     the class, and the account one deeper."""
-    view = load.get("classes", {}).get(priority_class)
+    view = load.classes.get(priority_class)
     if view is None:
         return
-    own_depth = max(0, own_pending - load["busy"])
-    depths: dict[int, int] = view["depths"]
+    own_depth = max(0, own_pending - load.busy)
+    depths = view.depths
     if own_depth and depths.get(own_depth):
         depths[own_depth] -= 1
         if not depths[own_depth]:
             del depths[own_depth]
     depths[own_depth + 1] = depths.get(own_depth + 1, 0) + 1
-    view["queued"] += 1
+    view.queued += 1
 
 
 def updated_service_time(previous: float | None, measured: float) -> float:

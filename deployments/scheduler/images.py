@@ -31,7 +31,7 @@ from deployments.scheduler.preemption import PreemptionPolicy, RunningBatch, bat
 from deployments.scheduler.queue import FairQueue, Ticket
 from mediagate.protocol.catalog import Batching, ModelSpec
 from mediagate.protocol.errors import GenerationFailed, MediagateError, Overloaded, unwrap
-from mediagate.protocol.scheduling import QueueStats
+from mediagate.protocol.scheduling import ClassLoad, PublishedLoad, QueueStats
 from mediagate.protocol.work import ImageJob, ImageResult
 
 logger = logging.getLogger(__name__)
@@ -186,31 +186,30 @@ class Scheduler:
             for cls in sorted(classes)
         }
 
-    def published_load(self) -> dict[str, Any]:
+    def published_load(self) -> PublishedLoad:
         """What routers need to make this scheduler's admission decision themselves,
         without a hop: slots, measured service times, and per class the queue, the work
         above it, the share of capacity above it and its accounts' queue depths (counts
         only: no account ids leave the scheduler)."""
-        classes = self._classes_seen | set(self._queue.length_by_class())
-        return {
-            "busy": self._slots.busy,
-            "slots": self.capacity,
-            "service_s": dict(self._service_s),
-            "classes": {
-                cls: {
-                    "queued": self._queue.length_by_class().get(cls, 0),
-                    "queued_above": self._queue.queued_above(cls),
-                    "share_above": self._queue.share_above(cls),
-                    "depths": dict(self._queue.depths(cls)),
-                }
-                for cls in classes
+        by_class = self._queue.length_by_class()
+        return PublishedLoad(
+            busy=self._slots.busy,
+            slots=self.capacity,
+            service_s=dict(self._service_s),
+            classes={
+                cls: ClassLoad(
+                    queued=by_class.get(cls, 0),
+                    queued_above=self._queue.queued_above(cls),
+                    share_above=self._queue.share_above(cls),
+                    depths=dict(self._queue.depths(cls)),
+                )
+                for cls in self._classes_seen | set(by_class)
             },
-        }
+        )
 
-    def stats(self) -> dict[str, Any]:
-        """Plain numbers for the status endpoint and tests: the queue schema every
-        scheduler shares (``QueueStats``), plus this one's batching and service times."""
-        queue = QueueStats(
+    def queue_stats(self) -> QueueStats:
+        """The queue as every scheduler reports it (what ``GET /v1/status`` shows)."""
+        return QueueStats(
             queue_len=len(self._queue),
             queue_by_class=self._queue.length_by_class(),
             running_by_class=dict(Counter(b.priority_class for b in self._in_flight.values())),
@@ -221,9 +220,12 @@ class Scheduler:
             wait_beyond_estimate_s_by_class=self.estimate_check.summary(),
             decision_counts=dict(self.counts),
         )
+
+    def stats(self) -> dict[str, Any]:
+        """For operators and tests: ``queue_stats`` plus batching and service times."""
         return {
             "model": self.spec.id,
-            **queue.as_dict(),
+            **self.queue_stats().as_dict(),
             "max_batch_size": self._batching.max_batch_size,
             "service_s": {str(key): round(value, 4) for key, value in self._service_s.items()},
         }

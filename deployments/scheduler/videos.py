@@ -218,12 +218,10 @@ class VideoScheduler:
         stats = report_metrics(by_class, self._slots.busy, self.queue_weights, self._classes_seen)
         return stats | {"inflight": float(self._slots.busy)}
 
-    def stats(self) -> dict[str, Any]:
-        """The queue schema every scheduler shares (``QueueStats``, what the status
-        endpoint shows), plus this one's job counters and, for operators and tests only,
-        the running job ids."""
+    def queue_stats(self) -> QueueStats:
+        """The queue as every scheduler reports it (what ``GET /v1/status`` shows)."""
         classes = self._classes_seen | set(self._queue.length_by_class())
-        queue = QueueStats(
+        return QueueStats(
             queue_len=len(self._queue),
             queue_by_class=self._queue.length_by_class(),
             running_by_class=dict(Counter(self._running_class.values())),
@@ -240,9 +238,12 @@ class VideoScheduler:
             wait_beyond_estimate_s_by_class=self.estimate_check.summary(),
             decision_counts=dict(self.decisions),
         )
+
+    def stats(self) -> dict[str, Any]:
+        """For operators and tests: ``queue_stats`` plus job counters and the running ids."""
         return {
             "model": self.spec.id,
-            **queue.as_dict(),
+            **self.queue_stats().as_dict(),
             "running": sorted(self._running),
             **self.counts,
         }

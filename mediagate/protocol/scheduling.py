@@ -1,10 +1,11 @@
-"""What schedulers report about their queues: one shape for image and video models
-(`stats()`, `GET /v1/status`).
+"""What schedulers report about their queues, as types: ``QueueStats`` (one shape for
+image and video models: ``stats()``, ``GET /v1/status``) and ``PublishedLoad`` (what an
+image scheduler publishes so routers can make its admission decision without a hop).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, get_args
 
@@ -62,3 +63,24 @@ class QueueStats:
             for key, count in self.decision_counts.items()
             if key.startswith(prefix)
         }
+
+
+@dataclass
+class ClassLoad:
+    """One priority class in a published load: counts only, no account ids."""
+
+    queued: int  # tickets of this class waiting
+    queued_above: int  # tickets of higher classes waiting (served first)
+    share_above: float  # share of recent dispatches that went to higher classes
+    depths: dict[int, int]  # how many of its accounts have 1, 2, ... tickets queued
+
+
+@dataclass
+class PublishedLoad:
+    """An image scheduler's load as routers see it (refreshed every few tenths of a
+    second; a router updates its copy for each request it forwards)."""
+
+    busy: int  # worker slots running a batch
+    slots: int  # worker slots in all
+    service_s: dict[Hashable, float]  # measured seconds per batch shape
+    classes: dict[int, ClassLoad] = field(default_factory=dict)

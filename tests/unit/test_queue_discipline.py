@@ -20,6 +20,7 @@ from deployments.scheduler.admission import (
 from deployments.scheduler.images import Scheduler
 from deployments.scheduler.queue import FairQueue, Ticket, tickets_ahead
 from mediagate.protocol.errors import Overloaded
+from mediagate.protocol.scheduling import ClassLoad, PublishedLoad
 from mediagate.protocol.work import ImageJob
 from models.catalog import load_catalog
 from tests.fakes import FakeClock, FakeWorkerHandle
@@ -290,15 +291,15 @@ async def test_lower_classes_count_only_the_capacity_left_to_them() -> None:
 
 
 KEY = (64, 64, 4, 7.5)
-LOAD: dict[str, Any] = {
-    "busy": 1,
-    "slots": 1,
-    "service_s": {KEY: 1.0},
-    "classes": {
-        0: {"queued": 20, "queued_above": 2, "share_above": 0.0, "depths": {1: 4, 4: 4}},
-        2: {"queued": 2, "queued_above": 0, "share_above": 0.0, "depths": {2: 1}},
+LOAD = PublishedLoad(
+    busy=1,
+    slots=1,
+    service_s={KEY: 1.0},
+    classes={
+        0: ClassLoad(queued=20, queued_above=2, share_above=0.0, depths={1: 4, 4: 4}),
+        2: ClassLoad(queued=2, queued_above=0, share_above=0.0, depths={2: 1}),
     },
-}
+)
 
 
 def test_shedding_on_published_load_is_the_schedulers_decision() -> None:
@@ -335,15 +336,15 @@ def test_router_refuses_early_from_published_load_without_a_reservation(tmp_path
 
     service = Service(tmp_path, tier="free")
     pro = service.other_auth("paid", "pro")
-    service.scheduler.load = {
-        "busy": 1,
-        "slots": 1,
-        "service_s": {(64, 64, 4, 7.5): 1.0},
-        "classes": {
-            0: {"queued": 150, "queued_above": 0, "share_above": 0.0, "depths": {1: 90}},
-            2: {"queued": 0, "queued_above": 0, "share_above": 0.0, "depths": {}},
+    service.scheduler.load = PublishedLoad(
+        busy=1,
+        slots=1,
+        service_s={(64, 64, 4, 7.5): 1.0},
+        classes={
+            0: ClassLoad(queued=150, queued_above=0, share_above=0.0, depths={1: 90}),
+            2: ClassLoad(queued=0, queued_above=0, share_above=0.0, depths={}),
         },
-    }
+    )
 
     async def follow_once() -> None:
         """Run the router's follower until it has read the load once."""
@@ -393,10 +394,10 @@ async def test_published_load_reproduces_the_schedulers_queue_position() -> None
     assert "acct-" not in str(load)  # depths only, no account ids
     for account, cls in (("acct-a", 0), ("acct-b", 0), ("new", 0), ("acct-p", 2), ("new", 2)):
         probe = job("probe", account, cls)
-        view = load["classes"][cls]
+        view = load.classes[cls]
         queued = sum(1 for t in scheduler._queue.tickets() if t.job.account_id == account)
         assert tickets_ahead(
-            queued_above=view["queued_above"], depths=view["depths"], own_depth=queued
+            queued_above=view.queued_above, depths=view.depths, own_depth=queued
         ) == scheduler._queue.ahead_of(probe)
     worker.release.set()
     await asyncio.gather(*waiting)
