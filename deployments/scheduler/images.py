@@ -31,7 +31,13 @@ from deployments.scheduler.preemption import PreemptionPolicy, RunningBatch, bat
 from deployments.scheduler.queue import FairQueue, Ticket
 from mediagate.protocol.catalog import Batching, ModelSpec
 from mediagate.protocol.errors import GenerationFailed, MediagateError, Overloaded, unwrap
-from mediagate.protocol.scheduling import ClassLoad, PublishedLoad, QueueStats
+from mediagate.protocol.scheduling import (
+    ClassLoad,
+    Decision,
+    PublishedLoad,
+    QueueStats,
+    decision_key,
+)
 from mediagate.protocol.work import ImageJob, ImageResult
 
 logger = logging.getLogger(__name__)
@@ -307,8 +313,8 @@ class Scheduler:
             waiting_class,
         )
 
-    def _count(self, decision: str, priority_class: int) -> None:
-        self.counts[f"{decision}_class_{priority_class}"] += 1
+    def _count(self, decision: Decision, priority_class: int) -> None:
+        self.counts[decision_key(decision, priority_class)] += 1
         self._classes_seen.add(priority_class)
         self._metrics.decided(decision, priority_class)
 

@@ -31,7 +31,7 @@ class SchedulerMetrics:
         )
         self.inflight = metrics.Gauge(
             "mediagate_inflight_batches",
-            description="Batches running on worker slots.",
+            description="Batches (images) or jobs (videos) running on worker slots.",
             tag_keys=("model",),
         )
         self.decisions = metrics.Counter(

@@ -31,6 +31,7 @@ from deployments.scheduler.admission import (
     wait_estimates_s_by_class,
 )
 from deployments.scheduler.capacity import ReplicaCounter, WorkerSlots, serve_replica_counter
+from deployments.scheduler.metrics import SchedulerMetrics
 from deployments.scheduler.queue import FairQueue, Ticket
 from deployments.scheduler.settings import VideoSchedulerSettings
 from mediagate.jobs.video import RetryLimits, VideoJobLifecycle, overdue
@@ -83,6 +84,7 @@ class VideoScheduler:
         self._store = store or open_state_store(StateConfig.model_validate(state))
         self._clock = clock
         self._jobs = VideoJobLifecycle(self._store, clock=clock)
+        self._metrics = SchedulerMetrics(self.spec.id)  # the image scheduler's metrics
         if count_replicas is None and worker_deployment is not None:
             count_replicas = serve_replica_counter(worker_deployment)
         self._slots = WorkerSlots(
@@ -215,6 +217,7 @@ class VideoScheduler:
         """Queue metrics that the autoscaling policy reads (one job per slot)."""
         by_class = self._queue.length_by_class()
         self._classes_seen |= set(by_class)
+        self._metrics.observe(by_class, self._slots.busy, self._classes_seen)
         stats = report_metrics(by_class, self._slots.busy, self.queue_weights, self._classes_seen)
         return stats | {"inflight": float(self._slots.busy)}
 
@@ -251,6 +254,7 @@ class VideoScheduler:
     def _count(self, decision: Decision, priority_class: int) -> None:
         self.decisions[decision_key(decision, priority_class)] += 1
         self._classes_seen.add(priority_class)
+        self._metrics.decided(decision, priority_class)
 
     async def _dispatch_loop(self) -> None:
         while True:
