@@ -14,6 +14,8 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from autoscaling.naming import ROUTER
+from mediagate.access.tiers import load_tier_policy, parse_tier_policy
 from mediagate.cli.accounts import _policy, _state
 from mediagate.cli.command import CommandError, _layout
 from mediagate.cli.scale_changes import (
@@ -45,9 +47,28 @@ def _dashboard_url(address: str | None) -> str:
     return f"http://127.0.0.1:{DEFAULT_DASHBOARD_PORT}"
 
 
-def _free_class() -> int:
-    """The lowest priority class of the tier file (free, by default)."""
-    return min(tier.priority_class for tier in _policy().tiers.values())
+def deployed_free_class(deployments: dict[str, Any]) -> int:
+    """The lowest priority class of the tier policy the deployed routers use (their
+    ``user_config``: inline ``tiers`` or a ``tiers_file``), not of a local tier file that
+    may differ. A file the routers read but this machine cannot falls back to the local
+    policy, with a warning."""
+    router = deployments.get(ROUTER) or {}
+    user_config = (router.get("deployment_config") or {}).get("user_config") or {}
+    if user_config.get("tiers"):
+        policy = parse_tier_policy(user_config["tiers"])
+    elif user_config.get("tiers_file"):
+        try:
+            policy = load_tier_policy(user_config["tiers_file"])
+        except OSError as error:
+            print(
+                f"warning: the deployed tier file is not readable here ({error}); "
+                "using the local tier policy",
+                file=sys.stderr,
+            )
+            policy = _policy()
+    else:
+        policy = load_tier_policy()
+    return min(tier.priority_class for tier in policy.tiers.values())
 
 
 def _service_queues(url: str | None, api_key: str | None) -> dict[str, dict[str, Any]]:
@@ -130,7 +151,7 @@ def command_scale_set(args: argparse.Namespace) -> int:
             change,
             current_limits=current,
             worker=worker,
-            free_class=_free_class(),
+            free_class=deployed_free_class(deployments),
         )
     except ScaleError as error:
         raise CommandError(str(error)) from error

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from mediagate.cli import scale
 from mediagate.cli.scale_changes import ScaleChange, ScaleError, apply_scale_change, scale_rows
 
 DEPLOYED_LIMITS = {  # what the REST API shows for a worker, Serve's defaults included
@@ -136,3 +138,24 @@ def test_scale_rows_from_serve_details() -> None:
         "target_per_replica": 2.0,
         "queue": {"free": 7.0, "pro": 2.0},
     }
+
+
+def test_the_free_class_comes_from_the_deployed_tier_policy(tmp_path: Path) -> None:
+    """`scale set --free-weight` weighs the lowest class of the policy the routers run,
+    not of the tier file on the operator's machine."""
+    import yaml
+
+    from mediagate.cli.scale import deployed_free_class
+
+    shipped = yaml.safe_load(
+        (Path(scale.__file__).parents[1] / "configs" / "tiers.yaml").read_text()
+    )
+    for tier in shipped["tiers"].values():
+        tier["priority_class"] += 5  # the deployed policy numbers its classes 5, 6, 7
+    inline = {"Router": {"deployment_config": {"user_config": {"tiers": shipped}}}}
+    assert deployed_free_class(inline) == 5
+    tiers_file = tmp_path / "tiers.yaml"
+    tiers_file.write_text(yaml.safe_dump(shipped))
+    by_file = {"Router": {"deployment_config": {"user_config": {"tiers_file": str(tiers_file)}}}}
+    assert deployed_free_class(by_file) == 5
+    assert deployed_free_class({}) == 0  # no router config: the shipped policy
