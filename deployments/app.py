@@ -50,7 +50,8 @@ class AppArgs(BaseModel):
     router: RouterSettings = Field(default_factory=RouterSettings)
     video: VideoSchedulerSettings = Field(
         default_factory=VideoSchedulerSettings,
-        description="Video jobs: leases, attempts, content lifetime (live via user_config).",
+        description="Video jobs: leases, attempts, content lifetime; declared here only "
+        "(a video scheduler's user_config may override single keys live).",
     )
     state: StateConfig | None = Field(
         None, description="State store; from MEDIAGATE_REDIS_URL, else SQLite under home."
@@ -139,11 +140,12 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
         if is_video:
             schedulers[model_id] = (
                 _deployment(VideoScheduler)
-                .options(**scheduler_options, user_config=app_args.video.model_dump())
+                .options(**scheduler_options, user_config={})
                 .bind(
                     worker,
                     spec.model_dump(),
                     state=state,
+                    settings=app_args.video.model_dump(),
                     worker_deployment=worker_deployment,
                 )
             )

@@ -79,7 +79,10 @@ class VideoScheduler:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.spec = ModelSpec.model_validate(spec)
-        self.settings = VideoSchedulerSettings.model_validate(settings or {})
+        # The application's `args.video` (the one place video settings are declared);
+        # a live `user_config` overrides single keys on top of it.
+        self._base_settings = VideoSchedulerSettings.model_validate(settings or {})
+        self.settings = self._base_settings
         self._worker = worker
         self._store = store or open_state_store(StateConfig.model_validate(state))
         self._clock = clock
@@ -109,8 +112,9 @@ class VideoScheduler:
             asyncio.get_running_loop().call_soon(self._ensure_started)  # recover at once
 
     def reconfigure(self, config: dict[str, Any]) -> None:
-        """Live update from ``user_config`` (no replica restart)."""
-        merged = {**self.settings.model_dump(), **config}
+        """Live update from ``user_config`` (no replica restart): its keys override the
+        application's settings; a key taken out of it goes back to the application's."""
+        merged = {**self._base_settings.model_dump(), **config}
         self.settings = VideoSchedulerSettings.model_validate(merged)
         self.queue_weights = queue_weights_from_config(self.settings.queue_weights)
         self._slots.set_slots_per_replica(self.settings.slots_per_replica)

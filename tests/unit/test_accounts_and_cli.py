@@ -160,6 +160,7 @@ def test_shipped_config_names_every_deployment_the_builder_makes(tmp_path: Path)
         assert scheduler_name(spec.id) in configured
     video = configured["Scheduler-tiny-wan"]["user_config"]
     VideoSchedulerSettings.model_validate(video)
+    assert not set(video) & set(app["args"]["video"]), "a video setting declared twice"
 
 
 def test_gpu_example_config_validates_against_serve_schema(tmp_path: Path) -> None:

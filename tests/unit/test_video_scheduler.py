@@ -297,3 +297,18 @@ async def test_higher_classes_first_and_accounts_in_turn(rig: Rig) -> None:
         await rig.worker.wait_running(1)
         started.append(rig.worker.running()[0])
     assert started[1:] == order
+
+
+async def test_user_config_overrides_the_applications_video_settings_key_by_key(
+    tmp_path: Path,
+) -> None:
+    """Video settings are declared once (the application's `args.video`); a live
+    user_config overrides single keys, and a key taken out of it goes back."""
+    rig = Rig(tmp_path, lease_s=5, max_attempts=3)
+    rig.scheduler.reconfigure({"queue_weights": {"0": 1.0}})  # a config naming other keys
+    assert (rig.scheduler.settings.lease_s, rig.scheduler.settings.max_attempts) == (5, 3)
+    rig.scheduler.reconfigure({"lease_s": 9})
+    assert (rig.scheduler.settings.lease_s, rig.scheduler.settings.max_attempts) == (9, 3)
+    rig.scheduler.reconfigure({})
+    assert rig.scheduler.settings.lease_s == 5
+    await rig.scheduler.shutdown()
