@@ -79,8 +79,7 @@ class VideoScheduler:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.spec = ModelSpec.model_validate(spec)
-        # The application's `args.video` (the one place video settings are declared);
-        # a live `user_config` overrides single keys on top of it.
+        # `args.video`, where video settings are declared; user_config overrides keys live
         self._base_settings = VideoSchedulerSettings.model_validate(settings or {})
         self.settings = self._base_settings
         self._worker = worker

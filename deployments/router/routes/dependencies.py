@@ -1,0 +1,88 @@
+"""What routes take from FastAPI, typed: the gateway, the authenticated caller, and the
+Idempotency-Key handling every creating POST shares."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, cast
+
+from fastapi import Depends, Request
+from fastapi.responses import JSONResponse
+
+from deployments.router.gateway import Gateway
+from mediagate.access.accounts import Account
+from mediagate.access.idempotency import StoredAnswer, check_key, fingerprint
+from mediagate.stores import VideoJobRecord
+
+POLL_AFTER_HEADER = "openai-poll-after-ms"
+
+
+def gateway_of(request: Request) -> Gateway:
+    return cast(Gateway, request.app.state.gateway)
+
+
+GatewayDep = Annotated[Gateway, Depends(gateway_of)]
+
+
+async def authenticated(request: Request, gateway: GatewayDep) -> Account:
+    """The caller's account from ``Authorization: Bearer KEY`` (401 otherwise)."""
+    return await gateway.authenticate(request.headers.get("authorization"))
+
+
+Caller = Annotated[Account, Depends(authenticated)]
+
+
+def video_response(
+    gateway: Gateway, job: VideoJobRecord, *, queue_position: int | None = None
+) -> JSONResponse:
+    """A job as the client sees it, with the header that paces its polling."""
+    body = gateway.videos.to_object(job, queue_position=queue_position).model_dump(mode="json")
+    return JSONResponse(body, headers={POLL_AFTER_HEADER: str(gateway.settings.poll_after_ms)})
+
+
+Produce = Callable[[], Awaitable[tuple[JSONResponse, str | None]]]
+
+
+async def idempotent(
+    gateway: Gateway, request: Request, account: Account, payload: Any, produce: Produce
+) -> JSONResponse:
+    """Run ``produce`` once per Idempotency-Key; repeats get the first answer again.
+
+    ``produce`` returns the response and, for video jobs, the job id (a repeat then
+    shows the job as it is now rather than as it was).
+    """
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        return (await produce())[0]
+    check_key(key)
+    digest = fingerprint(request.method, request.url.path, payload)
+    claim = await gateway.idempotency.claim(account.id, key, digest)
+    if claim.answer is not None:
+        answer = claim.answer
+        replayed = {"idempotent-replayed": "true"}
+        if answer.video_id is not None:
+            job = await gateway.videos.get(account, answer.video_id)
+            response = video_response(gateway, job)
+            response.headers.update(replayed)
+            return response
+        return JSONResponse(
+            json.loads(answer.body or "null"),
+            status_code=answer.status_code,
+            headers={**answer.headers, **replayed},
+        )
+    assert claim.claim_id is not None  # a claim replays an answer or holds the key
+    try:
+        response, video_id = await produce()
+    except BaseException:
+        await gateway.idempotency.release(account.id, key, claim.claim_id)
+        raise
+    kept = {k: v for k, v in response.headers.items() if k.startswith("x-ratelimit-")}
+    stored = StoredAnswer(
+        status_code=response.status_code,
+        body=None if video_id else bytes(response.body).decode(),
+        headers=kept,
+        video_id=video_id,
+    )
+    await gateway.idempotency.complete(account.id, key, claim.claim_id, digest, stored)
+    return response

@@ -1,0 +1,69 @@
+"""OpenAI Images: ``POST /v1/images/generations``, and the signed downloads of images
+answered as URLs."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, Response
+
+from deployments.router.routes.dependencies import GatewayDep, authenticated, idempotent
+from mediagate.protocol.errors import NotFound
+from mediagate.protocol.images import ImageGenerationRequest, ImagesResponse
+from mediagate.stores.artifacts import LocalArtifactStore, content_type
+
+router = APIRouter()
+
+
+@router.post(
+    "/v1/images/generations",
+    response_model=ImagesResponse,
+    response_model_exclude_none=True,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": ImageGenerationRequest.model_json_schema()}},
+        }
+    },
+)
+async def generate_images(request: Request, gateway: GatewayDep) -> JSONResponse:
+    raw = await request.body()
+    received = time.perf_counter()
+
+    def decided() -> None:  # the router's own time to refuse or forward, no transport
+        request.state.decision_ms = (time.perf_counter() - received) * 1000
+
+    # Authenticated here, not as a dependency: the decision time includes it.
+    account = await authenticated(request, gateway)
+    body = ImageGenerationRequest.model_validate_json(raw)
+
+    async def produce() -> tuple[JSONResponse, str | None]:
+        response, headers = await gateway.generate_images(
+            account,
+            body,
+            request_id=request.state.request_id,
+            base_url=str(request.base_url),
+            decided=decided,
+        )
+        content = response.model_dump(mode="json", exclude_none=True)
+        return JSONResponse(content, headers=headers), None
+
+    return await idempotent(gateway, request, account, body.model_dump(mode="json"), produce)
+
+
+@router.get("/v1/files/{artifact_id}/content")
+async def download(
+    artifact_id: str,
+    gateway: GatewayDep,
+    expires: int = Query(...),
+    signature: str = Query(...),
+) -> Response:
+    """A signed, expiring image download (local files; S3 hands out presigned URLs)."""
+    if not isinstance(gateway.artifacts, LocalArtifactStore):  # S3 URLs go to S3
+        raise NotFound(f"no file {artifact_id!r}", param="file_id")
+    data = await asyncio.to_thread(gateway.artifacts.read_signed, artifact_id, expires, signature)
+    return Response(
+        data, media_type=content_type(artifact_id), headers={"cache-control": "private"}
+    )
