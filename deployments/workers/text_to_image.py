@@ -14,20 +14,22 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
+from deployments.workers.runner import (
+    PipelineLoader,
+    StoppedAtStep,
+    load_warm_pipeline,
+    stop_pipeline,
+)
 from mediagate.protocol.catalog import ModelSpec
 from mediagate.protocol.errors import GenerationFailed, InvalidRequest
 from mediagate.protocol.media import CONTENT_TYPES
 from mediagate.protocol.work import ImageJob, ImageResult, image_seeds, pipeline_call_kwargs
-from models.device import assigned_cpus
 from models.encoding import encode_image
 from models.loading import load_pipeline
 
 logger = logging.getLogger(__name__)
-
-PipelineLoader = Callable[..., Any]
 
 
 def _replica_id() -> str:
@@ -40,7 +42,7 @@ def _replica_id() -> str:
         return ""
 
 
-class BatchStopped(Exception):
+class BatchStopped(StoppedAtStep):
     """The scheduler took the batch back (to run higher-priority work) mid-way."""
 
 
@@ -49,10 +51,10 @@ def stop_when_set(stop: threading.Event) -> Callable[..., dict[str, Any]]:
 
     def callback(pipeline: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> Any:
         if stop.is_set():
-            # The interrupt flag makes diffusers skip the remaining steps; raising also
-            # skips the VAE decode of images nobody will receive.
-            pipeline._interrupt = True
-            raise BatchStopped(f"stopped after step {step + 1}")
+            try:
+                stop_pipeline(pipeline, step)
+            except StoppedAtStep as stopped:
+                raise BatchStopped(str(stopped)) from None
         return kwargs
 
     return callback
@@ -108,18 +110,18 @@ class TextToImage:
         load: PipelineLoader = load_pipeline,
         torch_threads: int | None = None,
     ) -> None:
-        import torch
-
-        threads = torch_threads or assigned_cpus()
-        if threads:
-            torch.set_num_threads(threads)
         self.spec = ModelSpec.model_validate(spec)
-        self.pipeline = load(self.spec, cache_dir=Path(cache_dir))
+        self.pipeline = load_warm_pipeline(
+            self.spec,
+            cache_dir=cache_dir,
+            load=load,
+            torch_threads=torch_threads,
+            warm_up=self._warm_up,
+        )
         self._one_at_a_time = asyncio.Lock()
         self.replica_id = _replica_id()
-        self._warm_up()
 
-    def _warm_up(self) -> None:
+    def _warm_up(self, pipeline: Any) -> None:
         width, height = self.spec.default_size
         warm = ImageJob(
             request_id="warm-up",
@@ -132,9 +134,7 @@ class TextToImage:
             seed=0,
             output_format="png",
         )
-        started = time.perf_counter()
-        generate_batch(self.pipeline, [warm])
-        logger.info("%s warmed up in %.2fs", self.spec.id, time.perf_counter() - started)
+        generate_batch(pipeline, [warm])
 
     def placement_report(self) -> dict[str, Any]:
         """Where this replica runs and what it runs on, for operators: the GPUs Ray gave

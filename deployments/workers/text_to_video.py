@@ -16,27 +16,30 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
+from deployments.workers.runner import (
+    PipelineLoader,
+    StoppedAtStep,
+    load_warm_pipeline,
+    stop_pipeline,
+)
 from mediagate.jobs.video import VideoJobLifecycle
 from mediagate.protocol.catalog import ModelSpec
 from mediagate.protocol.work import VideoGeneration, VideoOutcome, VideoTask
 from mediagate.stores import JobStore, StateConfig, open_state_store
 from mediagate.stores.artifacts import ArtifactConfig, ArtifactStore, open_artifact_store
-from models.device import assigned_cpus
 from models.encoding import encode_mp4, encode_spritesheet, encode_thumbnail, to_uint8_frames
 from models.loading import load_pipeline
 from models.uploads import load_reference_image
 
 logger = logging.getLogger(__name__)
 
-PipelineLoader = Callable[..., Any]
 # Share of the progress bar given to denoising; decoding and encoding take the rest.
 DENOISING_SHARE = 0.95
 
 
-class JobCancelled(Exception):
+class JobCancelled(StoppedAtStep):
     """Raised out of the denoising loop when the job is no longer this worker's."""
 
 
@@ -93,10 +96,10 @@ class _StepReporter:
                 if not still_ours:
                     self.cancelled.set()
         if self.cancelled.is_set():
-            # The interrupt flag makes diffusers skip the remaining steps; raising skips
-            # the VAE decode too, which takes seconds on a real video model.
-            pipeline._interrupt = True
-            raise JobCancelled(self.task.job_id)
+            try:
+                stop_pipeline(pipeline, step)
+            except StoppedAtStep:
+                raise JobCancelled(self.task.job_id) from None
         return kwargs
 
 
@@ -118,11 +121,6 @@ class TextToVideo:
         max_reference_pixels: int = 4096 * 4096,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        import torch
-
-        threads = torch_threads or assigned_cpus()
-        if threads:
-            torch.set_num_threads(threads)
         self.spec = ModelSpec.model_validate(spec)
         if self.spec.video is None:
             raise ValueError(f"model {self.spec.id} has no video settings")
@@ -135,14 +133,18 @@ class TextToVideo:
         self.max_reference_pixels = max_reference_pixels
         self._clock = clock
         self.jobs = VideoJobLifecycle(self.store, clock=clock)
-        self.pipeline = load(self.spec, cache_dir=Path(cache_dir))
+        self.pipeline = load_warm_pipeline(
+            self.spec,
+            cache_dir=cache_dir,
+            load=load,
+            torch_threads=torch_threads,
+            warm_up=self._warm_up,
+        )
         self.image_pipeline = image_to_video_pipeline(self.spec, self.pipeline)
-        self._warm_up()
 
-    def _warm_up(self) -> None:
+    def _warm_up(self, pipeline: Any) -> None:
         width, height = self.spec.default_size
-        started = time.perf_counter()
-        self.pipeline(
+        pipeline(
             prompt="warm up",
             width=width,
             height=height,
@@ -150,7 +152,6 @@ class TextToVideo:
             num_inference_steps=1,
             output_type="np",
         )
-        logger.info("%s warmed up in %.2fs", self.spec.id, time.perf_counter() - started)
 
     async def renew(
         self, task: VideoTask, *, progress: int | None = None, starting: bool = False
