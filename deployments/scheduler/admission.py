@@ -39,8 +39,9 @@ def estimate_wait_s(
     """Seconds until a new ticket would start: the work ahead of it spread over the
     slots left after higher classes take their recent share, after the batches
     running now (assumed half done)."""
-    if slots <= 0:
-        return math.inf
+    # No RUNNING replica counted: a moment of a lightweight update (scale set) or a
+    # cold start, not a reason to shed everything; estimate as if one slot ran.
+    slots = max(1, slots)
     usable = slots * max(0.1, 1.0 - share_above)
     running_left_s = service_s / 2 if busy >= slots else 0.0
     return running_left_s + math.floor(ahead / usable) * service_s

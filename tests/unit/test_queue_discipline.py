@@ -5,7 +5,6 @@ with a fake clock and worker."""
 from __future__ import annotations
 
 import asyncio
-import math
 from typing import Any
 
 import pytest
@@ -126,7 +125,9 @@ def test_wait_estimate_and_shedding() -> None:
     assert estimate_wait_s(ahead=0, busy=0, slots=2, service_s=4) == 0
     assert estimate_wait_s(ahead=0, busy=2, slots=2, service_s=4) == 2
     assert estimate_wait_s(ahead=5, busy=2, slots=2, service_s=4) == 2 + 2 * 4
-    assert estimate_wait_s(ahead=1, busy=0, slots=0, service_s=4) == math.inf
+    # No replica counted for a moment (a lightweight update): estimated as one slot, so
+    # requests are not shed wholesale (they were: inf -> 503 for pro work under scale set).
+    assert estimate_wait_s(ahead=1, busy=0, slots=0, service_s=4) == 4
     admit_or_shed(
         ahead=50, busy=1, slots=1, service_s=None, max_wait_s=1, queued_in_class=0, max_queued=None
     )
