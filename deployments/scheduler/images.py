@@ -22,8 +22,8 @@ from autoscaling.policy import queue_weights_from_config, report_metrics
 from deployments.scheduler.admission import (
     EstimateCheck,
     admit_or_shed,
-    estimate_wait_s,
     updated_service_time,
+    wait_estimates_s_by_class,
 )
 from deployments.scheduler.capacity import ReplicaCounter, WorkerSlots, serve_replica_counter
 from deployments.scheduler.metrics import SchedulerMetrics
@@ -177,20 +177,13 @@ class Scheduler:
     def wait_estimates_s(self) -> dict[int, float]:
         """How long a new request of each class would wait now (None measured yet: 0)."""
         service_s = sum(self._service_s.values()) / len(self._service_s) if self._service_s else 0.0
-        classes = self._classes_seen | set(self._queue.length_by_class())
-        return {
-            cls: round(
-                estimate_wait_s(
-                    ahead=self._queue.ahead_of_new(cls),
-                    busy=self._slots.busy,
-                    slots=self.capacity,
-                    service_s=service_s,
-                    share_above=self._queue.share_above(cls),
-                ),
-                3,
-            )
-            for cls in sorted(classes)
-        }
+        return wait_estimates_s_by_class(
+            self._queue,
+            self._classes_seen | set(self._queue.length_by_class()),
+            busy=self._slots.busy,
+            slots=self.capacity,
+            service_s=service_s,
+        )
 
     def published_load(self) -> PublishedLoad:
         """What routers need to make this scheduler's admission decision themselves,
