@@ -5,10 +5,12 @@ deployment (``TextToImage-<model>`` / ``TextToVideo-<model>``) that runs the wor
 Serve cannot see a queue that our code holds, so the scheduler reports it through
 ``record_autoscaling_stats``: per priority class the requests waiting
 (``queue_len_class_<c>``), the requests running (``inflight_requests``) and the
-weight each class's waiting work has (``weight_class_<c>``, from the scheduler's
-``user_config``, so an SRE changes it live). This policy sizes each worker:
+waiting work weighed by class (``weighted_queue_len``: each class's queue times its
+weight, a setting of the scheduler's ``user_config`` an SRE changes live; the
+weights themselves stay in the scheduler, they are not metrics). This policy sizes
+each worker:
 
-    desired = ceil((sum over classes of weight x queued + in flight) / target)
+    desired = ceil((weighted_queue_len + in flight) / target)
 
 where ``target`` is the worker's ``autoscaling_config.target_ongoing_requests``
 (requests per replica), bounded by its ``min_replicas`` / ``max_replicas``. Paid
@@ -31,7 +33,7 @@ from typing import Any
 from autoscaling.naming import scheduler_name, worker_model
 
 QUEUE_PREFIX = "queue_len_class_"
-WEIGHT_PREFIX = "weight_class_"
+WEIGHTED_QUEUE = "weighted_queue_len"
 
 
 @dataclass(frozen=True)
@@ -40,15 +42,12 @@ class QueueReport:
 
     queued_by_class: dict[int, float]
     inflight: float
-    weights: dict[int, float]
+    weighted_queued: float
 
     @property
     def demand(self) -> float:
         """Weighted waiting work plus the work running now, in requests."""
-        waiting = sum(
-            self.weights.get(cls, 1.0) * queued for cls, queued in self.queued_by_class.items()
-        )
-        return waiting + self.inflight
+        return self.weighted_queued + self.inflight
 
 
 DEFAULT_QUEUE_WEIGHTS = {0: 0.5}  # class 0 (free by default) counts half; others fully
@@ -64,6 +63,12 @@ def queue_weights_from_config(config: Mapping[Any, Any] | None) -> dict[int, flo
     return weights
 
 
+def weighted_queue_len(queued_by_class: Mapping[int, int], weights: Mapping[int, float]) -> float:
+    """Waiting work as the autoscaler counts it: each class's queue times its weight
+    (1 for a class without one)."""
+    return float(sum(weights.get(cls, 1.0) * queued for cls, queued in queued_by_class.items()))
+
+
 def report_metrics(
     queued_by_class: Mapping[int, int],
     inflight_requests: int,
@@ -76,11 +81,10 @@ def report_metrics(
     metrics = {
         "queue_len": float(sum(queued_by_class.values())),
         "inflight_requests": float(inflight_requests),
+        WEIGHTED_QUEUE: weighted_queue_len(queued_by_class, weights),
     }
     for cls in classes_seen | set(queued_by_class):
         metrics[f"{QUEUE_PREFIX}{cls}"] = float(queued_by_class.get(cls, 0))
-    for cls, weight in weights.items():
-        metrics[f"{WEIGHT_PREFIX}{cls}"] = float(weight)
     return metrics
 
 
@@ -100,14 +104,14 @@ def read_report(metrics: Mapping[str, Mapping[Any, float]] | None) -> QueueRepor
             if name.startswith(prefix) and name.removeprefix(prefix).lstrip("-").isdigit()
         }
 
-    weights = {
-        cls: max(0.0, value / max(1, len(metrics[f"{WEIGHT_PREFIX}{cls}"])))
-        for cls, value in per_class(WEIGHT_PREFIX).items()
-    }  # a weight is a setting, not an amount: averaged over replicas, not summed
+    queued_by_class = per_class(QUEUE_PREFIX)
+    weighted = (
+        total(WEIGHTED_QUEUE) if WEIGHTED_QUEUE in metrics else sum(queued_by_class.values())
+    )  # a scheduler of an older version reported no weighted length: count it all
     return QueueReport(
-        queued_by_class=per_class(QUEUE_PREFIX),
+        queued_by_class=queued_by_class,
         inflight=total("inflight_requests"),
-        weights=weights,
+        weighted_queued=max(0.0, weighted),
     )
 
 

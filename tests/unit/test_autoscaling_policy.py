@@ -102,14 +102,22 @@ def test_reports_and_weights_are_plain_numbers() -> None:
     assert metrics == {
         "queue_len": 3.0,
         "inflight_requests": 1.0,
+        "weighted_queue_len": 3.0,  # only class 0 is weighed, and it is empty
         "queue_len_class_0": 0.0,  # an emptied class reads as 0, not as missing
         "queue_len_class_2": 3.0,
-        "weight_class_0": 0.25,
     }
     reporter = ReplicaID("only", SCHEDULER)
     report = read_report({name: {reporter: value} for name, value in metrics.items()})
     assert report is not None and report.demand == 4.0
     assert read_report({}) is None
+    assert not any("weight_" in name for name in metrics)  # settings are never metrics
+    older = {name: {reporter: value} for name, value in metrics.items()}
+    del older["weighted_queue_len"]  # a scheduler from before weights were applied there
+    assert (report := read_report(older)) is not None and report.demand == 4.0
+    other = ReplicaID("other", SCHEDULER)  # two scheduler replicas: their demands add up
+    both = report_metrics({0: 4}, 0, {0: 0.5}, {0})
+    report = read_report({name: {reporter: value, other: value} for name, value in both.items()})
+    assert report is not None and report.demand == 4.0
     assert queue_weights_from_config({"0": "0.1"}) == {0: 0.1}
     with pytest.raises(ValueError, match="between 0 and 10"):
         queue_weights_from_config({"0": -1})

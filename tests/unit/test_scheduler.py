@@ -82,8 +82,10 @@ async def test_dispatches_only_into_free_slots_and_batches_the_rest() -> None:
         "inflight": 1.0,  # batches
         "inflight_requests": 1.0,
         "queue_len_class_0": 5.0,
-        "weight_class_0": 0.5,  # free work counts half for the autoscaler by default
+        "weighted_queue_len": 2.5,  # free work counts half for the autoscaler by default
     }
+    scheduler.reconfigure({"queue_weights": {"0": 0.1}})  # an SRE's live change
+    assert scheduler.record_autoscaling_stats()["weighted_queue_len"] == pytest.approx(0.5)
     worker.release.set()
     results = await asyncio.gather(first, *later)
     assert [r.request_id for r in results] == list("abcdef")
@@ -94,10 +96,8 @@ async def test_dispatches_only_into_free_slots_and_batches_the_rest() -> None:
         "inflight": 0.0,
         "inflight_requests": 0.0,
         "queue_len_class_0": 0.0,  # emptied, still reported
-        "weight_class_0": 0.5,
+        "weighted_queue_len": 0.0,
     }
-    scheduler.reconfigure({"queue_weights": {"0": 0.1}})
-    assert scheduler.record_autoscaling_stats()["weight_class_0"] == 0.1
     await scheduler.shutdown()
 
 

@@ -101,7 +101,7 @@ async def test_one_job_per_slot_in_arrival_order(rig: Rig) -> None:
         "inflight": 1.0,
         "inflight_requests": 1.0,
         "queue_len_class_0": 2.0,
-        "weight_class_0": 0.5,
+        "weighted_queue_len": 1.0,  # free jobs count half by default
     }
     assert rig.scheduler.position("video_c") == 2
 
