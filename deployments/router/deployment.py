@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import time
-from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI
@@ -21,6 +19,7 @@ from mediagate.access.accounts import open_account_store
 from mediagate.access.guard import TierGuard
 from mediagate.access.ledger import QuotaLedger
 from mediagate.access.tiers import load_tier_policy, parse_tier_policy
+from mediagate.protocol.clock import Clock, system_clock
 from mediagate.settings import HomeLayout
 from mediagate.stores import (
     StateConfig,
@@ -53,7 +52,7 @@ class Router:
         settings: dict[str, Any] | None = None,
         tiers_file: str | None = None,
         accounts: Any = None,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = system_clock,
     ) -> None:
         HomeLayout(home).root.mkdir(parents=True, exist_ok=True)
         state_config = StateConfig.model_validate(state)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -22,6 +21,7 @@ from mediagate.access.idempotency import IdempotencyKeys
 from mediagate.access.ledger import QuotaLedger
 from mediagate.access.tiers import TierPolicy, check_image_caps, load_tier_policy
 from mediagate.protocol.catalog import Catalog, ModelSpec, Task
+from mediagate.protocol.clock import Clock, system_clock
 from mediagate.protocol.errors import (
     InvalidRequest,
     MediagateError,
@@ -65,7 +65,7 @@ class Gateway:
         jobs: JobStore,
         settings: RouterSettings,
         guard: TierGuard | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = system_clock,
     ) -> None:
         self.catalog = catalog
         self.schedulers = dict(schedulers)

@@ -15,7 +15,6 @@ import base64
 import binascii
 import logging
 import uuid
-from collections.abc import Callable
 from typing import Any, Protocol
 
 from fastapi import Request
@@ -26,6 +25,7 @@ from mediagate.access.guard import TierGuard, rate_limit_headers
 from mediagate.access.tiers import Tier, TierPolicy, check_video_request
 from mediagate.jobs.video import VideoJobLifecycle
 from mediagate.protocol.catalog import ModelSpec, Task
+from mediagate.protocol.clock import Clock
 from mediagate.protocol.errors import Gone, InvalidRequest, NotFound, Overloaded, unwrap
 from mediagate.protocol.videos import (
     VideoCreateRequest,
@@ -108,7 +108,7 @@ class VideoRouter(Protocol):
     jobs: JobStore
     guard: TierGuard
     schedulers: dict[str, Any]
-    clock: Callable[[], float]
+    clock: Clock
 
     @property
     def policy(self) -> TierPolicy: ...

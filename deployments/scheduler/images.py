@@ -13,12 +13,11 @@ import asyncio
 import contextlib
 import logging
 import math
-import time
 from collections import Counter
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable
 from typing import Any
 
-from autoscaling.policy import queue_weights_from_config, report_metrics
+from autoscaling.policy import report_metrics
 from deployments.scheduler.admission import (
     EstimateCheck,
     admit_or_shed,
@@ -27,9 +26,11 @@ from deployments.scheduler.admission import (
 )
 from deployments.scheduler.capacity import ReplicaCounter, WorkerSlots, serve_replica_counter
 from deployments.scheduler.metrics import SchedulerMetrics
-from deployments.scheduler.preemption import PreemptionPolicy, RunningBatch, batch_to_preempt
+from deployments.scheduler.preemption import RunningBatch, batch_to_preempt
 from deployments.scheduler.queue import FairQueue, Ticket
+from deployments.scheduler.settings import ImageSchedulerSettings
 from mediagate.protocol.catalog import Batching, ModelSpec
+from mediagate.protocol.clock import Clock, system_clock
 from mediagate.protocol.errors import GenerationFailed, MediagateError, Overloaded, unwrap
 from mediagate.protocol.scheduling import (
     ClassLoad,
@@ -78,7 +79,7 @@ class Scheduler:
         count_replicas: ReplicaCounter | None = None,
         slots_per_replica: int = 1,
         capacity_refresh_s: float = 0.25,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock = system_clock,
     ) -> None:
         self.spec = ModelSpec.model_validate(spec)
         self._worker = worker
@@ -91,8 +92,9 @@ class Scheduler:
         self._classes_seen: set[int] = set()
         self._in_flight: dict[int, _InFlight] = {}  # what each busy slot serves
         self._batch_ids = 0
-        self.preemption = PreemptionPolicy()
-        self.queue_weights = queue_weights_from_config(None)
+        self.settings = ImageSchedulerSettings(slots_per_replica=slots_per_replica)
+        self.preemption = self.settings.preemption
+        self.queue_weights = self.settings.weights()
         self._batching: Batching = self.spec.batching
         if count_replicas is None and worker_deployment is not None:
             count_replicas = serve_replica_counter(worker_deployment)
@@ -107,18 +109,14 @@ class Scheduler:
         self._capacity_watcher: asyncio.Task[None] | None = None
 
     def reconfigure(self, config: dict[str, Any]) -> None:
-        """Live update from the Serve config's ``user_config`` (no replica restart)."""
-        merged = {**self._batching.model_dump(), **(config.get("batching") or {})}
-        self._batching = Batching.model_validate(merged)
-        slots = int(config.get("slots_per_replica", self._slots.slots_per_replica))
-        self._slots.set_slots_per_replica(slots)
-        if "min_shares" in config:  # e.g. {0: 0.1}: class 0 gets >= 10% of dispatches
-            shares = {int(cls): float(share) for cls, share in config["min_shares"].items()}
-            self._queue.min_shares = shares
-        if "queue_weights" in config:  # how much each class's waiting work buys replicas
-            self.queue_weights = queue_weights_from_config(config["queue_weights"])
-        if "preemption" in config:  # e.g. {"enabled": false} or {"min_remaining_fraction": 0.5}
-            self.preemption = PreemptionPolicy.from_config(config["preemption"] or {})
+        """Live update from the Serve config's ``user_config`` (no replica restart): the
+        whole config, a key left out reads as its default (batching: the catalog's)."""
+        self.settings = ImageSchedulerSettings.model_validate(config)
+        self._batching = self.settings.batching.over(self.spec.batching)
+        self._slots.set_slots_per_replica(self.settings.slots_per_replica)
+        self._queue.min_shares = dict(self.settings.min_shares)
+        self.queue_weights = self.settings.weights()
+        self.preemption = self.settings.preemption
 
     def _ensure_started(self) -> None:
         if self._dispatcher is None:
@@ -251,7 +249,7 @@ class Scheduler:
                 and self._queue.batch_images_available(max_images) < max_images
             ):
                 return self._batching.batch_wait_s - waited_s
-            batch = [t for t in self._queue.take_batch(max_images) if not t.future.done()]
+            batch = [t for t in self._queue.take_batch(max_images) if not t.answered]
             if not batch:
                 continue
             self._check_estimates(batch)
@@ -322,14 +320,13 @@ class Scheduler:
                 estimated_s=ticket.estimated_wait_s,
                 waited_s=now - ticket.enqueued_at,
             )
-            if not ticket.future.done():
-                ticket.future.set_exception(
-                    Overloaded(
-                        "the service is busy: your request waited longer than your tier allows; "
-                        "please retry later",
-                        retry_after_s=max(1.0, now - ticket.enqueued_at),
-                    )
+            ticket.fail(
+                Overloaded(
+                    "the service is busy: your request waited longer than your tier allows; "
+                    "please retry later",
+                    retry_after_s=max(1.0, now - ticket.enqueued_at),
                 )
+            )
 
     async def _run(self, in_flight: _InFlight) -> None:
         batch = in_flight.tickets
@@ -345,16 +342,14 @@ class Scheduler:
                 logger.error("worker call failed: %r", error)
                 cause = GenerationFailed(f"model {self.spec.id} is unavailable; please retry")
             for ticket in batch:
-                if not ticket.future.done():
-                    ticket.future.set_exception(cause)
+                ticket.fail(cause)
         else:
             key = batch[0].job.batch_key
             self._service_s[key] = updated_service_time(
                 self._service_s.get(key), self._clock() - in_flight.started_at
             )
             for ticket, result in zip(batch, results, strict=True):
-                if not ticket.future.done():
-                    ticket.future.set_result(result)
+                ticket.answer(result)
         finally:
             del self._in_flight[in_flight.batch_id]
             self._slots.release()
@@ -364,7 +359,7 @@ class Scheduler:
         They started in time, so their queue deadline no longer applies: expiring one now
         would fail a request after it had run, for the capacity a higher class took."""
         for ticket in reversed(batch):
-            if ticket.future.done():
+            if ticket.answered:
                 continue
             ticket.preemptions += 1
             ticket.deadline = math.inf

@@ -11,25 +11,27 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
 
 
-@dataclass(frozen=True)
-class PreemptionPolicy:
-    enabled: bool = True
-    # Preempt only a batch with at least this share of its expected time still ahead:
-    # waiting out a nearly finished batch costs less than redoing it.
-    min_remaining_fraction: float = 0.3
-    max_per_request: int = 1
+class PreemptionPolicy(BaseModel):
+    """When a running batch may be taken back (an image scheduler's ``user_config``
+    ``preemption`` key, e.g. ``{"enabled": false}``)."""
 
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> PreemptionPolicy:
-        policy = cls(**config)
-        if not 0.0 <= policy.min_remaining_fraction <= 1.0:
-            raise ValueError("preemption.min_remaining_fraction must be between 0 and 1")
-        if policy.max_per_request < 0:
-            raise ValueError("preemption.max_per_request must be >= 0")
-        return policy
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = Field(True, description="Take slots back for higher classes at all.")
+    min_remaining_fraction: float = Field(
+        0.3,
+        ge=0.0,
+        le=1.0,
+        description="Preempt only a batch with at least this share of its expected time "
+        "still ahead: waiting out a nearly finished batch costs less than redoing it.",
+    )
+    max_per_request: int = Field(
+        1, ge=0, description="Times one request may be preempted; then it runs to the end."
+    )
 
 
 @dataclass(frozen=True)

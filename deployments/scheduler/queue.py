@@ -26,11 +26,7 @@ def tickets_ahead(*, queued_above: int, depths: Mapping[int, int], own_depth: in
 
 
 class Queueable(Protocol):
-    @property
-    def batch_key(self) -> Hashable: ...
-
-    @property
-    def images(self) -> int: ...
+    """What the discipline needs of any queued job: whose it is and its class."""
 
     @property
     def account_id(self) -> str: ...
@@ -39,20 +35,45 @@ class Queueable(Protocol):
     def priority_class(self) -> int: ...
 
 
+class Batchable(Queueable, Protocol):
+    """A job that can share a pipeline call with others of the same ``batch_key``."""
+
+    @property
+    def batch_key(self) -> Hashable: ...
+
+    @property
+    def images(self) -> int: ...
+
+
 JobT = TypeVar("JobT", bound=Queueable)
+BatchableT = TypeVar("BatchableT", bound=Batchable)
 RECENT_DISPATCHES = 100
 
 
 @dataclass(eq=False)
 class Ticket(Generic[JobT]):
-    """A queued job and the future its submitter awaits."""
+    """A queued job, and the future its submitter awaits when one waits for the answer
+    (an image request does; a durable video job has nobody waiting on the call)."""
 
     job: JobT
     enqueued_at: float
-    future: asyncio.Future[Any] = field(repr=False)
+    future: asyncio.Future[Any] | None = field(default=None, repr=False)
     deadline: float = float("inf")
     preemptions: int = 0  # times a running batch holding it was taken back
     estimated_wait_s: float | None = None  # what admission expected, to check it against
+
+    @property
+    def answered(self) -> bool:
+        """Its submitter has its answer, or left: nothing more to send it."""
+        return self.future is not None and self.future.done()
+
+    def answer(self, result: Any) -> None:
+        if self.future is not None and not self.future.done():
+            self.future.set_result(result)
+
+    def fail(self, error: BaseException) -> None:
+        if self.future is not None and not self.future.done():
+            self.future.set_exception(error)
 
 
 class _Class(Generic[JobT]):
@@ -150,7 +171,17 @@ class FairQueue(Generic[JobT]):
             return None
         return next(self._classes[cls].in_turn())
 
-    def _plan_batch(self, max_images: int) -> list[Ticket[JobT]]:
+    def take_next(self) -> Ticket[JobT] | None:
+        """Remove and return the next ticket alone (work that is never batched)."""
+        cls = self._next_class()
+        if cls is None:
+            return None
+        ticket = next(self._classes[cls].in_turn())
+        self._classes[cls].take([ticket])
+        self._recent.append(cls)
+        return ticket
+
+    def _plan_batch(self: FairQueue[BatchableT], max_images: int) -> list[Ticket[BatchableT]]:
         cls = self._next_class()
         if cls is None:
             return []
@@ -168,11 +199,11 @@ class FairQueue(Generic[JobT]):
                 images += ticket.job.images
         return batch
 
-    def batch_images_available(self, max_images: int) -> int:
+    def batch_images_available(self: FairQueue[BatchableT], max_images: int) -> int:
         """How many images ``take_batch(max_images)`` would return now."""
         return sum(ticket.job.images for ticket in self._plan_batch(max_images))
 
-    def take_batch(self, max_images: int) -> list[Ticket[JobT]]:
+    def take_batch(self: FairQueue[BatchableT], max_images: int) -> list[Ticket[BatchableT]]:
         """Remove and return the next ticket plus same-shape ones of its class, up to
         ``max_images`` (the first is always taken, even when it alone exceeds it)."""
         batch = self._plan_batch(max_images)

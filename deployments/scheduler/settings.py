@@ -1,16 +1,87 @@
-"""A scheduler's live settings (its Serve ``user_config``), typed."""
+"""A scheduler's live settings (its Serve ``user_config``), typed, one model per kind.
+
+Both kinds share the queue's settings (slots per replica, minimum shares, the
+autoscaler's weights); image schedulers add batching and preemption, video schedulers
+leases and attempts. A key left out of ``user_config`` reads as its default (for video,
+the application's ``args.video``), so taking a key out of a config undoes it; an
+unknown key is refused with its name.
+"""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from autoscaling.policy import queue_weights_from_config
+from deployments.scheduler.preemption import PreemptionPolicy
+from mediagate.protocol.catalog import Batching
 
 
-class VideoSchedulerSettings(BaseModel):
-    """Live settings (the Serve config's ``user_config``)."""
+class QueueSettings(BaseModel):
+    """What every scheduler's queue takes, image or video."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    slots_per_replica: int = Field(1, ge=1, description="Jobs one worker replica runs at once.")
+    slots_per_replica: int = Field(1, ge=1, description="Work one worker replica runs at once.")
+    min_shares: dict[int, float] = Field(
+        default_factory=dict,
+        description="Per priority class, the least share of dispatches it gets while it has "
+        "work, e.g. {0: 0.1}: free work gets at least 10% even under a paid flood.",
+    )
+    queue_weights: dict[int, float] | None = Field(
+        None,
+        description="Per priority class, how much a waiting request counts for the autoscaler "
+        "(default: class 0, free, counts half).",
+    )
+
+    @field_validator("min_shares")
+    @classmethod
+    def _shares_are_fractions(cls, shares: dict[int, float]) -> dict[int, float]:
+        if any(not 0.0 <= share <= 1.0 for share in shares.values()):
+            raise ValueError("min_shares must be between 0 and 1")
+        return shares
+
+    @field_validator("queue_weights")
+    @classmethod
+    def _weights_in_range(cls, weights: dict[int, float] | None) -> dict[int, float] | None:
+        return None if weights is None else queue_weights_from_config(weights)
+
+    def weights(self) -> dict[int, float]:
+        """The autoscaler's weight per class, defaults filled in."""
+        return queue_weights_from_config(self.queue_weights)
+
+
+class BatchingOverride(BaseModel):
+    """Batching keys that replace the catalog's for this model, live."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_batch_size: int | None = Field(None, ge=1, description="Most images in one call.")
+    batch_wait_s: float | None = Field(
+        None, ge=0, le=5, description="How long to hold a partial batch hoping for more."
+    )
+
+    def over(self, catalog: Batching) -> Batching:
+        return Batching.model_validate(catalog.model_dump() | self.model_dump(exclude_none=True))
+
+
+class ImageSchedulerSettings(QueueSettings):
+    """An image scheduler's live settings."""
+
+    batching: BatchingOverride = Field(
+        default_factory=BatchingOverride,
+        description="Batching keys that replace the catalog entry's (max_batch_size, "
+        "batch_wait_s).",
+    )
+    preemption: PreemptionPolicy = Field(
+        default_factory=PreemptionPolicy,
+        description='When a running lower-class batch is taken back, e.g. {"enabled": false}.',
+    )
+
+
+class VideoSchedulerSettings(QueueSettings):
+    """A video scheduler's settings: declared in the application's ``args.video``; its
+    ``user_config`` may override single keys live."""
+
     lease_s: float = Field(
         30.0, gt=0, description="A running job whose worker is silent this long is lost."
     )
@@ -25,8 +96,3 @@ class VideoSchedulerSettings(BaseModel):
     )
     reconcile_s: float = Field(2.0, gt=0, description="How often memory and store are compared.")
     content_ttl_s: float = Field(86_400, gt=0, description="How long finished files stay.")
-    queue_weights: dict[int, float] | None = Field(
-        None,
-        description="Per priority class, how much a waiting job counts for the autoscaler "
-        "(default: class 0, free, counts half).",
-    )

@@ -16,13 +16,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from autoscaling.policy import queue_weights_from_config, report_metrics
+from autoscaling.policy import report_metrics
 from deployments.scheduler.admission import (
     EstimateCheck,
     admit_or_shed,
@@ -36,6 +34,7 @@ from deployments.scheduler.queue import FairQueue, Ticket
 from deployments.scheduler.settings import VideoSchedulerSettings
 from mediagate.jobs.video import RetryLimits, VideoJobLifecycle, overdue
 from mediagate.protocol.catalog import ModelSpec
+from mediagate.protocol.clock import Clock, system_clock
 from mediagate.protocol.errors import Overloaded
 from mediagate.protocol.scheduling import Decision, QueueStats, decision_key
 from mediagate.protocol.work import VideoGeneration, VideoOutcome, VideoTask
@@ -51,14 +50,6 @@ class QueuedVideo:
     job_id: str
     account_id: str
     priority_class: int
-
-    @property
-    def batch_key(self) -> str:
-        return self.job_id  # video jobs run one per slot, never batched
-
-    @property
-    def images(self) -> int:
-        return 1
 
 
 class VideoScheduler:
@@ -76,7 +67,7 @@ class VideoScheduler:
         count_replicas: ReplicaCounter | None = None,
         store: JobStore | None = None,
         capacity_refresh_s: float = 0.25,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = system_clock,
     ) -> None:
         self.spec = ModelSpec.model_validate(spec)
         # `args.video`, where video settings are declared; user_config overrides keys live
@@ -94,12 +85,12 @@ class VideoScheduler:
             slots_per_replica=self.settings.slots_per_replica,
             refresh_s=capacity_refresh_s,
         )
-        self._queue: FairQueue[QueuedVideo] = FairQueue()
+        self._queue: FairQueue[QueuedVideo] = FairQueue(self.settings.min_shares)
         self._tickets: dict[str, Ticket[QueuedVideo]] = {}  # queued job id -> its ticket
         self._claiming: set[str] = set()  # taken off the queue, being claimed in the store
         self._reconciling = asyncio.Lock()
         self._classes_seen: set[int] = set()
-        self.queue_weights = queue_weights_from_config(None)
+        self.queue_weights = self.settings.weights()
         self._running: dict[str, asyncio.Task[None]] = {}
         self._running_class: dict[str, int] = {}  # running job id -> its priority class
         self._tasks: list[asyncio.Task[None]] = []
@@ -115,8 +106,9 @@ class VideoScheduler:
         application's settings; a key taken out of it goes back to the application's."""
         merged = {**self._base_settings.model_dump(), **config}
         self.settings = VideoSchedulerSettings.model_validate(merged)
-        self.queue_weights = queue_weights_from_config(self.settings.queue_weights)
+        self.queue_weights = self.settings.weights()
         self._slots.set_slots_per_replica(self.settings.slots_per_replica)
+        self._queue.min_shares = dict(self.settings.min_shares)
 
     def _ensure_started(self) -> None:
         if not self._tasks:
@@ -188,11 +180,8 @@ class VideoScheduler:
     def _push(
         self, video: QueuedVideo, *, first: bool = False, estimated_wait_s: float | None = None
     ) -> None:
-        ticket: Ticket[QueuedVideo] = Ticket(
-            job=video,
-            enqueued_at=self._clock(),
-            future=asyncio.get_running_loop().create_future(),  # set when dispatched
-            estimated_wait_s=estimated_wait_s,
+        ticket: Ticket[QueuedVideo] = Ticket(  # nobody awaits it: the job is in the store
+            job=video, enqueued_at=self._clock(), estimated_wait_s=estimated_wait_s
         )
         self._tickets[video.job_id] = ticket
         if first:
@@ -201,9 +190,9 @@ class VideoScheduler:
             self._queue.push(ticket)
 
     def _pop_next(self) -> Ticket[QueuedVideo]:
-        (ticket,) = self._queue.take_batch(1)
+        ticket = self._queue.take_next()  # one job per slot: video work is never batched
+        assert ticket is not None
         del self._tickets[ticket.job.job_id]
-        ticket.future.set_result(None)
         return ticket
 
     def position(self, job_id: str) -> int:

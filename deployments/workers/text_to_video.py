@@ -15,7 +15,6 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 from deployments.workers.runner import (
@@ -26,6 +25,7 @@ from deployments.workers.runner import (
 )
 from mediagate.jobs.video import VideoJobLifecycle
 from mediagate.protocol.catalog import ModelSpec
+from mediagate.protocol.clock import Clock, system_clock
 from mediagate.protocol.work import VideoGeneration, VideoOutcome, VideoTask
 from mediagate.stores import JobStore, StateConfig, open_state_store
 from mediagate.stores.artifacts import ArtifactConfig, ArtifactStore, open_artifact_store
@@ -119,7 +119,7 @@ class TextToVideo:
         torch_threads: int | None = None,
         progress_interval_s: float = 0.25,
         max_reference_pixels: int = 4096 * 4096,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = system_clock,
     ) -> None:
         self.spec = ModelSpec.model_validate(spec)
         if self.spec.video is None:

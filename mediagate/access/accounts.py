@@ -14,12 +14,12 @@ import secrets
 import sqlite3
 import time
 import uuid
-from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mediagate.protocol.clock import Clock, system_clock
 from mediagate.stores.sqlite_connections import SqliteConnections
 
 if TYPE_CHECKING:
@@ -77,7 +77,7 @@ class KeyInfo:
 class SqliteAccountStore:
     """Accounts and hashed API keys; a connection per thread, safe across processes."""
 
-    def __init__(self, path: str | Path, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, path: str | Path, *, clock: Clock = system_clock) -> None:
         self.path = Path(path)
         self._clock = clock
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -183,7 +183,7 @@ class RedisAccountStore:
     BY_NAME = "mg:accounts:byname"
     BY_PREFIX = "mg:keys:byprefix"
 
-    def __init__(self, url: str, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, url: str, *, clock: Clock = system_clock) -> None:
         import redis
         import redis.asyncio as redis_async
 
@@ -305,9 +305,7 @@ class RedisAccountStore:
 AccountStore = SqliteAccountStore | RedisAccountStore
 
 
-def open_account_store(
-    config: StateConfig, *, clock: Callable[[], float] = time.time
-) -> AccountStore:
+def open_account_store(config: StateConfig, *, clock: Clock = system_clock) -> AccountStore:
     """Accounts live in the same store as jobs and the quota ledger."""
     if config.backend == "redis":
         if not config.redis_url:

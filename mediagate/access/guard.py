@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections import Counter, deque
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from mediagate.access.accounts import Account
 from mediagate.access.ledger import QuotaLedger
 from mediagate.access.quota import Kind, Usage
+from mediagate.protocol.clock import Clock, system_clock
 from mediagate.stores import StoreUnavailable
 
 logger = logging.getLogger(__name__)
@@ -74,7 +73,7 @@ def rate_limit_headers(usage: Usage | None) -> dict[str, str]:
 class TierGuard:
     """Reserve, commit and release quota for the router; degrade per tier in an outage."""
 
-    def __init__(self, ledger: QuotaLedger, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, ledger: QuotaLedger, *, clock: Clock = system_clock) -> None:
         self.ledger = ledger
         self.counters: Counter[str] = Counter()
         self._clock = clock

@@ -17,13 +17,12 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import time
 import uuid
-from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from mediagate.protocol.clock import Clock, system_clock
 from mediagate.protocol.errors import Conflict, InvalidRequest, Unprocessable
 from mediagate.stores import JobStore
 
@@ -78,7 +77,7 @@ def fingerprint(method: str, path: str, payload: Any) -> str:
 class IdempotencyKeys:
     """Claim, complete and release keys in the state store."""
 
-    def __init__(self, store: JobStore, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, store: JobStore, *, clock: Clock = system_clock) -> None:
         self.store = store
         self._clock = clock
 

@@ -9,13 +9,12 @@ finishing a reservation that is no longer held changes nothing.
 
 from __future__ import annotations
 
-import time
 import uuid
-from collections.abc import Callable
 
 from mediagate.access.accounts import Account
 from mediagate.access.quota import Kind, LedgerState, Usage, finish, reserve, usage
 from mediagate.access.tiers import TierPolicy
+from mediagate.protocol.clock import Clock, system_clock
 from mediagate.stores import JobStore
 
 LEDGER_DOCUMENT = "quota"
@@ -38,9 +37,7 @@ async def finish_reservation(store: JobStore, account_id: str, rid: str, *, comm
 class QuotaLedger:
     """Reservations against an account's tier limits."""
 
-    def __init__(
-        self, store: JobStore, policy: TierPolicy, *, clock: Callable[[], float] = time.time
-    ) -> None:
+    def __init__(self, store: JobStore, policy: TierPolicy, *, clock: Clock = system_clock) -> None:
         self.store = store
         self.policy = policy
         self._clock = clock

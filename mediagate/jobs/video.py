@@ -16,12 +16,11 @@ waited too long, or was deleted before it ended.
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from mediagate.access.ledger import finish_reservation
+from mediagate.protocol.clock import Clock, system_clock
 from mediagate.stores import JobStore, VideoJobRecord
 
 logger = logging.getLogger(__name__)
@@ -45,7 +44,7 @@ class RetryLimits:
 class VideoJobLifecycle:
     """The transitions of video jobs in ``store``; ``clock`` is Unix time."""
 
-    def __init__(self, store: JobStore, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, store: JobStore, *, clock: Clock = system_clock) -> None:
         self.store = store
         self.clock = clock
 

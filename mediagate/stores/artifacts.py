@@ -19,12 +19,12 @@ import re
 import secrets
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from mediagate.protocol.clock import Clock, system_clock
 from mediagate.protocol.errors import Forbidden, NotFound
 from mediagate.protocol.media import CONTENT_TYPES
 
@@ -85,9 +85,7 @@ def load_or_create_secret(path: Path) -> bytes:
 class LocalArtifactStore:
     """Artifacts as files under one directory, with signed URLs that expire."""
 
-    def __init__(
-        self, root: str | Path, secret: bytes, *, clock: Callable[[], float] = time.time
-    ) -> None:
+    def __init__(self, root: str | Path, secret: bytes, *, clock: Clock = system_clock) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._secret = secret
@@ -163,7 +161,7 @@ class S3ArtifactStore:
         endpoint_url: str | None = None,
         region: str | None = None,
         client: Any = None,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = system_clock,
     ) -> None:
         self.bucket = bucket
         self.prefix = prefix
@@ -246,9 +244,7 @@ class ArtifactConfig(BaseModel):
     s3_region: str | None = Field(None, description="AWS region.")
 
 
-def open_artifact_store(
-    config: ArtifactConfig, *, clock: Callable[[], float] = time.time
-) -> ArtifactStore:
+def open_artifact_store(config: ArtifactConfig, *, clock: Clock = system_clock) -> ArtifactStore:
     if config.backend == "s3":
         if not config.s3_bucket:
             raise ValueError("the s3 artifact backend needs s3_bucket")

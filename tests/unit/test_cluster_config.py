@@ -100,3 +100,28 @@ def test_kuberay_rayservice_is_the_same_service() -> None:
         assert f"accelerator_type:{accelerator}" in group["rayStartParams"]["resources"]
         [container] = group["template"]["spec"]["containers"]
         assert int(container["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+
+
+@pytest.mark.parametrize(
+    "path", ["mediagate/configs/serve.yaml", "mediagate/configs/serve.gpu.yaml"]
+)
+def test_shipped_serve_configs_hold_only_settings_the_deployments_accept(path: str) -> None:
+    """Every scheduler's user_config parses as its kind's settings (an unknown key is an
+    error naming it) and the application's args as AppArgs."""
+    from deployments.app import AppArgs
+    from deployments.scheduler.settings import ImageSchedulerSettings, VideoSchedulerSettings
+
+    [app] = load(path)["applications"]
+    AppArgs.model_validate(app["args"])
+    entries = deployments({"applications": [app]})
+    checked = 0
+    for name, entry in entries.items():
+        if not name.startswith("Scheduler-") or "user_config" not in entry:
+            continue
+        is_video = f"TextToVideo-{name.removeprefix('Scheduler-')}" in entries
+        settings = VideoSchedulerSettings if is_video else ImageSchedulerSettings
+        settings.model_validate(entry["user_config"])
+        checked += 1
+    assert checked or path.endswith("serve.yaml")
+    with pytest.raises(ValueError, match="max_batch"):
+        ImageSchedulerSettings.model_validate({"max_batch": 8})  # a misplaced key, named

@@ -57,7 +57,7 @@ def test_preemption_limits() -> None:
     assert decide(running(1, 0, 100.0, stopping=True)) is None
     assert decide(running(1, 0, 100.0)) is not None
     with pytest.raises(ValueError, match="min_remaining_fraction"):
-        PreemptionPolicy.from_config({"min_remaining_fraction": 2})
+        PreemptionPolicy.model_validate({"min_remaining_fraction": 2})
 
 
 async def test_pro_request_takes_the_slot_of_a_free_batch_that_just_started() -> None:
