@@ -90,8 +90,8 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
     settings = get_settings()
     home = app_args.home or str(settings.home_dir)
     layout = HomeLayout(home)
-    state = (app_args.state or state_config(settings, layout)).model_dump()
-    artifacts = (app_args.artifacts or artifact_config(settings, layout)).model_dump()
+    state = app_args.state or state_config(settings, layout)
+    artifacts = app_args.artifacts or artifact_config(settings, layout)
     catalog = load_catalog(app_args.catalog)
     wanted = app_args.models or [spec.id for spec in catalog.models.values()]
     unknown = sorted(set(wanted) - set(catalog.models))
@@ -121,7 +121,7 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
                 health_check_period_s=10,
                 health_check_timeout_s=60,
             )
-            .bind(spec.model_dump(), **worker_kwargs)
+            .bind(spec, **worker_kwargs)
         )
         scheduler_options: dict[str, Any] = {
             "name": scheduler_name(model_id),
@@ -143,9 +143,9 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
                 .options(**scheduler_options, user_config={})
                 .bind(
                     worker,
-                    spec.model_dump(),
+                    spec,
                     state=state,
-                    settings=app_args.video.model_dump(),
+                    settings=app_args.video,
                     worker_deployment=worker_deployment,
                 )
             )
@@ -153,7 +153,7 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
             schedulers[model_id] = (
                 _deployment(Scheduler)
                 .options(**scheduler_options, user_config={"batching": spec.batching.model_dump()})
-                .bind(worker, spec.model_dump(), worker_deployment=worker_deployment)
+                .bind(worker, spec, worker_deployment=worker_deployment)
             )
 
     tiers_file = app_args.tiers_file or (str(settings.tiers_file) if settings.tiers_file else None)
@@ -170,6 +170,6 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
         state=state,
         artifacts=artifacts,
         catalog=app_args.catalog,
-        settings=app_args.router.model_dump(),
+        settings=app_args.router,
         tiers_file=tiers_file,
     )

@@ -46,25 +46,24 @@ class Router:
         schedulers: dict[str, Any],
         *,
         home: str,
-        state: dict[str, Any],
-        artifacts: dict[str, Any],
+        state: StateConfig,
+        artifacts: ArtifactConfig,
         catalog: str | None = None,
-        settings: dict[str, Any] | None = None,
+        settings: RouterSettings | None = None,
         tiers_file: str | None = None,
         accounts: Any = None,
         clock: Clock = system_clock,
     ) -> None:
         HomeLayout(home).root.mkdir(parents=True, exist_ok=True)
-        state_config = StateConfig.model_validate(state)
-        jobs = open_state_store(state_config)
+        jobs = open_state_store(state)
         self.ledger = QuotaLedger(jobs, load_tier_policy(tiers_file), clock=clock)
         self.gateway = Gateway(
             catalog=load_catalog(catalog),
             schedulers=schedulers,
-            accounts=accounts or open_account_store(state_config, clock=clock),
-            artifacts=open_artifact_store(ArtifactConfig.model_validate(artifacts), clock=clock),
+            accounts=accounts or open_account_store(state, clock=clock),
+            artifacts=open_artifact_store(artifacts, clock=clock),
             jobs=jobs,
-            settings=RouterSettings.model_validate(settings or {}),
+            settings=settings or RouterSettings(),
             guard=TierGuard(self.ledger),
             clock=clock,
         )

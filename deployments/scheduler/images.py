@@ -73,7 +73,7 @@ class Scheduler:
     def __init__(
         self,
         worker: Any,
-        spec: dict[str, Any],
+        spec: ModelSpec,
         *,
         worker_deployment: str | None = None,
         count_replicas: ReplicaCounter | None = None,
@@ -81,7 +81,7 @@ class Scheduler:
         capacity_refresh_s: float = 0.25,
         clock: Clock = system_clock,
     ) -> None:
-        self.spec = ModelSpec.model_validate(spec)
+        self.spec = spec
         self._worker = worker
         self._clock = clock
         self._queue: FairQueue[ImageJob] = FairQueue()

@@ -59,22 +59,26 @@ class VideoScheduler:
     def __init__(
         self,
         worker: Any,
-        spec: dict[str, Any],
+        spec: ModelSpec,
         *,
-        state: dict[str, Any],
-        settings: dict[str, Any] | None = None,
+        state: StateConfig | None = None,
+        settings: VideoSchedulerSettings | None = None,
         worker_deployment: str | None = None,
         count_replicas: ReplicaCounter | None = None,
         store: JobStore | None = None,
         capacity_refresh_s: float = 0.25,
         clock: Clock = system_clock,
     ) -> None:
-        self.spec = ModelSpec.model_validate(spec)
+        self.spec = spec
         # `args.video`, where video settings are declared; user_config overrides keys live
-        self._base_settings = VideoSchedulerSettings.model_validate(settings or {})
+        self._base_settings = settings or VideoSchedulerSettings()
         self.settings = self._base_settings
         self._worker = worker
-        self._store = store or open_state_store(StateConfig.model_validate(state))
+        if store is None:
+            if state is None:
+                raise ValueError("VideoScheduler needs a state config (or a store)")
+            store = open_state_store(state)
+        self._store = store
         self._clock = clock
         self._jobs = VideoJobLifecycle(self._store, clock=clock)
         self._metrics = SchedulerMetrics(self.spec.id)  # the image scheduler's metrics

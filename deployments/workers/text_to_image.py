@@ -104,13 +104,13 @@ class TextToImage:
 
     def __init__(
         self,
-        spec: dict[str, Any],
+        spec: ModelSpec,
         *,
         cache_dir: str,
         load: PipelineLoader = load_pipeline,
         torch_threads: int | None = None,
     ) -> None:
-        self.spec = ModelSpec.model_validate(spec)
+        self.spec = spec
         self.pipeline = load_warm_pipeline(
             self.spec,
             cache_dir=cache_dir,

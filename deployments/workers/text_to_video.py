@@ -108,11 +108,11 @@ class TextToVideo:
 
     def __init__(
         self,
-        spec: dict[str, Any],
+        spec: ModelSpec,
         *,
         cache_dir: str,
-        state: dict[str, Any],
-        artifacts: dict[str, Any],
+        state: StateConfig | None = None,
+        artifacts: ArtifactConfig | None = None,
         load: PipelineLoader = load_pipeline,
         store: JobStore | None = None,
         artifact_store: ArtifactStore | None = None,
@@ -121,14 +121,20 @@ class TextToVideo:
         max_reference_pixels: int = 4096 * 4096,
         clock: Clock = system_clock,
     ) -> None:
-        self.spec = ModelSpec.model_validate(spec)
+        self.spec = spec
         if self.spec.video is None:
             raise ValueError(f"model {self.spec.id} has no video settings")
         self.video = self.spec.video
-        self.store = store or open_state_store(StateConfig.model_validate(state))
-        self.artifacts = artifact_store or open_artifact_store(
-            ArtifactConfig.model_validate(artifacts)
-        )
+        if store is None:
+            if state is None:
+                raise ValueError("TextToVideo needs a state config (or a store)")
+            store = open_state_store(state)
+        if artifact_store is None:
+            if artifacts is None:
+                raise ValueError("TextToVideo needs an artifact config (or a store)")
+            artifact_store = open_artifact_store(artifacts)
+        self.store = store
+        self.artifacts = artifact_store
         self.progress_interval_s = progress_interval_s
         self.max_reference_pixels = max_reference_pixels
         self._clock = clock

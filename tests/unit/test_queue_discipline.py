@@ -25,7 +25,7 @@ from models.catalog import load_catalog
 from tests.fakes import FakeClock, FakeWorkerHandle
 from tests.unit.harness import URL
 
-SPEC = load_catalog().models["tiny-sd"].model_dump()
+SPEC = load_catalog().models["tiny-sd"]
 
 
 def job(name: str, account: str = "a", cls: int = 0, **fields: Any) -> ImageJob:

@@ -13,7 +13,7 @@ from mediagate.protocol.work import ImageJob, ImageResult
 from models.catalog import load_catalog
 from tests.fakes import FakeClock, FakeWorkerHandle
 
-SPEC = load_catalog().models["tiny-sd"].model_dump()
+SPEC = load_catalog().models["tiny-sd"]
 
 
 def job(request_id: str, *, n: int = 1, width: int = 64, steps: int = 4) -> ImageJob:

@@ -16,6 +16,7 @@ import redis
 
 from mediagate.access.accounts import open_account_store
 from mediagate.stores import StateConfig, open_state_store
+from mediagate.stores.artifacts import ArtifactConfig
 from tests.servers import free_port, redis_server
 from tests.unit.harness import Service
 
@@ -114,8 +115,10 @@ def test_tier_policy_reloads_live(tmp_path: Path) -> None:
     router = Router(
         {},
         home=str(home),
-        state=StateConfig.embedded(home / "state.db").model_dump(),
-        artifacts={"backend": "local", "root": str(home / "files"), "secret_path": str(home / "k")},
+        state=StateConfig.embedded(home / "state.db"),
+        artifacts=ArtifactConfig(
+            backend="local", root=str(home / "files"), secret_path=str(home / "k")
+        ),
     )
     assert router.gateway.policy.tiers["free"].images_per_day == 3
     from mediagate.access.tiers import load_tier_policy

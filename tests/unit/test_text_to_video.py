@@ -31,10 +31,8 @@ class Rig:
         self.store = SqliteStateStore(tmp_path / "state.db")
         self.artifacts = LocalArtifactStore(tmp_path / "files", b"k" * 32)
         self.worker = TextToVideo(
-            SPEC.model_dump(),
+            SPEC,
             cache_dir=str(model_cache),
-            state={},
-            artifacts={},
             store=self.store,
             artifact_store=self.artifacts,
             torch_threads=1,

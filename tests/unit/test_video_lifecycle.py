@@ -19,6 +19,7 @@ import httpx
 import pytest
 
 from deployments.router.routes import create_api
+from deployments.scheduler.settings import VideoSchedulerSettings
 from deployments.scheduler.videos import VideoScheduler
 from deployments.workers.text_to_video import TextToVideo
 from mediagate.protocol.work import VideoGeneration, VideoOutcome, VideoTask
@@ -106,10 +107,8 @@ def real_worker(
     model_cache: Path, store: JobStore, artifacts: LocalArtifactStore, **options: Any
 ) -> TextToVideo:
     return TextToVideo(
-        SPEC.model_dump(),
+        SPEC,
         cache_dir=str(model_cache),
-        state={},
-        artifacts={},
         store=store,
         artifact_store=artifacts,
         torch_threads=1,
@@ -135,9 +134,10 @@ class Lifecycle:
 
         self.scheduler = VideoScheduler(
             worker,
-            SPEC.model_dump(),
-            state={},
-            settings={"lease_s": 30, "reconcile_s": 3600, "redispatch_delay_s": 0},
+            SPEC,
+            settings=VideoSchedulerSettings(
+                **{"lease_s": 30, "reconcile_s": 3600, "redispatch_delay_s": 0}
+            ),
             count_replicas=count,
             store=service.jobs,
             capacity_refresh_s=0.01,

@@ -9,13 +9,14 @@ from typing import Any
 
 import pytest
 
+from deployments.scheduler.settings import VideoSchedulerSettings
 from deployments.scheduler.videos import VideoScheduler
 from mediagate.stores import VideoJobRecord
 from mediagate.stores.sqlite_store import SqliteStateStore
 from models.catalog import load_catalog
 from tests.fakes import FakeClock, FakeVideoWorkerHandle
 
-SPEC = load_catalog().models["tiny-wan"].model_dump()
+SPEC = load_catalog().models["tiny-wan"]
 GENERATION = {
     "prompt": "p",
     "width": 64,
@@ -41,8 +42,9 @@ class Rig:
         self.scheduler = VideoScheduler(
             self.worker,
             SPEC,
-            state={},
-            settings={"lease_s": 30, "reconcile_s": 3600, "redispatch_delay_s": 0, **settings},
+            settings=VideoSchedulerSettings(
+                **{"lease_s": 30, "reconcile_s": 3600, "redispatch_delay_s": 0, **settings}
+            ),
             count_replicas=count,
             store=self.store,
             capacity_refresh_s=0.01,

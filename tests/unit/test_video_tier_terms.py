@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
+from deployments.scheduler.settings import VideoSchedulerSettings
 from deployments.scheduler.videos import VideoScheduler
 from mediagate.access.tiers import TierPolicy, load_tier_policy
 from mediagate.protocol.errors import Overloaded
@@ -21,7 +22,7 @@ from tests.fakes import FakeVideoWorkerHandle, LocalHandle, solid_png
 from tests.unit.harness import Service
 from tests.unit.test_video_scheduler import Rig
 
-SPEC = load_catalog().models["tiny-wan"].model_dump()
+SPEC = load_catalog().models["tiny-wan"]
 
 
 def policy(**plus_terms: Any) -> TierPolicy:
@@ -59,8 +60,9 @@ class VideoService:
         self.scheduler = VideoScheduler(
             self.worker,
             SPEC,
-            state={},
-            settings={"lease_s": 30, "reconcile_s": 3600, "redispatch_delay_s": 0},
+            settings=VideoSchedulerSettings(
+                **{"lease_s": 30, "reconcile_s": 3600, "redispatch_delay_s": 0}
+            ),
             count_replicas=one_replica,
             store=service.jobs,
             capacity_refresh_s=0.01,
