@@ -1,4 +1,7 @@
-"""Fakes with the same interface as the real collaborators; the only place they live."""
+"""Fakes of the deployments, the only place they live. Each implements the Protocol of
+``mediagate.protocol.services`` its real counterpart does (checked by mypy and by
+``tests/unit/test_service_contracts.py``); hand one to the code under test behind a
+``LocalHandle``, as Serve hands it a deployment handle."""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from typing import Any
 
 from mediagate.protocol.errors import MediagateError
 from mediagate.protocol.scheduling import PublishedLoad, QueueStats
-from mediagate.protocol.work import ImageJob, ImageResult
+from mediagate.protocol.work import ImageJob, ImageResult, VideoOutcome, VideoTask
 
 
 def solid_png(width: int, height: int, seed: int) -> bytes:
@@ -25,25 +28,42 @@ class _Method:
     def __init__(self, function: Callable[..., Any]) -> None:
         self._function = function
 
-    def remote(self, *args: Any, **kwargs: Any) -> Any:
-        return self._function(*args, **kwargs)
+    def remote(self, *args: Any, **kwargs: Any) -> FakeResponse:
+        return FakeResponse(self._function(*args, **kwargs))
 
 
-class FakeSchedulerHandle:
-    """Answers ``submit.remote(job)`` like a scheduler, recording every job it got."""
+class LocalHandle:
+    """A deployment object (real or fake) behind a handle's interface: each
+    ``handle.method.remote(...)`` starts the call at once and gives back an awaitable
+    ``FakeResponse`` that can be cancelled, as Serve's ``DeploymentResponse``; sync and
+    async methods alike."""
+
+    def __init__(self, target: object) -> None:
+        self.target = target
+
+    def __getattr__(self, name: str) -> _Method:
+        method = getattr(self.target, name)
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            result = method(*args, **kwargs)
+            return await result if inspect.isawaitable(result) else result
+
+        return _Method(call)
+
+
+class FakeScheduler:
+    """An image scheduler (``ImageScheduling``) that answers at once, recording every job;
+    ``fail_with`` makes it raise instead."""
 
     def __init__(self, *, fail_with: MediagateError | Exception | None = None) -> None:
         self.jobs: list[ImageJob] = []
         self.fail_with = fail_with
-        self.submit = _Method(self._submit)
-        self.queue_stats = _Method(self._queue_stats)
         self.load = PublishedLoad(busy=0, slots=1, service_s={})
-        self.published_load = _Method(self._published_load)
 
-    async def _published_load(self) -> PublishedLoad:
+    def published_load(self) -> PublishedLoad:
         return self.load
 
-    async def _queue_stats(self) -> QueueStats:
+    def queue_stats(self) -> QueueStats:
         return QueueStats(
             queue_len=4,
             queue_by_class={0: 3, 2: 1},
@@ -56,7 +76,7 @@ class FakeSchedulerHandle:
             decision_counts={"admitted_class_0": 10, "shed_class_0": 7, "admitted_class_2": 3},
         )
 
-    async def _submit(self, job: ImageJob) -> ImageResult:
+    async def submit(self, job: ImageJob) -> ImageResult:
         self.jobs.append(job)
         if self.fail_with is not None:
             raise self.fail_with
@@ -96,8 +116,9 @@ class FakeResponse:
             raise
 
 
-class FakeWorkerHandle:
-    """A worker whose batches finish only when the test releases them."""
+class FakeImageWorker:
+    """An image worker (``ImageWorking``) whose batches finish only when the test
+    releases them."""
 
     def __init__(self) -> None:
         self.batches: list[list[ImageJob]] = []
@@ -105,9 +126,8 @@ class FakeWorkerHandle:
         self.release = asyncio.Event()
         self.started = asyncio.Event()
         self._arrived = asyncio.Condition()
-        self.generate = _Method(lambda jobs: FakeResponse(self._generate_or_stop(jobs)))
 
-    async def _generate_or_stop(self, jobs: list[ImageJob]) -> list[ImageResult]:
+    async def generate(self, jobs: list[ImageJob]) -> list[ImageResult]:
         try:
             return await self._generate(jobs)
         except asyncio.CancelledError:
@@ -162,11 +182,11 @@ class FakeClock:
         self.now += seconds
 
 
-class FakeVideoSchedulerHandle:
-    """Answers ``admit.remote`` / ``enqueue.remote`` / ``cancel.remote`` like a video
-    scheduler, recording calls; ``admit_raises`` makes ``admit`` refuse (``Overloaded``)
-    or fail (an unreachable scheduler). ``attempts`` names every admit/enqueue call, also
-    those an unreachable scheduler fails."""
+class FakeVideoScheduler:
+    """A video scheduler (``VideoScheduling``) that records its calls; ``admit_raises``
+    makes ``admit`` refuse (``Overloaded``) or fail (an unreachable scheduler).
+    ``attempts`` names every admit/enqueue call, also those an unreachable scheduler
+    fails."""
 
     def __init__(self, *, unreachable: bool = False) -> None:
         self.attempts: list[str] = []
@@ -175,18 +195,13 @@ class FakeVideoSchedulerHandle:
         self.enqueued: list[tuple[str, str]] = []
         self.cancelled: list[tuple[str, str]] = []
         self.unreachable = unreachable
-        self.admit = _Method(self._admit)
-        self.enqueue = _Method(self._enqueue)
-        self.cancel = _Method(self._cancel)
-        self.queue_stats = _Method(self._queue_stats)
-        self.position = _Method(self._position)
 
-    async def _position(self, job_id: str) -> int:
+    def position(self, job_id: str) -> int:
         cancelled = {queued for _, queued in self.cancelled}
         waiting = [queued for _, queued in self.enqueued if queued not in cancelled]
         return waiting.index(job_id) + 1 if job_id in waiting else 0
 
-    async def _queue_stats(self) -> QueueStats:
+    def queue_stats(self) -> QueueStats:
         return QueueStats(
             queue_len=2,
             queue_by_class={1: 2},
@@ -198,7 +213,7 @@ class FakeVideoSchedulerHandle:
             decision_counts={"admitted_class_1": 2, "admitted_class_2": 1},
         )
 
-    async def _admit(
+    async def admit(
         self, account_id: str, priority_class: int, max_wait_s: float, max_queued: int | None
     ) -> float | None:
         self.attempts.append("admit")
@@ -209,37 +224,20 @@ class FakeVideoSchedulerHandle:
             raise self.admit_raises
         return None
 
-    async def _enqueue(self, account_id: str, job_id: str, priority_class: int = 0) -> int:
+    async def enqueue(self, account_id: str, job_id: str, priority_class: int = 0) -> int:
         self.attempts.append("enqueue")
         if self.unreachable:
             raise ConnectionError("scheduler unreachable")
         self.enqueued.append((account_id, job_id))
         return len(self.enqueued)
 
-    async def _cancel(self, account_id: str, job_id: str) -> bool:
+    async def cancel(self, account_id: str, job_id: str) -> bool:
         self.cancelled.append((account_id, job_id))
         return True
 
 
-class LocalHandle:
-    """A real deployment object behind a handle's interface (``handle.method.remote(...)``
-    awaitable, sync or async methods alike), for tests that drive it in-process."""
-
-    def __init__(self, target: Any) -> None:
-        self._target = target
-
-    def __getattr__(self, name: str) -> _Method:
-        method = getattr(self._target, name)
-
-        async def call(*args: Any, **kwargs: Any) -> Any:
-            result = method(*args, **kwargs)
-            return await result if inspect.isawaitable(result) else result
-
-        return _Method(call)
-
-
-class FakeVideoWorkerHandle:
-    """Answers ``run.remote(task)`` like a TextToVideo worker that the test steers.
+class FakeVideoWorker:
+    """A video worker (``VideoWorking``) that the test steers.
 
     Each call waits until the test calls ``finish(job_id)`` (completes the job in the
     store, then commits its quota reservation, as the real worker does) or ``die(job_id)``
@@ -249,10 +247,9 @@ class FakeVideoWorkerHandle:
     def __init__(self, store: Any) -> None:
         self.store = store
         self.unreachable = False
-        self.tasks: list[Any] = []
+        self.tasks: list[VideoTask] = []
         self.started = asyncio.Event()
         self._outcomes: dict[str, asyncio.Future[str]] = {}
-        self.run = _Method(self._run)
 
     def running(self) -> list[str]:
         return [job_id for job_id, future in self._outcomes.items() if not future.done()]
@@ -268,9 +265,8 @@ class FakeVideoWorkerHandle:
     def die(self, job_id: str) -> None:
         self._outcomes[job_id].set_result("died")
 
-    async def _run(self, task: Any) -> Any:
+    async def run(self, task: VideoTask) -> VideoOutcome:
         from mediagate.jobs.video import VideoJobLifecycle
-        from mediagate.protocol.work import VideoOutcome
 
         if self.unreachable:  # like a handle still routing to a replica that just died
             self.tasks.append(task)

@@ -1,4 +1,5 @@
-"""Fixtures shared by the unit tests that run one contract against both state backends."""
+"""Fixtures shared by unit tests: one contract against both state backends, and one
+cache of tiny models (each is built once per session, not once per test module)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,12 @@ from pathlib import Path
 import pytest
 
 from mediagate.stores import StateConfig
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where workers build and then load their tiny pipelines."""
+    return tmp_path_factory.mktemp("models")
 
 
 @pytest.fixture(params=["sqlite", "redis"])

@@ -19,7 +19,7 @@ from mediagate.stores import JobStore
 from mediagate.stores.artifacts import LocalArtifactStore
 from mediagate.stores.sqlite_store import SqliteStateStore
 from models.catalog import load_catalog
-from tests.fakes import FakeClock, FakeSchedulerHandle, FakeVideoSchedulerHandle
+from tests.fakes import FakeClock, FakeScheduler, FakeVideoScheduler, LocalHandle
 
 URL = "/v1/images/generations"
 
@@ -41,13 +41,16 @@ class Service:
         self.accounts = accounts or SqliteAccountStore(tmp_path / "state.db", clock=self.clock)
         account = self.accounts.ensure_account("alice", tier)
         self.key = self.accounts.create_key(account.id)
-        self.scheduler = FakeSchedulerHandle()
-        self.video_scheduler = FakeVideoSchedulerHandle()
+        self.scheduler = FakeScheduler()
+        self.video_scheduler = FakeVideoScheduler()
         self.artifacts = LocalArtifactStore(tmp_path / "artifacts", b"k" * 32, clock=self.clock)
         self.jobs = jobs or SqliteStateStore(tmp_path / "state.db")
         self.gateway = gateway = Gateway(
             catalog=catalog or load_catalog(),
-            schedulers={"tiny-sd": self.scheduler, "tiny-wan": self.video_scheduler},
+            schedulers={
+                "tiny-sd": LocalHandle(self.scheduler),
+                "tiny-wan": LocalHandle(self.video_scheduler),
+            },
             accounts=self.accounts,
             artifacts=self.artifacts,
             jobs=self.jobs,

@@ -30,7 +30,7 @@ from mediagate.access.quota import Usage
 from mediagate.protocol.errors import Conflict, GenerationFailed
 from mediagate.protocol.work import ImageJob, ImageResult
 from mediagate.stores import StateConfig, VideoJobRecord, open_state_store
-from tests.fakes import FakeClock, FakeSchedulerHandle, solid_png
+from tests.fakes import FakeClock, FakeScheduler, LocalHandle, solid_png
 from tests.unit.harness import URL, Service
 
 BODY = {"prompt": "a lighthouse", "n": 2, "seed": 7}
@@ -39,7 +39,7 @@ BODY = {"prompt": "a lighthouse", "n": 2, "seed": 7}
 HANG_S = 30.0
 
 
-class HeldSchedulerHandle(FakeSchedulerHandle):
+class HeldScheduler(FakeScheduler):
     """A scheduler whose ``submit`` waits until the test sets ``release``."""
 
     def __init__(self) -> None:
@@ -48,21 +48,21 @@ class HeldSchedulerHandle(FakeSchedulerHandle):
         self.release = asyncio.Event()
         self.calls = 0
 
-    async def _submit(self, job: ImageJob) -> ImageResult:
+    async def submit(self, job: ImageJob) -> ImageResult:
         self.calls += 1
         self.started.set()
         await self.release.wait()
-        return await super()._submit(job)
+        return await super().submit(job)
 
 
 def make_service(tmp_path: Path, config: StateConfig) -> Service:
     return Service(tmp_path, jobs=open_state_store(config), accounts=open_account_store(config))
 
 
-def hold_scheduler(service: Service) -> HeldSchedulerHandle:
+def hold_scheduler(service: Service) -> HeldScheduler:
     """Put a held scheduler behind the image model in place of the harness's fake."""
-    held = HeldSchedulerHandle()
-    service.gateway.schedulers["tiny-sd"] = held
+    held = HeldScheduler()
+    service.gateway.schedulers["tiny-sd"] = LocalHandle(held)
     service.scheduler = held
     return held
 

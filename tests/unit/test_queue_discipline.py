@@ -22,7 +22,7 @@ from mediagate.protocol.errors import Overloaded
 from mediagate.protocol.scheduling import ClassLoad, PublishedLoad
 from mediagate.protocol.work import ImageJob
 from models.catalog import load_catalog
-from tests.fakes import FakeClock, FakeWorkerHandle
+from tests.fakes import FakeClock, FakeImageWorker, LocalHandle
 from tests.unit.harness import URL
 
 SPEC = load_catalog().models["tiny-sd"]
@@ -167,18 +167,18 @@ async def count_one() -> int:
     return 1
 
 
-def one_slot_scheduler(**config: Any) -> tuple[FakeWorkerHandle, FakeClock, Scheduler]:
+def one_slot_scheduler(**config: Any) -> tuple[FakeImageWorker, FakeClock, Scheduler]:
     """A scheduler over one worker slot, one request per batch, on a fake clock at 0;
     ``config`` is more of its user_config."""
-    worker = FakeWorkerHandle()
+    worker = FakeImageWorker()
     clock = FakeClock(0.0)
-    scheduler = Scheduler(worker, SPEC, count_replicas=count_one, clock=clock)
+    scheduler = Scheduler(LocalHandle(worker), SPEC, count_replicas=count_one, clock=clock)
     scheduler.reconfigure({"batching": {"max_batch_size": 1}, **config})
     return worker, clock, scheduler
 
 
 async def learn_service_time(
-    scheduler: Scheduler, worker: FakeWorkerHandle, clock: FakeClock
+    scheduler: Scheduler, worker: FakeImageWorker, clock: FakeClock
 ) -> None:
     """One request of the shape, taking 10 s: the scheduler then knows its service time
     (the request itself had no estimate: nothing was measured when it came)."""
@@ -377,8 +377,8 @@ def test_router_refuses_early_from_published_load_without_a_reservation(tmp_path
 
 
 async def test_published_load_reproduces_the_schedulers_queue_position() -> None:
-    worker = FakeWorkerHandle()
-    scheduler = Scheduler(worker, SPEC, count_replicas=count_one, clock=FakeClock(0.0))
+    worker = FakeImageWorker()
+    scheduler = Scheduler(LocalHandle(worker), SPEC, count_replicas=count_one, clock=FakeClock(0.0))
     scheduler.reconfigure({"batching": {"max_batch_size": 1}})
     waiting = [
         asyncio.create_task(scheduler.submit(job(f"{account}{i}", account, cls, max_wait_s=600)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -256,13 +256,6 @@ def test_url_response_downloads_until_it_expires(service: Service) -> None:
     assert_error(service.client.get(local), 403, None, "url_expired")
 
 
-class Remote:
-    """A handle method: ``remote`` is the coroutine function it calls."""
-
-    def __init__(self, function: Callable[..., Awaitable[Any]]) -> None:
-        self.remote = function
-
-
 def test_jpeg_output(service: Service) -> None:
     async def encode_as_asked(job: ImageJob) -> ImageResult:
         """What a worker does with the job's format and quality (the plain fake sends PNG)."""
@@ -279,7 +272,7 @@ def test_jpeg_output(service: Service) -> None:
             inference_s=0.0,
         )
 
-    service.scheduler.submit = Remote(encode_as_asked)  # type: ignore[assignment]
+    service.scheduler.submit = encode_as_asked  # type: ignore[method-assign]
     jpeg = {"prompt": "x", "output_format": "jpeg", "output_compression": 80}
     inline = service.generate(jpeg)
     assert inline.status_code == 200, inline.text

@@ -11,7 +11,7 @@ from deployments.scheduler.images import Scheduler
 from deployments.scheduler.queue import FairQueue, Ticket
 from mediagate.protocol.work import ImageJob, ImageResult
 from models.catalog import load_catalog
-from tests.fakes import FakeClock, FakeWorkerHandle
+from tests.fakes import FakeClock, FakeImageWorker, LocalHandle
 
 SPEC = load_catalog().models["tiny-sd"]
 
@@ -69,8 +69,8 @@ async def count_one() -> int:
 
 
 async def test_dispatches_only_into_free_slots_and_batches_the_rest() -> None:
-    worker = FakeWorkerHandle()
-    scheduler = Scheduler(worker, SPEC, count_replicas=count_one, clock=FakeClock())
+    worker = FakeImageWorker()
+    scheduler = Scheduler(LocalHandle(worker), SPEC, count_replicas=count_one, clock=FakeClock())
     first = asyncio.create_task(scheduler.submit(job("a")))
     await worker.started.wait()
     later = [asyncio.create_task(scheduler.submit(job(name))) for name in "bcdef"]
@@ -103,12 +103,12 @@ async def test_dispatches_only_into_free_slots_and_batches_the_rest() -> None:
 
 async def test_capacity_follows_running_replicas() -> None:
     replicas = 3
-    worker = FakeWorkerHandle()
+    worker = FakeImageWorker()
 
     async def count() -> int:
         return replicas
 
-    scheduler = Scheduler(worker, SPEC, count_replicas=count, capacity_refresh_s=0.01)
+    scheduler = Scheduler(LocalHandle(worker), SPEC, count_replicas=count, capacity_refresh_s=0.01)
     scheduler.reconfigure({"batching": {"max_batch_size": 1}})
     tasks = [asyncio.create_task(scheduler.submit(job(str(i)))) for i in range(5)]
     await worker.wait_for_batches(3)
@@ -121,8 +121,8 @@ async def test_capacity_follows_running_replicas() -> None:
 
 
 async def test_caller_that_goes_away_leaves_the_queue() -> None:
-    worker = FakeWorkerHandle()
-    scheduler = Scheduler(worker, SPEC, count_replicas=count_one)
+    worker = FakeImageWorker()
+    scheduler = Scheduler(LocalHandle(worker), SPEC, count_replicas=count_one)
     running = asyncio.create_task(scheduler.submit(job("a")))
     await worker.started.wait()
     abandoned = asyncio.create_task(scheduler.submit(job("b", width=128)))
@@ -138,7 +138,7 @@ async def test_caller_that_goes_away_leaves_the_queue() -> None:
     await scheduler.shutdown()
 
 
-class DyingWorker(FakeWorkerHandle):
+class DyingWorker(FakeImageWorker):
     """Holds each batch until released, then fails it as a dead replica's call does."""
 
     async def _generate(self, jobs: list[ImageJob]) -> list[ImageResult]:
@@ -150,7 +150,7 @@ async def test_worker_failure_reaches_every_caller_of_the_batch() -> None:
     from mediagate.protocol.errors import GenerationFailed
 
     worker = DyingWorker()
-    scheduler = Scheduler(worker, SPEC, count_replicas=count_one)
+    scheduler = Scheduler(LocalHandle(worker), SPEC, count_replicas=count_one)
     first = asyncio.create_task(scheduler.submit(job("first")))
     await worker.started.wait()
     # Three callers of three accounts wait while the slot is busy: one batch takes them all.
@@ -174,10 +174,10 @@ async def test_worker_failure_reaches_every_caller_of_the_batch() -> None:
 
 
 async def test_batch_wait_holds_a_partial_batch_then_sends_it() -> None:
-    worker = FakeWorkerHandle()
+    worker = FakeImageWorker()
     worker.release.set()
     clock = FakeClock(0.0)  # the hold is decided on the scheduler's clock, not the wall's
-    scheduler = Scheduler(worker, SPEC, count_replicas=count_one, clock=clock)
+    scheduler = Scheduler(LocalHandle(worker), SPEC, count_replicas=count_one, clock=clock)
     scheduler.reconfigure({"batching": {"max_batch_size": 4, "batch_wait_s": 0.2}})
     first = asyncio.create_task(scheduler.submit(job("a")))
     for _ in range(10):  # let the dispatcher run: it must hold the lone request

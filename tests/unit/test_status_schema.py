@@ -9,7 +9,7 @@ from pathlib import Path
 
 from deployments.scheduler.images import Scheduler
 from mediagate.protocol.scheduling import QueueStats
-from tests.fakes import FakeClock, FakeWorkerHandle
+from tests.fakes import FakeClock, FakeImageWorker, LocalHandle
 from tests.unit.test_queue_discipline import SPEC as IMAGE_SPEC
 from tests.unit.test_queue_discipline import count_one, job
 from tests.unit.test_video_scheduler import Rig
@@ -19,8 +19,10 @@ SCHEMA = {field.name for field in dataclasses.fields(QueueStats)} - {"decision_c
 
 
 async def test_image_and_video_schedulers_report_the_same_queue_schema(tmp_path: Path) -> None:
-    worker = FakeWorkerHandle()
-    image = Scheduler(worker, IMAGE_SPEC, count_replicas=count_one, clock=FakeClock(0.0))
+    worker = FakeImageWorker()
+    image = Scheduler(
+        LocalHandle(worker), IMAGE_SPEC, count_replicas=count_one, clock=FakeClock(0.0)
+    )
     video = Rig(tmp_path)
     try:
         submitted = asyncio.create_task(image.submit(job("img", max_wait_s=30)))

@@ -21,15 +21,22 @@ from tests.fakes import solid_png
 SPEC = load_catalog().models["tiny-wan"]
 
 
-@pytest.fixture(scope="module")
-def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("models")
-
-
 class Rig:
-    def __init__(self, tmp_path: Path, model_cache: Path, **options: Any) -> None:
+    """A real TextToVideo on a SQLite store and local files (``artifacts`` replaces the
+    file store); ``dispatch`` stores a job as the scheduler's claim leaves it (in
+    progress, attempt 1) and returns that attempt's task."""
+
+    def __init__(
+        self,
+        tmp_path: Path,
+        model_cache: Path,
+        *,
+        artifacts: LocalArtifactStore | None = None,
+        **options: Any,
+    ) -> None:
+        self.files = tmp_path / "files"
         self.store = SqliteStateStore(tmp_path / "state.db")
-        self.artifacts = LocalArtifactStore(tmp_path / "files", b"k" * 32)
+        self.artifacts = artifacts or LocalArtifactStore(self.files, b"k" * 32)
         self.worker = TextToVideo(
             SPEC,
             cache_dir=str(model_cache),

@@ -22,21 +22,16 @@ from deployments.router.routes import create_api
 from deployments.scheduler.settings import VideoSchedulerSettings
 from deployments.scheduler.videos import VideoScheduler
 from deployments.workers.text_to_video import TextToVideo
-from mediagate.protocol.work import VideoGeneration, VideoOutcome, VideoTask
+from mediagate.protocol.work import VideoOutcome
 from mediagate.stores import JobStore, VideoJobRecord
 from mediagate.stores.artifacts import ArtifactKind, LocalArtifactStore
-from mediagate.stores.sqlite_store import SqliteStateStore
 from models.catalog import load_catalog
-from tests.fakes import FakeVideoWorkerHandle, LocalHandle
+from tests.fakes import FakeVideoWorker, LocalHandle
 from tests.unit.harness import Service
+from tests.unit.test_text_to_video import Rig
 
 SPEC = load_catalog().models["tiny-wan"]
 HOLD_TIMEOUT_S = 60.0  # only reached when a test fails and never opens its gate
-
-
-@pytest.fixture(scope="module")
-def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("models")
 
 
 async def until(condition: Callable[[], Awaitable[bool]], timeout_s: float = 30) -> None:
@@ -106,6 +101,7 @@ class HeldArtifacts(LocalArtifactStore):
 def real_worker(
     model_cache: Path, store: JobStore, artifacts: LocalArtifactStore, **options: Any
 ) -> TextToVideo:
+    """A real worker on the router harness's stores (Rig brings its own)."""
     return TextToVideo(
         SPEC,
         cache_dir=str(model_cache),
@@ -133,11 +129,9 @@ class Lifecycle:
             return self.replicas
 
         self.scheduler = VideoScheduler(
-            worker,
+            LocalHandle(worker),
             SPEC,
-            settings=VideoSchedulerSettings(
-                **{"lease_s": 30, "reconcile_s": 3600, "redispatch_delay_s": 0}
-            ),
+            settings=VideoSchedulerSettings(lease_s=30, reconcile_s=3600, redispatch_delay_s=0),
             count_replicas=count,
             store=service.jobs,
             capacity_refresh_s=0.01,
@@ -199,7 +193,7 @@ def assert_slot_taken(response: httpx.Response) -> None:
 @pytest.fixture
 async def rig(tmp_path: Path) -> AsyncIterator[Lifecycle]:
     service = Service(tmp_path)
-    lifecycle = Lifecycle(service, FakeVideoWorkerHandle(service.jobs))
+    lifecycle = Lifecycle(service, FakeVideoWorker(service.jobs))
     yield lifecycle
     await lifecycle.close()
 
@@ -207,7 +201,7 @@ async def rig(tmp_path: Path) -> AsyncIterator[Lifecycle]:
 async def test_a_second_job_is_refused_while_the_first_is_queued_or_running(
     rig: Lifecycle,
 ) -> None:
-    worker: FakeVideoWorkerHandle = rig.worker
+    worker: FakeVideoWorker = rig.worker
     await rig.set_replicas(0)  # no worker yet: the job waits in the queue
     first = await rig.created()
     assert (await rig.video(first))["queue_position"] == 1
@@ -222,7 +216,7 @@ async def test_a_second_job_is_refused_while_the_first_is_queued_or_running(
 
 
 async def test_a_job_whose_worker_dies_twice_fails_and_frees_its_slot(rig: Lifecycle) -> None:
-    worker: FakeVideoWorkerHandle = rig.worker
+    worker: FakeVideoWorker = rig.worker
     first = await rig.created()
     await worker.wait_running(1)
     worker.die(first)
@@ -239,7 +233,7 @@ async def test_a_job_whose_worker_dies_twice_fails_and_frees_its_slot(rig: Lifec
 
 
 async def test_a_job_the_worker_completes_frees_its_slot(rig: Lifecycle) -> None:
-    worker: FakeVideoWorkerHandle = rig.worker
+    worker: FakeVideoWorker = rig.worker
     first = await rig.created()
     await worker.wait_running(1)
     worker.finish(first)
@@ -249,7 +243,7 @@ async def test_a_job_the_worker_completes_frees_its_slot(rig: Lifecycle) -> None
 
 @pytest.mark.parametrize("status", ["queued", "in_progress"])
 async def test_deleting_a_job_frees_its_slot(rig: Lifecycle, status: str) -> None:
-    worker: FakeVideoWorkerHandle = rig.worker
+    worker: FakeVideoWorker = rig.worker
     if status == "queued":
         await rig.set_replicas(0)
     first = await rig.created()
@@ -270,7 +264,7 @@ async def test_a_job_that_ends_on_the_worker_frees_its_slot_failed_or_completed(
     service = Service(tmp_path)
     worker = real_worker(model_cache, service.jobs, service.artifacts, clock=service.clock)
     pipeline = worker.pipeline
-    rig = Lifecycle(service, LocalHandle(worker))
+    rig = Lifecycle(service, worker)
     try:
         worker.pipeline = AtStep(pipeline, 1, out_of_memory)
         first = await rig.created()
@@ -289,51 +283,8 @@ async def test_a_job_that_ends_on_the_worker_frees_its_slot_failed_or_completed(
 # -- 2. Attempt fencing: a job taken back and run again is the new attempt's alone ---------
 
 
-class WorkerRig:
-    """A real worker on a real store; ``dispatch`` stores a job as the scheduler's claim
-    leaves it (in progress, attempt 1) and returns that attempt's task."""
-
-    def __init__(self, tmp_path: Path, worker: TextToVideo, store: SqliteStateStore) -> None:
-        self.files = tmp_path / "files"
-        self.worker = worker
-        self.store = store
-
-    async def dispatch(self, job_id: str) -> VideoTask:
-        generation = VideoGeneration(
-            prompt="a red kite",
-            width=64,
-            height=64,
-            num_frames=33,
-            fps=8,
-            num_inference_steps=4,
-            guidance_scale=5.0,
-            seed=3,
-        )
-        now = time.time()
-        await self.store.create_job(
-            VideoJobRecord(
-                id=job_id,
-                account_id="acct",
-                model="tiny-wan",
-                status="in_progress",
-                attempt=1,
-                prompt=generation.prompt,
-                seconds=4,
-                size="64x64",
-                created_at=now,
-                started_at=now,
-                lease_expires_at=now + 30,
-                generation=generation.model_dump(),
-            )
-        )
-        return VideoTask(
-            job_id=job_id,
-            account_id="acct",
-            attempt=1,
-            generation=generation,
-            lease_s=30,
-            content_ttl_s=600,
-        )
+class WorkerRig(Rig):
+    """test_text_to_video's rig, plus what the scheduler does to take a job back."""
 
     async def take_back_and_run_again(self, job_id: str) -> VideoJobRecord:
         """What the scheduler does once attempt 1's lease has run out: re-queue the job
@@ -364,8 +315,8 @@ class WorkerRig:
         assert claimed is not None
         return claimed
 
-    async def job(self, job_id: str) -> VideoJobRecord:
-        job = await self.store.get_job("acct", job_id)
+    async def stored(self, job_id: str) -> VideoJobRecord:
+        job = await self.job(job_id)
         assert job is not None
         return job
 
@@ -378,21 +329,16 @@ async def test_an_old_attempt_mid_denoising_writes_nothing_once_the_job_runs_aga
 ) -> None:
     """Status alone cannot tell the two runs apart here (both are ``in_progress``): only
     the attempt can. The old run stops at its next step, as a deleted job's does."""
-    store = SqliteStateStore(tmp_path / "state.db")
-    worker = real_worker(
-        model_cache,
-        store,
-        LocalArtifactStore(tmp_path / "files", b"k" * 32),
-        progress_interval_s=0.0,  # a write at every step: the old run's next one is refused
-    )
+    # A write at every step: the old run's next one is refused.
+    rig = WorkerRig(tmp_path, model_cache, progress_interval_s=0.0)
+    worker = rig.worker
     gate = Gate()
     worker.pipeline = AtStep(worker.pipeline, 1, gate.hold)
-    rig = WorkerRig(tmp_path, worker, store)
     task = await rig.dispatch("video_1")
     run = asyncio.create_task(worker.run(task))
     try:
         await gate.wait_reached()
-        before = await rig.job("video_1")  # attempt 1 was live and writing till now
+        before = await rig.stored("video_1")  # attempt 1 was live and writing till now
         assert before.worker_started_at is not None and before.progress > 0
         taken_back = await rig.take_back_and_run_again("video_1")
     finally:
@@ -400,7 +346,7 @@ async def test_an_old_attempt_mid_denoising_writes_nothing_once_the_job_runs_aga
     outcome = await run
 
     assert outcome == VideoOutcome(job_id="video_1", status="cancelled", steps_done=2)
-    job = await rig.job("video_1")
+    job = await rig.stored("video_1")
     assert job == taken_back  # no progress, lease, completion or artifact of attempt 1
     assert (job.status, job.attempt, job.artifacts) == ("in_progress", 2, {})
     assert rig.video_files() == []
@@ -411,10 +357,9 @@ async def test_an_old_attempt_that_encoded_its_video_after_the_take_back_keeps_n
 ) -> None:
     """Taken back after the last denoising step: the files it stores are deleted again,
     since its completion is refused."""
-    store = SqliteStateStore(tmp_path / "state.db")
     gate = Gate()
-    worker = real_worker(model_cache, store, HeldArtifacts(tmp_path / "files", gate))
-    rig = WorkerRig(tmp_path, worker, store)
+    rig = WorkerRig(tmp_path, model_cache, artifacts=HeldArtifacts(tmp_path / "files", gate))
+    worker = rig.worker
     task = await rig.dispatch("video_1")
     run = asyncio.create_task(worker.run(task))
     try:
@@ -425,7 +370,7 @@ async def test_an_old_attempt_that_encoded_its_video_after_the_take_back_keeps_n
     outcome = await run
 
     assert outcome.status == "cancelled"
-    job = await rig.job("video_1")
+    job = await rig.stored("video_1")
     assert job == taken_back
     assert (job.status, job.attempt, job.artifacts) == ("in_progress", 2, {})
     assert rig.video_files() == []

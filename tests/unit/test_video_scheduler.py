@@ -14,7 +14,7 @@ from deployments.scheduler.videos import VideoScheduler
 from mediagate.stores import VideoJobRecord
 from mediagate.stores.sqlite_store import SqliteStateStore
 from models.catalog import load_catalog
-from tests.fakes import FakeClock, FakeVideoWorkerHandle
+from tests.fakes import FakeClock, FakeVideoWorker, LocalHandle
 
 SPEC = load_catalog().models["tiny-wan"]
 GENERATION = {
@@ -32,7 +32,7 @@ GENERATION = {
 class Rig:
     def __init__(self, tmp_path: Path, *, replicas: int = 1, **settings: Any) -> None:
         self.store = SqliteStateStore(tmp_path / "state.db")
-        self.worker = FakeVideoWorkerHandle(self.store)
+        self.worker = FakeVideoWorker(self.store)
         self.clock = FakeClock()
         self.replicas = replicas
 
@@ -40,7 +40,7 @@ class Rig:
             return self.replicas
 
         self.scheduler = VideoScheduler(
-            self.worker,
+            LocalHandle(self.worker),
             SPEC,
             settings=VideoSchedulerSettings(
                 **{"lease_s": 30, "reconcile_s": 3600, "redispatch_delay_s": 0, **settings}

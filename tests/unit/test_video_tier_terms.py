@@ -18,7 +18,7 @@ from mediagate.access.tiers import TierPolicy, load_tier_policy
 from mediagate.protocol.errors import Overloaded
 from mediagate.stores import VideoJobRecord
 from models.catalog import load_catalog
-from tests.fakes import FakeVideoWorkerHandle, LocalHandle, solid_png
+from tests.fakes import FakeVideoWorker, LocalHandle, solid_png
 from tests.unit.harness import Service
 from tests.unit.test_video_scheduler import Rig
 
@@ -52,17 +52,15 @@ class VideoService:
     def __init__(self, tmp_path: Path, tiers: TierPolicy) -> None:
         self.service = service = Service(tmp_path, policy=tiers)
         self.clock = service.clock
-        self.worker = FakeVideoWorkerHandle(service.jobs)
+        self.worker = FakeVideoWorker(service.jobs)
 
         async def one_replica() -> int:
             return 1
 
         self.scheduler = VideoScheduler(
-            self.worker,
+            LocalHandle(self.worker),
             SPEC,
-            settings=VideoSchedulerSettings(
-                **{"lease_s": 30, "reconcile_s": 3600, "redispatch_delay_s": 0}
-            ),
+            settings=VideoSchedulerSettings(lease_s=30, reconcile_s=3600, redispatch_delay_s=0),
             count_replicas=one_replica,
             store=service.jobs,
             capacity_refresh_s=0.01,
