@@ -11,10 +11,17 @@ Rules (``None`` in the tier means no limit):
 - images per day: images reserved or committed in the current quota day (a
   calendar day in the policy's time zone); refused with ``QuotaExceeded``, to
   retry after the day resets.
-- images per minute: images admitted in the last 60 s (sliding).
+- images per minute: images admitted in the last 60 s (sliding, counted per second).
 - cooldown: once ``after_images`` images have been admitted within
   ``window_min`` minutes, nothing more for ``wait_min`` minutes; the burst then
   starts afresh. A burst that would overshoot is refused until enough ages out.
+
+The state is O(1) in an account's activity: a day counter, and for the sliding
+windows a count per time bucket (60 buckets a window: 1 s for the minute, 10 s for
+a 10-minute burst), kept only when the tier has that limit. An image counts in its
+bucket until the bucket's end leaves the window, so a window may hold an image up to
+one bucket longer than it was asked to, never shorter: no 60 s ever holds more than
+the limit.
 - video jobs at once: video reservations not yet finished.
 A released reservation gives back everything it took, including a cooldown it
 triggered. Reservations the caller never finished expire: images count as
@@ -36,35 +43,36 @@ from mediagate.protocol.errors import QuotaExceeded, RateLimited
 
 Kind = Literal["image", "video"]
 MINUTE_S = 60.0
+BUCKETS_PER_WINDOW = 60
 IMAGE_RESERVATION_TTL_S = 15 * 60.0
 VIDEO_RESERVATION_TTL_S = 6 * 3600.0
 
-
-class Event(BaseModel):
-    """Images admitted at ``at`` by reservation ``rid``."""
-
-    at: float
-    units: int
-    rid: str
+Buckets = dict[int, int]  # bucket number (its end is number x width) -> images in it
 
 
 class Reservation(BaseModel):
+    """What a reservation took, so that a release gives back exactly that."""
+
     kind: Kind
     units: int
     at: float
     day: str
+    minute_bucket: int | None = None  # where it was counted (None: not counted there)
+    burst_bucket: int | None = None
 
 
 class LedgerState(BaseModel):
-    """One account's quota ledger; serialised as JSON by the stores."""
+    """One account's quota ledger; serialised as JSON by the stores. Its size is bounded
+    by the buckets of its windows and the reservations in flight, not by how many
+    requests the account made."""
 
     day: str = ""
     day_images: int = 0
-    minute: list[Event] = Field(default_factory=list)
-    burst: list[Event] = Field(default_factory=list)
+    minute: Buckets = Field(default_factory=dict)
+    burst: Buckets = Field(default_factory=dict)
     cooldown_until: float = 0.0
     cooldown_trigger: str | None = None
-    cooldown_burst: list[Event] = Field(default_factory=list)
+    cooldown_burst: Buckets = Field(default_factory=dict)
     reservations: dict[str, Reservation] = Field(default_factory=dict)
 
 
@@ -94,37 +102,64 @@ def seconds_to_next_day(now: float, zone: ZoneInfo) -> float:
     return max(1.0, midnight.timestamp() - now)
 
 
+def bucket_width_s(window_s: float) -> float:
+    return window_s / BUCKETS_PER_WINDOW
+
+
+def bucket_of(at: float, window_s: float) -> int:
+    """The bucket an image admitted at ``at`` counts in: the one ending at or after it."""
+    return math.ceil(at / bucket_width_s(window_s))
+
+
+def _bucket_leaves_s(bucket: int, window_s: float) -> float:
+    """When a bucket's images leave the window."""
+    return bucket * bucket_width_s(window_s) + window_s
+
+
+def _live(buckets: Buckets, window_s: float, now: float) -> Buckets:
+    return {b: n for b, n in buckets.items() if _bucket_leaves_s(b, window_s) > now}
+
+
 def _wait_until_fits(
-    events: list[Event], window_s: float, limit: int, units: int, now: float
+    buckets: Buckets, window_s: float, limit: int, units: int, now: float
 ) -> float:
-    """Seconds until enough of ``events`` leave the window for ``units`` more to fit."""
+    """Seconds until enough of ``buckets`` leave the window for ``units`` more to fit."""
     if units > limit:
         return math.inf
-    remaining = sum(event.units for event in events)
+    remaining = sum(buckets.values())
     if remaining + units <= limit:
         return 0.0
-    for event in sorted(events, key=lambda e: e.at):
-        remaining -= event.units
+    for bucket in sorted(buckets):
+        remaining -= buckets[bucket]
         if remaining + units <= limit:
-            return max(event.at + window_s - now, 0.001)
+            return max(_bucket_leaves_s(bucket, window_s) - now, 0.001)
     return 0.0
 
 
 def _expire(state: LedgerState, tier: Tier, now: float, day: str) -> LedgerState:
-    """Day roll-over, aged-out events and abandoned reservations."""
-    state = state.model_copy(deep=True)
+    """Day roll-over, aged-out buckets and abandoned reservations (a fresh copy: the
+    caller's state is left as it was)."""
+    state = state.model_copy(
+        update={
+            "minute": _live(state.minute, MINUTE_S, now) if tier.images_per_minute else {},
+            "burst": (
+                _live(state.burst, tier.cooldown.window_min * 60, now) if tier.cooldown else {}
+            ),
+            "cooldown_burst": dict(state.cooldown_burst),
+            "reservations": {
+                rid: held
+                for rid, held in state.reservations.items()
+                # images past their TTL stay counted as delivered; videos free their slot
+                if held.at
+                + (IMAGE_RESERVATION_TTL_S if held.kind == "image" else VIDEO_RESERVATION_TTL_S)
+                > now
+            },
+        }
+    )
     if state.day != day:
         state.day, state.day_images = day, 0
-    state.minute = [e for e in state.minute if e.at > now - MINUTE_S]
-    if tier.cooldown is not None:
-        window_s = tier.cooldown.window_min * 60
-        state.burst = [e for e in state.burst if e.at > now - window_s]
     if state.cooldown_until <= now and state.cooldown_trigger is not None:
-        state.cooldown_trigger, state.cooldown_burst = None, []
-    for rid, held in list(state.reservations.items()):
-        ttl = IMAGE_RESERVATION_TTL_S if held.kind == "image" else VIDEO_RESERVATION_TTL_S
-        if held.at + ttl <= now:
-            del state.reservations[rid]  # images: kept as delivered; videos: slot freed
+        state.cooldown_trigger, state.cooldown_burst = None, {}
     return state
 
 
@@ -162,7 +197,7 @@ def reserve(
         )
     if tier.images_per_minute is not None:
         limit = tier.images_per_minute
-        if sum(e.units for e in state.minute) + units > limit:
+        if sum(state.minute.values()) + units > limit:
             wait = _wait_until_fits(state.minute, MINUTE_S, limit, units, now)
             raise RateLimited(
                 f"your tier makes at most {limit} images per minute",
@@ -170,8 +205,8 @@ def reserve(
             )
     if tier.cooldown is not None:
         rule = tier.cooldown
-        if sum(e.units for e in state.burst) + units > rule.after_images:
-            window_s = rule.window_min * 60
+        window_s = rule.window_min * 60
+        if sum(state.burst.values()) + units > rule.after_images:
             wait = _wait_until_fits(state.burst, window_s, rule.after_images, units, now)
             raise RateLimited(
                 f"this request would take you past {rule.after_images} images within "
@@ -180,18 +215,27 @@ def reserve(
                 retry_after_s=wait if math.isfinite(wait) else window_s,
             )
 
-    event = Event(at=now, units=units, rid=rid)
+    held = Reservation(kind=kind, units=units, at=now, day=day)
     state.day_images += units
-    state.minute.append(event)
-    state.reservations[rid] = Reservation(kind=kind, units=units, at=now, day=day)
+    if tier.images_per_minute is not None:
+        held.minute_bucket = bucket_of(now, MINUTE_S)
+        state.minute[held.minute_bucket] = state.minute.get(held.minute_bucket, 0) + units
     if tier.cooldown is not None:
-        state.burst.append(event)
-        if sum(e.units for e in state.burst) >= tier.cooldown.after_images:
+        held.burst_bucket = bucket_of(now, tier.cooldown.window_min * 60)
+        state.burst[held.burst_bucket] = state.burst.get(held.burst_bucket, 0) + units
+        if sum(state.burst.values()) >= tier.cooldown.after_images:
             state.cooldown_until = now + tier.cooldown.wait_min * 60
             state.cooldown_trigger = rid
-            state.cooldown_burst = state.burst
-            state.burst = []
+            state.cooldown_burst, state.burst = state.burst, {}
+    state.reservations[rid] = held
     return state
+
+
+def _take_back(buckets: Buckets, bucket: int | None, units: int) -> Buckets:
+    if bucket is None or bucket not in buckets:
+        return buckets
+    left = {**buckets, bucket: buckets[bucket] - units}
+    return {b: n for b, n in left.items() if n > 0}
 
 
 def finish(state: LedgerState, rid: str, *, commit: bool) -> tuple[LedgerState, bool]:
@@ -199,34 +243,40 @@ def finish(state: LedgerState, rid: str, *, commit: bool) -> tuple[LedgerState, 
     held = state.reservations.get(rid)
     if held is None:
         return state, False
-    state = state.model_copy(deep=True)
-    del state.reservations[rid]
+    reservations = {key: value for key, value in state.reservations.items() if key != rid}
     if commit or held.kind == "video":
-        return state, True
+        return state.model_copy(update={"reservations": reservations}), True
+    state = state.model_copy(
+        update={
+            "reservations": reservations,
+            "minute": _take_back(state.minute, held.minute_bucket, held.units),
+            "burst": _take_back(state.burst, held.burst_bucket, held.units),
+        }
+    )
     if held.day == state.day:
         state.day_images = max(0, state.day_images - held.units)
-    state.minute = [e for e in state.minute if e.rid != rid]
-    state.burst = [e for e in state.burst if e.rid != rid]
     if state.cooldown_trigger == rid:  # give back the cooldown it started
-        state.burst = [e for e in state.cooldown_burst if e.rid != rid]
-        state.cooldown_until, state.cooldown_trigger, state.cooldown_burst = 0.0, None, []
+        state.burst = _take_back(state.cooldown_burst, held.burst_bucket, held.units)
+        state.cooldown_until, state.cooldown_trigger, state.cooldown_burst = 0.0, None, {}
     return state, True
 
 
 def usage(state: LedgerState, tier: Tier, *, now: float, zone: ZoneInfo) -> Usage:
     day = quota_day(now, zone)
     state = _expire(state, tier, now, day)
-    oldest = min((e.at for e in state.minute), default=now)
+    minute_resets_in_s = (
+        max(0.0, _bucket_leaves_s(min(state.minute), MINUTE_S) - now) if state.minute else 0.0
+    )
     return Usage(
         day=day,
         images_today=state.day_images,
         images_per_day=tier.images_per_day,
         day_resets_in_s=seconds_to_next_day(now, zone),
-        images_last_minute=sum(e.units for e in state.minute),
+        images_last_minute=sum(state.minute.values()),
         images_per_minute=tier.images_per_minute,
-        minute_resets_in_s=max(0.0, oldest + MINUTE_S - now) if state.minute else 0.0,
+        minute_resets_in_s=minute_resets_in_s,
         cooldown_left_s=max(0.0, state.cooldown_until - now),
-        burst_images=sum(e.units for e in state.burst),
+        burst_images=sum(state.burst.values()),
         video_jobs_active=sum(1 for r in state.reservations.values() if r.kind == "video"),
         video_jobs_at_once=tier.video_jobs_at_once,
     )

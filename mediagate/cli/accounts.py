@@ -87,10 +87,9 @@ def command_usage(args: argparse.Namespace) -> int:
     )
     print(f"{'LIMIT':<22} {'USED':>6} {'OF':>10}")
     print(f"{'images today':<22} {usage.images_today:>6} {limit(usage.images_per_day):>10}")
-    print(
-        f"{'images last minute':<22} {usage.images_last_minute:>6} "
-        f"{limit(usage.images_per_minute):>10}"
-    )
+    if usage.images_per_minute is not None:  # counted only where the tier limits it
+        used, of = usage.images_last_minute, usage.images_per_minute
+        print(f"{'images last minute':<22} {used:>6} {of:>10}")
     tier = policy.tier(account.tier)
     if tier.cooldown is not None:
         print(f"{'images this burst':<22} {usage.burst_images:>6} {tier.cooldown.after_images:>10}")

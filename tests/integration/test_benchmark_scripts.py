@@ -46,3 +46,9 @@ def test_bench_overload_runs() -> None:
 def test_bench_autoscale_runs() -> None:
     result = run_smoke("bench_autoscale.py")
     assert result["scale_down_ratio"] > 0, result
+
+
+def test_bench_ledger_runs() -> None:
+    result = run_smoke("bench_ledger.py")
+    figures = result["sqlite"]
+    assert figures["reserve_ms_first"] > 0 and figures["ratio_last_to_first"] > 0, result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -106,11 +107,18 @@ requests = st.lists(
 )
 
 
+def counted_until(at: float, window_s: float) -> float:
+    """An image admitted at ``at`` counts until the end of its bucket (1/60 of the window)
+    leaves the window: at least ``window_s``, at most one bucket more."""
+    width = window_s / 60
+    return math.ceil(at / width) * width + window_s
+
+
 def reference_per_minute(
     history: list[tuple[float, int]], now: float, units: int, limit: int
 ) -> bool:
-    """Admit iff the images admitted in (now - 60, now] plus these stay within the limit."""
-    return sum(u for t, u in history if now - 60 < t <= now) + units <= limit
+    """Admit iff the images still counted at ``now`` plus these stay within the limit."""
+    return sum(u for t, u in history if t <= now < counted_until(t, 60)) + units <= limit
 
 
 @settings(max_examples=300, deadline=None)
@@ -146,12 +154,13 @@ def reference_cooldown(
     rule: CooldownRule,
 ) -> bool:
     """Burst then wait: no admission within wait_min of a trigger; a burst counts the images
-    since the last trigger inside the window; admit iff the burst stays within after_images."""
+    since the last trigger still counted in the window; admit iff the burst stays within
+    after_images."""
     wait_s, window_s = rule.wait_min * 60, rule.window_min * 60
     if any(s <= now < s + wait_s for s in triggers):
         return False
     since = max(triggers, default=-1.0)
-    burst = sum(u for t, u in history if t > since and t > now - window_s)
+    burst = sum(u for t, u in history if t > since and now < counted_until(t, window_s))
     return burst + units <= rule.after_images
 
 
@@ -186,8 +195,31 @@ def test_cooldown_rule_matches_its_reference(steps: list[tuple[float, int]], bur
             assert expected, (history, triggers, now, units)
             history.append((now, units))
             since = max(triggers, default=-1.0)
-            if sum(u for t, u in history if t > since and t > now - 600) >= rule.after_images:
+            burst = sum(u for t, u in history if t > since and now < counted_until(t, 600))
+            if burst >= rule.after_images:
                 triggers.append(now)
     # Between two triggers at most after_images images; none within wait_min after one.
     for start in triggers:
         assert not any(start < t < start + 300 for t, _ in history)
+
+
+def test_the_ledger_stays_the_same_size_however_busy_the_account() -> None:
+    """1000 images in a minute leave at most a bucket per second of the window (and one
+    for the burst's), not an event per request; a limit the tier lacks records nothing."""
+    busy = Tier(
+        images_per_minute=5000, cooldown=CooldownRule(after_images=10**6, window_min=10, wait_min=1)
+    )
+    state, sizes = LedgerState(), []
+    for index in range(1000):
+        state = admit(state, busy, T0 + index * 0.05, rid=f"r{index}")
+        state, _ = finish(state, f"r{index}", commit=True)
+        sizes.append(len(state.model_dump_json()))
+    assert len(state.minute) <= 61 and len(state.burst) <= 61 and not state.reservations
+    assert sum(state.minute.values()) == 1000 == state.day_images
+    assert max(sizes) < 2_000  # a JSON document of a few buckets, not of 1000 events
+
+    unlimited = Tier()
+    state = LedgerState()
+    for index in range(100):
+        state = admit(state, unlimited, T0 + index, rid=f"u{index}")
+    assert state.minute == {} and state.burst == {} and state.day_images == 100
