@@ -93,8 +93,6 @@ class Scheduler:
         self._in_flight: dict[int, _InFlight] = {}  # what each busy slot serves
         self._batch_ids = 0
         self.settings = ImageSchedulerSettings(slots_per_replica=slots_per_replica)
-        self.preemption = self.settings.preemption
-        self.queue_weights = self.settings.weights()
         self._batching: Batching = self.spec.batching
         if count_replicas is None and worker_deployment is not None:
             count_replicas = serve_replica_counter(worker_deployment)
@@ -115,8 +113,6 @@ class Scheduler:
         self._batching = self.settings.batching.over(self.spec.batching)
         self._slots.set_slots_per_replica(self.settings.slots_per_replica)
         self._queue.min_shares = dict(self.settings.min_shares)
-        self.queue_weights = self.settings.weights()
-        self.preemption = self.settings.preemption
 
     def _ensure_started(self) -> None:
         if self._dispatcher is None:
@@ -169,7 +165,7 @@ class Scheduler:
         by_class = self._queue.length_by_class()
         self._metrics.observe(by_class, self._slots.busy, self._classes_seen | set(by_class))
         running = sum(len(batch.tickets) for batch in self._in_flight.values())
-        stats = report_metrics(by_class, running, self.queue_weights, self._classes_seen)
+        stats = report_metrics(by_class, running, self.settings.weights(), self._classes_seen)
         return stats | {"inflight": float(self._slots.busy)}
 
     def wait_estimates_s(self) -> dict[int, float]:
@@ -289,7 +285,7 @@ class Scheduler:
             ],
             waiting_class,
             now=self._clock(),
-            policy=self.preemption,
+            policy=self.settings.preemption,
         )
         if victim is None:
             return

@@ -94,7 +94,6 @@ class VideoScheduler:
         self._claiming: set[str] = set()  # taken off the queue, being claimed in the store
         self._reconciling = asyncio.Lock()
         self._classes_seen: set[int] = set()
-        self.queue_weights = self.settings.weights()
         self._running: dict[str, asyncio.Task[None]] = {}
         self._running_class: dict[str, int] = {}  # running job id -> its priority class
         self._tasks: list[asyncio.Task[None]] = []
@@ -110,7 +109,6 @@ class VideoScheduler:
         application's settings; a key taken out of it goes back to the application's."""
         merged = {**self._base_settings.model_dump(), **config}
         self.settings = VideoSchedulerSettings.model_validate(merged)
-        self.queue_weights = self.settings.weights()
         self._slots.set_slots_per_replica(self.settings.slots_per_replica)
         self._queue.min_shares = dict(self.settings.min_shares)
 
@@ -214,7 +212,9 @@ class VideoScheduler:
         by_class = self._queue.length_by_class()
         self._classes_seen |= set(by_class)
         self._metrics.observe(by_class, self._slots.busy, self._classes_seen)
-        stats = report_metrics(by_class, self._slots.busy, self.queue_weights, self._classes_seen)
+        stats = report_metrics(
+            by_class, self._slots.busy, self.settings.weights(), self._classes_seen
+        )
         return stats | {"inflight": float(self._slots.busy)}
 
     def queue_stats(self) -> QueueStats:
