@@ -38,7 +38,13 @@ from mediagate.protocol.clock import Clock, system_clock
 from mediagate.protocol.errors import Overloaded
 from mediagate.protocol.scheduling import Decision, QueueStats, decision_key
 from mediagate.protocol.work import VideoGeneration, VideoOutcome, VideoTask
-from mediagate.stores import JobStore, StateConfig, VideoJobRecord, open_state_store
+from mediagate.stores import (
+    JobStore,
+    StateConfig,
+    VideoJobRecord,
+    given_or_opened,
+    open_state_store,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -74,11 +80,7 @@ class VideoScheduler:
         self._base_settings = settings or VideoSchedulerSettings()
         self.settings = self._base_settings
         self._worker = worker
-        if store is None:
-            if state is None:
-                raise ValueError("VideoScheduler needs a state config (or a store)")
-            store = open_state_store(state)
-        self._store = store
+        self._store = given_or_opened(store, state, open_state_store, "state")
         self._clock = clock
         self._jobs = VideoJobLifecycle(self._store, clock=clock)
         self._metrics = SchedulerMetrics(self.spec.id)  # the image scheduler's metrics

@@ -27,7 +27,7 @@ from mediagate.jobs.video import VideoJobLifecycle
 from mediagate.protocol.catalog import ModelSpec
 from mediagate.protocol.clock import Clock, system_clock
 from mediagate.protocol.work import VideoGeneration, VideoOutcome, VideoTask
-from mediagate.stores import JobStore, StateConfig, open_state_store
+from mediagate.stores import JobStore, StateConfig, given_or_opened, open_state_store
 from mediagate.stores.artifacts import ArtifactConfig, ArtifactStore, open_artifact_store
 from models.encoding import encode_mp4, encode_spritesheet, encode_thumbnail, to_uint8_frames
 from models.loading import load_pipeline
@@ -125,16 +125,8 @@ class TextToVideo:
         if self.spec.video is None:
             raise ValueError(f"model {self.spec.id} has no video settings")
         self.video = self.spec.video
-        if store is None:
-            if state is None:
-                raise ValueError("TextToVideo needs a state config (or a store)")
-            store = open_state_store(state)
-        if artifact_store is None:
-            if artifacts is None:
-                raise ValueError("TextToVideo needs an artifact config (or a store)")
-            artifact_store = open_artifact_store(artifacts)
-        self.store = store
-        self.artifacts = artifact_store
+        self.store = given_or_opened(store, state, open_state_store, "state")
+        self.artifacts = given_or_opened(artifact_store, artifacts, open_artifact_store, "artifact")
         self.progress_interval_s = progress_interval_s
         self.max_reference_pixels = max_reference_pixels
         self._clock = clock

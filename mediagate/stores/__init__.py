@@ -6,8 +6,9 @@ own store from it with ``open_state_store``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -21,8 +22,12 @@ __all__ = [
     "StateConfig",
     "StoreUnavailable",
     "VideoJobRecord",
+    "given_or_opened",
     "open_state_store",
 ]
+
+StoreT = TypeVar("StoreT")
+ConfigT = TypeVar("ConfigT")
 
 
 class StateConfig(BaseModel):
@@ -37,6 +42,17 @@ class StateConfig(BaseModel):
     @classmethod
     def embedded(cls, path: str | Path) -> StateConfig:
         return cls(backend="sqlite", sqlite_path=str(path))
+
+
+def given_or_opened(
+    given: StoreT | None, config: ConfigT | None, open_store: Callable[[ConfigT], StoreT], what: str
+) -> StoreT:
+    """A deployment's store: the one a test handed in, else opened from its config."""
+    if given is not None:
+        return given
+    if config is None:
+        raise ValueError(f"a {what} config (or a {what} store) is needed")
+    return open_store(config)
 
 
 def open_state_store(config: StateConfig) -> JobStore:
