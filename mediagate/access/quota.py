@@ -60,6 +60,12 @@ class Reservation(BaseModel):
     minute_bucket: int | None = None  # where it was counted (None: not counted there)
     burst_bucket: int | None = None
 
+    @property
+    def lapses_at(self) -> float:
+        """When an unfinished reservation is given up on (``IMAGE/VIDEO_RESERVATION_TTL_S``)."""
+        ttl_s = IMAGE_RESERVATION_TTL_S if self.kind == "image" else VIDEO_RESERVATION_TTL_S
+        return self.at + ttl_s
+
 
 class LedgerState(BaseModel):
     """One account's quota ledger; serialised as JSON by the stores. Its size is bounded
@@ -146,13 +152,9 @@ def _expire(state: LedgerState, tier: Tier, now: float, day: str) -> LedgerState
                 _live(state.burst, tier.cooldown.window_min * 60, now) if tier.cooldown else {}
             ),
             "cooldown_burst": dict(state.cooldown_burst),
+            # images past their TTL stay counted as delivered; videos free their slot
             "reservations": {
-                rid: held
-                for rid, held in state.reservations.items()
-                # images past their TTL stay counted as delivered; videos free their slot
-                if held.at
-                + (IMAGE_RESERVATION_TTL_S if held.kind == "image" else VIDEO_RESERVATION_TTL_S)
-                > now
+                rid: held for rid, held in state.reservations.items() if held.lapses_at > now
             },
         }
     )
