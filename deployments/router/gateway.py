@@ -84,7 +84,6 @@ class Gateway:
         self.shed_by_router: Counter[str] = Counter()  # per tier, this replica only
         # Per (model, account): image requests this router has handed to the scheduler
         # and not had back (queued or running), for its early refusals.
-        self._pending: Counter[tuple[str, str]] = Counter()
         self.videos = VideoJobs(self)
 
     async def authenticate(self, authorization: str | None) -> Account:
@@ -187,8 +186,6 @@ class Gateway:
             decided()
         admission = await self.guard.admit(account, kind="image", units=job.images)
         delivered = False
-        pending = (spec.id, account.id)
-        self._pending[pending] += 1
         try:
             try:
                 result: ImageResult = await self.schedulers[spec.id].submit.remote(job)
@@ -199,10 +196,6 @@ class Gateway:
                 raise ModelUnavailable(
                     f"model {spec.id} is restarting; please retry shortly", retry_after_s=2
                 ) from error
-            finally:
-                self._pending[pending] -= 1
-                if not self._pending[pending]:
-                    del self._pending[pending]
             if body.response_format == "url":
                 data = await asyncio.to_thread(self._store_images, result.images, body, base_url)
             else:
@@ -226,8 +219,8 @@ class Gateway:
 
     def refuse_if_overloaded(self, model_id: str, job: ImageJob, tier_name: str) -> None:
         """Refuse here, before any quota write or hop, what the scheduler would refuse:
-        its decision, from the load it last published and this account's requests that
-        this router has in its queue."""
+        its decision, from the load it last published, updated for the requests this
+        router forwarded since."""
         published = self._published_load.get(model_id)
         if published is None:
             return
@@ -237,7 +230,7 @@ class Gateway:
                 load,
                 priority_class=job.priority_class,
                 batch_key=job.batch_key,
-                own_pending=self._pending[(model_id, job.account_id)],
+                account_id=job.account_id,
                 max_wait_s=job.max_wait_s,
                 max_queued=job.max_queued,
                 age_s=self.clock() - received_at,
@@ -246,11 +239,7 @@ class Gateway:
         except Overloaded:
             self.shed_by_router[tier_name] += 1
             raise
-        count_forwarded(
-            load,
-            priority_class=job.priority_class,
-            own_pending=self._pending[(model_id, job.account_id)],
-        )
+        count_forwarded(load, priority_class=job.priority_class, account_id=job.account_id)
 
     async def follow_load(self) -> None:
         """Keep a fresh copy of every image scheduler's published load (runs for the

@@ -89,17 +89,16 @@ def shed_on_published_load(
     *,
     priority_class: int,
     batch_key: Hashable,
-    own_pending: int,
+    account_id: str,
     max_wait_s: float,
     max_queued: int | None,
     age_s: float,
     max_age_s: float,
 ) -> None:
     """The router's early refusal: the scheduler's own decision (``admit_or_shed``), made
-    from the load it last published (see ``Scheduler.published_load``) and the number of
-    this account's requests the router has handed over and not had back (``own_pending``:
-    queued or running, so at least ``own_pending - busy`` of them are queued). No fresh
-    view, or a class or shape not measured yet: return, and the scheduler decides."""
+    from the load it last published (see ``Scheduler.published_load``) as this router
+    has updated it since (``count_forwarded``). No fresh view, or a class or shape not
+    measured yet: return, and the scheduler decides."""
     view = load.classes.get(priority_class)
     service_s = load.service_s.get(batch_key)
     if age_s > max_age_s or view is None or service_s is None:
@@ -108,7 +107,7 @@ def shed_on_published_load(
         ahead=tickets_ahead(
             queued_above=view.queued_above,
             depths=view.depths,
-            own_depth=max(0, own_pending - load.busy),
+            own_depth=view.depth_of(account_id),
         ),
         busy=load.busy,
         slots=load.slots,
@@ -120,20 +119,23 @@ def shed_on_published_load(
     )
 
 
-def count_forwarded(load: PublishedLoad, *, priority_class: int, own_pending: int) -> None:
+def count_forwarded(load: PublishedLoad, *, priority_class: int, account_id: str) -> None:
     """Update a router's copy of the published load for a request it just forwarded, so
     its next decisions see it before the scheduler publishes again: one more ticket in
-    the class, and the account one deeper."""
+    the class, and the account one deeper. (Answers since the publication are not
+    subtracted: the copy errs towards a longer queue for the few tenths of a second
+    until the next one.)"""
     view = load.classes.get(priority_class)
     if view is None:
         return
-    own_depth = max(0, own_pending - load.busy)
+    depth = view.depth_of(account_id)
     depths = view.depths
-    if own_depth and depths.get(own_depth):
-        depths[own_depth] -= 1
-        if not depths[own_depth]:
-            del depths[own_depth]
-    depths[own_depth + 1] = depths.get(own_depth + 1, 0) + 1
+    if depth and depths.get(depth):
+        depths[depth] -= 1
+        if not depths[depth]:
+            del depths[depth]
+    depths[depth + 1] = depths.get(depth + 1, 0) + 1
+    view.depth_by_account[account_id] = depth + 1
     view.queued += 1
 
 

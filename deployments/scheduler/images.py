@@ -182,8 +182,7 @@ class Scheduler:
     def published_load(self) -> PublishedLoad:
         """What routers need to make this scheduler's admission decision themselves,
         without a hop: slots, measured service times, and per class the queue, the work
-        above it, the share of capacity above it and its accounts' queue depths (counts
-        only: no account ids leave the scheduler)."""
+        above it, the share of capacity above it and its accounts' queue depths."""
         by_class = self._queue.length_by_class()
         return PublishedLoad(
             busy=self._slots.busy,
@@ -195,6 +194,7 @@ class Scheduler:
                     queued_above=self._queue.queued_above(cls),
                     share_above=self._queue.share_above(cls),
                     depths=dict(self._queue.depths(cls)),
+                    depth_by_account=self._queue.depth_by_account(cls),
                 )
                 for cls in self._classes_seen | set(by_class)
             },

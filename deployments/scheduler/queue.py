@@ -238,6 +238,11 @@ class FairQueue(Generic[JobT]):
         same = self._classes.get(priority_class)
         return Counter(len(own) for own in same.accounts.values()) if same else Counter()
 
+    def depth_by_account(self, priority_class: int) -> dict[str, int]:
+        """How many tickets each account of the class has queued (those with any)."""
+        same = self._classes.get(priority_class)
+        return {account: len(own) for account, own in same.accounts.items()} if same else {}
+
     def ahead_of(self, job: JobT) -> int:
         """Tickets that would be dispatched before ``job`` if it were pushed now."""
         same = self._classes.get(job.priority_class)

@@ -67,12 +67,20 @@ class QueueStats:
 
 @dataclass
 class ClassLoad:
-    """One priority class in a published load: counts only, no account ids."""
+    """One priority class in a published load. It names the accounts with work queued
+    (internal ids, never shown to clients): a router must know exactly how deep the
+    account it is deciding for already is. Estimating that from its own count of
+    unanswered requests miscounted whatever was running or on its way back, and
+    ``count_forwarded`` then added a phantom account to ``depths``."""
 
     queued: int  # tickets of this class waiting
     queued_above: int  # tickets of higher classes waiting (served first)
     share_above: float  # share of recent dispatches that went to higher classes
     depths: dict[int, int]  # how many of its accounts have 1, 2, ... tickets queued
+    depth_by_account: dict[str, int] = field(default_factory=dict)  # the same, by account
+
+    def depth_of(self, account_id: str) -> int:
+        return self.depth_by_account.get(account_id, 0)
 
 
 @dataclass

@@ -63,14 +63,26 @@ class Cluster:
         found = app["deployments"][deployment]["replicas"]
         return sorted(r["replica_id"] for r in found if r["state"] == "RUNNING")
 
+    def status(self) -> dict[str, Any]:
+        """``GET /v1/status`` as a pro account sees it (queues, decisions, estimates)."""
+        answer = httpx.get(
+            f"{self.base_url}/v1/status",
+            headers={"Authorization": f"Bearer {self.keys['pro']}"},
+            timeout=30,
+        )
+        return dict(answer.json())
+
     def image(self, key: str = "pro") -> tuple[int, str]:
-        """The status and the worker replica that made the image."""
+        """The status and the worker replica that made the image (the error body when
+        there is none, so a failed assertion says why)."""
         answer = httpx.post(
             f"{self.base_url}/v1/images/generations",
             json={"prompt": "burst", "model": "sim"},
             headers={"Authorization": f"Bearer {self.keys[key]}"},
             timeout=300,
         )
+        if answer.status_code != 200:
+            return answer.status_code, answer.text
         return answer.status_code, answer.headers.get("x-mediagate-worker", "")
 
 
@@ -213,7 +225,7 @@ def test_a_burst_scales_workers_up_then_back_to_min(cluster: Cluster) -> None:
     took = wait_for(lambda: len(cluster.replicas("TextToImage-sim")) >= 3, 60, ">= 3 replicas")
     answers = results.result(timeout=120)
     elapsed = time.monotonic() - started
-    assert [status for status, _ in answers] == [200] * 24
+    assert [status for status, _ in answers] == [200] * 24, [a for a in answers if a[0] != 200]
     # Served by the new replicas too, not only by the one that was there (how soon
     # they start depends on the machine: bench_autoscale measures that).
     workers = {worker for _, worker in answers}
@@ -264,7 +276,11 @@ def test_scale_set_under_load_changes_max_without_restarting_replicas(cluster: C
         peak = max(peak, len(cluster.replicas("TextToImage-sim")))
         time.sleep(0.25)
     assert peak == 3, "the new max was not honoured"
-    assert [status for status, _ in results.result()] == [200] * 48
+    answers = results.result()
+    assert [status for status, _ in answers] == [200] * 48, (
+        [a for a in answers if a[0] != 200],
+        cluster.status(),
+    )
 
     refused = cluster.cli("scale", "set", "sim", "--min", "5")
     assert refused.returncode != 0 and "must not exceed max" in refused.stderr

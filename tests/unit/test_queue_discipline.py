@@ -12,6 +12,7 @@ import pytest
 from deployments.scheduler.admission import (
     EstimateCheck,
     admit_or_shed,
+    count_forwarded,
     estimate_wait_s,
     shed_on_published_load,
     updated_service_time,
@@ -297,8 +298,17 @@ LOAD = PublishedLoad(
     slots=1,
     service_s={KEY: 1.0},
     classes={
-        0: ClassLoad(queued=20, queued_above=2, share_above=0.0, depths={1: 4, 4: 4}),
-        2: ClassLoad(queued=2, queued_above=0, share_above=0.0, depths={2: 1}),
+        0: ClassLoad(
+            queued=20,
+            queued_above=2,
+            share_above=0.0,
+            depths={1: 4, 4: 4},
+            depth_by_account={f"light{i}": 1 for i in range(4)}
+            | {f"heavy{i}": 4 for i in range(4)},
+        ),
+        2: ClassLoad(
+            queued=2, queued_above=0, share_above=0.0, depths={2: 1}, depth_by_account={"p": 2}
+        ),
     },
 )
 
@@ -308,7 +318,7 @@ def test_shedding_on_published_load_is_the_schedulers_decision() -> None:
         values: dict[str, Any] = {
             "priority_class": 0,
             "batch_key": KEY,
-            "own_pending": 0,
+            "account_id": "new",
             "max_wait_s": 14.0,
             "max_queued": 200,
             "age_s": 0.1,
@@ -318,18 +328,48 @@ def test_shedding_on_published_load_is_the_schedulers_decision() -> None:
 
     # A new account: 2 pro + one per free account (8) ahead, plus half the running batch.
     decide()  # 0.5 + 10 x 1 s <= 0.8 x 14 s
-    # An account with 3 queued (4 pending, one of which may run): 4 rounds ahead of it.
+    # An account with 4 queued: 5 rounds ahead of it.
     with pytest.raises(Overloaded, match="about 22s") as shed:
-        decide(own_pending=4)  # 0.5 + (2 + 4 x 1 + 4 x 4) x 1 s
+        decide(account_id="heavy0")  # 0.5 + (2 + 4 x 1 + 4 x 4) x 1 s
     assert shed.value.retry_after_s == pytest.approx(22.5 - 0.8 * 14)
     # The same answer as the scheduler's own computation.
-    assert tickets_ahead(queued_above=2, depths={1: 4, 4: 4}, own_depth=3) == 22
+    assert tickets_ahead(queued_above=2, depths={1: 4, 4: 4}, own_depth=4) == 22
     with pytest.raises(Overloaded, match="queue for your tier is full"):
         decide(max_queued=20)
     decide(priority_class=2, max_wait_s=4)  # pro: 0.5 + 2 ahead
-    decide(own_pending=4, age_s=3.0)  # stale: the scheduler decides
-    decide(own_pending=4, priority_class=1)  # class never seen: the scheduler decides
-    decide(own_pending=4, batch_key=(32, 32, 4, 7.5))  # shape not measured yet
+    decide(account_id="heavy0", age_s=3.0)  # stale: the scheduler decides
+    decide(account_id="heavy0", priority_class=1)  # class never seen: the scheduler decides
+    decide(account_id="heavy0", batch_key=(32, 32, 4, 7.5))  # shape not measured yet
+
+
+async def test_a_routers_copy_of_the_load_follows_what_it_forwards() -> None:
+    """Forwarding moves the account one deeper in the router's copy, exactly as pushing
+    the ticket moves it in the scheduler's queue: a flooding account is never counted
+    twice (a phantom second account once doubled its estimated wait)."""
+    queue: FairQueue[ImageJob] = FairQueue()
+    for account, count in (("flooder", 6), ("other", 2)):
+        for index in range(count):
+            queue.push(ticket(f"{account}{index}", account, cls=0))
+    view = ClassLoad(
+        queued=8,
+        queued_above=0,
+        share_above=0.0,
+        depths=dict(queue.depths(0)),
+        depth_by_account=queue.depth_by_account(0),
+    )
+    load = PublishedLoad(busy=1, slots=1, service_s={}, classes={0: view})
+    for index, account in enumerate(["flooder"] * 20 + ["other", "new", "new"]):
+        count_forwarded(load, priority_class=0, account_id=account)
+        queue.push(ticket(f"forwarded{index}", account, cls=0))
+        assert view.depths == queue.depths(0)
+        assert view.depth_by_account == queue.depth_by_account(0)
+        assert view.queued == len(queue)
+        for probe in ("flooder", "other", "new", "unseen"):
+            assert tickets_ahead(
+                queued_above=0, depths=view.depths, own_depth=view.depth_of(probe)
+            ) == queue.ahead_of(job("probe", probe, 0))
+    count_forwarded(load, priority_class=1, account_id="flooder")  # a class not published
+    assert set(load.classes) == {0}
 
 
 def test_router_refuses_early_from_published_load_without_a_reservation(tmp_path: Any) -> None:
@@ -392,11 +432,11 @@ async def test_published_load_reproduces_the_schedulers_queue_position() -> None
     ]
     await worker.wait_for_batches(1)  # one running, the rest queued
     load = scheduler.published_load()
-    assert "acct-" not in str(load)  # depths only, no account ids
     for account, cls in (("acct-a", 0), ("acct-b", 0), ("new", 0), ("acct-p", 2), ("new", 2)):
         probe = job("probe", account, cls)
         view = load.classes[cls]
         queued = sum(1 for t in scheduler._queue.tickets() if t.job.account_id == account)
+        assert view.depth_of(account) == queued
         assert tickets_ahead(
             queued_above=view.queued_above, depths=view.depths, own_depth=queued
         ) == scheduler._queue.ahead_of(probe)
