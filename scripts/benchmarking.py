@@ -6,11 +6,16 @@ The scripts import it by name (a script's own folder is on ``sys.path`` when it 
 
 from __future__ import annotations
 
+import argparse
 import socket
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
+
+if TYPE_CHECKING:
+    from mediagate.cli.local_ray import Ingress
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -37,3 +42,37 @@ def write_tiers_without_quotas(home: Path) -> Path:
     path = home / "tiers.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
+
+
+def add_ingress_argument(parser: argparse.ArgumentParser) -> None:
+    from mediagate.cli.local_ray import DEFAULT_INGRESS, INGRESSES
+
+    parser.add_argument(
+        "--ingress",
+        choices=INGRESSES,
+        default=DEFAULT_INGRESS,
+        help="the request path `mediagate up` starts (haproxy, its default) or Ray Serve's "
+        "Python proxy (serve-proxy)",
+    )
+
+
+def start_local_ray(home: Path, ingress: Ingress) -> None:
+    """A local Ray instance set up as `mediagate up` sets up its own (token auth,
+    loopback listeners, the chosen ingress), with this process as its driver."""
+    import os
+
+    import ray
+
+    from mediagate.cli.local_ray import LOOPBACK, LocalRayPorts, local_ray_environment
+    from mediagate.settings import HomeLayout
+
+    ports = LocalRayPorts.choose(gcs=free_port(), dashboard=free_port())
+    # Read by the processes ray.init starts (they inherit this environment).
+    os.environ.update(local_ray_environment(HomeLayout(home), ports, ingress))
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        _node_ip_address=LOOPBACK,
+    )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -34,6 +35,7 @@ from mediagate.protocol.errors import (
 from mediagate.protocol.images import ImageData, ImageGenerationRequest, ImagesResponse
 from mediagate.protocol.listing import ModelObject
 from mediagate.protocol.scheduling import DECISIONS, PublishedLoad, QueueStats
+from mediagate.protocol.timing import SERVER_TIMING_HEADER, server_timing
 from mediagate.protocol.work import ImageJob, ImageResult, draw_seed
 from mediagate.stores import (
     JobStore,
@@ -155,9 +157,13 @@ class Gateway:
         request_id: str,
         base_url: str,
         decided: Callable[[], None] = lambda: None,
+        received: float | None = None,
     ) -> tuple[ImagesResponse, dict[str, str]]:
         """Check, refuse early or reserve, generate, then commit (or release on any
-        failure). ``decided`` is called once the request is refused or goes on."""
+        failure). ``decided`` is called once the request is refused or goes on;
+        ``received`` (``time.perf_counter()`` when the body was read) starts the
+        ``Server-Timing`` of the answer."""
+        received = time.perf_counter() if received is None else received
         try:
             self.check_prompt(body.prompt)
             spec = self.task_model(body.model, "text-to-image")
@@ -187,6 +193,7 @@ class Gateway:
         admission = await self.guard.admit(account, kind="image", units=job.images)
         delivered = False
         try:
+            forwarded = time.perf_counter()
             try:
                 result: ImageResult = await self.schedulers[spec.id].submit.remote(job)
             except Exception as error:
@@ -196,6 +203,7 @@ class Gateway:
                 raise ModelUnavailable(
                     f"model {spec.id} is restarting; please retry shortly", retry_after_s=2
                 ) from error
+            answered = time.perf_counter()
             if body.response_format == "url":
                 data = await asyncio.to_thread(self._store_images, result.images, body, base_url)
             else:
@@ -215,6 +223,17 @@ class Gateway:
         headers = rate_limit_headers(admission.usage)
         if result.worker:
             headers[WORKER_HEADER] = result.worker
+        scheduler_ms = result.timings_ms.get("queue", 0.0) + sum(
+            result.timings_ms.get(stage, 0.0) for stage in ("dispatch", "pipeline", "encode")
+        )
+        headers[SERVER_TIMING_HEADER] = server_timing(
+            {
+                **result.timings_ms,
+                "router": (forwarded - received) * 1000,
+                "to_scheduler": max(0.0, (answered - forwarded) * 1000 - scheduler_ms),
+                "respond": (time.perf_counter() - answered) * 1000,
+            }
+        )
         return response, headers
 
     def refuse_if_overloaded(self, model_id: str, job: ImageJob, tier_name: str) -> None:

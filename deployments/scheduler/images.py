@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import time
 from collections import Counter
 from collections.abc import Hashable
 from typing import Any
@@ -55,6 +56,7 @@ class _InFlight:
         self.priority_class = tickets[0].job.priority_class
         self.response: Any = None
         self.preempted = False
+        self.sent = time.perf_counter()  # for the dispatch round trip (Server-Timing)
 
     def view(self, expected_s: float | None) -> RunningBatch:
         return RunningBatch(
@@ -65,6 +67,20 @@ class _InFlight:
             preemptions=max(ticket.preemptions for ticket in self.tickets),
             stopping=self.preempted,
         )
+
+
+def with_scheduler_timings(
+    result: ImageResult, ticket: Ticket[ImageJob], in_flight: _InFlight, round_trip_ms: float
+) -> ImageResult:
+    """``result`` with the scheduler's stages added: its queue wait, and the round trip
+    to the worker less what the worker reported (``mediagate.protocol.timing``)."""
+    worker_ms = result.timings_ms.get("pipeline", 0.0) + result.timings_ms.get("encode", 0.0)
+    timings = {
+        **result.timings_ms,
+        "queue": max(0.0, (in_flight.started_at - ticket.enqueued_at) * 1000),
+        "dispatch": max(0.0, round_trip_ms - worker_ms),
+    }
+    return result.model_copy(update={"timings_ms": timings})
 
 
 class Scheduler:
@@ -327,8 +343,10 @@ class Scheduler:
     async def _run(self, in_flight: _InFlight) -> None:
         batch = in_flight.tickets
         try:
+            in_flight.sent = time.perf_counter()
             in_flight.response = self._worker.generate.remote([ticket.job for ticket in batch])
             results = await in_flight.response
+            round_trip_ms = (time.perf_counter() - in_flight.sent) * 1000
         except Exception as error:
             if in_flight.preempted:
                 self._requeue(batch)
@@ -345,7 +363,7 @@ class Scheduler:
                 self._service_s.get(key), self._clock() - in_flight.started_at
             )
             for ticket, result in zip(batch, results, strict=True):
-                ticket.answer(result)
+                ticket.answer(with_scheduler_timings(result, ticket, in_flight, round_trip_ms))
         finally:
             del self._in_flight[in_flight.batch_id]
             self._slots.release()

@@ -84,16 +84,20 @@ def generate_batch(
     for job in jobs:
         own = images[offset : offset + job.images]
         offset += job.images
+        encoding = time.perf_counter()
+        encoded = [encode_image(img, job.output_format, job.output_compression) for img in own]
         results.append(
             ImageResult(
                 request_id=job.request_id,
-                images=[
-                    encode_image(img, job.output_format, job.output_compression) for img in own
-                ],
+                images=encoded,
                 content_type=CONTENT_TYPES[job.output_format],
                 batch_images=len(images),
                 inference_s=inference_s,
                 worker=worker,
+                timings_ms={
+                    "pipeline": inference_s * 1000,
+                    "encode": (time.perf_counter() - encoding) * 1000,
+                },
             )
         )
     return results

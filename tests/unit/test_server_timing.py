@@ -1,0 +1,53 @@
+"""Hop-by-hop timing: each stage measured where it happens and reported in the
+``Server-Timing`` header of image answers (mediagate.protocol.timing)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from deployments.scheduler.images import Scheduler
+from deployments.workers.text_to_image import TextToImage
+from mediagate.protocol.timing import STAGES, parse_server_timing, server_timing
+from models.simulated import SimulatedPipeline
+from tests.fakes import FakeClock, LocalHandle
+from tests.unit.harness import Service
+from tests.unit.test_queue_discipline import SPEC, count_one, job
+
+
+def test_the_header_lists_known_stages_in_order_and_reads_back() -> None:
+    timings = {"pipeline": 130.456, "router": 0.4, "queue": 2.0, "unknown": 1.0}
+    value = server_timing(timings)
+    assert value == "router;dur=0.40, queue;dur=2.00, pipeline;dur=130.46"
+    assert parse_server_timing(value) == {"router": 0.4, "queue": 2.0, "pipeline": 130.46}
+    assert parse_server_timing('cache;desc="hit", db;dur=3.5') == {"db": 3.5}
+
+
+async def test_worker_and_scheduler_report_their_stages() -> None:
+    """A worker on the simulated pipeline (4 steps of 5 ms, slept for real) behind a real
+    scheduler: the pipeline and encoding come from the worker, the queue wait and the
+    rest of the round trip from the scheduler."""
+    pipeline = SimulatedPipeline(step_ms=5)
+    worker = TextToImage(SPEC, cache_dir="unused", load=lambda spec, cache_dir: pipeline)
+    clock = FakeClock(100.0)
+    scheduler = Scheduler(LocalHandle(worker), SPEC, count_replicas=count_one, clock=clock)
+    scheduler.reconfigure({"batching": {"max_batch_size": 1}})
+    result = await scheduler.submit(job("timed", num_inference_steps=4))
+    timings = result.timings_ms
+    assert set(timings) == {"pipeline", "encode", "queue", "dispatch"}
+    assert timings["pipeline"] >= 4 * 5  # the steps' sleeps, at least
+    assert timings["encode"] > 0
+    assert timings["queue"] == 0.0  # dispatched at once (on the scheduler's clock)
+    assert timings["dispatch"] >= 0
+    await scheduler.shutdown()
+
+
+def test_an_image_answer_says_where_its_time_went(tmp_path: Path) -> None:
+    service = Service(tmp_path)
+    response = service.generate({"prompt": "a cat", "size": "64x64"})
+    assert response.status_code == 200, response.text
+    stages = parse_server_timing(response.headers["server-timing"])
+    # The fake scheduler reports no stages of its own; the router's are all there.
+    assert {"router", "to_scheduler", "respond"} <= set(stages) <= set(STAGES)
+    assert stages["router"] > 0
+    # Measured inside the router's handling, so never more than it.
+    assert sum(stages.values()) <= float(response.headers["x-mediagate-handled-ms"]) + 0.1
