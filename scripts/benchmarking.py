@@ -69,6 +69,11 @@ def start_local_ray(home: Path, ingress: Ingress) -> None:
     ports = LocalRayPorts.choose(gcs=free_port(), dashboard=free_port())
     # Read by the processes ray.init starts (they inherit this environment).
     os.environ.update(local_ray_environment(HomeLayout(home), ports, ingress))
+    # This process read RAY_AUTH_MODE when it imported Ray: have it read it again, as
+    # Ray's own `ray.init()` does when it turns token authentication on.
+    from ray._raylet import Config
+
+    Config.initialize("")
     ray.init(
         address="local",
         num_cpus=2,

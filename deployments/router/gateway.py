@@ -51,6 +51,11 @@ logger = logging.getLogger(__name__)
 AUTH_STALE_IF_ERROR_S = 600.0
 
 
+# A key's account (tier included) is looked up in the store at most once per this long
+# per router replica: a revoked key or a tier change takes effect within it.
+AUTH_CACHE_S = 2.0
+
+
 WORKER_HEADER = "x-mediagate-worker"  # the worker replica that made the images
 
 
@@ -97,10 +102,12 @@ class Gateway:
         if scheme.lower() != "bearer" or not key.strip():
             raise Unauthorized("the Authorization header must be `Bearer YOUR_KEY`")
         key_hash = hash_key(key.strip())
+        seen = self._seen.get(key_hash)
+        if seen is not None and self.clock() - seen[1] < AUTH_CACHE_S:
+            return seen[0]
         try:
             account = await self.accounts.authenticate(key.strip())
         except StoreUnavailable:
-            seen = self._seen.get(key_hash)
             if seen is None or self.clock() - seen[1] > AUTH_STALE_IF_ERROR_S:
                 raise
             return seen[0]  # the store is down: trust a recent answer for a while

@@ -33,6 +33,12 @@ def test_bench_overhead_runs_with_quotas_off() -> None:
     result = run_smoke("bench_overhead.py")
     for ratio in ("p50_ratio", "p99_ratio", "throughput_ratio_b1", "throughput_ratio_b2"):
         assert result[ratio] > 0, result
+    # The hop-by-hop split, from the answers' Server-Timing (the default ingress: HAProxy).
+    assert result["ingress"] == "haproxy"
+    split = result["served_split_p50_ms"]
+    for stage in ("router", "to_scheduler", "queue", "dispatch", "pipeline", "encode", "ingress"):
+        assert stage in split, result
+    assert split["pipeline"] > 0, result
 
 
 @pytest.mark.own_ray_cluster
@@ -40,6 +46,7 @@ def test_bench_overload_runs() -> None:
     result = run_smoke("bench_overload.py")
     assert result["capacity_rps"] > 0 and result["pro_success_rate"] > 0, result
     assert result["free_requests"] > 0 and result["other_statuses"] == [], result
+    assert result["ingress"] == "haproxy", result
 
 
 @pytest.mark.own_ray_cluster

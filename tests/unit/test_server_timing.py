@@ -51,3 +51,19 @@ def test_an_image_answer_says_where_its_time_went(tmp_path: Path) -> None:
     assert stages["router"] > 0
     # Measured inside the router's handling, so never more than it.
     assert sum(stages.values()) <= float(response.headers["x-mediagate-handled-ms"]) + 0.1
+
+
+def test_a_revoked_key_stops_working_within_the_auth_cache_time(tmp_path: Path) -> None:
+    """Key lookups are cached per router for AUTH_CACHE_S, so a busy key costs one store
+    read per 2 s, not one per request; revocation still takes effect within that."""
+    from deployments.router.gateway import AUTH_CACHE_S
+
+    service = Service(tmp_path)
+    assert service.client.get("/v1/models", headers=service.auth).status_code == 200
+    [listed] = service.accounts.list_keys()
+    assert service.accounts.revoke(listed.prefix)
+    assert service.client.get("/v1/models", headers=service.auth).status_code == 200  # cached
+    service.clock.advance(AUTH_CACHE_S)
+    refused = service.client.get("/v1/models", headers=service.auth)
+    assert refused.status_code == 401, refused.text
+    assert AUTH_CACHE_S <= 2.0  # the bound the documentation states
