@@ -7,6 +7,7 @@ The scripts import it by name (a script's own folder is on ``sys.path`` when it 
 from __future__ import annotations
 
 import argparse
+import importlib
 import socket
 from importlib import resources
 from pathlib import Path
@@ -71,9 +72,8 @@ def start_local_ray(home: Path, ingress: Ingress) -> None:
     os.environ.update(local_ray_environment(HomeLayout(home), ports, ingress))
     # This process read RAY_AUTH_MODE when it imported Ray: have it read it again, as
     # Ray's own `ray.init()` does when it turns token authentication on.
-    from ray._raylet import Config
-
-    Config.initialize("")
+    # (Read by name: the compiled module's stubs do not always list it.)
+    importlib.import_module("ray._raylet").Config.initialize("")
     ray.init(
         address="local",
         num_cpus=2,
