@@ -104,6 +104,9 @@ def test_the_haproxy_wrapper_binds_stats_and_metrics_to_loopback_only(
     monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(recorder))
     layout = HomeLayout(tmp_path / "h")
     environment = local_ray_environment(layout, PORTS, "haproxy")
+    link = haproxy_link(layout)  # pytest's folders are long: a temp-folder link is made
+    if link is not None:
+        link.unlink()
     assert environment["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
     assert environment["RAY_SERVE_HAPROXY_STATS_PORT"] == "18404"
     assert environment["RAY_SERVE_HAPROXY_METRICS_PORT"] == "19101"
