@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import socket
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import yaml
+
+from mediagate.cli.local_ray import free_port as free_port  # one definition, re-exported
 
 if TYPE_CHECKING:
     from mediagate.cli.local_ray import Ingress
@@ -26,12 +27,6 @@ def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
     return ordered[index]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def write_tiers_without_quotas(home: Path) -> Path:

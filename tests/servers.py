@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -18,11 +17,7 @@ from dataclasses import dataclass
 
 import httpx
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from mediagate.cli.local_ray import free_port as free_port  # one definition, re-exported
 
 
 def _wait_until(ready: Callable[[], bool], what: str, timeout_s: float = 20) -> None:

@@ -89,8 +89,6 @@ class Gateway:
         # Per image model: the load its scheduler last published, and when it arrived.
         self._published_load: dict[str, tuple[PublishedLoad, float]] = {}
         self.shed_by_router: Counter[str] = Counter()  # per tier, this replica only
-        # Per (model, account): image requests this router has handed to the scheduler
-        # and not had back (queued or running), for its early refusals.
         self.videos = VideoJobs(self)
 
     async def authenticate(self, authorization: str | None) -> Account:

@@ -136,8 +136,9 @@ def ray_auth_token(layout: HomeLayout | None) -> str | None:
         candidates.append(ray_token_path(layout))
     candidates.append(Path.home() / ".ray" / "auth_token")
     for path in candidates:
-        if path.is_file() and path.read_text().strip():
-            return path.read_text().strip()
+        token = path.read_text().strip() if path.is_file() else ""
+        if token:
+            return token
     return None
 
 
@@ -157,11 +158,12 @@ def haproxy_binary() -> str:
     return str(get_haproxy_binary())
 
 
-def _short_path(directory: Path) -> Path:
-    """``directory``, or a link to it short enough for HAProxy's socket paths."""
-    if len(str(directory)) <= HAPROXY_DIR_MAX_CHARS:
+def _short_path(layout: HomeLayout) -> Path:
+    """The home's HAProxy folder, or a link to it short enough for its socket paths."""
+    directory = haproxy_directory(layout)
+    link = haproxy_link(layout)
+    if link is None:
         return directory
-    link = _link_name(directory)
     if link.is_symlink() and Path(os.readlink(link)) == directory:
         return link
     if link.exists() or link.is_symlink():
@@ -218,7 +220,7 @@ def haproxy_environment(layout: HomeLayout, ports: LocalRayPorts) -> dict[str, s
         )
     )
     wrapper.chmod(0o700)
-    files = _short_path(directory)
+    files = _short_path(layout)
     return {
         **SERVE_THROUGHPUT_ENVIRONMENT,
         "RAY_SERVE_HAPROXY_BINARY_PATH": str(wrapper),
