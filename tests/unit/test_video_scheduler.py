@@ -129,8 +129,39 @@ async def test_a_deleted_queued_job_is_never_dispatched(rig: Rig) -> None:
     await rig.add("video_b")
     await rig.add("video_c")
     await rig.worker.wait_running(1)
+    await rig.store.delete_job("acct", "video_b")  # as the router deletes: store, then queue
     assert await rig.scheduler.cancel("acct", "video_b")
     await rig.store.delete_job("acct", "video_c")  # deleted while the scheduler was away
+    rig.worker.finish("video_a")
+    await until(lambda: _idle(rig))
+    assert [task.job_id for task in rig.worker.tasks] == ["video_a"]
+
+
+async def test_a_reconcile_that_read_the_store_before_a_delete_runs_nothing_deleted(
+    rig: Rig,
+) -> None:
+    """The reconcile pass reads the store, then acts: a job deleted (and cancelled) in
+    between is put back in the queue from the stale read, but never dispatched."""
+    read, deleted = asyncio.Event(), asyncio.Event()
+    read_active_jobs = rig.store.active_jobs
+
+    async def stale_read(model: str) -> list[VideoJobRecord]:
+        jobs = await read_active_jobs(model)
+        read.set()
+        await deleted.wait()
+        return jobs
+
+    await rig.add("video_a")
+    await rig.add("video_b")
+    await rig.worker.wait_running(1)
+    rig.store.active_jobs = stale_read  # type: ignore[method-assign]
+    pass_done = asyncio.create_task(rig.scheduler.reconcile())
+    await read.wait()
+    await rig.store.delete_job("acct", "video_b")
+    assert await rig.scheduler.cancel("acct", "video_b")
+    deleted.set()
+    await pass_done
+    assert rig.scheduler.stats()["queue_len"] == 1  # back from the stale read
     rig.worker.finish("video_a")
     await until(lambda: _idle(rig))
     assert [task.job_id for task in rig.worker.tasks] == ["video_a"]
