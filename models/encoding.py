@@ -6,6 +6,7 @@ import io
 from typing import Any
 
 from mediagate.protocol.media import CONTENT_TYPES, ImageFormat
+from mediagate.protocol.work import RawImage
 
 
 def encode_image(image: Any, output_format: ImageFormat, compression: int | None = None) -> bytes:
@@ -18,6 +19,23 @@ def encode_image(image: Any, output_format: ImageFormat, compression: int | None
         pil_format = "JPEG" if output_format == "jpeg" else "WEBP"
         image.convert("RGB").save(buffer, format=pil_format, quality=quality)
     return buffer.getvalue()
+
+
+def to_raw_image(image: Any) -> RawImage:
+    """PIL image -> the plain pixels a worker returns (no compression: a memory copy)."""
+    if image.mode not in ("RGB", "RGBA", "L"):
+        image = image.convert("RGB")
+    return RawImage(mode=image.mode, width=image.width, height=image.height, pixels=image.tobytes())
+
+
+def encode_raw_image(
+    raw: RawImage, output_format: ImageFormat, compression: int | None = None
+) -> bytes:
+    """A worker's raw pixels -> PNG, JPEG or WebP bytes (``encode_image`` of them)."""
+    from PIL import Image
+
+    image = Image.frombytes(raw.mode, (raw.width, raw.height), raw.pixels)
+    return encode_image(image, output_format, compression)
 
 
 VIDEO_CONTENT_TYPES: dict[str, str] = {

@@ -13,7 +13,14 @@ from typing import Any
 
 from mediagate.protocol.errors import MediagateError
 from mediagate.protocol.scheduling import PublishedLoad, QueueStats
-from mediagate.protocol.work import ImageJob, ImageResult, VideoOutcome, VideoTask
+from mediagate.protocol.work import ImageJob, ImageResult, RawImage, VideoOutcome, VideoTask
+
+
+def solid_raw(width: int, height: int, seed: int) -> RawImage:
+    """An image as a worker returns it: one colour, raw RGB pixels."""
+    return RawImage(
+        mode="RGB", width=width, height=height, pixels=bytes((seed % 256, 0, 0)) * width * height
+    )
 
 
 def solid_png(width: int, height: int, seed: int) -> bytes:
@@ -80,11 +87,10 @@ class FakeScheduler:
         self.jobs.append(job)
         if self.fail_with is not None:
             raise self.fail_with
-        images = [solid_png(job.width, job.height, job.seed + i) for i in range(job.images)]
+        images = [solid_raw(job.width, job.height, job.seed + i) for i in range(job.images)]
         return ImageResult(
             request_id=job.request_id,
             images=images,
-            content_type="image/png",
             batch_images=job.images,
             inference_s=0.0,
         )
@@ -147,8 +153,7 @@ class FakeImageWorker:
         return [
             ImageResult(
                 request_id=job.request_id,
-                images=[b"x"] * job.images,
-                content_type="image/png",
+                images=[solid_raw(1, 1, 0)] * job.images,
                 batch_images=sum(j.images for j in jobs),
                 inference_s=0.0,
             )

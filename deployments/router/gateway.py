@@ -44,6 +44,7 @@ from mediagate.stores import (
 from mediagate.stores.artifacts import (
     ArtifactStore,
 )
+from models.encoding import encode_raw_image
 
 logger = logging.getLogger(__name__)
 
@@ -209,12 +210,7 @@ class Gateway:
                     f"model {spec.id} is restarting; please retry shortly", retry_after_s=2
                 ) from error
             answered = time.perf_counter()
-            if body.response_format == "url":
-                data = await asyncio.to_thread(self._store_images, result.images, body, base_url)
-            else:
-                data = [
-                    ImageData(b64_json=base64.b64encode(image).decode()) for image in result.images
-                ]
+            data, encode_ms = await asyncio.to_thread(self._deliver_images, result, body, base_url)
             delivered = True
         finally:  # failures, shedding and callers who left all give the quota back
             await self.guard.settle(admission, delivered=delivered)
@@ -228,15 +224,16 @@ class Gateway:
         headers = rate_limit_headers(admission.usage)
         if result.worker:
             headers[WORKER_HEADER] = result.worker
-        scheduler_ms = result.timings_ms.get("queue", 0.0) + sum(
-            result.timings_ms.get(stage, 0.0) for stage in ("dispatch", "pipeline", "encode")
+        scheduler_ms = sum(
+            result.timings_ms.get(stage, 0.0) for stage in ("queue", "dispatch", "pipeline")
         )
         headers[SERVER_TIMING_HEADER] = server_timing(
             {
                 **result.timings_ms,
                 "router": (forwarded - received) * 1000,
                 "to_scheduler": max(0.0, (answered - forwarded) * 1000 - scheduler_ms),
-                "respond": (time.perf_counter() - answered) * 1000,
+                "encode": encode_ms,
+                "respond": max(0.0, (time.perf_counter() - answered) * 1000 - encode_ms),
             }
         )
         return response, headers
@@ -269,29 +266,39 @@ class Gateway:
         """Keep a fresh copy of every image scheduler's published load (runs for the
         router's lifetime); a scheduler that does not answer is simply not used."""
         while True:
-            for spec in self.served_models():
-                if spec.task != "text-to-image":
-                    continue
-                try:
-                    load = await asyncio.wait_for(
-                        self.schedulers[spec.id].published_load.remote(), 2
-                    )
-                except Exception as error:
-                    logger.debug("no load from %s: %r", spec.id, error)
-                else:
-                    self._published_load[spec.id] = (load, self.clock())
+            image_models = [s.id for s in self.served_models() if s.task == "text-to-image"]
+            # all at once: one slow scheduler must not delay the others' fresh loads
+            await asyncio.gather(*(self._read_load(model_id) for model_id in image_models))
             await asyncio.sleep(self.settings.load_refresh_s)
 
-    def _store_images(
-        self, images: list[bytes], body: ImageGenerationRequest, base_url: str
-    ) -> list[ImageData]:
-        data = []
-        for image in images:
-            artifact_id = self.artifacts.put(image, body.output_format, "img")
-            data.append(
-                ImageData(url=self.artifacts.url(artifact_id, self.settings.url_ttl_s, base_url))
-            )
-        return data
+    async def _read_load(self, model_id: str) -> None:
+        try:
+            load = await asyncio.wait_for(self.schedulers[model_id].published_load.remote(), 2)
+        except Exception as error:
+            logger.debug("no load from %s: %r", model_id, error)
+        else:
+            self._published_load[model_id] = (load, self.clock())
+
+    def _deliver_images(
+        self, result: ImageResult, body: ImageGenerationRequest, base_url: str
+    ) -> tuple[list[ImageData], float]:
+        """Encode the worker's pixels as asked, then store them (URLs) or inline them
+        (base64); runs in a thread, off the event loop. Returns the encoding time too."""
+        started = time.perf_counter()
+        encoded = [
+            encode_raw_image(raw, body.output_format, body.output_compression)
+            for raw in result.images
+        ]
+        encode_ms = (time.perf_counter() - started) * 1000
+        if body.response_format == "b64_json":
+            data = [ImageData(b64_json=base64.b64encode(image).decode()) for image in encoded]
+        else:
+            data = [self._stored(image, body, base_url) for image in encoded]
+        return data, encode_ms
+
+    def _stored(self, image: bytes, body: ImageGenerationRequest, base_url: str) -> ImageData:
+        artifact_id = self.artifacts.put(image, body.output_format, "img")
+        return ImageData(url=self.artifacts.url(artifact_id, self.settings.url_ttl_s, base_url))
 
     async def status(self, account: Account) -> dict[str, Any]:
         """Every model's queue, image or video alike (``QueueStats``), per tier name

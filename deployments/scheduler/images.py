@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
+import itertools
 import logging
 import math
 import time
@@ -25,7 +27,7 @@ from deployments.scheduler.admission import (
     updated_service_time,
     wait_estimates_s_by_class,
 )
-from deployments.scheduler.capacity import ReplicaCounter, WorkerSlots, serve_replica_counter
+from deployments.scheduler.capacity import ReplicaCounter, WorkerSlots, serve_replica_follower
 from deployments.scheduler.metrics import SchedulerMetrics
 from deployments.scheduler.preemption import RunningBatch, batch_to_preempt
 from deployments.scheduler.queue import FairQueue, Ticket
@@ -73,7 +75,7 @@ def with_scheduler_timings(
 ) -> ImageResult:
     """``result`` with the scheduler's stages added: its queue wait, and the round trip
     to the worker less what the worker reported (``mediagate.protocol.timing``)."""
-    worker_ms = result.timings_ms.get("pipeline", 0.0) + result.timings_ms.get("encode", 0.0)
+    worker_ms = result.timings_ms.get("pipeline", 0.0)
     timings = {
         **result.timings_ms,
         "queue": max(0.0, (in_flight.started_at - ticket.enqueued_at) * 1000),
@@ -106,13 +108,20 @@ class Scheduler:
         self._metrics = SchedulerMetrics(self.spec.id)
         self._classes_seen: set[int] = set()
         self._in_flight: dict[int, _InFlight] = {}  # what each busy slot serves
+        # (deadline, push order, ticket), earliest first; entries of tickets that left
+        # the queue stay until their deadline comes up and are skipped then
+        self._deadlines: list[tuple[float, int, Ticket[ImageJob]]] = []
+        self._pushes = itertools.count()
         self._batch_ids = 0
         self.settings = ImageSchedulerSettings(slots_per_replica=slots_per_replica)
         self._batching: Batching = self.spec.batching
-        if count_replicas is None and worker_deployment is not None:
-            count_replicas = serve_replica_counter(worker_deployment)
         self._slots = WorkerSlots(
             count_replicas=count_replicas,
+            follow_replicas=(
+                serve_replica_follower(worker_deployment)
+                if count_replicas is None and worker_deployment is not None
+                else None
+            ),
             slots_per_replica=slots_per_replica,
             refresh_s=capacity_refresh_s,
         )
@@ -167,6 +176,7 @@ class Scheduler:
             estimated_wait_s=estimated_wait_s,
         )
         self._queue.push(ticket)
+        heapq.heappush(self._deadlines, (ticket.deadline, next(self._pushes), ticket))
         self._wakeup.set()
         try:
             return await future
@@ -248,8 +258,7 @@ class Scheduler:
 
     def _dispatch_ready(self) -> float | None:
         """Dispatch batches while slots are free; returns how long to hold a partial batch."""
-        if len(self._queue) and self._slots.free:
-            self._drop_expired()
+        self._drop_expired()
         while len(self._queue) and self._slots.free:
             head = self._queue.head()
             assert head is not None
@@ -321,10 +330,13 @@ class Scheduler:
         self._metrics.decided(decision, priority_class)
 
     def _drop_expired(self) -> None:
-        """Tickets past their tier's longest wait leave before they reach a worker."""
+        """Tickets past their tier's longest wait leave before they reach a worker (the
+        deadline heap's due entries only: no walk of the queue)."""
         now = self._clock()
-        for ticket in [t for t in self._queue.tickets() if t.deadline < now]:
-            self._queue.discard(ticket)
+        while self._deadlines and self._deadlines[0][0] < now:
+            deadline, _, ticket = heapq.heappop(self._deadlines)
+            if ticket.deadline != deadline or not self._queue.discard(ticket):
+                continue  # dispatched (or taken back without a deadline), or gone
             self._count("expired", ticket.job.priority_class)
             self.estimate_check.record(
                 ticket.job.priority_class,

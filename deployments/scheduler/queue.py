@@ -10,6 +10,7 @@ class, in the same round-robin order.
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections import Counter, OrderedDict, deque
 from collections.abc import Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -48,6 +49,9 @@ class Batchable(Queueable, Protocol):
 JobT = TypeVar("JobT", bound=Queueable)
 BatchableT = TypeVar("BatchableT", bound=Batchable)
 RECENT_DISPATCHES = 100
+# How far past the head a batch looks for same-shape work: a batch fills from the next
+# tickets in turn, and a dispatch never walks a long queue of other shapes.
+BATCH_LOOKAHEAD = 256
 
 
 @dataclass(eq=False)
@@ -77,40 +81,76 @@ class Ticket(Generic[JobT]):
 
 
 class _Class(Generic[JobT]):
-    """One priority class: a FIFO per account, served round-robin."""
+    """One priority class: a FIFO per account, served round-robin. It counts its
+    accounts by depth as tickets come and go, so what admission asks of it (how many
+    accounts have 1, 2, ... queued) costs the number of distinct depths, not a walk."""
 
     def __init__(self) -> None:
         self.accounts: OrderedDict[str, deque[Ticket[JobT]]] = OrderedDict()
         self.size = 0
+        self.depths: Counter[int] = Counter()  # depth -> accounts queued that deep
+
+    def _resized(self, old_depth: int, new_depth: int) -> None:
+        self.size += new_depth - old_depth
+        if old_depth:
+            self.depths[old_depth] -= 1
+            if not self.depths[old_depth]:
+                del self.depths[old_depth]
+        if new_depth:
+            self.depths[new_depth] += 1
 
     def push(self, ticket: Ticket[JobT]) -> None:
-        self.accounts.setdefault(ticket.job.account_id, deque()).append(ticket)
-        self.size += 1
+        own = self.accounts.setdefault(ticket.job.account_id, deque())
+        own.append(ticket)
+        self._resized(len(own) - 1, len(own))
 
     def push_front(self, ticket: Ticket[JobT]) -> None:
         """Put a taken-back ticket first in its account's line, and that account first."""
         account = ticket.job.account_id
-        self.accounts.setdefault(account, deque()).appendleft(ticket)
+        own = self.accounts.setdefault(account, deque())
+        own.appendleft(ticket)
         self.accounts.move_to_end(account, last=False)
-        self.size += 1
+        self._resized(len(own) - 1, len(own))
 
     def discard(self, ticket: Ticket[JobT]) -> bool:
         own = self.accounts.get(ticket.job.account_id)
-        if own is None or ticket not in own:
+        if own is None or ticket not in own:  # a walk of one account's line only
             return False
         own.remove(ticket)
-        self.size -= 1
+        self._resized(len(own) + 1, len(own))
         if not own:
             del self.accounts[ticket.job.account_id]
         return True
 
     def in_turn(self) -> Iterator[Ticket[JobT]]:
-        """Every ticket in the order this class would dispatch them."""
-        queues = [list(own) for own in self.accounts.values()]
-        for depth in range(max((len(q) for q in queues), default=0)):
-            for own in queues:
+        """Every ticket in the order this class would dispatch them, produced lazily (the
+        head costs one step); the class must not change while this is being read."""
+        for depth in itertools.count():
+            found = False
+            for own in self.accounts.values():
                 if depth < len(own):
+                    found = True
                     yield own[depth]
+            if not found:
+                return
+
+    def position(self, ticket: Ticket[JobT]) -> int:
+        """1-based place of a queued ticket in this class's dispatch order, 0 if absent:
+        counted from the depths and the accounts before its own, not by walking tickets."""
+        own = self.accounts.get(ticket.job.account_id, deque())
+        try:
+            rounds = own.index(ticket)  # rounds before its turn, each account's next ticket
+        except ValueError:
+            return 0
+        earlier_rounds = sum(
+            accounts * min(depth, rounds) for depth, accounts in self.depths.items()
+        )
+        earlier_in_round = 0
+        for line in self.accounts.values():
+            if line is own:
+                break
+            earlier_in_round += len(line) > rounds
+        return earlier_rounds + earlier_in_round + 1
 
     def take(self, tickets: list[Ticket[JobT]]) -> None:
         """Remove ``tickets`` (the head's account goes to the back of the rotation)."""
@@ -188,7 +228,7 @@ class FairQueue(Generic[JobT]):
         order = self._classes[cls].in_turn()
         head = next(order)
         batch, images = [head], head.job.images
-        for ticket in order:
+        for ticket in itertools.islice(order, BATCH_LOOKAHEAD):
             if images >= max_images:
                 break
             if (
@@ -222,13 +262,9 @@ class FairQueue(Generic[JobT]):
     def position(self, ticket: Ticket[JobT]) -> int:
         """1-based place of a queued ticket in dispatch order under strict priority
         (minimum shares aside); 0 when it is not queued."""
-        ahead = 0
-        for cls in sorted(self._classes, reverse=True):
-            for queued in self._classes[cls].in_turn():
-                ahead += 1
-                if queued is ticket:
-                    return ahead
-        return 0
+        same = self._classes.get(ticket.job.priority_class)
+        in_class = same.position(ticket) if same is not None else 0
+        return self.queued_above(ticket.job.priority_class) + in_class if in_class else 0
 
     def queued_above(self, priority_class: int) -> int:
         return sum(queued.size for cls, queued in self._classes.items() if cls > priority_class)
@@ -236,7 +272,7 @@ class FairQueue(Generic[JobT]):
     def depths(self, priority_class: int) -> Counter[int]:
         """How many accounts of the class have 1, 2, ... tickets queued (no account ids)."""
         same = self._classes.get(priority_class)
-        return Counter(len(own) for own in same.accounts.values()) if same else Counter()
+        return Counter(same.depths) if same else Counter()
 
     def depth_by_account(self, priority_class: int) -> dict[str, int]:
         """How many tickets each account of the class has queued (those with any)."""

@@ -28,7 +28,7 @@ from deployments.scheduler.admission import (
     updated_service_time,
     wait_estimates_s_by_class,
 )
-from deployments.scheduler.capacity import ReplicaCounter, WorkerSlots, serve_replica_counter
+from deployments.scheduler.capacity import ReplicaCounter, WorkerSlots, serve_replica_follower
 from deployments.scheduler.metrics import SchedulerMetrics
 from deployments.scheduler.queue import FairQueue, Ticket
 from deployments.scheduler.settings import VideoSchedulerSettings
@@ -84,10 +84,13 @@ class VideoScheduler:
         self._clock = clock
         self._jobs = VideoJobLifecycle(self._store, clock=clock)
         self._metrics = SchedulerMetrics(self.spec.id)  # the image scheduler's metrics
-        if count_replicas is None and worker_deployment is not None:
-            count_replicas = serve_replica_counter(worker_deployment)
         self._slots = WorkerSlots(
             count_replicas=count_replicas,
+            follow_replicas=(
+                serve_replica_follower(worker_deployment)
+                if count_replicas is None and worker_deployment is not None
+                else None
+            ),
             slots_per_replica=self.settings.slots_per_replica,
             refresh_s=capacity_refresh_s,
         )

@@ -1,8 +1,9 @@
 """TextToImage: a GPU replica that runs one catalog model's diffusers pipeline.
 
 It loads its model in the constructor, warms up, and runs batches of same-shape
-jobs (formed by the scheduler) as single pipeline calls. It returns encoded image
-bytes, never PIL images or tensors. One replica runs one batch at a time, so its
+jobs (formed by the scheduler) as single pipeline calls. It returns raw pixels, never
+PIL images or tensors, and leaves encoding to the router: the replica's time is
+for the pipeline. One replica runs one batch at a time, so its
 ``max_ongoing_requests`` is 1 and waiting work stays in the scheduler's queue.
 """
 
@@ -24,9 +25,8 @@ from deployments.workers.runner import (
 )
 from mediagate.protocol.catalog import ModelSpec
 from mediagate.protocol.errors import GenerationFailed, InvalidRequest
-from mediagate.protocol.media import CONTENT_TYPES
 from mediagate.protocol.work import ImageJob, ImageResult, image_seeds, pipeline_call_kwargs
-from models.encoding import encode_image
+from models.encoding import to_raw_image
 from models.loading import load_pipeline
 
 logger = logging.getLogger(__name__)
@@ -63,8 +63,8 @@ def stop_when_set(stop: threading.Event) -> Callable[..., dict[str, Any]]:
 def generate_batch(
     pipeline: Any, jobs: list[ImageJob], stop: threading.Event | None = None, worker: str = ""
 ) -> list[ImageResult]:
-    """Run one pipeline call for same-shape ``jobs`` and encode each job's images;
-    setting ``stop`` ends it at the next denoising step with ``BatchStopped``."""
+    """Run one pipeline call for same-shape ``jobs`` and split its images by job, as raw
+    pixels; setting ``stop`` ends it at the next denoising step with ``BatchStopped``."""
     import torch
 
     if len({job.batch_key for job in jobs}) != 1:
@@ -78,28 +78,21 @@ def generate_batch(
         **pipeline_call_kwargs(jobs), generator=generators, output_type="pil", **extra
     )
     inference_s = time.perf_counter() - started
-    images = list(output.images)
+    images = [to_raw_image(image) for image in output.images]
     results: list[ImageResult] = []
     offset = 0
     for job in jobs:
-        own = images[offset : offset + job.images]
-        offset += job.images
-        encoding = time.perf_counter()
-        encoded = [encode_image(img, job.output_format, job.output_compression) for img in own]
         results.append(
             ImageResult(
                 request_id=job.request_id,
-                images=encoded,
-                content_type=CONTENT_TYPES[job.output_format],
+                images=images[offset : offset + job.images],
                 batch_images=len(images),
                 inference_s=inference_s,
                 worker=worker,
-                timings_ms={
-                    "pipeline": inference_s * 1000,
-                    "encode": (time.perf_counter() - encoding) * 1000,
-                },
+                timings_ms={"pipeline": inference_s * 1000},
             )
         )
+        offset += job.images
     return results
 
 

@@ -9,6 +9,7 @@ coroutine. Both backends honour one contract, tested against both.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import secrets
 import sqlite3
@@ -157,16 +158,20 @@ class SqliteAccountStore:
     async def authenticate(self, key: str) -> Account | None:
         """The account owning a live ``key``, or ``None``.
 
-        A single indexed read on a local file: fast enough to run on the event loop.
+        One indexed read, in a thread: a database another process holds busy (a
+        checkpoint, a long write) must not stall the router's event loop.
         """
         if not key.startswith(KEY_PREFIX):
             return None
+        return await asyncio.to_thread(self._account_by_key_hash, hash_key(key))
+
+    def _account_by_key_hash(self, key_hash: str) -> Account | None:
         with self._connect() as db:
             row = db.execute(
                 "SELECT a.id, a.name, a.tier, a.created_at FROM api_keys k "
                 "JOIN accounts a ON a.id = k.account_id "
                 "WHERE k.key_hash = ? AND k.revoked_at IS NULL",
-                (hash_key(key),),
+                (key_hash,),
             ).fetchone()
         return Account(*row) if row else None
 

@@ -1,8 +1,8 @@
 """Where an image request's time went, hop by hop, as the standard ``Server-Timing``
 response header (https://www.w3.org/TR/server-timing/): one entry per stage, in the
 order the request passes them, each in milliseconds. Every stage is measured where it
-happens (the worker times the pipeline and the encoding, the scheduler the queue and
-its round trip to the worker, the router the rest), and the stages add up to the
+happens (the worker times the pipeline, the scheduler the queue and its round trip to
+the worker, the router the rest), and the stages add up to the
 router's whole handling time, so nothing hides between them:
 
 - ``router``: from the request body to the hand-over (authentication, validation,
@@ -10,10 +10,10 @@ router's whole handling time, so nothing hides between them:
 - ``to_scheduler``: both hops between router and scheduler;
 - ``queue``: waiting in the scheduler's queue (preempted runs included);
 - ``dispatch``: the scheduler's round trip to the worker, less the worker's pipeline
-  and encoding (both hops, the worker's thread hand-off and its lock);
+  (both hops, the worker's thread hand-off and its lock);
 - ``pipeline``: the diffusers call (the whole batch's);
-- ``encode``: encoding this request's images (PNG, JPEG or WebP);
-- ``respond``: the router's work on the answer (storing or base64, the response).
+- ``encode``: encoding this request's images (PNG, JPEG or WebP), in the router;
+- ``respond``: the router's other work on the answer (storing or base64, the response).
 
 What the client measures beyond their sum is the ingress (HAProxy or Serve's proxy)
 and the network.

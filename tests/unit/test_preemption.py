@@ -138,7 +138,9 @@ def test_a_set_stop_ends_the_real_tiny_pipeline_after_one_step(tmp_path: Path) -
         generate_batch(pipeline, [job("x", num_inference_steps=50)], stop)
     # Not set: the same call runs through.
     (result,) = generate_batch(pipeline, [job("y", num_inference_steps=2)], threading.Event())
-    assert result.images[0][:4] == b"\x89PNG"
+    (image,) = result.images  # raw pixels: the router encodes them
+    assert (image.mode, image.width, image.height) == ("RGB", 64, 64)
+    assert len(image.pixels) == 64 * 64 * 3
 
 
 class SteppedSleep:

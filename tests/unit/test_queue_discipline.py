@@ -5,6 +5,8 @@ with a fake clock and worker."""
 from __future__ import annotations
 
 import asyncio
+import random
+from collections import Counter
 from typing import Any
 
 import pytest
@@ -55,6 +57,39 @@ def drain(queue: FairQueue[ImageJob], max_images: int = 1) -> list[str]:
     while len(queue):
         order += [t.job.request_id for t in queue.take_batch(max_images)]
     return order
+
+
+async def test_positions_and_depths_kept_as_tickets_move_match_a_walk_of_the_queue() -> None:
+    """The queue's counted bookkeeping (depths per class, positions) agrees with walking
+    every ticket in dispatch order, through pushes, requeues, batches and departures."""
+    rng = random.Random(7)
+    queue: FairQueue[ImageJob] = FairQueue()
+    queued: list[Ticket[ImageJob]] = []
+    for step in range(600):
+        action = rng.random()
+        if action < 0.55 or not queued:
+            made = ticket(f"t{step}", f"acct{rng.randrange(6)}", cls=rng.choice([0, 0, 1, 2]))
+            (queue.requeue if rng.random() < 0.1 else queue.push)(made)
+            queued.append(made)
+        elif action < 0.75:
+            for taken in queue.take_batch(rng.choice([1, 2, 4])):
+                queued.remove(taken)
+        else:
+            leaving = queued.pop(rng.randrange(len(queued)))
+            assert queue.discard(leaving)
+            assert not queue.discard(leaving) and queue.position(leaving) == 0
+        walked = [
+            t
+            for cls in sorted(queue.length_by_class(), reverse=True)
+            for t in queue._classes[cls].in_turn()
+        ]
+        assert len(walked) == len(queue) == len(queued)
+        for index, each in enumerate(walked, start=1):
+            assert queue.position(each) == index
+        for cls in (0, 1, 2):
+            in_class = [t for t in walked if t.job.priority_class == cls]
+            accounts = Counter(t.job.account_id for t in in_class)
+            assert queue.depths(cls) == Counter(accounts.values())
 
 
 async def test_higher_classes_first_fifo_within_an_account() -> None:
@@ -414,6 +449,45 @@ def test_router_refuses_early_from_published_load_without_a_reservation(tmp_path
     # A stale view is not used: the scheduler decides.
     service.clock.advance(5)
     assert service.generate({"prompt": "a cat", "size": "64x64"}).status_code == 200
+
+
+def test_one_stuck_scheduler_does_not_delay_the_others_load(tmp_path: Any) -> None:
+    """The router reads every image scheduler's load at once: one that never answers
+    (its 2 s timeout) leaves the others' loads fresh."""
+    from tests.fakes import FakeScheduler
+    from tests.unit.harness import Service
+
+    catalog = load_catalog()
+    stuck_spec = catalog.models["tiny-sd"].model_copy(update={"id": "tiny-sd-stuck"})
+    # asked first: a router reading one scheduler after the other waits on it
+    catalog = catalog.model_copy(update={"models": {stuck_spec.id: stuck_spec, **catalog.models}})
+    service = Service(tmp_path, catalog=catalog, load_refresh_s=0.01)
+
+    class StuckScheduler(FakeScheduler):
+        async def published_load(self) -> PublishedLoad:  # type: ignore[override]
+            await asyncio.Event().wait()
+            raise AssertionError("never answers")
+
+    service.gateway.schedulers = {
+        **service.gateway.schedulers,
+        stuck_spec.id: LocalHandle(StuckScheduler()),
+    }
+
+    async def reads_of_the_healthy_scheduler() -> int:
+        reads = 0
+        follower = asyncio.create_task(service.gateway.follow_load())
+        deadline = asyncio.get_running_loop().time() + 1.0  # half the stuck one's timeout
+        last = None
+        while asyncio.get_running_loop().time() < deadline:
+            seen = service.gateway._published_load.get("tiny-sd")
+            if seen is not None and seen is not last:
+                reads, last = reads + 1, seen
+            await asyncio.sleep(0.005)
+        follower.cancel()
+        return reads
+
+    assert asyncio.run(reads_of_the_healthy_scheduler()) >= 1
+    assert "tiny-sd-stuck" not in service.gateway._published_load
 
 
 async def test_published_load_reproduces_the_schedulers_queue_position() -> None:

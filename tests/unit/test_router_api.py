@@ -14,9 +14,6 @@ import pytest
 from starlette.types import Message, Scope
 
 from mediagate.protocol.errors import GenerationFailed
-from mediagate.protocol.media import CONTENT_TYPES
-from mediagate.protocol.work import ImageJob, ImageResult
-from models.encoding import encode_image
 from tests.unit.harness import Service
 
 URL = "/v1/images/generations"
@@ -257,22 +254,7 @@ def test_url_response_downloads_until_it_expires(service: Service) -> None:
 
 
 def test_jpeg_output(service: Service) -> None:
-    async def encode_as_asked(job: ImageJob) -> ImageResult:
-        """What a worker does with the job's format and quality (the plain fake sends PNG)."""
-        from PIL import Image
-
-        service.scheduler.jobs.append(job)
-        image = Image.new("RGB", (job.width, job.height), (200, 30, 30))
-        encoded = encode_image(image, job.output_format, job.output_compression)
-        return ImageResult(
-            request_id=job.request_id,
-            images=[encoded] * job.images,
-            content_type=CONTENT_TYPES[job.output_format],
-            batch_images=job.images,
-            inference_s=0.0,
-        )
-
-    service.scheduler.submit = encode_as_asked  # type: ignore[method-assign]
+    """The router encodes the worker's raw pixels in the format and quality asked."""
     jpeg = {"prompt": "x", "output_format": "jpeg", "output_compression": 80}
     inline = service.generate(jpeg)
     assert inline.status_code == 200, inline.text
