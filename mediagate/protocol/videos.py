@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -30,7 +31,8 @@ class VideoCreateRequest(BaseModel):
     prompt: str = Field(min_length=1, max_length=32000, description="What the video shows.")
     model: str | None = Field(None, description="Catalog model id; the default video model.")
     seconds: str | None = Field(
-        None, description='Clip length as a string, e.g. `"4"`; the model\'s default if unset.'
+        None,
+        description='Clip length as a string, e.g. `"4"`; the model\'s default if unset.',
     )
     size: str | None = Field(None, description="WIDTHxHEIGHT; the model's default if unset.")
     input_reference: ImageReference | None = Field(
@@ -47,7 +49,8 @@ class VideoCreateRequest(BaseModel):
 
     @model_validator(mode="after")
     def _shape(self) -> VideoCreateRequest:
-        if self.seconds is not None and not self.seconds.strip().isdigit():
+        # ASCII digits only: str.isdigit() also accepts "²" and other digits int() refuses
+        if self.seconds is not None and not re.fullmatch(r"[0-9]{1,8}", self.seconds.strip()):
             raise InvalidRequest(
                 f"`seconds` must be a whole number of seconds as a string, got {self.seconds!r}",
                 param="seconds",
@@ -64,7 +67,7 @@ class VideoCreateRequest(BaseModel):
         if spec.video is None:  # the catalog refuses such a video model; guard anyway
             raise InvalidRequest(f"model {spec.id} does not generate video", param="model")
         video, caps = spec.video, spec.caps
-        seconds = int(self.seconds) if self.seconds is not None else video.default_seconds
+        seconds = int(self.seconds.strip()) if self.seconds is not None else video.default_seconds
         if seconds not in video.allowed_seconds:
             allowed = ", ".join(f'"{value}"' for value in video.allowed_seconds)
             raise InvalidRequest(

@@ -123,7 +123,8 @@ class LocalArtifactStore:
         """The artifact's bytes if the signature holds and has not expired."""
         check_artifact_id(artifact_id)
         expected = self.signature(artifact_id, expires_at)
-        if not hmac.compare_digest(expected, signature):
+        # compared as bytes: compare_digest refuses non-ASCII str (a TypeError, a 500)
+        if not hmac.compare_digest(expected.encode(), signature.encode("utf-8", "replace")):
             raise Forbidden("the URL's signature is not valid", code="invalid_signature")
         if self._clock() > expires_at:
             raise Forbidden("the URL has expired; generate the image again", code="url_expired")

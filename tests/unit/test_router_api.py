@@ -246,6 +246,8 @@ def test_url_response_downloads_until_it_expires(service: Service) -> None:
 
     tampered = local.replace("signature=", "signature=0")
     assert_error(service.client.get(tampered), 403, None, "invalid_signature")
+    non_ascii = local.replace("signature=", "signature=%C3%A9")  # not a 500
+    assert_error(service.client.get(non_ascii), 403, None, "invalid_signature")
     other_file = local.replace(path.path.split("/")[3], "img_" + "0" * 32 + ".png")
     assert service.client.get(other_file).status_code == 403
 

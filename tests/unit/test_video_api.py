@@ -171,6 +171,8 @@ def png_header_only(width: int, height: int) -> bytes:
         ({"prompt": "x", "seconds": "5"}, "seconds"),
         ({"prompt": "x", "seconds": "four"}, "seconds"),
         ({"prompt": "x", "seconds": 4}, "seconds"),
+        ({"prompt": "x", "seconds": "\u00b2"}, "seconds"),  # a digit to isdigit(), not int()
+        ({"prompt": "x", "seconds": "4" * 5000}, "seconds"),  # past int()'s digit limit
         ({"prompt": "x", "size": "65x64"}, "size"),
         ({"prompt": "x", "size": "1280x720"}, "size"),
         ({"prompt": "x", "size": "big"}, "size"),
