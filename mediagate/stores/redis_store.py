@@ -20,12 +20,16 @@ the job key: the transaction fails, and is retried, if anyone else wrote it.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 from mediagate.protocol.errors import StoreUnavailable
 from mediagate.stores.base import DocumentChange, ListOrder
 from mediagate.stores.records import ACTIVE_STATUSES, VideoJobRecord, split_ref
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 PREFIX = "mg"
@@ -74,7 +78,23 @@ async def call_redis(url: str, operation: Callable[[], Awaitable[T]]) -> T:
     try:
         return await operation()
     except (RedisConnectionError, RedisTimeoutError, OSError) as error:
-        raise StoreUnavailable(f"redis at {url} is unreachable: {error}") from error
+        logger.warning("redis at %s is unreachable: %r", redacted_url(url), error)
+        raise StoreUnavailable(STORE_UNREACHABLE) from error
+
+
+STORE_UNREACHABLE = "the state store is unreachable; please retry shortly"
+
+
+def redacted_url(url: str) -> str:
+    """``url`` fit for a log line: the password (and user name) replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"***@{host}" + (f":{parts.port}" if parts.port is not None else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class RedisStateStore:

@@ -9,6 +9,7 @@ its own statement or transaction, so several processes can share the file.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -16,6 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from mediagate.protocol.errors import StoreUnavailable
+
+logger = logging.getLogger(__name__)
 
 
 class SqliteConnections:
@@ -34,7 +37,10 @@ class SqliteConnections:
             for pragma in self._pragmas:
                 db.execute(pragma)
         except sqlite3.Error as error:
-            raise StoreUnavailable(f"cannot open {self.path}: {error}") from error
+            logger.warning("cannot open %s: %r", self.path, error)  # operators see the path
+            raise StoreUnavailable(
+                "the state store cannot be opened; please retry shortly"
+            ) from error
         return db
 
     @contextmanager

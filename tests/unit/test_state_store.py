@@ -178,7 +178,11 @@ async def test_redis_keys_are_hash_tagged_per_account(redis_url: str) -> None:
     assert len({key_slot(key.encode()) for key in account_keys}) == 1
 
 
-async def test_an_unreachable_redis_is_a_503_with_retry_after(tmp_path: Path) -> None:
+async def test_an_unreachable_redis_is_a_503_with_retry_after_and_no_secret(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The 503 says to retry and nothing about the store; the log names the store with
+    its password blanked out."""
     from fastapi.testclient import TestClient
 
     from deployments.router.routes import create_api
@@ -186,11 +190,13 @@ async def test_an_unreachable_redis_is_a_503_with_retry_after(tmp_path: Path) ->
     from tests.servers import free_port
     from tests.unit.harness import Service
 
+    port = free_port()
     dead = open_state_store(
-        StateConfig(backend="redis", redis_url=f"redis://127.0.0.1:{free_port()}")
+        StateConfig(backend="redis", redis_url=f"redis://mguser:s3cret-pw@127.0.0.1:{port}/0")
     )
     with pytest.raises(StoreUnavailable):
         await dead.get_job("acct", "video_1")
+    assert f"redis://***@127.0.0.1:{port}/0" in caplog.text
 
     service = Service(tmp_path)
     service.gateway.jobs = dead
@@ -201,6 +207,17 @@ async def test_an_unreachable_redis_is_a_503_with_retry_after(tmp_path: Path) ->
     assert response.headers["retry-after"] == "2"
     created = client.post("/v1/videos", json={"prompt": "x"}, headers=service.auth)
     assert created.status_code == 503 and service.video_scheduler.enqueued == []
+    for text in (response.text, created.text, caplog.text):
+        assert "s3cret-pw" not in text and "mguser" not in text
+    assert str(port) not in response.text + created.text
+
+
+def test_redacted_urls_keep_host_and_port_only() -> None:
+    from mediagate.stores.redis_store import redacted_url
+
+    assert redacted_url("redis://:pw@h:6379/0") == "redis://***@h:6379/0"
+    assert redacted_url("rediss://u:pw@[::1]:6380") == "rediss://***@[::1]:6380"
+    assert redacted_url("redis://h:6379") == "redis://h:6379"
 
 
 async def test_a_lost_exec_reply_is_not_applied_twice(
