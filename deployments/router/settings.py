@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, Field, field_validator
 
 
 class RouterSettings(BaseModel):
@@ -27,3 +29,29 @@ class RouterSettings(BaseModel):
     load_max_age_s: float = Field(
         2.0, gt=0, description="Older wait estimates are not used to refuse requests early."
     )
+    public_base_url: str | None = Field(
+        None,
+        description="Where clients reach mediagate (e.g. https://images.example.com): the base "
+        "of every download URL. `mediagate up` sets it to the address it serves on. Never "
+        "taken from a request's Host header, which the client chooses.",
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="Host header values (host or host:port) whose requests get download URLs "
+        "on that same host, e.g. a second public name; any other host gets public_base_url.",
+    )
+
+    @field_validator("public_base_url")
+    @classmethod
+    def _absolute_http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
+            raise ValueError("public_base_url must be http(s)://host[:port][/path]")
+        return value.rstrip("/")
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _lowercase_hosts(cls, hosts: list[str]) -> list[str]:
+        return [host.strip().lower() for host in hosts if host.strip()]

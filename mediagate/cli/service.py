@@ -72,6 +72,9 @@ def effective_config(config_path: str | None, host: str, port: int, home: Path) 
         application["args"] = args
         if not args.get("home"):
             args["home"] = str(home)
+        router = args.setdefault("router", {}) or {}
+        args["router"] = router
+        router.setdefault("public_base_url", _local_url(host, port))  # download URLs' base
     return config
 
 

@@ -139,6 +139,8 @@ def test_effective_config_sets_host_port_and_home(tmp_path: Path) -> None:
     [app] = config["applications"]
     assert app["import_path"] == "deployments.app:build_app"
     assert app["args"]["home"] == str(tmp_path)
+    # download URLs on the address it serves on, never on a request's Host header
+    assert app["args"]["router"]["public_base_url"] == "http://127.0.0.1:9000"
     workers = [d for d in app["deployments"] if d["name"].startswith("TextTo")]
     assert len(workers) == 2 and all(d["ray_actor_options"]["num_gpus"] == 0 for d in workers)
 

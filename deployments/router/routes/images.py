@@ -9,6 +9,7 @@ import time
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
+from deployments.router.download_urls import download_base_url
 from deployments.router.routes.dependencies import GatewayDep, authenticated, idempotent
 from mediagate.protocol.errors import NotFound
 from mediagate.protocol.images import ImageGenerationRequest, ImagesResponse
@@ -44,7 +45,7 @@ async def generate_images(request: Request, gateway: GatewayDep) -> JSONResponse
             account,
             body,
             request_id=request.state.request_id,
-            base_url=str(request.base_url),
+            base_url=download_base_url(str(request.base_url), gateway.settings),
             decided=decided,
             received=received,
         )
