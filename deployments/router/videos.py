@@ -162,14 +162,9 @@ class VideoJobs:
         spec = gateway.task_model(body.model, "text-to-video")
         resolved = body.resolve(spec)
         seconds = resolved.pop("seconds")
-        check_video_request(
-            account.tier,
-            gateway.policy.tier(account.tier),
-            account_age_s=gateway.clock() - account.created_at,
-            seconds=seconds,
-            width=resolved["width"],
-            height=resolved["height"],
-            steps=resolved["num_inference_steps"],
+        # before the upload is decoded or stored (``_submit`` checks every job again)
+        self._check_tier(
+            account, seconds, resolved["width"], resolved["height"], resolved["num_inference_steps"]
         )
         if reference is None and body.input_reference is not None:
             reference = decode_image_reference(
@@ -198,6 +193,14 @@ class VideoJobs:
         for it is deleted again)."""
         tier = self.gateway.policy.tier(account.tier)
         try:
+            # the one door every new job passes (created or remixed): the tier's terms now
+            self._check_tier(
+                account,
+                seconds,
+                generation.width,
+                generation.height,
+                generation.num_inference_steps,
+            )
             await self._admit_to_queue(account, spec, tier)
             admission = await self.gateway.guard.admit(account, kind="video", units=1)
         except BaseException:
@@ -231,6 +234,20 @@ class VideoJobs:
         except Exception as error:  # stored as queued: the scheduler's reconcile finds it
             logger.warning("could not hand %s to its scheduler now: %r", job.id, error)
         return job, rate_limit_headers(admission.usage)
+
+    def _check_tier(
+        self, account: Account, seconds: int, width: int, height: int, steps: int
+    ) -> None:
+        """The account's tier, as it is now, allows this video (gate, age and caps)."""
+        check_video_request(
+            account.tier,
+            self.gateway.policy.tier(account.tier),
+            account_age_s=self.gateway.clock() - account.created_at,
+            seconds=seconds,
+            width=width,
+            height=height,
+            steps=steps,
+        )
 
     async def _admit_to_queue(self, account: Account, spec: ModelSpec, tier: Tier) -> None:
         """The scheduler's admission decision, the image path's on the video queue: 503

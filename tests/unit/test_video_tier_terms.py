@@ -343,3 +343,33 @@ async def test_a_worker_deployment_scaled_to_zero_still_admits_work(tmp_path: Pa
         assert rig.scheduler.stats()["wait_estimate_s_by_class"] == {0: 0.0}
     finally:
         await rig.scheduler.shutdown()
+
+
+async def test_a_remix_passes_the_tiers_caps_as_they_are_now(tmp_path: Path) -> None:
+    """Moved from pro to plus, an account can neither make a 12 s video directly nor by
+    remixing one it made as pro: every path that creates work checks the tier's terms."""
+    service = Service(tmp_path, policy=policy())
+    alice = service.accounts.ensure_account("alice", "pro").id
+    transport = httpx.ASGITransport(app=service.client.app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        twelve = {"prompt": "x", "seconds": "12"}
+        source = (await client.post("/v1/videos", json=twelve, headers=service.auth)).json()
+        await service.jobs.update_job(
+            alice,
+            source["id"],
+            expect_status=("queued",),
+            changes={"status": "completed", "artifacts": {"video": "x"}},
+        )
+        service.accounts.set_tier("alice", "plus")
+        service.clock.advance(8 * 86400)  # old enough for plus video; the key cache expired
+        direct = await client.post("/v1/videos", json=twelve, headers=service.auth)
+        remix = await client.post(
+            f"/v1/videos/{source['id']}/remix", json={"prompt": "y"}, headers=service.auth
+        )
+    for refused in (direct, remix):
+        assert refused.status_code == 400, refused.text
+        assert refused.json()["error"]["param"] == "seconds"
+        assert "plus tier makes videos of at most 8 seconds" in refused.json()["error"]["message"]
+    jobs, _ = await service.jobs.list_jobs(alice, after=None, limit=10, order="asc")
+    assert [job.id for job in jobs] == [source["id"]]
+    assert len(service.video_scheduler.enqueued) == 1
