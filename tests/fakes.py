@@ -66,6 +66,12 @@ class FakeScheduler:
         self.jobs: list[ImageJob] = []
         self.fail_with = fail_with
         self.load = PublishedLoad(busy=0, slots=1, service_s={})
+        self.withdrawn: list[str] = []  # request ids whose callers left
+        self.started_when_withdrawn = False  # what withdraw answers
+
+    def withdraw(self, request_id: str) -> bool:
+        self.withdrawn.append(request_id)
+        return self.started_when_withdrawn
 
     def published_load(self) -> PublishedLoad:
         return self.load

@@ -197,11 +197,14 @@ class Gateway:
         finally:
             decided()
         admission = await self.guard.admit(account, kind="image", units=job.images)
-        delivered = False
+        delivered = spent = False
         try:
             forwarded = time.perf_counter()
             try:
                 result: ImageResult = await self.schedulers[spec.id].submit.remote(job)
+            except asyncio.CancelledError:  # the caller went away
+                spent = await self._started_before_leaving(spec.id, request_id)
+                raise
             except Exception as error:
                 if isinstance(unwrap(error), MediagateError):
                     raise unwrap(error) from None
@@ -212,8 +215,8 @@ class Gateway:
             answered = time.perf_counter()
             data, encode_ms = await asyncio.to_thread(self._deliver_images, result, body, base_url)
             delivered = True
-        finally:  # failures, shedding and callers who left all give the quota back
-            await self.guard.settle(admission, delivered=delivered)
+        finally:  # failures, shedding and callers who left before their work began
+            await self.guard.settle(admission, charge=delivered or spent)  # give quota back
         response = ImagesResponse(
             created=int(self.clock()),
             data=data,
@@ -261,6 +264,16 @@ class Gateway:
             self.shed_by_router[tier_name] += 1
             raise
         count_forwarded(load, priority_class=job.priority_class, account_id=job.account_id)
+
+    async def _started_before_leaving(self, model_id: str, request_id: str) -> bool:
+        """Whether a request whose caller left had already started running: its quota is
+        spent then (a loop of request-and-disconnect must not burn GPU time for free)."""
+        try:
+            withdrawal = self.schedulers[model_id].withdraw.remote(request_id)
+            return bool(await asyncio.wait_for(withdrawal, 2))
+        except Exception as error:  # the scheduler is gone: its work is lost, not charged
+            logger.warning("could not withdraw %s: %r", request_id, error)
+            return False
 
     async def follow_load(self) -> None:
         """Keep a fresh copy of every image scheduler's published load (runs for the

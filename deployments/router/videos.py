@@ -225,7 +225,7 @@ class VideoJobs:
         try:
             await self.lifecycle.create(job)
         except BaseException:
-            await self.gateway.guard.settle(admission, delivered=False)
+            await self.gateway.guard.settle(admission, charge=False)
             await self._forget_reference(generation)
             raise
         try:

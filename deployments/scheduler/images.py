@@ -70,6 +70,26 @@ class _InFlight:
         )
 
 
+class RecentIds:
+    """Ids seen in the last ``keep_s`` seconds (at most ``limit`` of them), oldest first."""
+
+    def __init__(self, keep_s: float = 900.0, limit: int = 200_000) -> None:
+        self._seen: dict[str, float] = {}
+        self._keep_s = keep_s
+        self._limit = limit
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._seen
+
+    def add(self, key: str, now: float) -> None:
+        self._seen.setdefault(key, now)
+        while self._seen:
+            oldest = next(iter(self._seen))
+            if len(self._seen) <= self._limit and self._seen[oldest] >= now - self._keep_s:
+                break
+            del self._seen[oldest]
+
+
 def with_scheduler_timings(
     result: ImageResult, ticket: Ticket[ImageJob], in_flight: _InFlight, round_trip_ms: float
 ) -> ImageResult:
@@ -112,6 +132,10 @@ class Scheduler:
         # the queue stay until their deadline comes up and are skipped then
         self._deadlines: list[tuple[float, int, Ticket[ImageJob]]] = []
         self._pushes = itertools.count()
+        # Request ids, remembered for a while: those whose batch was dispatched (their
+        # quota is spent even if the caller leaves) and those withdrawn before that.
+        self._started = RecentIds()
+        self._withdrawn = RecentIds()
         self._batch_ids = 0
         self.settings = ImageSchedulerSettings(slots_per_replica=slots_per_replica)
         self._batching: Batching = self.spec.batching
@@ -150,6 +174,8 @@ class Scheduler:
     async def submit(self, job: ImageJob) -> ImageResult:
         """Queue ``job`` and wait for its result; leaving early takes it off the queue."""
         self._ensure_started()
+        if job.request_id in self._withdrawn:  # its caller left before this arrived
+            raise GenerationFailed("the request was withdrawn by its caller")
         cls = job.priority_class
         try:
             estimated_wait_s = admit_or_shed(
@@ -182,8 +208,18 @@ class Scheduler:
             return await future
         except asyncio.CancelledError:
             if self._queue.discard(ticket):
+                self._withdrawn.add(job.request_id, self._clock())
                 logger.info("dropped queued request %s: its caller went away", job.request_id)
             raise
+
+    def withdraw(self, request_id: str) -> bool:
+        """A router whose caller went away asks whether the request had started running:
+        True (a worker took it: its quota is spent), or False (it never will: it left the
+        queue, or never reached it; a late arrival of it is refused)."""
+        if request_id in self._started:
+            return True
+        self._withdrawn.add(request_id, self._clock())
+        return False
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Queue metrics that the autoscaling policy reads (``ctx.aggregated_metrics``)."""
@@ -269,9 +305,17 @@ class Scheduler:
                 and self._queue.batch_images_available(max_images) < max_images
             ):
                 return self._batching.batch_wait_s - waited_s
-            batch = [t for t in self._queue.take_batch(max_images) if not t.answered]
+            batch = []
+            for ticket in self._queue.take_batch(max_images):
+                if ticket.job.request_id in self._withdrawn:  # its router said it left
+                    ticket.fail(GenerationFailed("the request was withdrawn by its caller"))
+                elif not ticket.answered:
+                    batch.append(ticket)
             if not batch:
                 continue
+            now = self._clock()
+            for ticket in batch:
+                self._started.add(ticket.job.request_id, now)
             self._check_estimates(batch)
             self._slots.acquire()
             self._batch_ids += 1

@@ -113,16 +113,15 @@ class TierGuard:
             retry_after_s=outage.retry_after_s or 2.0,
         )
 
-    async def settle(self, admission: Admission, *, delivered: bool) -> None:
-        """Commit delivered work, release anything else; failures here never reach the client."""
+    async def settle(self, admission: Admission, *, charge: bool) -> None:
+        """Commit work that was done (delivered, or run for a caller who left), release
+        anything else; failures here never reach the client."""
         if admission.reservation_id is None:
             return
         try:
-            await self.ledger.finish(
-                admission.account_id, admission.reservation_id, commit=delivered
-            )
+            await self.ledger.finish(admission.account_id, admission.reservation_id, commit=charge)
         except Exception as error:  # an image reservation left held expires as delivered
             self.counters["settle_failed"] += 1
             logger.warning("could not settle %s: %r", admission.reservation_id, error)
         else:
-            self.counters["committed" if delivered else "released"] += 1
+            self.counters["committed" if charge else "released"] += 1

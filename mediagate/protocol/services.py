@@ -22,6 +22,10 @@ class ImageScheduling(Protocol):
         """Queue ``job`` and answer when its batch is done (or refuse: ``Overloaded``)."""
         ...
 
+    def withdraw(self, request_id: str) -> bool:
+        """Its caller left: whether it had started running (True: its quota is spent)."""
+        ...
+
     def published_load(self) -> PublishedLoad:
         """What a router needs to make the admission decision without a hop."""
         ...
