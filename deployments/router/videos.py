@@ -194,13 +194,8 @@ class VideoJobs:
         tier = self.gateway.policy.tier(account.tier)
         try:
             # the one door every new job passes (created or remixed): the tier's terms now
-            self._check_tier(
-                account,
-                seconds,
-                generation.width,
-                generation.height,
-                generation.num_inference_steps,
-            )
+            steps = generation.num_inference_steps
+            self._check_tier(account, seconds, generation.width, generation.height, steps)
             await self._admit_to_queue(account, spec, tier)
             admission = await self.gateway.guard.admit(account, kind="video", units=1)
         except BaseException:

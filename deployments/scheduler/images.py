@@ -28,8 +28,9 @@ from deployments.scheduler.admission import (
     wait_estimates_s_by_class,
 )
 from deployments.scheduler.capacity import ReplicaCounter, WorkerSlots, serve_replica_follower
+from deployments.scheduler.in_flight import InFlightBatch, RecentIds, with_scheduler_timings
 from deployments.scheduler.metrics import SchedulerMetrics
-from deployments.scheduler.preemption import RunningBatch, batch_to_preempt
+from deployments.scheduler.preemption import batch_to_preempt
 from deployments.scheduler.queue import FairQueue, Ticket
 from deployments.scheduler.settings import ImageSchedulerSettings
 from mediagate.protocol.catalog import Batching, ModelSpec
@@ -45,63 +46,6 @@ from mediagate.protocol.scheduling import (
 from mediagate.protocol.work import ImageJob, ImageResult
 
 logger = logging.getLogger(__name__)
-
-
-class _InFlight:
-    """One batch on a worker slot: its tickets, the worker call, and whether it is
-    being taken back for higher-priority work."""
-
-    def __init__(self, batch_id: int, tickets: list[Ticket[ImageJob]], started_at: float) -> None:
-        self.batch_id = batch_id
-        self.tickets = tickets
-        self.started_at = started_at
-        self.priority_class = tickets[0].job.priority_class
-        self.response: Any = None
-        self.preempted = False
-
-    def view(self, expected_s: float | None) -> RunningBatch:
-        return RunningBatch(
-            batch_id=self.batch_id,
-            priority_class=self.priority_class,
-            started_at=self.started_at,
-            expected_s=expected_s,
-            preemptions=max(ticket.preemptions for ticket in self.tickets),
-            stopping=self.preempted,
-        )
-
-
-class RecentIds:
-    """Ids seen in the last ``keep_s`` seconds (at most ``limit`` of them), oldest first."""
-
-    def __init__(self, keep_s: float = 900.0, limit: int = 200_000) -> None:
-        self._seen: dict[str, float] = {}
-        self._keep_s = keep_s
-        self._limit = limit
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._seen
-
-    def add(self, key: str, now: float) -> None:
-        self._seen.setdefault(key, now)
-        while self._seen:
-            oldest = next(iter(self._seen))
-            if len(self._seen) <= self._limit and self._seen[oldest] >= now - self._keep_s:
-                break
-            del self._seen[oldest]
-
-
-def with_scheduler_timings(
-    result: ImageResult, ticket: Ticket[ImageJob], in_flight: _InFlight, round_trip_ms: float
-) -> ImageResult:
-    """``result`` with the scheduler's stages added: its queue wait, and the round trip
-    to the worker less what the worker reported (``mediagate.protocol.timing``)."""
-    worker_ms = result.timings_ms.get("pipeline", 0.0)
-    timings = {
-        **result.timings_ms,
-        "queue": max(0.0, (in_flight.started_at - ticket.enqueued_at) * 1000),
-        "dispatch": max(0.0, round_trip_ms - worker_ms),
-    }
-    return result.model_copy(update={"timings_ms": timings})
 
 
 class Scheduler:
@@ -127,7 +71,7 @@ class Scheduler:
         self.estimate_check = EstimateCheck()
         self._metrics = SchedulerMetrics(self.spec.id)
         self._classes_seen: set[int] = set()
-        self._in_flight: dict[int, _InFlight] = {}  # what each busy slot serves
+        self._in_flight: dict[int, InFlightBatch] = {}  # what each busy slot serves
         # (deadline, push order, ticket), earliest first; entries of tickets that left
         # the queue stay until their deadline comes up and are skipped then
         self._deadlines: list[tuple[float, int, Ticket[ImageJob]]] = []
@@ -319,7 +263,7 @@ class Scheduler:
             self._check_estimates(batch)
             self._slots.acquire()
             self._batch_ids += 1
-            in_flight = _InFlight(self._batch_ids, batch, self._clock())
+            in_flight = InFlightBatch(self._batch_ids, batch, self._clock())
             self._in_flight[in_flight.batch_id] = in_flight
             task = asyncio.create_task(self._run(in_flight))
             self._tasks.add(task)
@@ -395,7 +339,7 @@ class Scheduler:
                 )
             )
 
-    async def _run(self, in_flight: _InFlight) -> None:
+    async def _run(self, in_flight: InFlightBatch) -> None:
         batch = in_flight.tickets
         try:
             sent = time.perf_counter()  # for the dispatch round trip (Server-Timing)

@@ -1,0 +1,68 @@
+"""What an image scheduler keeps about work it has handed out: the batch on each busy
+slot, the timings it adds to results, and the request ids it must remember for a while
+(dispatched ones, and ones withdrawn before they ran)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from deployments.scheduler.preemption import RunningBatch
+from deployments.scheduler.queue import Ticket
+from mediagate.protocol.work import ImageJob, ImageResult
+
+
+class InFlightBatch:
+    """One batch on a worker slot: its tickets, the worker call, and whether it is
+    being taken back for higher-priority work."""
+
+    def __init__(self, batch_id: int, tickets: list[Ticket[ImageJob]], started_at: float) -> None:
+        self.batch_id = batch_id
+        self.tickets = tickets
+        self.started_at = started_at
+        self.priority_class = tickets[0].job.priority_class
+        self.response: Any = None
+        self.preempted = False
+
+    def view(self, expected_s: float | None) -> RunningBatch:
+        return RunningBatch(
+            batch_id=self.batch_id,
+            priority_class=self.priority_class,
+            started_at=self.started_at,
+            expected_s=expected_s,
+            preemptions=max(ticket.preemptions for ticket in self.tickets),
+            stopping=self.preempted,
+        )
+
+
+class RecentIds:
+    """Ids seen in the last ``keep_s`` seconds (at most ``limit`` of them), oldest first."""
+
+    def __init__(self, keep_s: float = 900.0, limit: int = 200_000) -> None:
+        self._seen: dict[str, float] = {}
+        self._keep_s = keep_s
+        self._limit = limit
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._seen
+
+    def add(self, key: str, now: float) -> None:
+        self._seen.setdefault(key, now)
+        while self._seen:
+            oldest = next(iter(self._seen))
+            if len(self._seen) <= self._limit and self._seen[oldest] >= now - self._keep_s:
+                break
+            del self._seen[oldest]
+
+
+def with_scheduler_timings(
+    result: ImageResult, ticket: Ticket[ImageJob], in_flight: InFlightBatch, round_trip_ms: float
+) -> ImageResult:
+    """``result`` with the scheduler's stages added: its queue wait, and the round trip
+    to the worker less what the worker reported (``mediagate.protocol.timing``)."""
+    worker_ms = result.timings_ms.get("pipeline", 0.0)
+    timings = {
+        **result.timings_ms,
+        "queue": max(0.0, (in_flight.started_at - ticket.enqueued_at) * 1000),
+        "dispatch": max(0.0, round_trip_ms - worker_ms),
+    }
+    return result.model_copy(update={"timings_ms": timings})
