@@ -62,6 +62,14 @@ def resolve_weights(spec: ModelSpec, cache_dir: Path) -> str:
     return str(path)
 
 
+def split_revision(hub_id: str) -> tuple[str, str | None]:
+    """``org/name@revision`` -> (``org/name``, ``revision``); no ``@``: no revision."""
+    name, at, revision = hub_id.partition("@")
+    if at and not revision:
+        raise ModelUnavailable(f"{hub_id!r}: an empty revision after '@'")
+    return name, revision or None
+
+
 def download_s3_weights(uri: str, cache_root: Path, *, client: Any = None) -> Path:
     """Copy the pipeline directory at ``s3://bucket/prefix`` into the cache, once.
 
@@ -74,6 +82,8 @@ def download_s3_weights(uri: str, cache_root: Path, *, client: Any = None) -> Pa
     if not bucket or not prefix:
         raise ValueError(f"expected s3://BUCKET/PREFIX, got {uri!r}")
     target = cache_root / bucket / prefix
+    if not _inside(target, cache_root):
+        raise ValueError(f"{uri}: the prefix leaves the model cache")
     if (target / MODEL_INDEX).exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -95,6 +105,8 @@ def download_s3_weights(uri: str, cache_root: Path, *, client: Any = None) -> Pa
                     if not relative or relative.endswith("/"):
                         continue
                     destination = staging / relative
+                    if not _inside(destination, staging):  # "../x" or "/etc/x" in a key
+                        raise ValueError(f"{uri}: object key {item['Key']!r} leaves its folder")
                     destination.parent.mkdir(parents=True, exist_ok=True)
                     client.download_file(bucket, item["Key"], str(destination))
                     count += 1
@@ -105,6 +117,11 @@ def download_s3_weights(uri: str, cache_root: Path, *, client: Any = None) -> Pa
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` stays within ``folder`` once ``..`` and links are resolved."""
+    return path.resolve().is_relative_to(folder.resolve())
 
 
 def load_pipeline(spec: ModelSpec, *, cache_dir: Path, placement: Placement | None = None) -> Any:
@@ -120,11 +137,22 @@ def load_pipeline(spec: ModelSpec, *, cache_dir: Path, placement: Placement | No
     pipeline_class = _pipeline_class(spec)
     weights = resolve_weights(spec, cache_dir)
     is_hub = spec.source.startswith("hf://")
+    remote = is_hub or spec.source.startswith("s3://")
+    weights, revision = split_revision(weights) if is_hub else (weights, None)
+    if is_hub and revision is None:
+        logger.warning(
+            "model %s: %s is not pinned to a revision (hf://ID@COMMIT); what loads can change",
+            spec.id,
+            spec.source,
+        )
     try:
         pipeline = pipeline_class.from_pretrained(
             weights,
             dtype=placement.torch_dtype(),
             local_files_only=is_hub and _hub_offline(),
+            revision=revision,
+            # weights from elsewhere load only as safetensors: never a pickle, which runs code
+            use_safetensors=True if remote else None,
         )
     except (OSError, ValueError) as error:
         if not is_hub:

@@ -45,8 +45,10 @@ def load_reference_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Any
         raise UploadRejected(
             f"the uploaded image declares too many pixels; the limit is {max_pixels} pixels"
         ) from None
-    except Exception as error:
-        raise UploadRejected(f"the uploaded {sniffed} image cannot be read: {error}") from None
+    except Exception:  # PIL's message names internal objects (<_io.BytesIO at 0x...>)
+        raise UploadRejected(
+            f"the uploaded {sniffed} image cannot be read: its header is not valid {sniffed}"
+        ) from None
     width, height = image.size
     if width * height > max_pixels:
         raise UploadRejected(
@@ -54,6 +56,8 @@ def load_reference_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Any
         )
     try:
         image.load()
-    except Exception as error:
-        raise UploadRejected(f"the uploaded {sniffed} image is damaged: {error}") from None
+    except Exception:
+        raise UploadRejected(
+            f"the uploaded {sniffed} image is damaged: its pixel data is truncated or corrupt"
+        ) from None
     return image.convert("RGB")

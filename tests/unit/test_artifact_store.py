@@ -131,6 +131,63 @@ def test_s3_weights_without_a_pipeline_are_refused(s3_endpoint: str, tmp_path: P
     assert not (tmp_path / "cache" / bucket / "junk").exists()
 
 
+@pytest.mark.parametrize("key", ["evil/../../escaped.txt", "evil//etc/escaped.txt"])
+def test_s3_keys_cannot_write_outside_the_model_cache(
+    s3_endpoint: str, tmp_path: Path, key: str
+) -> None:
+    from mediagate.stores.artifacts import s3_client
+
+    client = s3_client(endpoint_url=s3_endpoint, region="us-east-1")
+    bucket = make_bucket(s3_endpoint)
+    client.put_object(Bucket=bucket, Key="evil/model_index.json", Body=b"{}")
+    client.put_object(Bucket=bucket, Key=key, Body=b"written outside")
+    with pytest.raises(ValueError, match="leaves its folder"):
+        download_s3_weights(f"s3://{bucket}/evil", tmp_path / "cache", client=client)
+    assert [p for p in tmp_path.rglob("escaped.txt")] == []
+    with pytest.raises(ValueError, match="leaves the model cache"):
+        download_s3_weights(f"s3://{bucket}/../../x", tmp_path / "cache", client=client)
+
+
+def test_remote_weights_load_only_as_safetensors(
+    s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pickled checkpoint (which runs code when loaded) on S3 is refused."""
+    from mediagate.protocol.errors import ModelUnavailable
+    from mediagate.stores.artifacts import s3_client
+    from models.tiny import ensure_tiny_pipeline
+
+    local = ensure_tiny_pipeline("stable-diffusion", tmp_path / "tiny")
+    pickled = tmp_path / "pickled"
+    spec = ModelSpec(
+        id="pickled-sd",
+        task="text-to-image",
+        source=str(local),
+        pipeline_class="StableDiffusionPipeline",
+        defaults={"size": "64x64", "num_inference_steps": 2},
+    )
+    load_pipeline(spec, cache_dir=tmp_path / "cache").save_pretrained(
+        pickled, safe_serialization=False
+    )
+    # diffusers writes the UNet and VAE pickled (transformers keeps safetensors for text)
+    assert not list((pickled / "unet").glob("*.safetensors"))
+    client = s3_client(endpoint_url=s3_endpoint, region="us-east-1")
+    bucket = make_bucket(s3_endpoint)
+    for path in pickled.rglob("*"):
+        if path.is_file():
+            client.upload_file(str(path), bucket, f"weights/pickled/{path.relative_to(pickled)}")
+    monkeypatch.setenv("MEDIAGATE_S3_ENDPOINT_URL", s3_endpoint)
+    remote = spec.model_copy(update={"source": f"s3://{bucket}/weights/pickled"})
+    with pytest.raises(ModelUnavailable, match="safetensors"):
+        load_pipeline(remote, cache_dir=tmp_path / "cache")
+
+
+def test_hub_ids_split_their_pinned_revision() -> None:
+    from models.loading import split_revision
+
+    assert split_revision("org/model@0123abc") == ("org/model", "0123abc")
+    assert split_revision("org/model") == ("org/model", None)
+
+
 def test_image_urls_from_the_router_are_presigned_s3_urls(s3_endpoint: str, tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
 
