@@ -49,7 +49,9 @@ from models.encoding import encode_raw_image
 logger = logging.getLogger(__name__)
 
 
-AUTH_STALE_IF_ERROR_S = 600.0
+# While the state store is down, a key this router verified within this long keeps
+# working (a Redis restart does not log every caller out); never one it saw revoked.
+AUTH_STALE_IF_ERROR_S = 60.0
 
 
 # A key's account (tier included) is looked up in the store at most once per this long
@@ -323,14 +325,19 @@ class Gateway:
         def by_tier(values: Mapping[Any, Any]) -> dict[str, Any]:
             return {"/".join(names.get(int(cls), [f"class-{cls}"])): v for cls, v in values.items()}
 
-        models: dict[str, Any] = {}
-        for spec in self.served_models():
+        async def queue_of(spec: ModelSpec) -> QueueStats | None:
             try:
-                queue: QueueStats = await asyncio.wait_for(
-                    self.schedulers[spec.id].queue_stats.remote(), 5
-                )
+                stats = await asyncio.wait_for(self.schedulers[spec.id].queue_stats.remote(), 5)
             except Exception as error:  # one scheduler down must not hide the others
-                models[spec.id] = {"task": spec.task, "error": f"scheduler unavailable: {error!r}"}
+                logger.warning("no queue stats from %s: %r", spec.id, error)
+                return None
+            return stats
+
+        served = self.served_models()
+        models: dict[str, Any] = {}
+        for spec, queue in zip(served, await asyncio.gather(*map(queue_of, served)), strict=True):
+            if queue is None:  # what failed stays in the log, not in the answer
+                models[spec.id] = {"task": spec.task, "error": "scheduler unavailable"}
                 continue
             models[spec.id] = {
                 "task": spec.task,

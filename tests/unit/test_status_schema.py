@@ -79,3 +79,22 @@ def test_queue_stats_read_only_the_schema_and_tolerate_an_older_scheduler() -> N
     wire = QueueStats(queue_len=1, decision_counts={"shed_class_2": 4}).as_dict()
     assert wire["shed_class_2"] == 4 and "decision_counts" not in wire
     assert QueueStats.from_dict(wire).by_class("shed") == {2: 4}
+
+
+def test_a_scheduler_that_fails_shows_as_unavailable_without_its_error(tmp_path: Path) -> None:
+    from tests.unit.harness import Service
+
+    service = Service(tmp_path)
+
+    def broken() -> QueueStats:
+        raise RuntimeError("internal detail at 0x7f00deadbeef")
+
+    service.video_scheduler.queue_stats = broken  # type: ignore[method-assign]
+    status = service.client.get("/v1/status", headers=service.auth)
+    assert status.status_code == 200, status.text
+    assert status.json()["models"]["tiny-wan"] == {
+        "task": "text-to-video",
+        "error": "scheduler unavailable",
+    }
+    assert status.json()["models"]["tiny-sd"]["queue_len"] == 4  # the other one still shows
+    assert "0x7f" not in status.text and "RuntimeError" not in status.text

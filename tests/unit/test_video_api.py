@@ -213,8 +213,9 @@ def test_unknown_model_is_404(service: Service) -> None:
         (b"\x89PNG\r\n\x1a\n truncated", "cannot be read"),
         (png_header_only(50_000, 50_000), "limit is"),
         (png_header_only(10_000, 10_000), "limit is"),
+        (png_header_only(16, 16), "is damaged"),  # a valid header, no pixel data
     ],
-    ids=["gif", "truncated-png", "bomb-over-pillow-limit", "bomb-over-our-limit"],
+    ids=["gif", "truncated-png", "bomb-over-pillow-limit", "bomb-over-our-limit", "no-pixels"],
 )
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_uploads_are_checked_before_decoding(service: Service, data: bytes, message: str) -> None:
@@ -225,6 +226,7 @@ def test_uploads_are_checked_before_decoding(service: Service, data: bytes, mess
     )
     assert_error(response, 400, "input_reference")
     assert message in response.json()["error"]["message"]
+    assert " at 0x" not in response.text and "<" not in response.json()["error"]["message"]
     assert all_jobs(service) == [] and reference_files(service) == []
 
 
