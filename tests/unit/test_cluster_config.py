@@ -149,3 +149,19 @@ def test_shipped_serve_configs_hold_only_settings_the_deployments_accept(path: s
     assert checked or path.endswith("serve.yaml")
     with pytest.raises(ValueError, match="max_batch"):
         ImageSchedulerSettings.model_validate({"max_batch": 8})  # a misplaced key, named
+
+
+def test_kuberay_keeps_the_heads_control_ports_to_ray_pods_and_the_operator() -> None:
+    """The dashboard binds 0.0.0.0 in a pod (KubeRay calls it); the NetworkPolicy is what
+    keeps 6379, 8265 and 10001 away from everything but the cluster's own pods and the
+    operator, and leaves only Serve's port open to the Ingress."""
+    policy = load("deploy/kuberay/networkpolicy.yaml")
+    assert policy["kind"] == "NetworkPolicy" and policy["spec"]["policyTypes"] == ["Ingress"]
+    open_to_all: set[int] = set()
+    for rule in policy["spec"]["ingress"]:
+        ports = {port["port"] for port in rule["ports"]}
+        if "from" not in rule:
+            open_to_all |= ports
+        else:
+            assert all(source for source in rule["from"])  # no empty selector (= everyone)
+    assert open_to_all == {8000}
