@@ -81,7 +81,7 @@ class SqliteAccountStore:
     def __init__(self, path: str | Path, *, clock: Clock = system_clock) -> None:
         self.path = Path(path)
         self._clock = clock
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._connections = SqliteConnections(self.path, "PRAGMA foreign_keys=ON")
         with self._connect() as db:
             db.executescript(_SCHEMA)

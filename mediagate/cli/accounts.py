@@ -9,11 +9,12 @@ import asyncio
 import sys
 import time
 
-from mediagate.access.accounts import AccountStore, open_account_store
+from mediagate.access.accounts import PREFIX_LENGTH, AccountStore, open_account_store
 from mediagate.access.guard import go_duration
 from mediagate.access.ledger import QuotaLedger
 from mediagate.access.quota import Usage
 from mediagate.access.tiers import TierPolicy, load_tier_policy
+from mediagate.cli.audit import record
 from mediagate.cli.command import CommandError, _layout
 from mediagate.settings import get_settings, state_config
 from mediagate.stores import StateConfig, open_state_store
@@ -49,15 +50,19 @@ def command_keys_create(args: argparse.Namespace) -> int:
     if account.tier != tier:
         print(f"note: account {name} exists with tier {account.tier}; kept", file=sys.stderr)
     key = store.create_key(account.id)
+    record([f"created key {key[:PREFIX_LENGTH]}... for account {account.name} ({account.tier})"])
     print(f"created a key for account {account.name} (tier {account.tier}); it is shown once:")
     print(key)
     return 0
 
 
 def command_accounts_set_tier(args: argparse.Namespace) -> int:
-    account = _accounts().set_tier(args.name, _tier(args.tier))
-    if account is None:
+    store = _accounts()
+    before = store.get_account(args.name)
+    account = store.set_tier(args.name, _tier(args.tier))
+    if account is None or before is None:
         raise CommandError(f"no account called {args.name!r}")
+    record([f"account {account.name}: tier {before.tier} -> {account.tier}"])
     print(f"account {account.name} is now on tier {account.tier}")
     return 0
 
@@ -111,5 +116,6 @@ def command_keys_list(_: argparse.Namespace) -> int:
 def command_keys_revoke(args: argparse.Namespace) -> int:
     if not _accounts().revoke(args.prefix):
         raise CommandError(f"no active key starts with {args.prefix}")
+    record([f"revoked key {args.prefix[:PREFIX_LENGTH]}..."])
     print(f"revoked {args.prefix}")
     return 0

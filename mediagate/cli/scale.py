@@ -1,22 +1,21 @@
 """`mediagate scale show` and `scale set`: read and change a model's autoscaling limits
-live, audited in the state store and audit.log.
+live, audited (mediagate.cli.audit).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import sys
-import time
 import urllib.error
 import urllib.request
 from typing import Any
 
 from autoscaling.naming import ROUTER
 from mediagate.access.tiers import load_tier_policy, parse_tier_policy
-from mediagate.cli.accounts import _policy, _state
+from mediagate.cli.accounts import _policy
+from mediagate.cli.audit import recent_lines, record
 from mediagate.cli.command import CommandError, _layout
 from mediagate.cli.scale_changes import (
     ScaleChange,
@@ -26,15 +25,6 @@ from mediagate.cli.scale_changes import (
     worker_deployment,
 )
 from mediagate.cli.service import DEFAULT_DASHBOARD_PORT, serve_client
-from mediagate.stores import open_state_store
-
-AUDIT_ACCOUNT = "_operator"  # not an account: the owner of operator documents
-
-
-AUDIT_DOCUMENT = "scale_audit"
-
-
-AUDIT_KEEP = 1000
 
 
 def _dashboard_url(address: str | None) -> str:
@@ -110,7 +100,7 @@ def command_scale_show(args: argparse.Namespace) -> int:
         )
     if not api_key:
         print("(queue per tier: set MEDIAGATE_API_KEY or --api-key to any valid key)")
-    for line in _audit_lines(args.history):
+    for line in recent_lines(args.history):
         print(line)
     return 0
 
@@ -159,58 +149,8 @@ def command_scale_set(args: argparse.Namespace) -> int:
         print("nothing changed: the deployed values are already these")
         return 0
     client.deploy_applications(updated)
-    _audit(lines)
+    record(lines)
     for line in lines:
         print(line)
     print("applied as a lightweight update: running replicas keep running")
     return 0
-
-
-def _operator() -> str:
-    import getpass
-    import socket
-
-    return os.environ.get("MEDIAGATE_OPERATOR") or f"{getpass.getuser()}@{socket.gethostname()}"
-
-
-def _audit(lines: list[str]) -> None:
-    """One line per change, who and when, in the state store (shared by the cluster)
-    and in $MEDIAGATE_HOME/audit.log."""
-    entry = {"at": time.time(), "by": _operator(), "changes": lines}
-
-    def append(current: str | None) -> tuple[str, None]:
-        entries = json.loads(current) if current else []
-        return json.dumps([*entries, entry][-AUDIT_KEEP:]), None
-
-    async def write() -> None:
-        store = open_state_store(_state())
-        try:
-            await store.mutate(AUDIT_ACCOUNT, AUDIT_DOCUMENT, append)
-        finally:
-            await store.close()
-
-    layout = _layout()
-    layout.root.mkdir(parents=True, exist_ok=True)
-    with (layout.root / "audit.log").open("a") as log:
-        log.write(json.dumps(entry) + "\n")
-    asyncio.run(write())
-
-
-def _audit_lines(count: int) -> list[str]:
-    if count <= 0:
-        return []
-
-    async def read() -> list[dict[str, Any]]:
-        store = open_state_store(_state())
-        try:
-            document = await store.mutate(AUDIT_ACCOUNT, AUDIT_DOCUMENT, lambda c: (c, c))
-        finally:
-            await store.close()
-        return json.loads(document) if document else []
-
-    entries = asyncio.run(read())[-count:]
-    lines = ["", "recent changes:"] if entries else []
-    for entry in entries:
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(entry["at"]))
-        lines += [f"{when} UTC {entry['by']}: {change}" for change in entry["changes"]]
-    return lines

@@ -66,7 +66,7 @@ class ArtifactStore(Protocol):
 
 def load_or_create_secret(path: Path) -> bytes:
     """The signing secret at ``path``, created (0600) by whichever process comes first."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
@@ -87,7 +87,7 @@ class LocalArtifactStore:
 
     def __init__(self, root: str | Path, secret: bytes, *, clock: Clock = system_clock) -> None:
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._secret = secret
         self._clock = clock
 

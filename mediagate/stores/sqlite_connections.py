@@ -10,6 +10,7 @@ its own statement or transaction, so several processes can share the file.
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -31,12 +32,15 @@ class SqliteConnections:
 
     def _open(self) -> sqlite3.Connection:
         try:
+            # accounts, key hashes and the ledger: the owner's alone (SQLite gives its
+            # -wal and -shm files the database's mode)
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
             db = sqlite3.connect(
                 self.path, timeout=30, isolation_level=None, check_same_thread=True
             )
             for pragma in self._pragmas:
                 db.execute(pragma)
-        except sqlite3.Error as error:
+        except (sqlite3.Error, OSError) as error:
             logger.warning("cannot open %s: %r", self.path, error)  # operators see the path
             raise StoreUnavailable(
                 "the state store cannot be opened; please retry shortly"

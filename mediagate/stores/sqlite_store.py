@@ -48,7 +48,7 @@ class SqliteStateStore:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._connections = SqliteConnections(self.path, "PRAGMA synchronous=NORMAL")
         with self._connect() as db:
             db.executescript(_SCHEMA)

@@ -287,7 +287,11 @@ def test_scale_set_under_load_changes_max_without_restarting_replicas(cluster: C
     audit = [
         json.loads(line) for line in (Path(cluster.env["MEDIAGATE_HOME"]) / "audit.log").open()
     ]
-    assert [entry["by"] for entry in audit] == ["sre-test", "sre-test"]
+    scale_changes = [e for e in audit if any("autoscaling_config" in c for c in e["changes"])]
+    assert [entry["by"] for entry in scale_changes] == ["sre-test", "sre-test"]
+    created = [e for e in audit if e["changes"][0].startswith("created key ")]
+    assert len(created) == len(cluster.keys)  # the fixture's keys, audited
+    assert not any(key in json.dumps(audit) for key in cluster.keys.values())
     shown = cluster.cli("scale", "show")
     assert "sre-test: TextToImage-sim.autoscaling_config.max_replicas: 2 -> 3" in shown.stdout
 

@@ -181,3 +181,31 @@ def test_gpu_example_config_validates_against_serve_schema(tmp_path: Path) -> No
 def test_down_without_up_is_a_clear_error(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["down"]) == 1
     assert "no running mediagate" in capsys.readouterr().err
+
+
+def test_every_operator_change_is_audited_without_secrets_and_files_are_private(
+    home: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+    import stat
+
+    from mediagate.cli.audit import recent_lines
+
+    monkeypatch.setenv("MEDIAGATE_OPERATOR", "sre-erin")
+    assert cli.main(["keys", "create", "--tier", "plus", "--account", "dana"]) == 0
+    key = capsys.readouterr().out.strip().splitlines()[-1]
+    assert cli.main(["accounts", "set-tier", "dana", "pro"]) == 0
+    assert cli.main(["keys", "revoke", key[:11]]) == 0
+    log = (home / "audit.log").read_text()
+    entries = [json.loads(line) for line in log.splitlines()]
+    changes = [change for entry in entries for change in entry["changes"]]
+    assert changes == [
+        f"created key {key[:11]}... for account dana (plus)",
+        "account dana: tier plus -> pro",
+        f"revoked key {key[:11]}...",
+    ]
+    assert all(entry["by"] == "sre-erin" for entry in entries)
+    assert key not in log and key[11:] not in "\n".join(recent_lines(10))
+    assert any("tier plus -> pro" in line for line in recent_lines(10))  # shared copy
+    for private in (home / "audit.log", home / "state.db"):
+        assert stat.S_IMODE(private.stat().st_mode) == 0o600, private
