@@ -164,7 +164,9 @@ def load_pipeline(spec: ModelSpec, *, cache_dir: Path, placement: Placement | No
         )
         raise ModelUnavailable(
             f"model {spec.id}: {hint} ({weights}); pre-fetch them with "
-            f"`huggingface-cli download {weights}` or set HF_HOME to a cache that has them"
+            f"`huggingface-cli download {weights}"
+            + (f" --revision {revision}" if revision else "")
+            + "` or set HF_HOME to a cache that has them"
         ) from error
     pipeline = pipeline.to(placement.device)
     pipeline.set_progress_bar_config(disable=True)

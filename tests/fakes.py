@@ -69,7 +69,7 @@ class FakeScheduler:
         self.withdrawn: list[str] = []  # request ids whose callers left
         self.started_when_withdrawn = False  # what withdraw answers
 
-    def withdraw(self, request_id: str) -> bool:
+    def withdraw(self, account_id: str, request_id: str) -> bool:
         self.withdrawn.append(request_id)
         return self.started_when_withdrawn
 

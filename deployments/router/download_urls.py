@@ -21,11 +21,20 @@ def download_base_url(request_base_url: str, settings: RouterSettings) -> str:
     """The base URL for download links answering a request made to ``request_base_url``
     (Starlette's ``request.base_url``, built from the Host header)."""
     parts = urlsplit(request_base_url)
-    host = (parts.hostname or "").lower()
-    if parts.netloc.lower() in settings.allowed_hosts or host in settings.allowed_hosts:
-        return request_base_url.rstrip("/")
+    netloc = parts.netloc.lower()
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    # Only a plain host[:port] is ever echoed: "evil.example\@allowed" parses as host
+    # "allowed" but takes a browser to evil.example.
+    plain = bool(netloc) and not any(c in netloc for c in "@\\/?#") and parts.hostname
+    host = (parts.hostname or "").lower() if plain else ""
+    if plain and (netloc in settings.allowed_hosts or host in settings.allowed_hosts):
+        return f"{parts.scheme}://{netloc}"
     if settings.public_base_url is not None:
         return settings.public_base_url
-    if host in LOOPBACK_NAMES:
-        return request_base_url.rstrip("/")
-    return FALLBACK_BASE_URL  # unconfigured and asked under another name: stay local
+    if plain and host in LOOPBACK_NAMES:
+        return f"{parts.scheme}://{netloc}"
+    # unconfigured and asked under another name: stay on this machine
+    return FALLBACK_BASE_URL + (f":{port}" if port else "")

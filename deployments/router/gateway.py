@@ -205,7 +205,7 @@ class Gateway:
             try:
                 result: ImageResult = await self.schedulers[spec.id].submit.remote(job)
             except asyncio.CancelledError:  # the caller went away
-                spent = await self._started_before_leaving(spec.id, request_id)
+                spent = await self._started_before_leaving(spec.id, account.id, request_id)
                 raise
             except Exception as error:
                 if isinstance(unwrap(error), MediagateError):
@@ -215,6 +215,7 @@ class Gateway:
                     f"model {spec.id} is restarting; please retry shortly", retry_after_s=2
                 ) from error
             answered = time.perf_counter()
+            spent = True  # the work is done: a caller leaving from here on is charged
             data, encode_ms = await asyncio.to_thread(self._deliver_images, result, body, base_url)
             delivered = True
         finally:  # failures, shedding and callers who left before their work began
@@ -267,11 +268,13 @@ class Gateway:
             raise
         count_forwarded(load, priority_class=job.priority_class, account_id=job.account_id)
 
-    async def _started_before_leaving(self, model_id: str, request_id: str) -> bool:
+    async def _started_before_leaving(
+        self, model_id: str, account_id: str, request_id: str
+    ) -> bool:
         """Whether a request whose caller left had already started running: its quota is
         spent then (a loop of request-and-disconnect must not burn GPU time for free)."""
         try:
-            withdrawal = self.schedulers[model_id].withdraw.remote(request_id)
+            withdrawal = self.schedulers[model_id].withdraw.remote(account_id, request_id)
             return bool(await asyncio.wait_for(withdrawal, 2))
         except Exception as error:  # the scheduler is gone: its work is lost, not charged
             logger.warning("could not withdraw %s: %r", request_id, error)

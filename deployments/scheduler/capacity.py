@@ -50,33 +50,50 @@ def serve_replica_follower(deployment_name: str) -> ReplicaFollower:
 
         app_name = serve.get_replica_context().app_name
         try:
-            from ray.serve._private.common import DeploymentID
-            from ray.serve._private.long_poll import LongPollClient, LongPollNamespace
-            from ray.serve.context import _get_global_client
-
-            controller = _get_global_client()._controller  # type: ignore[union-attr]
-            key = (LongPollNamespace.DEPLOYMENT_TARGETS, DeploymentID(deployment_name, app_name))
-        except (ImportError, AttributeError, TypeError) as error:
-            logger.warning("no replica push from this Ray (%r): polling serve.status", error)
-            counter = serve_replica_counter(deployment_name)
-            await poll_replicas(counter, FALLBACK_REFRESH_S, on_count)
-            return
-        # Ray's own routers key it the same way (its annotation says str, the code not)
-        listeners: dict[Any, Callable[[Any], None]] = {
-            key: lambda targets: on_count(len(targets.running_replicas))
-        }
-        client = LongPollClient(
-            controller,
-            listeners,
-            call_in_event_loop=asyncio.get_running_loop(),
-            client_id=f"mediagate-slots:{app_name}:{deployment_name}",
-        )
-        try:
-            await asyncio.Event().wait()  # the client calls back on the loop until stopped
-        finally:
-            client.stop()
+            loop = asyncio.get_running_loop()
+            client = await asyncio.to_thread(
+                _targets_client, deployment_name, app_name, on_count, loop
+            )
+        except Exception as error:  # this Ray moved the interface, or the controller is away
+            logger.warning("no replica push from the controller (%r): polling serve.status", error)
+        else:
+            try:
+                # it turns itself off for good on some errors, and has no event for it
+                while client.is_running:  # noqa: ASYNC110
+                    await asyncio.sleep(5.0)
+            finally:
+                client.stop()
+            logger.warning("the replica push stopped: polling serve.status")
+        counter = serve_replica_counter(deployment_name)
+        await poll_replicas(counter, FALLBACK_REFRESH_S, on_count)
 
     return follow
+
+
+def _targets_client(
+    deployment_name: str,
+    app_name: str,
+    on_count: Callable[[int], None],
+    loop: asyncio.AbstractEventLoop,
+) -> Any:
+    """A long-poll client of the controller's ``DEPLOYMENT_TARGETS`` for one deployment,
+    calling back on ``loop`` (its set-up blocks on the controller: run it in a thread)."""
+    from ray.serve._private.common import DeploymentID
+    from ray.serve._private.long_poll import LongPollClient, LongPollNamespace
+    from ray.serve.context import _get_global_client
+
+    controller = _get_global_client()._controller  # type: ignore[union-attr]
+    key = (LongPollNamespace.DEPLOYMENT_TARGETS, DeploymentID(deployment_name, app_name))
+    # Ray's own routers key it the same way (its annotation says str, the code not)
+    listeners: dict[Any, Callable[[Any], None]] = {
+        key: lambda targets: on_count(len(targets.running_replicas))
+    }
+    return LongPollClient(
+        controller,
+        listeners,
+        call_in_event_loop=loop,
+        client_id=f"mediagate-slots:{app_name}:{deployment_name}",
+    )
 
 
 async def poll_replicas(

@@ -35,7 +35,13 @@ from deployments.scheduler.queue import FairQueue, Ticket
 from deployments.scheduler.settings import ImageSchedulerSettings
 from mediagate.protocol.catalog import Batching, ModelSpec
 from mediagate.protocol.clock import Clock, system_clock
-from mediagate.protocol.errors import GenerationFailed, MediagateError, Overloaded, unwrap
+from mediagate.protocol.errors import (
+    GenerationFailed,
+    InvalidRequest,
+    MediagateError,
+    Overloaded,
+    unwrap,
+)
 from mediagate.protocol.scheduling import (
     ClassLoad,
     Decision,
@@ -43,7 +49,7 @@ from mediagate.protocol.scheduling import (
     QueueStats,
     decision_key,
 )
-from mediagate.protocol.work import ImageJob, ImageResult
+from mediagate.protocol.work import ImageJob, ImageResult, request_key
 
 logger = logging.getLogger(__name__)
 
@@ -118,8 +124,11 @@ class Scheduler:
     async def submit(self, job: ImageJob) -> ImageResult:
         """Queue ``job`` and wait for its result; leaving early takes it off the queue."""
         self._ensure_started()
-        if job.request_id in self._withdrawn:  # its caller left before this arrived
-            raise GenerationFailed("the request was withdrawn by its caller")
+        if job.request_key in self._withdrawn:  # its caller left before this arrived
+            raise InvalidRequest(
+                "this request id belongs to a request withdrawn moments ago; send a new one",
+                code="request_id_reused",
+            )
         cls = job.priority_class
         try:
             estimated_wait_s = admit_or_shed(
@@ -147,22 +156,26 @@ class Scheduler:
         )
         self._queue.push(ticket)
         heapq.heappush(self._deadlines, (ticket.deadline, next(self._pushes), ticket))
+        if len(self._deadlines) > 2 * len(self._queue) + 64:  # answered ones hold results
+            self._deadlines = [entry for entry in self._deadlines if not entry[2].answered]
+            heapq.heapify(self._deadlines)
         self._wakeup.set()
         try:
             return await future
         except asyncio.CancelledError:
             if self._queue.discard(ticket):
-                self._withdrawn.add(job.request_id, self._clock())
+                self._withdrawn.add(job.request_key, self._clock())
                 logger.info("dropped queued request %s: its caller went away", job.request_id)
             raise
 
-    def withdraw(self, request_id: str) -> bool:
+    def withdraw(self, account_id: str, request_id: str) -> bool:
         """A router whose caller went away asks whether the request had started running:
         True (a worker took it: its quota is spent), or False (it never will: it left the
         queue, or never reached it; a late arrival of it is refused)."""
-        if request_id in self._started:
+        key = request_key(account_id, request_id)
+        if key in self._started:
             return True
-        self._withdrawn.add(request_id, self._clock())
+        self._withdrawn.add(key, self._clock())
         return False
 
     def record_autoscaling_stats(self) -> dict[str, float]:
@@ -251,7 +264,7 @@ class Scheduler:
                 return self._batching.batch_wait_s - waited_s
             batch = []
             for ticket in self._queue.take_batch(max_images):
-                if ticket.job.request_id in self._withdrawn:  # its router said it left
+                if ticket.job.request_key in self._withdrawn:  # its router said it left
                     ticket.fail(GenerationFailed("the request was withdrawn by its caller"))
                 elif not ticket.answered:
                     batch.append(ticket)
@@ -259,7 +272,7 @@ class Scheduler:
                 continue
             now = self._clock()
             for ticket in batch:
-                self._started.add(ticket.job.request_id, now)
+                self._started.add(ticket.job.request_key, now)
             self._check_estimates(batch)
             self._slots.acquire()
             self._batch_ids += 1

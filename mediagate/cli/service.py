@@ -80,6 +80,8 @@ def effective_config(config_path: str | None, host: str, port: int, home: Path) 
 
 def _local_url(host: str, port: int) -> str:
     reachable = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    if ":" in reachable:  # an IPv6 address
+        reachable = f"[{reachable}]"
     return f"http://{reachable}:{port}"
 
 

@@ -22,7 +22,7 @@ class ImageScheduling(Protocol):
         """Queue ``job`` and answer when its batch is done (or refuse: ``Overloaded``)."""
         ...
 
-    def withdraw(self, request_id: str) -> bool:
+    def withdraw(self, account_id: str, request_id: str) -> bool:
         """Its caller left: whether it had started running (True: its quota is spent)."""
         ...
 

@@ -55,6 +55,15 @@ class ImageJob(BaseModel):
     def images(self) -> int:
         return self.num_images_per_prompt
 
+    @property
+    def request_key(self) -> str:
+        """Its identity in a scheduler: request ids are the client's, so per account."""
+        return request_key(self.account_id, self.request_id)
+
+
+def request_key(account_id: str, request_id: str) -> str:
+    return f"{account_id}/{request_id}"
+
 
 class RawImage(BaseModel):
     """One generated image as uncompressed pixels (PIL's ``tobytes`` layout). Workers

@@ -22,11 +22,15 @@ PUBLIC = RouterSettings(
     [
         ("http://evil.example/", PUBLIC, "https://images.example.com"),
         ("http://alt.example.com/", PUBLIC, "http://alt.example.com"),
-        ("http://ALT.example.com:8443/", PUBLIC, "http://ALT.example.com:8443"),
+        ("http://ALT.example.com:8443/", PUBLIC, "http://alt.example.com:8443"),
         ("http://127.0.0.1:8000/", PUBLIC, "https://images.example.com"),
         ("http://127.0.0.1:8000/", RouterSettings(), "http://127.0.0.1:8000"),
         ("http://localhost:9000/", RouterSettings(), "http://localhost:9000"),
         ("http://evil.example/", RouterSettings(), "http://127.0.0.1"),
+        ("http://evil.example:8000/", RouterSettings(), "http://127.0.0.1:8000"),
+        ("http://evil.example\\@alt.example.com/", PUBLIC, "https://images.example.com"),
+        ("http://user@alt.example.com/", PUBLIC, "https://images.example.com"),
+        ("http://evil.example\\@localhost/", RouterSettings(), "http://127.0.0.1"),
     ],
 )
 def test_the_base_is_configured_or_a_listed_or_loopback_host(

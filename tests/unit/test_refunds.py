@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mediagate.protocol.errors import GenerationFailed
+from mediagate.protocol.errors import GenerationFailed, InvalidRequest
 from mediagate.protocol.images import ImageGenerationRequest
 from mediagate.protocol.work import ImageJob, ImageResult
 from tests.unit.harness import Service
@@ -60,15 +60,16 @@ async def test_the_scheduler_tells_started_work_from_work_that_never_will_run() 
     assert scheduler.stats()["queue_len"] == 2
 
     # The router asks before its cancellation reached us: "doomed" must then never run.
-    assert scheduler.withdraw("doomed") is False
+    assert scheduler.withdraw("a", "doomed") is False
     for left in (running, queued):
         left.cancel()
     await asyncio.gather(running, queued, return_exceptions=True)
-    assert scheduler.withdraw("running") is True  # its batch was on a worker: spent
-    assert scheduler.withdraw("queued") is False  # left the queue unstarted
-    assert scheduler.withdraw("never-arrived") is False
-    with pytest.raises(GenerationFailed, match="withdrawn"):  # and it is not run late
-        await scheduler.submit(job("never-arrived", max_wait_s=600))
+    assert scheduler.withdraw("a", "running") is True  # its batch was on a worker: spent
+    assert scheduler.withdraw("a", "queued") is False  # left the queue unstarted
+    assert scheduler.withdraw("a", "never-arrived") is False
+    assert scheduler.withdraw("b", "running") is False  # ids are the clients': per account
+    with pytest.raises(InvalidRequest, match="withdrawn"):  # and it is not run late
+        await scheduler.submit(job("never-arrived", "a", max_wait_s=600))
 
     worker.release.set()
     await asyncio.sleep(0.05)
@@ -76,4 +77,14 @@ async def test_the_scheduler_tells_started_work_from_work_that_never_will_run() 
     assert scheduler.stats()["queue_len"] == 0
     with pytest.raises(GenerationFailed, match="withdrawn"):  # answered, not left hanging
         await doomed
+    await scheduler.shutdown()
+
+
+async def test_answered_requests_do_not_stay_in_the_deadline_heap() -> None:
+    """Their results (raw pixels) would otherwise live as long as the tier's longest wait."""
+    worker, _, scheduler = one_slot_scheduler()
+    worker.release.set()
+    for index in range(300):
+        await scheduler.submit(job(f"r{index}", max_wait_s=600))
+    assert len(scheduler._deadlines) <= 64 + 1
     await scheduler.shutdown()
