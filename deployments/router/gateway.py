@@ -215,9 +215,14 @@ class Gateway:
                     f"model {spec.id} is restarting; please retry shortly", retry_after_s=2
                 ) from error
             answered = time.perf_counter()
-            spent = True  # the work is done: a caller leaving from here on is charged
-            data, encode_ms = await asyncio.to_thread(self._deliver_images, result, body, base_url)
-            delivered = True
+            try:
+                data, encode_ms = await asyncio.to_thread(
+                    self._deliver_images, result, body, base_url
+                )
+            except asyncio.CancelledError:  # left while its images were encoded: work done
+                spent = True
+                raise
+            delivered = True  # (a failure to encode or store them is ours: not charged)
         finally:  # failures, shedding and callers who left before their work began
             await self.guard.settle(admission, charge=delivered or spent)  # give quota back
         response = ImagesResponse(

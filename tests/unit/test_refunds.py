@@ -88,3 +88,17 @@ async def test_answered_requests_do_not_stay_in_the_deadline_heap() -> None:
         await scheduler.submit(job(f"r{index}", max_wait_s=600))
     assert len(scheduler._deadlines) <= 64 + 1
     await scheduler.shutdown()
+
+
+async def test_a_failure_to_store_the_images_is_ours_and_not_charged(tmp_path: Path) -> None:
+    service = Service(tmp_path, tier="free")
+
+    def broken_put(*args: object) -> str:
+        raise OSError("disk full")
+
+    service.gateway.artifacts.put = broken_put  # type: ignore[method-assign,assignment]
+    answer = service.generate({"prompt": "a cat", "response_format": "url"})
+    assert answer.status_code == 500, answer.text
+    account = service.accounts.get_account("alice")
+    assert account is not None
+    assert (await service.gateway.guard.ledger.usage(account)).images_today == 0
