@@ -9,8 +9,8 @@ its own statement or transaction, so several processes can share the file.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -32,14 +32,17 @@ class SqliteConnections:
 
     def _open(self) -> sqlite3.Connection:
         try:
-            # accounts, key hashes and the ledger: the owner's alone (SQLite gives its
-            # -wal and -shm files the database's mode)
-            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
             db = sqlite3.connect(
                 self.path, timeout=30, isolation_level=None, check_same_thread=True
             )
             for pragma in self._pragmas:
                 db.execute(pragma)
+            # Accounts, key hashes and the ledger are the owner's alone. chmod, never an
+            # open and close of the file: closing any descriptor of it drops every POSIX
+            # lock this process holds on it, and SQLite then fails ("disk I/O error").
+            for path in (self.path, *(Path(f"{self.path}{end}") for end in ("-wal", "-shm"))):
+                with contextlib.suppress(FileNotFoundError):
+                    path.chmod(0o600)
         except (sqlite3.Error, OSError) as error:
             logger.warning("cannot open %s: %r", self.path, error)  # operators see the path
             raise StoreUnavailable(
