@@ -15,13 +15,9 @@ from mediagate.access.ledger import QuotaLedger
 from mediagate.access.quota import Usage
 from mediagate.access.tiers import TierPolicy, load_tier_policy
 from mediagate.cli.audit import record
-from mediagate.cli.command import CommandError, _layout
-from mediagate.settings import get_settings, state_config
-from mediagate.stores import StateConfig, open_state_store
-
-
-def _state() -> StateConfig:
-    return state_config(get_settings(), _layout())
+from mediagate.cli.command import CommandError, _state
+from mediagate.settings import get_settings
+from mediagate.stores import open_state_store
 
 
 def _accounts() -> AccountStore:

@@ -12,17 +12,12 @@ import os
 import time
 from typing import Any
 
-from mediagate.cli.command import _layout
-from mediagate.settings import get_settings, state_config
-from mediagate.stores import StateConfig, open_state_store
+from mediagate.cli.command import _layout, _state
+from mediagate.stores import open_state_store
 
 AUDIT_ACCOUNT = "_operator"  # not an account: the owner of operator documents
 AUDIT_DOCUMENT = "scale_audit"  # its first name (scale changes only), kept for old entries
 AUDIT_KEEP = 1000
-
-
-def _state() -> StateConfig:
-    return state_config(get_settings(), _layout())
 
 
 def _operator() -> str:

@@ -1,8 +1,10 @@
-"""What every `mediagate` command shares: its one-line error and the home folder."""
+"""What every `mediagate` command shares: its one-line error, the home folder and the
+state store it names."""
 
 from __future__ import annotations
 
-from mediagate.settings import HomeLayout, get_settings
+from mediagate.settings import HomeLayout, get_settings, state_config
+from mediagate.stores import StateConfig
 
 
 class CommandError(Exception):
@@ -11,3 +13,7 @@ class CommandError(Exception):
 
 def _layout() -> HomeLayout:
     return HomeLayout(get_settings().home_dir)
+
+
+def _state() -> StateConfig:
+    return state_config(get_settings(), _layout())
