@@ -45,6 +45,16 @@ async def until(condition: Callable[[], Awaitable[bool] | bool], timeout_s: floa
     await asyncio.wait_for(poll(), timeout_s)
 
 
+async def mark_completed(service: Service, account_id: str, job_id: str) -> None:
+    """A queued job finished, as its worker would have left it (for remixes)."""
+    await service.jobs.update_job(
+        account_id,
+        job_id,
+        expect_status=("queued",),
+        changes={"status": "completed", "artifacts": {"video": "x"}},
+    )
+
+
 class VideoService:
     """The router app with a real VideoScheduler behind it (one slot, the same store and
     clock) and a worker the test steers; requests run on the test's event loop."""
@@ -184,12 +194,7 @@ async def test_a_remix_is_refused_like_a_new_video(tmp_path: Path) -> None:
             "input_reference": ("r.png", solid_png(16, 16, 1)),
         }
         source = (await client.post("/v1/videos", files=files, headers=service.auth)).json()
-        await service.jobs.update_job(
-            alice,
-            source["id"],
-            expect_status=("queued",),
-            changes={"status": "completed", "artifacts": {"video": "x"}},
-        )
+        await mark_completed(service, alice, source["id"])
         service.video_scheduler.admit_raises = Overloaded("the queue is full", retry_after_s=7)
 
         remix = await client.post(
@@ -354,12 +359,7 @@ async def test_a_remix_passes_the_tiers_caps_as_they_are_now(tmp_path: Path) -> 
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
         twelve = {"prompt": "x", "seconds": "12"}
         source = (await client.post("/v1/videos", json=twelve, headers=service.auth)).json()
-        await service.jobs.update_job(
-            alice,
-            source["id"],
-            expect_status=("queued",),
-            changes={"status": "completed", "artifacts": {"video": "x"}},
-        )
+        await mark_completed(service, alice, source["id"])
         service.accounts.set_tier("alice", "plus")
         service.clock.advance(8 * 86400)  # old enough for plus video; the key cache expired
         direct = await client.post("/v1/videos", json=twelve, headers=service.auth)
