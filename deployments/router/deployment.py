@@ -17,6 +17,7 @@ from deployments.router.routes import create_api
 from deployments.router.settings import RouterSettings
 from mediagate.access.accounts import open_account_store
 from mediagate.access.guard import TierGuard
+from mediagate.access.idempotency import IDEMPOTENCY_TTL_S
 from mediagate.access.ledger import QuotaLedger
 from mediagate.access.tiers import load_tier_policy, parse_tier_policy
 from mediagate.protocol.clock import Clock, system_clock
@@ -91,8 +92,9 @@ class Router:
         return create_api(self.gateway, background=[self._sweep, self.gateway.follow_load])
 
     async def _sweep(self) -> None:
-        """Delete image files whose URLs have expired (with a minute's grace) and the
-        files and records of videos whose content has expired."""
+        """Delete image files whose URLs have expired (with a minute's grace), the files
+        and records of videos whose content has expired, expired account documents
+        (Idempotency-Key records, quota windows) and the answers kept for expired keys."""
         gateway = self.gateway
         settings = gateway.settings
         while True:
@@ -101,9 +103,20 @@ class Router:
                     gateway.artifacts.delete_older_than, settings.url_ttl_s + 60, "img"
                 )
                 videos = await gateway.videos.purge_expired()
+                documents = await gateway.jobs.purge_expired_documents()
+                answers = await asyncio.to_thread(
+                    gateway.artifacts.delete_older_than, IDEMPOTENCY_TTL_S + 60, "ans"
+                )
             except Exception as error:  # a store outage must not end the sweep
                 logger.warning("artifact sweep failed: %r", error)
             else:
-                if images or videos:
-                    logger.info("removed %d expired images and %d expired videos", images, videos)
+                if images or videos or documents or answers:
+                    logger.info(
+                        "removed %d expired images, %d videos, %d account documents and "
+                        "%d kept answers",
+                        images,
+                        videos,
+                        documents,
+                        answers,
+                    )
             await asyncio.sleep(settings.artifact_sweep_s)

@@ -1,8 +1,10 @@
 """Generated files (and uploaded references): local files by default, S3 in production.
 
 Both backends share one interface. An artifact id says what it is and how it is
-encoded (``img_<hex>.png``, ``vid_<hex>.mp4``, ``ref_<hex>.png``), so the sweep
-of expired image URLs never touches a video whose job has a longer life.
+encoded (``img_<hex>.png``, ``vid_<hex>.mp4``, ``ref_<hex>.png``, and
+``ans_<hex>.json`` for answers kept for Idempotency-Key repeats), so the sweep of
+expired image URLs never touches a video whose job has a longer life. Kept answers are
+never handed out by URL.
 
 Local files are handed out through URLs signed with an HMAC secret kept in
 ``MEDIAGATE_HOME/secrets`` (every router replica on the machine reads the same
@@ -28,8 +30,9 @@ from mediagate.protocol.clock import Clock, system_clock
 from mediagate.protocol.errors import Forbidden, NotFound
 from mediagate.protocol.media import CONTENT_TYPES
 
-ArtifactKind = Literal["img", "vid", "ref"]
-ARTIFACT_ID = re.compile(r"^(img|vid|ref)_[0-9a-f]{32}\.(png|jpeg|webp|mp4)$")
+ArtifactKind = Literal["img", "vid", "ref", "ans"]
+ARTIFACT_ID = re.compile(r"^(img|vid|ref|ans)_[0-9a-f]{32}\.(png|jpeg|webp|mp4|json)$")
+PRIVATE_KINDS = ("ans_",)  # read by the service only: no URL ever downloads them
 
 
 def new_artifact_id(kind: ArtifactKind, extension: str) -> str:
@@ -122,6 +125,8 @@ class LocalArtifactStore:
     def read_signed(self, artifact_id: str, expires_at: int, signature: str) -> bytes:
         """The artifact's bytes if the signature holds and has not expired."""
         check_artifact_id(artifact_id)
+        if artifact_id.startswith(PRIVATE_KINDS):
+            raise NotFound(f"no file {artifact_id!r}", param="file_id")
         expected = self.signature(artifact_id, expires_at)
         # compared as bytes: compare_digest refuses non-ASCII str (a TypeError, a 500)
         if not hmac.compare_digest(expected.encode(), signature.encode("utf-8", "replace")):

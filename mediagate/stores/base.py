@@ -68,5 +68,9 @@ class JobStore(Protocol):
         ``ttl_s`` lets the backend drop the document after that long untouched.
         """
 
+    async def purge_expired_documents(self, limit: int = 10_000) -> int:
+        """Delete up to ``limit`` account documents whose TTL has passed (a backend that
+        expires them by itself returns 0); returns how many."""
+
     async def close(self) -> None:
         """Release connections."""

@@ -299,5 +299,9 @@ class RedisStateStore:
 
         return await self._call(transaction)
 
+    async def purge_expired_documents(self, limit: int = 10_000) -> int:
+        """Redis drops documents at their TTL (``PX``) by itself."""
+        return 0
+
     async def close(self) -> None:
         await self._redis.aclose()

@@ -40,6 +40,7 @@ CREATE TABLE IF NOT EXISTS account_docs (
     expires_at REAL,
     PRIMARY KEY (account_id, name)
 );
+CREATE INDEX IF NOT EXISTS account_docs_by_expiry ON account_docs (expires_at);
 """
 
 
@@ -220,6 +221,21 @@ class SqliteStateStore:
             return result
 
         return await asyncio.to_thread(transaction)
+
+    async def purge_expired_documents(self, limit: int = 10_000) -> int:
+        """Expired documents are unreadable at once (``mutate`` ignores them) but stay on
+        disk until this runs (the router's sweep calls it)."""
+
+        def purge() -> int:
+            with self._connect() as db:
+                removed = db.execute(
+                    "DELETE FROM account_docs WHERE rowid IN (SELECT rowid FROM account_docs "
+                    "WHERE expires_at <= ? LIMIT ?)",
+                    (time.time(), limit),
+                ).rowcount
+            return int(removed)
+
+        return await asyncio.to_thread(purge)
 
     async def close(self) -> None:
         """Nothing to release: connections live for one call."""

@@ -3,7 +3,8 @@ Idempotency-Key handling every creating POST shares."""
 
 from __future__ import annotations
 
-import json
+import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, cast
 
@@ -12,10 +13,12 @@ from fastapi.responses import JSONResponse
 
 from deployments.router.gateway import Gateway
 from mediagate.access.accounts import Account
-from mediagate.access.idempotency import StoredAnswer, check_key, fingerprint
+from mediagate.access.idempotency import check_key, fingerprint, keep_answer, kept_body
 from mediagate.stores import VideoJobRecord
 
 POLL_AFTER_HEADER = "openai-poll-after-ms"
+
+logger = logging.getLogger(__name__)
 
 
 def gateway_of(request: Request) -> Gateway:
@@ -67,7 +70,7 @@ async def idempotent(
             response.headers.update(replayed)
             return response
         return JSONResponse(
-            json.loads(answer.body or "null"),
+            await asyncio.to_thread(kept_body, gateway.artifacts, answer),
             status_code=answer.status_code,
             headers={**answer.headers, **replayed},
         )
@@ -78,11 +81,18 @@ async def idempotent(
         await gateway.idempotency.release(account.id, key, claim.claim_id)
         raise
     kept = {k: v for k, v in response.headers.items() if k.startswith("x-ratelimit-")}
-    stored = StoredAnswer(
-        status_code=response.status_code,
-        body=None if video_id else bytes(response.body).decode(),
-        headers=kept,
-        video_id=video_id,
-    )
+    try:
+        stored = await asyncio.to_thread(
+            keep_answer,
+            gateway.artifacts,
+            response.status_code,
+            bytes(response.body),
+            kept,
+            video_id,
+        )
+    except Exception as error:  # the answer is good: send it, without a key to replay it
+        logger.warning("the answer to an Idempotency-Key could not be kept: %r", error)
+        await gateway.idempotency.release(account.id, key, claim.claim_id)
+        return response
     await gateway.idempotency.complete(account.id, key, claim.claim_id, digest, stored)
     return response
