@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from urllib.parse import urlsplit
 
 from mediagate.cli.accounts import (
     command_accounts_set_tier,
@@ -24,6 +25,14 @@ from mediagate.cli.service import (
 )
 
 
+def http_url(value: str) -> str:
+    """An absolute http(s) URL (what the router's ``public_base_url`` accepts)."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
+        raise argparse.ArgumentTypeError(f"{value!r} is not http(s)://host[:port][/path]")
+    return value.rstrip("/")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mediagate",
@@ -35,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     up = commands.add_parser("up", help="start the service and print its base URL")
     up.add_argument("--host", default="127.0.0.1", help="address the HTTP proxy binds")
     up.add_argument("--port", type=int, default=8000, help="HTTP port")
+    up.add_argument(
+        "--public-url",
+        type=http_url,
+        help="base of download URLs, as clients reach the service (default: --host and --port)",
+    )
     up.add_argument("--config", help="Serve config YAML (default: the embedded CPU config)")
     up.add_argument("--detach", action="store_true", help="return once serving")
     up.add_argument("--address", help="dashboard URL of an existing Ray cluster to deploy to")

@@ -59,8 +59,11 @@ def serve_client(dashboard_url: str) -> Any:
     return ServeSubmissionClient(dashboard_url, headers=ray_auth_headers())
 
 
-def effective_config(config_path: str | None, host: str, port: int, home: Path) -> dict[str, Any]:
-    """The Serve config to deploy: the given (or shipped) file with host, port and home set."""
+def effective_config(
+    config_path: str | None, host: str, port: int, home: Path, public_url: str | None = None
+) -> dict[str, Any]:
+    """The Serve config to deploy: the given (or shipped) file with host, port and home
+    set, and the base of download URLs (``public_url``, else the address it serves on)."""
     if config_path is None:
         text = resources.files("mediagate").joinpath("configs/serve.yaml").read_text()
     else:
@@ -74,12 +77,16 @@ def effective_config(config_path: str | None, host: str, port: int, home: Path) 
             args["home"] = str(home)
         router = args.setdefault("router", {}) or {}
         args["router"] = router
-        router.setdefault("public_base_url", _local_url(host, port))  # download URLs' base
+        # download URLs' base (never a request's Host header)
+        router.setdefault("public_base_url", public_url or _local_url(host, port))
     return config
 
 
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
 def _local_url(host: str, port: int) -> str:
-    reachable = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    reachable = "127.0.0.1" if host in WILDCARD_HOSTS else host
     if ":" in reachable:  # an IPv6 address
         reachable = f"[{reachable}]"
     return f"http://{reachable}:{port}"
@@ -220,7 +227,14 @@ def command_up(args: argparse.Namespace) -> int:
             + " ".join(f"{name}={value}" for name, value in SERVE_THROUGHPUT_ENVIRONMENT.items())
             + " for the HAProxy ingress (cluster.yaml does)"
         )
-    config = effective_config(args.config, args.host, args.port, layout.root)
+    if args.host in WILDCARD_HOSTS and not args.public_url:
+        print(
+            f"warning: serving on {args.host} but download URLs will name "
+            f"{_local_url(args.host, args.port)}, which other machines cannot reach; "
+            "give --public-url http://HOST:PORT (the address clients use)",
+            file=sys.stderr,
+        )
+    config = effective_config(args.config, args.host, args.port, layout.root, args.public_url)
     layout.serve_config.write_text(yaml.safe_dump(config, sort_keys=False))
     started_ray = args.address is None
     run: dict[str, Any] = {"dashboard_url": args.address, "started_ray": started_ray}

@@ -141,6 +141,8 @@ def test_effective_config_sets_host_port_and_home(tmp_path: Path) -> None:
     assert app["args"]["home"] == str(tmp_path)
     # download URLs on the address it serves on, never on a request's Host header
     assert app["args"]["router"]["public_base_url"] == "http://127.0.0.1:9000"
+    public = service.effective_config(None, "0.0.0.0", 9000, tmp_path, "https://img.example")
+    assert public["applications"][0]["args"]["router"]["public_base_url"] == "https://img.example"
     workers = [d for d in app["deployments"] if d["name"].startswith("TextTo")]
     assert len(workers) == 2 and all(d["ray_actor_options"]["num_gpus"] == 0 for d in workers)
 
@@ -209,3 +211,15 @@ def test_every_operator_change_is_audited_without_secrets_and_files_are_private(
     assert any("tier plus -> pro" in line for line in recent_lines(10))  # shared copy
     for private in (home / "audit.log", home / "state.db"):
         assert stat.S_IMODE(private.stat().st_mode) == 0o600, private
+
+
+def test_up_takes_an_http_public_url_only(capsys: pytest.CaptureFixture[str]) -> None:
+    from mediagate.cli.main import build_parser
+
+    parsed = build_parser().parse_args(["up", "--public-url", "https://img.example/"])
+    assert parsed.public_url == "https://img.example"
+    assert build_parser().parse_args(["up"]).public_url is None
+    for bad in ("ftp://img.example", "img.example", "http://img.example/?a=1"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["up", "--public-url", bad])
+        assert "--public-url" in capsys.readouterr().err
