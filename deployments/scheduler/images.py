@@ -124,7 +124,7 @@ class Scheduler:
     async def submit(self, job: ImageJob) -> ImageResult:
         """Queue ``job`` and wait for its result; leaving early takes it off the queue."""
         self._ensure_started()
-        if job.request_key in self._withdrawn:  # its caller left before this arrived
+        if self._withdrawn.seen(job.request_key, self._clock()):  # its caller left first
             raise InvalidRequest(
                 "this request id belongs to a request withdrawn moments ago; send a new one",
                 code="request_id_reused",
@@ -173,7 +173,7 @@ class Scheduler:
         True (a worker took it: its quota is spent), or False (it never will: it left the
         queue, or never reached it; a late arrival of it is refused)."""
         key = request_key(account_id, request_id)
-        if key in self._started:
+        if self._started.seen(key, self._clock()):
             return True
         self._withdrawn.add(key, self._clock())
         return False
@@ -262,15 +262,14 @@ class Scheduler:
                 and self._queue.batch_images_available(max_images) < max_images
             ):
                 return self._batching.batch_wait_s - waited_s
-            batch = []
+            batch, now = [], self._clock()
             for ticket in self._queue.take_batch(max_images):
-                if ticket.job.request_key in self._withdrawn:  # its router said it left
+                if self._withdrawn.seen(ticket.job.request_key, now):  # its router said it left
                     ticket.fail(GenerationFailed("the request was withdrawn by its caller"))
                 elif not ticket.answered:
                     batch.append(ticket)
             if not batch:
                 continue
-            now = self._clock()
             for ticket in batch:
                 self._started.add(ticket.job.request_key, now)
             self._check_estimates(batch)

@@ -42,8 +42,11 @@ class RecentIds:
         self._keep_s = keep_s
         self._limit = limit
 
-    def __contains__(self, key: str) -> bool:
-        return key in self._seen
+    def seen(self, key: str, now: float) -> bool:
+        """Whether ``key`` was added within the last ``keep_s`` seconds (an entry past its
+        age counts as gone even before the next ``add`` drops it)."""
+        added = self._seen.get(key)
+        return added is not None and added >= now - self._keep_s
 
     def add(self, key: str, now: float) -> None:
         self._seen.setdefault(key, now)
