@@ -1,8 +1,9 @@
 """What every HTTP request passes through: ids, body limits, and the one error mapping.
 
 ``EdgeMiddleware`` is plain ASGI and the outermost layer: it gives each request one
-``x-request-id`` (Serve's, when Serve's ingress already gave it one), refuses bodies
-over the limit with 413 without reading them whole (chunked bodies included), and
+``x-request-id`` (Serve's, when Serve's ingress already gave it one), refuses headers
+over HAProxy's limits with 431 (Serve's Python proxy enforces none of its own), refuses
+bodies over the limit with 413 without reading them whole (chunked bodies included), and
 turns anything unexpected into a 500 envelope that hides internals.
 ``error_response`` is the only place a domain error becomes HTTP.
 """
@@ -26,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mediagate.protocol.errors import (
+    HeadersTooLarge,
     InvalidRequest,
     MediagateError,
     NotFound,
@@ -124,6 +126,21 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(wrapped.envelope(), status_code=error.status_code)
 
 
+# HAProxy's defaults (tune.bufsize 16 KiB holds the whole header block; tune.http.maxhdr
+# 101 lines), so both ingresses refuse the same requests.
+MAX_HEADER_BYTES = 16 * 1024
+MAX_HEADERS = 100
+
+
+def headers_too_large(scope: Scope) -> HeadersTooLarge | None:
+    headers = scope.get("headers", [])
+    if len(headers) > MAX_HEADERS:
+        return HeadersTooLarge(f"a request may carry at most {MAX_HEADERS} headers")
+    if sum(len(name) + len(value) + 4 for name, value in headers) > MAX_HEADER_BYTES:
+        return HeadersTooLarge(f"request headers exceed the limit of {MAX_HEADER_BYTES} bytes")
+    return None
+
+
 class _BodyTooLarge(Exception):
     pass
 
@@ -187,6 +204,10 @@ class EdgeMiddleware:
                 message = {**message, "headers": headers}
             await send(message)
 
+        too_many = headers_too_large(scope)
+        if too_many is not None:
+            await self._send_error(send_with_id, too_many)
+            return
         limit = self._limit_for(scope)
         declared = _content_length(scope)
         if declared is not None and declared > limit:

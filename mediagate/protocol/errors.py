@@ -115,6 +115,12 @@ class PayloadTooLarge(MediagateError):
     default_code = "request_too_large"
 
 
+class HeadersTooLarge(MediagateError):
+    status = 431
+    type = "invalid_request_error"
+    default_code = "request_header_fields_too_large"
+
+
 class QuotaExceeded(MediagateError):
     """The account's quota is spent until a reset: retrying before it is useless."""
 

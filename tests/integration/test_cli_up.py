@@ -205,6 +205,20 @@ def check_locked_down(
     return haproxies
 
 
+def check_oversized_headers(port: int, key: str) -> None:
+    """Headers past the ingress's limits are a 4xx (never a 500, never a hang), and the
+    service goes on answering."""
+    url = f"http://127.0.0.1:{port}/v1/images/generations"
+    body = {"model": "tiny-sd", "prompt": "x", "size": "64x64"}
+    auth = {"Authorization": f"Bearer {key}"}
+    one_huge = httpx.post(url, json=body, headers={**auth, "X-Filler": "a" * 70_000}, timeout=30)
+    many = {f"X-Filler-{i}": "b" * 100 for i in range(1_000)}
+    many_headers = httpx.post(url, json=body, headers={**auth, **many}, timeout=30)
+    for refused in (one_huge, many_headers):
+        assert 400 <= refused.status_code < 500, (refused.status_code, refused.text[:300])
+    assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200
+
+
 def check_readme_snippet(tmp_path: Path, env: dict[str, str], port: int) -> None:
     """The README's quick start, with a key from the CLI."""
     assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
@@ -217,6 +231,7 @@ def check_readme_snippet(tmp_path: Path, env: dict[str, str], port: int) -> None
         check=True,
     )
     key = created.stdout.strip().splitlines()[-1]
+    check_oversized_headers(port, key)
     snippet = readme_python_snippet().replace("127.0.0.1:8000", f"127.0.0.1:{port}")
     ran = subprocess.run(
         [sys.executable, "-c", snippet],
@@ -324,6 +339,7 @@ def test_up_with_the_serve_proxy_ingress_serves_without_haproxy(tmp_path: Path) 
             headers={"Authorization": f"Bearer {key}"},
         )
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "n"
+        check_oversized_headers(port, key)
     finally:
         down = subprocess.run(
             [MEDIAGATE, "down"], env=env, capture_output=True, text=True, timeout=300

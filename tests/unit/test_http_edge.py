@@ -54,3 +54,17 @@ def test_an_unusable_incoming_id_is_replaced() -> None:
     answer = client.get("/boom", headers={"x-request-id": "bad id\twith spaces"})
     (own,) = answer.headers.get_list("x-request-id")
     assert own.startswith("req_") and own in answer.json()["error"]["message"]
+
+
+def test_headers_over_the_ingress_limits_are_431_in_the_envelope() -> None:
+    """Serve's Python proxy accepts any header block; the edge holds HAProxy's limits."""
+    client = edge_app(ingress_sets_request_id=False)
+    huge = client.get("/boom", headers={"x-filler": "a" * 20_000})
+    many = client.get("/boom", headers={f"x-filler-{i}": "b" for i in range(120)})
+    for refused in (huge, many):
+        assert refused.status_code == 431, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "request_header_fields_too_large" and error["message"]
+        assert refused.headers.get_list("x-request-id")  # still quotable
+    within = client.get("/boom", headers={"x-filler": "a" * 8_000})
+    assert within.status_code == 500  # passed the edge (the route itself fails)
