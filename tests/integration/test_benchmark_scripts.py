@@ -59,3 +59,12 @@ def test_bench_ledger_runs() -> None:
     result = run_smoke("bench_ledger.py")
     figures = result["sqlite"]
     assert figures["reserve_ms_first"] > 0 and figures["ratio_last_to_first"] > 0, result
+
+
+@pytest.mark.own_ray_cluster
+def test_bench_hops_runs() -> None:
+    result = run_smoke("bench_hops.py")
+    assert result["ingress"] == "haproxy", result
+    trips = result["handle_round_trips_p50_ms"]
+    assert trips["1_hop"] > 0 and trips["2_hops"] > 0, result
+    assert result["floor_two_hops_p50_ms"] > result["ingress_p50_ms"] > 0, result
