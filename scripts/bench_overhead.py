@@ -1,11 +1,19 @@
 """Serving overhead and batching efficiency on the tiny model, measured in one run.
 
 1. Bare pipeline: the tiny Stable-Diffusion pipeline called directly inside a Ray
-   actor with the worker replica's resources (one CPU, so one torch thread, and the
-   same process environment): one 64x64 image, then throughput at batch 1 and B.
+   actor (one torch thread, like the worker replica, and the same process
+   environment): one 64x64 image, then throughput at batch 1 and B.
 2. Served: the same model through HTTP -> HAProxy (or Serve's proxy) -> router -> scheduler ->
    worker on a local Ray instance: sequential single-image latency, then throughput
    with enough concurrent clients to fill batches of 1 and of B.
+
+The two are measured interleaved, not one after the other: a bare call, then a served
+request, then the other way round, and throughput in alternating blocks. A 2-core
+virtual machine's speed drifts by tens of percent within minutes (the same pipeline
+took 130-185 ms per image in three runs of one afternoon); measured in sequence, that
+drift landed on one side of every ratio. The bare actor reserves no CPU in Ray (it
+sets one torch thread itself) so that it lives beside the served worker; only one of
+the two computes at any moment.
 
 Prints a human summary and, on its last line, one JSON object with the ratios, the
 absolute overhead at p50 (served - bare, in ms) and the served requests' split by stage
@@ -56,8 +64,23 @@ class BarePipeline:
             load_catalog().models["tiny-sd"], cache_dir=Path(home) / "models"
         )
 
-    def measure(self, requests: int, batch: int) -> dict[str, float]:
-        return measure_bare(self.pipeline, requests, batch)
+    def warm_up(self) -> None:
+        for seed in range(3):
+            bare_call(self.pipeline, 1, seed)
+
+    def one(self, seed: int) -> float:
+        """One image; the seconds the pipeline took."""
+        started = time.perf_counter()
+        bare_call(self.pipeline, 1, seed)
+        return time.perf_counter() - started
+
+    def throughput(self, batch: int, images: int) -> tuple[int, float]:
+        """Images made in calls of ``batch``, and the seconds it took."""
+        calls = max(1, images // batch)
+        started = time.perf_counter()
+        for seed in range(calls):
+            bare_call(self.pipeline, batch, seed)
+        return calls * batch, time.perf_counter() - started
 
 
 def bare_call(pipeline: Any, batch: int, seed: int) -> None:
@@ -73,30 +96,6 @@ def bare_call(pipeline: Any, batch: int, seed: int) -> None:
         generator=generators,
         output_type="pil",
     )
-
-
-def measure_bare(pipeline: Any, requests: int, batch: int) -> dict[str, float]:
-    for seed in range(3):
-        bare_call(pipeline, 1, seed)
-    latencies = []
-    for seed in range(requests):
-        started = time.perf_counter()
-        bare_call(pipeline, 1, seed)
-        latencies.append(time.perf_counter() - started)
-    throughput = {}
-    # The same number of images as the served runs: `requests` at batch 1, twice that at B.
-    for size, images in ((1, requests), (batch, 2 * requests)):
-        calls = max(3, images // size)
-        started = time.perf_counter()
-        for seed in range(calls):
-            bare_call(pipeline, size, seed)
-        throughput[size] = calls * size / (time.perf_counter() - started)
-    return {
-        "p50_s": statistics.median(latencies),
-        "p99_s": percentile(latencies, 99),
-        "throughput_b1": throughput[1],
-        f"throughput_b{batch}": throughput[batch],
-    }
 
 
 def catalog_with_batch(home: Path, batch: int) -> Path:
@@ -138,34 +137,64 @@ def post(client: httpx.Client, seed: int) -> httpx.Response:
     return response
 
 
-def served_latency(base_url: str, key: str, requests: int) -> dict[str, Any]:
-    """Sequential requests: latency, and the median of each stage the answers report in
-    ``Server-Timing`` (``ingress``: what the client waited beyond the router's stages,
-    the HTTP ingress and the network)."""
+def interleaved_latency(base_url: str, key: str, actor: Any, requests: int) -> dict[str, Any]:
+    """Sequential single images, a bare call and a served request in turn (alternating
+    which goes first): both latencies, and the median of each stage the served answers
+    report in ``Server-Timing`` (``ingress``: what the client waited beyond the router's
+    stages, the HTTP ingress and the network)."""
+    import ray
+
     from mediagate.protocol.timing import STAGES, parse_server_timing
 
     headers = {"Authorization": f"Bearer {key}"}
+    bare: list[float] = []
+    served: list[float] = []
+    stages: dict[str, list[float]] = {stage: [] for stage in (*STAGES, "ingress")}
     with httpx.Client(base_url=base_url, headers=headers, timeout=120) as client:
+        ray.get(actor.warm_up.remote())
         for seed in range(3):
             post(client, seed)
-        latencies = []
-        stages: dict[str, list[float]] = {stage: [] for stage in (*STAGES, "ingress")}
-        for seed in range(requests):
+
+        def one_served(seed: int) -> None:
             started = time.perf_counter()
             response = post(client, seed)
             latency = time.perf_counter() - started
-            latencies.append(latency)
+            served.append(latency)
             reported = parse_server_timing(response.headers.get("server-timing", ""))
             for stage, value in reported.items():
                 stages.setdefault(stage, []).append(value)
             stages["ingress"].append(latency * 1000 - sum(reported.values()))
+
+        for seed in range(requests):
+            if seed % 2:
+                one_served(seed)
+                bare.append(ray.get(actor.one.remote(seed)))
+            else:
+                bare.append(ray.get(actor.one.remote(seed)))
+                one_served(seed)
     return {
-        "p50_s": statistics.median(latencies),
-        "p99_s": percentile(latencies, 99),
+        "bare_p50_s": statistics.median(bare),
+        "bare_p99_s": percentile(bare, 99),
+        "p50_s": statistics.median(served),
+        "p99_s": percentile(served, 99),
         "split_ms": {
             stage: round(statistics.median(values), 2) for stage, values in stages.items() if values
         },
     }
+
+
+def interleaved_throughput(
+    base_url: str, key: str, actor: Any, batch: int, images: int, concurrency: int
+) -> tuple[float, float]:
+    """Images per second, bare and served, in alternating blocks of half the images."""
+    import ray
+
+    bare_images = bare_s = served_s = 0.0
+    for _ in range(2):
+        made, took = ray.get(actor.throughput.remote(batch, images // 2))
+        bare_images, bare_s = bare_images + made, bare_s + took
+        served_s += (images // 2) / served_throughput(base_url, key, images // 2, concurrency)
+    return bare_images / bare_s, 2 * (images // 2) / served_s
 
 
 def served_throughput(base_url: str, key: str, total: int, concurrency: int) -> float:
@@ -215,9 +244,7 @@ def main() -> None:
         start_local_ray(home, args.ingress)
         # Ray types this handle as `ActorHandle | type[BarePipeline]`, whose methods are
         # plain functions without `.remote`: hold it untyped and type the result instead.
-        actor: Any = ray.remote(num_cpus=1)(BarePipeline).remote(str(home))
-        bare: dict[str, float] = ray.get(actor.measure.remote(args.requests, args.batch))
-        ray.kill(actor)
+        actor: Any = ray.remote(num_cpus=0)(BarePipeline).remote(str(home))
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         store = SqliteAccountStore(home / "state.db")
@@ -225,16 +252,20 @@ def main() -> None:
         base_url = f"http://127.0.0.1:{port}"
 
         deploy(home, 1)
-        served = served_latency(base_url, key, args.requests)
-        served["throughput_b1"] = served_throughput(base_url, key, args.requests, concurrency=2)
-        deploy(home, args.batch)
-        served[f"throughput_b{args.batch}"] = served_throughput(
-            base_url, key, args.requests * 2, concurrency=2 * args.batch
+        served = interleaved_latency(base_url, key, actor, args.requests)
+        bare = {"p50_s": served.pop("bare_p50_s"), "p99_s": served.pop("bare_p99_s")}
+        bare["throughput_b1"], served["throughput_b1"] = interleaved_throughput(
+            base_url, key, actor, 1, args.requests, concurrency=2
         )
+        deploy(home, args.batch)
+        batch_key = f"throughput_b{args.batch}"
+        bare[batch_key], served[batch_key] = interleaved_throughput(
+            base_url, key, actor, args.batch, 2 * args.requests, concurrency=2 * args.batch
+        )
+        ray.kill(actor)
         serve.shutdown()
         ray.shutdown()
 
-    batch_key = f"throughput_b{args.batch}"
     result = {
         "model": "tiny-sd",
         "ingress": args.ingress,
