@@ -10,6 +10,7 @@ from typing import Annotated, Any, cast
 
 from fastapi import Depends, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 from deployments.router.gateway import Gateway
 from mediagate.access.accounts import Account
@@ -19,6 +20,34 @@ from mediagate.stores import VideoJobRecord
 POLL_AFTER_HEADER = "openai-poll-after-ms"
 
 logger = logging.getLogger(__name__)
+
+
+def request_body(model: type[BaseModel], *media_types: str) -> dict[str, Any]:
+    """The ``openapi_extra`` of a route that reads its body itself: ``model``'s schema
+    with its nested definitions inlined (a ``#/$defs/...`` reference would point into
+    the OpenAPI document's root, where nothing is, and schema-driven clients and
+    fuzzers then cannot build a body)."""
+    schema = model.model_json_schema()
+    definitions = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            reference = node.get("$ref")
+            if isinstance(reference, str) and reference.startswith("#/$defs/"):
+                rest = {k: v for k, v in node.items() if k != "$ref"}
+                return inline({**definitions[reference.removeprefix("#/$defs/")], **rest})
+            return {key: inline(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [inline(value) for value in node]
+        return node
+
+    body = inline(schema)
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {media_type: {"schema": body} for media_type in media_types},
+        }
+    }
 
 
 def gateway_of(request: Request) -> Gateway:

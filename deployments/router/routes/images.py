@@ -10,7 +10,12 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from deployments.router.download_urls import download_base_url
-from deployments.router.routes.dependencies import GatewayDep, authenticated, idempotent
+from deployments.router.routes.dependencies import (
+    GatewayDep,
+    authenticated,
+    idempotent,
+    request_body,
+)
 from mediagate.protocol.errors import NotFound
 from mediagate.protocol.images import ImageGenerationRequest, ImagesResponse
 from mediagate.stores.artifacts import LocalArtifactStore, content_type
@@ -22,12 +27,7 @@ router = APIRouter()
     "/v1/images/generations",
     response_model=ImagesResponse,
     response_model_exclude_none=True,
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": ImageGenerationRequest.model_json_schema()}},
-        }
-    },
+    openapi_extra=request_body(ImageGenerationRequest, "application/json"),
 )
 async def generate_images(request: Request, gateway: GatewayDep) -> JSONResponse:
     raw = await request.body()

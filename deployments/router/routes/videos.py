@@ -4,7 +4,7 @@ content; remix)."""
 from __future__ import annotations
 
 import hashlib
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
@@ -15,6 +15,7 @@ from deployments.router.routes.dependencies import (
     Caller,
     GatewayDep,
     idempotent,
+    request_body,
     video_response,
 )
 from deployments.router.videos import parse_video_form
@@ -32,19 +33,28 @@ from mediagate.stores.records import VideoVariant
 UPLOAD_PATH = "/v1/videos"  # takes image uploads: its own, larger body limit
 router = APIRouter()
 
+# What a client can do next with the job a create or remix returns (OpenAPI links, which
+# schema-driven clients and stateful fuzzers follow).
+_JOB = {"video_id": "$response.body#/id"}
+JOB_LINKS: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The video job.",
+        "links": {
+            "GetVideo": {"operationId": "getVideo", "parameters": _JOB},
+            "DownloadVideoContent": {"operationId": "downloadVideoContent", "parameters": _JOB},
+            "RemixVideo": {"operationId": "remixVideo", "parameters": _JOB},
+            "DeleteVideo": {"operationId": "deleteVideo", "parameters": _JOB},
+        },
+    }
+}
+
 
 @router.post(
     UPLOAD_PATH,
     response_model=VideoObject,
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {
-                "application/json": {"schema": VideoCreateRequest.model_json_schema()},
-                "multipart/form-data": {"schema": VideoCreateRequest.model_json_schema()},
-            },
-        }
-    },
+    operation_id="createVideo",
+    responses=JOB_LINKS,
+    openapi_extra=request_body(VideoCreateRequest, "application/json", "multipart/form-data"),
 )
 async def create_video(request: Request, account: Caller, gateway: GatewayDep) -> JSONResponse:
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -76,7 +86,7 @@ async def create_video(request: Request, account: Caller, gateway: GatewayDep) -
     return await idempotent(gateway, request, account, payload, produce)
 
 
-@router.get("/v1/videos", response_model=VideoList)
+@router.get("/v1/videos", response_model=VideoList, operation_id="listVideos")
 async def list_videos(
     account: Caller,
     gateway: GatewayDep,
@@ -87,19 +97,19 @@ async def list_videos(
     return await gateway.videos.list(account, after=after, limit=limit, order=order)
 
 
-@router.get("/v1/videos/{video_id}", response_model=VideoObject)
+@router.get("/v1/videos/{video_id}", response_model=VideoObject, operation_id="getVideo")
 async def get_video(video_id: str, account: Caller, gateway: GatewayDep) -> JSONResponse:
     job = await gateway.videos.get(account, video_id)
     position = await gateway.videos.queue_position(job)
     return video_response(gateway, job, queue_position=position)
 
 
-@router.delete("/v1/videos/{video_id}", response_model=VideoDeleted)
+@router.delete("/v1/videos/{video_id}", response_model=VideoDeleted, operation_id="deleteVideo")
 async def delete_video(video_id: str, account: Caller, gateway: GatewayDep) -> VideoDeleted:
     return await gateway.videos.delete(account, video_id)
 
 
-@router.get("/v1/videos/{video_id}/content")
+@router.get("/v1/videos/{video_id}/content", operation_id="downloadVideoContent")
 async def video_content(
     video_id: str,
     account: Caller,
@@ -112,7 +122,13 @@ async def video_content(
     return Response(data, media_type=media_type, headers={"cache-control": "private"})
 
 
-@router.post("/v1/videos/{video_id}/remix", response_model=VideoObject)
+@router.post(
+    "/v1/videos/{video_id}/remix",
+    response_model=VideoObject,
+    operation_id="remixVideo",
+    responses=JOB_LINKS,
+    openapi_extra=request_body(VideoRemixRequest, "application/json"),
+)
 async def remix_video(
     video_id: str, request: Request, account: Caller, gateway: GatewayDep
 ) -> JSONResponse:
