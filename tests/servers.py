@@ -36,47 +36,63 @@ def _wait_until(ready: Callable[[], bool], what: str, timeout_s: float = 20) -> 
 class RedisServer:
     port: int
     process: subprocess.Popen[bytes]
+    password: str | None = None
+    data_dir: str | None = None  # durable: every write on disk before it is answered
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(timeout=10)
 
+    def kill(self) -> None:
+        """A crash: SIGKILL, no shutdown save."""
+        self.process.kill()
+        self.process.wait(timeout=10)
+
     def start_again(self) -> None:
-        """Restart on the same port (for outage tests)."""
-        self.process = _spawn_redis(self.port)
-        _wait_redis(self.port)
+        """Restart on the same port (for outage tests); a durable one reloads its data."""
+        self.process = _spawn_redis(self.port, self.password, self.data_dir)
+        _wait_redis(self.port, self.password)
 
 
-def _spawn_redis(port: int) -> subprocess.Popen[bytes]:
+def _spawn_redis(
+    port: int, password: str | None = None, data_dir: str | None = None
+) -> subprocess.Popen[bytes]:
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("redis-server is not installed (scripts/test.sh installs it as root)")
-    return subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    command = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    if data_dir is None:
+        command += ["--appendonly", "no"]
+    else:  # as production should run the state store: an fsync per write
+        command += ["--appendonly", "yes", "--appendfsync", "always", "--dir", data_dir]
+    if password:
+        command += ["--requirepass", password]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def _wait_redis(port: int) -> None:
+def _wait_redis(port: int, password: str | None = None) -> None:
     import redis
 
     def ping() -> bool:
-        return bool(redis.Redis(port=port, socket_connect_timeout=0.5).ping())
+        client = redis.Redis(port=port, password=password, socket_connect_timeout=0.5)
+        return bool(client.ping())
 
     _wait_until(ping, "redis-server")
 
 
 @contextmanager
-def redis_server() -> Iterator[RedisServer]:
+def redis_server(
+    *, password: str | None = None, data_dir: str | None = None
+) -> Iterator[RedisServer]:
     port = free_port()
-    server = RedisServer(port=port, process=_spawn_redis(port))
+    server = RedisServer(port, _spawn_redis(port, password, data_dir), password, data_dir)
     try:
-        _wait_redis(port)
+        _wait_redis(port, password)
         yield server
     finally:
         server.stop()

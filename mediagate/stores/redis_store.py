@@ -56,8 +56,20 @@ def document_key(account_id: str, name: str) -> str:
 
 def blocking_pool(url: str, *, decode_responses: bool = False) -> Any:
     """A pool that makes callers wait for a free connection instead of failing at once
-    ("Too many connections") when hundreds of requests arrive together."""
+    ("Too many connections") when hundreds of requests arrive together.
+
+    A command that meets a broken connection is sent once more on a fresh one: after
+    Redis restarts, every idle connection in the pool is dead, and without this each
+    failed one request (a 503) after the store was back. Only connection errors are
+    retried (a timeout may mean the command ran); transactions under WATCH are never
+    resent blindly (redis-py turns the error into a WatchError, and ``mutate`` then
+    checks whether its write landed). Left: a job creation whose EXEC ran but whose
+    answer was lost is resent and then finds its own record ("already exists").
+    """
     import redis.asyncio as redis
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+    from redis.exceptions import ConnectionError as RedisConnectionError
 
     return redis.BlockingConnectionPool.from_url(
         url,
@@ -66,6 +78,7 @@ def blocking_pool(url: str, *, decode_responses: bool = False) -> Any:
         socket_timeout=5,
         socket_connect_timeout=2,
         health_check_interval=30,
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         decode_responses=decode_responses,
     )
 

@@ -50,7 +50,9 @@ def request_body(model: type[BaseModel], *media_types: str) -> dict[str, Any]:
     }
 
 
-def gateway_of(request: Request) -> Gateway:
+async def gateway_of(request: Request) -> Gateway:
+    # async: FastAPI runs a plain-def dependency in its thread pool, a thread hop per
+    # request for an attribute read.
     return cast(Gateway, request.app.state.gateway)
 
 
