@@ -32,6 +32,7 @@ class Admission:
     reservation_id: str | None
     usage: Usage | None
     fail_open: bool = False
+    units: int = 0  # images a fail-open pass took from the outage budget
 
 
 def go_duration(seconds: float) -> str:
@@ -105,7 +106,9 @@ class TierGuard:
                 account.name,
                 account.tier,
             )
-            return Admission(account_id=account.id, reservation_id=None, usage=None, fail_open=True)
+            return Admission(
+                account_id=account.id, reservation_id=None, usage=None, fail_open=True, units=units
+            )
         self.counters["store_outage_fail_closed"] += 1
         logger.warning("state store down: refused %s (%s): %s", account.name, account.tier, outage)
         raise StoreUnavailable(
@@ -116,6 +119,11 @@ class TierGuard:
     async def settle(self, admission: Admission, *, charge: bool) -> None:
         """Commit work that was done (delivered, or run for a caller who left), release
         anything else; failures here never reach the client."""
+        if admission.fail_open and not charge:  # failed on our side: its budget back
+            spent = self._fail_open.get(admission.account_id, deque())
+            for _ in range(min(admission.units, len(spent))):
+                spent.pop()
+            self.counters["store_outage_fail_open_returned"] += 1
         if admission.reservation_id is None:
             return
         try:

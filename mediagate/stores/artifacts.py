@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
 import re
 import secrets
@@ -27,8 +28,10 @@ from typing import Any, Literal, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from mediagate.protocol.clock import Clock, system_clock
-from mediagate.protocol.errors import Forbidden, NotFound
+from mediagate.protocol.errors import Forbidden, NotFound, StoreUnavailable
 from mediagate.protocol.media import CONTENT_TYPES
+
+logger = logging.getLogger(__name__)
 
 ArtifactKind = Literal["img", "vid", "ref", "ans"]
 ARTIFACT_ID = re.compile(r"^(img|vid|ref|ans)_[0-9a-f]{32}\.(png|jpeg|webp|mp4|json)$")
@@ -98,8 +101,16 @@ class LocalArtifactStore:
         """The write is atomic (temp file + rename): readers never see half a file."""
         artifact_id = new_artifact_id(kind, extension)
         staging = self.root / f".{artifact_id}.tmp"
-        staging.write_bytes(data)
-        staging.rename(self.root / artifact_id)
+        try:
+            staging.write_bytes(data)
+            staging.rename(self.root / artifact_id)
+        except OSError as error:  # the disk full, or gone read-only: ours, not the client's
+            staging.unlink(missing_ok=True)
+            logger.warning("cannot write %s: %r", artifact_id, error)
+            raise StoreUnavailable(
+                "generated files cannot be stored right now; please retry shortly",
+                retry_after_s=5.0,
+            ) from error
         return artifact_id
 
     def read(self, artifact_id: str) -> bytes:

@@ -21,6 +21,19 @@ from mediagate.protocol.errors import StoreUnavailable
 
 logger = logging.getLogger(__name__)
 
+# What the disk or the file's state did, not what the caller asked: a 503 the client may
+# retry (the disk full, an I/O error, the file gone read-only or unopenable, a lock held
+# past the busy timeout), never a 500.
+UNAVAILABLE_ERRORS = (
+    "SQLITE_FULL",
+    "SQLITE_IOERR",
+    "SQLITE_CANTOPEN",
+    "SQLITE_READONLY",
+    "SQLITE_BUSY",
+    "SQLITE_LOCKED",
+    "SQLITE_NOMEM",
+)
+
 
 class SqliteConnections:
     """Hands each thread its own open connection to ``path`` (autocommit mode)."""
@@ -59,9 +72,15 @@ class SqliteConnections:
             db = self._local.db = self._open()
         try:
             yield db
-        except sqlite3.Error:
+        except sqlite3.Error as error:
             self._local.db = None
             db.close()
+            if getattr(error, "sqlite_errorname", "").startswith(UNAVAILABLE_ERRORS):
+                logger.warning("%s cannot be used: %r", self.path, error)
+                raise StoreUnavailable(
+                    "the state store cannot write right now; please retry shortly",
+                    retry_after_s=5.0,
+                ) from error
             raise
         finally:
             if self._local.db is db and db.in_transaction:

@@ -216,7 +216,8 @@ class SqliteStateStore:
                         )
                     db.execute("COMMIT")
                 except BaseException:
-                    db.execute("ROLLBACK")
+                    if db.in_transaction:  # a failed COMMIT may have ended it already
+                        db.execute("ROLLBACK")
                     raise
             return result
 
