@@ -5,7 +5,7 @@ stores (SQLite state, local artifacts) and in-process schedulers that answer at 
 
 Must hold: no server error (5xx) for anything a client can send, every answer in the
 shape the schema declares (status codes, content types, bodies), and errors in the
-OpenAI envelope. ``MEDIAGATE_FUZZ_EXAMPLES`` raises the number of examples per operation
+OpenAI envelope. ``FUZZ_EXAMPLES`` raises the number of examples per operation
 (the long run; CI runs the short one).
 """
 
@@ -23,9 +23,10 @@ from schemathesis.core.result import Ok
 from tests.unit.harness import Service
 
 # The short run (CI) draws the same examples every time, so that what it finds is
-# reproducible; a long run (MEDIAGATE_FUZZ_EXAMPLES=...) draws new ones each time.
-EXAMPLES = int(os.environ.get("MEDIAGATE_FUZZ_EXAMPLES", "30"))
-DERANDOMIZE = "MEDIAGATE_FUZZ_EXAMPLES" not in os.environ
+# reproducible; a long run (FUZZ_EXAMPLES=...) draws new ones each time. (Not a
+# MEDIAGATE_ variable: tests/conftest.py clears those before any test module loads.)
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "30"))
+DERANDOMIZE = "FUZZ_EXAMPLES" not in os.environ
 CALLERS = ("none", "unknown", "free", "pro")
 FOLLOWERS = ("pro", "other-pro", "none", "pro", "free", "unknown")
 CHECKS = [
