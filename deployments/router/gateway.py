@@ -91,6 +91,7 @@ class Gateway:
         self._seen: dict[str, tuple[Account, float]] = {}
         # Per image model: the load its scheduler last published, and when it arrived.
         self._published_load: dict[str, tuple[PublishedLoad, float]] = {}
+        self._load_reads: dict[str, asyncio.Task[None]] = {}  # refreshes under way
         self.shed_by_router: Counter[str] = Counter()  # per tier, this replica only
         self.videos = VideoJobs(self)
 
@@ -215,6 +216,7 @@ class Gateway:
                     f"model {spec.id} is restarting; please retry shortly", retry_after_s=2
                 ) from error
             answered = time.perf_counter()
+            self._refresh_load_now(spec.id)  # a slot just freed: the copy overstates
             try:
                 data, encode_ms = await asyncio.to_thread(
                     self._deliver_images, result, body, base_url
@@ -293,6 +295,16 @@ class Gateway:
             # all at once: one slow scheduler must not delay the others' fresh loads
             await asyncio.gather(*(self._read_load(model_id) for model_id in image_models))
             await asyncio.sleep(self.settings.load_refresh_s)
+
+    def _refresh_load_now(self, model_id: str) -> None:
+        """Read ``model_id``'s load now rather than at the next refresh (one read at a
+        time per model): the copy counts what this router forwarded but not what was
+        answered since, and right after an answer it would refuse work a free slot
+        could take."""
+        if model_id in self._published_load and model_id not in self._load_reads:
+            read = asyncio.create_task(self._read_load(model_id))
+            self._load_reads[model_id] = read
+            read.add_done_callback(lambda _: self._load_reads.pop(model_id, None))
 
     async def _read_load(self, model_id: str) -> None:
         try:

@@ -123,8 +123,8 @@ def count_forwarded(load: PublishedLoad, *, priority_class: int, account_id: str
     """Update a router's copy of the published load for a request it just forwarded, so
     its next decisions see it before the scheduler publishes again: one more ticket in
     the class, and the account one deeper. (Answers since the publication are not
-    subtracted: the copy errs towards a longer queue for the few tenths of a second
-    until the next one.)"""
+    subtracted: the copy errs towards a longer queue until the next one, which a router
+    reads at once when one of its requests is answered.)"""
     view = load.classes.get(priority_class)
     if view is None:
         return

@@ -65,6 +65,16 @@ def clients(services: list[Service]) -> list[httpx.AsyncClient]:
     ]
 
 
+async def free_images_today(service: Service, accounts: int = 50) -> dict[int, int]:
+    """What the ledger says each ``free-N`` account was served today."""
+    today = {}
+    for number in range(accounts):
+        account = service.accounts.get_account(f"free-{number}")
+        assert account is not None
+        today[number] = (await service.gateway.guard.ledger.usage(account)).images_today
+    return today
+
+
 async def send(client: httpx.AsyncClient, tier: str, account: int, auth: dict[str, str]) -> Outcome:
     sent_at = asyncio.get_running_loop().time()
     response = await client.post(
@@ -129,14 +139,7 @@ async def test_redis_killed_and_restarted_under_200_concurrent_requests(
         # After recovery: an account that has never asked is served.
         late = services[1].other_auth("after-the-outage", "free")
         recovered = await send(http[1], "free", -1, late)
-        ledger_usage = {
-            i: (
-                await services[0].gateway.guard.ledger.usage(
-                    services[0].accounts.get_account(f"free-{i}")  # type: ignore[arg-type]
-                )
-            ).images_today
-            for i in range(50)
-        }
+        ledger_usage = await free_images_today(services[0])
         fail_open = sum(s.gateway.guard.counters["store_outage_fail_open"] for s in services)
         for client in http:
             await client.aclose()
@@ -201,14 +204,7 @@ async def test_10000_concurrent_free_requests_admit_no_more_than_the_quotas(
                     await asyncio.to_thread(server.start_again)
 
         await asyncio.gather(*(one(number) for number in range(10_000)))
-        usage = {
-            i: (
-                await services[1].gateway.guard.ledger.usage(
-                    services[1].accounts.get_account(f"free-{i}")  # type: ignore[arg-type]
-                )
-            ).images_today
-            for i in range(50)
-        }
+        usage = await free_images_today(services[1])
         for client in http:
             await client.aclose()
 
