@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -98,3 +99,13 @@ def artifact_config(settings: Settings, layout: HomeLayout) -> ArtifactConfig:
         root=str(layout.artifacts),
         secret_path=str(layout.secrets / "url_signing_key"),
     )
+
+
+def absolute_http_url(value: str) -> str:
+    """``value`` as the base of download URLs (``http(s)://host[:port][/path]``, no
+    query), without its trailing slash; ``ValueError`` otherwise. The router's
+    ``public_base_url`` and ``mediagate up --public-url`` take the same."""
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
+        raise ValueError(f"{value!r} is not http(s)://host[:port][/path]")
+    return value.rstrip("/")

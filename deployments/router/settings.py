@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
-
 from pydantic import BaseModel, Field, field_validator
+
+from mediagate.settings import absolute_http_url
 
 
 class RouterSettings(BaseModel):
@@ -44,12 +44,7 @@ class RouterSettings(BaseModel):
     @field_validator("public_base_url")
     @classmethod
     def _absolute_http_url(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
-            raise ValueError("public_base_url must be http(s)://host[:port][/path]")
-        return value.rstrip("/")
+        return None if value is None else absolute_http_url(value)
 
     @field_validator("allowed_hosts")
     @classmethod

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from urllib.parse import urlsplit
 
 from mediagate.cli.accounts import (
     command_accounts_set_tier,
@@ -23,14 +22,15 @@ from mediagate.cli.service import (
     command_down,
     command_up,
 )
+from mediagate.settings import absolute_http_url
 
 
 def http_url(value: str) -> str:
-    """An absolute http(s) URL (what the router's ``public_base_url`` accepts)."""
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query:
-        raise argparse.ArgumentTypeError(f"{value!r} is not http(s)://host[:port][/path]")
-    return value.rstrip("/")
+    """What the router's ``public_base_url`` accepts, as an argparse type."""
+    try:
+        return absolute_http_url(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
