@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import httpx
-from benchmarking import add_ingress_argument, free_port, percentile, start_local_ray
+from benchmarking import add_ingress_argument, percentile, start_local_serve
 
 ROUTES = ("0", "1", "2")  # how many handle round trips behind the ingress
 ELAPSED_HEADER = "x-bench-handle-ms"
@@ -112,9 +112,7 @@ def main() -> None:
     from ray import serve
 
     with tempfile.TemporaryDirectory() as scratch:
-        start_local_ray(Path(scratch), args.ingress)
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        port = start_local_serve(Path(scratch), args.ingress)
         serve.run(build_app(), name="hops", route_prefix="/")
         timings = measure(f"http://127.0.0.1:{port}", args.requests, args.gap_ms / 1000)
         serve.shutdown()

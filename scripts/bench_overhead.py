@@ -39,9 +39,8 @@ import httpx
 import yaml
 from benchmarking import (
     add_ingress_argument,
-    free_port,
     percentile,
-    start_local_ray,
+    start_local_serve,
     write_tiers_without_quotas,
 )
 
@@ -241,12 +240,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as scratch:
         home = Path(scratch)
-        start_local_ray(home, args.ingress)
+        port = start_local_serve(home, args.ingress)
         # Ray types this handle as `ActorHandle | type[BarePipeline]`, whose methods are
         # plain functions without `.remote`: hold it untyped and type the result instead.
         actor: Any = ray.remote(num_cpus=0)(BarePipeline).remote(str(home))
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
         store = SqliteAccountStore(home / "state.db")
         key = store.create_key(store.ensure_account("bench", "pro").id)
         base_url = f"http://127.0.0.1:{port}"

@@ -53,9 +53,8 @@ import httpx
 import yaml
 from benchmarking import (
     add_ingress_argument,
-    free_port,
     percentile,
-    start_local_ray,
+    start_local_serve,
     write_tiers_without_quotas,
 )
 
@@ -355,9 +354,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as scratch:
         home = Path(scratch)
-        start_local_ray(home, args.ingress)
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        port = start_local_serve(home, args.ingress)
         app_args = AppArgs(
             home=str(home),
             catalog=str(write_catalog(home, args.steps, args.step_ms)),

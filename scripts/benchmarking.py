@@ -76,3 +76,13 @@ def start_local_ray(home: Path, ingress: Ingress) -> None:
         log_to_driver=False,
         _node_ip_address=LOOPBACK,
     )
+
+
+def start_local_serve(home: Path, ingress: Ingress) -> int:
+    """``start_local_ray``, then Serve on a free loopback HTTP port; returns the port."""
+    from ray import serve
+
+    start_local_ray(home, ingress)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return port
