@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Hashable, Iterable
 from typing import Any
 
-from deployments.scheduler.queue import FairQueue, tickets_ahead
+from deployments.scheduler.queue import FairQueue, Ticket, tickets_ahead
 from mediagate.protocol.errors import Overloaded
 from mediagate.protocol.scheduling import PublishedLoad
 
@@ -159,6 +159,17 @@ class EstimateCheck:
             return
         overruns = self._overruns.setdefault(priority_class, deque(maxlen=self._kept))
         overruns.append(waited_s - estimated_s)
+
+    def record_first_starts(self, tickets: Iterable[Ticket[Any]], now: float) -> None:
+        """Tickets dispatched now: the wait admission estimated against the one they had
+        (only at a first start: a run again after a preemption or a lost worker is not)."""
+        for ticket in tickets:
+            if not (ticket.preemptions or ticket.workers_lost):
+                self.record(
+                    ticket.job.priority_class,
+                    estimated_s=ticket.estimated_wait_s,
+                    waited_s=now - ticket.enqueued_at,
+                )
 
     def summary(self) -> dict[int, dict[str, float]]:
         """Per class: seconds waited beyond the estimate at p50 / p99 (negative: sooner)."""

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
-import itertools
 import logging
 import math
 import time
@@ -28,10 +26,15 @@ from deployments.scheduler.admission import (
     wait_estimates_s_by_class,
 )
 from deployments.scheduler.capacity import ReplicaCounter, WorkerSlots, serve_replica_follower
-from deployments.scheduler.in_flight import InFlightBatch, RecentIds, with_scheduler_timings
+from deployments.scheduler.in_flight import (
+    InFlightBatch,
+    RecentIds,
+    with_scheduler_timings,
+    worker_was_lost,
+)
 from deployments.scheduler.metrics import SchedulerMetrics
 from deployments.scheduler.preemption import batch_to_preempt
-from deployments.scheduler.queue import FairQueue, Ticket
+from deployments.scheduler.queue import Deadlines, FairQueue, Ticket
 from deployments.scheduler.settings import ImageSchedulerSettings
 from mediagate.protocol.catalog import Batching, ModelSpec
 from mediagate.protocol.clock import Clock, system_clock
@@ -39,11 +42,11 @@ from mediagate.protocol.errors import (
     GenerationFailed,
     InvalidRequest,
     MediagateError,
+    ModelUnavailable,
     Overloaded,
     unwrap,
 )
 from mediagate.protocol.scheduling import (
-    ClassLoad,
     Decision,
     PublishedLoad,
     QueueStats,
@@ -78,10 +81,7 @@ class Scheduler:
         self._metrics = SchedulerMetrics(self.spec.id)
         self._classes_seen: set[int] = set()
         self._in_flight: dict[int, InFlightBatch] = {}  # what each busy slot serves
-        # (deadline, push order, ticket), earliest first; entries of tickets that left
-        # the queue stay until their deadline comes up and are skipped then
-        self._deadlines: list[tuple[float, int, Ticket[ImageJob]]] = []
-        self._pushes = itertools.count()
+        self._deadlines: Deadlines[ImageJob] = Deadlines()
         # Request ids, remembered for a while: those whose batch was dispatched (their
         # quota is spent even if the caller leaves) and those withdrawn before that.
         self._started = RecentIds()
@@ -155,10 +155,7 @@ class Scheduler:
             estimated_wait_s=estimated_wait_s,
         )
         self._queue.push(ticket)
-        heapq.heappush(self._deadlines, (ticket.deadline, next(self._pushes), ticket))
-        if len(self._deadlines) > 2 * len(self._queue) + 64:  # answered ones hold results
-            self._deadlines = [entry for entry in self._deadlines if not entry[2].answered]
-            heapq.heapify(self._deadlines)
+        self._deadlines.add(ticket, queued=len(self._queue))
         self._wakeup.set()
         try:
             return await future
@@ -201,21 +198,11 @@ class Scheduler:
         """What routers need to make this scheduler's admission decision themselves,
         without a hop: slots, measured service times, and per class the queue, the work
         above it, the share of capacity above it and its accounts' queue depths."""
-        by_class = self._queue.length_by_class()
         return PublishedLoad(
             busy=self._slots.busy,
             slots=self.capacity,
             service_s=dict(self._service_s),
-            classes={
-                cls: ClassLoad(
-                    queued=by_class.get(cls, 0),
-                    queued_above=self._queue.queued_above(cls),
-                    share_above=self._queue.share_above(cls),
-                    depths=dict(self._queue.depths(cls)),
-                    depth_by_account=self._queue.depth_by_account(cls),
-                )
-                for cls in self._classes_seen | set(by_class)
-            },
+            classes=self._queue.class_loads(self._classes_seen),
         )
 
     def queue_stats(self) -> QueueStats:
@@ -272,7 +259,7 @@ class Scheduler:
                 continue
             for ticket in batch:
                 self._started.add(ticket.job.request_key, now)
-            self._check_estimates(batch)
+            self.estimate_check.record_first_starts(batch, now)
             self._slots.acquire()
             self._batch_ids += 1
             in_flight = InFlightBatch(self._batch_ids, batch, self._clock())
@@ -283,16 +270,6 @@ class Scheduler:
         if len(self._queue) and not self._slots.free:
             self._preempt_for_waiting_work()
         return None
-
-    def _check_estimates(self, batch: list[Ticket[ImageJob]]) -> None:
-        now = self._clock()
-        for ticket in batch:
-            if not ticket.preemptions:  # a first start: the wait admission estimated
-                self.estimate_check.record(
-                    ticket.job.priority_class,
-                    estimated_s=ticket.estimated_wait_s,
-                    waited_s=now - ticket.enqueued_at,
-                )
 
     def _preempt_for_waiting_work(self) -> None:
         """Take back at most one lower-class batch per waiting request of the top class."""
@@ -333,10 +310,9 @@ class Scheduler:
         """Tickets past their tier's longest wait leave before they reach a worker (the
         deadline heap's due entries only: no walk of the queue)."""
         now = self._clock()
-        while self._deadlines and self._deadlines[0][0] < now:
-            deadline, _, ticket = heapq.heappop(self._deadlines)
-            if ticket.deadline != deadline or not self._queue.discard(ticket):
-                continue  # dispatched (or taken back without a deadline), or gone
+        for ticket in self._deadlines.due(now):
+            if not self._queue.discard(ticket):
+                continue  # dispatched, or gone
             self._count("expired", ticket.job.priority_class)
             self.estimate_check.record(
                 ticket.job.priority_class,
@@ -360,7 +336,10 @@ class Scheduler:
             round_trip_ms = (time.perf_counter() - sent) * 1000
         except Exception as error:
             if in_flight.preempted:
-                self._requeue(batch)
+                self._requeue(batch, preempted=True)
+                return
+            if worker_was_lost(error):
+                self._after_worker_loss(batch, error)
                 return
             cause = unwrap(error)
             if not isinstance(cause, MediagateError):
@@ -379,17 +358,36 @@ class Scheduler:
             del self._in_flight[in_flight.batch_id]
             self._slots.release()
 
-    def _requeue(self, batch: list[Ticket[ImageJob]]) -> None:
-        """A preempted batch's requests go back first in line (their callers still wait).
-        They started in time, so their queue deadline no longer applies: expiring one now
-        would fail a request after it had run, for the capacity a higher class took."""
+    def _requeue(self, batch: list[Ticket[ImageJob]], *, preempted: bool) -> None:
+        """A batch taken back (preempted, or its worker lost) goes back first in line:
+        its callers still wait. They started in time, so their queue deadline no longer
+        applies: expiring one now would fail a request after it had run."""
         for ticket in reversed(batch):
             if ticket.answered:
                 continue
-            ticket.preemptions += 1
             ticket.deadline = math.inf
             self._queue.requeue(ticket)
-            self._count("preempted", ticket.job.priority_class)
+            if preempted:
+                ticket.preemptions += 1
+                self._count("preempted", ticket.job.priority_class)
+
+    def _after_worker_loss(self, batch: list[Ticket[ImageJob]], error: BaseException) -> None:
+        """The replica running the batch died or could not be reached: its requests run
+        again, once; a second loss is a 503 (a request that kills workers must not go on
+        killing them)."""
+        logger.warning("worker lost under %d request(s): %r", len(batch), error)
+        self.counts["worker_lost"] += 1
+        for ticket in batch:
+            ticket.workers_lost += 1
+            if ticket.workers_lost > 1:
+                ticket.fail(
+                    ModelUnavailable(
+                        f"the worker running your request on {self.spec.id} stopped; "
+                        "please retry shortly",
+                        retry_after_s=2,
+                    )
+                )
+        self._requeue([ticket for ticket in batch if ticket.workers_lost == 1], preempted=False)
 
     async def shutdown(self) -> None:
         for task in (self._dispatcher, self._capacity_watcher, *self._tasks):

@@ -6,9 +6,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from ray.exceptions import RayActorError
+
 from deployments.scheduler.preemption import RunningBatch
 from deployments.scheduler.queue import Ticket
+from mediagate.protocol.errors import unwrap
 from mediagate.protocol.work import ImageJob, ImageResult
+
+
+def worker_was_lost(error: BaseException) -> bool:
+    """Whether a worker call failed because its replica died or could not be reached
+    (not because of the requests it ran)."""
+    return isinstance(unwrap(error), RayActorError)
 
 
 class InFlightBatch:

@@ -10,11 +10,14 @@ class, in the same round-robin order.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
 from collections import Counter, OrderedDict, deque
 from collections.abc import Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
+
+from mediagate.protocol.scheduling import ClassLoad
 
 
 def tickets_ahead(*, queued_above: int, depths: Mapping[int, int], own_depth: int) -> int:
@@ -64,6 +67,7 @@ class Ticket(Generic[JobT]):
     future: asyncio.Future[Any] | None = field(default=None, repr=False)
     deadline: float = float("inf")
     preemptions: int = 0  # times a running batch holding it was taken back
+    workers_lost: int = 0  # times the worker running it died under it
     estimated_wait_s: float | None = None  # what admission expected, to check it against
 
     @property
@@ -279,6 +283,21 @@ class FairQueue(Generic[JobT]):
         same = self._classes.get(priority_class)
         return {account: len(own) for account, own in same.accounts.items()} if same else {}
 
+    def class_loads(self, classes_seen: set[int]) -> dict[int, ClassLoad]:
+        """Per class (every one seen, and every one queued now) what a router needs to
+        decide admission as this queue would (``PublishedLoad.classes``)."""
+        by_class = self.length_by_class()
+        return {
+            cls: ClassLoad(
+                queued=by_class.get(cls, 0),
+                queued_above=self.queued_above(cls),
+                share_above=self.share_above(cls),
+                depths=dict(self.depths(cls)),
+                depth_by_account=self.depth_by_account(cls),
+            )
+            for cls in classes_seen | set(by_class)
+        }
+
     def ahead_of(self, job: JobT) -> int:
         """Tickets that would be dispatched before ``job`` if it were pushed now."""
         same = self._classes.get(job.priority_class)
@@ -303,3 +322,29 @@ class FairQueue(Generic[JobT]):
         if not self._recent:
             return 0.0
         return sum(1 for cls in self._recent if cls > priority_class) / len(self._recent)
+
+
+class Deadlines(Generic[JobT]):
+    """Queued tickets by deadline, earliest first, so expiring them costs the due
+    entries only (no walk of the queue). A ticket that left the queue keeps its entry
+    until its deadline comes up; one whose deadline changed is skipped then."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Ticket[JobT]]] = []
+        self._pushes = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def add(self, ticket: Ticket[JobT], *, queued: int) -> None:
+        heapq.heappush(self._heap, (ticket.deadline, next(self._pushes), ticket))
+        if len(self._heap) > 2 * queued + 64:  # answered tickets hold their results
+            self._heap = [entry for entry in self._heap if not entry[2].answered]
+            heapq.heapify(self._heap)
+
+    def due(self, now: float) -> Iterator[Ticket[JobT]]:
+        """Tickets whose deadline is before ``now`` (each once)."""
+        while self._heap and self._heap[0][0] < now:
+            deadline, _, ticket = heapq.heappop(self._heap)
+            if ticket.deadline == deadline:
+                yield ticket

@@ -6,7 +6,9 @@ change of a job's status is a named transition of ``mediagate.jobs.video`` (clai
 expire, re-queue or fail). A reconcile loop keeps memory and store in agreement: a
 ``queued`` job missing from the queue is enqueued; an ``in_progress`` job whose lease
 ran out (its replica or the whole application died) is re-queued, or failed once
-``max_attempts`` runs were lost; a job queued past its tier's longest wait fails.
+``max_attempts`` runs were lost; one whose worker still renews its lease (dispatched
+by this scheduler's predecessor, before a restart) holds a slot until it ends; a job
+queued past its tier's longest wait fails.
 Admission is the image scheduler's (``deployments.scheduler.admission``): the router
 asks ``admit`` before it reserves or stores anything.
 """
@@ -17,7 +19,6 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
-from dataclasses import dataclass
 from typing import Any
 
 from autoscaling.policy import report_metrics
@@ -30,9 +31,10 @@ from deployments.scheduler.admission import (
 )
 from deployments.scheduler.capacity import ReplicaCounter, WorkerSlots, serve_replica_follower
 from deployments.scheduler.metrics import SchedulerMetrics
-from deployments.scheduler.queue import FairQueue, Ticket
+from deployments.scheduler.queue import Ticket
 from deployments.scheduler.settings import VideoSchedulerSettings
-from mediagate.jobs.video import RetryLimits, VideoJobLifecycle, overdue
+from deployments.scheduler.video_queue import QueuedVideo, VideoQueue
+from mediagate.jobs.video import RetryLimits, VideoJobLifecycle, live, overdue
 from mediagate.protocol.catalog import ModelSpec
 from mediagate.protocol.clock import Clock, system_clock
 from mediagate.protocol.errors import Overloaded
@@ -47,15 +49,6 @@ from mediagate.stores import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class QueuedVideo:
-    """A queued job as the queue discipline sees it (the record stays in the store)."""
-
-    job_id: str
-    account_id: str
-    priority_class: int
 
 
 class VideoScheduler:
@@ -94,13 +87,15 @@ class VideoScheduler:
             slots_per_replica=self.settings.slots_per_replica,
             refresh_s=capacity_refresh_s,
         )
-        self._queue: FairQueue[QueuedVideo] = FairQueue(self.settings.min_shares)
-        self._tickets: dict[str, Ticket[QueuedVideo]] = {}  # queued job id -> its ticket
+        self._queue = VideoQueue(self.settings.min_shares)
         self._claiming: set[str] = set()  # taken off the queue, being claimed in the store
         self._reconciling = asyncio.Lock()
         self._classes_seen: set[int] = set()
         self._running: dict[str, asyncio.Task[None]] = {}
         self._running_class: dict[str, int] = {}  # running job id -> its priority class
+        # In progress on a worker that a scheduler before this one dispatched to (it was
+        # restarted): each holds its slot until the job ends or its lease runs out.
+        self._adopted: dict[str, int] = {}  # job id -> its priority class
         self._tasks: list[asyncio.Task[None]] = []
         self.counts = {"dispatched": 0, "completed": 0, "failed": 0, "requeued": 0, "lost": 0}
         self.decisions: Counter[str] = Counter()  # admitted/shed/expired per class
@@ -176,41 +171,23 @@ class VideoScheduler:
         self._ensure_started()
         if not self._holds(job_id):
             video = QueuedVideo(job_id, account_id, priority_class)
-            self._push(video, estimated_wait_s=self._estimate_s(video))
+            self._queue.add(video, now=self._clock(), estimated_wait_s=self._estimate_s(video))
             self._count("admitted", priority_class)
             self._slots.changed.set()
         return self.position(job_id)
 
     def _holds(self, job_id: str) -> bool:
-        return job_id in self._tickets or job_id in self._claiming or job_id in self._running
-
-    def _push(
-        self, video: QueuedVideo, *, first: bool = False, estimated_wait_s: float | None = None
-    ) -> None:
-        ticket: Ticket[QueuedVideo] = Ticket(  # nobody awaits it: the job is in the store
-            job=video, enqueued_at=self._clock(), estimated_wait_s=estimated_wait_s
+        return any(
+            job_id in held for held in (self._queue, self._claiming, self._running, self._adopted)
         )
-        self._tickets[video.job_id] = ticket
-        if first:
-            self._queue.requeue(ticket)
-        else:
-            self._queue.push(ticket)
-
-    def _pop_next(self) -> Ticket[QueuedVideo]:
-        ticket = self._queue.take_next()  # one job per slot: video work is never batched
-        assert ticket is not None
-        del self._tickets[ticket.job.job_id]
-        return ticket
 
     def position(self, job_id: str) -> int:
         """1-based place in the queue; 0 when it is not queued here."""
-        ticket = self._tickets.get(job_id)
-        return self._queue.position(ticket) if ticket is not None else 0
+        return self._queue.position_of(job_id)
 
     async def cancel(self, account_id: str, job_id: str) -> bool:
         """Drop a deleted job from the queue; a running one stops at its next step by itself."""
-        ticket = self._tickets.pop(job_id, None)
-        return ticket is not None and self._queue.discard(ticket)
+        return self._queue.remove(job_id)
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Queue metrics that the autoscaling policy reads (one job per slot)."""
@@ -228,7 +205,9 @@ class VideoScheduler:
         return QueueStats(
             queue_len=len(self._queue),
             queue_by_class=self._queue.length_by_class(),
-            running_by_class=dict(Counter(self._running_class.values())),
+            running_by_class=dict(
+                Counter([*self._running_class.values(), *self._adopted.values()])
+            ),
             busy_slots=self._slots.busy,
             capacity=self._slots.capacity,
             replicas=self._slots.replicas,
@@ -248,7 +227,7 @@ class VideoScheduler:
         return {
             "model": self.spec.id,
             **self.queue_stats().as_dict(),
-            "running": sorted(self._running),
+            "running": sorted([*self._running, *self._adopted]),
             **self.counts,
         }
 
@@ -262,14 +241,14 @@ class VideoScheduler:
             await self._slots.changed.wait()
             self._slots.changed.clear()
             while len(self._queue) and self._slots.free:
-                ticket = self._pop_next()
+                ticket = self._queue.pop_next()
                 video = ticket.job
                 self._claiming.add(video.job_id)  # neither queued nor running: not lost
                 try:
                     job = await self._claim(ticket)
                 except Exception as error:  # store outage: keep its place, try again soon
                     logger.warning("could not claim %s: %s", video.job_id, error)
-                    self._push(video, first=True)
+                    self._queue.add(video, now=self._clock(), first=True)
                     asyncio.get_running_loop().call_later(1.0, self._slots.changed.set)
                     break
                 finally:
@@ -303,9 +282,7 @@ class VideoScheduler:
         expired = await self._jobs.expire_in_queue(job, content_ttl_s=self.settings.content_ttl_s)
         if expired is None:
             return  # dispatched, deleted or expired meanwhile
-        queued = self._tickets.pop(job.id, None)
-        if queued is not None:
-            self._queue.discard(queued)
+        self._queue.remove(job.id)
         self._count("expired", expired.priority_class)
         if ticket is not None:
             self.estimate_check.record(
@@ -361,7 +338,8 @@ class VideoScheduler:
             await asyncio.sleep(self.settings.redispatch_delay_s)
         # First in line: it was accepted before anything now queued. (Pushed directly:
         # the job may still count as running here while its dispatch unwinds.)
-        self._push(QueuedVideo(updated.id, updated.account_id, updated.priority_class), first=True)
+        queued = QueuedVideo(updated.id, updated.account_id, updated.priority_class)
+        self._queue.add(queued, now=self._clock(), first=True)
         self._slots.changed.set()
 
     async def reconcile(self) -> None:
@@ -372,16 +350,29 @@ class VideoScheduler:
 
     async def _reconcile_pass(self) -> None:
         now = self._clock()
-        for job in await self._store.active_jobs(self.spec.id):
-            if job.status == "queued" and overdue(job, now):
-                await self._expire(job, self._tickets.get(job.id))
-            elif self._holds(job.id):
-                continue
-            elif job.status == "queued":
-                await self.enqueue(job.account_id, job.id, job.priority_class)
-            elif job.lease_expires_at is not None and job.lease_expires_at < now:
-                logger.warning("job %s lost its worker (lease ran out)", job.id)
-                await self._requeue_or_fail(job)
+        active = await self._store.active_jobs(self.spec.id)
+        worked_on = {job.id for job in active if job.status == "in_progress" and live(job, now)}
+        ended = [job_id for job_id in self._adopted if job_id not in worked_on]
+        for job_id in ended:  # it finished, or its worker died too (re-queued below)
+            del self._adopted[job_id]
+        try:
+            for job in active:
+                if job.status == "queued" and overdue(job, now):
+                    await self._expire(job, self._queue.ticket(job.id))
+                elif self._holds(job.id):
+                    continue
+                elif job.status == "queued":
+                    await self.enqueue(job.account_id, job.id, job.priority_class)
+                elif job.id not in worked_on:
+                    logger.warning("job %s lost its worker (lease ran out)", job.id)
+                    await self._requeue_or_fail(job)
+                else:  # a worker renews its lease: its slot is taken until the job ends
+                    logger.info("job %s runs on a worker dispatched to before; adopted", job.id)
+                    self._adopted[job.id] = job.priority_class
+                    self._slots.acquire()
+        finally:  # freed once re-queued: a job that lost its worker goes first
+            for _ in ended:
+                self._slots.release()
 
     async def _reconcile_loop(self) -> None:
         while True:

@@ -6,6 +6,11 @@ times per second), stores the MP4, thumbnail and spritesheet in the artifact
 store and completes the job in the state store. Every write is fenced by the
 job's ``attempt``: a worker whose job was deleted, or taken back after its lease
 ran out, learns so at its next write and stops at the next denoising step.
+
+A video that is made is not thrown away because the file store is briefly down: its
+files are written again with backoff for up to ``store_retry_s`` (the lease is renewed
+meanwhile), and only then does the job fail (``storage_unavailable``, not charged).
+The job completes only once every file is stored.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from deployments.workers.runner import (
 from mediagate.jobs.video import VideoJobLifecycle
 from mediagate.protocol.catalog import ModelSpec
 from mediagate.protocol.clock import Clock, system_clock
+from mediagate.protocol.errors import StoreUnavailable
 from mediagate.protocol.work import VideoGeneration, VideoOutcome, VideoTask
 from mediagate.stores import JobStore, StateConfig, given_or_opened, open_state_store
 from mediagate.stores.artifacts import ArtifactConfig, ArtifactStore, open_artifact_store
@@ -119,6 +125,7 @@ class TextToVideo:
         torch_threads: int | None = None,
         progress_interval_s: float = 0.25,
         max_reference_pixels: int = 4096 * 4096,
+        store_retry_s: float = 120.0,
         clock: Clock = system_clock,
     ) -> None:
         self.spec = spec
@@ -129,6 +136,7 @@ class TextToVideo:
         self.artifacts = given_or_opened(artifact_store, artifacts, open_artifact_store, "artifact")
         self.progress_interval_s = progress_interval_s
         self.max_reference_pixels = max_reference_pixels
+        self.store_retry_s = store_retry_s
         self._clock = clock
         self.jobs = VideoJobLifecycle(self.store, clock=clock)
         self.pipeline = load_warm_pipeline(
@@ -199,16 +207,41 @@ class TextToVideo:
         )
         return to_uint8_frames(output.frames[0])
 
-    def _encode_and_store(self, frames: Any, fps: int) -> dict[str, str]:
+    def _encode_and_store(
+        self, frames: Any, fps: int, cancelled: threading.Event
+    ) -> dict[str, str]:
+        """Every file stored, or none (what was stored is deleted again)."""
+        files = {
+            "video": (encode_mp4(frames, fps), "mp4"),
+            "thumbnail": (encode_thumbnail(frames), "webp"),
+            "spritesheet": (encode_spritesheet(frames), "jpeg"),
+        }
         stored: dict[str, str] = {}
         try:
-            stored["video"] = self.artifacts.put(encode_mp4(frames, fps), "mp4", "vid")
-            stored["thumbnail"] = self.artifacts.put(encode_thumbnail(frames), "webp", "vid")
-            stored["spritesheet"] = self.artifacts.put(encode_spritesheet(frames), "jpeg", "vid")
+            for name, (data, extension) in files.items():
+                stored[name] = self._put_while_store_recovers(data, extension, cancelled)
         except BaseException:
             self._discard(stored)
             raise
         return stored
+
+    def _put_while_store_recovers(
+        self, data: bytes, extension: str, cancelled: threading.Event
+    ) -> str:
+        """Store one file, trying again with backoff while the store is unavailable
+        (up to ``store_retry_s``); stops if the job stops being ours meanwhile."""
+        give_up_at = time.monotonic() + self.store_retry_s
+        backoff_s = 0.5
+        while True:
+            try:
+                return self.artifacts.put(data, extension, "vid")
+            except StoreUnavailable:
+                if time.monotonic() + backoff_s > give_up_at:
+                    raise
+                logger.warning("file store unavailable; storing again in %.1fs", backoff_s)
+            if cancelled.wait(backoff_s):
+                raise JobCancelled("the job stopped being ours while its files waited")
+            backoff_s = min(2 * backoff_s, 5.0)
 
     def _discard(self, artifacts: dict[str, str]) -> None:
         for artifact_id in artifacts.values():
@@ -229,7 +262,9 @@ class TextToVideo:
             inference_s = time.perf_counter() - started
             if cancelled.is_set():
                 raise JobCancelled(task.job_id)
-            artifacts = await asyncio.to_thread(self._encode_and_store, frames, task.generation.fps)
+            artifacts = await asyncio.to_thread(
+                self._encode_and_store, frames, task.generation.fps, cancelled
+            )
         except JobCancelled:
             logger.info("job %s stopped after %d steps", task.job_id, reporter.steps_done)
             return VideoOutcome(
@@ -262,16 +297,21 @@ class TextToVideo:
         )
 
     async def _fail(self, task: VideoTask, error: Exception) -> None:
-        """A model-side failure is final for this job (re-running would fail the same way)."""
-        message = (
-            f"the input_reference image cannot be used: {error}"
-            if isinstance(error, ValueError) and task.generation.input_reference
-            else f"model {self.spec.id} failed to generate this video"
-        )
+        """A model-side failure is final for this job (re-running would fail the same way);
+        so is a file store that stayed down past ``store_retry_s``. Neither is charged."""
+        code = "generation_failed"
+        if isinstance(error, StoreUnavailable):
+            code = "storage_unavailable"
+            message = "the file store stayed unavailable for this video; please submit it again"
+        elif isinstance(error, ValueError) and task.generation.input_reference:
+            message = f"the input_reference image cannot be used: {error}"
+        else:
+            message = f"model {self.spec.id} failed to generate this video"
         await self.jobs.fail(
             task.account_id,
             task.job_id,
             task.attempt,
             message=message,
             content_ttl_s=task.content_ttl_s,
+            code=code,
         )

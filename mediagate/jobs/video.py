@@ -33,6 +33,11 @@ def overdue(job: VideoJobRecord, now: float) -> bool:
     return job.attempt == 0 and job.queue_deadline_at is not None and job.queue_deadline_at < now
 
 
+def live(job: VideoJobRecord, now: float) -> bool:
+    """Held by a worker that still renews its lease (or by a dispatch still on its way)."""
+    return job.lease_expires_at is not None and job.lease_expires_at >= now
+
+
 @dataclass(frozen=True)
 class RetryLimits:
     """When a job whose dispatch ended without an answer fails instead of running again."""

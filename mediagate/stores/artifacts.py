@@ -22,6 +22,8 @@ import re
 import secrets
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -189,22 +191,25 @@ class S3ArtifactStore:
         return f"{self.prefix}{artifact_id}"
 
     def put(self, data: bytes, extension: str, kind: ArtifactKind = "img") -> str:
+        """One PUT: S3 stores the whole object or nothing (never half a file)."""
         artifact_id = new_artifact_id(kind, extension)
-        self._s3.put_object(
-            Bucket=self.bucket,
-            Key=self._key(artifact_id),
-            Body=data,
-            ContentType=content_type(artifact_id),
-        )
+        with s3_unavailable_as_503(f"write {artifact_id}"):
+            self._s3.put_object(
+                Bucket=self.bucket,
+                Key=self._key(artifact_id),
+                Body=data,
+                ContentType=content_type(artifact_id),
+            )
         return artifact_id
 
     def read(self, artifact_id: str) -> bytes:
         check_artifact_id(artifact_id)
-        try:
-            response = self._s3.get_object(Bucket=self.bucket, Key=self._key(artifact_id))
-        except self._s3.exceptions.NoSuchKey:
-            raise NotFound(f"file {artifact_id} no longer exists", param="file_id") from None
-        return bytes(response["Body"].read())
+        with s3_unavailable_as_503(f"read {artifact_id}"):
+            try:
+                response = self._s3.get_object(Bucket=self.bucket, Key=self._key(artifact_id))
+            except self._s3.exceptions.NoSuchKey:
+                raise NotFound(f"file {artifact_id} no longer exists", param="file_id") from None
+            return bytes(response["Body"].read())
 
     def url(self, artifact_id: str, ttl_s: int, base_url: str) -> str:
         return str(
@@ -217,7 +222,8 @@ class S3ArtifactStore:
 
     def delete(self, artifact_id: str) -> None:
         check_artifact_id(artifact_id)
-        self._s3.delete_object(Bucket=self.bucket, Key=self._key(artifact_id))
+        with s3_unavailable_as_503(f"delete {artifact_id}"):
+            self._s3.delete_object(Bucket=self.bucket, Key=self._key(artifact_id))
 
     def delete_older_than(self, age_s: float, kind: ArtifactKind = "img") -> int:
         cutoff = self._clock() - age_s
@@ -235,6 +241,28 @@ class S3ArtifactStore:
         return removed
 
 
+@contextmanager
+def s3_unavailable_as_503(action: str) -> Iterator[None]:
+    """S3 that cannot be reached, times out or fails on its side is ours to answer for:
+    ``StoreUnavailable`` (503 with Retry-After), never a 500 and never the endpoint or
+    the provider's message in the answer (both are logged)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        yield
+    except (BotoCoreError, ClientError) as error:
+        logger.warning("S3 could not %s: %r", action, error)
+        raise StoreUnavailable(
+            "the file store is unavailable right now; please retry shortly", retry_after_s=5.0
+        ) from error
+
+
+# Bounded waits: botocore's defaults (60 s to connect, 60 s per read, retried) would hold
+# a request for minutes on an S3 endpoint that stopped answering.
+S3_CONNECT_TIMEOUT_S = 3.0
+S3_READ_TIMEOUT_S = 20.0
+
+
 def s3_client(*, endpoint_url: str | None = None, region: str | None = None) -> Any:
     import boto3
     from botocore.config import Config
@@ -243,7 +271,12 @@ def s3_client(*, endpoint_url: str | None = None, region: str | None = None) -> 
         "s3",
         endpoint_url=endpoint_url,
         region_name=region,
-        config=Config(retries={"max_attempts": 3, "mode": "standard"}, signature_version="s3v4"),
+        config=Config(
+            retries={"max_attempts": 3, "mode": "standard"},
+            signature_version="s3v4",
+            connect_timeout=S3_CONNECT_TIMEOUT_S,
+            read_timeout=S3_READ_TIMEOUT_S,
+        ),
     )
 
 

@@ -230,3 +230,34 @@ def test_backends_follow_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_pa
     assert (state.backend, state.redis_url) == ("redis", "redis://cache:6379/1")
     assert (artifacts.backend, artifacts.s3_bucket) == ("s3", "media")
     assert artifacts.s3_endpoint_url == "http://minio:9000"
+
+
+def test_an_unreachable_s3_is_a_503_that_names_no_endpoint(s3_endpoint: str) -> None:
+    """A bucket that exists on a store that stopped answering (a port nothing listens
+    on): every call is ``StoreUnavailable`` with Retry-After, within the bounded
+    connect timeout, and the answer names neither the endpoint nor the bucket;
+    a missing object on a working store is still a 404."""
+    from mediagate.protocol.errors import StoreUnavailable
+    from tests.servers import free_port
+
+    bucket = make_bucket(s3_endpoint)
+    working = open_artifact_store(
+        ArtifactConfig(backend="s3", s3_bucket=bucket, s3_endpoint_url=s3_endpoint)
+    )
+    with pytest.raises(NotFound):
+        working.read("img_" + "0" * 32 + ".png")
+    stopped = f"http://127.0.0.1:{free_port()}"
+    down = open_artifact_store(
+        ArtifactConfig(backend="s3", s3_bucket=bucket, s3_endpoint_url=stopped)
+    )
+    started = time.monotonic()
+    for call in (
+        lambda: down.put(b"png", "png", "img"),
+        lambda: down.read("img_" + "0" * 32 + ".png"),
+        lambda: down.delete("img_" + "0" * 32 + ".png"),
+    ):
+        with pytest.raises(StoreUnavailable) as refused:
+            call()
+        assert refused.value.retry_after_s and refused.value.status == 503
+        assert stopped not in refused.value.message and bucket not in refused.value.message
+    assert time.monotonic() - started < 30

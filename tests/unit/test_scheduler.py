@@ -139,7 +139,7 @@ async def test_caller_that_goes_away_leaves_the_queue() -> None:
 
 
 class DyingWorker(FakeImageWorker):
-    """Holds each batch until released, then fails it as a dead replica's call does."""
+    """Holds each batch until released, then fails it as a broken model does."""
 
     async def _generate(self, jobs: list[ImageJob]) -> list[ImageResult]:
         await super()._generate(jobs)
@@ -170,6 +170,54 @@ async def test_worker_failure_reaches_every_caller_of_the_batch() -> None:
         ["bob", "carol", "dave"],
     ]
     assert all(isinstance(outcome, GenerationFailed) for outcome in outcomes), outcomes
+    await scheduler.shutdown()
+
+
+class LostWorker(FakeImageWorker):
+    """Its first ``deaths`` batches end as a call to a replica that died under them
+    does (Ray's ``ActorDiedError``); later ones are served."""
+
+    def __init__(self, deaths: int) -> None:
+        super().__init__()
+        self.deaths = deaths
+        self.release.set()
+
+    async def _generate(self, jobs: list[ImageJob]) -> list[ImageResult]:
+        from ray.exceptions import ActorDiedError
+
+        results = await super()._generate(jobs)
+        if self.deaths:
+            self.deaths -= 1
+            raise ActorDiedError()
+        return results
+
+
+async def test_a_batch_whose_worker_died_runs_again_first_in_line() -> None:
+    worker = LostWorker(deaths=1)
+    scheduler = Scheduler(LocalHandle(worker), SPEC, count_replicas=count_one)
+    scheduler.reconfigure({"batching": {"max_batch_size": 1}})
+    results = await asyncio.wait_for(
+        asyncio.gather(*(scheduler.submit(job(name)) for name in ("a", "b"))), timeout=30
+    )
+    assert [result.request_id for result in results] == ["a", "b"]
+    assert [[j.request_id for j in batch] for batch in worker.batches] == [["a"], ["a"], ["b"]]
+    stats = scheduler.stats()
+    assert stats["worker_lost"] == 1
+    assert not any(key.startswith("preempted") for key in stats)
+    await scheduler.shutdown()
+
+
+async def test_a_request_whose_worker_died_twice_gets_a_503_to_retry() -> None:
+    """A request that kills every worker it reaches must not go on killing them."""
+    from mediagate.protocol.errors import ModelUnavailable
+
+    worker = LostWorker(deaths=2)
+    scheduler = Scheduler(LocalHandle(worker), SPEC, count_replicas=count_one)
+    with pytest.raises(ModelUnavailable) as refused:
+        await asyncio.wait_for(scheduler.submit(job("a")), timeout=30)
+    assert refused.value.status == 503 and refused.value.retry_after_s == 2
+    assert len(worker.batches) == 2
+    assert (await scheduler.submit(job("b"))).request_id == "b"  # the next one is served
     await scheduler.shutdown()
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from deployments.workers.text_to_video import TextToVideo
+from mediagate.protocol.errors import StoreUnavailable
 from mediagate.protocol.work import VideoGeneration, VideoTask
 from mediagate.stores import VideoJobRecord
 from mediagate.stores.artifacts import LocalArtifactStore
@@ -253,3 +254,55 @@ async def test_the_worker_marks_when_it_took_the_job_up(tmp_path: Path, model_ca
     await rig.worker.run(task)
     job = await rig.job("video_1")
     assert job is not None and job.worker_started_at is not None
+
+
+class FlakyFiles(LocalArtifactStore):
+    """Local files whose store goes down after ``good_puts`` writes: the next
+    ``failing_puts`` writes fail (all later ones if ``None``), then it is back."""
+
+    def __init__(self, root: Path, *, good_puts: int = 0, failing_puts: int | None) -> None:
+        super().__init__(root, b"k" * 32)
+        self.good_puts = good_puts
+        self.failing_puts = failing_puts
+        self.failed_puts = 0
+
+    def put(self, data: bytes, extension: str, kind: Any = "img") -> str:
+        down = self.good_puts == 0 and (self.failing_puts is None or self.failing_puts > 0)
+        if not down:
+            self.good_puts = max(0, self.good_puts - 1)
+            return super().put(data, extension, kind)
+        self.failed_puts += 1
+        if self.failing_puts is not None:
+            self.failing_puts -= 1
+        raise StoreUnavailable("the file store is unavailable right now")
+
+
+async def test_a_made_video_waits_for_the_file_store_to_come_back(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    """The store fails three writes in a row: the worker writes again with backoff, and
+    the job completes with all three files once the store answers."""
+    files = FlakyFiles(tmp_path / "files", failing_puts=3)
+    rig = Rig(tmp_path, model_cache, artifacts=files, store_retry_s=30)
+    outcome = await rig.worker.run(await rig.dispatch("video_1", num_frames=5))
+    assert outcome.status == "completed" and files.failed_puts == 3
+    job = await rig.job("video_1")
+    assert job is not None and job.status == "completed"
+    assert sorted(job.artifacts) == ["spritesheet", "thumbnail", "video"]
+    assert all(files.read(artifact) for artifact in job.artifacts.values())
+
+
+async def test_a_file_store_that_stays_down_fails_the_job_and_leaves_no_files(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    """The video's MP4 is stored, then the store goes down for good: past store_retry_s
+    the job fails (``storage_unavailable``) and the MP4 already stored is deleted again."""
+    files = FlakyFiles(tmp_path / "files", good_puts=1, failing_puts=None)
+    rig = Rig(tmp_path, model_cache, artifacts=files, store_retry_s=1.2)
+    outcome = await rig.worker.run(await rig.dispatch("video_1", num_frames=5))
+    assert outcome.status == "failed" and files.failed_puts >= 2
+    job = await rig.job("video_1")
+    assert job is not None and job.status == "failed" and job.artifacts == {}
+    assert job.error_code == "storage_unavailable"
+    assert "file store" in (job.error_message or "")
+    assert [path.name for path in (tmp_path / "files").iterdir()] == []

@@ -190,9 +190,9 @@ async def test_a_lost_worker_reruns_the_job_once_then_fails_it(rig: Rig) -> None
     assert rig.scheduler.counts["lost"] == 2 and rig.scheduler.counts["requeued"] == 1
 
 
-async def test_reconcile_recovers_queued_and_expired_jobs(rig: Rig) -> None:
-    """What a restarted scheduler finds in the store: queued jobs it never heard of, and a
-    job left in progress by a worker that died with the previous scheduler."""
+async def orphan_and_queued(rig: Rig) -> None:
+    """What a restarted scheduler finds in the store: a job queued that it never heard
+    of, and one in progress on a worker a scheduler before it dispatched to."""
     await rig.add(
         "video_orphan",
         status="in_progress",
@@ -203,20 +203,42 @@ async def test_reconcile_recovers_queued_and_expired_jobs(rig: Rig) -> None:
     )
     await rig.add("video_queued", enqueue=False)
     await rig.add("video_done", status="completed", enqueue=False)
+    await rig.scheduler.reconcile()
 
+
+async def test_a_restarted_scheduler_leaves_the_slot_to_a_job_still_running(rig: Rig) -> None:
+    """The orphan's worker renews its lease: the job holds the only slot (a job sent to
+    that busy replica would wait there unstarted while its own lease ran out). When it
+    ends, the queued job runs."""
+    await orphan_and_queued(rig)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert rig.worker.running() == [] and rig.scheduler.position("video_queued") == 1
+    assert rig.scheduler.stats()["running"] == ["video_orphan"]
+    await rig.store.update_job(
+        "acct",
+        "video_orphan",
+        expect_status=("in_progress",),
+        expect_attempt=1,
+        changes={"status": "completed", "lease_expires_at": None, "completed_at": rig.clock()},
+    )
     await rig.scheduler.reconcile()
     await rig.worker.wait_running(1)
-    assert rig.worker.running() == ["video_queued"]  # the orphan's lease has not run out yet
-    assert (await rig.job("video_orphan")).status == "in_progress"
+    assert rig.worker.running() == ["video_queued"]
+    assert rig.scheduler.stats()["running"] == ["video_queued"]
 
+
+async def test_a_restarted_scheduler_reruns_a_job_whose_worker_died_too(rig: Rig) -> None:
+    """The orphan's lease runs out (its worker died with the old scheduler): it goes back
+    first in line, ahead of the job queued after it, and runs as a second attempt."""
+    await orphan_and_queued(rig)
     rig.clock.advance(10)
     await rig.scheduler.reconcile()
-    orphan = await rig.job("video_orphan")
-    assert orphan.status == "queued" and rig.scheduler.position("video_orphan") == 1
-    rig.worker.finish("video_queued")
     await rig.worker.wait_running(1)
     assert rig.worker.running() == ["video_orphan"]
-    assert (await rig.job("video_orphan")).attempt == 2
+    orphan = await rig.job("video_orphan")
+    assert orphan.status == "in_progress" and orphan.attempt == 2
+    assert rig.scheduler.position("video_queued") == 1
 
 
 async def test_an_expired_job_out_of_attempts_fails(rig: Rig) -> None:
