@@ -52,6 +52,7 @@ from typing import Any
 import httpx
 import yaml
 from benchmarking import (
+    actor_pids,
     add_ingress_argument,
     percentile,
     start_local_serve,
@@ -166,20 +167,6 @@ async def capacity(client: httpx.AsyncClient, key: str, seconds: float) -> float
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(4)))
     return sum(o.status == 200 for o in sink) / (time.perf_counter() - started)
-
-
-def actor_pids(app: str) -> dict[str, int]:
-    import ray
-
-    pids: dict[str, int] = {}
-    for actor in ray.util.list_named_actors(all_namespaces=True):
-        for name in ("Router", "Scheduler-sim"):
-            if f"{app}#{name}#" in actor["name"]:
-                # Ray types attributes of a handle without `@ray.method` (even the built-in
-                # `__ray_call__`) as `Never`: hold it untyped.
-                handle: Any = ray.get_actor(actor["name"], namespace=actor["namespace"])
-                pids[name] = ray.get(handle.__ray_call__.remote(lambda self: os.getpid()))
-    return pids
 
 
 def process_name(process: Any) -> str:
@@ -301,7 +288,8 @@ async def run(
         await open_loop(client, [pro_key], "pro", 0.3 * c, unloaded_s, unloaded)
         memory: list[dict[str, float]] = []
         cpu: list[dict[str, float]] = []
-        sampler = asyncio.create_task(sample_processes(actor_pids("mediagate"), 1.0, memory, cpu))
+        watched = actor_pids("mediagate", ["Router", "Scheduler-sim"])
+        sampler = asyncio.create_task(sample_processes(watched, 1.0, memory, cpu))
         overload: list[Outcome] = []
         started = time.perf_counter()
         await asyncio.gather(

@@ -86,3 +86,21 @@ def start_local_serve(home: Path, ingress: Ingress) -> int:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     return port
+
+
+def actor_pids(app: str, deployments: list[str]) -> dict[str, int]:
+    """The process id of one live replica of each of ``deployments`` in ``app``."""
+    import os
+    from typing import Any
+
+    import ray
+
+    pids: dict[str, int] = {}
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        for name in deployments:
+            if f"{app}#{name}#" in actor["name"]:
+                # Ray types attributes of a handle without `@ray.method` (even the built-in
+                # `__ray_call__`) as `Never`: hold it untyped.
+                handle: Any = ray.get_actor(actor["name"], namespace=actor["namespace"])
+                pids[name] = ray.get(handle.__ray_call__.remote(lambda self: os.getpid()))
+    return pids

@@ -5,7 +5,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.servers import MOTO_CREDENTIALS, moto_s3_server, redis_server
+from tests.servers import MOTO_CREDENTIALS, free_port, moto_s3_server, redis_server
 
 # The developer's own mediagate settings (MEDIAGATE_REDIS_URL, MEDIAGATE_S3_*,
 # MEDIAGATE_HOME, MEDIAGATE_TIERS_FILE, ...) must not reach the tests: the test apps
@@ -42,3 +42,23 @@ def s3_endpoint() -> Iterator[str]:
     """moto's S3 server on a free port for the whole session; AWS credentials are fakes."""
     with moto_s3_server() as server:
         yield server.endpoint_url
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    import ray
+    from ray import serve
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def serve_port(ray_session: None) -> int:
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return port

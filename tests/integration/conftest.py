@@ -1,4 +1,6 @@
-"""One local Ray instance for the whole test session, and the mediagate apps deployed on it.
+"""The mediagate apps deployed on the test session's one local Ray instance (its
+``ray_session`` and ``serve_port`` fixtures are in tests/conftest.py, shared with
+tests/chaos).
 
 - ``service``: the image model on the embedded default (SQLite, local files).
 - ``video_service``: the video model, once per backend pair (SQLite + files, then
@@ -73,26 +75,6 @@ class RunningService:
     other_key: str = ""
     state: StateConfig | None = field(default=None, repr=False)
     artifacts: ArtifactConfig | None = field(default=None, repr=False)
-
-
-@pytest.fixture(scope="session")
-def ray_session() -> Iterator[None]:
-    import ray
-    from ray import serve
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    serve.shutdown()
-    ray.shutdown()
-
-
-@pytest.fixture(scope="session")
-def serve_port(ray_session: None) -> int:
-    from ray import serve
-
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    return port
 
 
 def _keys(state: StateConfig) -> tuple[str, str]:

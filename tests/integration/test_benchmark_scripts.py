@@ -68,3 +68,21 @@ def test_bench_hops_runs() -> None:
     trips = result["handle_round_trips_p50_ms"]
     assert trips["1_hop"] > 0 and trips["2_hops"] > 0, result
     assert result["floor_two_hops_p50_ms"] > result["ingress_p50_ms"] > 0, result
+
+
+@pytest.mark.own_ray_cluster
+def test_soak_runs() -> None:
+    result = run_smoke("soak.py")
+    assert result["server_errors"] == {}, result
+    requests = result["requests"]
+    for kind in ("image 200", "image 429", "bad 400", "bad 401", "video 200", "download 200"):
+        assert requests.get(kind, 0) > 0, (kind, requests)
+    assert set(result["rss_growth_last_window_pct"]) == {
+        "Router",
+        "Scheduler-tiny-sd",
+        "Scheduler-tiny-wan",
+        "TextToImage-tiny-sd",
+        "TextToVideo-tiny-wan",
+    }, result
+    assert result["state_rows_or_keys"]["end"] > 0 and result["artifact_files"]["max"] > 0
+    assert result["pro_p99_first_ms"] > 0 and result["replicas_restarted"] == [], result
