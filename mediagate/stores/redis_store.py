@@ -133,7 +133,12 @@ class RedisStateStore:
                 tx.zadd(account_jobs_key(job.account_id), {job.id: job.created_at})
                 created, _ = await tx.execute()
             if not created:
-                raise ValueError(f"job {job.id} already exists")
+                # redis-py sends a transaction again on a fresh connection when the first
+                # broke, and an EXEC that landed before its answer was lost is then refused
+                # (NX): finding exactly this record means it was ours.
+                stored = await self._redis.get(job_key(job.account_id, job.id))
+                if stored is None or VideoJobRecord.model_validate_json(stored) != job:
+                    raise ValueError(f"job {job.id} already exists")
 
         await self._call(create)
 

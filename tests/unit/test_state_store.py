@@ -41,7 +41,24 @@ async def test_create_get_and_ownership(store: JobStore) -> None:
     assert await store.get_job("acct-b", "video_1") is None
     assert await store.get_job("acct-a", "video_2") is None
     with pytest.raises(Exception):  # noqa: B017 - each backend raises its own duplicate error
-        await store.create_job(job("video_1"))
+        await store.create_job(job("video_1", prompt="another job with the same id"))
+
+
+async def test_a_resent_create_of_the_same_job_is_taken_as_done(redis_url: str) -> None:
+    """redis-py sends a MULTI/EXEC again when the connection broke under it; if the first
+    EXEC landed (its answer lost), the resend meets the job it wrote itself."""
+    from mediagate.stores.redis_store import RedisStateStore
+
+    store = RedisStateStore(redis_url)
+    try:
+        record = job("video_resent")
+        await store.create_job(record)
+        await store.create_job(record)  # the resend: the very same record
+        assert await store.get_job("acct-a", "video_resent") == record
+        listed, _ = await store.list_jobs("acct-a", after=None, limit=100, order="asc")
+        assert [listed_job.id for listed_job in listed].count("video_resent") == 1
+    finally:
+        await store.close()
 
 
 async def test_list_pages_in_both_orders(store: JobStore) -> None:
