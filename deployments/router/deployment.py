@@ -89,7 +89,7 @@ class Router:
         return dict(self.gateway.guard.counters)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return create_api(self.gateway, background=[self._sweep, self.gateway.follow_load])
+        return create_api(self.gateway, background=[self._sweep, self.gateway.images.follow_load])
 
     async def _sweep(self) -> None:
         """Delete image files whose URLs have expired (with a minute's grace), the files

@@ -424,8 +424,8 @@ def test_router_refuses_early_from_published_load_without_a_reservation(tmp_path
 
     async def follow_once() -> None:
         """Run the router's follower until it has read the load once."""
-        follower = asyncio.create_task(service.gateway.follow_load())
-        while "tiny-sd" not in service.gateway._published_load:
+        follower = asyncio.create_task(service.gateway.images.follow_load())
+        while "tiny-sd" not in service.gateway.images._published_load:
             assert not follower.done(), follower
             await asyncio.sleep(0.01)
         follower.cancel()
@@ -475,11 +475,11 @@ def test_one_stuck_scheduler_does_not_delay_the_others_load(tmp_path: Any) -> No
 
     async def reads_of_the_healthy_scheduler() -> int:
         reads = 0
-        follower = asyncio.create_task(service.gateway.follow_load())
+        follower = asyncio.create_task(service.gateway.images.follow_load())
         deadline = asyncio.get_running_loop().time() + 1.0  # half the stuck one's timeout
         last = None
         while asyncio.get_running_loop().time() < deadline:
-            seen = service.gateway._published_load.get("tiny-sd")
+            seen = service.gateway.images._published_load.get("tiny-sd")
             if seen is not None and seen is not last:
                 reads, last = reads + 1, seen
             await asyncio.sleep(0.005)
@@ -487,7 +487,7 @@ def test_one_stuck_scheduler_does_not_delay_the_others_load(tmp_path: Any) -> No
         return reads
 
     assert asyncio.run(reads_of_the_healthy_scheduler()) >= 1
-    assert "tiny-sd-stuck" not in service.gateway._published_load
+    assert "tiny-sd-stuck" not in service.gateway.images._published_load
 
 
 async def test_published_load_reproduces_the_schedulers_queue_position() -> None:

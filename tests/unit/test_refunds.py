@@ -34,7 +34,7 @@ async def test_a_caller_who_leaves_pays_only_if_its_work_started(
     account = service.accounts.get_account("alice")
     assert account is not None
     request = asyncio.create_task(
-        service.gateway.generate_images(
+        service.gateway.images.generate(
             account,
             ImageGenerationRequest(prompt="a cat"),
             request_id="req-1",

@@ -41,7 +41,7 @@ async def generate_images(request: Request, gateway: GatewayDep) -> JSONResponse
     body = ImageGenerationRequest.model_validate_json(raw)
 
     async def produce() -> tuple[JSONResponse, str | None]:
-        response, headers = await gateway.generate_images(
+        response, headers = await gateway.images.generate(
             account,
             body,
             request_id=request.state.request_id,

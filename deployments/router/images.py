@@ -1,0 +1,292 @@
+"""Image requests as the router handles them, generations and edits alike.
+
+A request is resolved into an ``ImageJob`` against its model and tier; refused at once
+when the model's scheduler (by the load it last published) would refuse it; admitted
+by the quota guard; handed to the scheduler; and its images encoded and inlined or
+stored. The quota is settled by what was done: charged for images delivered, or for
+work that had started when its caller left; given back otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from deployments.router.settings import RouterSettings
+from deployments.scheduler.admission import count_forwarded, shed_on_published_load
+from mediagate.access.accounts import Account
+from mediagate.access.guard import TierGuard, rate_limit_headers
+from mediagate.access.tiers import TierPolicy, check_image_caps
+from mediagate.protocol.catalog import ModelSpec, Task
+from mediagate.protocol.clock import Clock
+from mediagate.protocol.errors import MediagateError, ModelUnavailable, Overloaded, unwrap
+from mediagate.protocol.images import ImageData, ImageGenerationRequest, ImagesResponse
+from mediagate.protocol.media import ImageFormat
+from mediagate.protocol.scheduling import PublishedLoad
+from mediagate.protocol.timing import SERVER_TIMING_HEADER, server_timing
+from mediagate.protocol.work import ImageJob, ImageResult, draw_seed
+from mediagate.stores.artifacts import ArtifactStore
+from models.encoding import encode_raw_image
+
+logger = logging.getLogger(__name__)
+
+WORKER_HEADER = "x-mediagate-worker"  # the worker replica that made the images
+
+
+class ImageRouter(Protocol):
+    """What image requests need from the router (``Gateway`` provides it; no import of
+    it, so no cycle)."""
+
+    settings: RouterSettings
+    artifacts: ArtifactStore
+    guard: TierGuard
+    schedulers: dict[str, Any]
+    clock: Clock
+
+    @property
+    def policy(self) -> TierPolicy: ...
+
+    def check_prompt(self, prompt: str) -> None: ...
+
+    def served_models(self) -> list[ModelSpec]: ...
+
+    def task_model(self, model_id: str | None, task: Task) -> ModelSpec: ...
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """How the answer's images are handed out: encoding, and inline or by URL."""
+
+    response_format: str  # "b64_json" or "url"
+    output_format: ImageFormat
+    output_compression: int | None
+    base_url: str  # for URLs of local files
+
+
+class ImageRequests:
+    """Generations (and edits) of one router replica, with its copy of every image
+    scheduler's published load."""
+
+    def __init__(self, gateway: ImageRouter) -> None:
+        self.gateway = gateway
+        # Per image model: the load its scheduler last published, and when it arrived.
+        self._published_load: dict[str, tuple[PublishedLoad, float]] = {}
+        self._load_reads: dict[str, asyncio.Task[None]] = {}  # refreshes under way
+        self.shed_by_router: Counter[str] = Counter()  # per tier, this replica only
+
+    async def generate(
+        self,
+        account: Account,
+        body: ImageGenerationRequest,
+        *,
+        request_id: str,
+        base_url: str,
+        decided: Callable[[], None] = lambda: None,
+        received: float | None = None,
+    ) -> tuple[ImagesResponse, dict[str, str]]:
+        """``POST /v1/images/generations``: check, refuse early or reserve, generate,
+        then commit (or release on any failure). ``decided`` is called once the request
+        is refused or goes on; ``received`` (``time.perf_counter()`` when the body was
+        read) starts the ``Server-Timing`` of the answer."""
+        received = time.perf_counter() if received is None else received
+        try:
+            self.gateway.check_prompt(body.prompt)
+            spec = self.gateway.task_model(body.model, "text-to-image")
+            job = self.job_for(
+                account,
+                spec,
+                request_id=request_id,
+                seed=body.seed,
+                output_format=body.output_format,
+                output_compression=body.output_compression,
+                **body.to_pipeline_kwargs(spec),
+            )
+        finally:
+            decided()
+        delivery = Delivery(
+            body.response_format, body.output_format, body.output_compression, base_url
+        )
+        return await self.run(account, spec, job, delivery, quality=body.quality, received=received)
+
+    def job_for(
+        self, account: Account, spec: ModelSpec, *, seed: int | None, **fields: Any
+    ) -> ImageJob:
+        """The job of a resolved request, with its tier's terms; refused here when the
+        tier's caps or the scheduler's published load say no (nothing reserved yet)."""
+        tier = self.gateway.policy.tier(account.tier)
+        job = ImageJob(
+            seed=draw_seed(seed),
+            account_id=account.id,
+            priority_class=tier.priority_class,
+            max_wait_s=tier.max_queue_wait_s,
+            max_queued=tier.max_queued,
+            **fields,
+        )
+        check_image_caps(
+            account.tier,
+            tier,
+            n=job.images,
+            width=job.width,
+            height=job.height,
+            steps=job.num_inference_steps,
+        )
+        self.refuse_if_overloaded(spec.id, job, account.tier)
+        return job
+
+    async def run(
+        self,
+        account: Account,
+        spec: ModelSpec,
+        job: ImageJob,
+        delivery: Delivery,
+        *,
+        quality: str,
+        received: float,
+        before_submit: Callable[[], Any] | None = None,
+    ) -> tuple[ImagesResponse, dict[str, str]]:
+        """Reserve the job's images, run it, deliver the images and settle the quota.
+        ``before_submit`` (awaited once the quota is reserved, before the hop) may still
+        refuse the request: it is then not charged."""
+        admission = await self.gateway.guard.admit(account, kind="image", units=job.images)
+        delivered = spent = False
+        try:
+            if before_submit is not None:
+                job = await before_submit()
+            forwarded = time.perf_counter()
+            try:
+                result: ImageResult = await self.gateway.schedulers[spec.id].submit.remote(job)
+            except asyncio.CancelledError:  # the caller went away
+                spent = await self._started_before_leaving(spec.id, account.id, job.request_id)
+                raise
+            except Exception as error:
+                if isinstance(unwrap(error), MediagateError):
+                    raise unwrap(error) from None
+                logger.error("scheduler of %s unreachable: %r", spec.id, error)
+                raise ModelUnavailable(
+                    f"model {spec.id} is restarting; please retry shortly", retry_after_s=2
+                ) from error
+            answered = time.perf_counter()
+            self._refresh_load_now(spec.id)  # a slot just freed: the copy overstates
+            try:
+                data, encode_ms = await asyncio.to_thread(self._deliver, result, delivery)
+            except asyncio.CancelledError:  # left while its images were encoded: work done
+                spent = True
+                raise
+            delivered = True  # (a failure to encode or store them is ours: not charged)
+        finally:  # failures, shedding and callers who left before their work began
+            await self.gateway.guard.settle(admission, charge=delivered or spent)
+        response = ImagesResponse(
+            created=int(self.gateway.clock()),
+            data=data,
+            output_format=delivery.output_format,
+            size=f"{job.width}x{job.height}",
+            quality=quality,
+        )
+        headers = rate_limit_headers(admission.usage)
+        if result.worker:
+            headers[WORKER_HEADER] = result.worker
+        scheduler_ms = sum(
+            result.timings_ms.get(stage, 0.0) for stage in ("queue", "dispatch", "pipeline")
+        )
+        headers[SERVER_TIMING_HEADER] = server_timing(
+            {
+                **result.timings_ms,
+                "router": (forwarded - received) * 1000,
+                "to_scheduler": max(0.0, (answered - forwarded) * 1000 - scheduler_ms),
+                "encode": encode_ms,
+                "respond": max(0.0, (time.perf_counter() - answered) * 1000 - encode_ms),
+            }
+        )
+        return response, headers
+
+    def refuse_if_overloaded(self, model_id: str, job: ImageJob, tier_name: str) -> None:
+        """Refuse here, before any quota write or hop, what the scheduler would refuse:
+        its decision, from the load it last published, updated for the requests this
+        router forwarded since."""
+        published = self._published_load.get(model_id)
+        if published is None:
+            return
+        load, received_at = published
+        try:
+            shed_on_published_load(
+                load,
+                priority_class=job.priority_class,
+                batch_key=job.batch_key,
+                account_id=job.account_id,
+                max_wait_s=job.max_wait_s,
+                max_queued=job.max_queued,
+                age_s=self.gateway.clock() - received_at,
+                max_age_s=self.gateway.settings.load_max_age_s,
+            )
+        except Overloaded:
+            self.shed_by_router[tier_name] += 1
+            raise
+        count_forwarded(load, priority_class=job.priority_class, account_id=job.account_id)
+
+    async def _started_before_leaving(
+        self, model_id: str, account_id: str, request_id: str
+    ) -> bool:
+        """Whether a request whose caller left had already started running: its quota is
+        spent then (a loop of request-and-disconnect must not burn GPU time for free)."""
+        try:
+            withdrawal = self.gateway.schedulers[model_id].withdraw.remote(account_id, request_id)
+            return bool(await asyncio.wait_for(withdrawal, 2))
+        except Exception as error:  # the scheduler is gone: its work is lost, not charged
+            logger.warning("could not withdraw %s: %r", request_id, error)
+            return False
+
+    async def follow_load(self) -> None:
+        """Keep a fresh copy of every image scheduler's published load (runs for the
+        router's lifetime); a scheduler that does not answer is simply not used."""
+        while True:
+            served = self.gateway.served_models()
+            image_models = [spec.id for spec in served if spec.task == "text-to-image"]
+            # all at once: one slow scheduler must not delay the others' fresh loads
+            await asyncio.gather(*(self._read_load(model_id) for model_id in image_models))
+            await asyncio.sleep(self.gateway.settings.load_refresh_s)
+
+    def _refresh_load_now(self, model_id: str) -> None:
+        """Read ``model_id``'s load now rather than at the next refresh (one read at a
+        time per model): the copy counts what this router forwarded but not what was
+        answered since, and right after an answer it would refuse work a free slot
+        could take."""
+        if model_id in self._published_load and model_id not in self._load_reads:
+            read = asyncio.create_task(self._read_load(model_id))
+            self._load_reads[model_id] = read
+            read.add_done_callback(lambda _: self._load_reads.pop(model_id, None))
+
+    async def _read_load(self, model_id: str) -> None:
+        scheduler = self.gateway.schedulers[model_id]
+        try:
+            load = await asyncio.wait_for(scheduler.published_load.remote(), 2)
+        except Exception as error:
+            logger.debug("no load from %s: %r", model_id, error)
+        else:
+            self._published_load[model_id] = (load, self.gateway.clock())
+
+    def _deliver(self, result: ImageResult, delivery: Delivery) -> tuple[list[ImageData], float]:
+        """Encode the worker's pixels as asked, then store them (URLs) or inline them
+        (base64); runs in a thread, off the event loop. Returns the encoding time too."""
+        started = time.perf_counter()
+        encoded = [
+            encode_raw_image(raw, delivery.output_format, delivery.output_compression)
+            for raw in result.images
+        ]
+        encode_ms = (time.perf_counter() - started) * 1000
+        if delivery.response_format == "b64_json":
+            data = [ImageData(b64_json=base64.b64encode(image).decode()) for image in encoded]
+        else:
+            data = [self._stored(image, delivery) for image in encoded]
+        return data, encode_ms
+
+    def _stored(self, image: bytes, delivery: Delivery) -> ImageData:
+        artifacts = self.gateway.artifacts
+        artifact_id = artifacts.put(image, delivery.output_format, "img")
+        ttl_s = self.gateway.settings.url_ttl_s
+        return ImageData(url=artifacts.url(artifact_id, ttl_s, delivery.base_url))
