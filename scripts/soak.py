@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import functools
 import gc
 import json
 import shutil
@@ -33,6 +35,7 @@ import subprocess
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,10 +64,23 @@ class Soak:
     def running(self) -> bool:
         return time.monotonic() - self.started < self.seconds
 
+    async def resilient(self, caller: Callable[[], Awaitable[None]]) -> None:
+        """Run ``caller`` to the end of the soak: a transport failure (a timeout, a
+        reset) is counted and the caller starts again."""
+        while self.running():
+            try:
+                await caller()
+            except httpx.HTTPError as error:
+                self.statuses[(f"transport {type(error).__name__}", 0)] += 1
+                await asyncio.sleep(1)
+
     def auth(self, account: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.keys[account]}"}
 
-    async def image(self, http: httpx.AsyncClient, account: str, **body: Any) -> httpx.Response:
+    async def image(
+        self, http: httpx.AsyncClient, account: str, *, timed: bool = False, **body: Any
+    ) -> httpx.Response:
+        """One generation; ``timed`` ones (the pro callers') make the p99 figures."""
         headers = self.auth(account) | body.pop("headers", {})
         sent = time.monotonic()
         response = await http.post(
@@ -73,13 +89,13 @@ class Soak:
             headers=headers,
         )
         self.statuses[("image", response.status_code)] += 1
-        if account.startswith("pro") and response.status_code == 200:
+        if timed and response.status_code == 200:
             self.pro_latencies.append((sent - self.started, time.monotonic() - sent))
         return response
 
     async def pro_caller(self, http: httpx.AsyncClient, account: str, fmt: str) -> None:
         while self.running():
-            response = await self.image(http, account, response_format=fmt)
+            response = await self.image(http, account, timed=True, response_format=fmt)
             if response.status_code == 200 and fmt == "url":
                 download = await http.get(response.json()["data"][0]["url"])
                 self.statuses[("download", download.status_code)] += 1
@@ -162,7 +178,7 @@ def state_size(home: Path, redis_port: int | None) -> int:
         import redis
 
         return int(redis.Redis(port=redis_port).dbsize())
-    with sqlite3.connect(f"file:{home / 'state.db'}?mode=ro", uri=True) as db:
+    with contextlib.closing(sqlite3.connect(f"file:{home / 'state.db'}?mode=ro", uri=True)) as db:
         return sum(
             db.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
             for table in ("video_jobs", "account_docs")
@@ -187,15 +203,24 @@ async def run(soak: Soak, home: Path, redis_port: int | None, sample_s: float) -
 
     async def sampler() -> None:
         while True:
-            await asyncio.to_thread(take_sample, soak, home, redis_port, pids)
+            try:
+                await asyncio.to_thread(take_sample, soak, home, redis_port, pids)
+            except Exception as error:  # counted: a summary of too few samples says so
+                soak.statuses[(f"sample failed: {error!r}"[:80], -1)] += 1
             await asyncio.sleep(sample_s)
 
     async with httpx.AsyncClient(base_url=soak.base_url, timeout=120) as http:
         sampling = asyncio.create_task(sampler())
-        callers = [soak.pro_caller(http, f"pro-{n}", "b64_json") for n in range(PRO_ACCOUNTS)]
-        callers += [soak.pro_caller(http, "pro-urls", "url")]
-        callers += [soak.free_users(http), soak.bad_requests(http), soak.replays(http)]
-        await asyncio.gather(*callers, soak.videos(http))
+        callers: list[Callable[[], Awaitable[None]]] = [
+            functools.partial(soak.pro_caller, http, f"pro-{n}", "b64_json")
+            for n in range(PRO_ACCOUNTS)
+        ]
+        callers += [functools.partial(soak.pro_caller, http, "pro-urls", "url")]
+        callers += [
+            functools.partial(caller, http)
+            for caller in (soak.free_users, soak.bad_requests, soak.replays, soak.videos)
+        ]
+        await asyncio.gather(*(soak.resilient(caller) for caller in callers))
         sampling.cancel()
     take_sample(soak, home, redis_port, pids)  # the end of the run closes the table
 
@@ -218,7 +243,7 @@ def summarize(soak: Soak, minutes: float) -> dict[str, Any]:
     window_s = min(20 * 60, soak.seconds * 2 / 3)  # "the last 20 minutes"
     edge_s = min(5 * 60, soak.seconds / 4)  # "the first / last 5 minutes"
     late = [s for s in soak.samples if s["at_s"] >= soak.seconds - window_s]
-    names = list(late[0]["processes"])
+    names = [name for name in late[0]["processes"] if all(name in s["processes"] for s in late)]
 
     def series(name: str, figure: str) -> list[float]:
         return [s["processes"][name][figure] for s in late]
@@ -231,8 +256,10 @@ def summarize(soak: Soak, minutes: float) -> dict[str, Any]:
     )
     last_start = soak.seconds - edge_s
     last_p99 = percentile([lat for at, lat in soak.pro_latencies if at >= last_start], 99)
-    server_errors = {
-        f"{kind} {status}": n for (kind, status), n in soak.statuses.items() if status >= 500
+    server_errors = {  # answers of 5xx, and requests that got no answer (status 0)
+        f"{kind} {status}": n
+        for (kind, status), n in soak.statuses.items()
+        if status >= 500 or status == 0
     }
     state, files = [s["state"] for s in late], [s["files"] for s in late]
     result: dict[str, Any] = {
@@ -259,6 +286,7 @@ def summarize(soak: Soak, minutes: float) -> dict[str, Any]:
         "state_and_files_flat": result["state_drift"] <= 1.1 and result["files_drift"] <= 1.1,
         "p99_within_10pct": result["p99_ratio_last_to_first"] <= 1.10,
         "no_restarts": not result["replicas_restarted"],
+        "enough_samples": len(late) >= 3 and len(names) == len(WATCHED),
     }
     return result
 

@@ -172,7 +172,8 @@ class CuttableProxy:
         for connection in connections:  # RST rather than FIN: the peer sees a reset
             with contextlib.suppress(OSError):
                 connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                connection.close()
+                connection.shutdown(socket.SHUT_RD)  # wakes its pump's blocked recv()
+            connection.close()
 
     def close(self) -> None:
         self.cut()
@@ -188,18 +189,25 @@ class CuttableProxy:
             except OSError:
                 client.close()
                 continue
+            upstream.settimeout(None)  # the timeout was for connecting only
             with self._lock:
                 self._open |= {client, upstream}
             for source, sink in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
 
     def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        """Copy one direction; when it ends, end the pair (each pump closes its source,
+        so both sockets are closed once both directions are done)."""
         try:
             while data := source.recv(65536):
                 sink.sendall(data)
         except OSError:
             pass
         finally:
-            for end in (source, sink):
-                with contextlib.suppress(OSError):
-                    end.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                sink.shutdown(socket.SHUT_WR)
+            with contextlib.suppress(OSError):
+                source.shutdown(socket.SHUT_RD)
+            with self._lock:
+                self._open.discard(source)
+            source.close()

@@ -135,6 +135,13 @@ class WorkerSlots:
     def free(self) -> int:
         return max(0, self.capacity - self.busy)
 
+    @property
+    def for_estimates(self) -> int:
+        """Slots wait estimates count on: a worker deployment scaled to zero gets a
+        replica as soon as work waits, so it counts as one rather than as no capacity
+        (which would refuse every job and never wake the autoscaler)."""
+        return max(1, self.capacity)
+
     def acquire(self) -> None:
         self.busy += 1
 

@@ -358,7 +358,7 @@ class Scheduler:
             del self._in_flight[in_flight.batch_id]
             self._slots.release()
 
-    def _requeue(self, batch: list[Ticket[ImageJob]], *, preempted: bool) -> None:
+    def _requeue(self, batch: list[Ticket[ImageJob]], preempted: bool) -> None:
         """A batch taken back (preempted, or its worker lost) goes back first in line:
         its callers still wait. They started in time, so their queue deadline no longer
         applies: expiring one now would fail a request after it had run."""
@@ -370,24 +370,24 @@ class Scheduler:
             if preempted:
                 ticket.preemptions += 1
                 self._count("preempted", ticket.job.priority_class)
+        self._wakeup.set()
 
     def _after_worker_loss(self, batch: list[Ticket[ImageJob]], error: BaseException) -> None:
         """The replica running the batch died or could not be reached: its requests run
-        again, once; a second loss is a 503 (a request that kills workers must not go on
-        killing them)."""
+        again, once, after ``redispatch_delay_s`` (Serve learns of a dead replica only
+        when a call to it fails); a second loss is a 503 (a request that kills workers
+        must not go on killing them)."""
         logger.warning("worker lost under %d request(s): %r", len(batch), error)
         self.counts["worker_lost"] += 1
+        lost_twice = f"the worker running your request on {self.spec.id} stopped; retry shortly"
         for ticket in batch:
             ticket.workers_lost += 1
             if ticket.workers_lost > 1:
-                ticket.fail(
-                    ModelUnavailable(
-                        f"the worker running your request on {self.spec.id} stopped; "
-                        "please retry shortly",
-                        retry_after_s=2,
-                    )
-                )
-        self._requeue([ticket for ticket in batch if ticket.workers_lost == 1], preempted=False)
+                ticket.fail(ModelUnavailable(lost_twice, retry_after_s=2))
+        again = [ticket for ticket in batch if ticket.workers_lost == 1]
+        asyncio.get_running_loop().call_later(
+            self.settings.redispatch_delay_s, self._requeue, again, False
+        )
 
     async def shutdown(self) -> None:
         for task in (self._dispatcher, self._capacity_watcher, *self._tasks):

@@ -7,17 +7,22 @@ from __future__ import annotations
 from typing import Any
 
 from ray.exceptions import RayActorError
+from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
 
 from deployments.scheduler.preemption import RunningBatch
 from deployments.scheduler.queue import Ticket
 from mediagate.protocol.errors import unwrap
 from mediagate.protocol.work import ImageJob, ImageResult
 
+# A worker call that ended for these reasons says nothing about the requests it ran:
+# the replica died, or Serve could not reach one.
+WORKER_LOST = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
+
 
 def worker_was_lost(error: BaseException) -> bool:
     """Whether a worker call failed because its replica died or could not be reached
     (not because of the requests it ran)."""
-    return isinstance(unwrap(error), RayActorError)
+    return isinstance(unwrap(error), WORKER_LOST) or isinstance(error, WORKER_LOST)
 
 
 class InFlightBatch:

@@ -76,6 +76,9 @@ class ImageSchedulerSettings(QueueSettings):
         default_factory=PreemptionPolicy,
         description='When a running lower-class batch is taken back, e.g. {"enabled": false}.',
     )
+    redispatch_delay_s: float = Field(
+        1.0, ge=0, description="Pause before running again a batch whose worker died."
+    )
 
 
 class VideoSchedulerSettings(QueueSettings):

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 from collections import Counter
+from collections.abc import Iterable
 from typing import Any
 
 from autoscaling.policy import report_metrics
@@ -30,6 +31,7 @@ from deployments.scheduler.admission import (
     wait_estimates_s_by_class,
 )
 from deployments.scheduler.capacity import ReplicaCounter, WorkerSlots, serve_replica_follower
+from deployments.scheduler.in_flight import RecentIds
 from deployments.scheduler.metrics import SchedulerMetrics
 from deployments.scheduler.queue import Ticket
 from deployments.scheduler.settings import VideoSchedulerSettings
@@ -93,9 +95,10 @@ class VideoScheduler:
         self._classes_seen: set[int] = set()
         self._running: dict[str, asyncio.Task[None]] = {}
         self._running_class: dict[str, int] = {}  # running job id -> its priority class
-        # In progress on a worker that a scheduler before this one dispatched to (it was
-        # restarted): each holds its slot until the job ends or its lease runs out.
-        self._adopted: dict[str, int] = {}  # job id -> its priority class
+        # running on a worker a predecessor dispatched to: id -> class (see _adopt)
+        self._adopted: dict[str, int] = {}
+        self._dispatched = RecentIds(keep_s=86_400)  # claimed here: never to be adopted
+        self._recovered = asyncio.Event()  # the first reconcile pass is done
         self._tasks: list[asyncio.Task[None]] = []
         self.counts = {"dispatched": 0, "completed": 0, "failed": 0, "requeued": 0, "lost": 0}
         self.decisions: Counter[str] = Counter()  # admitted/shed/expired per class
@@ -137,7 +140,7 @@ class VideoScheduler:
             return admit_or_shed(
                 ahead=self._queue.ahead_of(probe),
                 busy=self._slots.busy,
-                slots=self._estimated_slots,
+                slots=self._slots.for_estimates,
                 service_s=self._service_s,
                 max_wait_s=max_wait_s,
                 queued_in_class=self._queue.length_by_class().get(priority_class, 0),
@@ -148,20 +151,13 @@ class VideoScheduler:
             self._count("shed", priority_class)
             raise
 
-    @property
-    def _estimated_slots(self) -> int:
-        """Slots the wait estimates count on: a worker deployment scaled to zero gets a
-        replica as soon as work waits, so it counts as one rather than as no capacity
-        (which would refuse every job and never wake the autoscaler)."""
-        return max(1, self._slots.capacity)
-
     def _estimate_s(self, video: QueuedVideo) -> float | None:
         if self._service_s is None:
             return None
         return estimate_wait_s(
             ahead=self._queue.ahead_of(video),
             busy=self._slots.busy,
-            slots=self._estimated_slots,
+            slots=self._slots.for_estimates,
             service_s=self._service_s,
             share_above=self._queue.share_above(video.priority_class),
         )
@@ -215,7 +211,7 @@ class VideoScheduler:
                 self._queue,
                 classes,
                 busy=self._slots.busy,
-                slots=self._estimated_slots,
+                slots=self._slots.for_estimates,
                 service_s=self._service_s or 0.0,
             ),
             wait_beyond_estimate_s_by_class=self.estimate_check.summary(),
@@ -237,6 +233,7 @@ class VideoScheduler:
         self._metrics.decided(decision, priority_class)
 
     async def _dispatch_loop(self) -> None:
+        await self._recovered.wait()  # what a predecessor left running holds its slots
         while True:
             await self._slots.changed.wait()
             self._slots.changed.clear()
@@ -255,6 +252,7 @@ class VideoScheduler:
                     self._claiming.discard(video.job_id)
                 if job is None:
                     continue  # deleted, taken, or waited too long: nothing to run
+                self._dispatched.add(job.id, self._clock())
                 self._slots.acquire()
                 self._running_class[video.job_id] = video.priority_class
                 self._running[video.job_id] = asyncio.create_task(self._run(job))
@@ -349,30 +347,40 @@ class VideoScheduler:
             await self._reconcile_pass()
 
     async def _reconcile_pass(self) -> None:
-        now = self._clock()
         active = await self._store.active_jobs(self.spec.id)
+        now = self._clock()
         worked_on = {job.id for job in active if job.status == "in_progress" and live(job, now)}
         ended = [job_id for job_id in self._adopted if job_id not in worked_on]
         for job_id in ended:  # it finished, or its worker died too (re-queued below)
             del self._adopted[job_id]
+        self._adopt(job for job in active if job.id in worked_on)
+        self._recovered.set()
         try:
             for job in active:
                 if job.status == "queued" and overdue(job, now):
                     await self._expire(job, self._queue.ticket(job.id))
-                elif self._holds(job.id):
+                elif self._holds(job.id) or job.id in worked_on:
                     continue
                 elif job.status == "queued":
                     await self.enqueue(job.account_id, job.id, job.priority_class)
-                elif job.id not in worked_on:
+                else:
                     logger.warning("job %s lost its worker (lease ran out)", job.id)
                     await self._requeue_or_fail(job)
-                else:  # a worker renews its lease: its slot is taken until the job ends
-                    logger.info("job %s runs on a worker dispatched to before; adopted", job.id)
-                    self._adopted[job.id] = job.priority_class
-                    self._slots.acquire()
         finally:  # freed once re-queued: a job that lost its worker goes first
             for _ in ended:
                 self._slots.release()
+
+    def _adopt(self, running: Iterable[VideoJobRecord]) -> None:
+        """Jobs a predecessor dispatched, still renewed by their workers, hold a slot
+        each until they end (a job sent to that busy replica would wait there while its
+        lease ran out). Never one dispatched here: it may have just ended."""
+        now = self._clock()
+        for job in running:
+            if self._holds(job.id) or self._dispatched.seen(job.id, now):
+                continue
+            logger.info("job %s runs on a worker dispatched to before; adopted", job.id)
+            self._adopted[job.id] = job.priority_class
+            self._slots.acquire()
 
     async def _reconcile_loop(self) -> None:
         while True:

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from deployments.workers.runner import (
     PipelineLoader,
@@ -40,6 +42,7 @@ from models.loading import load_pipeline
 from models.uploads import load_reference_image
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Share of the progress bar given to denoising; decoding and encoding take the rest.
 DENOISING_SHARE = 0.95
@@ -190,7 +193,9 @@ class TextToVideo:
         if generation.input_reference is not None:
             if self.image_pipeline is None:
                 raise ValueError(f"model {self.spec.id} takes no input_reference")
-            data = self.artifacts.read(generation.input_reference)
+            read = functools.partial(self.artifacts.read, generation.input_reference)
+            give_up_at = time.monotonic() + self.store_retry_s
+            data = self._while_store_recovers(read, give_up_at, reporter.cancelled)
             from PIL import ImageOps
 
             reference = load_reference_image(
@@ -216,31 +221,32 @@ class TextToVideo:
             "thumbnail": (encode_thumbnail(frames), "webp"),
             "spritesheet": (encode_spritesheet(frames), "jpeg"),
         }
+        give_up_at = time.monotonic() + self.store_retry_s  # for all three together
         stored: dict[str, str] = {}
         try:
             for name, (data, extension) in files.items():
-                stored[name] = self._put_while_store_recovers(data, extension, cancelled)
+                put = functools.partial(self.artifacts.put, data, extension, "vid")
+                stored[name] = self._while_store_recovers(put, give_up_at, cancelled)
         except BaseException:
             self._discard(stored)
             raise
         return stored
 
-    def _put_while_store_recovers(
-        self, data: bytes, extension: str, cancelled: threading.Event
-    ) -> str:
-        """Store one file, trying again with backoff while the store is unavailable
-        (up to ``store_retry_s``); stops if the job stops being ours meanwhile."""
-        give_up_at = time.monotonic() + self.store_retry_s
+    def _while_store_recovers(
+        self, call: Callable[[], T], give_up_at: float, cancelled: threading.Event
+    ) -> T:
+        """``call`` the artifact store, again with backoff while it is unavailable, until
+        ``give_up_at`` (monotonic); stops if the job stops being ours meanwhile."""
         backoff_s = 0.5
         while True:
             try:
-                return self.artifacts.put(data, extension, "vid")
+                return call()
             except StoreUnavailable:
                 if time.monotonic() + backoff_s > give_up_at:
                     raise
-                logger.warning("file store unavailable; storing again in %.1fs", backoff_s)
+                logger.warning("file store unavailable; trying again in %.1fs", backoff_s)
             if cancelled.wait(backoff_s):
-                raise JobCancelled("the job stopped being ours while its files waited")
+                raise JobCancelled("the job stopped being ours while it waited for the store")
             backoff_s = min(2 * backoff_s, 5.0)
 
     def _discard(self, artifacts: dict[str, str]) -> None:

@@ -155,7 +155,9 @@ class GenerationFailed(MediagateError):
 
 
 class ModelUnavailable(MediagateError):
-    """A catalog model's weights cannot be loaded (absent, offline, unsupported source)."""
+    """A model cannot serve now: its weights cannot be loaded (absent, offline,
+    unsupported source), its scheduler is restarting, or its worker died under the
+    request twice. A 503: the client may retry."""
 
     status = 503
     type = "server_error"

@@ -193,7 +193,7 @@ class S3ArtifactStore:
     def put(self, data: bytes, extension: str, kind: ArtifactKind = "img") -> str:
         """One PUT: S3 stores the whole object or nothing (never half a file)."""
         artifact_id = new_artifact_id(kind, extension)
-        with s3_unavailable_as_503(f"write {artifact_id}"):
+        with s3_errors_as_store_unavailable(f"write {artifact_id}"):
             self._s3.put_object(
                 Bucket=self.bucket,
                 Key=self._key(artifact_id),
@@ -204,7 +204,7 @@ class S3ArtifactStore:
 
     def read(self, artifact_id: str) -> bytes:
         check_artifact_id(artifact_id)
-        with s3_unavailable_as_503(f"read {artifact_id}"):
+        with s3_errors_as_store_unavailable(f"read {artifact_id}"):
             try:
                 response = self._s3.get_object(Bucket=self.bucket, Key=self._key(artifact_id))
             except self._s3.exceptions.NoSuchKey:
@@ -222,7 +222,7 @@ class S3ArtifactStore:
 
     def delete(self, artifact_id: str) -> None:
         check_artifact_id(artifact_id)
-        with s3_unavailable_as_503(f"delete {artifact_id}"):
+        with s3_errors_as_store_unavailable(f"delete {artifact_id}"):
             self._s3.delete_object(Bucket=self.bucket, Key=self._key(artifact_id))
 
     def delete_older_than(self, age_s: float, kind: ArtifactKind = "img") -> int:
@@ -241,16 +241,40 @@ class S3ArtifactStore:
         return removed
 
 
+# S3 answers that mean "not now" rather than "never": retried by callers that can wait.
+S3_TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestTimeout",
+        "ServiceUnavailable",
+        "InternalError",
+    }
+)
+
+
 @contextmanager
-def s3_unavailable_as_503(action: str) -> Iterator[None]:
-    """S3 that cannot be reached, times out or fails on its side is ours to answer for:
-    ``StoreUnavailable`` (503 with Retry-After), never a 500 and never the endpoint or
-    the provider's message in the answer (both are logged)."""
+def s3_errors_as_store_unavailable(action: str) -> Iterator[None]:
+    """S3 that cannot be reached, times out, throttles or fails on its side is
+    ``StoreUnavailable`` (a 503 with Retry-After; never the endpoint or S3's message in
+    the answer, both are logged). Other S3 refusals (no such bucket, access denied)
+    are a configuration fault: they stay errors, answered as a 500 that hides them."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     try:
         yield
-    except (BotoCoreError, ClientError) as error:
+    except BotoCoreError as error:
+        logger.warning("S3 could not %s: %r", action, error)
+        raise StoreUnavailable(
+            "the file store is unavailable right now; please retry shortly", retry_after_s=5.0
+        ) from error
+    except ClientError as error:
+        code = str(error.response.get("Error", {}).get("Code", ""))
+        status = int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+        if status < 500 and code not in S3_TRANSIENT_CODES:
+            logger.error("S3 refused to %s (%s): check the bucket and credentials", action, code)
+            raise
         logger.warning("S3 could not %s: %r", action, error)
         raise StoreUnavailable(
             "the file store is unavailable right now; please retry shortly", retry_after_s=5.0

@@ -119,6 +119,14 @@ async def scheduler_stats(model: str) -> dict[str, Any]:
     return dict(await handle.stats.remote())
 
 
+def error_code(response: httpx.Response) -> str:
+    """The OpenAI envelope's ``code`` ("!" if the body is not that envelope)."""
+    try:
+        return str(response.json()["error"].get("code") or "")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return "!"
+
+
 @dataclass(frozen=True)
 class ImageAnswer:
     account: str
@@ -159,7 +167,7 @@ class Load:
         except httpx.HTTPError as error:
             answer = ImageAnswer(account, response_format, 0, "", None, sent, 0.0, repr(error))
         else:
-            code = "" if response.is_success else response.json()["error"].get("code") or ""
+            code = "" if response.is_success else error_code(response)
             if response.is_success and response_format == "url":
                 await self._check_download(response.json()["data"][0]["url"])
             answer = ImageAnswer(
@@ -181,7 +189,7 @@ class Load:
         async with httpx.AsyncClient(timeout=30) as plain:
             try:
                 response = await plain.get(url)
-            except httpx.ConnectError:  # straight from S3, which may be what is cut
+            except httpx.HTTPError:  # straight from S3, which may be what is cut
                 self.other_statuses[0] += 1
                 return
         self.other_statuses[response.status_code] += 1
