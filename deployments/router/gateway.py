@@ -195,5 +195,9 @@ class Gateway:
 
     def model_object(self, spec: ModelSpec) -> ModelObject:
         return ModelObject(
-            id=spec.id, created=self.started_at, owned_by=spec.owned_by, task=spec.task
+            id=spec.id,
+            created=self.started_at,
+            owned_by=spec.owned_by,
+            task=spec.task,
+            tasks=list(spec.tasks),
         )

@@ -14,10 +14,11 @@ import base64
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from deployments.router.edit_uploads import EditUploads, check_edit_uploads, decode_edit_inputs
 from deployments.router.settings import RouterSettings
 from deployments.scheduler.admission import count_forwarded, shed_on_published_load
 from mediagate.access.accounts import Account
@@ -25,12 +26,23 @@ from mediagate.access.guard import TierGuard, rate_limit_headers
 from mediagate.access.tiers import TierPolicy, check_image_caps
 from mediagate.protocol.catalog import ModelSpec, Task
 from mediagate.protocol.clock import Clock
-from mediagate.protocol.errors import MediagateError, ModelUnavailable, Overloaded, unwrap
-from mediagate.protocol.images import ImageData, ImageGenerationRequest, ImagesResponse
+from mediagate.protocol.errors import (
+    InvalidRequest,
+    MediagateError,
+    ModelUnavailable,
+    Overloaded,
+    unwrap,
+)
+from mediagate.protocol.images import (
+    ImageData,
+    ImageEditRequest,
+    ImageGenerationRequest,
+    ImagesResponse,
+)
 from mediagate.protocol.media import ImageFormat
 from mediagate.protocol.scheduling import PublishedLoad
 from mediagate.protocol.timing import SERVER_TIMING_HEADER, server_timing
-from mediagate.protocol.work import ImageJob, ImageResult, draw_seed
+from mediagate.protocol.work import ImageJob, ImageResult, ImageTask, draw_seed
 from mediagate.stores.artifacts import ArtifactStore
 from models.encoding import encode_raw_image
 
@@ -114,6 +126,75 @@ class ImageRequests:
         )
         return await self.run(account, spec, job, delivery, quality=body.quality, received=received)
 
+    async def edit(
+        self,
+        account: Account,
+        body: ImageEditRequest,
+        uploads: EditUploads,
+        *,
+        request_id: str,
+        base_url: str,
+        received: float | None = None,
+    ) -> tuple[ImagesResponse, dict[str, str]]:
+        """``POST /v1/images/edits``: image-to-image, or inpaint with a mask. The files
+        are judged by their headers, the tier and the quota decided, and only then are
+        they decoded (a damaged one is a 400, not charged)."""
+        received = time.perf_counter() if received is None else received
+        self.gateway.check_prompt(body.prompt)
+        spec = self.gateway.task_model(body.model, "text-to-image")
+        task: ImageTask = "inpaint" if uploads.mask is not None else "image-to-image"
+        if task not in spec.tasks:
+            raise InvalidRequest(
+                f"model {spec.id} does not serve {task}; GET /v1/models lists its tasks",
+                param="mask" if task == "inpaint" else "model",
+                code="unsupported_task",
+            )
+        limits = {
+            "max_bytes": self.gateway.settings.max_upload_bytes,
+            "max_pixels": self.gateway.settings.max_reference_pixels,
+        }
+        header = check_edit_uploads(spec, uploads, **limits)
+        fields = body.to_pipeline_kwargs(spec, auto_size=spec.caps.fit(header.width, header.height))
+        strength = body.resolved_strength(masked=uploads.mask is not None)
+        steps = fields["num_inference_steps"]
+        if int(steps * strength) < 1:  # what diffusers runs of the schedule
+            raise InvalidRequest(
+                f"`strength` {strength:g} of {steps} steps leaves no step to run "
+                f"(int(steps x strength) must be at least 1); raise either",
+                param="strength",
+            )
+        job = self.job_for(
+            account,
+            spec,
+            request_id=request_id,
+            seed=body.seed,
+            output_format=body.output_format,
+            output_compression=body.output_compression,
+            task=task,
+            strength=strength,
+            **fields,
+        )
+
+        async def with_inputs() -> ImageJob:
+            width, height = job.width, job.height
+            image, mask = await asyncio.to_thread(
+                decode_edit_inputs, spec, uploads, width, height, **limits
+            )
+            return job.model_copy(update={"init_image": image, "mask_image": mask})
+
+        delivery = Delivery(
+            body.response_format, body.output_format, body.output_compression, base_url
+        )
+        return await self.run(
+            account,
+            spec,
+            job,
+            delivery,
+            quality=body.quality,
+            received=received,
+            before_submit=with_inputs,
+        )
+
     def job_for(
         self, account: Account, spec: ModelSpec, *, seed: int | None, **fields: Any
     ) -> ImageJob:
@@ -148,7 +229,7 @@ class ImageRequests:
         *,
         quality: str,
         received: float,
-        before_submit: Callable[[], Any] | None = None,
+        before_submit: Callable[[], Awaitable[ImageJob]] | None = None,
     ) -> tuple[ImagesResponse, dict[str, str]]:
         """Reserve the job's images, run it, deliver the images and settle the quota.
         ``before_submit`` (awaited once the quota is reserved, before the hop) may still

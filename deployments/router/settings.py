@@ -15,7 +15,9 @@ class RouterSettings(BaseModel):
     url_ttl_s: int = Field(3600, ge=10, description="Lifetime of image URLs.")
     artifact_sweep_s: float = Field(300, gt=0, description="How often expired files are removed.")
     max_upload_bytes: int = Field(
-        20 * 1_048_576, ge=1024, description="Body limit of POST /v1/videos (image uploads)."
+        20 * 1_048_576,
+        ge=1024,
+        description="Body limit of the routes that take image uploads (videos, edits).",
     )
     max_reference_pixels: int = Field(
         4096 * 4096, ge=64, description="Uploaded images with more pixels are refused unread."

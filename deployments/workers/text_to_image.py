@@ -1,15 +1,19 @@
 """TextToImage: a GPU replica that runs one catalog model's diffusers pipeline.
 
 It loads its model in the constructor, warms up, and runs batches of same-shape
-jobs (formed by the scheduler) as single pipeline calls. It returns raw pixels, never
-PIL images or tensors, and leaves encoding to the router: the replica's time is
-for the pipeline. One replica runs one batch at a time, so its
-``max_ongoing_requests`` is 1 and waiting work stays in the scheduler's queue.
+jobs (formed by the scheduler) as single pipeline calls. The edits a catalog entry
+lists (image-to-image, inpaint) run on pipelines built from the same loaded
+components (diffusers' ``AutoPipelineFor*.from_pipe``: no second copy of the
+weights). It returns raw pixels, never PIL images or tensors, and leaves encoding to
+the router: the replica's time is for the pipeline. One replica runs one batch at a
+time, so its ``max_ongoing_requests`` is 1 and waiting work stays in the scheduler's
+queue.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import threading
@@ -25,7 +29,14 @@ from deployments.workers.runner import (
 )
 from mediagate.protocol.catalog import ModelSpec
 from mediagate.protocol.errors import GenerationFailed, InvalidRequest
-from mediagate.protocol.work import ImageJob, ImageResult, image_seeds, pipeline_call_kwargs
+from mediagate.protocol.work import (
+    ImageJob,
+    ImageResult,
+    ImageTask,
+    RawImage,
+    image_seeds,
+    pipeline_call_kwargs,
+)
 from models.encoding import to_raw_image
 from models.loading import load_pipeline
 
@@ -60,6 +71,68 @@ def stop_when_set(stop: threading.Event) -> Callable[..., dict[str, Any]]:
     return callback
 
 
+def edit_pipelines(spec: ModelSpec, pipeline: Any) -> dict[ImageTask, Any]:
+    """The edit pipelines ``spec`` lists, sharing ``pipeline``'s loaded components. A
+    simulated pipeline (not diffusers') serves them itself: it only paces the steps."""
+    from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting, DiffusionPipeline
+
+    builders: dict[ImageTask, Any] = {
+        "image-to-image": AutoPipelineForImage2Image,
+        "inpaint": AutoPipelineForInpainting,
+    }
+    wanted = [task for task in builders if task in spec.tasks]
+    if not isinstance(pipeline, DiffusionPipeline):
+        return dict.fromkeys(wanted, pipeline)
+    return {task: builders[task].from_pipe(pipeline) for task in wanted}
+
+
+def _pil(raw: RawImage) -> Any:
+    from PIL import Image
+
+    return Image.frombytes(raw.mode, (raw.width, raw.height), raw.pixels)
+
+
+def call_kwargs(pipeline: Any, jobs: list[ImageJob]) -> dict[str, Any]:
+    """The pipeline call of a batch: prompts per image, and for edits each image's
+    input (and mask) and the batch's strength. An edit pipeline that takes its size
+    from its input (image-to-image) is not passed width and height."""
+    kwargs = pipeline_call_kwargs(jobs)
+    first = jobs[0]
+    if first.task == "text-to-image":
+        return kwargs
+    incomplete = [
+        job
+        for job in jobs
+        if job.init_image is None or (job.mask_image is None and job.task == "inpaint")
+    ]
+    if incomplete:
+        raise InvalidRequest(f"an {first.task} job came without its input image or mask")
+    kwargs["image"] = [
+        _pil(job.init_image) for job in jobs for _ in range(job.images) if job.init_image
+    ]
+    kwargs["strength"] = first.strength
+    if first.task == "inpaint":
+        kwargs["mask_image"] = [
+            _pil(job.mask_image) for job in jobs for _ in range(job.images) if job.mask_image
+        ]
+    accepted = inspect.signature(pipeline.__call__).parameters
+    return {name: value for name, value in kwargs.items() if name in accepted}
+
+
+def keep_outside_masks(images: list[Any], jobs: list[ImageJob]) -> list[Any]:
+    """Inpainted images with every pixel outside their mask taken from the input: the
+    pipeline redraws the whole image through the VAE, and what was not to be edited
+    must come back as it was (OpenAI's edits change only where the mask is clear)."""
+    from PIL import Image
+
+    originals = [(job.init_image, job.mask_image) for job in jobs for _ in range(job.images)]
+    kept = []
+    for image, (original, mask) in zip(images, originals, strict=True):
+        assert original is not None and mask is not None  # checked by call_kwargs
+        kept.append(Image.composite(image.convert("RGB"), _pil(original), _pil(mask)))
+    return kept
+
+
 def generate_batch(
     pipeline: Any, jobs: list[ImageJob], stop: threading.Event | None = None, worker: str = ""
 ) -> list[ImageResult]:
@@ -68,17 +141,19 @@ def generate_batch(
     import torch
 
     if len({job.batch_key for job in jobs}) != 1:
-        raise InvalidRequest("a batch must share width, height, steps and guidance")
+        raise InvalidRequest("a batch must share its task, size, steps, guidance and strength")
     generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in image_seeds(jobs)]
     extra: dict[str, Any] = {}
     if stop is not None:
         extra["callback_on_step_end"] = stop_when_set(stop)
     started = time.perf_counter()
-    output = pipeline(
-        **pipeline_call_kwargs(jobs), generator=generators, output_type="pil", **extra
-    )
+    kwargs = call_kwargs(pipeline, jobs)
+    output = pipeline(**kwargs, generator=generators, output_type="pil", **extra)
     inference_s = time.perf_counter() - started
-    images = [to_raw_image(image) for image in output.images]
+    made = output.images
+    if jobs[0].task == "inpaint":
+        made = keep_outside_masks(made, jobs)
+    images = [to_raw_image(image) for image in made]
     results: list[ImageResult] = []
     offset = 0
     for job in jobs:
@@ -115,6 +190,10 @@ class TextToImage:
             torch_threads=torch_threads,
             warm_up=self._warm_up,
         )
+        self.pipelines: dict[ImageTask, Any] = {
+            "text-to-image": self.pipeline,
+            **edit_pipelines(spec, self.pipeline),
+        }
         self._one_at_a_time = asyncio.Lock()
         self.replica_id = _replica_id()
 
@@ -159,9 +238,12 @@ class TextToImage:
         # Serve may send the next batch as soon as a call is cancelled, while the stopped
         # batch still finishes its step: one pipeline call at a time, or the two would
         # share the pipeline (and its interrupt flag).
+        pipeline = self.pipelines.get(jobs[0].task)
+        if pipeline is None:
+            raise InvalidRequest(f"model {self.spec.id} does not serve {jobs[0].task}")
         async with self._one_at_a_time:
             run = asyncio.ensure_future(
-                asyncio.to_thread(generate_batch, self.pipeline, jobs, stop, self.replica_id)
+                asyncio.to_thread(generate_batch, pipeline, jobs, stop, self.replica_id)
             )
             try:
                 return await asyncio.shield(run)

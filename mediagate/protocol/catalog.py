@@ -8,11 +8,17 @@ Adding or swapping a model is one entry in the catalog file, never code
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Task = Literal["text-to-image", "text-to-video"]
+# What a model serves from its one set of weights: its task, and what diffusers builds
+# from the same components (image-to-image and inpaint for an image model).
+ServedTask = Literal[
+    "text-to-image", "image-to-image", "inpaint", "text-to-video", "image-to-video"
+]
+EDIT_TASKS: tuple[ServedTask, ...] = ("image-to-image", "inpaint")
 
 
 SOURCE_SCHEMES = ("tiny://", "simulated://", "hf://", "s3://", "file://")
@@ -59,6 +65,19 @@ class GenerationCaps(_Frozen):
     size_multiple: int = Field(8, ge=1, description="Width and height must be multiples of this.")
     max_steps: int = Field(50, ge=1, description="Most denoising steps a request may ask for.")
     max_n: int = Field(4, ge=1, le=10, description="Most images one request may ask for.")
+
+    def fit(self, width: int, height: int) -> tuple[int, int]:
+        """The size nearest ``width`` x ``height`` that these caps allow, keeping the
+        aspect ratio: scaled down into the largest sides (never up, except to the
+        smallest side), each side rounded to the size multiple (an edit's ``size: auto``)."""
+        scale = min(1.0, self.max_width / width, self.max_height / height)
+
+        def side(pixels: float, largest: int) -> int:
+            snapped = int(pixels / self.size_multiple + 0.5) * self.size_multiple  # half up
+            floor_ = -(-self.min_side // self.size_multiple) * self.size_multiple
+            return max(floor_, min(snapped, largest - largest % self.size_multiple))
+
+        return side(width * scale, self.max_width), side(height * scale, self.max_height)
 
 
 class Batching(_Frozen):
@@ -153,6 +172,13 @@ class ModelSpec(_Frozen):
     video: VideoSettings | None = Field(
         None, description="Required for text-to-video models: fps, seconds and frame rules."
     )
+    tasks: list[ServedTask] = Field(
+        default_factory=list,
+        description="Everything the model serves: its `task`, and for an image model the "
+        "edits (image-to-image, inpaint) built from the same loaded components (diffusers' "
+        "AutoPipelineFor*.from_pipe). A video model serves image-to-video when "
+        "`video.image_to_video_pipeline_class` is set. Empty means `task` alone.",
+    )
 
     @field_validator("source")
     @classmethod
@@ -161,6 +187,33 @@ class ModelSpec(_Frozen):
             schemes = ", ".join(SOURCE_SCHEMES)
             raise ValueError(f"source must start with one of {schemes} or be a path, got {value!r}")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tasks_default(cls, values: Any) -> Any:
+        """``tasks`` left out is ``task`` alone; image-to-video follows the video section's
+        pipeline class (the one place that says it), whatever ``tasks`` lists."""
+        if not isinstance(values, dict) or "task" not in values:
+            return values
+        video = values.get("video") or {}
+        image_to_video = (
+            video.image_to_video_pipeline_class
+            if isinstance(video, VideoSettings)
+            else video.get("image_to_video_pipeline_class")
+        )
+        tasks = [
+            task for task in values.get("tasks") or [values["task"]] if task != "image-to-video"
+        ]
+        return {**values, "tasks": tasks + (["image-to-video"] if image_to_video else [])}
+
+    @model_validator(mode="after")
+    def _tasks_fit(self) -> ModelSpec:
+        if self.task not in self.tasks:
+            raise ValueError(f"tasks must include the model's task ({self.task})")
+        edits = [task for task in self.tasks if task in EDIT_TASKS]
+        if edits and self.task != "text-to-image":
+            raise ValueError(f"{', '.join(edits)} can be served by text-to-image models only")
+        return self
 
     @model_validator(mode="after")
     def _defaults_within_caps(self) -> ModelSpec:

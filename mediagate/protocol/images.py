@@ -12,8 +12,8 @@ from mediagate.protocol.errors import InvalidRequest
 MAX_SEED = 2**63 - 1
 
 
-class ImageGenerationRequest(BaseModel):
-    """``POST /v1/images/generations``: OpenAI's fields plus open-model extensions."""
+class ImageRequest(BaseModel):
+    """What generations and edits share: OpenAI's fields plus open-model extensions."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -36,12 +36,6 @@ class ImageGenerationRequest(BaseModel):
     background: Literal["auto", "opaque", "transparent"] | None = Field(
         None, description="Diffusion output is opaque: `auto` and `opaque` are accepted."
     )
-    moderation: Literal["auto", "low"] | None = Field(
-        None, description="Accepted for compatibility; mediagate runs no moderation model."
-    )
-    style: Literal["vivid", "natural"] | None = Field(
-        None, description="A DALL-E 3 option with no meaning for diffusion models: rejected if set."
-    )
     user: str | None = Field(None, max_length=256, description="End-user id, for abuse tracking.")
     stream: bool | None = Field(None, description="Streaming is not supported yet; must be false.")
     partial_images: int | None = Field(
@@ -57,17 +51,12 @@ class ImageGenerationRequest(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _supported_combinations(self) -> ImageGenerationRequest:
+    def _supported_combinations(self) -> ImageRequest:
         if self.stream:
             raise InvalidRequest("streaming is not supported yet; omit `stream`", param="stream")
         if self.partial_images:
             raise InvalidRequest(
                 "partial images need streaming, which is not supported yet", param="partial_images"
-            )
-        if self.style is not None:
-            raise InvalidRequest(
-                "`style` is a DALL-E 3 option; diffusion models take a `negative_prompt` instead",
-                param="style",
             )
         if self.background == "transparent":
             raise InvalidRequest(
@@ -90,14 +79,20 @@ class ImageGenerationRequest(BaseModel):
             )
         return self
 
-    def to_pipeline_kwargs(self, spec: ModelSpec) -> dict[str, Any]:
-        """Resolve defaults and check caps; keys follow diffusers' ``__call__`` names."""
+    def to_pipeline_kwargs(
+        self, spec: ModelSpec, auto_size: tuple[int, int] | None = None
+    ) -> dict[str, Any]:
+        """Resolve defaults and check caps; keys follow diffusers' ``__call__`` names.
+        ``size: auto`` is ``auto_size`` if given (an edit's input), else the model's."""
         caps = spec.caps
         if self.n > caps.max_n:
             raise InvalidRequest(
                 f"`n` must be at most {caps.max_n} for model {spec.id}, got {self.n}", param="n"
             )
-        width, height = spec.default_size if self.size == "auto" else parse_size(self.size)
+        if self.size == "auto":
+            width, height = auto_size or spec.default_size
+        else:
+            width, height = parse_size(self.size)
         for side_name, side, cap in (
             ("width", width, caps.max_width),
             ("height", height, caps.max_height),
@@ -147,6 +142,48 @@ class ImageGenerationRequest(BaseModel):
                 f"model {spec.id} accepts quality {accepted}; got {self.quality!r}", param="quality"
             )
         return spec.quality_steps[quality]
+
+
+class ImageGenerationRequest(ImageRequest):
+    """``POST /v1/images/generations``."""
+
+    moderation: Literal["auto", "low"] | None = Field(
+        None, description="Accepted for compatibility; mediagate runs no moderation model."
+    )
+    style: Literal["vivid", "natural"] | None = Field(
+        None, description="A DALL-E 3 option with no meaning for diffusion models: rejected if set."
+    )
+
+    @model_validator(mode="after")
+    def _no_style(self) -> ImageGenerationRequest:
+        if self.style is not None:
+            raise InvalidRequest(
+                "`style` is a DALL-E 3 option; diffusion models take a `negative_prompt` instead",
+                param="style",
+            )
+        return self
+
+
+class ImageEditRequest(ImageRequest):
+    """``POST /v1/images/edits`` (multipart: the form's text fields; the files apart).
+    ``size: auto`` is the input's size, scaled into the model's limits."""
+
+    input_fidelity: Literal["high", "low"] | None = Field(
+        None,
+        description="Accepted for compatibility: how closely the edit keeps the input is "
+        "`strength` for diffusion models.",
+    )
+    strength: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="How much of the input is redrawn (diffusers' `strength`): the share of "
+        "`num_inference_steps` that runs, from the input's noised latents. Default 0.8 "
+        "without a mask, 1.0 with one.",
+    )
+
+    def resolved_strength(self, *, masked: bool) -> float:
+        return self.strength if self.strength is not None else (1.0 if masked else 0.8)
 
 
 class ImageData(BaseModel):

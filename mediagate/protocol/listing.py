@@ -15,6 +15,10 @@ class ModelObject(BaseModel):
     created: int = Field(description="Unix time the catalog was loaded.")
     owned_by: str = Field(description="Who publishes the model.")
     task: str = Field(description="mediagate extension: text-to-image or text-to-video.")
+    tasks: list[str] = Field(
+        description="mediagate extension: everything the model serves (text-to-image, "
+        "image-to-image, inpaint, text-to-video, image-to-video)."
+    )
 
 
 class ModelList(BaseModel):

@@ -9,16 +9,31 @@ from __future__ import annotations
 import secrets
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mediagate.protocol.media import ImageFormat
 
 MAX_SEED_DRAWN = 2**32 - 1
+ImageTask = Literal["text-to-image", "image-to-image", "inpaint"]
 
 
 def draw_seed(requested: int | None) -> int:
     """The request's seed, or a random one (recorded, so the result can be reproduced)."""
     return requested if requested is not None else secrets.randbelow(MAX_SEED_DRAWN)
+
+
+class RawImage(BaseModel):
+    """One generated image as uncompressed pixels (PIL's ``tobytes`` layout). Workers
+    hand these back and routers encode them: a GPU replica never spends its time on
+    PNG/JPEG/WebP (120-170 ms for a 1024x1024 PNG on a CPU core), and the encoding runs
+    where CPU capacity scales with traffic."""
+
+    model_config = ConfigDict(frozen=True)
+
+    mode: Literal["RGB", "RGBA", "L"] = Field(description="Pixel layout.")
+    width: int = Field(gt=0)
+    height: int = Field(gt=0)
+    pixels: bytes = Field(description="Row-major pixel bytes, width x height x channels.")
 
 
 class ImageJob(BaseModel):
@@ -45,11 +60,31 @@ class ImageJob(BaseModel):
     max_queued: int | None = Field(
         None, ge=0, description="From the tier: its class's queue cap in this scheduler."
     )
+    task: ImageTask = Field("text-to-image", description="What the pipeline call does.")
+    init_image: RawImage | None = Field(
+        None, description="The image to edit, RGB at the output size (edits only)."
+    )
+    mask_image: RawImage | None = Field(
+        None, description="Where to repaint, L at the output size, white = repaint (inpaint)."
+    )
+    strength: float | None = Field(
+        None, gt=0, le=1, description="Share of the steps an edit runs (diffusers' `strength`)."
+    )
+
+    @model_validator(mode="after")
+    def _inputs_match_the_task(self) -> ImageJob:
+        # (An edit's inputs are decoded, and added, only once its quota is reserved.)
+        if self.task == "text-to-image" and self.init_image is not None:
+            raise ValueError("a generation takes no init_image")
+        if self.task != "inpaint" and self.mask_image is not None:
+            raise ValueError("only inpaint takes a mask_image")
+        return self
 
     @property
-    def batch_key(self) -> tuple[int, int, int, float]:
+    def batch_key(self) -> tuple[Any, ...]:
         """Jobs with equal keys can share one pipeline call."""
-        return (self.width, self.height, self.num_inference_steps, self.guidance_scale)
+        shape = (self.width, self.height, self.num_inference_steps, self.guidance_scale)
+        return shape if self.task == "text-to-image" else (*shape, self.task, self.strength)
 
     @property
     def images(self) -> int:
@@ -63,20 +98,6 @@ class ImageJob(BaseModel):
 
 def request_key(account_id: str, request_id: str) -> str:
     return f"{account_id}/{request_id}"
-
-
-class RawImage(BaseModel):
-    """One generated image as uncompressed pixels (PIL's ``tobytes`` layout). Workers
-    hand these back and routers encode them: a GPU replica never spends its time on
-    PNG/JPEG/WebP (120-170 ms for a 1024x1024 PNG on a CPU core), and the encoding runs
-    where CPU capacity scales with traffic."""
-
-    model_config = ConfigDict(frozen=True)
-
-    mode: Literal["RGB", "RGBA", "L"] = Field(description="Pixel layout.")
-    width: int = Field(gt=0)
-    height: int = Field(gt=0)
-    pixels: bytes = Field(description="Row-major pixel bytes, width x height x channels.")
 
 
 class ImageResult(BaseModel):

@@ -35,11 +35,24 @@ def entry(**fields: object) -> dict[str, object]:
         {"caps": {"max_n": 11}},
         {"unknown_key": 1},
         {"dtype": "int8"},
+        {"tasks": ["image-to-image"]},  # without its own task
+        {"tasks": ["text-to-image", "outpaint"]},
     ],
 )
 def test_bad_catalog_entries_are_rejected(fields: dict[str, object]) -> None:
     with pytest.raises(ValidationError):
         parse_catalog(entry(**fields))
+
+
+def test_tasks_say_what_a_model_serves() -> None:
+    catalog = load_catalog()
+    assert catalog.models["tiny-sd"].tasks == ["text-to-image", "image-to-image", "inpaint"]
+    # image-to-video follows the video section's pipeline class
+    assert catalog.models["tiny-wan"].tasks == ["text-to-video", "image-to-video"]
+    assert parse_catalog(entry()).models["m"].tasks == ["text-to-image"]
+    video = {"task": "text-to-video", "source": "tiny://x", "video": {}}
+    with pytest.raises(ValidationError, match="text-to-image models only"):
+        parse_catalog({"models": {"v": {**video, "tasks": ["text-to-video", "inpaint"]}}})
 
 
 def test_bad_model_id_and_default_are_rejected() -> None:

@@ -208,7 +208,7 @@ async def test_the_next_batch_waits_until_the_stopped_one_has_left_the_pipeline(
         finally:
             calls.append(f"leave {name}")
 
-    worker.pipeline = recording
+    worker.pipelines["text-to-image"] = recording
     stopped = asyncio.create_task(
         worker.generate([job("stopped", prompt="stopped", num_inference_steps=40)])
     )

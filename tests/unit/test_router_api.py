@@ -148,6 +148,7 @@ def test_models_list_and_get(service: Service) -> None:
     assert [model["id"] for model in listing["data"]] == ["tiny-sd", "tiny-wan"]
     model = service.client.get("/v1/models/tiny-sd", headers=service.auth).json()
     assert model["object"] == "model" and model["owned_by"] == "mediagate"
+    assert model["tasks"] == ["text-to-image", "image-to-image", "inpaint"]
 
 
 def test_declared_body_over_limit_is_413_unread(tmp_path: Path) -> None:

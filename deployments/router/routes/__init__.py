@@ -41,7 +41,7 @@ def create_api(
     app.add_middleware(
         EdgeMiddleware,
         max_body_bytes=gateway.settings.max_body_bytes,
-        upload_paths={videos.UPLOAD_PATH},
+        upload_paths={videos.UPLOAD_PATH, images.EDIT_PATH},
         max_upload_bytes=gateway.settings.max_upload_bytes,
     )
     for module in (images, videos, models):
