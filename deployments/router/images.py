@@ -124,7 +124,7 @@ class ImageRequests:
         delivery = Delivery(
             body.response_format, body.output_format, body.output_compression, base_url
         )
-        return await self.run(account, spec, job, delivery, quality=body.quality, received=received)
+        return await self.run(account, spec, job, delivery, received=received)
 
     async def edit(
         self,
@@ -190,7 +190,6 @@ class ImageRequests:
             spec,
             job,
             delivery,
-            quality=body.quality,
             received=received,
             before_submit=with_inputs,
         )
@@ -227,7 +226,6 @@ class ImageRequests:
         job: ImageJob,
         delivery: Delivery,
         *,
-        quality: str,
         received: float,
         before_submit: Callable[[], Awaitable[ImageJob]] | None = None,
     ) -> tuple[ImagesResponse, dict[str, str]]:
@@ -267,7 +265,7 @@ class ImageRequests:
             data=data,
             output_format=delivery.output_format,
             size=f"{job.width}x{job.height}",
-            quality=quality,
+            quality=spec.quality_of(job.num_inference_steps),
         )
         headers = rate_limit_headers(admission.usage)
         if result.worker:

@@ -19,6 +19,8 @@ ServedTask = Literal[
     "text-to-image", "image-to-image", "inpaint", "text-to-video", "image-to-video"
 ]
 EDIT_TASKS: tuple[ServedTask, ...] = ("image-to-image", "inpaint")
+Level = Literal["low", "medium", "high"]
+LEVELS: tuple[Level, ...] = ("low", "medium", "high")  # the qualities an answer can name
 
 
 SOURCE_SCHEMES = ("tiny://", "simulated://", "hf://", "s3://", "file://")
@@ -240,6 +242,18 @@ class ModelSpec(_Frozen):
     @property
     def default_size(self) -> tuple[int, int]:
         return parse_size(self.defaults.size)
+
+    def quality_of(self, steps: int) -> Level:
+        """What an answer says its quality was: the highest of the model's named
+        qualities whose steps were run; without any, how ``steps`` compares to the
+        default (OpenAI's answers say low, medium or high, never auto)."""
+        steps_of = self.quality_steps
+        named = {level: steps_of[level] for level in LEVELS if level in steps_of}
+        if named:
+            reached = [level for level, count in named.items() if count <= steps]
+            return max(reached, key=named.__getitem__) if reached else "low"
+        default = self.defaults.num_inference_steps
+        return "low" if steps < default else "medium" if steps == default else "high"
 
 
 class Catalog(_Frozen):

@@ -201,5 +201,7 @@ class ImagesResponse(BaseModel):
     data: list[ImageData] = Field(description="The images, in order.")
     output_format: Literal["png", "jpeg", "webp"] = Field(description="Encoding of every image.")
     size: str = Field(description="WIDTHxHEIGHT of every image.")
-    quality: str = Field(description="The quality asked for.")
+    quality: Literal["low", "medium", "high"] = Field(
+        description="The quality that was made: the steps run, named as the model names them."
+    )
     background: Literal["opaque"] = Field("opaque", description="Diffusion output is opaque.")
