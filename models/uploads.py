@@ -35,6 +35,17 @@ def sniff_format(data: bytes) -> str | None:
 
 
 @dataclass(frozen=True)
+class UploadLimits:
+    """How large an upload may be: bytes as sent, pixels as its header declares."""
+
+    max_bytes: int
+    max_pixels: int
+
+    def as_kwargs(self) -> dict[str, Any]:
+        return {"max_bytes": self.max_bytes, "max_pixels": self.max_pixels}
+
+
+@dataclass(frozen=True)
 class UploadHeader:
     """What an upload's header says, read without decoding a pixel."""
 

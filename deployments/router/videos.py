@@ -11,15 +11,12 @@ scheduler: ids and the tier's numbers.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import logging
 import uuid
 from typing import Any, Protocol
 
-from fastapi import Request
-
 from deployments.router.settings import RouterSettings
+from deployments.router.video_uploads import decode_image_reference
 from mediagate.access.accounts import Account
 from mediagate.access.guard import TierGuard, rate_limit_headers
 from mediagate.access.tiers import Tier, TierPolicy, check_video_request
@@ -39,64 +36,20 @@ from mediagate.protocol.work import VideoGeneration, draw_seed
 from mediagate.stores import JobStore, ListOrder, VideoJobRecord
 from mediagate.stores.artifacts import ArtifactStore, content_type
 from mediagate.stores.records import VideoVariant
-from models.uploads import ALLOWED_FORMATS, UploadRejected, load_reference_image, sniff_format
+from models.uploads import (
+    ALLOWED_FORMATS,
+    UploadLimits,
+    UploadRejected,
+    load_reference_image,
+    read_upload_header,
+    sniff_format,
+)
 
 logger = logging.getLogger(__name__)
 
 # How long creation waits for the scheduler's admission answer before going on
 # without it (the job is durable; the scheduler finds it either way).
 ADMIT_TIMEOUT_S = 5.0
-
-
-def decode_image_reference(image_url: str | None, file_id: str | None) -> bytes:
-    """The bytes of an ``input_reference`` given as an object: only ``data:`` URLs.
-
-    Fetching arbitrary URLs from inside the cluster would let callers probe it, so
-    remote images must be uploaded (multipart) or inlined as a base64 data URL.
-    """
-    if file_id is not None:
-        raise InvalidRequest(
-            "`input_reference.file_id` is not supported; upload the image as a file",
-            param="input_reference",
-            code="unsupported_parameter",
-        )
-    if not image_url:
-        raise InvalidRequest(
-            "`input_reference` needs a file or an `image_url`", param="input_reference"
-        )
-    header, comma, payload = image_url.partition(",")
-    if not (header.startswith("data:image/") and header.endswith(";base64") and comma):
-        raise InvalidRequest(
-            "`input_reference.image_url` must be a base64 data URL (data:image/png;base64,...); "
-            "upload remote images as a file instead",
-            param="input_reference",
-        )
-    try:
-        return base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise InvalidRequest(
-            "`input_reference.image_url` is not valid base64", param="input_reference"
-        ) from None
-
-
-async def parse_video_form(request: Request) -> tuple[dict[str, Any], bytes | None]:
-    """A multipart ``POST /v1/videos``: fields, and the uploaded ``input_reference`` bytes."""
-    form = await request.form()
-    fields: dict[str, Any] = {}
-    reference: dict[str, str] = {}
-    upload: bytes | None = None
-    for name, value in form.multi_items():
-        if name == "input_reference" and not isinstance(value, str):
-            upload = await value.read()
-        elif name.startswith("input_reference[") and name.endswith("]"):
-            reference[name[len("input_reference[") : -1]] = str(value)
-        elif isinstance(value, str):
-            fields[name] = value
-        else:
-            raise InvalidRequest(f"unexpected file in field `{name}`", param=name)
-    if reference:
-        fields["input_reference"] = reference
-    return fields, upload
 
 
 class VideoRouter(Protocol):
@@ -131,20 +84,30 @@ class VideoJobs:
         """The job transitions, on whatever store the router uses now."""
         return VideoJobLifecycle(self.gateway.jobs, clock=self.gateway.clock)
 
-    def _store_reference(self, spec: ModelSpec, data: bytes) -> str:
-        """Validate an uploaded image (limits before decoding) and keep it for the worker."""
-        if spec.video is None or spec.video.image_to_video_pipeline_class is None:
+    def _check_reference(self, spec: ModelSpec, data: bytes) -> None:
+        """Refuse an uploaded image by what the model takes and by its header alone
+        (type, bytes, pixels): before the tier and quota decide, nothing is decoded."""
+        if "image-to-video" not in spec.tasks:
             raise InvalidRequest(
                 f"model {spec.id} generates from text only; it does not take `input_reference`",
                 param="input_reference",
                 code="unsupported_parameter",
             )
         try:
-            load_reference_image(
-                data,
-                max_bytes=self.gateway.settings.max_upload_bytes,
-                max_pixels=self.gateway.settings.max_reference_pixels,
-            )
+            read_upload_header(data, **self._upload_limits.as_kwargs())
+        except UploadRejected as error:
+            raise InvalidRequest(str(error), param="input_reference") from None
+
+    @property
+    def _upload_limits(self) -> UploadLimits:
+        settings = self.gateway.settings
+        return UploadLimits(settings.max_upload_bytes, settings.max_reference_pixels)
+
+    def _store_reference(self, data: bytes) -> str:
+        """Decode the image (a damaged one is a 400) and keep it for the worker; runs in a
+        thread, once the job's slot is reserved."""
+        try:
+            load_reference_image(data, **self._upload_limits.as_kwargs())
         except UploadRejected as error:
             raise InvalidRequest(str(error), param="input_reference") from None
         extension = ALLOWED_FORMATS[sniff_format(data) or "PNG"]
@@ -170,15 +133,10 @@ class VideoJobs:
             reference = decode_image_reference(
                 body.input_reference.image_url, body.input_reference.file_id
             )
-        reference_id = None
         if reference is not None:
-            reference_id = await asyncio.to_thread(self._store_reference, spec, reference)
-        generation = VideoGeneration(
-            **resolved,
-            seed=draw_seed(body.seed),
-            input_reference=reference_id,
-        )
-        return await self._submit(account, spec, generation, seconds)
+            self._check_reference(spec, reference)
+        generation = VideoGeneration(**resolved, seed=draw_seed(body.seed))
+        return await self._submit(account, spec, generation, seconds, reference=reference)
 
     async def _submit(
         self,
@@ -187,10 +145,12 @@ class VideoJobs:
         generation: VideoGeneration,
         seconds: int,
         remixed_from: str | None = None,
+        reference: bytes | None = None,
     ) -> tuple[VideoJobRecord, dict[str, str]]:
-        """Ask the scheduler to admit the job, reserve a video slot and store the job; a
-        refused or failed submission leaves nothing behind (the reference image stored
-        for it is deleted again)."""
+        """Ask the scheduler to admit the job, reserve a video slot, decode and keep an
+        uploaded ``reference`` (only now) and store the job; a refused or failed
+        submission leaves nothing behind (the reference image stored for it is deleted
+        again, the slot given back)."""
         tier = self.gateway.policy.tier(account.tier)
         try:
             # the one door every new job passes (created or remixed): the tier's terms now
@@ -201,6 +161,13 @@ class VideoJobs:
         except BaseException:
             await self._forget_reference(generation)
             raise
+        if reference is not None:
+            try:
+                reference_id = await asyncio.to_thread(self._store_reference, reference)
+            except BaseException:
+                await self.gateway.guard.settle(admission, charge=False)
+                raise
+            generation = generation.model_copy(update={"input_reference": reference_id})
         created_at = self.gateway.clock()
         job = VideoJobRecord(
             id=f"video_{uuid.uuid4().hex}",

@@ -230,6 +230,29 @@ def test_uploads_are_checked_before_decoding(service: Service, data: bytes, mess
     assert all_jobs(service) == [] and reference_files(service) == []
 
 
+def test_the_quota_is_decided_before_the_reference_is_decoded(tmp_path: Path) -> None:
+    """An account at its tier's jobs at once is refused (429) for a damaged reference
+    that a decode would have refused (400): the decision came first. With a slot free,
+    the damaged image is found when decoded, a 400, and the slot given back."""
+    service = Service(tmp_path)  # the shipped tiers: pro runs 4 video jobs at once
+    for number in range(4):
+        assert create(service, {"prompt": f"job {number}"}).status_code == 200
+    damaged = png_header_only(16, 16)  # a valid header, no pixel data
+
+    def with_reference() -> Any:
+        return service.client.post(
+            "/v1/videos",
+            files={"prompt": (None, "x"), "input_reference": ("ref.png", damaged, "image/png")},
+            headers=service.auth,
+        )
+
+    assert_error(with_reference(), 429, None, "concurrent_jobs_exceeded")
+    service.client.delete(f"/v1/videos/{all_jobs(service)[0].id}", headers=service.auth)
+    assert_error(with_reference(), 400, "input_reference")
+    assert len(all_jobs(service)) == 3 and reference_files(service) == []
+    assert create(service, {"prompt": "the slot was given back"}).status_code == 200
+
+
 def test_oversized_upload_is_413(service: Service) -> None:
     response = service.client.post(
         "/v1/videos",

@@ -18,7 +18,7 @@ from deployments.router.routes.dependencies import (
     request_body,
     video_response,
 )
-from deployments.router.videos import parse_video_form
+from deployments.router.video_uploads import parse_video_form
 from mediagate.protocol.errors import InvalidRequest
 from mediagate.protocol.videos import (
     VideoCreateRequest,
