@@ -86,3 +86,11 @@ def test_soak_runs() -> None:
     }, result
     assert result["state_rows_or_keys"]["end"] > 0 and result["artifact_files"]["max"] > 0
     assert result["pro_p99_first_ms"] > 0 and result["replicas_restarted"] == [], result
+
+
+def test_bench_edits_runs() -> None:
+    result = run_smoke("bench_edits.py")
+    memory = result["memory"]
+    assert memory["tasks_with_edits"] == ["image-to-image", "inpaint", "text-to-image"], result
+    assert memory["weight_ratio"] == 1.0, result  # every weight shared
+    assert all(kind["p50_ms"] > 0 for kind in result["refusals"].values()), result
