@@ -245,3 +245,39 @@ def test_an_idempotent_edit_is_keyed_by_its_bytes_too(service: Service) -> None:
     assert len(service.scheduler.jobs) == 1  # the repeat was answered from the record
     other = edit((9, 9, 9))  # the same key with other bytes is another request
     assert other.status_code == 409 or other.status_code == 422, other.text
+
+
+async def test_60_concurrent_edits_and_generations_serve_a_free_account_exactly_3(
+    tmp_path: Path,
+) -> None:
+    import asyncio
+
+    import httpx
+
+    service = Service(tmp_path, tier="free")
+    photo = png(64, 64)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=service.client.app), base_url="http://test"
+    ) as http:
+
+        async def one(index: int) -> int:
+            if index % 2:
+                response = await http.post(
+                    "/v1/images/generations", json={"prompt": "x"}, headers=service.auth
+                )
+            else:
+                response = await http.post(
+                    "/v1/images/edits",
+                    files=[("image", ("a.png", photo))],
+                    data={"prompt": "x"},
+                    headers=service.auth,
+                )
+            return response.status_code
+
+        statuses = await asyncio.gather(*(one(index) for index in range(60)))
+    assert sorted(set(statuses)) == [200, 429], statuses
+    assert statuses.count(200) == 3
+    account = service.accounts.get_account("alice")
+    assert account is not None
+    assert (await service.gateway.guard.ledger.usage(account)).images_today == 3
+    assert len(service.scheduler.jobs) == 3
