@@ -155,8 +155,17 @@ def decode_edit_inputs(
             )
         except UploadRejected as error:
             raise InvalidRequest(str(error), param=name) from None
-    mask = decoded.get("mask")
-    return (
-        edit_input(decoded["image"], width, height),
-        inpaint_mask(mask, width, height) if mask is not None else None,
-    )
+    converted: dict[str, RawImage | None] = {"image": None, "mask": None}
+    for name, convert in (("image", edit_input), ("mask", inpaint_mask)):
+        if name not in decoded:
+            continue
+        try:
+            converted[name] = convert(decoded[name], width, height)
+        except (ValueError, OSError):  # a pixel mode PIL cannot convert
+            raise InvalidRequest(
+                f"the uploaded {name}'s pixel format cannot be used; send 8-bit RGB(A)",
+                param=name,
+            ) from None
+    image = converted["image"]
+    assert image is not None
+    return image, converted["mask"]
