@@ -5,7 +5,6 @@ every upload refused before it costs anything."""
 from __future__ import annotations
 
 import io
-import time
 from pathlib import Path
 from typing import Any
 
@@ -153,22 +152,18 @@ def lossless_webp_bomb() -> bytes:
 
 
 @pytest.mark.parametrize("upload", ["header_20000", "webp_bomb"])
-def test_huge_images_are_refused_by_their_header_in_milliseconds(
-    service: Service, upload: str
-) -> None:
+def test_huge_images_are_refused_by_their_header(service: Service, upload: str) -> None:
+    """Refused unread (the router's time for it is scripts/bench_edits.py's figure)."""
     data = huge_png_header(20000, 20000) if upload == "header_20000" else lossless_webp_bomb()
     assert len(data) < 2000
-    started = time.perf_counter()
     response = service.client.post(
         "/v1/images/edits",
         files=[("image", ("big.png", data))],
         data={"prompt": "x"},
         headers=service.auth,
     )
-    took_ms = (time.perf_counter() - started) * 1000
     assert response.status_code == 400 and response.json()["error"]["param"] == "image"
     assert "pixels" in response.json()["error"]["message"]
-    assert took_ms < 50, took_ms
     assert service.scheduler.jobs == [] and images_today(service) == 0
 
 
