@@ -97,13 +97,17 @@ def replica_names(deployment: str) -> list[tuple[str, str]]:
     ]
 
 
-def kill_replicas(deployment: str) -> int:
+def kill_replicas(deployment: str, wait_s: float = 60) -> int:
     """Kill every replica of ``deployment`` at once, as Serve's fault-tolerance guide
-    does (``ray.kill``: running calls fail at once; Serve starts a replacement)."""
+    does (``ray.kill``: running calls fail at once; Serve starts a replacement). A
+    replacement still starting is waited for (up to ``wait_s``)."""
     import ray
 
+    deadline = time.monotonic() + wait_s
+    while not (names := replica_names(deployment)) and time.monotonic() < deadline:
+        time.sleep(0.5)
     killed = 0
-    for name, namespace in replica_names(deployment):
+    for name, namespace in names:
         try:
             ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
             killed += 1
