@@ -19,13 +19,12 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from deployments.router.edit_uploads import EditUploads, check_edit_uploads, decode_edit_inputs
-from deployments.router.settings import RouterSettings
+from deployments.router.services import RouterServices
 from deployments.scheduler.admission import count_forwarded, shed_on_published_load
 from mediagate.access.accounts import Account
-from mediagate.access.guard import TierGuard, rate_limit_headers
-from mediagate.access.tiers import TierPolicy, check_image_caps
-from mediagate.protocol.catalog import ModelSpec, Task
-from mediagate.protocol.clock import Clock
+from mediagate.access.guard import rate_limit_headers
+from mediagate.access.tiers import check_image_caps
+from mediagate.protocol.catalog import ModelSpec
 from mediagate.protocol.errors import (
     InvalidRequest,
     MediagateError,
@@ -37,13 +36,13 @@ from mediagate.protocol.images import (
     ImageData,
     ImageEditRequest,
     ImageGenerationRequest,
+    ImageRequest,
     ImagesResponse,
 )
 from mediagate.protocol.media import ImageFormat
 from mediagate.protocol.scheduling import PublishedLoad
 from mediagate.protocol.timing import SERVER_TIMING_HEADER, server_timing
 from mediagate.protocol.work import ImageJob, ImageResult, ImageTask, draw_seed
-from mediagate.stores.artifacts import ArtifactStore
 from models.encoding import encode_raw_image
 
 logger = logging.getLogger(__name__)
@@ -51,24 +50,10 @@ logger = logging.getLogger(__name__)
 WORKER_HEADER = "x-mediagate-worker"  # the worker replica that made the images
 
 
-class ImageRouter(Protocol):
-    """What image requests need from the router (``Gateway`` provides it; no import of
-    it, so no cycle)."""
-
-    settings: RouterSettings
-    artifacts: ArtifactStore
-    guard: TierGuard
-    schedulers: dict[str, Any]
-    clock: Clock
-
-    @property
-    def policy(self) -> TierPolicy: ...
-
-    def check_prompt(self, prompt: str) -> None: ...
+class ImageRouter(RouterServices, Protocol):
+    """What image requests need from the router."""
 
     def served_models(self) -> list[ModelSpec]: ...
-
-    def task_model(self, model_id: str | None, task: Task) -> ModelSpec: ...
 
 
 @dataclass(frozen=True)
@@ -110,15 +95,7 @@ class ImageRequests:
         try:
             self.gateway.check_prompt(body.prompt)
             spec = self.gateway.task_model(body.model, "text-to-image")
-            job = self.job_for(
-                account,
-                spec,
-                request_id=request_id,
-                seed=body.seed,
-                output_format=body.output_format,
-                output_compression=body.output_compression,
-                **body.to_pipeline_kwargs(spec),
-            )
+            job = self.job_for(account, spec, body, request_id, **body.to_pipeline_kwargs(spec))
         finally:
             decided()
         delivery = Delivery(
@@ -163,17 +140,7 @@ class ImageRequests:
                 f"(int(steps x strength) must be at least 1); raise either",
                 param="strength",
             )
-        job = self.job_for(
-            account,
-            spec,
-            request_id=request_id,
-            seed=body.seed,
-            output_format=body.output_format,
-            output_compression=body.output_compression,
-            task=task,
-            strength=strength,
-            **fields,
-        )
+        job = self.job_for(account, spec, body, request_id, task=task, strength=strength, **fields)
 
         async def with_inputs() -> ImageJob:
             width, height = job.width, job.height
@@ -195,18 +162,27 @@ class ImageRequests:
         )
 
     def job_for(
-        self, account: Account, spec: ModelSpec, *, seed: int | None, **fields: Any
+        self,
+        account: Account,
+        spec: ModelSpec,
+        body: ImageRequest,
+        request_id: str,
+        **pipeline: Any,
     ) -> ImageJob:
-        """The job of a resolved request, with its tier's terms; refused here when the
-        tier's caps or the scheduler's published load say no (nothing reserved yet)."""
+        """The job of ``body`` (``pipeline``: its resolved pipeline arguments), with its
+        tier's terms; refused here when the tier's caps or the scheduler's published load
+        say no (nothing reserved yet)."""
         tier = self.gateway.policy.tier(account.tier)
         job = ImageJob(
-            seed=draw_seed(seed),
+            request_id=request_id,
+            seed=draw_seed(body.seed),
+            output_format=body.output_format,
+            output_compression=body.output_compression,
             account_id=account.id,
             priority_class=tier.priority_class,
             max_wait_s=tier.max_queue_wait_s,
             max_queued=tier.max_queued,
-            **fields,
+            **pipeline,
         )
         check_image_caps(
             account.tier,

@@ -13,16 +13,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from typing import Any, Protocol
+from typing import Protocol
 
-from deployments.router.settings import RouterSettings
+from deployments.router.services import RouterServices
 from deployments.router.video_uploads import decode_image_reference
 from mediagate.access.accounts import Account
-from mediagate.access.guard import TierGuard, rate_limit_headers
-from mediagate.access.tiers import Tier, TierPolicy, check_video_request
+from mediagate.access.guard import rate_limit_headers
+from mediagate.access.tiers import Tier, check_video_request
 from mediagate.jobs.video import VideoJobLifecycle
-from mediagate.protocol.catalog import ModelSpec, Task
-from mediagate.protocol.clock import Clock
+from mediagate.protocol.catalog import ModelSpec
 from mediagate.protocol.errors import Gone, InvalidRequest, NotFound, Overloaded, unwrap
 from mediagate.protocol.videos import (
     VideoCreateRequest,
@@ -34,7 +33,7 @@ from mediagate.protocol.videos import (
 )
 from mediagate.protocol.work import VideoGeneration, draw_seed
 from mediagate.stores import JobStore, ListOrder, VideoJobRecord
-from mediagate.stores.artifacts import ArtifactStore, content_type
+from mediagate.stores.artifacts import content_type
 from mediagate.stores.records import VideoVariant
 from models.uploads import (
     ALLOWED_FORMATS,
@@ -52,25 +51,12 @@ logger = logging.getLogger(__name__)
 ADMIT_TIMEOUT_S = 5.0
 
 
-class VideoRouter(Protocol):
-    """What video jobs need from the router: its stores, limits, clock, quota guard and
-    model resolution (``Gateway`` provides them; no import of it, so no cycle)."""
+class VideoRouter(RouterServices, Protocol):
+    """What video jobs need from the router."""
 
-    settings: RouterSettings
-    artifacts: ArtifactStore
     jobs: JobStore
-    guard: TierGuard
-    schedulers: dict[str, Any]
-    clock: Clock
-
-    @property
-    def policy(self) -> TierPolicy: ...
-
-    def check_prompt(self, prompt: str) -> None: ...
 
     def model(self, model_id: str) -> ModelSpec: ...
-
-    def task_model(self, model_id: str | None, task: Task) -> ModelSpec: ...
 
 
 class VideoJobs:
