@@ -9,6 +9,7 @@ mask as ``mask``; every other field as a string.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ from mediagate.protocol.errors import InvalidRequest
 from mediagate.protocol.work import RawImage
 from models.uploads import (
     UploadHeader,
+    UploadLimits,
     UploadRejected,
     decode_upload,
     edit_input,
@@ -90,14 +92,22 @@ async def parse_edit_form(request: Request) -> tuple[dict[str, str], EditUploads
     return fields, EditUploads(images, mask)
 
 
-def edit_input_pixels(spec: ModelSpec) -> int:
-    """The most pixels an image to edit may have for ``spec``."""
-    return INPUT_PIXELS_PER_OUTPUT_PIXEL * spec.caps.max_width * spec.caps.max_height
+def edit_upload_limits(spec: ModelSpec, max_bytes: int, max_pixels: int) -> UploadLimits:
+    """How large an image to edit (or its mask) may be for ``spec``: the router's upload
+    limits, and at most ``INPUT_PIXELS_PER_OUTPUT_PIXEL`` times the model's largest
+    output in pixels."""
+    largest_output = spec.caps.max_width * spec.caps.max_height
+    return UploadLimits(max_bytes, min(max_pixels, INPUT_PIXELS_PER_OUTPUT_PIXEL * largest_output))
 
 
-def check_edit_uploads(
-    spec: ModelSpec, uploads: EditUploads, *, max_bytes: int, max_pixels: int
-) -> UploadHeader:
+def _header(data: bytes, what: str, limits: UploadLimits) -> UploadHeader:
+    try:
+        return read_upload_header(data, what=what, **limits.as_kwargs())
+    except UploadRejected as error:
+        raise InvalidRequest(str(error), param=what) from None
+
+
+def check_edit_uploads(spec: ModelSpec, uploads: EditUploads, limits: UploadLimits) -> UploadHeader:
     """Refuse what cannot be edited by the headers alone (nothing is decoded): the
     number of images the model takes, each image's type, size and pixel count, and the
     mask's alpha channel and dimensions. Returns the (first) image's header."""
@@ -106,18 +116,9 @@ def check_edit_uploads(
             f"model {spec.id} edits one image at a time; got {len(uploads.images)}",
             param="image",
         )
-    max_pixels = min(max_pixels, edit_input_pixels(spec))
-    try:
-        image = read_upload_header(uploads.images[0], max_bytes=max_bytes, max_pixels=max_pixels)
-    except UploadRejected as error:
-        raise InvalidRequest(str(error), param="image") from None
+    image = _header(uploads.images[0], "image", limits)
     if uploads.mask is not None:
-        try:
-            mask = read_upload_header(
-                uploads.mask, max_bytes=max_bytes, max_pixels=max_pixels, what="mask"
-            )
-        except UploadRejected as error:
-            raise InvalidRequest(str(error), param="mask") from None
+        mask = _header(uploads.mask, "mask", limits)
         if not mask.has_alpha:
             raise InvalidRequest(
                 "the mask must have an alpha channel: fully transparent where the image "
@@ -133,39 +134,34 @@ def check_edit_uploads(
     return image
 
 
-def decode_edit_inputs(
-    spec: ModelSpec,
-    uploads: EditUploads,
+def _decoded(
+    data: bytes,
+    what: str,
+    convert: Callable[[Any, int, int], RawImage],
     width: int,
     height: int,
-    *,
-    max_bytes: int,
-    max_pixels: int,
+    limits: UploadLimits,
+) -> RawImage:
+    """One upload decoded and converted to what the pipeline takes; a damaged file, or
+    a pixel mode PIL cannot convert, is a 400 naming it."""
+    try:
+        image = decode_upload(data, what=what, **limits.as_kwargs())
+    except UploadRejected as error:
+        raise InvalidRequest(str(error), param=what) from None
+    try:
+        return convert(image, width, height)
+    except (ValueError, OSError):
+        raise InvalidRequest(
+            f"the uploaded {what}'s pixel format cannot be used; send 8-bit RGB(A)", param=what
+        ) from None
+
+
+def decode_edit_inputs(
+    uploads: EditUploads, width: int, height: int, limits: UploadLimits
 ) -> tuple[RawImage, RawImage | None]:
     """The image (RGB) and mask (white = repaint) at the output size, as the worker's
-    pipeline takes them; a damaged file is a 400 naming it. Runs in a thread."""
-    decoded: dict[str, Any] = {}
-    max_pixels = min(max_pixels, edit_input_pixels(spec))
-    for name, data in (("image", uploads.images[0]), ("mask", uploads.mask)):
-        if data is None:
-            continue
-        try:
-            decoded[name] = decode_upload(
-                data, max_bytes=max_bytes, max_pixels=max_pixels, what=name
-            )
-        except UploadRejected as error:
-            raise InvalidRequest(str(error), param=name) from None
-    converted: dict[str, RawImage | None] = {"image": None, "mask": None}
-    for name, convert in (("image", edit_input), ("mask", inpaint_mask)):
-        if name not in decoded:
-            continue
-        try:
-            converted[name] = convert(decoded[name], width, height)
-        except (ValueError, OSError):  # a pixel mode PIL cannot convert
-            raise InvalidRequest(
-                f"the uploaded {name}'s pixel format cannot be used; send 8-bit RGB(A)",
-                param=name,
-            ) from None
-    image = converted["image"]
-    assert image is not None
-    return image, converted["mask"]
+    pipeline takes them. Runs in a thread."""
+    image = _decoded(uploads.images[0], "image", edit_input, width, height, limits)
+    if uploads.mask is None:
+        return image, None
+    return image, _decoded(uploads.mask, "mask", inpaint_mask, width, height, limits)

@@ -18,7 +18,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from deployments.router.edit_uploads import EditUploads, check_edit_uploads, decode_edit_inputs
+from deployments.router.edit_uploads import (
+    EditUploads,
+    check_edit_uploads,
+    decode_edit_inputs,
+    edit_upload_limits,
+)
 from deployments.router.services import RouterServices
 from deployments.scheduler.admission import count_forwarded, shed_on_published_load
 from mediagate.access.accounts import Account
@@ -126,11 +131,9 @@ class ImageRequests:
                 param="mask" if task == "inpaint" else "model",
                 code="unsupported_task",
             )
-        limits = {
-            "max_bytes": self.gateway.settings.max_upload_bytes,
-            "max_pixels": self.gateway.settings.max_reference_pixels,
-        }
-        header = check_edit_uploads(spec, uploads, **limits)
+        settings = self.gateway.settings
+        limits = edit_upload_limits(spec, settings.max_upload_bytes, settings.max_reference_pixels)
+        header = check_edit_uploads(spec, uploads, limits)
         fields = body.to_pipeline_kwargs(spec, auto_size=spec.caps.fit(header.width, header.height))
         strength = body.resolved_strength(masked=uploads.mask is not None)
         steps = fields["num_inference_steps"]
@@ -145,7 +148,7 @@ class ImageRequests:
         async def with_inputs() -> ImageJob:
             width, height = job.width, job.height
             image, mask = await asyncio.to_thread(
-                decode_edit_inputs, spec, uploads, width, height, **limits
+                decode_edit_inputs, uploads, width, height, limits
             )
             return job.model_copy(update={"init_image": image, "mask_image": mask})
 
