@@ -8,12 +8,20 @@ from __future__ import annotations
 import asyncio
 import inspect
 import io
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from mediagate.protocol.errors import MediagateError
 from mediagate.protocol.scheduling import PublishedLoad, QueueStats
-from mediagate.protocol.work import ImageJob, ImageResult, RawImage, VideoOutcome, VideoTask
+from mediagate.protocol.work import (
+    ImageJob,
+    ImageResult,
+    PartialImage,
+    RawImage,
+    StreamQueued,
+    VideoOutcome,
+    VideoTask,
+)
 
 
 def solid_raw(width: int, height: int, seed: int) -> RawImage:
@@ -56,6 +64,68 @@ class LocalHandle:
             return await result if inspect.isawaitable(result) else result
 
         return _Method(call)
+
+    def options(self, *, stream: bool = False) -> Any:
+        return _StreamingHandle(self.target) if stream else self
+
+
+class _StreamingHandle:
+    """``handle.options(stream=True)``: each call gives a ``FakeResponseGenerator``."""
+
+    def __init__(self, target: object) -> None:
+        self.target = target
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.target, name)
+
+        class _StreamingMethod:
+            @staticmethod
+            def remote(*args: Any, **kwargs: Any) -> FakeResponseGenerator:
+                return FakeResponseGenerator(method(*args, **kwargs))
+
+        return _StreamingMethod()
+
+
+class FakeResponseGenerator:
+    """Like Serve's DeploymentResponseGenerator: the callee's async generator runs in a
+    task of its own (it does not wait for the caller to read), the caller iterates what
+    it yielded, and ``cancel()`` makes the caller see ``RequestCancelledError`` (the
+    callee sees ``CancelledError``)."""
+
+    _END = object()
+
+    def __init__(self, generator: Any) -> None:
+        self._items: asyncio.Queue[Any] = asyncio.Queue()
+        self._cancelled_by_caller = False
+        self._task = asyncio.ensure_future(self._pump(generator))
+
+    async def _pump(self, generator: Any) -> None:
+        try:
+            async for item in generator:
+                self._items.put_nowait((item, None))
+        except BaseException as error:
+            self._items.put_nowait((self._END, error))
+            raise
+        self._items.put_nowait((self._END, None))
+
+    def cancel(self) -> None:
+        self._cancelled_by_caller = True
+        self._task.cancel()
+
+    def __aiter__(self) -> FakeResponseGenerator:
+        return self
+
+    async def __anext__(self) -> Any:
+        from ray.serve.exceptions import RequestCancelledError
+
+        item, error = await self._items.get()
+        if item is not self._END:
+            return item
+        if self._cancelled_by_caller or isinstance(error, asyncio.CancelledError):
+            raise RequestCancelledError("fake")
+        if error is not None:
+            raise error
+        raise StopAsyncIteration
 
 
 class FakeScheduler:
@@ -101,6 +171,27 @@ class FakeScheduler:
             inference_s=0.0,
         )
 
+    async def submit_streaming(
+        self, job: ImageJob
+    ) -> AsyncIterator[StreamQueued | PartialImage | ImageResult]:
+        """Queued, then every partial image ``job`` asks for (image i's preview p is
+        shaded ``seed + i + 100 * (p + 1)``), then ``submit``'s answer."""
+        self.jobs.append(job)
+        if self.fail_with is not None:
+            raise self.fail_with
+        yield StreamQueued(estimated_wait_s=0.0)
+        for preview in range(job.partial_images):
+            for image in range(job.images):
+                shade = job.seed + image + 100 * (preview + 1)
+                yield PartialImage(
+                    job_index=0,
+                    image_index=image,
+                    partial_image_index=preview,
+                    image=solid_raw(job.width, job.height, shade),
+                )
+        self.jobs.pop()  # submit records it again
+        yield await self.submit(job)
+
 
 class FakeResponse:
     """Like Serve's DeploymentResponse: awaitable, and ``cancel()`` makes the awaiting
@@ -145,6 +236,22 @@ class FakeImageWorker:
         except asyncio.CancelledError:
             self.stopped.append([job.request_id for job in jobs])
             raise
+
+    async def generate_streaming(
+        self, jobs: list[ImageJob]
+    ) -> AsyncIterator[PartialImage | list[ImageResult]]:
+        """One partial image per preview each job asks for, made at once; the results
+        when the test releases the batch."""
+        for job_index, job in enumerate(jobs):
+            for preview in range(job.partial_images):
+                for image in range(job.images):
+                    yield PartialImage(
+                        job_index=job_index,
+                        image_index=image,
+                        partial_image_index=preview,
+                        image=solid_raw(1, 1, preview),
+                    )
+        yield await self.generate(jobs)
 
     async def wait_for_batches(self, count: int) -> None:
         async with self._arrived:

@@ -37,6 +37,7 @@ from mediagate.protocol.errors import (
     Overloaded,
     unwrap,
 )
+from mediagate.protocol.image_stream import StreamKind
 from mediagate.protocol.images import (
     ImageData,
     ImageEditRequest,
@@ -70,6 +71,23 @@ class Delivery:
     output_compression: int | None
     base_url: str  # for URLs of local files
 
+    @classmethod
+    def of(cls, body: ImageRequest, base_url: str) -> Delivery:
+        return cls(body.response_format, body.output_format, body.output_compression, base_url)
+
+
+@dataclass(frozen=True)
+class ImageWork:
+    """An image request resolved and checked against its model and tier, nothing
+    reserved yet: its job, how its images go out, and (edits) the decode of its uploads,
+    run once its quota is reserved (it may still refuse the request, uncharged)."""
+
+    spec: ModelSpec
+    job: ImageJob
+    delivery: Delivery
+    kind: StreamKind  # what its streamed events are called
+    inputs: Callable[[], Awaitable[ImageJob]] | None = None
+
 
 class ImageRequests:
     """Generations (and edits) of one router replica, with its copy of every image
@@ -98,17 +116,21 @@ class ImageRequests:
         read) starts the ``Server-Timing`` of the answer."""
         received = time.perf_counter() if received is None else received
         try:
-            self.gateway.check_prompt(body.prompt)
-            spec = self.gateway.task_model(body.model, "text-to-image")
-            job = self.job_for(account, spec, body, request_id, **body.to_pipeline_kwargs(spec))
+            work = self.generation(account, body, request_id=request_id, base_url=base_url)
         finally:
             decided()
-        delivery = Delivery(
-            body.response_format, body.output_format, body.output_compression, base_url
-        )
-        return await self.run(account, spec, job, delivery, received=received)
+        return await self.run(account, work, received=received)
 
-    async def edit(
+    def generation(
+        self, account: Account, body: ImageGenerationRequest, *, request_id: str, base_url: str
+    ) -> ImageWork:
+        """A generation resolved and checked against its model and tier (nothing reserved)."""
+        self.gateway.check_prompt(body.prompt)
+        spec = self.gateway.task_model(body.model, "text-to-image")
+        job = self.job_for(account, spec, body, request_id, **body.to_pipeline_kwargs(spec))
+        return ImageWork(spec, job, Delivery.of(body, base_url), "image_generation")
+
+    def edit(
         self,
         account: Account,
         body: ImageEditRequest,
@@ -116,12 +138,10 @@ class ImageRequests:
         *,
         request_id: str,
         base_url: str,
-        received: float | None = None,
-    ) -> tuple[ImagesResponse, dict[str, str]]:
+    ) -> ImageWork:
         """``POST /v1/images/edits``: image-to-image, or inpaint with a mask. The files
-        are judged by their headers, the tier and the quota decided, and only then are
-        they decoded (a damaged one is a 400, not charged)."""
-        received = time.perf_counter() if received is None else received
+        are judged by their headers and the tier decided here; they are decoded only once
+        the quota is reserved (``ImageWork.inputs``: a damaged one is a 400, not charged)."""
         self.gateway.check_prompt(body.prompt)
         spec = self.gateway.task_model(body.model, "text-to-image")
         task: ImageTask = "inpaint" if uploads.mask is not None else "image-to-image"
@@ -152,17 +172,7 @@ class ImageRequests:
             )
             return job.model_copy(update={"init_image": image, "mask_image": mask})
 
-        delivery = Delivery(
-            body.response_format, body.output_format, body.output_compression, base_url
-        )
-        return await self.run(
-            account,
-            spec,
-            job,
-            delivery,
-            received=received,
-            before_submit=with_inputs,
-        )
+        return ImageWork(spec, job, Delivery.of(body, base_url), "image_edit", with_inputs)
 
     def job_for(
         self,
@@ -185,6 +195,7 @@ class ImageRequests:
             priority_class=tier.priority_class,
             max_wait_s=tier.max_queue_wait_s,
             max_queued=tier.max_queued,
+            partial_images=(body.partial_images or 0) if body.stream else 0,
             **pipeline,
         )
         check_image_caps(
@@ -199,38 +210,27 @@ class ImageRequests:
         return job
 
     async def run(
-        self,
-        account: Account,
-        spec: ModelSpec,
-        job: ImageJob,
-        delivery: Delivery,
-        *,
-        received: float,
-        before_submit: Callable[[], Awaitable[ImageJob]] | None = None,
+        self, account: Account, work: ImageWork, *, received: float
     ) -> tuple[ImagesResponse, dict[str, str]]:
         """Reserve the job's images, run it, deliver the images and settle the quota.
-        ``before_submit`` (awaited once the quota is reserved, before the hop) may still
-        refuse the request: it is then not charged."""
+        ``received`` (``time.perf_counter()`` when the body was read) starts the
+        ``Server-Timing`` of the answer."""
+        spec, job, delivery = work.spec, work.job, work.delivery
         admission = await self.gateway.guard.admit(account, kind="image", units=job.images)
         delivered = spent = False
         try:
-            if before_submit is not None:
-                job = await before_submit()
+            if work.inputs is not None:
+                job = await work.inputs()
             forwarded = time.perf_counter()
             try:
                 result: ImageResult = await self.gateway.schedulers[spec.id].submit.remote(job)
             except asyncio.CancelledError:  # the caller went away
-                spent = await self._started_before_leaving(spec.id, account.id, job.request_id)
+                spent = await self.started_before_leaving(spec.id, account.id, job.request_id)
                 raise
             except Exception as error:
-                if isinstance(unwrap(error), MediagateError):
-                    raise unwrap(error) from None
-                logger.error("scheduler of %s unreachable: %r", spec.id, error)
-                raise ModelUnavailable(
-                    f"model {spec.id} is restarting; please retry shortly", retry_after_s=2
-                ) from error
+                raise self.scheduler_error(spec.id, error) from None
             answered = time.perf_counter()
-            self._refresh_load_now(spec.id)  # a slot just freed: the copy overstates
+            self.refresh_load_now(spec.id)  # a slot just freed: the copy overstates
             try:
                 data, encode_ms = await asyncio.to_thread(self._deliver, result, delivery)
             except asyncio.CancelledError:  # left while its images were encoded: work done
@@ -287,9 +287,18 @@ class ImageRequests:
             raise
         count_forwarded(load, priority_class=job.priority_class, account_id=job.account_id)
 
-    async def _started_before_leaving(
-        self, model_id: str, account_id: str, request_id: str
-    ) -> bool:
+    def scheduler_error(self, model_id: str, error: BaseException) -> MediagateError:
+        """What a failed scheduler call means to the caller: the scheduler's own refusal
+        or failure, or (it could not be reached) a 503 to retry shortly."""
+        cause = unwrap(error)
+        if isinstance(cause, MediagateError):
+            return cause
+        logger.error("scheduler of %s unreachable: %r", model_id, error)
+        return ModelUnavailable(
+            f"model {model_id} is restarting; please retry shortly", retry_after_s=2
+        )
+
+    async def started_before_leaving(self, model_id: str, account_id: str, request_id: str) -> bool:
         """Whether a request whose caller left had already started running: its quota is
         spent then (a loop of request-and-disconnect must not burn GPU time for free)."""
         try:
@@ -309,7 +318,7 @@ class ImageRequests:
             await asyncio.gather(*(self._read_load(model_id) for model_id in image_models))
             await asyncio.sleep(self.gateway.settings.load_refresh_s)
 
-    def _refresh_load_now(self, model_id: str) -> None:
+    def refresh_load_now(self, model_id: str) -> None:
         """Read ``model_id``'s load now rather than at the next refresh (one read at a
         time per model): the copy counts what this router forwarded but not what was
         answered since, and right after an answer it would refuse work a free slot

@@ -15,20 +15,21 @@ import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Hashable
+from collections.abc import AsyncIterator, Hashable
 from typing import Any
 
-from autoscaling.policy import report_metrics
 from deployments.scheduler.admission import (
     EstimateCheck,
     admit_or_shed,
     updated_service_time,
-    wait_estimates_s_by_class,
 )
 from deployments.scheduler.capacity import ReplicaCounter, WorkerSlots, serve_replica_follower
+from deployments.scheduler.image_reports import ImageSchedulerReports
 from deployments.scheduler.in_flight import (
     InFlightBatch,
     RecentIds,
+    run_on_worker,
+    streamed_answer,
     with_scheduler_timings,
     worker_was_lost,
 )
@@ -48,16 +49,20 @@ from mediagate.protocol.errors import (
 )
 from mediagate.protocol.scheduling import (
     Decision,
-    PublishedLoad,
-    QueueStats,
     decision_key,
 )
-from mediagate.protocol.work import ImageJob, ImageResult, request_key
+from mediagate.protocol.work import (
+    ImageJob,
+    ImageResult,
+    PartialImage,
+    StreamQueued,
+    request_key,
+)
 
 logger = logging.getLogger(__name__)
 
 
-class Scheduler:
+class Scheduler(ImageSchedulerReports):
     """Queues jobs for one model and feeds them, batched by shape, to free worker slots."""
 
     def __init__(
@@ -117,12 +122,27 @@ class Scheduler:
             self._dispatcher = asyncio.create_task(self._dispatch_loop())
             self._capacity_watcher = asyncio.create_task(self._slots.watch())
 
-    @property
-    def capacity(self) -> int:
-        return self._slots.capacity
-
     async def submit(self, job: ImageJob) -> ImageResult:
         """Queue ``job`` and wait for its result; leaving early takes it off the queue."""
+        ticket = self._enqueue(job)
+        assert ticket.future is not None
+        try:
+            return await ticket.future
+        except asyncio.CancelledError:
+            self._left(ticket)
+            raise
+
+    async def submit_streaming(
+        self, job: ImageJob
+    ) -> AsyncIterator[StreamQueued | PartialImage | ImageResult]:
+        """``submit``, streamed (``handle.options(stream=True)``): ``StreamQueued`` once
+        admitted (a refusal raises before anything is sent), the job's partial images as
+        the worker makes them, then its result."""
+        async for item in streamed_answer(self._enqueue(job, streamed=True), self._left):
+            yield item
+
+    def _enqueue(self, job: ImageJob, *, streamed: bool = False) -> Ticket[ImageJob]:
+        """Admit ``job`` (or shed it: ``Overloaded``) and queue its ticket."""
         self._ensure_started()
         if self._withdrawn.seen(job.request_key, self._clock()):  # its caller left first
             raise InvalidRequest(
@@ -145,25 +165,25 @@ class Scheduler:
             self._count("shed", cls)
             raise
         self._count("admitted", cls)
-        future: asyncio.Future[ImageResult] = asyncio.get_running_loop().create_future()
         now = self._clock()
         ticket = Ticket(
             job=job,
             enqueued_at=now,
-            future=future,
+            future=asyncio.get_running_loop().create_future(),
             deadline=now + job.max_wait_s,
             estimated_wait_s=estimated_wait_s,
+            partials=asyncio.Queue() if streamed else None,
         )
         self._queue.push(ticket)
         self._deadlines.add(ticket, queued=len(self._queue))
         self._wakeup.set()
-        try:
-            return await future
-        except asyncio.CancelledError:
-            if self._queue.discard(ticket):
-                self._withdrawn.add(job.request_key, self._clock())
-                logger.info("dropped queued request %s: its caller went away", job.request_id)
-            raise
+        return ticket
+
+    def _left(self, ticket: Ticket[ImageJob]) -> None:
+        """Its submitter went away: a ticket still queued leaves the queue."""
+        if self._queue.discard(ticket):
+            self._withdrawn.add(ticket.job.request_key, self._clock())
+            logger.info("dropped queued request %s: its caller went away", ticket.job.request_id)
 
     def withdraw(self, account_id: str, request_id: str) -> bool:
         """A router whose caller went away asks whether the request had started running:
@@ -174,59 +194,6 @@ class Scheduler:
             return True
         self._withdrawn.add(key, self._clock())
         return False
-
-    def record_autoscaling_stats(self) -> dict[str, float]:
-        """Queue metrics that the autoscaling policy reads (``ctx.aggregated_metrics``)."""
-        by_class = self._queue.length_by_class()
-        self._metrics.observe(by_class, self._slots.busy, self._classes_seen | set(by_class))
-        running = sum(len(batch.tickets) for batch in self._in_flight.values())
-        stats = report_metrics(by_class, running, self.settings.weights(), self._classes_seen)
-        return stats | {"inflight": float(self._slots.busy)}
-
-    def wait_estimates_s(self) -> dict[int, float]:
-        """How long a new request of each class would wait now (None measured yet: 0)."""
-        service_s = sum(self._service_s.values()) / len(self._service_s) if self._service_s else 0.0
-        return wait_estimates_s_by_class(
-            self._queue,
-            self._classes_seen | set(self._queue.length_by_class()),
-            busy=self._slots.busy,
-            slots=self.capacity,
-            service_s=service_s,
-        )
-
-    def published_load(self) -> PublishedLoad:
-        """What routers need to make this scheduler's admission decision themselves,
-        without a hop: slots, measured service times, and per class the queue, the work
-        above it, the share of capacity above it and its accounts' queue depths."""
-        return PublishedLoad(
-            busy=self._slots.busy,
-            slots=self.capacity,
-            service_s=dict(self._service_s),
-            classes=self._queue.class_loads(self._classes_seen),
-        )
-
-    def queue_stats(self) -> QueueStats:
-        """The queue as every scheduler reports it (what ``GET /v1/status`` shows)."""
-        return QueueStats(
-            queue_len=len(self._queue),
-            queue_by_class=self._queue.length_by_class(),
-            running_by_class=dict(Counter(b.priority_class for b in self._in_flight.values())),
-            busy_slots=self._slots.busy,
-            capacity=self.capacity,
-            replicas=self._slots.replicas,
-            wait_estimate_s_by_class=self.wait_estimates_s(),
-            wait_beyond_estimate_s_by_class=self.estimate_check.summary(),
-            decision_counts=dict(self.counts),
-        )
-
-    def stats(self) -> dict[str, Any]:
-        """For operators and tests: ``queue_stats`` plus batching and service times."""
-        return {
-            "model": self.spec.id,
-            **self.queue_stats().as_dict(),
-            "max_batch_size": self._batching.max_batch_size,
-            "service_s": {str(key): round(value, 4) for key, value in self._service_s.items()},
-        }
 
     async def _dispatch_loop(self) -> None:
         while True:
@@ -331,8 +298,7 @@ class Scheduler:
         batch = in_flight.tickets
         try:
             sent = time.perf_counter()  # for the dispatch round trip (Server-Timing)
-            in_flight.response = self._worker.generate.remote([ticket.job for ticket in batch])
-            results = await in_flight.response
+            results = await run_on_worker(self._worker, in_flight)
             round_trip_ms = (time.perf_counter() - sent) * 1000
         except Exception as error:
             if in_flight.preempted:

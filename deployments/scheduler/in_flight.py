@@ -4,6 +4,8 @@ slot, the timings it adds to results, and the request ids it must remember for a
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from ray.exceptions import RayActorError
@@ -11,8 +13,9 @@ from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableE
 
 from deployments.scheduler.preemption import RunningBatch
 from deployments.scheduler.queue import Ticket
-from mediagate.protocol.errors import unwrap
-from mediagate.protocol.work import ImageJob, ImageResult
+from deployments.streams import items_until
+from mediagate.protocol.errors import GenerationFailed, unwrap
+from mediagate.protocol.work import ImageJob, ImageResult, PartialImage, StreamQueued
 
 # A worker call that ended for these reasons says nothing about the requests it ran:
 # the replica died, or Serve could not reach one.
@@ -46,6 +49,43 @@ class InFlightBatch:
             preemptions=max(ticket.preemptions for ticket in self.tickets),
             stopping=self.preempted,
         )
+
+
+async def run_on_worker(worker: Any, in_flight: InFlightBatch) -> list[ImageResult]:
+    """The worker call of a batch: one answer; or, when any of its jobs streams, the
+    partial images as the worker makes them (each handed to its ticket), then the answer.
+    ``in_flight.response`` holds the call, for preemption to cancel."""
+    jobs = [ticket.job for ticket in in_flight.tickets]
+    if not any(job.partial_images for job in jobs):
+        in_flight.response = worker.generate.remote(jobs)
+        return list(await in_flight.response)
+    in_flight.response = worker.options(stream=True).generate_streaming.remote(jobs)
+    results: list[ImageResult] | None = None
+    async for item in in_flight.response:
+        if isinstance(item, PartialImage):
+            in_flight.tickets[item.job_index].send_partial(item)
+        else:
+            results = item
+    if results is None:
+        raise GenerationFailed("the worker's stream ended without the batch's images")
+    return results
+
+
+async def streamed_answer(
+    ticket: Ticket[ImageJob], left: Callable[[Ticket[ImageJob]], None]
+) -> AsyncIterator[StreamQueued | PartialImage | ImageResult]:
+    """What a streamed job's submitter receives: that it was queued, its partial images
+    as they come, and its result (or its failure, raised). ``left`` is told if the
+    submitter goes away first."""
+    assert ticket.future is not None and ticket.partials is not None
+    try:
+        yield StreamQueued(estimated_wait_s=ticket.estimated_wait_s)
+        async for partial in items_until(ticket.future, ticket.partials):
+            yield partial
+        yield ticket.future.result()
+    except (asyncio.CancelledError, GeneratorExit):
+        left(ticket)
+        raise
 
 
 class RecentIds:

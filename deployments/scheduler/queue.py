@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
 from mediagate.protocol.scheduling import ClassLoad
+from mediagate.protocol.work import PartialImage
 
 
 def tickets_ahead(*, queued_above: int, depths: Mapping[int, int], own_depth: int) -> int:
@@ -69,6 +70,10 @@ class Ticket(Generic[JobT]):
     preemptions: int = 0  # times a running batch holding it was taken back
     workers_lost: int = 0  # times the worker running it died under it
     estimated_wait_s: float | None = None  # what admission expected, to check it against
+    # A streamed job's previews, handed to its submitter as the worker makes them; each
+    # once, though a batch taken back and run again makes them again.
+    partials: asyncio.Queue[PartialImage] | None = field(default=None, repr=False)
+    partials_sent: set[tuple[int, int]] = field(default_factory=set, repr=False)
 
     @property
     def answered(self) -> bool:
@@ -82,6 +87,12 @@ class Ticket(Generic[JobT]):
     def fail(self, error: BaseException) -> None:
         if self.future is not None and not self.future.done():
             self.future.set_exception(error)
+
+    def send_partial(self, partial: PartialImage) -> None:
+        sent = (partial.image_index, partial.partial_image_index)
+        if self.partials is not None and not self.answered and sent not in self.partials_sent:
+            self.partials_sent.add(sent)
+            self.partials.put_nowait(partial)
 
 
 class _Class(Generic[JobT]):

@@ -18,22 +18,25 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
-from deployments.workers.runner import (
-    PipelineLoader,
-    StoppedAtStep,
-    load_warm_pipeline,
-    stop_pipeline,
+from deployments.streams import items_until
+from deployments.workers.image_steps import (
+    PreviewPlan,
+    inpaint_inputs,
+    keep_outside_masks,
+    pil_of,
+    step_callback,
 )
+from deployments.workers.runner import PipelineLoader, load_warm_pipeline
 from mediagate.protocol.catalog import ModelSpec
 from mediagate.protocol.errors import GenerationFailed, InvalidRequest
 from mediagate.protocol.work import (
     ImageJob,
     ImageResult,
     ImageTask,
-    RawImage,
+    PartialImage,
     image_seeds,
     pipeline_call_kwargs,
 )
@@ -53,24 +56,6 @@ def _replica_id() -> str:
         return ""
 
 
-class BatchStopped(StoppedAtStep):
-    """The scheduler took the batch back (to run higher-priority work) mid-way."""
-
-
-def stop_when_set(stop: threading.Event) -> Callable[..., dict[str, Any]]:
-    """A ``callback_on_step_end`` that ends the denoising loop once ``stop`` is set."""
-
-    def callback(pipeline: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> Any:
-        if stop.is_set():
-            try:
-                stop_pipeline(pipeline, step)
-            except StoppedAtStep as stopped:
-                raise BatchStopped(str(stopped)) from None
-        return kwargs
-
-    return callback
-
-
 def edit_pipelines(spec: ModelSpec, pipeline: Any) -> dict[ImageTask, Any]:
     """The edit pipelines ``spec`` lists, sharing ``pipeline``'s loaded components. A
     simulated pipeline (not diffusers') serves them itself: it only paces the steps."""
@@ -84,12 +69,6 @@ def edit_pipelines(spec: ModelSpec, pipeline: Any) -> dict[ImageTask, Any]:
     if not isinstance(pipeline, DiffusionPipeline):
         return dict.fromkeys(wanted, pipeline)
     return {task: builders[task].from_pipe(pipeline) for task in wanted}
-
-
-def _pil(raw: RawImage) -> Any:
-    from PIL import Image
-
-    return Image.frombytes(raw.mode, (raw.width, raw.height), raw.pixels)
 
 
 def call_kwargs(pipeline: Any, jobs: list[ImageJob]) -> dict[str, Any]:
@@ -108,51 +87,43 @@ def call_kwargs(pipeline: Any, jobs: list[ImageJob]) -> dict[str, Any]:
     if incomplete:
         raise InvalidRequest(f"an {first.task} job came without its input image or mask")
     kwargs["image"] = [
-        _pil(job.init_image) for job in jobs for _ in range(job.images) if job.init_image
+        pil_of(job.init_image) for job in jobs for _ in range(job.images) if job.init_image
     ]
     kwargs["strength"] = first.strength
     if first.task == "inpaint":
         kwargs["mask_image"] = [
-            _pil(job.mask_image) for job in jobs for _ in range(job.images) if job.mask_image
+            pil_of(job.mask_image) for job in jobs for _ in range(job.images) if job.mask_image
         ]
     accepted = inspect.signature(pipeline.__call__).parameters
     return {name: value for name, value in kwargs.items() if name in accepted}
 
 
-def keep_outside_masks(images: list[Any], jobs: list[ImageJob]) -> list[Any]:
-    """Inpainted images with every pixel outside their mask taken from the input: the
-    pipeline redraws the whole image through the VAE, and what was not to be edited
-    must come back as it was (OpenAI's edits change only where the mask is clear)."""
-    from PIL import Image
-
-    originals = [(job.init_image, job.mask_image) for job in jobs for _ in range(job.images)]
-    kept = []
-    for image, (original, mask) in zip(images, originals, strict=True):
-        assert original is not None and mask is not None  # checked by call_kwargs
-        kept.append(Image.composite(image.convert("RGB"), _pil(original), _pil(mask)))
-    return kept
-
-
 def generate_batch(
-    pipeline: Any, jobs: list[ImageJob], stop: threading.Event | None = None, worker: str = ""
+    pipeline: Any,
+    jobs: list[ImageJob],
+    stop: threading.Event | None = None,
+    worker: str = "",
+    previews: PreviewPlan | None = None,
 ) -> list[ImageResult]:
     """Run one pipeline call for same-shape ``jobs`` and split its images by job, as raw
-    pixels; setting ``stop`` ends it at the next denoising step with ``BatchStopped``."""
+    pixels; setting ``stop`` ends it at the next denoising step with ``BatchStopped``;
+    ``previews`` decodes the partial images of streamed jobs as the steps go."""
     import torch
 
     if len({job.batch_key for job in jobs}) != 1:
         raise InvalidRequest("a batch must share its task, size, steps, guidance and strength")
     generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in image_seeds(jobs)]
     extra: dict[str, Any] = {}
-    if stop is not None:
-        extra["callback_on_step_end"] = stop_when_set(stop)
+    callback = step_callback(stop, previews)
+    if callback is not None:
+        extra["callback_on_step_end"] = callback
     started = time.perf_counter()
     kwargs = call_kwargs(pipeline, jobs)
     output = pipeline(**kwargs, generator=generators, output_type="pil", **extra)
     inference_s = time.perf_counter() - started
     made = output.images
     if jobs[0].task == "inpaint":
-        made = keep_outside_masks(made, jobs)
+        made = keep_outside_masks(made, inpaint_inputs(jobs))
     images = [to_raw_image(image) for image in made]
     results: list[ImageResult] = []
     offset = 0
@@ -234,16 +205,43 @@ class TextToImage:
         pipeline at its next step. Serve may route the next batch here at once; it
         waits until the stopped one has left the pipeline.
         """
+        return await self._generate(jobs, previews=None)
+
+    async def generate_streaming(
+        self, jobs: list[ImageJob]
+    ) -> AsyncIterator[PartialImage | list[ImageResult]]:
+        """``generate``, streamed (``handle.options(stream=True)``): the partial images
+        of the jobs that ask for them (``partial_images``) as the steps make them, then
+        the batch's results. Cancelling it stops the pipeline as ``generate`` does."""
+        loop = asyncio.get_running_loop()
+        made: asyncio.Queue[PartialImage] = asyncio.Queue()
+
+        def hand_over(partial: PartialImage) -> None:  # called on the pipeline's thread
+            loop.call_soon_threadsafe(made.put_nowait, partial)
+
+        run = asyncio.ensure_future(self._generate(jobs, previews=PreviewPlan(jobs, hand_over)))
+        try:
+            async for partial in items_until(run, made):
+                yield partial
+            yield run.result()
+        finally:
+            if not run.done():  # the caller left or took the batch back: stop the pipeline
+                run.cancel()
+                await asyncio.wait({run})
+
+    async def _generate(
+        self, jobs: list[ImageJob], previews: PreviewPlan | None
+    ) -> list[ImageResult]:
         stop = threading.Event()
-        # Serve may send the next batch as soon as a call is cancelled, while the stopped
-        # batch still finishes its step: one pipeline call at a time, or the two would
-        # share the pipeline (and its interrupt flag).
         pipeline = self.pipelines.get(jobs[0].task)
         if pipeline is None:
             raise InvalidRequest(f"model {self.spec.id} does not serve {jobs[0].task}")
+        # Serve may send the next batch as soon as a call is cancelled, while the stopped
+        # batch still finishes its step: one pipeline call at a time, or the two would
+        # share the pipeline (and its interrupt flag).
         async with self._one_at_a_time:
             run = asyncio.ensure_future(
-                asyncio.to_thread(generate_batch, pipeline, jobs, stop, self.replica_id)
+                asyncio.to_thread(generate_batch, pipeline, jobs, stop, self.replica_id, previews)
             )
             try:
                 return await asyncio.shield(run)

@@ -37,9 +37,17 @@ class ImageRequest(BaseModel):
         None, description="Diffusion output is opaque: `auto` and `opaque` are accepted."
     )
     user: str | None = Field(None, max_length=256, description="End-user id, for abuse tracking.")
-    stream: bool | None = Field(None, description="Streaming is not supported yet; must be false.")
+    stream: bool | None = Field(
+        None,
+        description="Answer as server-sent events: `partial_images` previews while the "
+        "image forms, then one completed event per image (always b64_json).",
+    )
     partial_images: int | None = Field(
-        None, ge=0, le=3, description="Streaming partial images; only 0 is supported."
+        None,
+        ge=0,
+        le=3,
+        description="Previews per image to stream (0-3; needs `stream`). Fewer come when "
+        "the image has too few steps to space them.",
     )
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Makes results reproducible.")
     negative_prompt: str | None = Field(
@@ -52,11 +60,15 @@ class ImageRequest(BaseModel):
 
     @model_validator(mode="after")
     def _supported_combinations(self) -> ImageRequest:
-        if self.stream:
-            raise InvalidRequest("streaming is not supported yet; omit `stream`", param="stream")
-        if self.partial_images:
+        if self.partial_images and not self.stream:
             raise InvalidRequest(
-                "partial images need streaming, which is not supported yet", param="partial_images"
+                "`partial_images` are streamed: set `stream` to true", param="partial_images"
+            )
+        if self.stream and self.response_format == "url":
+            raise InvalidRequest(
+                "streamed images are sent inline (b64_json); `response_format: url` is for "
+                "unstreamed requests",
+                param="response_format",
             )
         if self.background == "transparent":
             raise InvalidRequest(

@@ -9,10 +9,18 @@ not production. Sync and async are part of the shape: a handle awaits either.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Protocol
 
 from mediagate.protocol.scheduling import PublishedLoad, QueueStats
-from mediagate.protocol.work import ImageJob, ImageResult, VideoOutcome, VideoTask
+from mediagate.protocol.work import (
+    ImageJob,
+    ImageResult,
+    PartialImage,
+    StreamQueued,
+    VideoOutcome,
+    VideoTask,
+)
 
 
 class ImageScheduling(Protocol):
@@ -20,6 +28,13 @@ class ImageScheduling(Protocol):
 
     async def submit(self, job: ImageJob) -> ImageResult:
         """Queue ``job`` and answer when its batch is done (or refuse: ``Overloaded``)."""
+        ...
+
+    def submit_streaming(
+        self, job: ImageJob
+    ) -> AsyncIterator[StreamQueued | PartialImage | ImageResult]:
+        """``submit`` for a streamed answer (``handle.options(stream=True)``): queued (or
+        refused, raised), then the job's partial images as they are made, then its result."""
         ...
 
     def withdraw(self, account_id: str, request_id: str) -> bool:
@@ -66,6 +81,12 @@ class ImageWorking(Protocol):
 
     async def generate(self, jobs: list[ImageJob]) -> list[ImageResult]:
         """One pipeline call for a batch of same-shape jobs; results in the jobs' order."""
+        ...
+
+    def generate_streaming(
+        self, jobs: list[ImageJob]
+    ) -> AsyncIterator[PartialImage | list[ImageResult]]:
+        """``generate``, streamed: partial images as the steps make them, then the results."""
         ...
 
 

@@ -70,6 +70,13 @@ class ImageJob(BaseModel):
     strength: float | None = Field(
         None, gt=0, le=1, description="Share of the steps an edit runs (diffusers' `strength`)."
     )
+    partial_images: int = Field(
+        0,
+        ge=0,
+        le=3,
+        description="Previews to stream per image while it forms (not part of the batch "
+        "key: streamed and plain jobs share pipeline calls).",
+    )
 
     @model_validator(mode="after")
     def _inputs_match_the_task(self) -> ImageJob:
@@ -98,6 +105,36 @@ class ImageJob(BaseModel):
 
 def request_key(account_id: str, request_id: str) -> str:
     return f"{account_id}/{request_id}"
+
+
+def preview_steps(steps_run: int, partial_images: int) -> list[int]:
+    """After which denoising steps (0-based, of the ``steps_run`` a pipeline call runs)
+    a job's partial images are decoded: evenly spaced, never after the last step (the
+    final image follows it). Fewer than asked when there are too few steps."""
+    spaced = {
+        (index + 1) * steps_run // (partial_images + 1) - 1 for index in range(partial_images)
+    }
+    return sorted(step for step in spaced if 0 <= step < steps_run - 1)
+
+
+class PartialImage(BaseModel):
+    """A preview of one image of a streamed job, decoded from its latents mid-way."""
+
+    model_config = ConfigDict(frozen=True)
+
+    job_index: int = Field(ge=0, description="Which job of the worker's batch it belongs to.")
+    image_index: int = Field(ge=0, description="Which of the job's images (0 to n-1).")
+    partial_image_index: int = Field(ge=0, description="0-based, in the order they are made.")
+    image: RawImage = Field(description="The preview's pixels, at the output size.")
+
+
+class StreamQueued(BaseModel):
+    """The first item of a streamed job: the scheduler admitted it (a refusal is raised
+    instead, before anything is streamed)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    estimated_wait_s: float | None = Field(None, description="Admission's estimate of the wait.")
 
 
 class ImageResult(BaseModel):

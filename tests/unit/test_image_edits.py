@@ -190,7 +190,9 @@ def test_a_damaged_image_is_refused_after_admission_and_not_charged(service: Ser
         ({"strength": "0"}, "strength"),
         ({"strength": "0.1", "num_inference_steps": "4"}, "strength"),  # int(0.4) = 0 steps
         ({"moderation": "low"}, "moderation"),  # generations only
-        ({"stream": "true"}, "stream"),
+        ({"stream": "maybe"}, "stream"),
+        ({"partial_images": "2"}, "partial_images"),  # without stream
+        ({"stream": "true", "response_format": "url"}, "response_format"),
         ({"size": "100x100"}, "size"),
     ],
 )

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from deployments.scheduler.preemption import PreemptionPolicy, RunningBatch, batch_to_preempt
-from deployments.workers.text_to_image import BatchStopped, TextToImage, generate_batch
+from deployments.workers.image_steps import BatchStopped
+from deployments.workers.text_to_image import TextToImage, generate_batch
 from models.simulated import SimulatedPipeline
 from tests.unit.test_queue_discipline import SPEC, job, learn_service_time, one_slot_scheduler
 

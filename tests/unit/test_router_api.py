@@ -55,8 +55,10 @@ def assert_error(response: Any, status: int, param: str | None, code: str | None
         ({"prompt": "x", "output_format": "jpeg", "output_compression": 101}, "output_compression"),
         ({"prompt": "x", "background": "transparent"}, "background"),
         ({"prompt": "x", "style": "vivid"}, "style"),
-        ({"prompt": "x", "stream": True}, "stream"),
-        ({"prompt": "x", "partial_images": 2}, "partial_images"),
+        ({"prompt": "x", "stream": "sometimes"}, "stream"),
+        ({"prompt": "x", "partial_images": 2}, "partial_images"),  # without stream
+        ({"prompt": "x", "stream": True, "partial_images": 4}, "partial_images"),
+        ({"prompt": "x", "stream": True, "response_format": "url"}, "response_format"),
         ({"prompt": "x", "seed": -1}, "seed"),
         ({"prompt": "x", "num_inference_steps": 0}, "num_inference_steps"),
         ({"prompt": "x", "num_inference_steps": 51}, "num_inference_steps"),

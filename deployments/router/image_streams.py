@@ -1,0 +1,134 @@
+"""Streamed image answers (``stream: true``): previews as the image forms, then the images.
+
+Everything that can refuse the request happens before the first byte, so refusals
+keep their HTTP status (429 with Retry-After, 400, 503): the tier checks and the
+published-load refusal (``ImageRequests.generation``/``edit``), the quota reservation,
+the uploads' decode, and the scheduler's own admission (its first streamed item). Then
+the events: a comment saying the request is queued, each partial image as the worker
+decodes it, and one completed event per image. A failure after that is an ``error``
+event. The quota is settled as for unary answers: charged for images delivered, or for
+work that had started when the caller left; given back otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import AsyncIterator
+from typing import Any
+
+from deployments.router.images import ImageRequests, ImageWork
+from deployments.streams import finish_regardless
+from mediagate.access.accounts import Account
+from mediagate.access.guard import Admission, rate_limit_headers
+from mediagate.protocol.errors import GenerationFailed
+from mediagate.protocol.image_stream import (
+    ImageStreamEvent,
+    ImagesUsage,
+    completed_event_type,
+    partial_event_type,
+    sse,
+    sse_comment,
+    sse_error,
+)
+from mediagate.protocol.work import ImageJob, ImageResult, PartialImage, RawImage, StreamQueued
+from models.encoding import encode_raw_image
+
+
+async def start_image_stream(
+    requests: ImageRequests, account: Account, work: ImageWork
+) -> tuple[AsyncIterator[bytes], dict[str, str]]:
+    """Reserve the quota and queue the job; the events to send and the answer's headers.
+    Raises (nothing reserved) if the request is refused."""
+    gateway = requests.gateway
+    admission = await gateway.guard.admit(account, kind="image", units=work.job.images)
+    events: Any = None
+    try:
+        job = await work.inputs() if work.inputs is not None else work.job
+        scheduler = gateway.schedulers[work.spec.id]
+        events = scheduler.options(stream=True).submit_streaming.remote(job)
+        queued = await events.__anext__()  # StreamQueued, or the scheduler's refusal
+    except BaseException as error:
+        if events is not None:
+            events.cancel()
+        await finish_regardless(gateway.guard.settle(admission, charge=False))
+        if isinstance(error, Exception):
+            raise requests.scheduler_error(work.spec.id, error) from None
+        raise
+    stream = ImageStream(requests, account, work, job, admission, events)
+    return stream.events(queued), rate_limit_headers(admission.usage)
+
+
+class ImageStream:
+    """One streamed request after its admission: relays the scheduler's items as events
+    and settles the quota however the stream ends."""
+
+    def __init__(
+        self,
+        requests: ImageRequests,
+        account: Account,
+        work: ImageWork,
+        job: ImageJob,
+        admission: Admission,
+        scheduled: Any,
+    ) -> None:
+        self.requests = requests
+        self.account = account
+        self.work = work
+        self.job = job
+        self.admission = admission
+        self.scheduled = scheduled  # the scheduler's DeploymentResponseGenerator
+
+    async def events(self, queued: StreamQueued) -> AsyncIterator[bytes]:
+        delivered = spent = left = False
+        try:
+            wait = queued.estimated_wait_s
+            yield sse_comment("queued" if wait is None else f"queued; expected wait {wait:.1f} s")
+            result: ImageResult | None = None
+            async for item in self.scheduled:
+                if isinstance(item, PartialImage):
+                    yield await self._event(item.image, item.image_index, item.partial_image_index)
+                elif isinstance(item, ImageResult):
+                    result = item
+            if result is None:
+                raise GenerationFailed("the stream ended without its images; please retry")
+            spent = True  # the work is done: a caller who leaves now has had it
+            self.requests.refresh_load_now(self.work.spec.id)
+            for index, image in enumerate(result.images):
+                yield await self._event(image, index, None)
+            delivered = True
+        except (asyncio.CancelledError, GeneratorExit):
+            left = True
+            raise
+        except Exception as error:
+            yield sse_error(self.requests.scheduler_error(self.work.spec.id, error))
+        finally:
+            if not delivered:
+                self.scheduled.cancel()  # no-op once it ended; else its ticket leaves
+            await finish_regardless(self._settle(charge=delivered or spent, left=left))
+
+    async def _settle(self, *, charge: bool, left: bool) -> None:
+        if left and not charge:  # it may have started running: ask its scheduler
+            charge = await self.requests.started_before_leaving(
+                self.work.spec.id, self.account.id, self.job.request_id
+            )
+        await self.requests.gateway.guard.settle(self.admission, charge=charge)
+
+    async def _event(self, image: RawImage, image_index: int, partial: int | None) -> bytes:
+        """An image as an event (encoded off the event loop)."""
+        delivery, kind = self.work.delivery, self.work.kind
+        encoded = await asyncio.to_thread(
+            encode_raw_image, image, delivery.output_format, delivery.output_compression
+        )
+        event = ImageStreamEvent(
+            type=completed_event_type(kind) if partial is None else partial_event_type(kind),
+            b64_json=base64.b64encode(encoded).decode(),
+            created_at=int(self.requests.gateway.clock()),
+            size=f"{self.job.width}x{self.job.height}",
+            quality=self.work.spec.quality_of(self.job.num_inference_steps),
+            output_format=delivery.output_format,
+            image_index=image_index,
+            partial_image_index=partial,
+            usage=ImagesUsage() if partial is None else None,
+        )
+        return sse(event)

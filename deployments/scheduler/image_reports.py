@@ -1,0 +1,93 @@
+"""What an image scheduler reports: queue metrics for autoscaling, wait estimates, the
+load routers copy to refuse early, and its queue for ``GET /v1/status`` and operators."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Hashable
+from typing import Any
+
+from autoscaling.policy import report_metrics
+from deployments.scheduler.admission import EstimateCheck, wait_estimates_s_by_class
+from deployments.scheduler.capacity import WorkerSlots
+from deployments.scheduler.in_flight import InFlightBatch
+from deployments.scheduler.metrics import SchedulerMetrics
+from deployments.scheduler.queue import FairQueue
+from deployments.scheduler.settings import ImageSchedulerSettings
+from mediagate.protocol.catalog import Batching, ModelSpec
+from mediagate.protocol.scheduling import PublishedLoad, QueueStats
+from mediagate.protocol.work import ImageJob
+
+
+class ImageSchedulerReports:
+    """The reporting half of ``Scheduler`` (deployments/scheduler/images.py), which
+    owns every attribute read here."""
+
+    spec: ModelSpec
+    settings: ImageSchedulerSettings
+    counts: Counter[str]
+    estimate_check: EstimateCheck
+    _queue: FairQueue[ImageJob]
+    _slots: WorkerSlots
+    _service_s: dict[Hashable, float]
+    _classes_seen: set[int]
+    _in_flight: dict[int, InFlightBatch]
+    _metrics: SchedulerMetrics
+    _batching: Batching
+
+    @property
+    def capacity(self) -> int:
+        return self._slots.capacity
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Queue metrics that the autoscaling policy reads (``ctx.aggregated_metrics``)."""
+        by_class = self._queue.length_by_class()
+        self._metrics.observe(by_class, self._slots.busy, self._classes_seen | set(by_class))
+        running = sum(len(batch.tickets) for batch in self._in_flight.values())
+        stats = report_metrics(by_class, running, self.settings.weights(), self._classes_seen)
+        return stats | {"inflight": float(self._slots.busy)}
+
+    def wait_estimates_s(self) -> dict[int, float]:
+        """How long a new request of each class would wait now (None measured yet: 0)."""
+        service_s = sum(self._service_s.values()) / len(self._service_s) if self._service_s else 0.0
+        return wait_estimates_s_by_class(
+            self._queue,
+            self._classes_seen | set(self._queue.length_by_class()),
+            busy=self._slots.busy,
+            slots=self.capacity,
+            service_s=service_s,
+        )
+
+    def published_load(self) -> PublishedLoad:
+        """What routers need to make this scheduler's admission decision themselves,
+        without a hop: slots, measured service times, and per class the queue, the work
+        above it, the share of capacity above it and its accounts' queue depths."""
+        return PublishedLoad(
+            busy=self._slots.busy,
+            slots=self.capacity,
+            service_s=dict(self._service_s),
+            classes=self._queue.class_loads(self._classes_seen),
+        )
+
+    def queue_stats(self) -> QueueStats:
+        """The queue as every scheduler reports it (what ``GET /v1/status`` shows)."""
+        return QueueStats(
+            queue_len=len(self._queue),
+            queue_by_class=self._queue.length_by_class(),
+            running_by_class=dict(Counter(b.priority_class for b in self._in_flight.values())),
+            busy_slots=self._slots.busy,
+            capacity=self.capacity,
+            replicas=self._slots.replicas,
+            wait_estimate_s_by_class=self.wait_estimates_s(),
+            wait_beyond_estimate_s_by_class=self.estimate_check.summary(),
+            decision_counts=dict(self.counts),
+        )
+
+    def stats(self) -> dict[str, Any]:
+        """For operators and tests: ``queue_stats`` plus batching and service times."""
+        return {
+            "model": self.spec.id,
+            **self.queue_stats().as_dict(),
+            "max_batch_size": self._batching.max_batch_size,
+            "service_s": {str(key): round(value, 4) for key, value in self._service_s.items()},
+        }

@@ -1,0 +1,43 @@
+"""Asyncio plumbing for streamed answers: items handed over while a result forms."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Coroutine
+from typing import Any, TypeVar
+
+ItemT = TypeVar("ItemT")
+
+
+async def items_until(
+    done: asyncio.Future[Any], items: asyncio.Queue[ItemT]
+) -> AsyncIterator[ItemT]:
+    """Each item put on ``items`` until ``done`` completes, then those still queued
+    (nothing is lost to the race between the last item and the end). ``done``'s result
+    or exception is left to the caller."""
+    while not done.done():
+        getter = asyncio.ensure_future(items.get())
+        try:
+            await asyncio.wait({getter, done}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not getter.done():
+                getter.cancel()
+        if getter.done() and not getter.cancelled():
+            yield getter.result()
+    while not items.empty():
+        yield items.get_nowait()
+
+
+_FINISHING: set[asyncio.Task[Any]] = set()  # referenced until done (asyncio keeps weak refs)
+
+
+async def finish_regardless(work: Coroutine[Any, Any, Any]) -> None:
+    """Run ``work`` to its end even if the caller is cancelled meanwhile (bookkeeping a
+    stream owes however it ends: ``work`` goes on in a task of its own). A cancellation
+    of the caller is not raised here: the caller is already on its way out."""
+    task = asyncio.ensure_future(work)
+    _FINISHING.add(task)
+    task.add_done_callback(_FINISHING.discard)
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.shield(task)
