@@ -180,10 +180,20 @@ class Scheduler(ImageSchedulerReports):
         return ticket
 
     def _left(self, ticket: Ticket[ImageJob]) -> None:
-        """Its submitter went away: a ticket still queued leaves the queue."""
+        """Its submitter went away: a ticket still queued leaves the queue; a running
+        batch that no caller waits for any more stops at its next step."""
         if self._queue.discard(ticket):
             self._withdrawn.add(ticket.job.request_key, self._clock())
             logger.info("dropped queued request %s: its caller went away", ticket.job.request_id)
+            return
+        if ticket.future is not None:
+            ticket.future.cancel()  # nothing more to send it
+        for batch in self._in_flight.values():
+            stoppable = batch.response is not None and not batch.preempted
+            if stoppable and ticket in batch.tickets and all(t.answered for t in batch.tickets):
+                batch.abandoned = True
+                batch.response.cancel()  # the slot goes to waiting work
+                logger.info("stopping batch %d: its callers went away", batch.batch_id)
 
     def withdraw(self, account_id: str, request_id: str) -> bool:
         """A router whose caller went away asks whether the request had started running:
@@ -301,6 +311,8 @@ class Scheduler(ImageSchedulerReports):
             results = await run_on_worker(self._worker, in_flight)
             round_trip_ms = (time.perf_counter() - sent) * 1000
         except Exception as error:
+            if in_flight.abandoned:
+                return  # stopped because nobody waits for it: nothing to answer
             if in_flight.preempted:
                 self._requeue(batch, preempted=True)
                 return

@@ -39,6 +39,7 @@ class InFlightBatch:
         self.priority_class = tickets[0].job.priority_class
         self.response: Any = None
         self.preempted = False
+        self.abandoned = False  # stopped because none of its callers waits any more
 
     def view(self, expected_s: float | None) -> RunningBatch:
         return RunningBatch(

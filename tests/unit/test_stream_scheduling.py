@@ -212,3 +212,49 @@ async def test_the_worker_streams_previews_then_the_results(tiny_worker: TextToI
     assert [type(item).__name__ for item in items] == ["PartialImage"] * 3 + ["list"]
     results = items[-1]
     assert isinstance(results, list) and [r.request_id for r in results] == ["s"]
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_a_running_batch_nobody_waits_for_stops_and_frees_its_slot(streamed: bool) -> None:
+    worker, clock, scheduler = one_slot_scheduler()
+    await learn_service_time(scheduler, worker, clock)
+    caller: asyncio.Future[Any]
+    if streamed:
+        stream = scheduler.submit_streaming(job("gone", "a", partial_images=1, max_wait_s=600))
+        assert isinstance(await stream.__anext__(), StreamQueued)
+        caller = asyncio.ensure_future(collect(stream))
+    else:
+        caller = asyncio.ensure_future(scheduler.submit(job("gone", "a", max_wait_s=600)))
+    await worker.wait_for_batches(2)
+    queued = asyncio.create_task(scheduler.submit(job("next", "b", max_wait_s=600)))
+    await asyncio.sleep(0.01)
+    caller.cancel()  # its router saw the client hang up
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    await worker.wait_for_batches(3)  # the slot went to the waiting request
+    assert worker.stopped == [["gone"]]
+    assert scheduler.withdraw("a", "gone") is True  # it had started: charged
+    worker.release.set()
+    assert (await queued).request_id == "next"
+    assert "preempted_class_0" not in scheduler.stats()
+    await scheduler.shutdown()
+
+
+async def test_a_batch_still_awaited_by_one_caller_runs_on() -> None:
+    worker, clock, scheduler = one_slot_scheduler(batching={"max_batch_size": 2})
+    await learn_service_time(scheduler, worker, clock)
+    blocker = asyncio.create_task(scheduler.submit(job("blocker", "z", max_wait_s=600)))
+    await worker.wait_for_batches(2)
+    leaves = asyncio.create_task(scheduler.submit(job("leaves", "a", max_wait_s=600)))
+    stays = asyncio.create_task(scheduler.submit(job("stays", "b", max_wait_s=600)))
+    await asyncio.sleep(0.01)
+    worker.release.set()
+    await blocker
+    worker.release.clear()
+    await worker.wait_for_batches(3)
+    leaves.cancel()
+    await asyncio.sleep(0.01)
+    assert worker.stopped == []
+    worker.release.set()
+    assert (await stays).request_id == "stays"
+    await scheduler.shutdown()
