@@ -28,7 +28,7 @@ from deployments.router.services import RouterServices
 from deployments.scheduler.admission import count_forwarded, shed_on_published_load
 from mediagate.access.accounts import Account
 from mediagate.access.guard import rate_limit_headers
-from mediagate.access.tiers import check_image_caps
+from mediagate.access.tiers import check_edit_inputs, check_image_caps
 from mediagate.protocol.catalog import ModelSpec
 from mediagate.protocol.errors import (
     InvalidRequest,
@@ -151,9 +151,17 @@ class ImageRequests:
                 param="mask" if task == "inpaint" else "model",
                 code="unsupported_task",
             )
+        tier = self.gateway.policy.tier(account.tier)
+        check_edit_inputs(account.tier, tier, images=len(uploads.images))
         settings = self.gateway.settings
         limits = edit_upload_limits(spec, settings.max_upload_bytes, settings.max_reference_pixels)
         header = check_edit_uploads(spec, uploads, limits)
+        check_edit_inputs(
+            account.tier,
+            tier,
+            images=len(uploads.images),
+            largest_pixels=header.width * header.height,
+        )
         fields = body.to_pipeline_kwargs(spec, auto_size=spec.caps.fit(header.width, header.height))
         strength = body.resolved_strength(masked=uploads.mask is not None)
         steps = fields["num_inference_steps"]
@@ -205,6 +213,7 @@ class ImageRequests:
             width=job.width,
             height=job.height,
             steps=job.num_inference_steps,
+            partial_images=job.partial_images,
         )
         self.refuse_if_overloaded(spec.id, job, account.tier)
         return job

@@ -44,6 +44,13 @@ class TierCaps(_Frozen):
     max_side: int | None = Field(None, ge=8, description="Largest width or height, pixels.")
     max_steps: int | None = Field(None, ge=1, description="Denoising steps per request.")
     max_seconds: int | None = Field(None, ge=1, description="Video length.")
+    max_partial_images: int | None = Field(
+        None, ge=0, le=3, description="Streamed previews per image (each is a VAE decode)."
+    )
+    max_input_images: int | None = Field(None, ge=1, description="Images uploaded per edit.")
+    max_input_pixels: int | None = Field(
+        None, ge=64, description="Pixels of each uploaded image (width x height)."
+    )
 
 
 class Tier(_Frozen):
@@ -113,7 +120,14 @@ def load_tier_policy(path: str | Path | None = None) -> TierPolicy:
 
 
 def check_image_caps(
-    tier_name: str, tier: Tier, *, n: int, width: int, height: int, steps: int
+    tier_name: str,
+    tier: Tier,
+    *,
+    n: int,
+    width: int,
+    height: int,
+    steps: int,
+    partial_images: int = 0,
 ) -> None:
     """400 naming the field when an image request exceeds the tier's caps."""
     caps = tier.caps
@@ -122,7 +136,37 @@ def check_image_caps(
             f"the {tier_name} tier makes at most {caps.max_n} image(s) per request, got n={n}",
             param="n",
         )
+    if caps.max_partial_images is not None and partial_images > caps.max_partial_images:
+        raise InvalidRequest(
+            f"the {tier_name} tier streams at most {caps.max_partial_images} partial image(s), "
+            f"got partial_images={partial_images}",
+            param="partial_images",
+        )
     _check_common(tier_name, caps, width=width, height=height, steps=steps)
+
+
+def check_edit_inputs(
+    tier_name: str, tier: Tier, *, images: int, largest_pixels: int | None = None
+) -> None:
+    """400 naming the upload when an edit's inputs exceed the tier's caps: how many
+    images, and (once their headers are read) the largest one's pixel count."""
+    caps = tier.caps
+    if caps.max_input_images is not None and images > caps.max_input_images:
+        raise InvalidRequest(
+            f"the {tier_name} tier edits at most {caps.max_input_images} uploaded image(s) "
+            f"per request, got {images}",
+            param="image",
+        )
+    if (
+        caps.max_input_pixels is not None
+        and largest_pixels is not None
+        and largest_pixels > caps.max_input_pixels
+    ):
+        raise InvalidRequest(
+            f"the {tier_name} tier edits images of at most {caps.max_input_pixels} pixels "
+            f"(width x height), got {largest_pixels}; scale the image down",
+            param="image",
+        )
 
 
 def check_video_request(

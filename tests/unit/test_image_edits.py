@@ -12,6 +12,7 @@ import openai
 import pytest
 from PIL import Image
 
+from mediagate.access.tiers import load_tier_policy
 from tests.unit.harness import Service
 
 
@@ -278,3 +279,44 @@ async def test_60_concurrent_edits_and_generations_serve_a_free_account_exactly_
     assert account is not None
     assert (await service.gateway.guard.ledger.usage(account)).images_today == 3
     assert len(service.scheduler.jobs) == 3
+
+
+def test_the_tier_file_caps_edits_inputs_and_previews(tmp_path: Path) -> None:
+    policy = load_tier_policy()
+    free = policy.tiers["free"]
+    smaller = free.caps.model_copy(update={"max_input_pixels": 128 * 100})
+    policy = policy.model_copy(
+        update={"tiers": {**policy.tiers, "free": free.model_copy(update={"caps": smaller})}}
+    )
+    service = Service(tmp_path, tier="free", policy=policy)  # and 1 preview per image
+    big = png(128, 128)  # within the model's and the router's limits, over the tier's
+    response = service.client.post(
+        "/v1/images/edits",
+        files=[("image", ("big.png", big))],
+        data={"prompt": "x"},
+        headers=service.auth,
+    )
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "image" and "free tier" in error["message"]
+    for endpoint, kwargs in (
+        (
+            "/v1/images/edits",
+            {
+                "files": [("image", ("a.png", png(64, 64)))],
+                "data": {"prompt": "x", "stream": "true", "partial_images": "2"},
+            },
+        ),
+        ("/v1/images/generations", {"json": {"prompt": "x", "stream": True, "partial_images": 2}}),
+    ):
+        response = service.client.post(endpoint, headers=service.auth, **kwargs)
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == "partial_images"
+    assert service.scheduler.jobs == [] and images_today(service) == 0
+    # Within the caps, the same account streams its one preview.
+    ok = service.client.post(
+        "/v1/images/generations",
+        json={"prompt": "x", "stream": True, "partial_images": 1},
+        headers=service.auth,
+    )
+    assert ok.status_code == 200 and "partial_image" in ok.text
