@@ -21,6 +21,11 @@ fi
 
 if [ "${1:-}" = "dev" ]; then
   python -m pip install --quiet -e ".[dev]"
+  # The previous major version of the openai client, apart (its tests put it first on
+  # PYTHONPATH in a subprocess): mediagate must answer 2.x clients as well as 3.x ones.
+  if [ ! -d .venv/openai-2/openai ]; then
+    python -m pip install --quiet --no-deps --target .venv/openai-2 "openai>=2.54,<3" distro
+  fi
 else
   python -m pip install --quiet -e .
 fi
