@@ -192,9 +192,101 @@ def build_wan(target: Path) -> None:
     pipeline.save_pretrained(target)  # type: ignore[attr-defined]
 
 
+def build_flux_kontext(target: Path) -> None:
+    """A FLUX.1-Kontext-style instruction-edit pipeline: FLUX transformer with 1 double-
+    and 1 single-stream block, 2-layer CLIP and T5 encoders of width 32, a 2-block VAE.
+    It edits by conditioning on the input image's latents (and generates from text alone
+    without one)."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxKontextPipeline,
+        FluxTransformer2DModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer_dir = Path(scratch)
+        write_clip_tokenizer_files(tokenizer_dir)
+        tokenizer = CLIPTokenizer(
+            str(tokenizer_dir / "vocab.json"),
+            str(tokenizer_dir / "merges.txt"),
+            model_max_length=77,
+        )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=77,
+            projection_dim=32,
+        )
+    )
+    tokenizer_2 = _character_tokenizer(max_length=64)
+    text_encoder_2 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer_2),
+            d_model=32,
+            d_kv=8,
+            d_ff=37,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=[4, 4, 8],
+    )
+    vae = AutoencoderKL(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 16),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=1,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+    )
+    pipeline = FluxKontextPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+        image_encoder=None,
+        feature_extractor=None,
+    )
+    pipeline.save_pretrained(target)  # type: ignore[attr-defined]
+
+
 TINY_BUILDERS: dict[str, Callable[[Path], None]] = {
     "stable-diffusion": build_stable_diffusion,
     "wan": build_wan,
+    "flux-kontext": build_flux_kontext,
 }
 
 

@@ -89,6 +89,29 @@ class ImageWork:
     inputs: Callable[[], Awaitable[ImageJob]] | None = None
 
 
+def edit_strength(
+    spec: ModelSpec, body: ImageEditRequest, task: ImageTask, steps: int
+) -> float | None:
+    """The share of ``steps`` an edit redraws (diffusers' ``strength``); None for a model
+    that edits by instruction, where it does not apply."""
+    if spec.edit_by == "instruction" and task == "image-to-image":
+        if body.strength is not None:
+            raise InvalidRequest(
+                f"model {spec.id} edits by instruction: `strength` does not apply (say in the "
+                "prompt what to change)",
+                param="strength",
+            )
+        return None
+    strength = body.resolved_strength(masked=task == "inpaint")
+    if int(steps * strength) < 1:  # what diffusers runs of the schedule
+        raise InvalidRequest(
+            f"`strength` {strength:g} of {steps} steps leaves no step to run "
+            f"(int(steps x strength) must be at least 1); raise either",
+            param="strength",
+        )
+    return strength
+
+
 class ImageRequests:
     """Generations (and edits) of one router replica, with its copy of every image
     scheduler's published load."""
@@ -127,6 +150,12 @@ class ImageRequests:
         """A generation resolved and checked against its model and tier (nothing reserved)."""
         self.gateway.check_prompt(body.prompt)
         spec = self.gateway.task_model(body.model, "text-to-image")
+        if "text-to-image" not in spec.tasks:
+            raise InvalidRequest(
+                f"model {spec.id} edits images only: send it to /v1/images/edits with the image",
+                param="model",
+                code="unsupported_task",
+            )
         job = self.job_for(account, spec, body, request_id, **body.to_pipeline_kwargs(spec))
         return ImageWork(spec, job, Delivery.of(body, base_url), "image_generation")
 
@@ -163,14 +192,7 @@ class ImageRequests:
             largest_pixels=header.width * header.height,
         )
         fields = body.to_pipeline_kwargs(spec, auto_size=spec.caps.fit(header.width, header.height))
-        strength = body.resolved_strength(masked=uploads.mask is not None)
-        steps = fields["num_inference_steps"]
-        if int(steps * strength) < 1:  # what diffusers runs of the schedule
-            raise InvalidRequest(
-                f"`strength` {strength:g} of {steps} steps leaves no step to run "
-                f"(int(steps x strength) must be at least 1); raise either",
-                param="strength",
-            )
+        strength = edit_strength(spec, body, task, fields["num_inference_steps"])
         job = self.job_for(account, spec, body, request_id, task=task, strength=strength, **fields)
 
         async def with_inputs() -> ImageJob:

@@ -18,7 +18,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from deployments.streams import items_until
@@ -37,6 +37,7 @@ from mediagate.protocol.work import (
     ImageResult,
     ImageTask,
     PartialImage,
+    RawImage,
     image_seeds,
     pipeline_call_kwargs,
 )
@@ -68,33 +69,58 @@ def edit_pipelines(spec: ModelSpec, pipeline: Any) -> dict[ImageTask, Any]:
     wanted = [task for task in builders if task in spec.tasks]
     if not isinstance(pipeline, DiffusionPipeline):
         return dict.fromkeys(wanted, pipeline)
-    return {task: builders[task].from_pipe(pipeline) for task in wanted}
+    if spec.edit_by == "instruction":  # its own pipeline takes the image as a condition
+        builders["image-to-image"] = type(pipeline)
+    return {
+        task: pipeline if builders[task] is type(pipeline) else builders[task].from_pipe(pipeline)
+        for task in wanted
+    }
 
 
-def call_kwargs(pipeline: Any, jobs: list[ImageJob]) -> dict[str, Any]:
-    """The pipeline call of a batch: prompts per image, and for edits each image's
-    input (and mask) and the batch's strength. An edit pipeline that takes its size
-    from its input (image-to-image) is not passed width and height."""
-    kwargs = pipeline_call_kwargs(jobs)
+_ACCEPTED: dict[type, frozenset[str] | None] = {}
+
+
+def accepted_arguments(pipeline_class: type) -> frozenset[str] | None:
+    """The keyword arguments a pipeline class's call takes (None: any, it has **kwargs);
+    read once per class."""
+    if pipeline_class not in _ACCEPTED:
+        parameters = inspect.signature(pipeline_class.__call__).parameters.values()
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+        _ACCEPTED[pipeline_class] = None if takes_any else frozenset(p.name for p in parameters)
+    return _ACCEPTED[pipeline_class]
+
+
+def call_kwargs(
+    pipeline: Any, jobs: list[ImageJob], fixed: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The pipeline call of a batch: prompts per image, ``fixed`` (the catalog's
+    ``pipeline_arguments``), and for edits each image's input (and mask) and the batch's
+    strength. Only what the pipeline takes is passed: an image-to-image pipeline that
+    takes its size from its input is not passed width and height."""
+    kwargs = {**(fixed or {}), **pipeline_call_kwargs(jobs)}
     first = jobs[0]
-    if first.task == "text-to-image":
-        return kwargs
-    incomplete = [
-        job
-        for job in jobs
-        if job.init_image is None or (job.mask_image is None and job.task == "inpaint")
-    ]
-    if incomplete:
-        raise InvalidRequest(f"an {first.task} job came without its input image or mask")
-    kwargs["image"] = [
-        pil_of(job.init_image) for job in jobs for _ in range(job.images) if job.init_image
-    ]
-    kwargs["strength"] = first.strength
-    if first.task == "inpaint":
-        kwargs["mask_image"] = [
-            pil_of(job.mask_image) for job in jobs for _ in range(job.images) if job.mask_image
+    if first.task != "text-to-image":
+        incomplete = [
+            job
+            for job in jobs
+            if job.init_image is None or (job.mask_image is None and job.task == "inpaint")
         ]
-    accepted = inspect.signature(pipeline.__call__).parameters
+        if incomplete:
+            raise InvalidRequest(f"an {first.task} job came without its input image or mask")
+        kwargs["image"] = [
+            pil_of(job.init_image) for job in jobs for _ in range(job.images) if job.init_image
+        ]
+        if first.strength is not None:
+            kwargs["strength"] = first.strength
+        if first.task == "inpaint":
+            kwargs["mask_image"] = [
+                pil_of(job.mask_image) for job in jobs for _ in range(job.images) if job.mask_image
+            ]
+    accepted = accepted_arguments(type(pipeline))
+    if accepted is None:
+        return kwargs
+    if "max_area" in accepted:  # FLUX.1 Kontext rescales to an area of its own otherwise
+        kwargs |= {"max_area": first.width * first.height, "_auto_resize": False}
     return {name: value for name, value in kwargs.items() if name in accepted}
 
 
@@ -104,10 +130,12 @@ def generate_batch(
     stop: threading.Event | None = None,
     worker: str = "",
     previews: PreviewPlan | None = None,
+    fixed: Mapping[str, Any] | None = None,
 ) -> list[ImageResult]:
     """Run one pipeline call for same-shape ``jobs`` and split its images by job, as raw
     pixels; setting ``stop`` ends it at the next denoising step with ``BatchStopped``;
-    ``previews`` decodes the partial images of streamed jobs as the steps go."""
+    ``previews`` decodes the partial images of streamed jobs as the steps go; ``fixed``
+    are the catalog's ``pipeline_arguments``."""
     import torch
 
     if len({job.batch_key for job in jobs}) != 1:
@@ -118,7 +146,7 @@ def generate_batch(
     if callback is not None:
         extra["callback_on_step_end"] = callback
     started = time.perf_counter()
-    kwargs = call_kwargs(pipeline, jobs)
+    kwargs = call_kwargs(pipeline, jobs, fixed)
     output = pipeline(**kwargs, generator=generators, output_type="pil", **extra)
     inference_s = time.perf_counter() - started
     made = output.images
@@ -169,7 +197,12 @@ class TextToImage:
         self.replica_id = _replica_id()
 
     def _warm_up(self, pipeline: Any) -> None:
+        """One 1-step call of the model's first task (an edit-only model edits grey)."""
         width, height = self.spec.default_size
+        task = next(task for task in ("text-to-image", "image-to-image") if task in self.spec.tasks)
+        grey = RawImage(
+            mode="RGB", width=width, height=height, pixels=b"\x80" * (width * height * 3)
+        )
         warm = ImageJob(
             request_id="warm-up",
             prompt="warm up",
@@ -180,8 +213,10 @@ class TextToImage:
             num_images_per_prompt=1,
             seed=0,
             output_format="png",
+            task=task,
+            init_image=grey if task == "image-to-image" else None,
         )
-        generate_batch(pipeline, [warm])
+        generate_batch(pipeline, [warm], fixed=self.spec.pipeline_arguments)
 
     def placement_report(self) -> dict[str, Any]:
         """Where this replica runs and what it runs on, for operators: the GPUs Ray gave
@@ -241,7 +276,15 @@ class TextToImage:
         # share the pipeline (and its interrupt flag).
         async with self._one_at_a_time:
             run = asyncio.ensure_future(
-                asyncio.to_thread(generate_batch, pipeline, jobs, stop, self.replica_id, previews)
+                asyncio.to_thread(
+                    generate_batch,
+                    pipeline,
+                    jobs,
+                    stop,
+                    self.replica_id,
+                    previews,
+                    self.spec.pipeline_arguments,
+                )
             )
             try:
                 return await asyncio.shield(run)

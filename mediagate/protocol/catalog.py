@@ -174,6 +174,19 @@ class ModelSpec(_Frozen):
     video: VideoSettings | None = Field(
         None, description="Required for text-to-video models: fps, seconds and frame rules."
     )
+    pipeline_arguments: dict[str, int | float | str | bool] = Field(
+        default_factory=dict,
+        description="Fixed keyword arguments of every pipeline call, e.g. FLUX's "
+        "`max_sequence_length` (passed only where the pipeline takes them).",
+    )
+    edit_by: Literal["strength", "instruction"] = Field(
+        "strength",
+        description="How the model edits an image without a mask. `strength`: the input is "
+        "noised and part of the schedule redrawn (diffusers' image-to-image pipeline built "
+        "from the same components: SD, SDXL, FLUX img2img). `instruction`: the model's own "
+        "pipeline takes the input as a condition and the prompt as an instruction (FLUX.1 "
+        "Kontext, Qwen-Image-Edit); `strength` does not apply.",
+    )
     tasks: list[ServedTask] = Field(
         default_factory=list,
         description="Everything the model serves: its `task`, and for an image model the "
@@ -210,11 +223,16 @@ class ModelSpec(_Frozen):
 
     @model_validator(mode="after")
     def _tasks_fit(self) -> ModelSpec:
-        if self.task not in self.tasks:
-            raise ValueError(f"tasks must include the model's task ({self.task})")
         edits = [task for task in self.tasks if task in EDIT_TASKS]
+        if self.task not in self.tasks and not (self.edit_by == "instruction" and edits):
+            raise ValueError(
+                f"tasks must include the model's task ({self.task}), unless it is an "
+                "instruction-edit model that only edits (e.g. Qwen-Image-Edit)"
+            )
         if edits and self.task != "text-to-image":
             raise ValueError(f"{', '.join(edits)} can be served by text-to-image models only")
+        if self.edit_by == "instruction" and "image-to-image" not in self.tasks:
+            raise ValueError("an instruction-edit model must list image-to-image in its tasks")
         return self
 
     @model_validator(mode="after")
@@ -268,8 +286,8 @@ class Catalog(_Frozen):
             spec = self.models.get(model_id)
             if spec is None:
                 raise ValueError(f"default model {model_id!r} for {task} is not in the catalog")
-            if spec.task != task:
-                raise ValueError(f"default model {model_id!r} for {task} has task {spec.task}")
+            if spec.task != task or task not in spec.tasks:
+                raise ValueError(f"default model {model_id!r} does not serve {task}")
         return self
 
     def get(self, model_id: str) -> ModelSpec | None:
@@ -278,7 +296,7 @@ class Catalog(_Frozen):
     def default_for(self, task: Task) -> ModelSpec | None:
         model_id = self.default_models.get(task)
         if model_id is None:
-            candidates = [spec for spec in self.models.values() if spec.task == task]
+            candidates = [spec for spec in self.models.values() if task in spec.tasks]
             return candidates[0] if candidates else None
         return self.models[model_id]
 
