@@ -108,11 +108,13 @@ class ImageStream:
             await finish_regardless(self._settle(charge=delivered or spent, left=left))
 
     async def _settle(self, *, charge: bool, left: bool) -> None:
-        if left and not charge:  # it may have started running: ask its scheduler
-            charge = await self.requests.started_before_leaving(
-                self.work.spec.id, self.account.id, self.job.request_id
-            )
-        await self.requests.gateway.guard.settle(self.admission, charge=charge)
+        try:
+            if left and not charge:  # it may have started running: ask its scheduler
+                charge = await self.requests.started_before_leaving(
+                    self.work.spec.id, self.account.id, self.job.request_id
+                )
+        finally:
+            await self.requests.gateway.guard.settle(self.admission, charge=charge)
 
     async def _event(self, image: RawImage, image_index: int, partial: int | None) -> bytes:
         """An image as an event (encoded off the event loop)."""

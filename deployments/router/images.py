@@ -26,6 +26,7 @@ from deployments.router.edit_uploads import (
 )
 from deployments.router.services import RouterServices
 from deployments.scheduler.admission import count_forwarded, shed_on_published_load
+from deployments.streams import detached
 from mediagate.access.accounts import Account
 from mediagate.access.guard import rate_limit_headers
 from mediagate.access.tiers import check_edit_inputs, check_image_caps
@@ -255,8 +256,9 @@ class ImageRequests:
             forwarded = time.perf_counter()
             try:
                 result: ImageResult = await self.gateway.schedulers[spec.id].submit.remote(job)
-            except asyncio.CancelledError:  # the caller went away
-                spent = await self.started_before_leaving(spec.id, account.id, job.request_id)
+            except asyncio.CancelledError:  # the caller went away: did its work start?
+                asking = detached(self.started_before_leaving(spec.id, account.id, job.request_id))
+                spent = await asyncio.shield(asking)
                 raise
             except Exception as error:
                 raise self.scheduler_error(spec.id, error) from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -164,3 +165,56 @@ def test_a_client_that_leaves_mid_stream_pays_for_the_work_it_started(
     )
     assert after.status_code == 200
     assert images_today(ledger, account) == 2
+
+
+def router_threads(app_name: str) -> int:
+    """Threads of the app's router replica (from /proc: it runs on this machine)."""
+    import os
+
+    import ray
+
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if f"{app_name}#Router#" in actor["name"]:
+            handle: Any = ray.get_actor(actor["name"], namespace=actor["namespace"])
+            pid = ray.get(handle.__ray_call__.remote(lambda self: os.getpid()))
+            return len(os.listdir(f"/proc/{pid}/task"))
+    raise AssertionError("no router replica")
+
+
+def test_open_streams_hold_no_router_thread_each(service: RunningService) -> None:
+    _, _, headers = leaver(service, "many-streams")
+    busy = {"prompt": "a long one", "size": "64x64", "n": 4, "num_inference_steps": 50}
+    streams = 24
+    opened = threading.Barrier(streams + 1, timeout=60)
+    release = threading.Event()
+
+    def hold_stream() -> None:
+        body = {"prompt": "wait", "size": "64x64", "stream": True, "partial_images": 1}
+        with (
+            httpx.Client(base_url=service.base_url, timeout=60) as http,
+            http.stream("POST", "/v1/images/generations", json=body, headers=headers) as answer,
+        ):
+            assert answer.status_code == 200
+            next(answer.iter_lines())  # ": queued"
+            opened.wait()
+            release.wait(60)
+
+    before = router_threads(service.app_name)
+    with ThreadPoolExecutor(streams + 1) as pool:
+        blocker = pool.submit(
+            httpx.post,
+            f"{service.base_url}/v1/images/generations",
+            json=busy,
+            headers={"Authorization": f"Bearer {service.other_key}"},
+            timeout=120,
+        )
+        time.sleep(1.0)
+        holders = [pool.submit(hold_stream) for _ in range(streams)]
+        opened.wait()  # every stream is open and waiting in the queue
+        during = router_threads(service.app_name)
+        release.set()
+        for holder in holders:
+            holder.result()
+        assert blocker.result().status_code == 200
+    print(f"router threads: {before} before, {during} with {streams} streams open")
+    assert during - before < streams // 2
