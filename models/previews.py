@@ -13,10 +13,18 @@ from typing import Any
 
 
 def can_preview(pipeline: Any, latents: Any) -> bool:
-    """Whether ``decode_previews`` knows ``pipeline``'s latent layout."""
-    if getattr(pipeline, "vae", None) is None or not hasattr(pipeline, "image_processor"):
+    """Whether ``decode_previews`` knows ``pipeline``'s latents: a VAE with a
+    ``scaling_factor``, and 4-D latents or FLUX's packed ones (3-D, unpacked to 4-D;
+    Qwen-Image's unpack to video-shaped 5-D ones and get no previews)."""
+    vae = getattr(pipeline, "vae", None)
+    if vae is None or not hasattr(pipeline, "image_processor"):
         return False
-    return bool(latents.ndim == 4 or (latents.ndim == 3 and hasattr(pipeline, "_unpack_latents")))
+    if getattr(vae.config, "scaling_factor", None) is None:
+        return False
+    if latents.ndim == 4:
+        return True
+    flux_packed = type(pipeline).__name__.startswith("Flux")
+    return bool(latents.ndim == 3 and flux_packed and hasattr(pipeline, "_unpack_latents"))
 
 
 def decode_previews(pipeline: Any, latents: Any, *, width: int, height: int) -> list[Any]:
@@ -30,6 +38,11 @@ def decode_previews(pipeline: Any, latents: Any, *, width: int, height: int) -> 
     with torch.no_grad():
         if latents.ndim == 3:  # FLUX packs 2x2 latent patches into a sequence
             latents = pipeline._unpack_latents(latents, height, width, pipeline.vae_scale_factor)
+        # fp16 VAEs that overflow (SDXL's: force_upcast) decode in float32, as the
+        # pipeline does at its end
+        upcast = vae.dtype == torch.float16 and getattr(config, "force_upcast", False)
+        if upcast:
+            vae.to(dtype=torch.float32)
         latents = latents.to(vae.dtype)
         mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
         if mean is not None and std is not None:  # SDXL-style VAEs with latent statistics
@@ -39,5 +52,9 @@ def decode_previews(pipeline: Any, latents: Any, *, width: int, height: int) -> 
             latents = latents * std_t / config.scaling_factor + mean_t
         else:
             latents = latents / config.scaling_factor + (getattr(config, "shift_factor", None) or 0)
-        decoded = vae.decode(latents, return_dict=False)[0]
+        try:
+            decoded = vae.decode(latents, return_dict=False)[0]
+        finally:
+            if upcast:
+                vae.to(dtype=torch.float16)
     return list(pipeline.image_processor.postprocess(decoded, output_type="pil"))

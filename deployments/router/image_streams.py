@@ -14,14 +14,18 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncGenerator
 from typing import Any
+
+from ray.exceptions import TaskCancelledError
+from ray.serve.exceptions import RequestCancelledError
 
 from deployments.router.images import ImageRequests, ImageWork
 from deployments.streams import finish_regardless
 from mediagate.access.accounts import Account
 from mediagate.access.guard import Admission, rate_limit_headers
-from mediagate.protocol.errors import GenerationFailed
+from mediagate.protocol.errors import GenerationFailed, unwrap
 from mediagate.protocol.image_stream import (
     ImageStreamEvent,
     ImagesUsage,
@@ -34,29 +38,71 @@ from mediagate.protocol.image_stream import (
 from mediagate.protocol.work import ImageJob, ImageResult, PartialImage, RawImage, StreamQueued
 from models.encoding import encode_raw_image
 
+logger = logging.getLogger(__name__)
+# What a handle call raises when the request that made it was cancelled.
+CANCELLED = (RequestCancelledError, TaskCancelledError)
+
 
 async def start_image_stream(
     requests: ImageRequests, account: Account, work: ImageWork
-) -> tuple[AsyncIterator[bytes], dict[str, str]]:
-    """Reserve the quota and queue the job; the events to send and the answer's headers.
-    Raises (nothing reserved) if the request is refused."""
+) -> tuple[PrimedEvents, dict[str, str]]:
+    """Reserve the quota and queue the job; the events to send (already started: see
+    ``PrimedEvents``) and the answer's headers. Raises if the request is refused
+    (nothing reserved then)."""
     gateway = requests.gateway
     admission = await gateway.guard.admit(account, kind="image", units=work.job.images)
     events: Any = None
+    job = work.job
     try:
-        job = await work.inputs() if work.inputs is not None else work.job
+        if work.inputs is not None:
+            job = await work.inputs()
         scheduler = gateway.schedulers[work.spec.id]
         events = scheduler.options(stream=True).submit_streaming.remote(job)
         queued = await events.__anext__()  # StreamQueued, or the scheduler's refusal
     except BaseException as error:
         if events is not None:
             events.cancel()
-        await finish_regardless(gateway.guard.settle(admission, charge=False))
-        if isinstance(error, Exception):
+        stream = ImageStream(requests, account, work, job, admission, events)
+        left = not isinstance(error, Exception) or caller_went_away(error)
+        # a caller gone while its ticket was queued may have been dispatched already
+        await finish_regardless(stream.settle(charge=False, left=left and events is not None))
+        if isinstance(error, Exception) and not left:
             raise requests.scheduler_error(work.spec.id, error) from None
         raise
     stream = ImageStream(requests, account, work, job, admission, events)
-    return stream.events(queued), rate_limit_headers(admission.usage)
+    events_out = stream.events(queued)
+    first = await events_out.__anext__()  # started: closing it now runs its cleanup
+    return PrimedEvents(first, events_out), rate_limit_headers(admission.usage)
+
+
+def caller_went_away(error: BaseException) -> bool:
+    """A handle call that ended because its caller's request was cancelled (Serve
+    cancels the calls a cancelled request made): the caller left, nothing failed."""
+    return isinstance(unwrap(error), CANCELLED) or isinstance(error, CANCELLED)
+
+
+class PrimedEvents:
+    """A started event generator, with its first chunk held back to be sent first.
+
+    An async generator closed before it started does not run its ``finally``: a
+    client gone between admission and the first byte would leave its quota reserved
+    and its job queued for nobody. Started here, ``aclose()`` always settles."""
+
+    def __init__(self, first: bytes, rest: AsyncGenerator[bytes, None]) -> None:
+        self._first: bytes | None = first
+        self._rest = rest
+
+    def __aiter__(self) -> PrimedEvents:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
+        return await self._rest.__anext__()
+
+    async def aclose(self) -> None:
+        await self._rest.aclose()
 
 
 class ImageStream:
@@ -79,8 +125,8 @@ class ImageStream:
         self.admission = admission
         self.scheduled = scheduled  # the scheduler's DeploymentResponseGenerator
 
-    async def events(self, queued: StreamQueued) -> AsyncIterator[bytes]:
-        delivered = spent = left = False
+    async def events(self, queued: StreamQueued) -> AsyncGenerator[bytes, None]:
+        delivered = done = left = False
         try:
             wait = queued.estimated_wait_s
             yield sse_comment("queued" if wait is None else f"queued; expected wait {wait:.1f} s")
@@ -92,7 +138,7 @@ class ImageStream:
                     result = item
             if result is None:
                 raise GenerationFailed("the stream ended without its images; please retry")
-            spent = True  # the work is done: a caller who leaves now has had it
+            done = True  # the work is done: a caller who leaves now has had it
             self.requests.refresh_load_now(self.work.spec.id)
             for index, image in enumerate(result.images):
                 yield await self._event(image, index, None)
@@ -101,13 +147,19 @@ class ImageStream:
             left = True
             raise
         except Exception as error:
+            if caller_went_away(error):
+                left = True
+                raise
+            done = False  # failed on our side (encoding included): not charged
             yield sse_error(self.requests.scheduler_error(self.work.spec.id, error))
         finally:
             if not delivered:
                 self.scheduled.cancel()  # no-op once it ended; else its ticket leaves
-            await finish_regardless(self._settle(charge=delivered or spent, left=left))
+            await finish_regardless(self.settle(charge=delivered or done, left=left))
 
-    async def _settle(self, *, charge: bool, left: bool) -> None:
+    async def settle(self, *, charge: bool, left: bool) -> None:
+        """Commit or release the reservation; a caller who left is charged if its work
+        had started (its scheduler says)."""
         try:
             if left and not charge:  # it may have started running: ask its scheduler
                 charge = await self.requests.started_before_leaving(
@@ -119,9 +171,13 @@ class ImageStream:
     async def _event(self, image: RawImage, image_index: int, partial: int | None) -> bytes:
         """An image as an event (encoded off the event loop)."""
         delivery, kind = self.work.delivery, self.work.kind
-        encoded = await asyncio.to_thread(
-            encode_raw_image, image, delivery.output_format, delivery.output_compression
-        )
+        try:
+            encoded = await asyncio.to_thread(
+                encode_raw_image, image, delivery.output_format, delivery.output_compression
+            )
+        except Exception as error:
+            logger.exception("could not encode a streamed image of %s", self.job.request_id)
+            raise GenerationFailed("the image could not be encoded; please retry") from error
         event = ImageStreamEvent(
             type=completed_event_type(kind) if partial is None else partial_event_type(kind),
             b64_json=base64.b64encode(encoded).decode(),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import math
 import time
@@ -118,9 +119,13 @@ class Scheduler(ImageSchedulerReports):
         self._queue.min_shares = dict(self.settings.min_shares)
 
     def _ensure_started(self) -> None:
+        """Start the loops, outside the context of the request that calls this first:
+        Serve would take every worker call they make for that request's children, and
+        cancel them with it."""
         if self._dispatcher is None:
-            self._dispatcher = asyncio.create_task(self._dispatch_loop())
-            self._capacity_watcher = asyncio.create_task(self._slots.watch())
+            fresh = contextvars.Context()
+            self._dispatcher = fresh.run(asyncio.create_task, self._dispatch_loop())
+            self._capacity_watcher = fresh.run(asyncio.create_task, self._slots.watch())
 
     async def submit(self, job: ImageJob) -> ImageResult:
         """Queue ``job`` and wait for its result; leaving early takes it off the queue."""
@@ -138,8 +143,10 @@ class Scheduler(ImageSchedulerReports):
         """``submit``, streamed (``handle.options(stream=True)``): ``StreamQueued`` once
         admitted (a refusal raises before anything is sent), the job's partial images as
         the worker makes them, then its result."""
-        async for item in streamed_answer(self._enqueue(job, streamed=True), self._left):
-            yield item
+        answer = streamed_answer(self._enqueue(job, streamed=True), self._left)
+        async with contextlib.aclosing(answer) as items:  # closed at once if we are
+            async for item in items:
+                yield item
 
     def _enqueue(self, job: ImageJob, *, streamed: bool = False) -> Ticket[ImageJob]:
         """Admit ``job`` (or shed it: ``Overloaded``) and queue its ticket."""
@@ -252,7 +259,7 @@ class Scheduler(ImageSchedulerReports):
         """Take back at most one lower-class batch per waiting request of the top class."""
         by_class = self._queue.length_by_class()
         waiting_class = max(by_class)
-        stopping = sum(1 for batch in self._in_flight.values() if batch.preempted)
+        stopping = sum(1 for b in self._in_flight.values() if b.preempted or b.abandoned)
         if stopping >= by_class[waiting_class]:
             return
         victim = batch_to_preempt(

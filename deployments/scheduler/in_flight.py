@@ -5,7 +5,7 @@ slot, the timings it adds to results, and the request ids it must remember for a
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 from ray.exceptions import RayActorError
@@ -48,7 +48,7 @@ class InFlightBatch:
             started_at=self.started_at,
             expected_s=expected_s,
             preemptions=max(ticket.preemptions for ticket in self.tickets),
-            stopping=self.preempted,
+            stopping=self.preempted or self.abandoned,
         )
 
 
@@ -74,7 +74,7 @@ async def run_on_worker(worker: Any, in_flight: InFlightBatch) -> list[ImageResu
 
 async def streamed_answer(
     ticket: Ticket[ImageJob], left: Callable[[Ticket[ImageJob]], None]
-) -> AsyncIterator[StreamQueued | PartialImage | ImageResult]:
+) -> AsyncGenerator[StreamQueued | PartialImage | ImageResult, None]:
     """What a streamed job's submitter receives: that it was queued, its partial images
     as they come, and its result (or its failure, raised). ``left`` is told if the
     submitter goes away first."""

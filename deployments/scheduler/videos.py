@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 from collections import Counter
 from collections.abc import Iterable
@@ -116,12 +117,12 @@ class VideoScheduler:
         self._queue.min_shares = dict(self.settings.min_shares)
 
     def _ensure_started(self) -> None:
+        """Start the loops outside the calling request's context (Serve cancels the
+        calls a cancelled request made: the worker calls are nobody's children)."""
         if not self._tasks:
-            self._tasks = [
-                asyncio.create_task(self._dispatch_loop()),
-                asyncio.create_task(self._reconcile_loop()),
-                asyncio.create_task(self._slots.watch()),
-            ]
+            fresh = contextvars.Context()
+            loops = (self._dispatch_loop(), self._reconcile_loop(), self._slots.watch())
+            self._tasks = [fresh.run(asyncio.create_task, loop) for loop in loops]
 
     async def start(self) -> None:
         """Begin work without waiting for a request (recovery after a restart)."""

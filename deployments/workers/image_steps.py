@@ -3,6 +3,7 @@ scheduler took back, and decode the partial images that streamed jobs asked for.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -12,6 +13,7 @@ from mediagate.protocol.work import ImageJob, PartialImage, RawImage, preview_st
 from models.encoding import to_raw_image
 from models.previews import can_preview, decode_previews
 
+logger = logging.getLogger(__name__)
 StepCallback = Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]
 
 
@@ -54,6 +56,7 @@ class PreviewPlan:
         self.jobs = jobs
         self.hand_over = hand_over
         self._steps: list[list[int]] | None = None  # per job, once the steps run are known
+        self.failed = False  # a decode failed: the rest of the batch goes without
 
     def after_step(self, pipeline: Any, step: int, latents: Any) -> None:
         if self._steps is None:  # an edit runs only its strength's share of the steps
@@ -67,14 +70,21 @@ class PreviewPlan:
             if step in steps:
                 wanted += [(job_index, i, row + i, steps.index(step)) for i in range(job.images)]
             row += job.images
-        if not wanted or not can_preview(pipeline, latents):
+        if not wanted or self.failed or not can_preview(pipeline, latents):
             return
         first = self.jobs[0]
         rows = [row for _, _, row, _ in wanted]
-        images = decode_previews(pipeline, latents[rows], width=first.width, height=first.height)
-        if first.task == "inpaint":
-            inputs = inpaint_inputs(self.jobs)
-            images = keep_outside_masks(images, [inputs[row] for row in rows])
+        try:
+            images = decode_previews(
+                pipeline, latents[rows], width=first.width, height=first.height
+            )
+            if first.task == "inpaint":
+                inputs = inpaint_inputs(self.jobs)
+                images = keep_outside_masks(images, [inputs[row] for row in rows])
+        except Exception:  # a preview is a courtesy: the batch goes on without them
+            logger.exception("previews of %s failed; no more for this batch", first.request_id)
+            self.failed = True
+            return
         for (job_index, image_index, _, preview), image in zip(wanted, images, strict=True):
             self.hand_over(
                 PartialImage(

@@ -21,7 +21,8 @@ import pytest
 from PIL import Image
 
 from mediagate.access.accounts import Account, SqliteAccountStore
-from mediagate.access.ledger import QuotaLedger
+from mediagate.access.ledger import LEDGER_DOCUMENT, QuotaLedger
+from mediagate.access.quota import LedgerState
 from mediagate.access.tiers import load_tier_policy
 from mediagate.stores.sqlite_store import SqliteStateStore
 from tests.integration.conftest import RunningService
@@ -103,7 +104,22 @@ def leaver(service: RunningService, name: str) -> tuple[QuotaLedger, Account, di
 
 
 def images_today(ledger: QuotaLedger, account: Account) -> int:
+    """Images charged or still reserved (a held reservation counts until it is settled)."""
     return asyncio.run(ledger.usage(account)).images_today
+
+
+def held_reservations(ledger: QuotaLedger, account: Account) -> int:
+    def read(text: str | None) -> tuple[str | None, int]:
+        return text, len(LedgerState.model_validate_json(text).reservations) if text else 0
+
+    return asyncio.run(ledger.store.mutate(account.id, LEDGER_DOCUMENT, read))
+
+
+def wait_settled(ledger: QuotaLedger, account: Account) -> None:
+    deadline = time.monotonic() + 30
+    while held_reservations(ledger, account):
+        assert time.monotonic() < deadline, "the stream's reservation was never settled"
+        time.sleep(0.2)
 
 
 def stream_until(
@@ -136,6 +152,7 @@ def test_a_client_that_leaves_while_queued_is_not_charged(service: RunningServic
         body = {"prompt": "never mind", "size": "64x64", "stream": True, "partial_images": 1}
         stream_until(service, headers, body, ": queued")
         assert blocker.result().status_code == 200
+    wait_settled(ledger, account)
     time.sleep(2.0)  # had the hang-up been missed, the queued stream would run now
     assert images_today(ledger, account) == 0
 
@@ -152,10 +169,8 @@ def test_a_client_that_leaves_mid_stream_pays_for_the_work_it_started(
         "num_inference_steps": 40,
     }
     stream_until(service, headers, body, "event: image_generation.partial_image")
-    deadline = time.monotonic() + 30
-    while images_today(ledger, account) != 1:
-        assert time.monotonic() < deadline, "the stream's quota was never settled"
-        time.sleep(0.2)
+    wait_settled(ledger, account)
+    assert images_today(ledger, account) == 1  # committed: its work had started
     # The model serves the next request (the abandoned batch ended or was stopped).
     after = httpx.post(
         f"{service.base_url}/v1/images/generations",

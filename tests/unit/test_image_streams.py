@@ -221,6 +221,37 @@ async def test_a_caller_who_leaves_mid_stream_pays_only_if_its_work_started(
             break
         await asyncio.sleep(0.01)
     assert service.scheduler.withdrawn == ["req-1"]
-    await asyncio.sleep(0.05)
+    await settled(service)
     usage = await service.gateway.guard.ledger.usage(account)
     assert usage.images_today == images_charged
+    counters = service.gateway.guard.counters
+    assert (counters["committed"], counters["released"]) == (images_charged, 1 - images_charged)
+
+
+async def settled(service: Service, settlements: int = 1) -> None:
+    """Until the guard has committed or released ``settlements`` reservations (settling
+    runs in a task of its own): a reservation merely held reads as charged."""
+    counters = service.gateway.guard.counters
+    for _ in range(200):
+        if counters["committed"] + counters["released"] >= settlements:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"never settled: {dict(counters)}")
+
+
+async def test_a_stream_closed_before_its_first_byte_still_settles(tmp_path: Path) -> None:
+    """The client left between admission and the response's start: the events are
+    closed without ever being iterated, and the reservation is released all the same."""
+    service = Service(tmp_path, tier="free")
+    account = service.accounts.get_account("alice")
+    assert account is not None
+    work = service.gateway.images.generation(
+        account, ImageGenerationRequest(prompt="x", stream=True), request_id="r", base_url="/"
+    )
+    events, _ = await start_image_stream(service.gateway.images, account, work)
+    await events.aclose()
+    await settled(service)
+    assert service.gateway.guard.counters["released"] == 1
+    assert service.scheduler.withdrawn == ["r"]  # asked: had it started?
+    usage = await service.gateway.guard.ledger.usage(account)
+    assert usage.images_today == 0

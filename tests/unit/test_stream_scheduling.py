@@ -258,3 +258,22 @@ async def test_a_batch_still_awaited_by_one_caller_runs_on() -> None:
     worker.release.set()
     assert (await stays).request_id == "stays"
     await scheduler.shutdown()
+
+
+def test_a_failing_preview_costs_the_batch_its_previews_not_its_images(
+    tiny_worker: TextToImage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import deployments.workers.image_steps as image_steps
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("out of memory in the VAE")
+
+    monkeypatch.setattr(image_steps, "decode_previews", broken)
+    jobs = [
+        job("plain", num_inference_steps=6),
+        job("streamed", partial_images=3, num_inference_steps=6),
+    ]
+    made: list[PartialImage] = []
+    results = generate_batch(tiny_worker.pipeline, jobs, previews=PreviewPlan(jobs, made.append))
+    assert [r.request_id for r in results] == ["plain", "streamed"]
+    assert made == []

@@ -9,7 +9,7 @@ import time
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
-from starlette.types import Send
+from starlette.types import Receive, Scope, Send
 
 from deployments.router.download_urls import download_base_url
 from deployments.router.edit_uploads import parse_edit_form
@@ -142,10 +142,10 @@ class EventStreamResponse(StreamingResponse):
 
     media_type = STREAM_MEDIA_TYPE
 
-    async def stream_response(self, send: Send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await super().stream_response(send)
-        finally:
+            await super().__call__(scope, receive, send)
+        finally:  # however it ended: not started, cancelled, or the client gone
             close = getattr(self.body_iterator, "aclose", None)
             if close is not None:
                 await finish_regardless(close())
