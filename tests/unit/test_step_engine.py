@@ -1,0 +1,147 @@
+"""The step-level engine (deployments/workers/step_engine.py): requests join a running
+batch at the next step boundary; a higher class pauses a lower one, which resumes where
+it stopped (no step is run twice) and gives the image it gives alone; nothing starves;
+cancelled seats leave at the next boundary. On the simulated stepper (sleeps per step)
+and, for exactness, the real tiny Stable Diffusion loop."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+import pytest
+
+from deployments.workers.step_engine import SeatCancelled, StepEngine
+from mediagate.protocol.work import ImageJob, RawImage
+from models.stepping.simulated import SimulatedStepper
+from tests.unit.test_stepping import job, pipeline, stock  # noqa: F401  (fixture)
+
+
+class GatedSleep:
+    """The simulated stepper's sleep: each step, once begun, waits for the test's permit."""
+
+    def __init__(self) -> None:
+        self.permits = threading.Semaphore(0)
+        self.begun = threading.Semaphore(0)
+
+    def __call__(self, seconds: float) -> None:
+        self.begun.release()
+        assert self.permits.acquire(timeout=30), "the test never allowed this step"
+
+    def next_step_begun(self) -> None:
+        assert self.begun.acquire(timeout=30), "no step began"
+
+    def allow(self, steps: int) -> None:
+        self.permits.release(steps)
+
+    def steps_done(self, steps: int) -> None:
+        """Let ``steps`` steps run, each once it has begun."""
+        for _ in range(steps):
+            self.next_step_begun()
+            self.allow(1)
+
+
+class RecordingStepper(SimulatedStepper):
+    def __init__(self, sleep: GatedSleep) -> None:
+        super().__init__(step_ms=1, sleep=sleep)
+        self.batches: list[list[str]] = []
+
+    def step(self, states: Any) -> None:
+        self.batches.append([state.job.request_id for state in states])
+        super().step(states)
+
+
+def sim_job(name: str, cls: int = 0, steps: int = 5, **fields: Any) -> ImageJob:
+    return job(name, priority_class=cls, num_inference_steps=steps, account_id=name, **fields)
+
+
+def engine_with(
+    max_batch_images: int, **options: Any
+) -> tuple[StepEngine, RecordingStepper, GatedSleep]:
+    sleep = GatedSleep()
+    stepper = RecordingStepper(sleep)
+    return StepEngine(stepper, max_batch_images=max_batch_images, **options), stepper, sleep
+
+
+def test_a_request_joins_the_running_batch_at_the_next_step() -> None:
+    engine, stepper, sleep = engine_with(max_batch_images=4)
+    first = engine.submit(sim_job("first", steps=4))
+    sleep.steps_done(2)
+    sleep.next_step_begun()  # "first"'s third step is under way
+    joiner = engine.submit(sim_job("joiner", steps=3))
+    sleep.allow(100)
+    assert first.result(timeout=10) and joiner.result(timeout=10)
+    assert stepper.batches == [
+        ["first"],
+        ["first"],
+        ["first"],
+        ["first", "joiner"],
+        ["joiner"],
+        ["joiner"],
+    ]
+    engine.stop()
+
+
+def test_a_higher_class_pauses_a_lower_one_which_resumes_without_redoing_a_step() -> None:
+    engine, stepper, sleep = engine_with(max_batch_images=1)
+    free = engine.submit(sim_job("free", cls=0, steps=6))
+    sleep.steps_done(2)
+    sleep.next_step_begun()  # free's third step is under way when pro comes
+    pro = engine.submit(sim_job("pro", cls=2, steps=3))
+    sleep.allow(100)
+    assert len(pro.result(timeout=10)) == len(free.result(timeout=10)) == 1
+    order = [batch[0] for batch in stepper.batches]
+    # pro's first step is the first boundary after it came; free resumes at its 4th
+    assert order == ["free"] * 3 + ["pro"] * 3 + ["free"] * 3
+    assert engine.counts["pause_steps"] == 3
+    engine.stop()
+
+
+def test_nothing_starves_a_seat_paused_max_pauses_times_runs() -> None:
+    engine, stepper, sleep = engine_with(max_batch_images=1, max_pauses=2)
+    free = engine.submit(sim_job("free", cls=0, steps=3))
+    sleep.steps_done(1)
+    sleep.next_step_begun()
+    pro = engine.submit(sim_job("pro", cls=2, steps=6))
+    sleep.allow(100)
+    assert free.result(timeout=10) and pro.result(timeout=10)
+    order = [batch[0] for batch in stepper.batches]
+    assert order == ["free", "free", "pro", "pro", "free", "pro", "pro", "pro", "pro"]
+    engine.stop()
+
+
+def test_a_cancelled_seat_leaves_at_the_next_step() -> None:
+    engine, stepper, sleep = engine_with(max_batch_images=2)
+    gone = engine.submit(sim_job("gone", steps=50))
+    stays = engine.submit(sim_job("stays", steps=3))
+    sleep.next_step_begun()
+    assert engine.cancel("gone/gone")  # account "gone", request "gone"
+    sleep.allow(100)
+    with pytest.raises(SeatCancelled):
+        gone.result(timeout=10)
+    assert stays.result(timeout=10)
+    assert [b for b in stepper.batches if "gone" in b] == [["gone", "stays"]]
+    assert not engine.cancel("gone/gone")  # forgotten
+    engine.stop()
+
+
+def pixels(images: list[RawImage]) -> list[np.ndarray]:
+    return [
+        np.frombuffer(raw.pixels, np.uint8).reshape(raw.height, raw.width, 3).astype(int)
+        for raw in images
+    ]
+
+
+def test_through_the_engine_the_real_loop_gives_the_stock_images(pipeline: Any) -> None:  # noqa: F811
+    from models.stepping.stable_diffusion import StableDiffusionStepper
+
+    engine = StepEngine(StableDiffusionStepper(pipeline), max_batch_images=1)
+    low = job("low", priority_class=0, seed=4, num_inference_steps=8)
+    high = job("high", priority_class=2, seed=5, num_inference_steps=4, guidance_scale=3.0)
+    low_images = engine.submit(low)
+    high_images = engine.submit(high)  # pauses "low" wherever it is
+    for request, made in ((low, low_images), (high, high_images)):
+        for a, b in zip(pixels(made.result(timeout=60)), stock(pipeline, request), strict=True):
+            assert np.abs(a - b).max() <= 1
+    engine.stop()
