@@ -28,8 +28,10 @@ from deployments.router.settings import RouterSettings
 from deployments.scheduler.images import Scheduler
 from deployments.scheduler.settings import VideoSchedulerSettings
 from deployments.scheduler.videos import VideoScheduler
+from deployments.workers.step_level import StepLevelTextToImage
 from deployments.workers.text_to_image import TextToImage
 from deployments.workers.text_to_video import TextToVideo
+from mediagate.access.tiers import TierPolicy, load_tier_policy
 from mediagate.protocol.catalog import ModelSpec
 from mediagate.settings import HomeLayout, artifact_config, get_settings, state_config
 from mediagate.stores import StateConfig
@@ -80,6 +82,28 @@ def worker_actor_options(spec: ModelSpec) -> dict[str, Any]:
     return options
 
 
+def image_scheduler_user_config(spec: ModelSpec) -> dict[str, Any]:
+    """The user_config an image scheduler starts with (a step-level one: nothing over its
+    base config, whose batching is one job per call)."""
+    return {} if spec.stepping is not None else {"batching": spec.batching.model_dump()}
+
+
+def step_level_scheduler_config(spec: ModelSpec, tiers: TierPolicy) -> dict[str, Any] | None:
+    """What a step-level model's scheduler runs with under any live user_config: one
+    job per call (each takes a seat and joins at a step), no preemption (the worker
+    pauses lower classes at a step instead), seats kept free for the top class."""
+    if spec.stepping is None:
+        return None
+    top = max(tier.priority_class for tier in tiers.tiers.values())
+    lower = {tier.priority_class for tier in tiers.tiers.values()} - {top}
+    return {
+        "batching": {"max_batch_size": 1, "batch_wait_s": 0.0},
+        "preemption": {"enabled": False},
+        "slots_per_replica": spec.stepping.seats_per_replica,
+        "seat_shares": dict.fromkeys(sorted(lower), spec.stepping.lower_class_seat_share),
+    }
+
+
 def _deployment(cls: type) -> Deployment:
     return cast(Deployment, serve.deployment(cls))
 
@@ -98,6 +122,8 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
     if unknown:
         raise ValueError(f"models not in the catalog: {', '.join(unknown)}")
 
+    tiers_file = app_args.tiers_file or (str(settings.tiers_file) if settings.tiers_file else None)
+    tiers = load_tier_policy(tiers_file)
     schedulers = {}
     for model_id in wanted:
         spec = catalog.models[model_id]
@@ -108,15 +134,19 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
         worker_kwargs: dict[str, Any] = {"cache_dir": str(layout.model_cache)}
         if is_video:
             worker_kwargs |= {"state": state, "artifacts": artifacts}
+        worker_class = WORKER_CLASSES[spec.task]
+        seats = 1  # one batch at a time: waiting happens in the scheduler
+        if spec.stepping is not None and spec.task == "text-to-image":
+            worker_class, seats = StepLevelTextToImage, spec.stepping.seats_per_replica
         worker = (
-            _deployment(WORKER_CLASSES[spec.task])
+            _deployment(worker_class)
             .options(
                 name=worker_deployment,
                 num_replicas=None,
                 # Sized by autoscaling/policy.py from the scheduler's queue (when the
                 # application declares it), within these limits.
                 autoscaling_config=worker_autoscaling_config(spec.scaling),
-                max_ongoing_requests=1,
+                max_ongoing_requests=seats,
                 ray_actor_options=app_args.worker_ray_actor_options or worker_actor_options(spec),
                 health_check_period_s=10,
                 health_check_timeout_s=60,
@@ -152,11 +182,16 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
         else:
             schedulers[model_id] = (
                 _deployment(Scheduler)
-                .options(**scheduler_options, user_config={"batching": spec.batching.model_dump()})
-                .bind(worker, spec, worker_deployment=worker_deployment)
+                .options(**scheduler_options, user_config=image_scheduler_user_config(spec))
+                .bind(
+                    worker,
+                    spec,
+                    worker_deployment=worker_deployment,
+                    slots_per_replica=seats,
+                    base_config=step_level_scheduler_config(spec, tiers),
+                )
             )
 
-    tiers_file = app_args.tiers_file or (str(settings.tiers_file) if settings.tiers_file else None)
     router = _deployment(serve.ingress()(Router)).options(
         name=ROUTER,
         num_replicas=app_args.router_replicas,

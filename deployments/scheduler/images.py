@@ -75,9 +75,11 @@ class Scheduler(ImageSchedulerReports):
         count_replicas: ReplicaCounter | None = None,
         slots_per_replica: int = 1,
         capacity_refresh_s: float = 0.25,
+        base_config: dict[str, Any] | None = None,
         clock: Clock = system_clock,
     ) -> None:
         self.spec = spec
+        self._base_config = base_config or {}  # under every reconfigure (step-level terms)
         self._worker = worker
         self._clock = clock
         self._queue: FairQueue[ImageJob] = FairQueue()
@@ -112,8 +114,9 @@ class Scheduler(ImageSchedulerReports):
 
     def reconfigure(self, config: dict[str, Any]) -> None:
         """Live update from the Serve config's ``user_config`` (no replica restart): the
-        whole config, a key left out reads as its default (batching: the catalog's)."""
-        self.settings = ImageSchedulerSettings.model_validate(config)
+        whole config, a key left out reads as the application's base config, else its
+        default (batching: the catalog's)."""
+        self.settings = ImageSchedulerSettings.model_validate({**self._base_config, **config})
         self._batching = self.settings.batching.over(self.spec.batching)
         self._slots.set_slots_per_replica(self.settings.slots_per_replica)
         self._queue.min_shares = dict(self.settings.min_shares)
@@ -226,6 +229,9 @@ class Scheduler(ImageSchedulerReports):
         while len(self._queue) and self._slots.free:
             head = self._queue.head()
             assert head is not None
+            share = self.settings.seat_shares.get(head.job.priority_class, 1.0)
+            if self._slots.busy >= share * self.capacity:  # the rest is kept for higher classes
+                break
             max_images = self._batching.max_batch_size
             waited_s = self._clock() - head.enqueued_at
             if (

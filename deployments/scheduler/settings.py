@@ -79,6 +79,18 @@ class ImageSchedulerSettings(QueueSettings):
     redispatch_delay_s: float = Field(
         1.0, ge=0, description="Pause before running again a batch whose worker died."
     )
+    seat_shares: dict[int, float] = Field(
+        default_factory=dict,
+        description="Per class, the share of the slots it may fill (step-level models: "
+        "lower classes leave seats free for the top one); a class left out may fill all.",
+    )
+
+    @field_validator("seat_shares")
+    @classmethod
+    def _shares_in_range(cls, shares: dict[int, float]) -> dict[int, float]:
+        if any(not 0 < share <= 1 for share in shares.values()):
+            raise ValueError("seat_shares must be above 0 and at most 1")
+        return shares
 
 
 class VideoSchedulerSettings(QueueSettings):

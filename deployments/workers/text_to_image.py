@@ -47,7 +47,7 @@ from models.loading import load_pipeline
 logger = logging.getLogger(__name__)
 
 
-def _replica_id() -> str:
+def replica_id() -> str:
     """This Serve replica's id ("" outside Serve)."""
     try:
         from ray import serve
@@ -194,7 +194,7 @@ class TextToImage:
             **edit_pipelines(spec, self.pipeline),
         }
         self._one_at_a_time = asyncio.Lock()
-        self.replica_id = _replica_id()
+        self.replica_id = replica_id()
 
     def _warm_up(self, pipeline: Any) -> None:
         """One 1-step call of the model's first task (an edit-only model edits grey)."""

@@ -91,6 +91,27 @@ class Batching(_Frozen):
     )
 
 
+class StepLevel(_Frozen):
+    """Step-level serving (issue 17): the worker owns the denoising loop; requests take
+    seats, join the running batch at a step boundary, and a higher class pauses a lower
+    one (``deployments/workers/step_engine.py``). ``batching.max_batch_size`` is the
+    most images in one step."""
+
+    seats_per_replica: int = Field(
+        8, ge=1, description="Requests one replica holds at once, running or paused."
+    )
+    lower_class_seat_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="Share of the seats classes below the top one may fill: the rest wait "
+        "for higher-class work, which then pauses them at a step instead of queueing.",
+    )
+    max_pauses: int = Field(
+        50, ge=1, description="Steps a started request may sit out before it outranks all."
+    )
+
+
 class Scaling(_Frozen):
     """How many replicas of the model's worker the autoscaler may run, and how fast it
     follows the queue (``autoscaling/policy.py``). The Serve config can override any of
@@ -178,6 +199,11 @@ class ModelSpec(_Frozen):
         default_factory=dict,
         description="Fixed keyword arguments of every pipeline call, e.g. FLUX's "
         "`max_sequence_length` (passed only where the pipeline takes them).",
+    )
+    stepping: StepLevel | None = Field(
+        None,
+        description="Serve step by step (families with a stepper: Stable Diffusion, and "
+        "simulated:// models); unset: one pipeline call per batch.",
     )
     edit_by: Literal["strength", "instruction"] = Field(
         "strength",

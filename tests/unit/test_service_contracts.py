@@ -15,6 +15,7 @@ import pytest
 
 from deployments.scheduler.images import Scheduler
 from deployments.scheduler.videos import VideoScheduler
+from deployments.workers.step_level import StepLevelTextToImage
 from deployments.workers.text_to_image import TextToImage
 from deployments.workers.text_to_video import TextToVideo
 from mediagate.protocol.services import (
@@ -27,7 +28,7 @@ from tests.fakes import FakeImageWorker, FakeScheduler, FakeVideoScheduler, Fake
 
 IMAGE_SCHEDULERS: list[type[ImageScheduling]] = [Scheduler, FakeScheduler]
 VIDEO_SCHEDULERS: list[type[VideoScheduling]] = [VideoScheduler, FakeVideoScheduler]
-IMAGE_WORKERS: list[type[ImageWorking]] = [TextToImage, FakeImageWorker]
+IMAGE_WORKERS: list[type[ImageWorking]] = [TextToImage, StepLevelTextToImage, FakeImageWorker]
 VIDEO_WORKERS: list[type[VideoWorking]] = [TextToVideo, FakeVideoWorker]
 
 CONTRACTS: list[tuple[type, list[type]]] = [

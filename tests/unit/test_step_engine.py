@@ -6,6 +6,7 @@ and, for exactness, the real tiny Stable Diffusion loop."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from typing import Any
 
@@ -145,3 +146,48 @@ def test_through_the_engine_the_real_loop_gives_the_stock_images(pipeline: Any) 
         for a, b in zip(pixels(made.result(timeout=60)), stock(pipeline, request), strict=True):
             assert np.abs(a - b).max() <= 1
     engine.stop()
+
+
+async def test_a_step_level_scheduler_keeps_seats_for_the_top_class() -> None:
+    """Step-level terms (deployments/app.py): one job per call, no preemption, and
+    classes below the top fill at most half the seats, so a pro request always finds
+    one and pauses free work at a step instead of queueing behind it."""
+    from deployments.app import step_level_scheduler_config
+    from deployments.scheduler.images import Scheduler
+    from mediagate.access.tiers import load_tier_policy
+    from mediagate.protocol.catalog import StepLevel
+    from tests.fakes import FakeClock, FakeImageWorker, LocalHandle
+    from tests.unit.test_queue_discipline import SPEC, count_one
+    from tests.unit.test_queue_discipline import job as queued_job
+
+    spec = SPEC.model_copy(update={"stepping": StepLevel(seats_per_replica=4)})
+    base = step_level_scheduler_config(spec, load_tier_policy())
+    assert base is not None and base["seat_shares"] == {0: 0.5, 1: 0.5}
+    worker = FakeImageWorker()
+    scheduler = Scheduler(
+        LocalHandle(worker),
+        spec,
+        count_replicas=count_one,
+        slots_per_replica=4,
+        base_config=base,
+        clock=FakeClock(0.0),
+    )
+    scheduler.reconfigure({})  # a live user_config without these keys keeps them
+    assert scheduler.settings.preemption.enabled is False
+    frees = [
+        asyncio.ensure_future(scheduler.submit(queued_job(f"f{i}", f"acct{i}", cls=0)))
+        for i in range(4)
+    ]
+    await worker.wait_for_batches(2)
+    await asyncio.sleep(0.01)
+    assert len(worker.batches) == 2  # free holds half the seats; two wait in the queue
+    assert all(len(batch) == 1 for batch in worker.batches)  # one job per call: a seat each
+    pros = [
+        asyncio.ensure_future(scheduler.submit(queued_job(f"p{i}", f"pro{i}", cls=2)))
+        for i in range(2)
+    ]
+    await worker.wait_for_batches(4)
+    assert [batch[0].request_id for batch in worker.batches[2:]] == ["p0", "p1"]
+    worker.release.set()
+    await asyncio.gather(*frees, *pros)
+    await scheduler.shutdown()
