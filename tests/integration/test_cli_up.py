@@ -242,7 +242,11 @@ def check_readme_snippet(tmp_path: Path, env: dict[str, str], port: int) -> None
         timeout=120,
     )
     assert ran.returncode == 0, ran.stderr
-    assert ran.stdout.strip() == "wrote 2 images and a 4 s video: completed"
+    printed = ran.stdout.strip().splitlines()
+    assert printed[-1] == "wrote 2 images and a 4 s video: completed"
+    partials = [line for line in printed if line.startswith("partial image")]
+    assert [line.split()[2] for line in partials] == ["0", "1"]  # streamed as they came
+    assert (tmp_path / "streamed.png").read_bytes().startswith(b"\x89PNG")
     assert (tmp_path / "image-1.png").read_bytes().startswith(b"\x89PNG")
     import av
 
