@@ -41,6 +41,40 @@ def write_clip_tokenizer_files(directory: Path) -> None:
     (directory / "merges.txt").write_text("#version: 0.2\n")
 
 
+def _clip_tokenizer() -> Any:
+    """CLIP's tokenizer over the files ``write_clip_tokenizer_files`` writes."""
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer_dir = Path(scratch)
+        write_clip_tokenizer_files(tokenizer_dir)
+        return CLIPTokenizer(
+            str(tokenizer_dir / "vocab.json"),
+            str(tokenizer_dir / "merges.txt"),
+            model_max_length=77,
+        )
+
+
+def _clip_text_encoder(tokenizer: Any, layers: int, **extra: Any) -> Any:
+    """A CLIP text encoder of width 32 with ``layers`` layers (random weights)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            hidden_size=32,
+            intermediate_size=37,
+            num_attention_heads=4,
+            num_hidden_layers=layers,
+            vocab_size=len(tokenizer),
+            max_position_embeddings=77,
+            **extra,
+        )
+    )
+
+
 def build_stable_diffusion(target: Path) -> None:
     """A Stable-Diffusion pipeline: UNet 32/64, VAE 32/64, 5-layer CLIP text encoder of width 32."""
     import torch
@@ -50,17 +84,9 @@ def build_stable_diffusion(target: Path) -> None:
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as scratch:
-        tokenizer_dir = Path(scratch)
-        write_clip_tokenizer_files(tokenizer_dir)
-        tokenizer = CLIPTokenizer(
-            str(tokenizer_dir / "vocab.json"),
-            str(tokenizer_dir / "merges.txt"),
-            model_max_length=77,
-        )
+    tokenizer = _clip_tokenizer()
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64),
         layers_per_block=2,
@@ -80,19 +106,7 @@ def build_stable_diffusion(target: Path) -> None:
         up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
         latent_channels=4,
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            hidden_size=32,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=5,
-            vocab_size=len(tokenizer),
-            max_position_embeddings=77,
-        )
-    )
+    text_encoder = _clip_text_encoder(tokenizer, layers=5)
     pipeline = StableDiffusionPipeline(
         unet=unet,
         vae=vae,
@@ -204,31 +218,11 @@ def build_flux_kontext(target: Path) -> None:
         FluxKontextPipeline,
         FluxTransformer2DModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+    from transformers import T5Config, T5EncoderModel
 
     torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as scratch:
-        tokenizer_dir = Path(scratch)
-        write_clip_tokenizer_files(tokenizer_dir)
-        tokenizer = CLIPTokenizer(
-            str(tokenizer_dir / "vocab.json"),
-            str(tokenizer_dir / "merges.txt"),
-            model_max_length=77,
-        )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            hidden_size=32,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            vocab_size=len(tokenizer),
-            max_position_embeddings=77,
-            projection_dim=32,
-        )
-    )
+    tokenizer = _clip_tokenizer()
+    text_encoder = _clip_text_encoder(tokenizer, layers=2, projection_dim=32)
     tokenizer_2 = _character_tokenizer(max_length=64)
     text_encoder_2 = T5EncoderModel(
         T5Config(

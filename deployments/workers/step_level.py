@@ -20,7 +20,7 @@ from typing import Any
 
 from deployments.workers.runner import PipelineLoader, load_warm_pipeline
 from deployments.workers.step_engine import StepEngine, Stepper
-from deployments.workers.text_to_image import replica_id
+from deployments.workers.text_to_image import replica_id, warm_up_job
 from mediagate.protocol.catalog import ModelSpec
 from mediagate.protocol.errors import GenerationFailed, InvalidRequest
 from mediagate.protocol.work import ImageJob, ImageResult, PartialImage
@@ -72,19 +72,7 @@ class StepLevelTextToImage:
             max_pauses=spec.stepping.max_pauses,
         )
         self.replica_id = replica_id()
-        width, height = spec.default_size
-        warm = ImageJob(
-            request_id="warm-up",
-            prompt="warm up",
-            width=width,
-            height=height,
-            num_inference_steps=1,
-            guidance_scale=spec.defaults.guidance_scale,
-            num_images_per_prompt=1,
-            seed=0,
-            output_format="png",
-        )
-        self.engine.submit(warm).result(timeout=600)
+        self.engine.submit(warm_up_job(spec)).result(timeout=600)
 
     async def generate(self, jobs: list[ImageJob]) -> list[ImageResult]:
         """Each job a seat; the results when all are done. Cancelling the call takes

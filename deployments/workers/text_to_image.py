@@ -170,6 +170,27 @@ def generate_batch(
     return results
 
 
+def warm_up_job(spec: ModelSpec) -> ImageJob:
+    """One 1-step job of the model's first task at its default size (an edit-only
+    model edits a grey image): what a new replica runs before it takes work."""
+    width, height = spec.default_size
+    task = next(task for task in ("text-to-image", "image-to-image") if task in spec.tasks)
+    grey = RawImage(mode="RGB", width=width, height=height, pixels=b"\x80" * (width * height * 3))
+    return ImageJob(
+        request_id="warm-up",
+        prompt="warm up",
+        width=width,
+        height=height,
+        num_inference_steps=1,
+        guidance_scale=spec.defaults.guidance_scale,
+        num_images_per_prompt=1,
+        seed=0,
+        output_format="png",
+        task=task,
+        init_image=grey if task == "image-to-image" else None,
+    )
+
+
 class TextToImage:
     """Holds one loaded text-to-image pipeline and generates batches on request."""
 
@@ -197,26 +218,7 @@ class TextToImage:
         self.replica_id = replica_id()
 
     def _warm_up(self, pipeline: Any) -> None:
-        """One 1-step call of the model's first task (an edit-only model edits grey)."""
-        width, height = self.spec.default_size
-        task = next(task for task in ("text-to-image", "image-to-image") if task in self.spec.tasks)
-        grey = RawImage(
-            mode="RGB", width=width, height=height, pixels=b"\x80" * (width * height * 3)
-        )
-        warm = ImageJob(
-            request_id="warm-up",
-            prompt="warm up",
-            width=width,
-            height=height,
-            num_inference_steps=1,
-            guidance_scale=self.spec.defaults.guidance_scale,
-            num_images_per_prompt=1,
-            seed=0,
-            output_format="png",
-            task=task,
-            init_image=grey if task == "image-to-image" else None,
-        )
-        generate_batch(pipeline, [warm], fixed=self.spec.pipeline_arguments)
+        generate_batch(pipeline, [warm_up_job(self.spec)], fixed=self.spec.pipeline_arguments)
 
     def placement_report(self) -> dict[str, Any]:
         """Where this replica runs and what it runs on, for operators: the GPUs Ray gave
