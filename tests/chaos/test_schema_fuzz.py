@@ -131,7 +131,7 @@ def test_stateful_create_get_remix_delete_as_every_caller(tmp_path: Path) -> Non
             max_examples=EXAMPLES,
             deadline=None,
             suppress_health_check=list(HealthCheck),
-            stateful_step_count=6,
+            stateful_step_count=10,
             database=None,
             derandomize=DERANDOMIZE,
         )
