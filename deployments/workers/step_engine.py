@@ -6,7 +6,8 @@ A worker replica holds one engine. ``submit`` gives it a job (a seat) and a futu
 for its images; the engine's thread runs, step after step:
 
 1. admit new seats (prompt encoding and latent preparation: ``Stepper.start``);
-2. drop cancelled seats (their caller left, or the scheduler took them back);
+2. drop cancelled seats (their caller left, or the scheduler took them back), and
+   shed seats that waited their tier's ``max_wait_s`` here without a first step;
 3. choose this step's batch: the seats ranked by class (highest first), then by
    arrival, a seat that has sat out ``max_pauses`` steps ranked above every class
    (so nothing starves); the batch is the top seat's shape group, filled in rank
@@ -32,6 +33,7 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from mediagate.protocol.errors import Overloaded
 from mediagate.protocol.work import ImageJob, RawImage
 from models.encoding import to_raw_image
 
@@ -181,9 +183,24 @@ class StepEngine:
             self._seats.append(seat)
 
     def _drop_cancelled(self) -> None:
-        for seat in [seat for seat in self._seats if seat.cancelled]:
-            self.counts["cancelled"] += 1
-            self._leave(seat, SeatCancelled("cancelled at a step boundary"))
+        """Cancelled seats leave; so do seats that waited their tier's longest wait
+        without a first step (higher classes kept them out): shed, to retry later."""
+        now = self._clock()
+        for seat in list(self._seats):
+            if seat.cancelled:
+                self.counts["cancelled"] += 1
+                self._leave(seat, SeatCancelled("cancelled at a step boundary"))
+            elif seat.first_step_at is None and now - seat.submitted_at > seat.job.max_wait_s:
+                self.counts["shed_unstarted"] += 1
+                waited_s = now - seat.submitted_at
+                self._leave(
+                    seat,
+                    Overloaded(
+                        "the service is busy: your request waited longer than your tier "
+                        "allows; please retry later",
+                        retry_after_s=max(1.0, waited_s),
+                    ),
+                )
 
     def rank(self, seat: Seat) -> tuple[bool, int, int]:
         """Higher first: a seat paused ``max_pauses`` times, then its class, then the

@@ -191,3 +191,23 @@ async def test_a_step_level_scheduler_keeps_seats_for_the_top_class() -> None:
     worker.release.set()
     await asyncio.gather(*frees, *pros)
     await scheduler.shutdown()
+
+
+def test_a_seat_kept_out_past_its_tiers_wait_is_shed_not_left_waiting() -> None:
+    from mediagate.protocol.errors import Overloaded
+
+    now = [0.0]
+    sleep = GatedSleep()
+    stepper = RecordingStepper(sleep)
+    engine = StepEngine(stepper, max_batch_images=1, clock=lambda: now[0])
+    pro = engine.submit(sim_job("pro", cls=2, steps=4))
+    sleep.next_step_begun()
+    free = engine.submit(sim_job("free", cls=0, steps=2, max_wait_s=30))
+    now[0] = 31.0  # pro's steps kept it out past its tier's 30 s
+    sleep.allow(100)
+    assert pro.result(timeout=10)
+    with pytest.raises(Overloaded):
+        free.result(timeout=10)
+    assert "free" not in {name for batch in stepper.batches for name in batch}
+    assert engine.counts["shed_unstarted"] == 1
+    engine.stop()
