@@ -25,7 +25,7 @@ from deployments.router.images import ImageRequests, ImageWork
 from deployments.streams import finish_regardless
 from mediagate.access.accounts import Account
 from mediagate.access.guard import Admission, rate_limit_headers
-from mediagate.protocol.errors import GenerationFailed, unwrap
+from mediagate.protocol.errors import GenerationFailed, caused_by
 from mediagate.protocol.image_stream import (
     ImageStreamEvent,
     ImagesUsage,
@@ -35,7 +35,7 @@ from mediagate.protocol.image_stream import (
     sse_comment,
     sse_error,
 )
-from mediagate.protocol.work import ImageJob, ImageResult, PartialImage, RawImage, StreamQueued
+from mediagate.protocol.work import ImageResult, PartialImage, RawImage, StreamQueued
 from models.encoding import encode_raw_image
 
 logger = logging.getLogger(__name__)
@@ -51,25 +51,22 @@ async def start_image_stream(
     (nothing reserved then)."""
     gateway = requests.gateway
     admission = await gateway.guard.admit(account, kind="image", units=work.job.images)
-    events: Any = None
-    job = work.job
+    stream = ImageStream(requests, account, work, admission)
     try:
-        if work.inputs is not None:
-            job = await work.inputs()
+        job = await work.inputs() if work.inputs is not None else work.job
         scheduler = gateway.schedulers[work.spec.id]
-        events = scheduler.options(stream=True).submit_streaming.remote(job)
-        queued = await events.__anext__()  # StreamQueued, or the scheduler's refusal
+        stream.scheduled = scheduler.options(stream=True).submit_streaming.remote(job)
+        queued = await stream.scheduled.__anext__()  # StreamQueued, or the scheduler's refusal
     except BaseException as error:
-        if events is not None:
-            events.cancel()
-        stream = ImageStream(requests, account, work, job, admission, events)
+        queued_already = stream.scheduled is not None
+        if queued_already:
+            stream.scheduled.cancel()
         left = not isinstance(error, Exception) or caller_went_away(error)
         # a caller gone while its ticket was queued may have been dispatched already
-        await finish_regardless(stream.settle(charge=False, left=left and events is not None))
+        await finish_regardless(stream.settle(charge=False, left=left and queued_already))
         if isinstance(error, Exception) and not left:
             raise requests.scheduler_error(work.spec.id, error) from None
         raise
-    stream = ImageStream(requests, account, work, job, admission, events)
     events_out = stream.events(queued)
     first = await events_out.__anext__()  # started: closing it now runs its cleanup
     return PrimedEvents(first, events_out), rate_limit_headers(admission.usage)
@@ -78,7 +75,7 @@ async def start_image_stream(
 def caller_went_away(error: BaseException) -> bool:
     """A handle call that ended because its caller's request was cancelled (Serve
     cancels the calls a cancelled request made): the caller left, nothing failed."""
-    return isinstance(unwrap(error), CANCELLED) or isinstance(error, CANCELLED)
+    return caused_by(error, CANCELLED)
 
 
 class PrimedEvents:
@@ -114,16 +111,14 @@ class ImageStream:
         requests: ImageRequests,
         account: Account,
         work: ImageWork,
-        job: ImageJob,
         admission: Admission,
-        scheduled: Any,
     ) -> None:
         self.requests = requests
         self.account = account
         self.work = work
-        self.job = job
+        self.job = work.job  # (its decoded uploads go to the scheduler, not kept here)
         self.admission = admission
-        self.scheduled = scheduled  # the scheduler's DeploymentResponseGenerator
+        self.scheduled: Any = None  # the scheduler's DeploymentResponseGenerator, once sent
 
     async def events(self, queued: StreamQueued) -> AsyncGenerator[bytes, None]:
         delivered = done = left = False

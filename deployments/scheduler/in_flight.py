@@ -14,7 +14,7 @@ from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableE
 from deployments.scheduler.preemption import RunningBatch
 from deployments.scheduler.queue import Ticket
 from deployments.streams import items_until
-from mediagate.protocol.errors import GenerationFailed, unwrap
+from mediagate.protocol.errors import GenerationFailed, caused_by
 from mediagate.protocol.work import ImageJob, ImageResult, PartialImage, StreamQueued
 
 # A worker call that ended for these reasons says nothing about the requests it ran:
@@ -25,7 +25,7 @@ WORKER_LOST = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableErro
 def worker_was_lost(error: BaseException) -> bool:
     """Whether a worker call failed because its replica died or could not be reached
     (not because of the requests it ran)."""
-    return isinstance(unwrap(error), WORKER_LOST) or isinstance(error, WORKER_LOST)
+    return caused_by(error, WORKER_LOST)
 
 
 class InFlightBatch:

@@ -172,6 +172,14 @@ def unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
+def caused_by(
+    exc: BaseException, kinds: type[BaseException] | tuple[type[BaseException], ...]
+) -> bool:
+    """Whether ``exc``, or the original exception behind its Ray wrappers, is one of
+    ``kinds`` (a wrapper can itself be one: Ray's errors subclass each other)."""
+    return isinstance(exc, kinds) or isinstance(unwrap(exc), kinds)
+
+
 class ErrorDetail(BaseModel):
     """The inside of OpenAI's error envelope."""
 
