@@ -120,6 +120,20 @@ def build_stable_diffusion(target: Path) -> None:
     pipeline.save_pretrained(target)  # type: ignore[attr-defined]
 
 
+# The T5-family text encoders of the tiny models (UMT5 for Wan, T5 for FLUX): 2 layers
+# of width 32, over ``_character_tokenizer``'s ids (0 pad, 1 end).
+TINY_T5: dict[str, Any] = {
+    "d_model": 32,
+    "d_kv": 8,
+    "d_ff": 37,
+    "num_layers": 2,
+    "num_heads": 4,
+    "relative_attention_num_buckets": 8,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+}
+
+
 def _character_tokenizer(max_length: int) -> Any:
     """A T5-style tokenizer over single characters, built with the ``tokenizers`` library."""
     from tokenizers import Tokenizer, normalizers, pre_tokenizers
@@ -161,18 +175,7 @@ def build_wan(target: Path) -> None:
     torch.manual_seed(0)
     tokenizer = _character_tokenizer(max_length=64)
     text_encoder = UMT5EncoderModel(
-        UMT5Config(
-            vocab_size=len(tokenizer),
-            d_model=32,
-            d_kv=8,
-            d_ff=37,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            pad_token_id=0,
-            eos_token_id=1,
-            decoder_start_token_id=0,
-        )
+        UMT5Config(vocab_size=len(tokenizer), decoder_start_token_id=0, **TINY_T5)
     )
     vae = AutoencoderKLWan(
         base_dim=3,
@@ -224,19 +227,7 @@ def build_flux_kontext(target: Path) -> None:
     tokenizer = _clip_tokenizer()
     text_encoder = _clip_text_encoder(tokenizer, layers=2, projection_dim=32)
     tokenizer_2 = _character_tokenizer(max_length=64)
-    text_encoder_2 = T5EncoderModel(
-        T5Config(
-            vocab_size=len(tokenizer_2),
-            d_model=32,
-            d_kv=8,
-            d_ff=37,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            pad_token_id=0,
-            eos_token_id=1,
-        )
-    )
+    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), **TINY_T5))
     transformer = FluxTransformer2DModel(
         patch_size=1,
         in_channels=16,
