@@ -444,6 +444,9 @@ def main() -> None:
         "expired": model["expired"],
         "preempted": model["preempted"],
         "wait_beyond_estimate_s": model["wait_beyond_estimate_s_by_tier"],
+        # step-level serving: the workers' step loops at the end, and the wait from
+        # arrival at a worker to the first step (the last 1000 per tier, both phases)
+        "step_level": model.get("step_level", {}),
         # Where the slowest 2% of pro requests spent their time, at 10x and unloaded.
         "pro_tail_split_ms": tail_split(pro_ok) if pro_ok else {},
         "load_generator_gc": {

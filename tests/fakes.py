@@ -229,6 +229,7 @@ class FakeImageWorker:
         self.release = asyncio.Event()
         self.started = asyncio.Event()
         self._arrived = asyncio.Condition()
+        self.service_s: float | None = None  # what a step-level worker reports per job
 
     async def generate(self, jobs: list[ImageJob]) -> list[ImageResult]:
         try:
@@ -269,6 +270,7 @@ class FakeImageWorker:
                 images=[solid_raw(1, 1, 0)] * job.images,
                 batch_images=sum(j.images for j in jobs),
                 inference_s=0.0,
+                service_s=self.service_s,
             )
             for job in jobs
         ]

@@ -177,6 +177,10 @@ class Gateway:
                 "wait_beyond_estimate_s_by_tier": by_tier(queue.wait_beyond_estimate_s_by_class),
                 **{decision: by_tier(queue.by_class(decision)) for decision in DECISIONS},
             }
+            if queue.step_level:  # a step-level model's workers
+                models[spec.id]["step_level"] = queue.step_level | {
+                    "first_step_wait_s_by_tier": by_tier(queue.first_step_wait_s_by_class)
+                }
         return {
             "object": "status",
             "tier": account.tier,

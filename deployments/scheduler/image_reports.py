@@ -14,9 +14,11 @@ from deployments.scheduler.in_flight import InFlightBatch
 from deployments.scheduler.metrics import SchedulerMetrics
 from deployments.scheduler.queue import FairQueue
 from deployments.scheduler.settings import ImageSchedulerSettings
+from deployments.scheduler.step_reports import StepLevelReport
 from mediagate.protocol.catalog import Batching, ModelSpec
+from mediagate.protocol.clock import Clock
 from mediagate.protocol.scheduling import PublishedLoad, QueueStats
-from mediagate.protocol.work import ImageJob
+from mediagate.protocol.work import ImageJob, ImageResult
 
 
 class ImageSchedulerReports:
@@ -33,7 +35,9 @@ class ImageSchedulerReports:
     _classes_seen: set[int]
     _in_flight: dict[int, InFlightBatch]
     _metrics: SchedulerMetrics
+    _step_level: StepLevelReport
     _batching: Batching
+    _clock: Clock
 
     @property
     def capacity(self) -> int:
@@ -46,6 +50,18 @@ class ImageSchedulerReports:
         running = sum(len(batch.tickets) for batch in self._in_flight.values())
         stats = report_metrics(by_class, running, self.settings.weights(), self._classes_seen)
         return stats | {"inflight": float(self._slots.busy)}
+
+    def measured_service_s(self, in_flight: InFlightBatch, results: list[ImageResult]) -> float:
+        """How long a finished batch held its slot, as the wait estimates count a slot's
+        turn: the call's duration; or, from a step-level worker, what its steps cost the
+        replica (paused time excluded, a shared step split) times the seats it has, so
+        that slots over service time is the replica's throughput whatever the seats'
+        occupancy, and the time it sat behind higher classes is counted once, in the
+        estimate's share above, not again in its own service time."""
+        costs = [result.service_s for result in results]
+        if any(cost is None for cost in costs):
+            return self._clock() - in_flight.started_at
+        return sum(c for c in costs if c is not None) * self.settings.slots_per_replica
 
     def wait_estimates_s(self) -> dict[int, float]:
         """How long a new request of each class would wait now (None measured yet: 0)."""
@@ -81,6 +97,8 @@ class ImageSchedulerReports:
             wait_estimate_s_by_class=self.wait_estimates_s(),
             wait_beyond_estimate_s_by_class=self.estimate_check.summary(),
             decision_counts=dict(self.counts),
+            step_level=self._step_level.summary(),
+            first_step_wait_s_by_class=self._step_level.first_step_waits_s(),
         )
 
     def stats(self) -> dict[str, Any]:

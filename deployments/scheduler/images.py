@@ -38,6 +38,7 @@ from deployments.scheduler.metrics import SchedulerMetrics
 from deployments.scheduler.preemption import batch_to_preempt
 from deployments.scheduler.queue import Deadlines, FairQueue, Ticket
 from deployments.scheduler.settings import ImageSchedulerSettings
+from deployments.scheduler.step_reports import StepLevelReport
 from mediagate.protocol.catalog import Batching, ModelSpec
 from mediagate.protocol.clock import Clock, system_clock
 from mediagate.protocol.errors import (
@@ -87,6 +88,7 @@ class Scheduler(ImageSchedulerReports):
         self.counts: Counter[str] = Counter()  # admitted/shed/expired per class
         self.estimate_check = EstimateCheck()
         self._metrics = SchedulerMetrics(self.spec.id)
+        self._step_level = StepLevelReport()
         self._classes_seen: set[int] = set()
         self._in_flight: dict[int, InFlightBatch] = {}  # what each busy slot serves
         self._deadlines: Deadlines[ImageJob] = Deadlines()
@@ -341,9 +343,10 @@ class Scheduler(ImageSchedulerReports):
         else:
             key = batch[0].job.batch_key
             self._service_s[key] = updated_service_time(
-                self._service_s.get(key), self._clock() - in_flight.started_at
+                self._service_s.get(key), self.measured_service_s(in_flight, results)
             )
             for ticket, result in zip(batch, results, strict=True):
+                self._step_level.record(result, ticket.job.priority_class)
                 ticket.answer(with_scheduler_timings(result, ticket, in_flight, round_trip_ms))
         finally:
             del self._in_flight[in_flight.batch_id]

@@ -41,6 +41,21 @@ class InFlightBatch:
         self.preempted = False
         self.abandoned = False  # stopped because none of its callers waits any more
 
+    def jobs(self) -> list[ImageJob]:
+        """Its jobs as the worker gets them: each with the wait its tier still allows
+        (what it spent in this queue is spent), which a step-level worker holds a seat
+        to before its first step."""
+        return [
+            ticket.job.model_copy(
+                update={
+                    "max_wait_s": max(
+                        0.001, ticket.job.max_wait_s - (self.started_at - ticket.enqueued_at)
+                    )
+                }
+            )
+            for ticket in self.tickets
+        ]
+
     def view(self, expected_s: float | None) -> RunningBatch:
         return RunningBatch(
             batch_id=self.batch_id,
@@ -56,7 +71,7 @@ async def run_on_worker(worker: Any, in_flight: InFlightBatch) -> list[ImageResu
     """The worker call of a batch: one answer; or, when any of its jobs streams, the
     partial images as the worker makes them (each handed to its ticket), then the answer.
     ``in_flight.response`` holds the call, for preemption to cancel."""
-    jobs = [ticket.job for ticket in in_flight.tickets]
+    jobs = in_flight.jobs()
     if not any(job.partial_images for job in jobs):
         in_flight.response = worker.generate.remote(jobs)
         return list(await in_flight.response)

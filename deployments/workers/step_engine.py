@@ -9,8 +9,9 @@ for its images; the engine's thread runs, step after step:
 2. drop cancelled seats (their caller left, or the scheduler took them back), and
    shed seats that waited their tier's ``max_wait_s`` here without a first step;
 3. choose this step's batch: the seats ranked by class (highest first), then by
-   arrival, a seat that has sat out ``max_pauses`` steps ranked above every class
-   (so nothing starves); the batch is the top seat's shape group, filled in rank
+   arrival, a started seat that has sat out ``max_pauses`` steps in a row ranked above
+   every class for one step (so nothing starves, and nothing above it waits more than
+   a step for it); the batch is the top seat's shape group, filled in rank
    order up to ``max_batch_images``. Seats left out are paused: they keep their
    latents and scheduler state and resume where they stopped;
 4. run one step of the batch (``Stepper.step``: one forward pass);
@@ -34,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from mediagate.protocol.errors import Overloaded
-from mediagate.protocol.work import ImageJob, RawImage
+from mediagate.protocol.work import ImageJob, RawImage, StepEngineStats
 from models.encoding import to_raw_image
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,17 @@ class Stepper(Protocol):
 
     def finish(self, state: Any) -> list[Any]: ...
 
+    def held_bytes(self, state: Any) -> int: ...
+
+
+@dataclass(frozen=True)
+class SeatOutcome:
+    """What a finished seat's future gets."""
+
+    images: list[RawImage]
+    first_step_wait_s: float  # from its submission to the start of its first step
+    service_s: float  # its share of its steps' time (a step of B images: 1/B each)
+
 
 class SeatCancelled(Exception):
     """The seat was cancelled before its images were made."""
@@ -69,13 +81,15 @@ class Seat:
     job: ImageJob
     arrival: int
     submitted_at: float
-    images: concurrent.futures.Future[list[RawImage]] = field(
+    outcome: concurrent.futures.Future[SeatOutcome] = field(
         default_factory=concurrent.futures.Future
     )
     state: Any = None  # once admitted
     steps_run: int = 0
-    pauses: int = 0  # steps sat out after its first
+    pauses: int = 0  # steps sat out in a row since it last ran (after its first)
     first_step_at: float | None = None
+    in_last_step: bool = False
+    service_s: float = 0.0
     cancelled: bool = False
 
 
@@ -106,8 +120,10 @@ class StepEngine:
         self.counts: Counter[str] = Counter()  # steps, images stepped, pauses, ...
         # (class, seconds from submit to first step) of the last 1000 seats
         self.first_step_waits_s: deque[tuple[int, float]] = deque(maxlen=1000)
+        self._started_at = clock()
+        self._recent_steps: deque[tuple[float, int]] = deque(maxlen=100_000)  # (began, images)
 
-    def submit(self, job: ImageJob) -> concurrent.futures.Future[list[RawImage]]:
+    def submit(self, job: ImageJob) -> concurrent.futures.Future[SeatOutcome]:
         """A seat for ``job``; the future gets its images (or its failure)."""
         seat = Seat(job=job, arrival=next(self._arrivals), submitted_at=self._clock())
         with self._changed:
@@ -116,7 +132,7 @@ class StepEngine:
             self._by_key[job.request_key] = seat
             self._new.append(seat)
             self._changed.notify()
-        return seat.images
+        return seat.outcome
 
     def cancel(self, request_key: str) -> bool:
         """Take a seat out at the next step boundary; whether it was there."""
@@ -130,12 +146,30 @@ class StepEngine:
 
     def stats(self) -> dict[str, Any]:
         with self._changed:
-            paused = sum(1 for seat in self._seats if seat.pauses and seat.steps_run)
+            paused = sum(1 for seat in self._seats if seat.steps_run and not seat.in_last_step)
             return {
                 "seats": len(self._seats) + len(self._new),
                 "paused": paused,
                 **dict(self.counts),
             }
+
+    def snapshot(self, window_s: float = 10.0) -> StepEngineStats:
+        """What it holds now, and its steps over the last ``window_s`` seconds."""
+        now = self._clock()
+        with self._changed:
+            recent = [images for began, images in self._recent_steps if now - began <= window_s]
+            paused = [seat for seat in self._seats if seat.steps_run and not seat.in_last_step]
+            paused_bytes = sum(self.stepper.held_bytes(seat.state) for seat in paused)
+            seats = len(self._seats) + len(self._new)
+        span_s = max(1e-9, min(window_s, now - self._started_at))
+        return StepEngineStats(
+            at=time.time(),
+            seats=seats,
+            paused=len(paused),
+            paused_bytes=paused_bytes,
+            steps_per_s=round(len(recent) / span_s, 3),
+            images_per_step=round(sum(recent) / len(recent), 3) if recent else 0.0,
+        )
 
     def stop(self) -> None:
         with self._changed:
@@ -158,6 +192,7 @@ class StepEngine:
             batch = self.choose_batch(self._seats)
             if not batch:
                 continue
+            step_started = self._clock()
             try:
                 self.stepper.step([seat.state for seat in batch])
             except Exception as error:  # the batch's seats fail; the others go on
@@ -165,7 +200,7 @@ class StepEngine:
                 for seat in batch:
                     self._leave(seat, error)
                 continue
-            self._after_step(batch)
+            self._after_step(batch, step_started, self._clock())
         for seat in [*self._seats, *self._new]:
             self._leave(seat, SeatCancelled("the worker is stopping"))
 
@@ -203,8 +238,8 @@ class StepEngine:
                 )
 
     def rank(self, seat: Seat) -> tuple[bool, int, int]:
-        """Higher first: a seat paused ``max_pauses`` times, then its class, then the
-        earlier arrival."""
+        """Higher first: a seat paused ``max_pauses`` steps in a row, then its class,
+        then the earlier arrival."""
         return (seat.pauses >= self.max_pauses, seat.job.priority_class, -seat.arrival)
 
     def choose_batch(self, seats: Sequence[Seat]) -> list[Seat]:
@@ -225,17 +260,25 @@ class StepEngine:
             images += seat.job.images
         return batch
 
-    def _after_step(self, batch: list[Seat]) -> None:
-        now = self._clock()
+    def _after_step(self, batch: list[Seat], step_started: float, step_ended: float) -> None:
+        """Count the step; a seat's first step counts from when that step began, and
+        each image in it is charged an equal share of its time."""
+        images = sum(seat.job.images for seat in batch)
+        per_image_s = (step_ended - step_started) / images
         self.counts["steps"] += 1
-        self.counts["images_stepped"] += sum(seat.job.images for seat in batch)
+        self.counts["images_stepped"] += images
+        with self._changed:
+            self._recent_steps.append((step_started, images))
         in_batch = set(map(id, batch))
         for seat in self._seats:
-            if id(seat) in in_batch:
+            seat.in_last_step = id(seat) in in_batch
+            if seat.in_last_step:
+                seat.pauses = 0
                 seat.steps_run += 1
+                seat.service_s += per_image_s * seat.job.images
                 if seat.first_step_at is None:
-                    seat.first_step_at = now
-                    wait = now - seat.submitted_at
+                    seat.first_step_at = step_started
+                    wait = step_started - seat.submitted_at
                     self.first_step_waits_s.append((seat.job.priority_class, wait))
             elif seat.steps_run:
                 seat.pauses += 1
@@ -251,18 +294,21 @@ class StepEngine:
         except Exception as error:
             logger.exception("could not decode %s", seat.job.request_id)
             self._forget(seat)
-            seat.images.set_exception(error)
+            seat.outcome.set_exception(error)
             return
         self._forget(seat)
-        seat.images.set_result(images)
+        assert seat.first_step_at is not None  # it ran every step
+        seat.outcome.set_result(
+            SeatOutcome(images, seat.first_step_at - seat.submitted_at, seat.service_s)
+        )
 
     def _leave(self, seat: Seat, error: BaseException) -> None:
         with self._changed:
             if seat in self._seats:
                 self._seats.remove(seat)
         self._forget(seat)
-        if not seat.images.done():
-            seat.images.set_exception(error)
+        if not seat.outcome.done():
+            seat.outcome.set_exception(error)
 
     def _forget(self, seat: Seat) -> None:
         with self._changed:

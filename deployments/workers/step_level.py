@@ -20,6 +20,7 @@ from typing import Any
 
 from deployments.workers.runner import PipelineLoader, load_warm_pipeline
 from deployments.workers.step_engine import StepEngine, Stepper
+from deployments.workers.step_metrics import StepMetrics
 from deployments.workers.text_to_image import replica_id, warm_up_job
 from mediagate.protocol.catalog import ModelSpec
 from mediagate.protocol.errors import GenerationFailed, InvalidRequest
@@ -73,6 +74,7 @@ class StepLevelTextToImage:
         )
         self.replica_id = replica_id()
         self.engine.submit(warm_up_job(spec)).result(timeout=600)
+        self.metrics = StepMetrics(spec.id)
 
     async def generate(self, jobs: list[ImageJob]) -> list[ImageResult]:
         """Each job a seat; the results when all are done. Cancelling the call takes
@@ -93,16 +95,25 @@ class StepLevelTextToImage:
                 f"model {self.spec.id} failed to generate; please retry"
             ) from error
         took_s = time.perf_counter() - started
+        engine = self.engine.snapshot()
+        waits = [
+            (job.priority_class, seat.first_step_wait_s)
+            for job, seat in zip(jobs, made, strict=True)
+        ]
+        self.metrics.observe(engine, dict(self.engine.counts), waits)
         return [
             ImageResult(
                 request_id=job.request_id,
-                images=images,
-                batch_images=len(images),
+                images=seat.images,
+                batch_images=len(seat.images),
                 inference_s=took_s,
                 worker=self.replica_id,
                 timings_ms={"pipeline": took_s * 1000},
+                first_step_wait_s=seat.first_step_wait_s,
+                service_s=seat.service_s,
+                engine=engine,
             )
-            for job, images in zip(jobs, made, strict=True)
+            for job, seat in zip(jobs, made, strict=True)
         ]
 
     async def generate_streaming(

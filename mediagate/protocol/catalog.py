@@ -108,7 +108,10 @@ class StepLevel(_Frozen):
         "for higher-class work, which then pauses them at a step instead of queueing.",
     )
     max_pauses: int = Field(
-        50, ge=1, description="Steps a started request may sit out before it outranks all."
+        50,
+        ge=1,
+        description="Steps in a row a started request may sit out; then it outranks "
+        "every class for one step (nothing starves).",
     )
 
 

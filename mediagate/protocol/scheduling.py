@@ -39,6 +39,10 @@ class QueueStats:
     wait_estimate_s_by_class: dict[int, float] = field(default_factory=dict)
     wait_beyond_estimate_s_by_class: dict[int, dict[str, float]] = field(default_factory=dict)
     decision_counts: dict[str, int] = field(default_factory=dict)  # decision_key -> count
+    # step-level models only (issue 17): their workers' step loops, and per class the
+    # p50/p99 wait from arrival at a worker to the first denoising step
+    step_level: dict[str, float] = field(default_factory=dict)
+    first_step_wait_s_by_class: dict[int, dict[str, float]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         values = asdict(self)

@@ -137,6 +137,20 @@ class StreamQueued(BaseModel):
     estimated_wait_s: float | None = Field(None, description="Admission's estimate of the wait.")
 
 
+class StepEngineStats(BaseModel):
+    """A step-level worker's engine at one moment (issue 17), for the scheduler's
+    ``GET /v1/status`` report: what it holds, and its steps over the last few seconds."""
+
+    model_config = ConfigDict(frozen=True)
+
+    at: float = Field(description="Wall-clock time of the snapshot (``time.time()``).")
+    seats: int = Field(0, description="Requests it holds, running or paused.")
+    paused: int = Field(0, description="Held requests that have started and sat out the last step.")
+    paused_bytes: int = Field(0, description="Memory their latents and embeddings hold.")
+    steps_per_s: float = Field(0.0, description="Forward passes per second, recently.")
+    images_per_step: float = Field(0.0, description="Mean batch occupancy of those steps.")
+
+
 class ImageResult(BaseModel):
     """The generated images of one job."""
 
@@ -151,6 +165,17 @@ class ImageResult(BaseModel):
         default_factory=dict,
         description="Milliseconds per stage of its way (``mediagate.protocol.timing``), "
         "filled in by the worker and the scheduler.",
+    )
+    first_step_wait_s: float | None = Field(
+        None, description="Step-level workers: seconds from its arrival to its first step."
+    )
+    engine: StepEngineStats | None = Field(
+        None, description="Step-level workers: their engine when this job finished."
+    )
+    service_s: float | None = Field(
+        None,
+        description="Step-level workers: its share of the time of the steps it ran in "
+        "(a step of B images charges each 1/B): what it cost the replica, pauses excluded.",
     )
 
 

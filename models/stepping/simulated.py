@@ -57,6 +57,9 @@ class SimulatedStepper:
         for state in states:
             state.step_index += 1
 
+    def held_bytes(self, state: SimulatedState) -> int:
+        return 0  # it holds no tensors
+
     def finish(self, state: SimulatedState) -> list[Any]:
         from PIL import Image
 

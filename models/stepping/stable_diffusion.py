@@ -143,6 +143,11 @@ class StableDiffusionStepper:
                 )[0]
             state.step_index += 1
 
+    def held_bytes(self, state: StepState) -> int:
+        """Memory the request's own tensors hold while it waits (latents, embeddings)."""
+        tensors = [state.latents, state.prompt_embeds]
+        return sum(tensor.element_size() * tensor.nelement() for tensor in tensors)
+
     def finish(self, state: StepState) -> list[Any]:
         """The request's images (PIL), through the VAE as the pipeline decodes them."""
         import torch

@@ -138,6 +138,13 @@ class WanStepper:
             state.latents = state.scheduler.step(noise, t, state.latents, return_dict=False)[0]
             state.step_index += 1
 
+    def held_bytes(self, state: VideoStepState) -> int:
+        """Memory the request's own tensors hold while it waits (latents, embeddings)."""
+        tensors = [state.latents, state.prompt_embeds]
+        if state.negative_embeds is not None:
+            tensors.append(state.negative_embeds)
+        return sum(tensor.element_size() * tensor.nelement() for tensor in tensors)
+
     def finish(self, state: VideoStepState) -> Any:
         """The frames, (frames, H, W, 3) floats in [0, 1], as the pipeline's ``np`` output."""
         import torch

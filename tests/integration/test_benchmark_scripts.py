@@ -55,6 +55,14 @@ def test_bench_autoscale_runs() -> None:
     assert result["scale_down_ratio"] > 0, result
 
 
+def test_bench_step_join_runs() -> None:
+    result = run_smoke("bench_step_join.py")
+    for model in ("tiny-sd", "sim"):
+        figures = result[model]
+        assert figures["mean_step_ms"] > 0 and figures["p99_over_step"] > 0, result
+        assert figures["free_requests_served"] > 0, result  # the worker was kept busy
+
+
 def test_bench_ledger_runs() -> None:
     result = run_smoke("bench_ledger.py")
     figures = result["sqlite"]

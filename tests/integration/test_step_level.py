@@ -125,3 +125,13 @@ def test_pro_pauses_free_work_at_a_step_and_finishes_first(
     stats = worker.engine_stats.remote().result()
     assert stats["pause_steps"] >= 8  # free sat out pro's steps
     assert stats["images_stepped"] == 1 + 30 + 8  # the warm-up, then no step twice
+    # GET /v1/status shows the model's step loop and the waits to a first step
+    status = httpx.get(f"{base_url}/v1/status", headers=pro, timeout=30).json()
+    step_level = status["models"]["sim-step"]["step_level"]
+    assert step_level["steps_per_s"] > 0 and step_level["images_per_step"] == 1.0
+    assert step_level["seats_held"] == 0 and step_level["paused"] == 0
+    assert set(step_level["first_step_wait_s_by_tier"]) == {"pro", "free"}
+    assert (
+        "step_level" not in status["models"]["tiny-sd"]
+        or status["models"]["tiny-sd"]["step_level"]["images_per_step"] >= 1
+    )

@@ -91,7 +91,7 @@ def test_a_higher_class_pauses_a_lower_one_which_resumes_without_redoing_a_step(
     sleep.next_step_begun()  # free's third step is under way when pro comes
     pro = engine.submit(sim_job("pro", cls=2, steps=3))
     sleep.allow(100)
-    assert len(pro.result(timeout=10)) == len(free.result(timeout=10)) == 1
+    assert len(pro.result(timeout=10).images) == len(free.result(timeout=10).images) == 1
     order = [batch[0] for batch in stepper.batches]
     # pro's first step is the first boundary after it came; free resumes at its 4th
     assert order == ["free"] * 3 + ["pro"] * 3 + ["free"] * 3
@@ -99,16 +99,18 @@ def test_a_higher_class_pauses_a_lower_one_which_resumes_without_redoing_a_step(
     engine.stop()
 
 
-def test_nothing_starves_a_seat_paused_max_pauses_times_runs() -> None:
+def test_nothing_starves_a_seat_paused_max_pauses_steps_in_a_row_gets_the_next() -> None:
+    """It gets one step, then higher classes go first again: it moves on at least one
+    step in every ``max_pauses + 1``, and pro work waits at most one step for it."""
     engine, stepper, sleep = engine_with(max_batch_images=1, max_pauses=2)
-    free = engine.submit(sim_job("free", cls=0, steps=3))
+    free = engine.submit(sim_job("free", cls=0, steps=4))
     sleep.steps_done(1)
     sleep.next_step_begun()
     pro = engine.submit(sim_job("pro", cls=2, steps=6))
     sleep.allow(100)
     assert free.result(timeout=10) and pro.result(timeout=10)
     order = [batch[0] for batch in stepper.batches]
-    assert order == ["free", "free", "pro", "pro", "free", "pro", "pro", "pro", "pro"]
+    assert order == ["free", "free", "pro", "pro", "free", "pro", "pro", "free", "pro", "pro"]
     engine.stop()
 
 
@@ -143,7 +145,9 @@ def test_through_the_engine_the_real_loop_gives_the_stock_images(pipeline: Any) 
     low_images = engine.submit(low)
     high_images = engine.submit(high)  # pauses "low" wherever it is
     for request, made in ((low, low_images), (high, high_images)):
-        for a, b in zip(pixels(made.result(timeout=60)), stock(pipeline, request), strict=True):
+        for a, b in zip(
+            pixels(made.result(timeout=60).images), stock(pipeline, request), strict=True
+        ):
             assert np.abs(a - b).max() <= 1
     engine.stop()
 
@@ -193,6 +197,41 @@ async def test_a_step_level_scheduler_keeps_seats_for_the_top_class() -> None:
     await scheduler.shutdown()
 
 
+async def test_a_step_level_slots_turn_is_what_its_steps_cost_not_how_long_it_sat() -> None:
+    """A seat's call lasts as long as higher classes pause it; the wait estimates count
+    its steps' cost times the seats instead (slots / service time = the replica's
+    throughput), and a whole-call worker's round trip as before."""
+    from deployments.app import step_level_scheduler_config
+    from deployments.scheduler.images import Scheduler
+    from mediagate.access.tiers import load_tier_policy
+    from mediagate.protocol.catalog import StepLevel
+    from tests.fakes import FakeClock, FakeImageWorker, LocalHandle
+    from tests.unit.test_queue_discipline import SPEC, count_one
+    from tests.unit.test_queue_discipline import job as queued_job
+
+    spec = SPEC.model_copy(update={"stepping": StepLevel(seats_per_replica=4)})
+    for service_s, expected_s in ((0.05, 0.2), (None, 7.0)):
+        worker = FakeImageWorker()
+        worker.service_s = service_s
+        clock = FakeClock(0.0)
+        scheduler = Scheduler(
+            LocalHandle(worker),
+            spec,
+            count_replicas=count_one,
+            slots_per_replica=4,
+            base_config=step_level_scheduler_config(spec, load_tier_policy()),
+            clock=clock,
+        )
+        scheduler.reconfigure({})
+        submitted = asyncio.ensure_future(scheduler.submit(queued_job("f", "acct", cls=0)))
+        await worker.wait_for_batches(1)
+        clock.advance(7.0)  # paused behind pro work for 7 s
+        worker.release.set()
+        await submitted
+        assert list(scheduler.stats()["service_s"].values()) == [pytest.approx(expected_s)]
+        await scheduler.shutdown()
+
+
 def test_a_seat_kept_out_past_its_tiers_wait_is_shed_not_left_waiting() -> None:
     from mediagate.protocol.errors import Overloaded
 
@@ -211,3 +250,78 @@ def test_a_seat_kept_out_past_its_tiers_wait_is_shed_not_left_waiting() -> None:
     assert "free" not in {name for batch in stepper.batches for name in batch}
     assert engine.counts["shed_unstarted"] == 1
     engine.stop()
+
+
+def test_the_first_step_wait_counts_to_the_start_of_that_step_and_paused_seats_show() -> None:
+    now = [0.0]
+    sleep = GatedSleep()
+    stepper = RecordingStepper(sleep)
+    engine = StepEngine(stepper, max_batch_images=1, clock=lambda: now[0])
+    free = engine.submit(sim_job("free", cls=0, steps=3))
+    sleep.next_step_begun()  # free's first step, begun at 0
+    now[0] = 1.0
+    pro = engine.submit(sim_job("pro", cls=2, steps=2))  # arrives mid-step
+    now[0] = 1.5
+    sleep.allow(1)  # the step ends at 1.5; pro's first step begins
+    sleep.steps_done(1)
+    sleep.next_step_begun()  # pro's second step
+    snapshot = engine.snapshot(window_s=10)
+    assert snapshot.paused == 1 and snapshot.seats == 2  # free sat out the last step
+    now[0] = 4.0
+    sleep.allow(100)
+    assert pro.result(timeout=10).first_step_wait_s == pytest.approx(0.5)
+    assert free.result(timeout=10).first_step_wait_s == pytest.approx(0.0)
+    after = engine.snapshot(window_s=10)
+    assert after.paused == 0 and after.seats == 0
+    assert after.steps_per_s == pytest.approx(5 / 4.0)  # 5 steps over the 4 s it has run
+    assert after.images_per_step == 1.0
+    assert stepper.batches == [["free"], ["pro"], ["pro"], ["free"], ["free"]]
+    engine.stop()
+
+
+def test_the_scheduler_reports_its_workers_step_loops_and_first_step_waits() -> None:
+    from deployments.scheduler.step_reports import StepLevelReport
+    from mediagate.protocol.work import ImageResult, StepEngineStats
+
+    now = [100.0]
+    report = StepLevelReport(wall_clock=lambda: now[0])
+    assert report.summary() == {} and report.first_step_waits_s() == {}
+
+    def result(worker: str, at: float, wait_s: float, **engine: Any) -> ImageResult:
+        return ImageResult(
+            request_id="r",
+            images=[],
+            batch_images=1,
+            inference_s=0.1,
+            worker=worker,
+            first_step_wait_s=wait_s,
+            engine=StepEngineStats(at=at, **engine),
+        )
+
+    report.record(result("a", 99.0, 0.01, steps_per_s=10, images_per_step=4, paused=1), 2)
+    report.record(result("b", 95.0, 0.5, steps_per_s=20, images_per_step=1, seats=3), 0)
+    report.record(result("b", 80.0, 0.7, steps_per_s=99, images_per_step=9, seats=9), 0)  # older
+    report.record(result("c", 50.0, 0.9, steps_per_s=50, images_per_step=4, seats=2), 0)
+    summary = report.summary()
+    # c is stale (no result for 50 s): its steps are not recent, its seats still held
+    assert summary["steps_per_s"] == 30
+    assert summary["images_per_step"] == pytest.approx((10 * 4 + 20 * 1) / 30, abs=0.01)
+    assert summary["seats_held"] == 5 and summary["paused"] == 1
+    assert report.first_step_waits_s()[2] == {"p50": 0.01, "p99": 0.01}
+    assert report.first_step_waits_s()[0]["p99"] == 0.9
+    now[0] = 300.0  # every worker long silent: nothing held is counted
+    assert report.summary()["seats_held"] == 0
+
+
+def test_a_job_reaches_the_worker_with_the_wait_its_tier_still_allows() -> None:
+    from deployments.scheduler.in_flight import InFlightBatch
+    from deployments.scheduler.queue import Ticket
+
+    tickets = [
+        Ticket(job=sim_job("waited", max_wait_s=30), enqueued_at=10.0),
+        Ticket(job=sim_job("late", max_wait_s=30), enqueued_at=-40.0),
+    ]
+    jobs = InFlightBatch(1, tickets, started_at=12.5).jobs()
+    assert jobs[0].max_wait_s == pytest.approx(27.5)
+    assert jobs[1].max_wait_s == pytest.approx(0.001)  # never negative
+    assert tickets[0].job.max_wait_s == 30  # a requeued job starts from its tier's wait
