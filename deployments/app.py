@@ -104,6 +104,20 @@ def step_level_scheduler_config(spec: ModelSpec, tiers: TierPolicy) -> dict[str,
     }
 
 
+def video_scheduler_settings(
+    spec: ModelSpec, tiers: TierPolicy, declared: VideoSchedulerSettings
+) -> VideoSchedulerSettings:
+    """A video model's scheduler settings: the application's, and for a step-level model
+    one job per seat with seats kept free for the top class (its worker pauses lower
+    classes at a step for it)."""
+    stepped = step_level_scheduler_config(spec, tiers)
+    if stepped is None:
+        return declared
+    return declared.model_copy(
+        update={key: stepped[key] for key in ("slots_per_replica", "seat_shares")}
+    )
+
+
 def _deployment(cls: type) -> Deployment:
     return cast(Deployment, serve.deployment(cls))
 
@@ -136,8 +150,10 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
             worker_kwargs |= {"state": state, "artifacts": artifacts}
         worker_class = WORKER_CLASSES[spec.task]
         seats = 1  # one batch at a time: waiting happens in the scheduler
-        if spec.stepping is not None and spec.task == "text-to-image":
-            worker_class, seats = StepLevelTextToImage, spec.stepping.seats_per_replica
+        if spec.stepping is not None:  # the worker holds seats (a video one: its loop)
+            seats = spec.stepping.seats_per_replica
+            if spec.task == "text-to-image":
+                worker_class = StepLevelTextToImage
         worker = (
             _deployment(worker_class)
             .options(
@@ -175,7 +191,7 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
                     worker,
                     spec,
                     state=state,
-                    settings=app_args.video,
+                    settings=video_scheduler_settings(spec, tiers, app_args.video),
                     worker_deployment=worker_deployment,
                 )
             )

@@ -33,8 +33,12 @@ Python proxy actor); `--ingress serve-proxy` measures the Python proxy instead.
 ``--stepping`` serves the model step by step (issue 17: seats, requests joining at a
 step, pausing instead of preemption); ``--max-batch`` and ``--batch-cost`` give the
 simulated GPU a sub-linear batch cost (a step of B images: step_ms x (1 + cost x (B-1))).
+``--model tiny-sd`` serves the REAL tiny Stable Diffusion pipeline instead (4 steps on
+the CPU: the worker then competes with the router and the load generator for the two
+cores, which the simulated model does not).
 Usage: python scripts/bench_overload.py [--steps 20] [--step-ms 8] [--seconds 20]
        [--unloaded-seconds N] [--max-batch 1] [--batch-cost 0] [--stepping]
+       [--model sim|tiny-sd]
        [--ingress haproxy|serve-proxy] [--client-gc] [--smoke]
 """
 
@@ -104,8 +108,19 @@ def write_catalog(
     max_batch: int = 1,
     batch_cost: float = 0.0,
     stepping: bool = False,
+    model: str = "sim",
 ) -> Path:
     data = yaml.safe_load(resources.files("models").joinpath("catalog.yaml").read_text())
+    if model == "tiny-sd":  # the real pipeline as the catalog ships it (4 steps, 64x64)
+        tiny = data["models"]["tiny-sd"] | {"scaling": {"min_replicas": 1, "max_replicas": 1}}
+        tiny["batching"] = {"max_batch_size": max_batch, "batch_wait_s": 0.0}
+        if stepping:
+            tiny["stepping"] = {"seats_per_replica": 2 * max_batch + 2}
+        data["models"] = {"tiny-sd": tiny}
+        data["default_models"] = {"text-to-image": "tiny-sd"}
+        path = home / "catalog.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return path
     data["default_models"] = {"text-to-image": "sim"}
     data["models"] = {
         "sim": {
@@ -125,13 +140,16 @@ def write_catalog(
     return path
 
 
+MODEL = "sim"  # or "tiny-sd" (--model)
+
+
 async def one(
     client: httpx.AsyncClient, key: str, tier: str, sink: list[Outcome], due: float = 0.0
 ) -> None:
     started = time.perf_counter()
     response = await client.post(
         "/v1/images/generations",
-        json={"prompt": "load", "model": "sim"},
+        json={"prompt": "load", "model": MODEL},
         headers={"Authorization": f"Bearer {key}"},
     )
     sink.append(
@@ -302,7 +320,7 @@ async def run(
         await open_loop(client, [pro_key], "pro", 0.3 * c, unloaded_s, unloaded)
         memory: list[dict[str, float]] = []
         cpu: list[dict[str, float]] = []
-        watched = actor_pids("mediagate", ["Router", "Scheduler-sim"])
+        watched = actor_pids("mediagate", ["Router", f"Scheduler-{MODEL}"])
         sampler = asyncio.create_task(sample_processes(watched, 1.0, memory, cpu))
         overload: list[Outcome] = []
         started = time.perf_counter()
@@ -345,6 +363,12 @@ def main() -> None:
     parser.add_argument(
         "--stepping", action="store_true", help="serve step by step (issue 17) instead"
     )
+    parser.add_argument(
+        "--model",
+        choices=["sim", "tiny-sd"],
+        default="sim",
+        help="tiny-sd: the REAL tiny pipeline on the CPU (4 steps) instead of the simulation",
+    )
     add_ingress_argument(parser)
     parser.add_argument(
         "--client-gc",
@@ -356,6 +380,8 @@ def main() -> None:
         "--smoke", action="store_true", help="seconds, not minutes: checks the script runs"
     )
     args = parser.parse_args()
+    global MODEL
+    MODEL = args.model
     if args.smoke:
         args.seconds, args.unloaded_seconds = 2.0, 2.0
     import ray
@@ -377,6 +403,7 @@ def main() -> None:
                     max_batch=args.max_batch,
                     batch_cost=args.batch_cost,
                     stepping=args.stepping,
+                    model=args.model,
                 )
             ),
             tiers_file=str(write_tiers_without_quotas(home)),
@@ -413,9 +440,13 @@ def main() -> None:
     free_shed = [o for o in free_rejected if not o.expired]
     completed = sum(o.status == 200 for o in measured["overload"])
     unloaded_p99 = percentile([o.latency_s for o in unloaded], 99)
-    model = measured["status"]["models"]["sim"]
+    model = measured["status"]["models"][MODEL]
     result = {
-        "model": f"simulated {args.steps} steps x {args.step_ms:g} ms",
+        "model": (
+            f"simulated {args.steps} steps x {args.step_ms:g} ms"
+            if MODEL == "sim"
+            else "tiny-sd (real pipeline, CPU, 4 steps, 64x64)"
+        ),
         "serving": "step-level" if args.stepping else "whole pipeline call",
         "max_batch": args.max_batch,
         "batch_cost": args.batch_cost,

@@ -35,6 +35,9 @@ from models.catalog import load_catalog
 logger = logging.getLogger(__name__)
 
 
+CHECKPOINT_TTL_S = 86_400  # video checkpoints older than this belong to no running job
+
+
 class Router:
     """Serve ingress deployment; the builder wraps it with ``serve.ingress()``.
 
@@ -94,7 +97,9 @@ class Router:
     async def _sweep(self) -> None:
         """Delete image files whose URLs have expired (with a minute's grace), the files
         and records of videos whose content has expired, expired account documents
-        (Idempotency-Key records, quota windows) and the answers kept for expired keys."""
+        (Idempotency-Key records, quota windows), the answers kept for expired keys, and
+        video checkpoints left by jobs that ended without their worker (a day old: a
+        running job's is replaced every few steps)."""
         gateway = self.gateway
         settings = gateway.settings
         while True:
@@ -106,6 +111,9 @@ class Router:
                 documents = await gateway.jobs.purge_expired_documents()
                 answers = await asyncio.to_thread(
                     gateway.artifacts.delete_older_than, IDEMPOTENCY_TTL_S + 60, "ans"
+                )
+                await asyncio.to_thread(
+                    gateway.artifacts.delete_older_than, CHECKPOINT_TTL_S, "ckp"
                 )
             except Exception as error:  # a store outage must not end the sweep
                 logger.warning("artifact sweep failed: %r", error)

@@ -231,9 +231,10 @@ class Scheduler(ImageSchedulerReports):
         while len(self._queue) and self._slots.free:
             head = self._queue.head()
             assert head is not None
-            share = self.settings.seat_shares.get(head.job.priority_class, 1.0)
-            if self._slots.busy >= share * self.capacity:  # the rest is kept for higher classes
-                break
+            if self.settings.holds_back(
+                head.job.priority_class, busy=self._slots.busy, slots=self.capacity
+            ):
+                break  # the other seats are kept for higher classes
             max_images = self._batching.max_batch_size
             waited_s = self._clock() - head.enqueued_at
             if (

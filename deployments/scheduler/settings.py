@@ -32,6 +32,11 @@ class QueueSettings(BaseModel):
         description="Per priority class, how much a waiting request counts for the autoscaler "
         "(default: class 0, free, counts half).",
     )
+    seat_shares: dict[int, float] = Field(
+        default_factory=dict,
+        description="Per class, the share of the slots it may fill (step-level models: "
+        "lower classes leave seats free for the top one); a class left out may fill all.",
+    )
 
     @field_validator("min_shares")
     @classmethod
@@ -48,6 +53,18 @@ class QueueSettings(BaseModel):
     def weights(self) -> dict[int, float]:
         """The autoscaler's weight per class, defaults filled in."""
         return queue_weights_from_config(self.queue_weights)
+
+    def holds_back(self, priority_class: int, *, busy: int, slots: int) -> bool:
+        """Whether work of ``priority_class`` must leave the free slots to higher classes
+        (its ``seat_shares`` of them are filled)."""
+        return busy >= self.seat_shares.get(priority_class, 1.0) * slots
+
+    @field_validator("seat_shares")
+    @classmethod
+    def _shares_in_range(cls, shares: dict[int, float]) -> dict[int, float]:
+        if any(not 0 < share <= 1 for share in shares.values()):
+            raise ValueError("seat_shares must be above 0 and at most 1")
+        return shares
 
 
 class BatchingOverride(BaseModel):
@@ -79,18 +96,6 @@ class ImageSchedulerSettings(QueueSettings):
     redispatch_delay_s: float = Field(
         1.0, ge=0, description="Pause before running again a batch whose worker died."
     )
-    seat_shares: dict[int, float] = Field(
-        default_factory=dict,
-        description="Per class, the share of the slots it may fill (step-level models: "
-        "lower classes leave seats free for the top one); a class left out may fill all.",
-    )
-
-    @field_validator("seat_shares")
-    @classmethod
-    def _shares_in_range(cls, shares: dict[int, float]) -> dict[int, float]:
-        if any(not 0 < share <= 1 for share in shares.values()):
-            raise ValueError("seat_shares must be above 0 and at most 1")
-        return shares
 
 
 class VideoSchedulerSettings(QueueSettings):

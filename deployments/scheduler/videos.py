@@ -23,13 +23,11 @@ from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
-from autoscaling.policy import report_metrics
 from deployments.scheduler.admission import (
     EstimateCheck,
     admit_or_shed,
     estimate_wait_s,
     updated_service_time,
-    wait_estimates_s_by_class,
 )
 from deployments.scheduler.capacity import ReplicaCounter, WorkerSlots, serve_replica_follower
 from deployments.scheduler.in_flight import RecentIds
@@ -37,11 +35,12 @@ from deployments.scheduler.metrics import SchedulerMetrics
 from deployments.scheduler.queue import Ticket
 from deployments.scheduler.settings import VideoSchedulerSettings
 from deployments.scheduler.video_queue import QueuedVideo, VideoQueue
+from deployments.scheduler.video_reports import VideoSchedulerReports
 from mediagate.jobs.video import RetryLimits, VideoJobLifecycle, live, overdue
 from mediagate.protocol.catalog import ModelSpec
 from mediagate.protocol.clock import Clock, system_clock
 from mediagate.protocol.errors import Overloaded
-from mediagate.protocol.scheduling import Decision, QueueStats, decision_key
+from mediagate.protocol.scheduling import Decision, decision_key
 from mediagate.protocol.work import VideoGeneration, VideoOutcome, VideoTask
 from mediagate.stores import (
     JobStore,
@@ -54,7 +53,7 @@ from mediagate.stores import (
 logger = logging.getLogger(__name__)
 
 
-class VideoScheduler:
+class VideoScheduler(VideoSchedulerReports):
     """Queues a video model's jobs and feeds them, one per slot, to its workers: higher
     priority classes first, round-robin between accounts within a class."""
 
@@ -101,7 +100,14 @@ class VideoScheduler:
         self._dispatched = RecentIds(keep_s=86_400)  # claimed here: never to be adopted
         self._recovered = asyncio.Event()  # the first reconcile pass is done
         self._tasks: list[asyncio.Task[None]] = []
-        self.counts = {"dispatched": 0, "completed": 0, "failed": 0, "requeued": 0, "lost": 0}
+        self.counts = {
+            "dispatched": 0,
+            "completed": 0,
+            "failed": 0,
+            "requeued": 0,
+            "lost": 0,
+            "resumed": 0,  # completed from a lost run's checkpoint (step-level workers)
+        }
         self.decisions: Counter[str] = Counter()  # admitted/shed/expired per class
         self.estimate_check = EstimateCheck()
         self._service_s: float | None = None  # measured per completed job
@@ -186,48 +192,6 @@ class VideoScheduler:
         """Drop a deleted job from the queue; a running one stops at its next step by itself."""
         return self._queue.remove(job_id)
 
-    def record_autoscaling_stats(self) -> dict[str, float]:
-        """Queue metrics that the autoscaling policy reads (one job per slot)."""
-        by_class = self._queue.length_by_class()
-        self._classes_seen |= set(by_class)
-        self._metrics.observe(by_class, self._slots.busy, self._classes_seen)
-        stats = report_metrics(
-            by_class, self._slots.busy, self.settings.weights(), self._classes_seen
-        )
-        return stats | {"inflight": float(self._slots.busy)}
-
-    def queue_stats(self) -> QueueStats:
-        """The queue as every scheduler reports it (what ``GET /v1/status`` shows)."""
-        classes = self._classes_seen | set(self._queue.length_by_class())
-        return QueueStats(
-            queue_len=len(self._queue),
-            queue_by_class=self._queue.length_by_class(),
-            running_by_class=dict(
-                Counter([*self._running_class.values(), *self._adopted.values()])
-            ),
-            busy_slots=self._slots.busy,
-            capacity=self._slots.capacity,
-            replicas=self._slots.replicas,
-            wait_estimate_s_by_class=wait_estimates_s_by_class(
-                self._queue,
-                classes,
-                busy=self._slots.busy,
-                slots=self._slots.for_estimates,
-                service_s=self._service_s or 0.0,
-            ),
-            wait_beyond_estimate_s_by_class=self.estimate_check.summary(),
-            decision_counts=dict(self.decisions),
-        )
-
-    def stats(self) -> dict[str, Any]:
-        """For operators and tests: ``queue_stats`` plus job counters and the running ids."""
-        return {
-            "model": self.spec.id,
-            **self.queue_stats().as_dict(),
-            "running": sorted([*self._running, *self._adopted]),
-            **self.counts,
-        }
-
     def _count(self, decision: Decision, priority_class: int) -> None:
         self.decisions[decision_key(decision, priority_class)] += 1
         self._classes_seen.add(priority_class)
@@ -239,6 +203,8 @@ class VideoScheduler:
             await self._slots.changed.wait()
             self._slots.changed.clear()
             while len(self._queue) and self._slots.free:
+                if self._seats_kept_for_higher_classes():
+                    break
                 ticket = self._queue.pop_next()
                 video = ticket.job
                 self._claiming.add(video.job_id)  # neither queued nor running: not lost
@@ -257,6 +223,14 @@ class VideoScheduler:
                 self._slots.acquire()
                 self._running_class[video.job_id] = video.priority_class
                 self._running[video.job_id] = asyncio.create_task(self._run(job))
+
+    def _seats_kept_for_higher_classes(self) -> bool:
+        """Step-level workers: the next job's class has filled its share of the seats."""
+        head = self._queue.head()
+        busy, slots = self._slots.busy, self._slots.capacity
+        return head is not None and self.settings.holds_back(
+            head.job.priority_class, busy=busy, slots=slots
+        )
 
     async def _claim(self, ticket: Ticket[QueuedVideo]) -> VideoJobRecord | None:
         current = await self._store.get_job(ticket.job.account_id, ticket.job.job_id)
@@ -299,6 +273,8 @@ class VideoScheduler:
             generation=VideoGeneration.model_validate(job.generation),
             lease_s=self.settings.lease_s,
             content_ttl_s=self.settings.content_ttl_s,
+            priority_class=job.priority_class,
+            checkpoint=job.checkpoint.artifact if job.checkpoint else None,
         )
         self.counts["dispatched"] += 1
         started_at = self._clock()
@@ -314,8 +290,12 @@ class VideoScheduler:
         else:
             if outcome.status in ("completed", "failed"):
                 self.counts[outcome.status] += 1
+            self.counts["resumed"] += outcome.resumed_at_step > 0
             if outcome.status == "completed":  # what admission estimates waits from
-                self._service_s = updated_service_time(self._service_s, self._clock() - started_at)
+                took_s = self._clock() - started_at
+                if outcome.service_s is not None:  # a step-level worker's seat: see images
+                    took_s = outcome.service_s * self.settings.slots_per_replica
+                self._service_s = updated_service_time(self._service_s, took_s)
         finally:
             self._running.pop(job.id, None)
             self._running_class.pop(job.id, None)

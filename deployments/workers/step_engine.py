@@ -19,7 +19,12 @@ for its images; the engine's thread runs, step after step:
    conversion to raw pixels happen off the step loop.
 
 The stepper is the model family's loop (``models/stepping``); the engine knows
-nothing of torch. Only plain data leaves it (``RawImage``).
+nothing of torch, nor of images: a seat's job need only say who it is, its class, how
+many samples it steps and how long it may wait for a first step (``SeatJob``: an
+``ImageJob``, or a video worker's ``VideoSeatJob``), and ``convert`` turns what the
+stepper's ``finish`` makes into plain data (raw pixels by default). ``on_step`` is called
+on the engine's thread after every step, with the seats that ran in it (a video worker
+reports progress and writes checkpoints there).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from mediagate.protocol.errors import Overloaded
-from mediagate.protocol.work import ImageJob, RawImage, StepEngineStats
+from mediagate.protocol.work import StepEngineStats
 from models.encoding import to_raw_image
 
 logger = logging.getLogger(__name__)
@@ -49,10 +54,29 @@ class SteppedState(Protocol):
     def batch_key(self) -> Hashable: ...
 
 
+class SeatJob(Protocol):
+    """What the engine reads of a job (``ImageJob`` has all of these)."""
+
+    @property
+    def request_id(self) -> str: ...
+
+    @property
+    def request_key(self) -> str: ...
+
+    @property
+    def priority_class(self) -> int: ...
+
+    @property
+    def images(self) -> int: ...  # samples it adds to a step's batch
+
+    @property
+    def max_wait_s(self) -> float: ...
+
+
 class Stepper(Protocol):
     """A model family's denoising loop, one step at a time (``models/stepping``)."""
 
-    def start(self, job: ImageJob) -> Any: ...
+    def start(self, job: Any) -> Any: ...
 
     def step(self, states: Sequence[Any]) -> None: ...
 
@@ -65,7 +89,7 @@ class Stepper(Protocol):
 class SeatOutcome:
     """What a finished seat's future gets."""
 
-    images: list[RawImage]
+    images: list[Any]  # ``convert``ed: raw pixels (images), uint8 frames (a video)
     first_step_wait_s: float  # from its submission to the start of its first step
     service_s: float  # its share of its steps' time (a step of B images: 1/B each)
 
@@ -78,7 +102,7 @@ class SeatCancelled(Exception):
 class Seat:
     """One job in the engine."""
 
-    job: ImageJob
+    job: SeatJob
     arrival: int
     submitted_at: float
     outcome: concurrent.futures.Future[SeatOutcome] = field(
@@ -102,9 +126,13 @@ class StepEngine:
         *,
         max_batch_images: int,
         max_pauses: int = 50,
+        convert: Callable[[Any], Any] = to_raw_image,
+        on_step: Callable[[list[Seat]], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.stepper = stepper
+        self.convert = convert
+        self.on_step = on_step
         self.max_batch_images = max_batch_images
         self.max_pauses = max_pauses
         self._clock = clock
@@ -123,7 +151,7 @@ class StepEngine:
         self._started_at = clock()
         self._recent_steps: deque[tuple[float, int]] = deque(maxlen=100_000)  # (began, images)
 
-    def submit(self, job: ImageJob) -> concurrent.futures.Future[SeatOutcome]:
+    def submit(self, job: SeatJob) -> concurrent.futures.Future[SeatOutcome]:
         """A seat for ``job``; the future gets its images (or its failure)."""
         seat = Seat(job=job, arrival=next(self._arrivals), submitted_at=self._clock())
         with self._changed:
@@ -283,6 +311,11 @@ class StepEngine:
             elif seat.steps_run:
                 seat.pauses += 1
                 self.counts["pause_steps"] += 1
+        if self.on_step is not None:
+            try:
+                self.on_step(batch)
+            except Exception:  # what it reports is lost; the seats' work is not
+                logger.exception("the step hook failed for %s", [s.job.request_id for s in batch])
         for seat in [seat for seat in batch if seat.state.done]:
             with self._changed:
                 self._seats.remove(seat)
@@ -290,7 +323,7 @@ class StepEngine:
 
     def _decode(self, seat: Seat) -> None:
         try:
-            images = [to_raw_image(image) for image in self.stepper.finish(seat.state)]
+            images = [self.convert(made) for made in self.stepper.finish(seat.state)]
         except Exception as error:
             logger.exception("could not decode %s", seat.job.request_id)
             self._forget(seat)

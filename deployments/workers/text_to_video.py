@@ -30,6 +30,8 @@ from deployments.workers.runner import (
     load_warm_pipeline,
     stop_pipeline,
 )
+from deployments.workers.step_engine import SeatCancelled
+from deployments.workers.video_steps import SeatReports, VideoSteps, denoising_progress
 from mediagate.jobs.video import VideoJobLifecycle
 from mediagate.protocol.catalog import ModelSpec
 from mediagate.protocol.clock import Clock, system_clock
@@ -37,15 +39,13 @@ from mediagate.protocol.errors import StoreUnavailable
 from mediagate.protocol.work import VideoGeneration, VideoOutcome, VideoTask
 from mediagate.stores import JobStore, StateConfig, given_or_opened, open_state_store
 from mediagate.stores.artifacts import ArtifactConfig, ArtifactStore, open_artifact_store
+from mediagate.stores.records import JobCheckpoint
 from models.encoding import encode_mp4, encode_spritesheet, encode_thumbnail, to_uint8_frames
 from models.loading import load_pipeline
 from models.uploads import load_reference_image
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-
-# Share of the progress bar given to denoising; decoding and encoding take the rest.
-DENOISING_SHARE = 0.95
 
 
 class JobCancelled(StoppedAtStep):
@@ -95,7 +95,7 @@ class _StepReporter:
         if now - self._last_report >= self.worker.progress_interval_s:
             self._last_report = now
             total = self.task.generation.num_inference_steps
-            progress = int(100 * DENOISING_SHARE * self.steps_done / total)
+            progress = denoising_progress(self.steps_done, total)
             write = self.worker.renew(self.task, progress=progress)
             try:
                 still_ours = asyncio.run_coroutine_threadsafe(write, self.loop).result(timeout=30)
@@ -150,6 +150,12 @@ class TextToVideo:
             warm_up=self._warm_up,
         )
         self.image_pipeline = image_to_video_pipeline(self.spec, self.pipeline)
+        # step-level (catalog `stepping`): text-to-video jobs are seats of a step loop
+        self.steps = (
+            VideoSteps(spec, self.pipeline, self.artifacts, interval_s=progress_interval_s)
+            if spec.stepping is not None
+            else None
+        )
 
     def _warm_up(self, pipeline: Any) -> None:
         width, height = self.spec.default_size
@@ -163,9 +169,15 @@ class TextToVideo:
         )
 
     async def renew(
-        self, task: VideoTask, *, progress: int | None = None, starting: bool = False
+        self,
+        task: VideoTask,
+        *,
+        progress: int | None = None,
+        starting: bool = False,
+        checkpoint: JobCheckpoint | None = None,
     ) -> bool:
-        """Extend the lease (and record progress); ``False`` if the job is no longer ours."""
+        """Extend the lease (and record progress, a checkpoint); ``False`` if the job is
+        no longer ours."""
         return await self.jobs.renew(
             task.account_id,
             task.job_id,
@@ -173,6 +185,7 @@ class TextToVideo:
             lease_s=task.lease_s,
             progress=progress,
             starting=starting,
+            checkpoint=checkpoint,
         )
 
     async def _heartbeat(self, task: VideoTask, cancelled: threading.Event) -> None:
@@ -259,12 +272,20 @@ class TextToVideo:
         if not await self.renew(task, starting=True):  # deleted or taken back meanwhile
             return VideoOutcome(job_id=task.job_id, status="cancelled")
         loop = asyncio.get_running_loop()
-        cancelled = threading.Event()
-        reporter = _StepReporter(self, task, loop, cancelled)
+        reporter: _StepReporter | SeatReports
+        if self.steps is not None and task.generation.input_reference is None:
+            reporter = self.steps.reports_for(task, self.renew)
+        else:
+            reporter = _StepReporter(self, task, loop, threading.Event())
+        cancelled = reporter.cancelled
         heartbeat = asyncio.create_task(self._heartbeat(task, cancelled))
         started = time.perf_counter()
+        service_s: float | None = None
         try:
-            frames = await asyncio.to_thread(self._generate, task.generation, reporter)
+            if isinstance(reporter, SeatReports):
+                frames, service_s = await self._denoise_in_seat(reporter)
+            else:
+                frames = await asyncio.to_thread(self._generate, task.generation, reporter)
             inference_s = time.perf_counter() - started
             if cancelled.is_set():
                 raise JobCancelled(task.job_id)
@@ -279,6 +300,8 @@ class TextToVideo:
         except Exception as error:
             logger.exception("job %s failed", task.job_id)
             await self._fail(task, error)
+            if isinstance(reporter, SeatReports):
+                await reporter.discard_checkpoints()
             return VideoOutcome(job_id=task.job_id, status="failed")
         finally:
             cancelled.set()
@@ -295,12 +318,32 @@ class TextToVideo:
         if completed is None:  # deleted (or taken back) while encoding: nobody will fetch these
             await asyncio.to_thread(self._discard, artifacts)
             return VideoOutcome(job_id=task.job_id, status="cancelled")
+        resumed_at = 0
+        if isinstance(reporter, SeatReports):
+            await reporter.discard_checkpoints()
+            resumed_at = reporter.resumed_at
         return VideoOutcome(
             job_id=task.job_id,
             status="completed",
             inference_s=inference_s,
-            steps_done=reporter.steps_done,
+            steps_done=reporter.steps_done - resumed_at,
+            resumed_at_step=resumed_at,
+            service_s=service_s,
         )
+
+    def engine_stats(self) -> dict[str, Any]:
+        """Step-level: steps run, pause steps, seats held and paused (operators)."""
+        return self.steps.engine.stats() if self.steps is not None else {}
+
+    async def _denoise_in_seat(self, reports: SeatReports) -> tuple[Any, float]:
+        """The job's frames from a seat of the replica's step loop, and what its steps
+        cost; ``JobCancelled`` once it is no longer this dispatch's."""
+        assert self.steps is not None
+        try:
+            outcome = await self.steps.denoise(reports)
+        except SeatCancelled:
+            raise JobCancelled(reports.task.job_id) from None
+        return outcome.images[0], outcome.service_s
 
     async def _fail(self, task: VideoTask, error: Exception) -> None:
         """A model-side failure is final for this job (re-running would fail the same way);

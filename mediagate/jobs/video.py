@@ -22,6 +22,7 @@ from typing import Any
 from mediagate.access.ledger import finish_reservation
 from mediagate.protocol.clock import Clock, system_clock
 from mediagate.stores import JobStore, VideoJobRecord
+from mediagate.stores.records import JobCheckpoint
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,8 @@ class VideoJobLifecycle:
                 "started_at": now,
                 "lease_expires_at": now + lease_s,
                 "worker_started_at": None,
-                "progress": 0,
+                # resumed from its checkpoint, a job's progress goes back to that step only
+                "progress": job.checkpoint.progress if job.checkpoint else 0,
             },
         )
 
@@ -127,7 +129,9 @@ class VideoJobLifecycle:
                 "error_message": f"{reason}; please submit it again",
             }
         else:
-            changes |= {"status": "queued", "progress": 0}
+            # to run again, from its checkpoint if it has one
+            resumes_at = current.checkpoint.progress if current.checkpoint else 0
+            changes |= {"status": "queued", "progress": resumes_at}
         updated = await self.store.update_job(
             job.account_id,
             job.id,
@@ -148,13 +152,17 @@ class VideoJobLifecycle:
         lease_s: float,
         progress: int | None = None,
         starting: bool = False,
+        checkpoint: JobCheckpoint | None = None,
     ) -> bool:
-        """The worker's heartbeat: extend the lease (record progress; mark when it took the
-        job up). ``False`` if the job is no longer this dispatch's."""
+        """The worker's heartbeat: extend the lease (record progress, or a checkpoint
+        written; mark when it took the job up). ``False`` if the job is no longer this
+        dispatch's."""
         now = self.clock()
         changes: dict[str, Any] = {"lease_expires_at": now + lease_s}
         if progress is not None:
             changes["progress"] = progress
+        if checkpoint is not None:
+            changes["checkpoint"] = checkpoint.model_dump()
         if starting:
             changes["worker_started_at"] = now
         return await self._write(account_id, job_id, attempt, changes) is not None
@@ -182,6 +190,7 @@ class VideoJobLifecycle:
                 "expires_at": now + content_ttl_s,
                 "lease_expires_at": None,
                 "artifacts": artifacts,
+                "checkpoint": None,  # the worker deletes it
             },
         )
         await self._settle(completed, commit=True)
@@ -210,6 +219,7 @@ class VideoJobLifecycle:
                 "lease_expires_at": None,
                 "error_code": code,
                 "error_message": message,
+                "checkpoint": None,  # the worker deletes it
             },
         )
         await self._settle(failed, commit=False)

@@ -113,6 +113,12 @@ class StepLevel(_Frozen):
         description="Steps in a row a started request may sit out; then it outranks "
         "every class for one step (nothing starves).",
     )
+    checkpoint_every_steps: int = Field(
+        10,
+        ge=1,
+        description="Video models: a running job's state is written to the artifact store "
+        "every this many steps; when its worker is lost, the next resumes from there.",
+    )
 
 
 class Scaling(_Frozen):

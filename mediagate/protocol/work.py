@@ -248,6 +248,12 @@ class VideoTask(BaseModel):
     generation: VideoGeneration = Field(description="What to generate.")
     lease_s: float = Field(description="The worker renews the job's lease this often x3.")
     content_ttl_s: float = Field(description="How long the finished files stay downloadable.")
+    priority_class: int = Field(
+        0, ge=0, description="From its tier: a step-level worker pauses lower classes for it."
+    )
+    checkpoint: str | None = Field(
+        None, description="Step-level workers: the checkpoint to resume from (an artifact id)."
+    )
 
 
 class VideoOutcome(BaseModel):
@@ -260,4 +266,10 @@ class VideoOutcome(BaseModel):
         description="`cancelled`: the job was deleted or taken back while running."
     )
     inference_s: float = Field(0.0, description="Seconds in the pipeline.")
-    steps_done: int = Field(0, description="Denoising steps run.")
+    steps_done: int = Field(0, description="Denoising steps run (by this dispatch).")
+    resumed_at_step: int = Field(
+        0, description="Step-level workers: the checkpoint's step this dispatch resumed at."
+    )
+    service_s: float | None = Field(
+        None, description="Step-level workers: its steps' time, the time it sat paused not counted."
+    )

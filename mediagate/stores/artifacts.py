@@ -2,7 +2,8 @@
 
 Both backends share one interface. An artifact id says what it is and how it is
 encoded (``img_<hex>.png``, ``vid_<hex>.mp4``, ``ref_<hex>.png``, and
-``ans_<hex>.json`` for answers kept for Idempotency-Key repeats), so the sweep of
+``ans_<hex>.json`` for answers kept for Idempotency-Key repeats, ``ckp_<hex>.pt`` for
+a step-level video job's checkpoint), so the sweep of
 expired image URLs never touches a video whose job has a longer life. Kept answers are
 never handed out by URL.
 
@@ -35,9 +36,10 @@ from mediagate.protocol.media import CONTENT_TYPES
 
 logger = logging.getLogger(__name__)
 
-ArtifactKind = Literal["img", "vid", "ref", "ans"]
-ARTIFACT_ID = re.compile(r"^(img|vid|ref|ans)_[0-9a-f]{32}\.(png|jpeg|webp|mp4|json)$")
-PRIVATE_KINDS = ("ans_",)  # read by the service only: no URL ever downloads them
+ArtifactKind = Literal["img", "vid", "ref", "ans", "ckp"]
+ARTIFACT_ID = re.compile(r"^(img|vid|ref|ans|ckp)_[0-9a-f]{32}\.(png|jpeg|webp|mp4|json|pt)$")
+# read by the service only: no URL ever downloads them (kept answers, video checkpoints)
+PRIVATE_KINDS = ("ans_", "ckp_")
 
 
 def new_artifact_id(kind: ArtifactKind, extension: str) -> str:

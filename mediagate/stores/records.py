@@ -12,6 +12,17 @@ FINAL_STATUSES: tuple[JobStatus, ...] = ("completed", "failed")
 VideoVariant = Literal["video", "thumbnail", "spritesheet"]
 
 
+class JobCheckpoint(BaseModel):
+    """Where a step-level video job's latest checkpoint is (issue 17): the next dispatch
+    resumes from it when the worker running the job is lost."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    artifact: str = Field(description="Artifact id of the checkpoint (``ckp_...``).")
+    step: int = Field(ge=0, description="Denoising steps it holds done.")
+    progress: int = Field(0, ge=0, le=100, description="The job's progress at that step.")
+
+
 class VideoJobRecord(BaseModel):
     """One video job. ``attempt`` counts dispatches and fences stale workers' writes."""
 
@@ -56,6 +67,9 @@ class VideoJobRecord(BaseModel):
     )
     artifacts: dict[str, str] = Field(
         default_factory=dict, description="Variant -> artifact id, once completed."
+    )
+    checkpoint: JobCheckpoint | None = Field(
+        None, description="Step-level models: the latest checkpoint of the running job."
     )
 
     @property

@@ -15,9 +15,9 @@ import pytest
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
 
-def run_smoke(script: str) -> dict[str, Any]:
+def run_smoke(script: str, *options: str) -> dict[str, Any]:
     ran = subprocess.run(
-        [sys.executable, str(SCRIPTS / script), "--smoke"],
+        [sys.executable, str(SCRIPTS / script), "--smoke", *options],
         capture_output=True,
         text=True,
         timeout=600,
@@ -47,6 +47,15 @@ def test_bench_overload_runs() -> None:
     assert result["capacity_rps"] > 0 and result["pro_success_rate"] > 0, result
     assert result["free_requests"] > 0 and result["other_statuses"] == [], result
     assert result["ingress"] == "haproxy", result
+
+
+@pytest.mark.own_ray_cluster
+def test_bench_overload_runs_the_real_tiny_pipeline_step_by_step() -> None:
+    result = run_smoke("bench_overload.py", "--model", "tiny-sd", "--stepping")
+    assert result["serving"] == "step-level" and result["model"].startswith("tiny-sd"), result
+    assert result["capacity_rps"] > 0 and result["pro_success_rate"] > 0, result
+    assert result["other_statuses"] == [], result
+    assert result["step_level"]["first_step_wait_s_by_tier"]["pro"]["p99"] >= 0, result
 
 
 @pytest.mark.own_ray_cluster

@@ -82,3 +82,60 @@ def test_a_job_joining_mid_way_gives_what_it_gives_alone(pipeline: Any) -> None:
             running.remove(state)
     assert np.abs(frames["waves on a beach"] - alone(stepper, first)).max() <= TOLERANCE
     assert np.abs(frames["a storm"] - stock(pipeline, joiner)).max() <= TOLERANCE
+
+
+@pytest.mark.parametrize("scheduler", ["flow-match-euler", "unipc-multistep"])
+def test_a_job_resumed_from_a_checkpoint_gives_the_frames_of_an_unbroken_run(
+    pipeline: Any, scheduler: str
+) -> None:
+    """Bit for bit: what a lost worker's successor makes from the last checkpoint is
+    what the lost one would have made. UniPC (Wan's own default) keeps a history of
+    model outputs across steps; the checkpoint carries it."""
+    import copy
+
+    from diffusers import UniPCMultistepScheduler
+
+    from models.stepping.checkpoints import checkpoint_bytes, checkpoint_step, resume
+
+    used = copy.copy(pipeline)
+    if scheduler == "unipc-multistep":
+        used.scheduler = UniPCMultistepScheduler(
+            prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0
+        )
+    stepper = WanStepper(used)
+    video = generation(num_inference_steps=6)
+    unbroken = alone(stepper, video)
+    lost = stepper.start(video)
+    for _ in range(4):
+        stepper.step([lost])
+    data = checkpoint_bytes(lost)
+    assert checkpoint_step(data) == 4
+    lost.latents.zero_()  # the lost worker's memory is gone; the bytes are what is left
+    resumed = resume(stepper.start(video), data)
+    assert resumed.step_index == 4
+    while not resumed.done:
+        stepper.step([resumed])
+    assert np.array_equal(np.asarray(stepper.finish(resumed)), unbroken)
+
+
+def test_a_checkpoint_is_data_and_one_that_does_not_fit_is_refused(pipeline: Any) -> None:
+    import io
+    import pickle
+
+    from models.stepping.checkpoints import checkpoint_bytes, resume
+
+    stepper = WanStepper(pipeline)
+    state = stepper.start(generation())
+    stepper.step([state])
+    other_size = stepper.start(generation(width=32, height=32))
+    with pytest.raises(ValueError, match="do not fit"):
+        resume(other_size, checkpoint_bytes(state))
+
+    class Payload:
+        def __reduce__(self) -> Any:
+            return (print, ("this ran",))
+
+    with pytest.raises(ValueError, match="unreadable"):  # not executed: weights_only
+        resume(stepper.start(generation()), pickle.dumps({"format": 1, "x": Payload()}))
+    with pytest.raises(ValueError, match="unreadable"):
+        resume(stepper.start(generation()), io.BytesIO(b"truncated").getvalue())

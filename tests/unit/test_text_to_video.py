@@ -33,13 +33,14 @@ class Rig:
         model_cache: Path,
         *,
         artifacts: LocalArtifactStore | None = None,
+        spec: Any = SPEC,
         **options: Any,
     ) -> None:
         self.files = tmp_path / "files"
         self.store = SqliteStateStore(tmp_path / "state.db")
         self.artifacts = artifacts or LocalArtifactStore(self.files, b"k" * 32)
         self.worker = TextToVideo(
-            SPEC,
+            spec,
             cache_dir=str(model_cache),
             store=self.store,
             artifact_store=self.artifacts,
@@ -47,7 +48,9 @@ class Rig:
             **options,
         )
 
-    async def dispatch(self, job_id: str, *, lease_s: float = 30, **generation: Any) -> VideoTask:
+    async def dispatch(
+        self, job_id: str, *, lease_s: float = 30, priority_class: int = 0, **generation: Any
+    ) -> VideoTask:
         values: dict[str, Any] = {
             "prompt": "a red kite",
             "width": 64,
@@ -81,6 +84,7 @@ class Rig:
             generation=gen,
             lease_s=lease_s,
             content_ttl_s=600,
+            priority_class=priority_class,
         )
 
     async def job(self, job_id: str) -> VideoJobRecord | None:
