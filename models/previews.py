@@ -29,8 +29,14 @@ def can_preview(pipeline: Any, latents: Any) -> bool:
 
 def decode_previews(pipeline: Any, latents: Any, *, width: int, height: int) -> list[Any]:
     """PIL images of ``latents`` (a batch of them, as the loop holds them), decoded as
-    the pipeline decodes its final latents: unpacked (FLUX), un-scaled and shifted as
-    its VAE's config says, decoded, and post-processed to pixels."""
+    the pipeline decodes its final latents (``decode_latents``) and post-processed."""
+    decoded = decode_latents(pipeline, latents, width=width, height=height)
+    return list(pipeline.image_processor.postprocess(decoded, output_type="pil"))
+
+
+def decode_latents(pipeline: Any, latents: Any, *, width: int, height: int) -> Any:
+    """The VAE's pixels (a tensor) of ``latents``, as the pipeline decodes its final
+    ones: unpacked (FLUX), un-scaled and shifted as its VAE's config says, decoded."""
     import torch
 
     vae = pipeline.vae
@@ -53,8 +59,7 @@ def decode_previews(pipeline: Any, latents: Any, *, width: int, height: int) -> 
         else:
             latents = latents / config.scaling_factor + (getattr(config, "shift_factor", None) or 0)
         try:
-            decoded = vae.decode(latents, return_dict=False)[0]
+            return vae.decode(latents, return_dict=False)[0]
         finally:
             if upcast:
                 vae.to(dtype=torch.float16)
-    return list(pipeline.image_processor.postprocess(decoded, output_type="pil"))

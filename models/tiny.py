@@ -120,6 +120,58 @@ def build_stable_diffusion(target: Path) -> None:
     pipeline.save_pretrained(target)  # type: ignore[attr-defined]
 
 
+def build_stable_diffusion_xl(target: Path) -> None:
+    """An SDXL pipeline: the tiny SD UNet with SDXL's added text/time conditioning, two
+    CLIP text encoders of width 32 (the second with a projection), the tiny SD VAE."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    tokenizer = _clip_tokenizer()
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + 32,  # time ids + pooled text
+        cross_attention_dim=64,  # both encoders' hidden states side by side
+    )
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+    )
+    second = _clip_text_encoder(tokenizer, layers=5, projection_dim=32)
+    pipeline = StableDiffusionXLPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=_clip_text_encoder(tokenizer, layers=5),
+        text_encoder_2=CLIPTextModelWithProjection(second.config),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        scheduler=EulerDiscreteScheduler(steps_offset=1, timestep_spacing="leading"),
+        add_watermarker=False,
+    )
+    pipeline.save_pretrained(target)  # type: ignore[attr-defined]
+
+
 # The T5-family text encoders of the tiny models (UMT5 for Wan, T5 for FLUX): 2 layers
 # of width 32, over ``_character_tokenizer``'s ids (0 pad, 1 end).
 TINY_T5: dict[str, Any] = {
@@ -270,6 +322,7 @@ def build_flux_kontext(target: Path) -> None:
 
 TINY_BUILDERS: dict[str, Callable[[Path], None]] = {
     "stable-diffusion": build_stable_diffusion,
+    "stable-diffusion-xl": build_stable_diffusion_xl,
     "wan": build_wan,
     "flux-kontext": build_flux_kontext,
 }

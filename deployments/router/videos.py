@@ -256,7 +256,9 @@ class VideoJobs:
 
     def _delete_files(self, job: VideoJobRecord) -> None:
         reference = job.generation.get("input_reference")
-        for artifact_id in [*job.artifacts.values(), *([reference] if reference else [])]:
+        checkpoint = job.checkpoint.artifact if job.checkpoint else None  # a job deleted mid-run
+        extra = [artifact for artifact in (reference, checkpoint) if artifact]
+        for artifact_id in [*job.artifacts.values(), *extra]:
             try:
                 self.gateway.artifacts.delete(artifact_id)
             except Exception as error:

@@ -229,12 +229,12 @@ class Scheduler(ImageSchedulerReports):
         """Dispatch batches while slots are free; returns how long to hold a partial batch."""
         self._drop_expired()
         while len(self._queue) and self._slots.free:
+            self._queue.held_back = self.settings.held_back(
+                busy=self._slots.busy, slots=self.capacity
+            )
             head = self._queue.head()
-            assert head is not None
-            if self.settings.holds_back(
-                head.job.priority_class, busy=self._slots.busy, slots=self.capacity
-            ):
-                break  # the other seats are kept for higher classes
+            if head is None:
+                break  # what waits is held back: the other seats are for higher classes
             max_images = self._batching.max_batch_size
             waited_s = self._clock() - head.enqueued_at
             if (

@@ -182,6 +182,10 @@ class FairQueue(Generic[JobT]):
     def __init__(self, min_shares: Mapping[int, float] | None = None) -> None:
         self._classes: dict[int, _Class[JobT]] = {}
         self.min_shares = dict(min_shares or {})
+        # Classes not to dispatch now (step-level models: they fill their share of the
+        # seats); the next class is then the best of the others, so a lower class that
+        # min_shares put first never keeps a higher one from the seats left to it.
+        self.held_back: frozenset[int] = frozenset()
         self._recent: deque[int] = deque(maxlen=RECENT_DISPATCHES)
 
     def __len__(self) -> int:
@@ -209,7 +213,11 @@ class FairQueue(Generic[JobT]):
                 yield from own
 
     def _next_class(self) -> int | None:
-        waiting = [cls for cls, queued in self._classes.items() if queued.size]
+        waiting = [
+            cls
+            for cls, queued in self._classes.items()
+            if queued.size and cls not in self.held_back
+        ]
         if not waiting:
             return None
         dispatched = len(self._recent) or 1

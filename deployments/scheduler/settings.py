@@ -54,10 +54,10 @@ class QueueSettings(BaseModel):
         """The autoscaler's weight per class, defaults filled in."""
         return queue_weights_from_config(self.queue_weights)
 
-    def holds_back(self, priority_class: int, *, busy: int, slots: int) -> bool:
-        """Whether work of ``priority_class`` must leave the free slots to higher classes
-        (its ``seat_shares`` of them are filled)."""
-        return busy >= self.seat_shares.get(priority_class, 1.0) * slots
+    def held_back(self, *, busy: int, slots: int) -> frozenset[int]:
+        """The classes that must leave the free slots to higher classes now: those whose
+        ``seat_shares`` of the slots are filled."""
+        return frozenset(cls for cls, share in self.seat_shares.items() if busy >= share * slots)
 
     @field_validator("seat_shares")
     @classmethod

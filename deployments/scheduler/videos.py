@@ -203,8 +203,10 @@ class VideoScheduler(VideoSchedulerReports):
             await self._slots.changed.wait()
             self._slots.changed.clear()
             while len(self._queue) and self._slots.free:
-                if self._seats_kept_for_higher_classes():
-                    break
+                busy, slots = self._slots.busy, self._slots.capacity
+                self._queue.held_back = self.settings.held_back(busy=busy, slots=slots)
+                if self._queue.head() is None:
+                    break  # what waits is held back: the other seats are for higher classes
                 ticket = self._queue.pop_next()
                 video = ticket.job
                 self._claiming.add(video.job_id)  # neither queued nor running: not lost
@@ -223,14 +225,6 @@ class VideoScheduler(VideoSchedulerReports):
                 self._slots.acquire()
                 self._running_class[video.job_id] = video.priority_class
                 self._running[video.job_id] = asyncio.create_task(self._run(job))
-
-    def _seats_kept_for_higher_classes(self) -> bool:
-        """Step-level workers: the next job's class has filled its share of the seats."""
-        head = self._queue.head()
-        busy, slots = self._slots.busy, self._slots.capacity
-        return head is not None and self.settings.holds_back(
-            head.job.priority_class, busy=busy, slots=slots
-        )
 
     async def _claim(self, ticket: Ticket[QueuedVideo]) -> VideoJobRecord | None:
         current = await self._store.get_job(ticket.job.account_id, ticket.job.job_id)
@@ -293,8 +287,9 @@ class VideoScheduler(VideoSchedulerReports):
             self.counts["resumed"] += outcome.resumed_at_step > 0
             if outcome.status == "completed":  # what admission estimates waits from
                 took_s = self._clock() - started_at
-                if outcome.service_s is not None:  # a step-level worker's seat: see images
-                    took_s = outcome.service_s * self.settings.slots_per_replica
+                if outcome.service_s is not None:  # a seat: its steps' cost (see images)
+                    outside_s = max(0.0, took_s - outcome.inference_s)  # decode, files
+                    took_s = outcome.service_s * self.settings.slots_per_replica + outside_s
                 self._service_s = updated_service_time(self._service_s, took_s)
         finally:
             self._running.pop(job.id, None)

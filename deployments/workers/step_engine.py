@@ -44,6 +44,7 @@ from mediagate.protocol.work import StepEngineStats
 from models.encoding import to_raw_image
 
 logger = logging.getLogger(__name__)
+RECENT_STEPS_S = 10.0  # the window of the steps per second and occupancy reported
 
 
 class SteppedState(Protocol):
@@ -181,7 +182,13 @@ class StepEngine:
                 **dict(self.counts),
             }
 
-    def snapshot(self, window_s: float = 10.0) -> StepEngineStats:
+    def run_aside(self, work: Callable[[], None]) -> concurrent.futures.Future[None]:
+        """Run ``work`` on the decoder's thread, in turn with the seats' final decodes
+        (one thread uses the VAE: a preview decoded there comes before its seat's
+        images, and an fp16 VAE's upcast for a decode never races another)."""
+        return self._decoder.submit(work)
+
+    def snapshot(self, window_s: float = RECENT_STEPS_S) -> StepEngineStats:
         """What it holds now, and its steps over the last ``window_s`` seconds."""
         now = self._clock()
         with self._changed:
@@ -297,6 +304,8 @@ class StepEngine:
         self.counts["images_stepped"] += images
         with self._changed:
             self._recent_steps.append((step_started, images))
+            while step_started - self._recent_steps[0][0] > RECENT_STEPS_S:
+                self._recent_steps.popleft()
         in_batch = set(map(id, batch))
         for seat in self._seats:
             seat.in_last_step = id(seat) in in_batch

@@ -7,25 +7,32 @@ the running batch at the next step boundary, so ``max_ongoing_requests`` is the
 replica's seats (``stepping.seats_per_replica``), not 1, and the scheduler sends one
 job per call. A higher-class job pauses lower-class ones at a step (they keep their
 latents and resume), so the scheduler does not preempt. A cancelled call (a caller
-gone) leaves at the next step. Streamed jobs get their images but no previews yet.
+gone) leaves at the next step. Streamed jobs get previews after the same steps as on
+the whole-pipeline worker (``preview_steps``), the VAE decode of their latents there,
+made on the engine's decoder thread (never on the step loop).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
+from deployments.streams import items_until
 from deployments.workers.runner import PipelineLoader, load_warm_pipeline
-from deployments.workers.step_engine import StepEngine, Stepper
+from deployments.workers.step_engine import Seat, StepEngine, Stepper
 from deployments.workers.step_metrics import StepMetrics
 from deployments.workers.text_to_image import replica_id, warm_up_job
 from mediagate.protocol.catalog import ModelSpec
 from mediagate.protocol.errors import GenerationFailed, InvalidRequest
-from mediagate.protocol.work import ImageJob, ImageResult, PartialImage
+from mediagate.protocol.work import ImageJob, ImageResult, PartialImage, preview_steps
+from models.encoding import to_raw_image
 from models.loading import load_pipeline
+from models.previews import can_preview, decode_previews
 from models.simulated import SimulatedPipeline
 
 logger = logging.getLogger(__name__)
@@ -41,9 +48,25 @@ def stepper_for(pipeline: Any) -> Stepper:
         from models.stepping.stable_diffusion import StableDiffusionStepper
 
         return StableDiffusionStepper(pipeline)
+    if type(pipeline).__name__ == "StableDiffusionXLPipeline":
+        from models.stepping.stable_diffusion import StableDiffusionXLStepper
+
+        return StableDiffusionXLStepper(pipeline)
     raise ValueError(
         f"{type(pipeline).__name__} has no step-level loop yet; unset the model's `stepping`"
     )
+
+
+@dataclass
+class PreviewSink:
+    """Where a streamed job's previews go: after which of its steps (0-based), and the
+    thread-safe hand-over to its caller's stream."""
+
+    job_index: int
+    job: ImageJob
+    steps: list[int]
+    deliver: Callable[[PartialImage], None]
+    failed: bool = False  # a preview decode failed: the rest go without
 
 
 class StepLevelTextToImage:
@@ -60,7 +83,8 @@ class StepLevelTextToImage:
         if spec.stepping is None:
             raise ValueError(f"model {spec.id} is not served step by step")
         self.spec = spec
-        pipeline = load_warm_pipeline(
+        self._previews: dict[str, PreviewSink] = {}  # by request key, streamed jobs only
+        pipeline = self.pipeline = load_warm_pipeline(
             spec,
             cache_dir=cache_dir,
             load=load,
@@ -71,6 +95,7 @@ class StepLevelTextToImage:
             stepper_for(pipeline),
             max_batch_images=spec.batching.max_batch_size,
             max_pauses=spec.stepping.max_pauses,
+            on_step=self._stepped,
         )
         self.replica_id = replica_id()
         self.engine.submit(warm_up_job(spec)).result(timeout=600)
@@ -119,8 +144,61 @@ class StepLevelTextToImage:
     async def generate_streaming(
         self, jobs: list[ImageJob]
     ) -> AsyncIterator[PartialImage | list[ImageResult]]:
-        """``generate``'s results as a stream (no previews from the step loop yet)."""
-        yield await self.generate(jobs)
+        """The jobs' previews as they are made, then ``generate``'s results."""
+        loop = asyncio.get_running_loop()
+        partials: asyncio.Queue[PartialImage] = asyncio.Queue()
+
+        def deliver(partial: PartialImage) -> None:  # from the decoder's thread
+            loop.call_soon_threadsafe(partials.put_nowait, partial)
+
+        for index, job in enumerate(jobs):
+            steps = preview_steps(job.num_inference_steps, job.partial_images)
+            if steps:
+                self._previews[job.request_key] = PreviewSink(index, job, steps, deliver)
+        made = asyncio.ensure_future(self.generate(jobs))
+        try:
+            async for partial in items_until(made, partials):
+                yield partial
+            yield made.result()
+        finally:
+            for job in jobs:
+                self._previews.pop(job.request_key, None)
+            if not made.done():  # the caller left: its seats leave at the next step
+                made.cancel()
+
+    def _stepped(self, batch: list[Seat]) -> None:
+        """After a step (the engine's thread): previews due for streamed seats in it are
+        decoded aside, from a copy of their latents (the next step replaces them)."""
+        for seat in batch:
+            sink = self._previews.get(seat.job.request_key)
+            done_step = seat.state.step_index - 1 if sink else -1
+            if sink is None or sink.failed or done_step not in sink.steps:
+                continue
+            latents = getattr(seat.state, "latents", None)
+            if latents is None or not can_preview(self.pipeline, latents):
+                continue  # the simulated model, or a layout previews do not know
+            preview = sink.steps.index(done_step)
+            self.engine.run_aside(
+                functools.partial(self._decode_preview, sink, latents.clone(), preview)
+            )
+
+    def _decode_preview(self, sink: PreviewSink, latents: Any, preview: int) -> None:
+        job = sink.job
+        try:
+            images = decode_previews(self.pipeline, latents, width=job.width, height=job.height)
+        except Exception:  # a preview is a courtesy: the job goes on without them
+            logger.exception("previews of %s failed; no more for it", job.request_id)
+            sink.failed = True
+            return
+        for image_index, image in enumerate(images):
+            sink.deliver(
+                PartialImage(
+                    job_index=sink.job_index,
+                    image_index=image_index,
+                    partial_image_index=preview,
+                    image=to_raw_image(image),
+                )
+            )
 
     def engine_stats(self) -> dict[str, Any]:
         """Steps run, images stepped, pause steps, seats held and paused (operators)."""

@@ -150,6 +150,7 @@ class TextToVideo:
             warm_up=self._warm_up,
         )
         self.image_pipeline = image_to_video_pipeline(self.spec, self.pipeline)
+        self._pipeline_calls = threading.Lock()
         # step-level (catalog `stepping`): text-to-video jobs are seats of a step loop
         self.steps = (
             VideoSteps(spec, self.pipeline, self.artifacts, interval_s=progress_interval_s)
@@ -199,6 +200,10 @@ class TextToVideo:
                 logger.warning("lease renewal for %s failed: %s", task.job_id, error)
 
     def _generate(self, generation: VideoGeneration, reporter: _StepReporter) -> Any:
+        with self._pipeline_calls:  # a step-level replica holds seats: one call at a time
+            return self._call_pipeline(generation, reporter)
+
+    def _call_pipeline(self, generation: VideoGeneration, reporter: _StepReporter) -> Any:
         import torch
 
         kwargs = generation.pipeline_kwargs()
@@ -293,14 +298,13 @@ class TextToVideo:
                 self._encode_and_store, frames, task.generation.fps, cancelled
             )
         except JobCancelled:
-            logger.info("job %s stopped after %d steps", task.job_id, reporter.steps_done)
-            return VideoOutcome(
-                job_id=task.job_id, status="cancelled", steps_done=reporter.steps_done
-            )
+            steps_done = reporter.steps_done - getattr(reporter, "resumed_at", 0)
+            logger.info("job %s stopped after %d steps", task.job_id, steps_done)
+            return VideoOutcome(job_id=task.job_id, status="cancelled", steps_done=steps_done)
         except Exception as error:
             logger.exception("job %s failed", task.job_id)
-            await self._fail(task, error)
-            if isinstance(reporter, SeatReports):
+            # a job taken back meanwhile keeps its checkpoint for whoever runs it now
+            if await self._fail(task, error) and isinstance(reporter, SeatReports):
                 await reporter.discard_checkpoints()
             return VideoOutcome(job_id=task.job_id, status="failed")
         finally:
@@ -345,9 +349,10 @@ class TextToVideo:
             raise JobCancelled(reports.task.job_id) from None
         return outcome.images[0], outcome.service_s
 
-    async def _fail(self, task: VideoTask, error: Exception) -> None:
+    async def _fail(self, task: VideoTask, error: Exception) -> bool:
         """A model-side failure is final for this job (re-running would fail the same way);
-        so is a file store that stayed down past ``store_retry_s``. Neither is charged."""
+        so is a file store that stayed down past ``store_retry_s``. Neither is charged.
+        Whether the job was still this dispatch's to fail."""
         code = "generation_failed"
         if isinstance(error, StoreUnavailable):
             code = "storage_unavailable"
@@ -356,7 +361,7 @@ class TextToVideo:
             message = f"the input_reference image cannot be used: {error}"
         else:
             message = f"model {self.spec.id} failed to generate this video"
-        await self.jobs.fail(
+        failed = await self.jobs.fail(
             task.account_id,
             task.job_id,
             task.attempt,
@@ -364,3 +369,4 @@ class TextToVideo:
             content_ttl_s=task.content_ttl_s,
             code=code,
         )
+        return failed is not None

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from models.encoding import to_uint8_frames
 from models.stepping.checkpoints import checkpoint_bytes, resume
 
 logger = logging.getLogger(__name__)
+CHECKPOINT_ID = re.compile(r"^ckp_[0-9a-f]{32}\.pt$")  # what the artifact store names them
 
 # Share of the progress bar given to denoising; decoding and encoding take the rest.
 DENOISING_SHARE = 0.95
@@ -45,9 +47,11 @@ def denoising_progress(steps_done: int, steps: int) -> int:
 @dataclass(frozen=True)
 class VideoSeatJob:
     """A dispatched video job as the engine sees it: one sample a step, no wait limit
-    in the worker (the scheduler holds its queue)."""
+    in the worker (the scheduler holds its queue), and the checkpoint it resumes from
+    (read before it takes its seat: the step loop never waits on a store)."""
 
     task: VideoTask
+    checkpoint: bytes | None = None
     images: int = 1
     max_wait_s: float = math.inf
 
@@ -64,21 +68,35 @@ class VideoSeatJob:
         return self.task.priority_class
 
 
+def read_checkpoint(artifacts: ArtifactStore, task: VideoTask) -> bytes | None:
+    """The bytes of the checkpoint ``task`` resumes from; None (the job starts over, as
+    logged) when it has none, it is gone or unreadable, or its id is not a checkpoint's."""
+    if task.checkpoint is None:
+        return None
+    if not CHECKPOINT_ID.match(task.checkpoint):
+        logger.warning("job %s starts over: %r is no checkpoint", task.job_id, task.checkpoint)
+        return None
+    try:
+        return artifacts.read(task.checkpoint)
+    except (NotFound, StoreUnavailable) as error:
+        logger.warning("job %s starts over: its checkpoint is unreadable: %s", task.job_id, error)
+        return None
+
+
 class ResumingWanSteps:
     """The engine's stepper for video seats: ``WanStepper``, each job started from its
-    checkpoint when it has one (one missing or unreadable: from step 0, logged)."""
+    checkpoint when it has one (one that does not fit: from step 0, logged)."""
 
-    def __init__(self, stepper: Any, artifacts: ArtifactStore) -> None:
+    def __init__(self, stepper: Any) -> None:
         self.stepper = stepper
-        self.artifacts = artifacts
 
     def start(self, job: VideoSeatJob) -> Any:
         state = self.stepper.start(job.task.generation)
-        if job.task.checkpoint is None:
+        if job.checkpoint is None:
             return state
         try:
-            state = resume(state, self.artifacts.read(job.task.checkpoint))
-        except (NotFound, StoreUnavailable, ValueError) as error:
+            state = resume(state, job.checkpoint)
+        except ValueError as error:
             logger.warning("job %s starts over: its checkpoint %s", job.request_id, error)
         else:
             logger.info("job %s resumes at step %d", job.request_id, state.step_index)
@@ -124,6 +142,7 @@ class SeatReports:
         self._last_report = 0.0
         self._checkpoints = [task.checkpoint] if task.checkpoint else []  # oldest first
         self._writes = asyncio.Lock()
+        self._checkpoint_in_flight = False  # a store slower than the steps: skip, not pile up
 
     @property
     def steps(self) -> int:
@@ -135,7 +154,9 @@ class SeatReports:
             self.resumed_at = state.step_index - 1
         self.steps_done = state.step_index
         progress = denoising_progress(self.steps_done, self.steps)
-        if not state.done and self.steps_done % self.every_steps == 0:
+        due = not state.done and self.steps_done % self.every_steps == 0
+        if due and not self._checkpoint_in_flight:
+            self._checkpoint_in_flight = True
             data = checkpoint_bytes(state)  # now: the next step changes the state
             self._send(self._checkpoint(data, self.steps_done, progress))
         elif time.monotonic() - self._last_report >= self.interval_s:
@@ -162,20 +183,29 @@ class SeatReports:
         """Store the checkpoint, then point the job at it; the one it replaces goes. Not
         recorded (the job is no longer ours, or the store failed): it goes, and the
         job's own stays for whoever runs it next."""
-        async with self._writes:
-            artifact = await asyncio.to_thread(self.artifacts.put, data, "pt", "ckp")
-            checkpoint = JobCheckpoint(artifact=artifact, step=step, progress=progress)
-            try:
-                ours = bool(await self.renew(self.task, progress=progress, checkpoint=checkpoint))
-            except BaseException:
-                await asyncio.to_thread(self._delete, [artifact])
-                raise
-            if ours:
-                stale, self._checkpoints = self._checkpoints, [artifact]
-            else:
-                stale = [artifact]
-            await asyncio.to_thread(self._delete, stale)
-            return ours
+        try:
+            async with self._writes:
+                return await self._write_checkpoint(data, step, progress)
+        finally:
+            self._checkpoint_in_flight = False
+
+    async def _write_checkpoint(self, data: bytes, step: int, progress: int) -> bool:
+        artifact = await asyncio.to_thread(self.artifacts.put, data, "pt", "ckp")
+        checkpoint = JobCheckpoint(artifact=artifact, step=step, progress=progress)
+        try:
+            ours = bool(await self.renew(self.task, progress=progress, checkpoint=checkpoint))
+        except BaseException:
+            # the write may have landed all the same: then the job points at a file that
+            # is gone, and a successor starts over (logged) instead of resuming
+            logger.warning("checkpoint %s of %s not recorded; deleted", artifact, self.task.job_id)
+            await asyncio.to_thread(self._delete, [artifact])
+            raise
+        if ours:
+            stale, self._checkpoints = self._checkpoints, [artifact]
+        else:
+            stale = [artifact]
+        await asyncio.to_thread(self._delete, stale)
+        return ours
 
     async def discard_checkpoints(self) -> None:
         """The job ended (completed or failed): its checkpoints are of no more use."""
@@ -210,7 +240,7 @@ class VideoSteps:
         self.interval_s = interval_s
         self._reports: dict[str, SeatReports] = {}
         self.engine = StepEngine(
-            ResumingWanSteps(WanStepper(pipeline), artifacts),
+            ResumingWanSteps(WanStepper(pipeline)),
             max_batch_images=spec.batching.max_batch_size,
             max_pauses=spec.stepping.max_pauses,
             convert=to_uint8_frames,
@@ -231,7 +261,8 @@ class VideoSteps:
     async def denoise(self, reports: SeatReports) -> SeatOutcome:
         """The job's frames (uint8: ``images[0]``) from a seat of the engine, and what
         its steps cost; ``SeatCancelled`` if it stopped being this dispatch's."""
-        job = VideoSeatJob(reports.task)
+        checkpoint = await asyncio.to_thread(read_checkpoint, self.artifacts, reports.task)
+        job = VideoSeatJob(reports.task, checkpoint)
         self._reports[job.request_key] = reports
         try:
             outcome = await asyncio.wrap_future(self.engine.submit(job))
@@ -248,8 +279,11 @@ class VideoSteps:
     def _stepped(self, batch: list[Any]) -> None:
         for seat in batch:
             reports = self._reports.get(seat.job.request_key)
-            if reports is not None:
-                reports.stepped(seat.state)
+            try:
+                if reports is not None:
+                    reports.stepped(seat.state)
+            except Exception:  # that seat's report is lost; the others' are not
+                logger.exception("could not report the step of %s", seat.job.request_id)
         for key, reports in list(self._reports.items()):  # paused ones too
             if reports.cancelled.is_set():
                 self.engine.cancel(key)

@@ -127,6 +127,7 @@ class VideoJobLifecycle:
                 "expires_at": now + content_ttl_s,
                 "error_code": "worker_lost",
                 "error_message": f"{reason}; please submit it again",
+                "checkpoint": None,  # its file goes with the sweep of old checkpoints
             }
         else:
             # to run again, from its checkpoint if it has one

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mediagate.protocol.work import ImageJob, image_seeds
+from models.previews import decode_latents
 
 
 @dataclass(eq=False)
@@ -39,6 +40,9 @@ class StepState:
     guided: bool
     extra_step_kwargs: dict[str, Any] = field(default_factory=dict)
     step_index: int = 0
+    # SDXL's added conditioning (pooled text embeddings, time ids), halved as the
+    # prompt embeddings are: {"text_embeds": ..., "time_ids": ...}; None for SD
+    added_cond: dict[str, Any] | None = None
 
     @property
     def done(self) -> bool:
@@ -61,6 +65,9 @@ class StableDiffusionStepper:
         self.pipeline = pipeline
         if pipeline.unet.config.time_cond_proj_dim is not None:
             raise ValueError("guidance-embedding UNets (LCM) are not stepped here")
+        # each job's scheduler is copied from this one, taken before any call: a pipeline
+        # call running beside the loop (image-to-video) changes the pipeline's own
+        self.scheduler = copy.deepcopy(pipeline.scheduler)
 
     def start(self, job: ImageJob) -> StepState:
         """Encode the prompt and prepare the latents and the scheduler, as the pipeline's
@@ -71,12 +78,9 @@ class StableDiffusionStepper:
         pipeline = self.pipeline
         device = pipeline._execution_device
         guided = job.guidance_scale > 1
-        prompts = [job.prompt] * job.images
-        negatives = [job.negative_prompt] * job.images if job.negative_prompt else None
         with torch.no_grad():
-            positive, negative = pipeline.encode_prompt(prompts, device, 1, guided, negatives)
-        prompt_embeds = torch.cat([negative, positive]) if guided else positive
-        scheduler = copy.deepcopy(pipeline.scheduler)
+            prompt_embeds, added_cond = self.encode(job, device, guided)
+        scheduler = copy.deepcopy(self.scheduler)
         scheduler.set_timesteps(job.num_inference_steps, device=device)
         generators = [
             torch.Generator(device="cpu").manual_seed(seed) for seed in image_seeds([job])
@@ -101,7 +105,17 @@ class StableDiffusionStepper:
             guidance_scale=job.guidance_scale,
             guided=guided,
             extra_step_kwargs=pipeline.prepare_extra_step_kwargs(generators, 0.0),
+            added_cond=added_cond,
         )
+
+    def encode(self, job: ImageJob, device: Any, guided: bool) -> tuple[Any, dict[str, Any] | None]:
+        """The prompt embeddings ([negative, positive] with guidance), as the call's."""
+        import torch
+
+        prompts = [job.prompt] * job.images
+        negatives = [job.negative_prompt] * job.images if job.negative_prompt else None
+        positive, negative = self.pipeline.encode_prompt(prompts, device, 1, guided, negatives)
+        return (torch.cat([negative, positive]) if guided else positive), None
 
     def step(self, states: Sequence[StepState]) -> None:
         """One denoising step of every state in ``states`` (equal ``batch_key``), in one
@@ -122,11 +136,18 @@ class StableDiffusionStepper:
             inputs.append(model_input)
             timesteps.append(t.reshape(1).expand(model_input.shape[0]))
             embeds.append(state.prompt_embeds)
+        added = [state.added_cond for state in states]
+        added_cond_kwargs = (
+            {key: torch.cat([cond[key] for cond in added if cond]) for key in added[0]}
+            if added[0]
+            else None
+        )
         with torch.no_grad():
             noise = self.pipeline.unet(
                 torch.cat(inputs),
                 torch.cat(timesteps),
                 encoder_hidden_states=torch.cat(embeds),
+                added_cond_kwargs=added_cond_kwargs,
                 return_dict=False,
             )[0]
         offset = 0
@@ -149,16 +170,56 @@ class StableDiffusionStepper:
         return sum(tensor.element_size() * tensor.nelement() for tensor in tensors)
 
     def finish(self, state: StepState) -> list[Any]:
-        """The request's images (PIL), through the VAE as the pipeline decodes them."""
-        import torch
-
+        """The request's images (PIL), through the VAE as the pipeline decodes them
+        (SDXL's fp16 upcast and latent statistics included, and its watermark if set)."""
         pipeline = self.pipeline
-        with torch.no_grad():
-            decoded = pipeline.vae.decode(
-                state.latents / pipeline.vae.config.scaling_factor, return_dict=False
-            )[0]
+        job = state.job
+        decoded = decode_latents(pipeline, state.latents, width=job.width, height=job.height)
+        if getattr(pipeline, "watermark", None) is not None:
+            decoded = pipeline.watermark.apply_watermark(decoded)
         return list(
             pipeline.image_processor.postprocess(
                 decoded, output_type="pil", do_denormalize=[True] * decoded.shape[0]
             )
         )
+
+
+class StableDiffusionXLStepper(StableDiffusionStepper):
+    """The SDXL loop: the SD one, with the UNet's added conditioning (pooled text
+    embeddings of the second encoder and the size/crop time ids) built as
+    ``StableDiffusionXLPipeline.__call__`` builds them (original and target size the
+    image's, crop at 0,0) and halved with the prompt embeddings. Guidance rescale,
+    denoising_end and IP-adapters (which mediagate's jobs do not set) are not here."""
+
+    def encode(self, job: ImageJob, device: Any, guided: bool) -> tuple[Any, dict[str, Any] | None]:
+        import torch
+
+        pipeline = self.pipeline
+        prompts = [job.prompt] * job.images
+        negatives = [job.negative_prompt] * job.images if job.negative_prompt else None
+        positive, negative, pooled, negative_pooled = pipeline.encode_prompt(
+            prompt=prompts,
+            device=device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=guided,
+            negative_prompt=negatives,
+        )
+        encoder_2 = pipeline.text_encoder_2
+        projection_dim = (
+            int(pooled.shape[-1]) if encoder_2 is None else encoder_2.config.projection_dim
+        )
+        size = (job.height, job.width)
+        time_ids = pipeline._get_add_time_ids(
+            size, (0, 0), size, dtype=positive.dtype, text_encoder_projection_dim=projection_dim
+        ).to(device)
+        if guided:
+            embeds = torch.cat([negative, positive])
+            text_embeds = torch.cat([negative_pooled, pooled])
+        else:
+            embeds, text_embeds = positive, pooled
+        halves = 2 if guided else 1  # the negative's time ids equal the positive's
+        added = {
+            "text_embeds": text_embeds.to(device),
+            "time_ids": time_ids.repeat(halves * job.images, 1),
+        }
+        return embeds.to(device), added

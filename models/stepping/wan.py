@@ -54,6 +54,9 @@ class WanStepper:
         if getattr(pipeline, "transformer_2", None) is not None:
             raise ValueError("two-transformer Wan models are not stepped here")
         self.pipeline = pipeline
+        # each job's scheduler is copied from this one, taken before any call: a pipeline
+        # call running beside the loop (image-to-video) changes the pipeline's own
+        self.scheduler = copy.deepcopy(pipeline.scheduler)
 
     def start(self, generation: VideoGeneration) -> VideoStepState:
         import torch
@@ -71,7 +74,7 @@ class WanStepper:
                 device=device,
             )
         dtype = pipeline.transformer.dtype
-        scheduler = copy.deepcopy(pipeline.scheduler)
+        scheduler = copy.deepcopy(self.scheduler)
         scheduler.set_timesteps(generation.num_inference_steps, device=device)
         scheduler.set_begin_index(0)
         generator = torch.Generator(device="cpu").manual_seed(generation.seed)

@@ -131,3 +131,26 @@ def test_pro_pauses_free_work_at_a_step_and_finishes_first(
     assert step_level["steps_per_s"] > 0 and step_level["images_per_step"] == 1.0
     assert step_level["seats_held"] == 0 and step_level["paused"] == 0
     assert set(step_level["first_step_wait_s_by_tier"]) == {"pro", "free"}
+
+
+def test_a_stepped_stream_gets_its_previews_before_its_image(
+    stepped: tuple[str, dict[str, str], dict[str, str]],
+) -> None:
+    import openai
+
+    base_url, pro, _ = stepped
+    client = openai.OpenAI(
+        base_url=f"{base_url}/v1", api_key=pro["Authorization"].split()[1], max_retries=0
+    )
+    stream = client.images.generate(
+        model="tiny-sd", prompt="a harbour", size="64x64", stream=True, partial_images=2
+    )
+    events = list(stream)
+    assert [event.type for event in events] == ["image_generation.partial_image"] * 2 + [
+        "image_generation.completed"
+    ]
+    previews = [event for event in events if event.type == "image_generation.partial_image"]
+    assert [event.partial_image_index for event in previews] == [0, 1]
+    for event in events:  # each a real 64x64 picture: a decode of the latents at a step
+        picture = Image.open(io.BytesIO(base64.b64decode(event.b64_json)))
+        assert picture.size == (64, 64)

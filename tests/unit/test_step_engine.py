@@ -325,3 +325,24 @@ def test_a_job_reaches_the_worker_with_the_wait_its_tier_still_allows() -> None:
     assert jobs[0].max_wait_s == pytest.approx(27.5)
     assert jobs[1].max_wait_s == pytest.approx(0.001)  # never negative
     assert tickets[0].job.max_wait_s == 30  # a requeued job starts from its tier's wait
+
+
+def test_a_held_back_class_lets_the_next_one_dispatch_whatever_min_shares_say() -> None:
+    """Free work that min_shares puts first but that fills its seat share must not keep
+    pro work from the seats left to it."""
+    from deployments.scheduler.queue import FairQueue, Ticket
+    from deployments.scheduler.settings import ImageSchedulerSettings
+
+    queue: FairQueue[ImageJob] = FairQueue(min_shares={0: 0.9})
+    for name, cls in (("f1", 0), ("p1", 2)):
+        queue.push(Ticket(job=sim_job(name, cls=cls), enqueued_at=0.0))
+    head = queue.head()
+    assert head is not None and head.job.request_id == "f1"  # free is owed its share
+    settings = ImageSchedulerSettings(seat_shares={0: 0.5, 1: 0.5})
+    assert settings.held_back(busy=1, slots=4) == frozenset()
+    queue.held_back = settings.held_back(busy=2, slots=4)
+    assert queue.held_back == {0, 1}
+    head = queue.head()
+    assert head is not None and head.job.request_id == "p1"
+    queue.held_back = settings.held_back(busy=4, slots=4)
+    assert [t.job.request_id for t in queue.take_batch(1)] == ["p1"]

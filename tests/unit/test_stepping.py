@@ -137,3 +137,45 @@ def test_only_requests_of_one_shape_and_guidance_share_a_pass(pipeline: Any) -> 
     for mixed in ([small, large], [large, unguided]):
         with pytest.raises(ValueError, match="share"):
             stepper.step(mixed)
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """The tiny SDXL pipeline (``tiny://stable-diffusion-xl``: two CLIP encoders, the
+    UNet's added text/time conditioning), through the real loading path."""
+    tiny_sd = load_catalog().models["tiny-sd"]
+    spec = tiny_sd.model_copy(
+        update={
+            "id": "tiny-sdxl",
+            "source": "tiny://stable-diffusion-xl",
+            "pipeline_class": "StableDiffusionXLPipeline",
+            "tasks": ["text-to-image"],
+        }
+    )
+    return load_pipeline(spec, cache_dir=tmp_path_factory.mktemp("sdxl"))
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{}, {"negative_prompt": "fog", "num_images_per_prompt": 2}, {"guidance_scale": 1.0}],
+)
+def test_sdxl_alone_and_joining_mid_way_gives_the_stock_pipeline_image(
+    sdxl: Any, fields: Any
+) -> None:
+    from models.stepping.stable_diffusion import StableDiffusionXLStepper
+
+    stepper = StableDiffusionXLStepper(sdxl)
+    request = job("x", seed=4, **fields)
+    assert_close(alone(stepper, request), stock(sdxl, request))
+    first = job("first", num_inference_steps=5, seed=1, guidance_scale=request.guidance_scale)
+    running = [stepper.start(first)]
+    stepper.step(running)
+    running.append(stepper.start(request))  # joins at the first's step 1
+    made: dict[str, list[np.ndarray]] = {}
+    while running:
+        stepper.step(running)
+        for state in [s for s in running if s.done]:
+            made[state.job.request_id] = arrays(stepper.finish(state))
+            running.remove(state)
+    assert_close(made["x"], stock(sdxl, request))
+    assert_close(made["first"], stock(sdxl, first))
