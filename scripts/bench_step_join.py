@@ -60,6 +60,12 @@ class TimedStepper:
     def held_bytes(self, state: Any) -> int:
         return self.inner.held_bytes(state)
 
+    def offload(self, state: Any) -> None:
+        self.inner.offload(state)
+
+    def reload(self, state: Any) -> None:
+        self.inner.reload(state)
+
 
 def tiny_sd_stepper(cache_dir: Path) -> tuple[Stepper, dict[str, Any]]:
     import torch

@@ -39,7 +39,8 @@ class StepLevelReport:
 
     def summary(self) -> dict[str, float]:
         """Over the workers heard from: steps per second and mean images per step
-        recently, requests held and paused, and the paused requests' memory (MB)."""
+        recently, requests held and paused, the paused requests' device memory (MB), and
+        those moved to host memory (and their MB)."""
         if not self._engines:
             return {}
         now = self._wall_clock()
@@ -54,6 +55,8 @@ class StepLevelReport:
             "seats_held": sum(e.seats for e in held),
             "paused": sum(e.paused for e in held),
             "paused_mb": round(sum(e.paused_bytes for e in held) / 2**20, 2),
+            "offloaded": sum(e.offloaded for e in held),
+            "offloaded_mb": round(sum(e.offloaded_bytes for e in held) / 2**20, 2),
         }
 
     def first_step_waits_s(self) -> dict[int, dict[str, float]]:

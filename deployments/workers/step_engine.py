@@ -85,6 +85,10 @@ class Stepper(Protocol):
 
     def held_bytes(self, state: Any) -> int: ...
 
+    def offload(self, state: Any) -> None: ...  # its tensors to host memory
+
+    def reload(self, state: Any) -> None: ...  # ... and back to the model's device
+
 
 @dataclass(frozen=True)
 class SeatOutcome:
@@ -114,6 +118,7 @@ class Seat:
     pauses: int = 0  # steps sat out in a row since it last ran (after its first)
     first_step_at: float | None = None
     in_last_step: bool = False
+    offloaded: bool = False  # its tensors wait in host memory
     service_s: float = 0.0
     cancelled: bool = False
 
@@ -127,6 +132,7 @@ class StepEngine:
         *,
         max_batch_images: int,
         max_pauses: int = 50,
+        max_idle_device_bytes: int | None = None,
         convert: Callable[[Any], Any] = to_raw_image,
         on_step: Callable[[list[Seat]], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -136,6 +142,7 @@ class StepEngine:
         self.on_step = on_step
         self.max_batch_images = max_batch_images
         self.max_pauses = max_pauses
+        self.max_idle_device_bytes = max_idle_device_bytes
         self._clock = clock
         self._arrivals = itertools.count()
         self._changed = threading.Condition()
@@ -194,7 +201,11 @@ class StepEngine:
         with self._changed:
             recent = [images for began, images in self._recent_steps if now - began <= window_s]
             paused = [seat for seat in self._seats if seat.steps_run and not seat.in_last_step]
-            paused_bytes = sum(self.stepper.held_bytes(seat.state) for seat in paused)
+            paused_bytes = sum(
+                self.stepper.held_bytes(seat.state) for seat in paused if not seat.offloaded
+            )
+            offloaded = [seat for seat in self._seats if seat.offloaded]
+            offloaded_bytes = sum(self.stepper.held_bytes(seat.state) for seat in offloaded)
             seats = len(self._seats) + len(self._new)
         span_s = max(1e-9, min(window_s, now - self._started_at))
         return StepEngineStats(
@@ -202,6 +213,8 @@ class StepEngine:
             seats=seats,
             paused=len(paused),
             paused_bytes=paused_bytes,
+            offloaded=len(offloaded),
+            offloaded_bytes=offloaded_bytes,
             steps_per_s=round(len(recent) / span_s, 3),
             images_per_step=round(sum(recent) / len(recent), 3) if recent else 0.0,
         )
@@ -229,6 +242,10 @@ class StepEngine:
                 continue
             step_started = self._clock()
             try:
+                for seat in batch:
+                    if seat.offloaded:  # back from host memory for its step
+                        self.stepper.reload(seat.state)
+                        seat.offloaded = False
                 self.stepper.step([seat.state for seat in batch])
             except Exception as error:  # the batch's seats fail; the others go on
                 logger.exception("a step failed for %s", [s.job.request_id for s in batch])
@@ -236,6 +253,7 @@ class StepEngine:
                     self._leave(seat, error)
                 continue
             self._after_step(batch, step_started, self._clock())
+            self._offload_idle()
         for seat in [*self._seats, *self._new]:
             self._leave(seat, SeatCancelled("the worker is stopping"))
 
@@ -329,6 +347,22 @@ class StepEngine:
             with self._changed:
                 self._seats.remove(seat)
             self._decoder.submit(self._decode, seat)
+
+    def _offload_idle(self) -> None:
+        """Seats that sat out the last step (paused, or not started) keep their tensors
+        on the model's device up to ``max_idle_device_bytes`` in all; beyond that the
+        lowest-ranked move to host memory until they run again."""
+        if self.max_idle_device_bytes is None:
+            return
+        idle = [seat for seat in self._seats if not seat.in_last_step and not seat.offloaded]
+        held = sum(self.stepper.held_bytes(seat.state) for seat in idle)
+        for seat in sorted(idle, key=self.rank):  # the last to run again go first
+            if held <= self.max_idle_device_bytes:
+                break
+            held -= self.stepper.held_bytes(seat.state)
+            self.stepper.offload(seat.state)
+            seat.offloaded = True
+            self.counts["offloads"] += 1
 
     def _decode(self, seat: Seat) -> None:
         try:

@@ -95,6 +95,7 @@ class StepLevelTextToImage:
             stepper_for(pipeline),
             max_batch_images=spec.batching.max_batch_size,
             max_pauses=spec.stepping.max_pauses,
+            max_idle_device_bytes=spec.stepping.max_idle_device_bytes,
             on_step=self._stepped,
         )
         self.replica_id = replica_id()

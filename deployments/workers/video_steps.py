@@ -111,6 +111,12 @@ class ResumingWanSteps:
     def held_bytes(self, state: Any) -> int:
         return int(self.stepper.held_bytes(state))
 
+    def offload(self, state: Any) -> None:
+        self.stepper.offload(state)
+
+    def reload(self, state: Any) -> None:
+        self.stepper.reload(state)
+
 
 Renew = Callable[..., Any]  # TextToVideo.renew: (task, progress=, checkpoint=) -> bool
 
@@ -243,6 +249,7 @@ class VideoSteps:
             ResumingWanSteps(WanStepper(pipeline)),
             max_batch_images=spec.batching.max_batch_size,
             max_pauses=spec.stepping.max_pauses,
+            max_idle_device_bytes=spec.stepping.max_idle_device_bytes,
             convert=to_uint8_frames,
             on_step=self._stepped,
         )

@@ -113,12 +113,24 @@ class StepLevel(_Frozen):
         description="Steps in a row a started request may sit out; then it outranks "
         "every class for one step (nothing starves).",
     )
+    max_idle_device_mb: float | None = Field(
+        None,
+        gt=0,
+        description="Device memory the tensors of requests that sit out a step (paused, "
+        "or not started) may hold in all; beyond it the last to run again wait in host "
+        "memory. None: they all stay on the device.",
+    )
     checkpoint_every_steps: int = Field(
         10,
         ge=1,
         description="Video models: a running job's state is written to the artifact store "
         "every this many steps; when its worker is lost, the next resumes from there.",
     )
+
+    @property
+    def max_idle_device_bytes(self) -> int | None:
+        mb = self.max_idle_device_mb
+        return None if mb is None else int(mb * 2**20)
 
 
 class Scaling(_Frozen):

@@ -146,7 +146,11 @@ class StepEngineStats(BaseModel):
     at: float = Field(description="Wall-clock time of the snapshot (``time.time()``).")
     seats: int = Field(0, description="Requests it holds, running or paused.")
     paused: int = Field(0, description="Held requests that have started and sat out the last step.")
-    paused_bytes: int = Field(0, description="Memory their latents and embeddings hold.")
+    paused_bytes: int = Field(
+        0, description="Device memory their latents and embeddings hold (not offloaded)."
+    )
+    offloaded: int = Field(0, description="Held requests whose tensors wait in host memory.")
+    offloaded_bytes: int = Field(0, description="Host memory those tensors take.")
     steps_per_s: float = Field(0.0, description="Forward passes per second, recently.")
     images_per_step: float = Field(0.0, description="Mean batch occupancy of those steps.")
 

@@ -60,6 +60,12 @@ class SimulatedStepper:
     def held_bytes(self, state: SimulatedState) -> int:
         return 0  # it holds no tensors
 
+    def offload(self, state: SimulatedState) -> None:
+        pass  # nothing to move
+
+    def reload(self, state: SimulatedState) -> None:
+        pass
+
     def finish(self, state: SimulatedState) -> list[Any]:
         from PIL import Image
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from mediagate.protocol.work import ImageJob, image_seeds
 from models.previews import decode_latents
+from models.stepping.placement import move_state
 
 
 @dataclass(eq=False)
@@ -163,6 +164,12 @@ class StableDiffusionStepper:
                     prediction, t, state.latents, **state.extra_step_kwargs, return_dict=False
                 )[0]
             state.step_index += 1
+
+    def offload(self, state: StepState) -> None:
+        move_state(state, "cpu")
+
+    def reload(self, state: StepState) -> None:
+        move_state(state, self.pipeline._execution_device)
 
     def held_bytes(self, state: StepState) -> int:
         """Memory the request's own tensors hold while it waits (latents, embeddings)."""

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mediagate.protocol.work import VideoGeneration
+from models.stepping.placement import move_state
 
 MAX_SEQUENCE_LENGTH = 512  # WanPipeline.__call__'s default
 
@@ -140,6 +141,12 @@ class WanStepper:
             t = state.timesteps[state.step_index]
             state.latents = state.scheduler.step(noise, t, state.latents, return_dict=False)[0]
             state.step_index += 1
+
+    def offload(self, state: VideoStepState) -> None:
+        move_state(state, "cpu")
+
+    def reload(self, state: VideoStepState) -> None:
+        move_state(state, self.pipeline._execution_device)
 
     def held_bytes(self, state: VideoStepState) -> int:
         """Memory the request's own tensors hold while it waits (latents, embeddings)."""

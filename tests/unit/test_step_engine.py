@@ -346,3 +346,66 @@ def test_a_held_back_class_lets_the_next_one_dispatch_whatever_min_shares_say() 
     assert head is not None and head.job.request_id == "p1"
     queue.held_back = settings.held_back(busy=4, slots=4)
     assert [t.job.request_id for t in queue.take_batch(1)] == ["p1"]
+
+
+class HoldingStepper(RecordingStepper):
+    """Each seat holds 100 bytes; offloads and reloads are recorded."""
+
+    def __init__(self, sleep: GatedSleep) -> None:
+        super().__init__(sleep)
+        self.moves: list[tuple[str, str]] = []
+
+    def held_bytes(self, state: Any) -> int:
+        return 100
+
+    def offload(self, state: Any) -> None:
+        self.moves.append(("off", state.job.request_id))
+
+    def reload(self, state: Any) -> None:
+        self.moves.append(("back", state.job.request_id))
+
+
+def test_idle_seats_beyond_the_device_budget_wait_in_host_memory_and_come_back() -> None:
+    sleep = GatedSleep()
+    stepper = HoldingStepper(sleep)
+    engine = StepEngine(stepper, max_batch_images=1, max_idle_device_bytes=150)
+    free = engine.submit(sim_job("free", cls=0, steps=2))
+    plus = engine.submit(sim_job("plus", cls=1, steps=2))
+    pro = engine.submit(sim_job("pro", cls=2, steps=2))
+    sleep.steps_done(1)  # pro's first step: free and plus sat it out, 200 bytes > 150
+    sleep.next_step_begun()
+    assert stepper.moves == [("off", "free")]  # the last to run again goes first
+    assert engine.snapshot().offloaded == 1 and engine.snapshot().offloaded_bytes == 100
+    sleep.allow(100)
+    for seat in (free, plus, pro):
+        assert seat.result(timeout=10)
+    assert ("back", "free") in stepper.moves  # back on the device before its step
+    assert stepper.batches == [["pro"], ["pro"], ["plus"], ["plus"], ["free"], ["free"]]
+    assert engine.counts["offloads"] == 1
+    engine.stop()
+
+
+def test_a_stable_diffusion_request_offloaded_and_back_gives_the_same_image(
+    pipeline: Any,  # noqa: F811  (the module fixture)
+) -> None:
+    from models.stepping.stable_diffusion import StableDiffusionStepper
+
+    stepper = StableDiffusionStepper(pipeline)
+    request = sim_job("a", steps=4).model_copy(update={"guidance_scale": 7.5})
+    state = stepper.start(request)
+    for _ in range(4):
+        stepper.offload(state)
+        assert state.latents.device.type == "cpu" and state.prompt_embeds.device.type == "cpu"
+        stepper.reload(state)
+        stepper.step([state])
+    made = [np.asarray(image) for image in stepper.finish(state)]
+    alone = [np.asarray(image) for image in stepper.finish(_alone(stepper, request))]
+    for a, b in zip(made, alone, strict=True):
+        assert np.array_equal(a, b)
+
+
+def _alone(stepper: Any, request: ImageJob) -> Any:
+    state = stepper.start(request)
+    while not state.done:
+        stepper.step([state])
+    return state
