@@ -75,6 +75,28 @@ def _clip_text_encoder(tokenizer: Any, layers: int, **extra: Any) -> Any:
     )
 
 
+# The tiny Stable Diffusion family's UNet (without its cross-attention width, which
+# follows the text encoders) and VAE: SD and SDXL share them.
+TINY_UNET: dict[str, Any] = {
+    "block_out_channels": (32, 64),
+    "layers_per_block": 2,
+    "sample_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    "attention_head_dim": (2, 4),
+}
+TINY_VAE: dict[str, Any] = {
+    "block_out_channels": [32, 64],
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+    "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+    "latent_channels": 4,
+}
+
+
 def build_stable_diffusion(target: Path) -> None:
     """A Stable-Diffusion pipeline: UNet 32/64, VAE 32/64, 5-layer CLIP text encoder of width 32."""
     import torch
@@ -87,25 +109,8 @@ def build_stable_diffusion(target: Path) -> None:
 
     torch.manual_seed(0)
     tokenizer = _clip_tokenizer()
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=(2, 4),
-    )
-    vae = AutoencoderKL(
-        block_out_channels=[32, 64],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        latent_channels=4,
-    )
+    unet = UNet2DConditionModel(**TINY_UNET, cross_attention_dim=32)
+    vae = AutoencoderKL(**TINY_VAE)
     text_encoder = _clip_text_encoder(tokenizer, layers=5)
     pipeline = StableDiffusionPipeline(
         unet=unet,
@@ -135,14 +140,7 @@ def build_stable_diffusion_xl(target: Path) -> None:
     torch.manual_seed(0)
     tokenizer = _clip_tokenizer()
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4),
+        **TINY_UNET,
         use_linear_projection=True,
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
@@ -150,14 +148,7 @@ def build_stable_diffusion_xl(target: Path) -> None:
         projection_class_embeddings_input_dim=6 * 8 + 32,  # time ids + pooled text
         cross_attention_dim=64,  # both encoders' hidden states side by side
     )
-    vae = AutoencoderKL(
-        block_out_channels=[32, 64],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        latent_channels=4,
-    )
+    vae = AutoencoderKL(**TINY_VAE)
     second = _clip_text_encoder(tokenizer, layers=5, projection_dim=32)
     pipeline = StableDiffusionXLPipeline(
         unet=unet,
