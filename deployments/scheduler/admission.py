@@ -175,13 +175,26 @@ class EstimateCheck:
         """Per class: seconds waited beyond the estimate at p50 / p99 (negative: sooner)."""
         summary = {}
         for cls, overruns in sorted(self._overruns.items()):
-            ordered = sorted(overruns)
-            summary[cls] = {"p50": _quantile(ordered, 0.5), "p99": _quantile(ordered, 0.99)}
+            summary[cls] = p50_p99(overruns)
         return summary
 
 
-def _quantile(ordered: list[float], q: float) -> float:
-    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
+def p50_p99(values: Iterable[float], digits: int = 3) -> dict[str, float]:
+    """The median and 99th percentile (nearest rank) of ``values``, rounded."""
+    ordered = sorted(values)
+    return {
+        name: round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], digits)
+        for name, q in (("p50", 0.5), ("p99", 0.99))
+    }
+
+
+def seat_turn_s(steps_cost_s: float, seats_per_replica: int) -> float:
+    """A step-level seat's turn as the wait estimates count a slot's: what its steps
+    cost the replica (paused time excluded, a shared step split) times the seats, so
+    that slots over service time is the replica's throughput whatever the seats'
+    occupancy, and time spent behind higher classes is counted once, in the estimate's
+    share above, not again in the seat's own service time."""
+    return steps_cost_s * seats_per_replica
 
 
 def wait_estimates_s_by_class(

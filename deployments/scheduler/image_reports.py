@@ -8,7 +8,11 @@ from collections.abc import Hashable
 from typing import Any
 
 from autoscaling.policy import report_metrics
-from deployments.scheduler.admission import EstimateCheck, wait_estimates_s_by_class
+from deployments.scheduler.admission import (
+    EstimateCheck,
+    seat_turn_s,
+    wait_estimates_s_by_class,
+)
 from deployments.scheduler.capacity import WorkerSlots
 from deployments.scheduler.in_flight import InFlightBatch
 from deployments.scheduler.metrics import SchedulerMetrics
@@ -53,15 +57,12 @@ class ImageSchedulerReports:
 
     def measured_service_s(self, in_flight: InFlightBatch, results: list[ImageResult]) -> float:
         """How long a finished batch held its slot, as the wait estimates count a slot's
-        turn: the call's duration; or, from a step-level worker, what its steps cost the
-        replica (paused time excluded, a shared step split) times the seats it has, so
-        that slots over service time is the replica's throughput whatever the seats'
-        occupancy, and the time it sat behind higher classes is counted once, in the
-        estimate's share above, not again in its own service time."""
+        turn: the call's duration; or, from a step-level worker, ``seat_turn_s``."""
         costs = [result.service_s for result in results]
         if any(cost is None for cost in costs):
             return self._clock() - in_flight.started_at
-        return sum(c for c in costs if c is not None) * self.settings.slots_per_replica
+        steps_cost_s = sum(c for c in costs if c is not None)
+        return seat_turn_s(steps_cost_s, self.settings.slots_per_replica)
 
     def wait_estimates_s(self) -> dict[int, float]:
         """How long a new request of each class would wait now (None measured yet: 0)."""

@@ -8,16 +8,12 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from deployments.scheduler.admission import p50_p99
 from mediagate.protocol.work import ImageResult, StepEngineStats
 
 RECENT_WAITS = 1000  # per class
 STALE_AFTER_S = 10.0  # a worker with no result for this long has no recent steps
 GONE_AFTER_S = 120.0  # ... and after this long is not counted at all (replaced, or idle)
-
-
-def percentile(values: list[float], share: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
 
 
 class StepLevelReport:
@@ -61,11 +57,4 @@ class StepLevelReport:
 
     def first_step_waits_s(self) -> dict[int, dict[str, float]]:
         """Per class, the p50 and p99 of the recent waits from arrival to first step."""
-        return {
-            cls: {
-                "p50": round(percentile(list(waits), 0.50), 4),
-                "p99": round(percentile(list(waits), 0.99), 4),
-            }
-            for cls, waits in self._waits.items()
-            if waits
-        }
+        return {cls: p50_p99(waits, digits=4) for cls, waits in self._waits.items() if waits}

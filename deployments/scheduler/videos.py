@@ -27,6 +27,7 @@ from deployments.scheduler.admission import (
     EstimateCheck,
     admit_or_shed,
     estimate_wait_s,
+    seat_turn_s,
     updated_service_time,
 )
 from deployments.scheduler.capacity import ReplicaCounter, WorkerSlots, serve_replica_follower
@@ -287,9 +288,10 @@ class VideoScheduler(VideoSchedulerReports):
             self.counts["resumed"] += outcome.resumed_at_step > 0
             if outcome.status == "completed":  # what admission estimates waits from
                 took_s = self._clock() - started_at
-                if outcome.service_s is not None:  # a seat: its steps' cost (see images)
-                    outside_s = max(0.0, took_s - outcome.inference_s)  # decode, files
-                    took_s = outcome.service_s * self.settings.slots_per_replica + outside_s
+                if outcome.service_s is not None:  # a seat, and the decode and files after
+                    outside_s = max(0.0, took_s - outcome.inference_s)
+                    seats = self.settings.slots_per_replica
+                    took_s = seat_turn_s(outcome.service_s, seats) + outside_s
                 self._service_s = updated_service_time(self._service_s, took_s)
         finally:
             self._running.pop(job.id, None)

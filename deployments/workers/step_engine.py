@@ -181,13 +181,9 @@ class StepEngine:
         return True
 
     def stats(self) -> dict[str, Any]:
-        with self._changed:
-            paused = sum(1 for seat in self._seats if seat.steps_run and not seat.in_last_step)
-            return {
-                "seats": len(self._seats) + len(self._new),
-                "paused": paused,
-                **dict(self.counts),
-            }
+        """Seats held and paused now, and the running counts (operators)."""
+        now = self.snapshot()
+        return {"seats": now.seats, "paused": now.paused, **dict(self.counts)}
 
     def run_aside(self, work: Callable[[], None]) -> concurrent.futures.Future[None]:
         """Run ``work`` on the decoder's thread, in turn with the seats' final decodes

@@ -87,6 +87,7 @@ class _StepReporter:
         self.loop = loop
         self.cancelled = cancelled
         self.steps_done = 0
+        self.resumed_at = 0  # a pipeline call always starts at step 0 (SeatReports: not)
         self._last_report = 0.0
 
     def __call__(self, pipeline: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> Any:
@@ -298,7 +299,7 @@ class TextToVideo:
                 self._encode_and_store, frames, task.generation.fps, cancelled
             )
         except JobCancelled:
-            steps_done = reporter.steps_done - getattr(reporter, "resumed_at", 0)
+            steps_done = reporter.steps_done - reporter.resumed_at
             logger.info("job %s stopped after %d steps", task.job_id, steps_done)
             return VideoOutcome(job_id=task.job_id, status="cancelled", steps_done=steps_done)
         except Exception as error:
@@ -322,16 +323,14 @@ class TextToVideo:
         if completed is None:  # deleted (or taken back) while encoding: nobody will fetch these
             await asyncio.to_thread(self._discard, artifacts)
             return VideoOutcome(job_id=task.job_id, status="cancelled")
-        resumed_at = 0
         if isinstance(reporter, SeatReports):
             await reporter.discard_checkpoints()
-            resumed_at = reporter.resumed_at
         return VideoOutcome(
             job_id=task.job_id,
             status="completed",
             inference_s=inference_s,
-            steps_done=reporter.steps_done - resumed_at,
-            resumed_at_step=resumed_at,
+            steps_done=reporter.steps_done - reporter.resumed_at,
+            resumed_at_step=reporter.resumed_at,
             service_s=service_s,
         )
 

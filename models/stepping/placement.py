@@ -20,6 +20,29 @@ def _moved(value: Any, device: Any) -> Any:
     return value
 
 
+def held_bytes(state: Any) -> int:
+    """Memory the tensors ``move_state`` moves take (each counted once: a state's
+    timesteps are its scheduler's)."""
+    import torch
+
+    tensors: dict[int, Any] = {}
+
+    def add(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            tensors[id(value)] = value
+        elif isinstance(value, list):
+            for item in value:
+                add(item)
+
+    for name in ("latents", "prompt_embeds", "negative_embeds", "timesteps"):
+        add(getattr(state, name, None))
+    for value in (getattr(state, "added_cond", None) or {}).values():
+        add(value)
+    for value in vars(state.scheduler).values():
+        add(value)
+    return sum(tensor.element_size() * tensor.nelement() for tensor in tensors.values())
+
+
 def move_state(state: Any, device: Any) -> None:
     """Every tensor of ``state`` onto ``device`` (in place)."""
     for name in ("latents", "prompt_embeds", "negative_embeds", "timesteps"):

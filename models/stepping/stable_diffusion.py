@@ -23,7 +23,7 @@ from typing import Any
 
 from mediagate.protocol.work import ImageJob, image_seeds
 from models.previews import decode_latents
-from models.stepping.placement import move_state
+from models.stepping.placement import held_bytes, move_state
 
 
 @dataclass(eq=False)
@@ -172,9 +172,9 @@ class StableDiffusionStepper:
         move_state(state, self.pipeline._execution_device)
 
     def held_bytes(self, state: StepState) -> int:
-        """Memory the request's own tensors hold while it waits (latents, embeddings)."""
-        tensors = [state.latents, state.prompt_embeds]
-        return sum(tensor.element_size() * tensor.nelement() for tensor in tensors)
+        """Memory the request's own tensors hold while it waits (all that ``offload``
+        moves: latents, embeddings, its scheduler's history)."""
+        return held_bytes(state)
 
     def finish(self, state: StepState) -> list[Any]:
         """The request's images (PIL), through the VAE as the pipeline decodes them

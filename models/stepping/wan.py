@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mediagate.protocol.work import VideoGeneration
-from models.stepping.placement import move_state
+from models.stepping.placement import held_bytes, move_state
 
 MAX_SEQUENCE_LENGTH = 512  # WanPipeline.__call__'s default
 
@@ -149,11 +149,9 @@ class WanStepper:
         move_state(state, self.pipeline._execution_device)
 
     def held_bytes(self, state: VideoStepState) -> int:
-        """Memory the request's own tensors hold while it waits (latents, embeddings)."""
-        tensors = [state.latents, state.prompt_embeds]
-        if state.negative_embeds is not None:
-            tensors.append(state.negative_embeds)
-        return sum(tensor.element_size() * tensor.nelement() for tensor in tensors)
+        """Memory the request's own tensors hold while it waits (all that ``offload``
+        moves: latents, embeddings, its scheduler's history)."""
+        return held_bytes(state)
 
     def finish(self, state: VideoStepState) -> Any:
         """The frames, (frames, H, W, 3) floats in [0, 1], as the pipeline's ``np`` output."""
