@@ -18,11 +18,14 @@ counts per tier (at the router and at the scheduler), preemptions, the memory
 of the router and scheduler (sampled every second; growth over the second half), and
 where the slowest 2% of pro requests spent their time (the median of each
 ``Server-Timing`` stage over them; ``ingress`` is the client's time outside the stages).
-The load generator runs with its garbage collector off (what it allocates is freed by
-reference counting): its full collections over the answers it keeps paused its event
-loop up to ~120 ms and made requests in flight look that much slower;
-``--client-gc`` leaves it on, and the JSON says how many collections ran and the
-longest pause.
+The free flood comes from a process of its own and the processes are sampled from
+another (sharing the timed pro clients' event loop, the flood's 10x sends and answers
+and the sampler's reads of every process delayed pro requests in the client, not in
+the service). The load generators run with their garbage collectors off (what they
+allocate is freed by reference counting): full collections over the answers kept
+paused the event loop up to ~120 ms and made requests in flight look that much
+slower; ``--client-gc`` leaves the pro clients' on, and the JSON says how many
+collections ran there and the longest pause.
 The model takes 20 steps, as diffusion pipelines do (20-50), because a preemption
 takes effect at the next step: 4 long steps would make that point artificially coarse.
 The Ray instance is set up as `mediagate up` sets up its own: by default Ray Serve's
@@ -48,12 +51,16 @@ import argparse
 import asyncio
 import gc
 import json
+import multiprocessing
 import os
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import astuple, dataclass, field
 from importlib import resources
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
@@ -174,11 +181,14 @@ async def open_loop(
     rate: float,
     seconds: float,
     sink: list[Outcome],
+    *,
+    start_at: float = 0.0,
 ) -> None:
-    """Requests at a fixed rate whatever the answers (arrivals do not wait for replies)."""
+    """Requests at a fixed rate whatever the answers (arrivals do not wait for replies),
+    from ``start_at`` (a ``perf_counter`` time, the same clock in every process) or now."""
     tasks = []
     interval = 1 / rate
-    start = time.perf_counter()
+    start = start_at or time.perf_counter()
     for index in range(int(rate * seconds)):
         delay = start + index * interval - time.perf_counter()
         if delay > 0:
@@ -218,20 +228,24 @@ def process_name(process: Any) -> str:
     return "other python" if "python" in title else process.name()
 
 
-async def sample_processes(
-    pids: dict[str, int],
-    every_s: float,
-    memory: list[dict[str, float]],
-    cpu: list[dict[str, float]],
+def sample_processes(
+    pids: dict[str, int], generators: list[int], every_s: float, pipe: Connection
 ) -> None:
-    """Every ``every_s`` until cancelled: the RSS (MB) of the router and scheduler, and
-    the CPU seconds used so far by every process of the machine, by name (this
-    generator counts as "load generator")."""
+    """A process of its own (reading every process of the machine takes tens of ms,
+    which in the load generator's event loop would stall the requests it times): every
+    ``every_s``, from the parent's go until its stop, the RSS (MB) of the router and
+    scheduler and the CPU seconds used so far by every process of the machine, by name
+    (the ``generators`` and this sampler count as "load generator"). Sends back
+    ``(memory, cpu)``."""
     import psutil
 
     watched = {name: psutil.Process(pid) for name, pid in pids.items()}
-    names: dict[int, str] = {os.getpid(): "load generator"}
-    while True:
+    names: dict[int, str] = dict.fromkeys([*generators, os.getpid()], "load generator")
+    memory: list[dict[str, float]] = []
+    cpu: list[dict[str, float]] = []
+    pipe.send("ready")
+    pipe.recv()
+    while not pipe.poll(every_s if memory else 0):
         memory.append({name: p.memory_info().rss / 2**20 for name, p in watched.items()})
         used: dict[str, float] = {}
         for process in psutil.process_iter():
@@ -245,7 +259,44 @@ async def sample_processes(
             if name and not name.startswith("kworker"):
                 used[name] = used.get(name, 0.0) + times.user + times.system
         cpu.append(used)
-        await asyncio.sleep(every_s)
+    pipe.send((memory, cpu))
+
+
+def flood(
+    base_url: str, model: str, keys: list[str], rate: float, seconds: float, pipe: Connection
+) -> None:
+    """A process of its own: free requests for ``model`` from ``keys`` at ``rate`` for ``seconds``
+    from the start time the parent sends (after this sends "ready"). Free clients are
+    other people's machines: sharing the timed pro clients' event loop, their 10x
+    traffic's sends and answers would delay the pro requests' in the client, not the
+    service. Sends back the outcomes as plain tuples."""
+    global MODEL
+    MODEL = model  # a spawned process starts from the module's default
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+
+    async def main() -> list[Outcome]:
+        limits = httpx.Limits(max_connections=2000, max_keepalive_connections=200)
+        async with httpx.AsyncClient(base_url=base_url, timeout=120, limits=limits) as client:
+            pipe.send("ready")
+            start_at: float = await asyncio.to_thread(pipe.recv)
+            sink: list[Outcome] = []
+            await open_loop(client, keys, "free", rate, seconds, sink, start_at=start_at)
+            return sink
+
+    pipe.send([astuple(outcome) for outcome in asyncio.run(main())])
+
+
+def start_process(target: Callable[..., None], *args: Any) -> tuple[BaseProcess, Connection]:
+    """``target(*args, pipe)`` in a fresh (spawned) process, once it says it is ready."""
+    context = multiprocessing.get_context("spawn")
+    ours, theirs = context.Pipe()
+    process = context.Process(target=target, args=(*args, theirs), daemon=True)
+    process.start()
+    if ours.recv() != "ready":
+        raise RuntimeError(f"{target.__name__} did not start")
+    return process, ours
 
 
 def cpu_share_per_minute(samples: list[dict[str, float]], every_s: float) -> list[dict[str, float]]:
@@ -318,18 +369,22 @@ async def run(
         c = await capacity(client, pro_key, 8)
         unloaded: list[Outcome] = []
         await open_loop(client, [pro_key], "pro", 0.3 * c, unloaded_s, unloaded)
-        memory: list[dict[str, float]] = []
-        cpu: list[dict[str, float]] = []
+        flooder, flood_pipe = start_process(flood, base_url, MODEL, free_keys, 10 * c, seconds)
         watched = actor_pids("mediagate", ["Router", f"Scheduler-{MODEL}"])
-        sampler = asyncio.create_task(sample_processes(watched, 1.0, memory, cpu))
+        generators = [os.getpid(), flooder.pid or 0]
+        sampler, sampler_pipe = start_process(sample_processes, watched, generators, 1.0)
         overload: list[Outcome] = []
-        started = time.perf_counter()
-        await asyncio.gather(
-            open_loop(client, [pro_key], "pro", 0.3 * c, seconds, overload),
-            open_loop(client, free_keys, "free", 10 * c, seconds, overload),
-        )
+        started = time.perf_counter() + 0.5  # both processes start on the same tick
+        flood_pipe.send(started)
+        sampler_pipe.send("go")
+        await open_loop(client, [pro_key], "pro", 0.3 * c, seconds, overload, start_at=started)
+        flooded = await asyncio.to_thread(flood_pipe.recv)
+        overload += [Outcome(*fields) for fields in flooded]
         elapsed = time.perf_counter() - started
-        sampler.cancel()
+        sampler_pipe.send("stop")
+        memory, cpu = await asyncio.to_thread(sampler_pipe.recv)
+        flooder.join()
+        sampler.join()
         status = (
             await client.get("/v1/status", headers={"Authorization": f"Bearer {pro_key}"})
         ).json()
