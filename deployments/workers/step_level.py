@@ -28,7 +28,7 @@ from deployments.workers.step_engine import Seat, StepEngine, Stepper
 from deployments.workers.step_metrics import StepMetrics
 from deployments.workers.text_to_image import replica_id, warm_up_job
 from mediagate.protocol.catalog import ModelSpec
-from mediagate.protocol.errors import GenerationFailed, InvalidRequest
+from mediagate.protocol.errors import GenerationFailed, InvalidRequest, MediagateError
 from mediagate.protocol.work import ImageJob, ImageResult, PartialImage, preview_steps
 from models.encoding import to_raw_image
 from models.loading import load_pipeline
@@ -102,6 +102,10 @@ class StepLevelTextToImage:
         self.engine.submit(warm_up_job(spec)).result(timeout=600)
         self.metrics = StepMetrics(spec.id)
 
+    def _take_out(self, jobs: list[ImageJob]) -> None:
+        for job in jobs:
+            self.engine.cancel(job.request_key)
+
     async def generate(self, jobs: list[ImageJob]) -> list[ImageResult]:
         """Each job a seat; the results when all are done. Cancelling the call takes
         its seats out at the next step."""
@@ -109,17 +113,26 @@ class StepLevelTextToImage:
             raise InvalidRequest(f"model {self.spec.id} serves text-to-image step by step only")
         started = time.perf_counter()
         seats = [asyncio.wrap_future(self.engine.submit(job)) for job in jobs]
+        for seat in seats:  # read here, whatever ends the call first
+            seat.add_done_callback(lambda done: done.cancelled() or done.exception())
         try:
-            made = await asyncio.gather(*seats)
+            await asyncio.wait(seats, return_when=asyncio.FIRST_EXCEPTION)
         except asyncio.CancelledError:
-            for job in jobs:
-                self.engine.cancel(job.request_key)
+            self._take_out(jobs)
             raise
-        except Exception as error:
-            logger.exception("generation failed for %s", [job.request_id for job in jobs])
+        failures = [e for seat in seats if seat.done() and (e := seat.exception()) is not None]
+        if failures:  # the call answers as one: its other seats leave at the next step
+            self._take_out(jobs)
+            refusals = [f for f in failures if isinstance(f, MediagateError)]
+            if len(refusals) == len(failures):  # shed after its tier's wait: a 503, not a 500
+                raise refusals[0]
+            logger.error(
+                "generation failed for %s", [job.request_id for job in jobs], exc_info=failures[0]
+            )
             raise GenerationFailed(
                 f"model {self.spec.id} failed to generate; please retry"
-            ) from error
+            ) from failures[0]
+        made = [seat.result() for seat in seats]
         took_s = time.perf_counter() - started
         engine = self.engine.snapshot()
         waits = [
