@@ -10,6 +10,7 @@ coroutine. Both backends honour one contract, tested against both.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import secrets
 import sqlite3
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
 
 KEY_PREFIX = "mg-"
 PREFIX_LENGTH = len(KEY_PREFIX) + 8
+# What a key may do beyond its account's own work: ``operator`` keys are for the
+# operations view (every account's aggregate figures, the service's limits; issue 18).
+ROLES = ("user", "operator")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS accounts (
@@ -41,7 +45,8 @@ CREATE TABLE IF NOT EXISTS api_keys (
     prefix TEXT UNIQUE NOT NULL,
     account_id TEXT NOT NULL REFERENCES accounts(id),
     created_at REAL NOT NULL,
-    revoked_at REAL
+    revoked_at REAL,
+    role TEXT NOT NULL DEFAULT 'user'
 );
 """
 
@@ -64,6 +69,7 @@ class Account:
     name: str
     tier: str
     created_at: float
+    role: str = "user"  # the role of the key that authenticated it (``ROLES``)
 
 
 @dataclass(frozen=True)
@@ -73,6 +79,13 @@ class KeyInfo:
     tier: str
     created_at: float
     revoked: bool
+    role: str = "user"
+
+
+def checked_role(role: str) -> str:
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}; a key's role is one of {', '.join(ROLES)}")
+    return role
 
 
 class SqliteAccountStore:
@@ -85,6 +98,9 @@ class SqliteAccountStore:
         self._connections = SqliteConnections(self.path, "PRAGMA foreign_keys=ON")
         with self._connect() as db:
             db.executescript(_SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(api_keys)")}
+            if "role" not in columns:  # a store made before keys had roles
+                db.execute("ALTER TABLE api_keys ADD COLUMN role TEXT NOT NULL DEFAULT 'user'")
 
     def _connect(self) -> AbstractContextManager[sqlite3.Connection]:
         return self._connections.connection()
@@ -119,16 +135,18 @@ class SqliteAccountStore:
             db.execute("UPDATE accounts SET tier = ? WHERE name = ?", (tier, name))
         return self.get_account(name)
 
-    def create_key(self, account_id: str) -> str:
-        """A new key for ``account_id``; only its hash is stored, the key is returned once."""
+    def create_key(self, account_id: str, *, role: str = "user") -> str:
+        """A new key for ``account_id`` with ``role``; only its hash is stored, the key is
+        returned once."""
+        checked_role(role)
         with self._connect() as db:
             while True:
                 key = new_key()
                 try:
                     db.execute(
-                        "INSERT INTO api_keys (key_hash, prefix, account_id, created_at) "
-                        "VALUES (?, ?, ?, ?)",
-                        (hash_key(key), key[:PREFIX_LENGTH], account_id, self._clock()),
+                        "INSERT INTO api_keys (key_hash, prefix, account_id, created_at, role) "
+                        "VALUES (?, ?, ?, ?, ?)",
+                        (hash_key(key), key[:PREFIX_LENGTH], account_id, self._clock(), role),
                     )
                 except sqlite3.IntegrityError:
                     continue  # a prefix collision: draw again
@@ -137,12 +155,13 @@ class SqliteAccountStore:
     def list_keys(self) -> list[KeyInfo]:
         with self._connect() as db:
             rows = db.execute(
-                "SELECT k.prefix, a.name, a.tier, k.created_at, k.revoked_at IS NOT NULL "
-                "FROM api_keys k JOIN accounts a ON a.id = k.account_id ORDER BY k.created_at"
+                "SELECT k.prefix, a.name, a.tier, k.created_at, k.revoked_at IS NOT NULL, "
+                "k.role FROM api_keys k JOIN accounts a ON a.id = k.account_id "
+                "ORDER BY k.created_at"
             ).fetchall()
         return [
-            KeyInfo(p, name, tier, created, bool(revoked))
-            for p, name, tier, created, revoked in rows
+            KeyInfo(p, name, tier, created, bool(revoked), role)
+            for p, name, tier, created, revoked, role in rows
         ]
 
     def revoke(self, prefix: str) -> bool:
@@ -168,7 +187,7 @@ class SqliteAccountStore:
     def _account_by_key_hash(self, key_hash: str) -> Account | None:
         with self._connect() as db:
             row = db.execute(
-                "SELECT a.id, a.name, a.tier, a.created_at FROM api_keys k "
+                "SELECT a.id, a.name, a.tier, a.created_at, k.role FROM api_keys k "
                 "JOIN accounts a ON a.id = k.account_id "
                 "WHERE k.key_hash = ? AND k.revoked_at IS NULL",
                 (key_hash,),
@@ -247,7 +266,8 @@ class RedisAccountStore:
         self._redis.hset(self._account_key(account.id), "tier", tier)
         return self.get_account(name)
 
-    def create_key(self, account_id: str) -> str:
+    def create_key(self, account_id: str, *, role: str = "user") -> str:
+        checked_role(role)
         while True:
             key = new_key()
             prefix = key[:PREFIX_LENGTH]
@@ -259,6 +279,7 @@ class RedisAccountStore:
                     "account_id": account_id,
                     "prefix": prefix,
                     "created_at": repr(self._clock()),
+                    "role": role,
                 },
             )
             return key
@@ -277,6 +298,7 @@ class RedisAccountStore:
                     account.get("tier", "?"),
                     float(fields["created_at"]),
                     "revoked_at" in fields,
+                    fields.get("role", "user"),
                 )
             )
         return sorted(infos, key=lambda info: info.created_at)
@@ -294,17 +316,19 @@ class RedisAccountStore:
         if not key.startswith(KEY_PREFIX):
             return None
 
-        async def lookup() -> dict[str, str] | None:
+        async def lookup() -> tuple[dict[str, str], str] | None:
             fields = await self._async.hgetall(self._api_key(hash_key(key)))
             if not fields or "revoked_at" in fields:
                 return None
             account: dict[str, str] = await self._async.hgetall(
                 self._account_key(fields["account_id"])
             )
-            return account
+            return account, fields.get("role", "user")
 
-        account = await call_redis(self.url, lookup)
-        return self._account(account) if account else None
+        found = await call_redis(self.url, lookup)
+        if not found or not found[0]:
+            return None
+        return dataclasses.replace(self._account(found[0]), role=found[1])
 
 
 AccountStore = SqliteAccountStore | RedisAccountStore

@@ -45,9 +45,17 @@ def command_keys_create(args: argparse.Namespace) -> int:
     account = store.ensure_account(name, tier, created_at=created_at)
     if account.tier != tier:
         print(f"note: account {name} exists with tier {account.tier}; kept", file=sys.stderr)
-    key = store.create_key(account.id)
-    record([f"created key {key[:PREFIX_LENGTH]}... for account {account.name} ({account.tier})"])
-    print(f"created a key for account {account.name} (tier {account.tier}); it is shown once:")
+    key = store.create_key(account.id, role=args.role)
+    record(
+        [
+            f"created key {key[:PREFIX_LENGTH]}... for account {account.name} "
+            f"({account.tier}, role {args.role})"
+        ]
+    )
+    print(
+        f"created a key for account {account.name} (tier {account.tier}, role {args.role}); "
+        "it is shown once:"
+    )
     print(key)
     return 0
 
@@ -101,11 +109,14 @@ def command_usage(args: argparse.Namespace) -> int:
 
 
 def command_keys_list(_: argparse.Namespace) -> int:
-    print(f"{'PREFIX':<13} {'ACCOUNT':<24} {'TIER':<8} {'CREATED (UTC)':<20} STATE")
+    print(f"{'PREFIX':<13} {'ACCOUNT':<24} {'TIER':<8} {'ROLE':<9} {'CREATED (UTC)':<20} STATE")
     for info in _accounts().list_keys():
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(info.created_at))
         state = "revoked" if info.revoked else "active"
-        print(f"{info.prefix:<13} {info.account:<24} {info.tier:<8} {created:<20} {state}")
+        print(
+            f"{info.prefix:<13} {info.account:<24} {info.tier:<8} {info.role:<9} "
+            f"{created:<20} {state}"
+        )
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mediagate.access.accounts import ROLES
 from mediagate.cli.accounts import (
     command_accounts_set_tier,
     command_keys_create,
@@ -80,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--created-days-ago",
         type=float,
         help="backdate a new account (when importing accounts from another system)",
+    )
+    create.add_argument(
+        "--role",
+        choices=ROLES,
+        default="user",
+        help="operator: a key for the operations view (every account's aggregate figures, "
+        "the service's limits; being built, issue 18); user (default): its account's own",
     )
     create.set_defaults(handler=command_keys_create)
     listing = keys.add_parser("list", help="list key prefixes, accounts and tiers")

@@ -42,3 +42,23 @@ def test_backdated_accounts(accounts: AccountStore) -> None:
     assert old.created_at == 1_800_000_000.0 - 8 * 86400
     assert accounts.get_account("imported") == old
     assert accounts.get_account("missing") is None
+
+
+async def test_a_key_carries_its_role_and_accounts_keep_theirs_per_key(
+    accounts: AccountStore,
+) -> None:
+    ops = accounts.ensure_account("ops", "pro")
+    operator_key = accounts.create_key(ops.id, role="operator")
+    user_key = accounts.create_key(ops.id)  # the same account, a plain key
+    by_operator, by_user = (
+        await accounts.authenticate(operator_key),
+        await accounts.authenticate(user_key),
+    )
+    assert by_operator is not None and by_operator.role == "operator"
+    assert by_user is not None and by_user.role == "user" and by_user.id == by_operator.id
+    assert sorted(info.role for info in accounts.list_keys()) == ["operator", "user"]
+    with pytest.raises(ValueError, match="unknown role"):
+        accounts.create_key(ops.id, role="admin")
+    assert len(accounts.list_keys()) == 2  # the refused key was not made
+    accounts.revoke(operator_key[:11])
+    assert await accounts.authenticate(operator_key) is None

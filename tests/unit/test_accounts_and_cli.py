@@ -202,7 +202,7 @@ def test_every_operator_change_is_audited_without_secrets_and_files_are_private(
     entries = [json.loads(line) for line in log.splitlines()]
     changes = [change for entry in entries for change in entry["changes"]]
     assert changes == [
-        f"created key {key[:11]}... for account dana (plus)",
+        f"created key {key[:11]}... for account dana (plus, role user)",
         "account dana: tier plus -> pro",
         f"revoked key {key[:11]}...",
     ]
@@ -223,3 +223,33 @@ def test_up_takes_an_http_public_url_only(capsys: pytest.CaptureFixture[str]) ->
         with pytest.raises(SystemExit):
             build_parser().parse_args(["up", "--public-url", bad])
         assert "--public-url" in capsys.readouterr().err
+
+
+def test_a_store_made_before_keys_had_roles_gets_the_role_column(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    with sqlite3.connect(path) as db:  # the schema as it was: no role
+        db.executescript(
+            "CREATE TABLE accounts (id TEXT PRIMARY KEY, name TEXT UNIQUE NOT NULL, "
+            "tier TEXT NOT NULL, created_at REAL NOT NULL);"
+            "CREATE TABLE api_keys (key_hash TEXT PRIMARY KEY, prefix TEXT UNIQUE NOT NULL, "
+            "account_id TEXT NOT NULL REFERENCES accounts(id), created_at REAL NOT NULL, "
+            "revoked_at REAL);"
+            "INSERT INTO accounts VALUES ('acct_1', 'old', 'plus', 1.0);"
+            "INSERT INTO api_keys VALUES ('h', 'mg-00000000', 'acct_1', 1.0, NULL);"
+        )
+    store = SqliteAccountStore(path)
+    assert [info.role for info in store.list_keys()] == ["user"]
+    assert store.create_key("acct_1", role="operator").startswith("mg-")
+
+
+def test_cli_creates_operator_keys_and_lists_roles(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert (
+        cli.main(["keys", "create", "--tier", "pro", "--account", "sre", "--role", "operator"]) == 0
+    )
+    assert "role operator" in capsys.readouterr().out
+    assert cli.main(["keys", "list"]) == 0
+    assert "operator" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # argparse refuses a role that does not exist
+        cli.main(["keys", "create", "--tier", "pro", "--role", "root"])

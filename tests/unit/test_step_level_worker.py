@@ -65,4 +65,6 @@ def test_a_call_that_fails_takes_its_other_seats_out(tmp_path: Path) -> None:
 
     asyncio.run(run())
     assert worker.engine.counts["shed_unstarted"] == 1
-    assert worker.engine.counts["cancelled"] == 1, worker.engine.counts  # "slow" did not run on for nobody
+    assert worker.engine.counts["cancelled"] == 1, (
+        worker.engine.counts
+    )  # "slow" did not run on for nobody
