@@ -100,7 +100,11 @@ class SqliteAccountStore:
             db.executescript(_SCHEMA)
             columns = {row[1] for row in db.execute("PRAGMA table_info(api_keys)")}
             if "role" not in columns:  # a store made before keys had roles
-                db.execute("ALTER TABLE api_keys ADD COLUMN role TEXT NOT NULL DEFAULT 'user'")
+                try:
+                    db.execute("ALTER TABLE api_keys ADD COLUMN role TEXT NOT NULL DEFAULT 'user'")
+                except sqlite3.OperationalError as error:  # another process added it first
+                    if "duplicate column" not in str(error):
+                        raise
 
     def _connect(self) -> AbstractContextManager[sqlite3.Connection]:
         return self._connections.connection()
