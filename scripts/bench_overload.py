@@ -77,6 +77,15 @@ from benchmarking import (
 from mediagate.protocol.timing import SERVER_TIMING_HEADER, parse_server_timing
 
 FREE_ACCOUNTS = 20
+CLIENT_LIMITS = httpx.Limits(max_connections=2000, max_keepalive_connections=200)
+
+
+def collector_off() -> None:
+    """What a load generator allocates is freed by reference counting; a full
+    collection over the answers it keeps would stall its event loop."""
+    gc.collect()
+    gc.freeze()
+    gc.disable()
 
 
 def tail_split(outcomes: list[Outcome], share: float = 0.02) -> dict[str, float]:
@@ -272,13 +281,12 @@ def flood(
     service. Sends back the outcomes as plain tuples."""
     global MODEL
     MODEL = model  # a spawned process starts from the module's default
-    gc.collect()
-    gc.freeze()
-    gc.disable()
+    collector_off()
 
     async def main() -> list[Outcome]:
-        limits = httpx.Limits(max_connections=2000, max_keepalive_connections=200)
-        async with httpx.AsyncClient(base_url=base_url, timeout=120, limits=limits) as client:
+        async with httpx.AsyncClient(
+            base_url=base_url, timeout=120, limits=CLIENT_LIMITS
+        ) as client:
             pipe.send("ready")
             start_at: float = await asyncio.to_thread(pipe.recv)
             sink: list[Outcome] = []
@@ -294,6 +302,7 @@ def start_process(target: Callable[..., None], *args: Any) -> tuple[BaseProcess,
     ours, theirs = context.Pipe()
     process = context.Process(target=target, args=(*args, theirs), daemon=True)
     process.start()
+    theirs.close()  # the child's end is the child's: if it dies, recv() ends, not hangs
     if ours.recv() != "ready":
         raise RuntimeError(f"{target.__name__} did not start")
     return process, ours
@@ -357,14 +366,11 @@ async def run(
     *,
     client_gc: bool = False,
 ) -> dict[str, Any]:
-    limits = httpx.Limits(max_connections=2000, max_keepalive_connections=200)
     pauses = GcPauses()
-    if not client_gc:  # what it allocates is freed by reference counting; cycles wait
-        gc.collect()
-        gc.freeze()
-        gc.disable()
+    if not client_gc:
+        collector_off()
     gc.callbacks.append(pauses)
-    async with httpx.AsyncClient(base_url=base_url, timeout=120, limits=limits) as client:
+    async with httpx.AsyncClient(base_url=base_url, timeout=120, limits=CLIENT_LIMITS) as client:
         await capacity(client, pro_key, 2)  # warm up
         c = await capacity(client, pro_key, 8)
         unloaded: list[Outcome] = []
@@ -380,7 +386,7 @@ async def run(
         await open_loop(client, [pro_key], "pro", 0.3 * c, seconds, overload, start_at=started)
         flooded = await asyncio.to_thread(flood_pipe.recv)
         overload += [Outcome(*fields) for fields in flooded]
-        elapsed = time.perf_counter() - started
+        elapsed = max(o.sent_at + o.latency_s for o in overload) - started  # the last answer
         sampler_pipe.send("stop")
         memory, cpu = await asyncio.to_thread(sampler_pipe.recv)
         flooder.join()
