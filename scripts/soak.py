@@ -75,6 +75,8 @@ class Soak:
                 await caller()
             except httpx.HTTPError as error:
                 self.statuses[(f"transport {type(error).__name__}", 0)] += 1
+            except Exception as error:  # counted, not lost in a task nobody awaits
+                self.statuses[(f"client {type(error).__name__}", 0)] += 1
                 await asyncio.sleep(1)
 
     def auth(self, account: str) -> dict[str, str]:
@@ -114,6 +116,8 @@ class Soak:
                 await self.image(http, account)
             except httpx.HTTPError as error:
                 self.statuses[(f"transport {type(error).__name__}", 0)] += 1
+            except Exception as error:  # counted, not lost in a task nobody awaits
+                self.statuses[(f"client {type(error).__name__}", 0)] += 1
 
         sent: set[asyncio.Task[None]] = set()
         number = 0
@@ -219,10 +223,13 @@ def image_kind(account: str, response: httpx.Response) -> str:
     """``image``, or ``free shed`` for a free request refused early (503
     server_overloaded) so paid traffic keeps its times: shedding by design, not a
     server error. Any other 5xx, and a paid request shed, stay server errors."""
-    shed = response.status_code == 503 and account.startswith("free-")
-    if shed and response.json().get("error", {}).get("code") == "server_overloaded":
-        return "free shed"
-    return "image"
+    if response.status_code != 503 or not account.startswith("free-"):
+        return "image"
+    try:
+        code = response.json().get("error", {}).get("code")
+    except ValueError:  # not our envelope: a proxy's or a crash's page, a server error
+        return "image"
+    return "free shed" if code == "server_overloaded" else "image"
 
 
 async def run(soak: Soak, home: Path, redis_port: int | None, sample_s: float) -> None:

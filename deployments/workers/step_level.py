@@ -24,7 +24,7 @@ from typing import Any
 
 from deployments.streams import items_until
 from deployments.workers.runner import PipelineLoader, load_warm_pipeline
-from deployments.workers.step_engine import Seat, StepEngine, Stepper
+from deployments.workers.step_engine import Seat, SeatOutcome, StepEngine, Stepper
 from deployments.workers.step_metrics import StepMetrics
 from deployments.workers.text_to_image import replica_id, warm_up_job
 from mediagate.protocol.catalog import ModelSpec
@@ -111,10 +111,19 @@ class StepLevelTextToImage:
         its seats out at the next step."""
         if any(job.task != "text-to-image" for job in jobs):
             raise InvalidRequest(f"model {self.spec.id} serves text-to-image step by step only")
+        if not jobs:
+            return []
         started = time.perf_counter()
-        seats = [asyncio.wrap_future(self.engine.submit(job)) for job in jobs]
-        for seat in seats:  # read here, whatever ends the call first
-            seat.add_done_callback(lambda done: done.cancelled() or done.exception())
+        seats: list[asyncio.Future[SeatOutcome]] = []
+        try:
+            for job in jobs:
+                seat = asyncio.wrap_future(self.engine.submit(job))
+                # read here, whatever ends the call first
+                seat.add_done_callback(lambda done: done.cancelled() or done.exception())
+                seats.append(seat)
+        except BaseException:  # a seat refused: the ones already given leave again
+            self._take_out(jobs[: len(seats)])
+            raise
         try:
             await asyncio.wait(seats, return_when=asyncio.FIRST_EXCEPTION)
         except asyncio.CancelledError:

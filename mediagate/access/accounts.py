@@ -69,7 +69,11 @@ class Account:
     name: str
     tier: str
     created_at: float
-    role: str = "user"  # the role of the key that authenticated it (``ROLES``)
+    # The role of the key that authenticated it (``ROLES``). An account has keys of
+    # several roles, so this is set only on the ``Account`` that ``authenticate``
+    # returns; one looked up by name (``get_account``) says ``user``: never authorise
+    # on that.
+    role: str = "user"
 
 
 @dataclass(frozen=True)

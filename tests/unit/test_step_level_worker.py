@@ -68,3 +68,30 @@ def test_a_call_that_fails_takes_its_other_seats_out(tmp_path: Path) -> None:
     assert worker.engine.counts["cancelled"] == 1, (
         worker.engine.counts
     )  # "slow" did not run on for nobody
+
+
+def test_no_jobs_is_no_results(tmp_path: Path) -> None:
+    assert asyncio.run(simulated_worker(tmp_path).generate([])) == []
+
+
+def test_a_seat_refused_takes_back_the_seats_given_before_it(tmp_path: Path) -> None:
+    worker = simulated_worker(tmp_path)
+    twice = seat("twice", 0)
+
+    warm_up_seats = len(worker.engine.first_step_waits_s)
+
+    async def run() -> None:
+        blocker = asyncio.ensure_future(worker.generate([seat("pro", 2)]))
+        await asyncio.sleep(0.05)  # pro holds the one image a step takes
+        with pytest.raises(ValueError, match="already has a seat"):
+            await worker.generate([twice, twice])
+        await blocker
+        for _ in range(100):  # until the engine has let every seat go
+            if not worker.engine.snapshot().seats:
+                break
+            await asyncio.sleep(0.05)
+
+    asyncio.run(run())
+    assert worker.engine.snapshot().seats == 0
+    started = [cls for cls, _ in list(worker.engine.first_step_waits_s)[warm_up_seats:]]
+    assert started == [2], started  # the refused call's first seat never ran
