@@ -4,14 +4,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh dev
-# The Redis backend's tests start their own redis-server on a free port.
-if ! command -v redis-server >/dev/null 2>&1; then
+# Debian packages the tests drive for real: redis-server (the Redis backend's tests
+# start their own on a free port), prometheus (the metrics test scrapes the service) and
+# chromium (the console's browser tests, through playwright; no browser is downloaded).
+missing=()
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+command -v prometheus >/dev/null 2>&1 || missing+=(prometheus)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+if [ "${#missing[@]}" -gt 0 ]; then
     if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
-        echo "== installing redis-server"
+        echo "== installing ${missing[*]}"
         apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
     else
-        echo "redis-server is missing: install it (e.g. apt-get install redis-server)" >&2
+        echo "missing: ${missing[*]} (install them, e.g. apt-get install ${missing[*]})" >&2
         exit 1
     fi
 fi

@@ -14,6 +14,7 @@ from fastapi import FastAPI
 
 from deployments.router.gateway import Gateway
 from deployments.router.routes import create_api
+from deployments.router.serve_control import RayServeControl
 from deployments.router.settings import RouterSettings
 from mediagate.access.accounts import open_account_store
 from mediagate.access.guard import TierGuard
@@ -69,6 +70,7 @@ class Router:
             jobs=jobs,
             settings=settings or RouterSettings(),
             guard=TierGuard(self.ledger),
+            serve_control=RayServeControl.of_this_replica(),
             clock=clock,
         )
         # Everything loaded so far (FastAPI, pydantic, Ray) lives as long as the replica:

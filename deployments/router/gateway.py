@@ -10,7 +10,9 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from deployments.router.account_views import AccountViews
 from deployments.router.images import ImageRequests
+from deployments.router.operations import Operations, ServeControl
 from deployments.router.settings import RouterSettings
 from deployments.router.videos import VideoJobs
 from mediagate.access.accounts import Account, AccountStore, hash_key
@@ -27,6 +29,7 @@ from mediagate.protocol.errors import (
 )
 from mediagate.protocol.listing import ModelObject
 from mediagate.protocol.scheduling import DECISIONS, QueueStats
+from mediagate.protocol.work import ImageJob
 from mediagate.stores import (
     JobStore,
     StoreUnavailable,
@@ -61,6 +64,7 @@ class Gateway:
         jobs: JobStore,
         settings: RouterSettings,
         guard: TierGuard | None = None,
+        serve_control: ServeControl | None = None,
         clock: Clock = system_clock,
     ) -> None:
         self.catalog = catalog
@@ -77,6 +81,14 @@ class Gateway:
         self._seen: dict[str, tuple[Account, float]] = {}
         self.images = ImageRequests(self)
         self.videos = VideoJobs(self)
+        self.own_account = AccountViews(self)
+        self.ops = Operations(
+            control=serve_control,
+            jobs=jobs,
+            clock=clock,
+            limit_changes=settings.ops_limit_changes,
+            free_class=lambda: min(tier.priority_class for tier in self.policy.tiers.values()),
+        )
 
     async def authenticate(self, authorization: str | None) -> Account:
         if not authorization:
@@ -103,6 +115,11 @@ class Gateway:
             self._seen.clear()
         self._seen[key_hash] = (account, self.clock())
         return account
+
+    async def remember_images(
+        self, job: ImageJob, model: str, kind: str, stored: list[str]
+    ) -> None:
+        await self.own_account.remember(job, model, kind, stored)
 
     @property
     def policy(self) -> TierPolicy:

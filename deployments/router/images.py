@@ -62,6 +62,10 @@ class ImageRouter(RouterServices, Protocol):
 
     def served_models(self) -> list[ModelSpec]: ...
 
+    async def remember_images(
+        self, job: ImageJob, model: str, kind: str, stored: list[str]
+    ) -> None: ...
+
 
 @dataclass(frozen=True)
 class Delivery:
@@ -265,13 +269,15 @@ class ImageRequests:
             answered = time.perf_counter()
             self.refresh_load_now(spec.id)  # a slot just freed: the copy overstates
             try:
-                data, encode_ms = await asyncio.to_thread(self._deliver, result, delivery)
+                data, encode_ms, stored = await asyncio.to_thread(self._deliver, result, delivery)
             except asyncio.CancelledError:  # left while its images were encoded: work done
                 spent = True
                 raise
             delivered = True  # (a failure to encode or store them is ours: not charged)
         finally:  # failures, shedding and callers who left before their work began
             await self.gateway.guard.settle(admission, charge=delivered or spent)
+        if stored:
+            await self.gateway.remember_images(job, spec.id, work.kind, stored)
         response = ImagesResponse(
             created=int(self.gateway.clock()),
             data=data,
@@ -370,9 +376,12 @@ class ImageRequests:
         else:
             self._published_load[model_id] = (load, self.gateway.clock())
 
-    def _deliver(self, result: ImageResult, delivery: Delivery) -> tuple[list[ImageData], float]:
+    def _deliver(
+        self, result: ImageResult, delivery: Delivery
+    ) -> tuple[list[ImageData], float, list[str]]:
         """Encode the worker's pixels as asked, then store them (URLs) or inline them
-        (base64); runs in a thread, off the event loop. Returns the encoding time too."""
+        (base64); runs in a thread, off the event loop. Returns the encoding time and
+        the stored files' ids too."""
         started = time.perf_counter()
         encoded = [
             encode_raw_image(raw, delivery.output_format, delivery.output_compression)
@@ -381,12 +390,8 @@ class ImageRequests:
         encode_ms = (time.perf_counter() - started) * 1000
         if delivery.response_format == "b64_json":
             data = [ImageData(b64_json=base64.b64encode(image).decode()) for image in encoded]
-        else:
-            data = [self._stored(image, delivery) for image in encoded]
-        return data, encode_ms
-
-    def _stored(self, image: bytes, delivery: Delivery) -> ImageData:
-        artifacts = self.gateway.artifacts
-        artifact_id = artifacts.put(image, delivery.output_format, "img")
-        ttl_s = self.gateway.settings.url_ttl_s
-        return ImageData(url=artifacts.url(artifact_id, ttl_s, delivery.base_url))
+            return data, encode_ms, []
+        artifacts, ttl_s = self.gateway.artifacts, self.gateway.settings.url_ttl_s
+        stored = [artifacts.put(image, delivery.output_format, "img") for image in encoded]
+        data = [ImageData(url=artifacts.url(id_, ttl_s, delivery.base_url)) for id_ in stored]
+        return data, encode_ms, stored

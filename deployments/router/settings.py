@@ -31,6 +31,14 @@ class RouterSettings(BaseModel):
     load_max_age_s: float = Field(
         2.0, gt=0, description="Older wait estimates are not used to refuse requests early."
     )
+    console: bool = Field(
+        True, description="Serve the web console (playground at /, operations at /ops)."
+    )
+    ops_limit_changes: bool = Field(
+        True,
+        description="Operator keys may change autoscaling limits from the console "
+        "(POST /v1/ops/limits, audited); false leaves them to `mediagate scale set`.",
+    )
     public_base_url: str | None = Field(
         None,
         description="Where clients reach mediagate (e.g. https://images.example.com): the base "

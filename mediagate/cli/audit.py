@@ -1,7 +1,8 @@
-"""The operator's audit trail: every change an operator makes with the CLI (limits,
-keys, tiers), who and when, in the state store (shared by the cluster, the last
-``AUDIT_KEEP``) and appended to ``$MEDIAGATE_HOME/audit.log`` (0600). Entries never hold
-a secret: keys appear by their shown prefix only.
+"""The operator's audit trail from the CLI: every change an operator makes (limits,
+keys, tiers), who and when, in the state store's audit document
+(``mediagate.access.audit``, shared with the console's changes) and appended to
+``$MEDIAGATE_HOME/audit.log`` (0600). Entries never hold a secret: keys appear by their
+shown prefix only.
 """
 
 from __future__ import annotations
@@ -12,12 +13,15 @@ import os
 import time
 from typing import Any
 
+from mediagate.access.audit import (
+    AUDIT_ACCOUNT,
+    AUDIT_DOCUMENT,
+    appended,
+    audit_entry,
+    read_entries,
+)
 from mediagate.cli.command import _layout, _state
 from mediagate.stores import open_state_store
-
-AUDIT_ACCOUNT = "_operator"  # not an account: the owner of operator documents
-AUDIT_DOCUMENT = "scale_audit"  # its first name (scale changes only), kept for old entries
-AUDIT_KEEP = 1000
 
 
 def _operator() -> str:
@@ -30,16 +34,12 @@ def _operator() -> str:
 def record(lines: list[str]) -> None:
     """One line per change, who and when, in the state store (shared by the cluster)
     and in $MEDIAGATE_HOME/audit.log."""
-    entry = {"at": time.time(), "by": _operator(), "changes": lines}
-
-    def append(current: str | None) -> tuple[str, None]:
-        entries = json.loads(current) if current else []
-        return json.dumps([*entries, entry][-AUDIT_KEEP:]), None
+    entry = audit_entry(_operator(), lines, time.time())
 
     async def write() -> None:
         store = open_state_store(_state())
         try:
-            await store.mutate(AUDIT_ACCOUNT, AUDIT_DOCUMENT, append)
+            await store.mutate(AUDIT_ACCOUNT, AUDIT_DOCUMENT, appended(entry))
         finally:
             await store.close()
 
@@ -58,10 +58,9 @@ def recent_lines(count: int) -> list[str]:
     async def read() -> list[dict[str, Any]]:
         store = open_state_store(_state())
         try:
-            document = await store.mutate(AUDIT_ACCOUNT, AUDIT_DOCUMENT, lambda c: (c, c))
+            return await store.mutate(AUDIT_ACCOUNT, AUDIT_DOCUMENT, read_entries)
         finally:
             await store.close()
-        return json.loads(document) if document else []
 
     entries = asyncio.run(read())[-count:]
     lines = ["", "recent changes:"] if entries else []

@@ -12,18 +12,12 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from autoscaling.limits import ScaleChange, ScaleError, changed_deployment, scale_rows
 from autoscaling.naming import ROUTER
 from mediagate.access.tiers import load_tier_policy, parse_tier_policy
 from mediagate.cli.accounts import _policy
 from mediagate.cli.audit import recent_lines, record
 from mediagate.cli.command import CommandError, _layout
-from mediagate.cli.scale_changes import (
-    ScaleChange,
-    ScaleError,
-    apply_scale_change,
-    scale_rows,
-    worker_deployment,
-)
 from mediagate.cli.service import DEFAULT_DASHBOARD_PORT, serve_client
 
 
@@ -108,13 +102,7 @@ def command_scale_show(args: argparse.Namespace) -> int:
 def command_scale_set(args: argparse.Namespace) -> int:
     client = serve_client(_dashboard_url(args.address))
     details = client.get_serve_details()
-    app = (details.get("applications") or {}).get(args.app)
-    if not app or not app.get("deployed_app_config"):
-        raise CommandError(
-            f"application {args.app!r} was not deployed from a config (mediagate up / "
-            "serve deploy); nothing to change"
-        )
-    deployments = app.get("deployments") or {}
+    deployments = ((details.get("applications") or {}).get(args.app) or {}).get("deployments") or {}
     change = ScaleChange(
         model=args.model,
         min_replicas=args.min,
@@ -124,24 +112,8 @@ def command_scale_set(args: argparse.Namespace) -> int:
         allow_zero_images=args.allow_zero,
     )
     try:
-        worker = worker_deployment(args.model, deployments)
-        current = deployments[worker]["deployment_config"].get("autoscaling_config") or {}
-        config = {
-            "proxy_location": details.get("proxy_location"),
-            "http_options": details.get("http_options"),
-            "applications": [
-                other["deployed_app_config"]
-                for other in details["applications"].values()
-                if other.get("deployed_app_config")
-            ],
-        }
-        updated, lines = apply_scale_change(
-            config,
-            args.app,
-            change,
-            current_limits=current,
-            worker=worker,
-            free_class=deployed_free_class(deployments),
+        updated, lines = changed_deployment(
+            details, args.app, change, free_class=deployed_free_class(deployments)
         )
     except ScaleError as error:
         raise CommandError(str(error)) from error

@@ -86,7 +86,8 @@ class NotFound(MediagateError):
 
 
 class Conflict(MediagateError):
-    """The same request is still being processed (an Idempotency-Key repeat)."""
+    """The request conflicts with the service's state: the same request is still being
+    processed (an Idempotency-Key repeat), or what it asks for is switched off here."""
 
     status = 409
     type = "invalid_request_error"
@@ -162,6 +163,15 @@ class ModelUnavailable(MediagateError):
     status = 503
     type = "server_error"
     default_code = "model_unavailable"
+
+
+class ControlUnavailable(MediagateError):
+    """The cluster's control plane (the Serve controller) did not answer an operator's
+    request; nothing was changed. A 503: retry."""
+
+    status = 503
+    type = "server_error"
+    default_code = "control_unavailable"
 
 
 def unwrap(exc: BaseException) -> BaseException:

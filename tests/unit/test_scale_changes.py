@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
+from autoscaling.limits import ScaleChange, ScaleError, apply_scale_change, scale_rows
 from mediagate.cli import scale
-from mediagate.cli.scale_changes import ScaleChange, ScaleError, apply_scale_change, scale_rows
 
 DEPLOYED_LIMITS = {  # what the REST API shows for a worker, Serve's defaults included
     "min_replicas": 1,

@@ -1,10 +1,10 @@
-"""SRE controls for autoscaling: read the deployed limits and change them live.
+"""Autoscaling limits changed live, for SREs: pure config in, config out.
 
-``mediagate scale show`` and ``mediagate scale set`` work on the Serve config that is
-deployed (read back from the Serve REST API, the same one ``serve deploy`` uses) and
-deploy it again with only the autoscaling numbers changed. Serve applies such a
-change as a lightweight update: no replica restarts (see RAY_SERVE_NOTES.md). The
-logic here is pure (config in, config out); ``cli.py`` does the I/O and the audit.
+``mediagate scale set`` (``mediagate.cli.scale``) and the console's operator endpoint
+(``POST /v1/ops/limits``) both read the Serve config that is deployed and deploy it again
+with only the autoscaling numbers (and the free tier's queue weight) changed, checked
+here the same way for both. Serve applies such a change as a lightweight update: no
+replica restarts (see RAY_SERVE_NOTES.md). The callers do the I/O and the audit.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import Any
 
 from autoscaling.naming import WORKER_PREFIXES, is_image_worker, scheduler_name, worker_model
 from autoscaling.policy import DEFAULT_QUEUE_WEIGHTS
+from mediagate.protocol.ops import MAX_REPLICAS_LIMIT
 
-MAX_REPLICAS_LIMIT = 1000
 # The numbers of an autoscaling_config that may be carried into the config file. The
 # deployed config also shows Serve's policy entry: writing that back would count as
 # adding a policy, which changes the code version and restarts the replicas.
@@ -204,3 +204,32 @@ def scale_rows(
             }
         )
     return rows
+
+
+def changed_deployment(
+    details: dict[str, Any], app_name: str, change: ScaleChange, *, free_class: int
+) -> tuple[dict[str, Any], list[str]]:
+    """The whole deployed Serve config (from the Serve REST API's, or the controller's,
+    application details) with ``change`` applied to ``app_name``, and one line per value
+    changed: what ``mediagate scale set`` and ``POST /v1/ops/limits`` deploy."""
+    app = (details.get("applications") or {}).get(app_name)
+    if not app or not app.get("deployed_app_config"):
+        raise ScaleError(
+            f"application {app_name!r} was not deployed from a config (mediagate up / "
+            "serve deploy); its limits cannot be changed live"
+        )
+    deployments = app.get("deployments") or {}
+    worker = worker_deployment(change.model, deployments)
+    current = (deployments[worker].get("deployment_config") or {}).get("autoscaling_config") or {}
+    config = {
+        "proxy_location": details.get("proxy_location"),
+        "http_options": details.get("http_options"),
+        "applications": [
+            other["deployed_app_config"]
+            for other in details["applications"].values()
+            if other.get("deployed_app_config")
+        ],
+    }
+    return apply_scale_change(
+        config, app_name, change, current_limits=current, worker=worker, free_class=free_class
+    )
