@@ -298,6 +298,48 @@ def test_scale_set_under_load_changes_max_without_restarting_replicas(cluster: C
 
 
 @pytest.mark.own_ray_cluster
+def test_an_operator_key_changes_limits_through_the_api(cluster: Cluster) -> None:
+    """``POST /v1/ops/limits``: the router reaches the Serve controller itself, deploys
+    the change as a lightweight update and audits it; other keys get 403."""
+    created = cluster.cli(
+        "keys", "create", "--tier", "pro", "--account", "as-sre", "--role", "operator"
+    )
+    assert created.returncode == 0, created.stderr
+    operator = {"Authorization": f"Bearer {created.stdout.strip().splitlines()[-1]}"}
+    user = {"Authorization": f"Bearer {cluster.keys['pro']}"}
+    limits = f"{cluster.base_url}/v1/ops/limits"
+    refused = httpx.post(limits, json={"model": "sim", "max_replicas": 2}, headers=user)
+    assert refused.status_code == 403, refused.text
+
+    status = httpx.get(f"{cluster.base_url}/v1/ops/status", headers=operator, timeout=30).json()
+    row = next(row for row in status["scaling"] if row["model"] == "sim")
+    assert status["limit_changes_allowed"] and row["replicas"] >= 1, status
+    before = {name: cluster.replicas(name) for name in ("Scheduler-sim", "Router")}
+    wanted = row["max"] + 1
+    changed = httpx.post(
+        limits, json={"model": "sim", "max_replicas": wanted}, headers=operator, timeout=60
+    )
+    assert changed.status_code == 200, changed.text
+    line = f"TextToImage-sim.autoscaling_config.max_replicas: {row['max']} -> {wanted}"
+    assert changed.json()["changes"] == [line]
+
+    def deployed_max() -> int:
+        app = cluster.details()["applications"]["mediagate"]
+        config = app["deployments"]["TextToImage-sim"]["deployment_config"]
+        return int(config["autoscaling_config"]["max_replicas"])
+
+    wait_for(lambda: deployed_max() == wanted, 60, f"max_replicas {wanted} deployed")
+    assert {name: cluster.replicas(name) for name in before} == before  # none restarted
+    assert cluster.image()[0] == 200
+
+    bad = httpx.post(limits, json={"model": "sim", "min_replicas": 99}, headers=operator)
+    assert bad.status_code == 400 and "must not exceed max" in bad.json()["error"]["message"]
+    assert deployed_max() == wanted
+    shown = cluster.cli("scale", "show")
+    assert f"as-sre (console): {line}" in shown.stdout, shown.stdout
+
+
+@pytest.mark.own_ray_cluster
 def test_idle_video_goes_to_zero_and_a_job_brings_it_back(cluster: Cluster) -> None:
     wait_for(lambda: cluster.replicas("TextToVideo-simvid") == [], 60, "video at zero")
     created = httpx.post(
