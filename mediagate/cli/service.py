@@ -266,6 +266,11 @@ def command_up(args: argparse.Namespace) -> int:
         raise
     layout.run_file.write_text(json.dumps({**run, "base_url": base_url}))
     print(f"mediagate is serving; OpenAI base URL: {base_url}/v1", file=sys.stderr)
+    print(
+        f"web console: {base_url}/ (sign in with a key from `mediagate keys create`); "
+        f"operations view: {base_url}/ops (operator keys)",
+        file=sys.stderr,
+    )
     print(f"{base_url}/v1")
     sys.stdout.flush()
     if args.detach:

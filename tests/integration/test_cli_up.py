@@ -220,8 +220,11 @@ def check_oversized_headers(port: int, key: str) -> None:
 
 
 def check_readme_snippet(tmp_path: Path, env: dict[str, str], port: int) -> None:
-    """The README's quick start, with a key from the CLI."""
+    """The README's quick start, with a key from the CLI; the console it names."""
     assert httpx.get(f"http://127.0.0.1:{port}/healthz").status_code == 200
+    console = httpx.get(f"http://127.0.0.1:{port}/", timeout=30)
+    assert console.status_code == 200 and "mediagate · playground" in console.text
+    assert "script-src 'self'" in console.headers["content-security-policy"]
 
     created = subprocess.run(
         [MEDIAGATE, "keys", "create", "--tier", "pro", "--account", "readme"],
