@@ -10,9 +10,11 @@ import gc
 import logging
 from typing import Any
 
+import ray
 from fastapi import FastAPI
 
 from deployments.router.gateway import Gateway
+from deployments.router.metrics import RouterMetrics
 from deployments.router.routes import create_api
 from deployments.router.serve_control import RayServeControl
 from deployments.router.settings import RouterSettings
@@ -73,6 +75,8 @@ class Router:
             serve_control=RayServeControl.of_this_replica(),
             clock=clock,
         )
+        if ray.is_initialized():  # a replica (not a router built by hand in a test)
+            self.gateway.on_refusal = RouterMetrics().refused
         # Everything loaded so far (FastAPI, pydantic, Ray) lives as long as the replica:
         # keep it out of the garbage collector's full passes, which would walk it all on
         # the event loop. (Kept for every overload measurement in BENCHMARKS.md; its own

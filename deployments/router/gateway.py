@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from deployments.router.account_views import AccountViews
@@ -77,6 +77,9 @@ class Gateway:
         self.settings = settings
         self.clock = clock
         self.started_at = int(clock())
+        # Called with (tier, error code) for each refusal of a known caller; the router
+        # deployment counts them in Prometheus (``RouterMetrics``).
+        self.on_refusal: Callable[[str, str], None] = lambda tier, code: None
         # Accounts last seen per key hash, used only while the store is unreachable.
         self._seen: dict[str, tuple[Account, float]] = {}
         self.images = ImageRequests(self)

@@ -99,11 +99,19 @@ def invalid_request_from(errors: list[Any]) -> InvalidRequest:
     return InvalidRequest(f"invalid value for `{param}`: {first.get('msg')}", param=param)
 
 
+# What counts as a refusal of an authenticated caller (quota, cooldown, rate, tier
+# gates, shedding), counted per tier and code (``Gateway.on_refusal``).
+REFUSAL_STATUSES = frozenset({403, 429, 503})
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Map every error FastAPI can raise onto the envelope."""
 
     @app.exception_handler(MediagateError)
-    async def _domain(_: Request, error: MediagateError) -> JSONResponse:
+    async def _domain(request: Request, error: MediagateError) -> JSONResponse:
+        tier = getattr(request.state, "tier", None)  # set once the key is known
+        if error.status in REFUSAL_STATUSES and tier is not None:
+            request.app.state.gateway.on_refusal(tier, error.code or error.type)
         return error_response(error)
 
     @app.exception_handler(ValidationError)

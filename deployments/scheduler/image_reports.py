@@ -50,7 +50,12 @@ class ImageSchedulerReports:
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Queue metrics that the autoscaling policy reads (``ctx.aggregated_metrics``)."""
         by_class = self._queue.length_by_class()
-        self._metrics.observe(by_class, self._slots.busy, self._classes_seen | set(by_class))
+        self._metrics.observe(
+            by_class,
+            self._slots.busy,
+            self._classes_seen | set(by_class),
+            self.estimate_check.summary(),
+        )
         running = sum(len(batch.tickets) for batch in self._in_flight.values())
         stats = report_metrics(by_class, running, self.settings.weights(), self._classes_seen)
         return stats | {"inflight": float(self._slots.busy)}

@@ -253,6 +253,7 @@ class Scheduler(ImageSchedulerReports):
             for ticket in batch:
                 self._started.add(ticket.job.request_key, now)
             self.estimate_check.record_first_starts(batch, now)
+            self._metrics.dispatched(sum(ticket.job.images for ticket in batch))
             self._slots.acquire()
             self._batch_ids += 1
             in_flight = InFlightBatch(self._batch_ids, batch, self._clock())

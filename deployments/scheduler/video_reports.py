@@ -38,7 +38,9 @@ class VideoSchedulerReports:
         """Queue metrics that the autoscaling policy reads (one job per slot)."""
         by_class = self._queue.length_by_class()
         self._classes_seen |= set(by_class)
-        self._metrics.observe(by_class, self._slots.busy, self._classes_seen)
+        self._metrics.observe(
+            by_class, self._slots.busy, self._classes_seen, self.estimate_check.summary()
+        )
         stats = report_metrics(
             by_class, self._slots.busy, self.settings.weights(), self._classes_seen
         )

@@ -285,6 +285,7 @@ class VideoScheduler(VideoSchedulerReports):
         else:
             if outcome.status in ("completed", "failed"):
                 self.counts[outcome.status] += 1
+                self._metrics.finished(outcome.status)
             self.counts["resumed"] += outcome.resumed_at_step > 0
             if outcome.status == "completed":  # what admission estimates waits from
                 took_s = self._clock() - started_at
@@ -308,6 +309,7 @@ class VideoScheduler(VideoSchedulerReports):
             return  # it finished, was deleted, or was already taken back
         if updated.status == "failed":
             self.counts["failed"] += 1
+            self._metrics.finished("failed")
             return
         self.counts["requeued"] += 1
         if updated.worker_started_at is None:  # Serve may still route to a dead replica

@@ -71,6 +71,7 @@ class LocalRayPorts:
     dashboard_agent: int
     haproxy_stats: int
     haproxy_metrics: int
+    metrics: int  # Ray's Prometheus endpoint on this node (every process's metrics)
 
     @classmethod
     def choose(
@@ -80,6 +81,7 @@ class LocalRayPorts:
         dashboard: int,
         haproxy_stats: int | None = None,
         haproxy_metrics: int | None = None,
+        metrics: int | None = None,
     ) -> LocalRayPorts:
         return cls(
             gcs=gcs,
@@ -88,6 +90,7 @@ class LocalRayPorts:
             dashboard_agent=free_port(),
             haproxy_stats=haproxy_stats or free_port(),
             haproxy_metrics=haproxy_metrics or free_port(),
+            metrics=metrics or free_port(),
         )
 
     def as_dict(self) -> dict[str, int]:
@@ -234,12 +237,25 @@ def haproxy_environment(layout: HomeLayout, ports: LocalRayPorts) -> dict[str, s
     }
 
 
+# `ray start --node-ip-address=127.0.0.1` swaps the loopback address for the machine's
+# own (services.resolve_ip_for_localhost), and the dashboard agent then serves its HTTP
+# API on that address and the node's Prometheus metrics on every interface. A local
+# instance is one node: this makes Ray keep the loopback address, so those listeners
+# bind it too (the switch Ray reads for single-node macOS and Windows machines).
+SINGLE_NODE_ENVIRONMENT = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
 def local_ray_environment(
     layout: HomeLayout, ports: LocalRayPorts, ingress: Ingress
 ) -> dict[str, str]:
     """Variables for the processes of a local Ray instance (`ray start` or a
-    benchmark's ``ray.init``): token authentication, and the ingress's settings."""
-    environment = {"MEDIAGATE_HOME": str(layout.root), **auth_environment(layout)}
+    benchmark's ``ray.init``): token authentication, single-node addressing, and the
+    ingress's settings."""
+    environment = {
+        "MEDIAGATE_HOME": str(layout.root),
+        **auth_environment(layout),
+        **SINGLE_NODE_ENVIRONMENT,
+    }
     if ingress == "haproxy":
         environment.update(haproxy_environment(layout, ports))
     return environment
@@ -256,6 +272,7 @@ def ray_start_command(ray: str, ports: LocalRayPorts, num_cpus: int) -> list[str
         f"--dashboard-host={LOOPBACK}",
         f"--dashboard-port={ports.dashboard}",
         f"--dashboard-agent-listen-port={ports.dashboard_agent}",
+        f"--metrics-export-port={ports.metrics}",
         f"--num-cpus={num_cpus}",
         "--disable-usage-stats",
     ]

@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--haproxy-metrics-port", type=int, help="HAProxy Prometheus metrics (default: free)"
     )
+    up.add_argument(
+        "--metrics-port",
+        type=int,
+        help="Ray's Prometheus endpoint, mediagate's and Serve's metrics (default: free; "
+        "Prometheus finds it through Ray's service discovery file, deploy/prometheus/)",
+    )
     up.set_defaults(handler=command_up)
 
     down = commands.add_parser("down", help="stop a detached service")

@@ -244,6 +244,7 @@ def command_up(args: argparse.Namespace) -> int:
             dashboard=args.dashboard_port,
             haproxy_stats=args.haproxy_stats_port,
             haproxy_metrics=args.haproxy_metrics_port,
+            metrics=args.metrics_port,
         )
         run["dashboard_url"] = _start_ray(args, layout, ports)
         # The session `ray start` just made, so that `down` stops only it.
@@ -271,6 +272,12 @@ def command_up(args: argparse.Namespace) -> int:
         f"operations view: {base_url}/ops (operator keys)",
         file=sys.stderr,
     )
+    if "ports" in run:
+        print(
+            f"Prometheus metrics: http://{LOOPBACK}:{run['ports']['metrics']}/metrics "
+            "(scrape config: deploy/prometheus/prometheus.yml)",
+            file=sys.stderr,
+        )
     print(f"{base_url}/v1")
     sys.stdout.flush()
     if args.detach:

@@ -182,6 +182,8 @@ def check_locked_down(
         ports["client_server"],
         ports["haproxy_stats"],
         ports["haproxy_metrics"],
+        ports["metrics"],  # Ray's Prometheus endpoint (the dashboard agent's)
+        ports["dashboard_agent"],
     }
     listening = listening_sockets(processes)
     exposed = {

@@ -210,3 +210,16 @@ def test_limit_changes_refused_where_no_controller_is_in_reach(tmp_path: Path) -
     status = service.client.get("/v1/ops/status", headers=sre).json()
     assert status["scaling"] == [] and status["scaling_error"]
     assert json.dumps(status).count("tiny-sd") >= 1  # the queues still show
+
+
+def test_refusals_of_known_callers_are_counted_per_tier_and_reason(tmp_path: Path) -> None:
+    service = Service(tmp_path, tier="free")
+    counted: list[tuple[str, str]] = []
+    service.gateway.on_refusal = lambda tier, reason: counted.append((tier, reason))
+    for _ in range(4):
+        service.generate({"prompt": "a cat"})
+    assert service.client.get("/v1/ops/status", headers=service.auth).status_code == 403
+    assert service.generate({"prompt": "x", "size": "13x7"}).status_code == 400  # not counted
+    anonymous = service.client.post("/v1/images/generations", json={"prompt": "x"})
+    assert anonymous.status_code == 401  # no caller known: not counted
+    assert counted == [("free", "insufficient_quota"), ("free", "operator_key_required")]

@@ -32,6 +32,7 @@ PORTS = LocalRayPorts(
     dashboard_agent=52366,
     haproxy_stats=18404,
     haproxy_metrics=19101,
+    metrics=18080,
 )
 
 # The listeners as Ray 2.60's template writes them (haproxy_templates.py).
@@ -155,8 +156,12 @@ def test_ray_starts_on_loopback_with_every_fixed_port_chosen() -> None:
         ("--ray-client-server-port", PORTS.client_server),
         ("--dashboard-port", PORTS.dashboard),
         ("--dashboard-agent-listen-port", PORTS.dashboard_agent),
+        ("--metrics-export-port", PORTS.metrics),
     ):
         assert f"{flag}={port}" in command
     chosen = LocalRayPorts.choose(gcs=1, dashboard=2)
-    assert len({chosen.client_server, chosen.haproxy_stats, chosen.haproxy_metrics}) == 3
+    assert (
+        len({chosen.client_server, chosen.haproxy_stats, chosen.haproxy_metrics, chosen.metrics})
+        == 4
+    )
     assert os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") is None  # nothing leaked here

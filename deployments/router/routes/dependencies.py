@@ -60,8 +60,11 @@ GatewayDep = Annotated[Gateway, Depends(gateway_of)]
 
 
 async def authenticated(request: Request, gateway: GatewayDep) -> Account:
-    """The caller's account from ``Authorization: Bearer KEY`` (401 otherwise)."""
-    return await gateway.authenticate(request.headers.get("authorization"))
+    """The caller's account from ``Authorization: Bearer KEY`` (401 otherwise); its
+    tier is kept on the request, for the refusal counts of the error mapping."""
+    account = await gateway.authenticate(request.headers.get("authorization"))
+    request.state.tier = account.tier
+    return account
 
 
 Caller = Annotated[Account, Depends(authenticated)]
