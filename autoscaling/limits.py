@@ -206,6 +206,11 @@ def scale_rows(
     return rows
 
 
+# Cluster-wide settings of the deployed config that the application details show and
+# that a redeploy without them would reset (a target_capacity rollout, gRPC options).
+KEPT_SETTINGS = ("grpc_options", "target_capacity")
+
+
 def changed_deployment(
     details: dict[str, Any], app_name: str, change: ScaleChange, *, free_class: int
 ) -> tuple[dict[str, Any], list[str]]:
@@ -230,6 +235,9 @@ def changed_deployment(
             if other.get("deployed_app_config")
         ],
     }
+    for kept in KEPT_SETTINGS:  # what the details show of the rest of the deployed config
+        if details.get(kept) is not None:
+            config[kept] = details[kept]
     return apply_scale_change(
         config, app_name, change, current_limits=current, worker=worker, free_class=free_class
     )

@@ -110,8 +110,12 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(MediagateError)
     async def _domain(request: Request, error: MediagateError) -> JSONResponse:
         tier = getattr(request.state, "tier", None)  # set once the key is known
-        if error.status in REFUSAL_STATUSES and tier is not None:
-            request.app.state.gateway.on_refusal(tier, error.code or error.type)
+        counted = not request.url.path.startswith("/v1/ops/")  # users' work only
+        if error.status in REFUSAL_STATUSES and tier is not None and counted:
+            try:
+                request.app.state.gateway.on_refusal(tier, error.code or error.type)
+            except Exception:  # a count lost, not the answer
+                logger.exception("refusal not counted")
         return error_response(error)
 
     @app.exception_handler(ValidationError)

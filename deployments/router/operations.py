@@ -133,14 +133,23 @@ class Operations:
             if lines:
                 try:
                     await asyncio.wait_for(self.control.deploy(config), CONTROLLER_TIMEOUT_S)
-                except Exception as failure:
-                    logger.error("a limit change was not deployed: %r", failure)
+                except Exception as failure:  # it may still have been applied: say so
+                    logger.error("a limit change may not have been deployed: %r", failure)
+                    await self._audit(account, [f"{line} (outcome unknown)" for line in lines])
                     raise ControlUnavailable(
-                        "the Serve controller did not take the change; see `mediagate scale "
-                        "show` for what is deployed",
+                        "the Serve controller did not confirm the change; it may or may not "
+                        "be applied: see `mediagate scale show` or the operations view",
                         retry_after_s=5,
                     ) from None
-                entry = audit_entry(f"{account.name} (console)", lines, self.clock())
-                await self.jobs.mutate(AUDIT_ACCOUNT, AUDIT_DOCUMENT, appended(entry))
-                logger.info("limits changed by %s: %s", account.name, "; ".join(lines))
+                await self._audit(account, lines)
         return LimitsChanged(model=wanted.model, changes=lines)
+
+    async def _audit(self, account: Account, lines: list[str]) -> None:
+        """The change in the operators' trail; a trail that cannot be written does not
+        undo a change the cluster already runs (it goes to the log instead)."""
+        logger.info("limits changed by %s: %s", account.name, "; ".join(lines))
+        entry = audit_entry(f"{account.name} (console)", lines, self.clock())
+        try:
+            await self.jobs.mutate(AUDIT_ACCOUNT, AUDIT_DOCUMENT, appended(entry))
+        except Exception as error:
+            logger.error("limit change not written to the audit trail: %r", error)

@@ -40,10 +40,12 @@ def added(
     """The change that adds ``entries`` to a gallery document and drops what is older
     than ``kept_s`` (its files are deleted by then) or beyond ``GALLERY_KEEP``."""
 
+    added_items = [entry.model_dump() for entry in entries]
+
     def change(text: str | None) -> tuple[str | None, None]:
-        current = [entry for entry in _entries(text) if now - entry.created_at < kept_s]
-        newest = [*current, *entries][-GALLERY_KEEP:]
-        return json.dumps([entry.model_dump() for entry in newest]), None
+        # Plain dicts here (on every stored image's path): validated when listed.
+        current = [item for item in json.loads(text or "[]") if now - item["created_at"] < kept_s]
+        return json.dumps([*current, *added_items][-GALLERY_KEEP:]), None
 
     return change
 

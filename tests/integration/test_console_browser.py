@@ -1,9 +1,10 @@
 """The web console in a real headless Chromium (Debian's, driven by playwright; nothing
 is downloaded) against a real Serve application with the tiny image and video models:
 
-- a pro key signs in, generates an image and sees it rendered, makes a video from an
-  uploaded image and watches its progress reach 100%, and finds both in the gallery,
-  where a prompt written as HTML shows as text;
+- a pro key signs in, generates an image and sees it rendered, edits an uploaded photo
+  with a mask painted over it, makes a video from an uploaded image and watches its
+  progress reach 100%, and finds them in the gallery, where a prompt written as HTML
+  shows as text;
 - a free key is refused its fourth image of the day and sees the server's message with
   the Retry-After counting down;
 - an operator key's operations view plots the queues, decisions and replicas while a
@@ -38,6 +39,17 @@ APP = "browser"
 CHROMIUM = "/usr/bin/chromium"
 XSS_PROMPT = "<img src=x onerror=window.__xss=1>"
 TIMEOUT_MS = 120_000
+# Keeps the field names of every multipart form the page sends (a test's view only).
+RECORD_FORMS = """
+window.__forms = [];
+const sendFetch = window.fetch;
+window.fetch = (url, options) => {
+  if (options && options.body instanceof FormData) {
+    window.__forms.push([...options.body.keys()]);
+  }
+  return sendFetch(url, options);
+};
+"""
 
 
 @dataclass(frozen=True)
@@ -94,6 +106,7 @@ class Watched:
 
     def __init__(self, browser: Any) -> None:
         self.page = browser.new_page(viewport={"width": 1200, "height": 900})
+        self.page.add_init_script(RECORD_FORMS)
         self.page.set_default_timeout(TIMEOUT_MS)
         self.requests: list[tuple[str, dict[str, str]]] = []
         self.errors: list[str] = []
@@ -151,6 +164,22 @@ def test_a_pro_user_makes_an_image_and_a_video_and_finds_them_in_the_gallery(
 
     photo = tmp_path / "photo.png"
     photo.write_bytes(png(64, 64))
+    page.click("[data-tab=edit]")
+    page.set_input_files("#edit-form input[name=image]", str(photo))
+    page.wait_for_function("() => document.querySelector('#edit-canvas').width === 256")  # shown 4x
+    box = page.locator("#edit-canvas").bounding_box()
+    page.mouse.move(box["x"] + 10, box["y"] + 10)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, steps=5)
+    page.mouse.up()
+    page.fill("#edit-form textarea[name=prompt]", "a red door")
+    page.click("#edit-form button[type=submit]")
+    edited = page.wait_for_selector("#edit-results img")
+    page.wait_for_function("img => img.complete && img.naturalWidth === 64", arg=edited)
+    [fields] = page.evaluate("window.__forms")  # the form the page sent
+    assert fields[:2] == ["image", "mask"], fields  # the painted mask went along
+    page.screenshot(path=str(console.screenshots / "edit.png"), full_page=True)
+
     page.click("[data-tab=video]")
     page.fill("#video-form textarea[name=prompt]", "waves on a beach")
     page.set_input_files("#video-form input[name=input_reference]", str(photo))
@@ -172,8 +201,9 @@ def test_a_pro_user_makes_an_image_and_a_video_and_finds_them_in_the_gallery(
     page.screenshot(path=str(console.screenshots / "video.png"), full_page=True)
 
     page.click("[data-tab=gallery]")
-    caption = page.wait_for_selector("#gallery-images figcaption")
-    assert XSS_PROMPT in caption.inner_text()  # shown as text, not markup
+    page.wait_for_selector("#gallery-images figure:nth-of-type(2)")  # the edit, the image
+    captions = page.inner_text("#gallery-images")
+    assert XSS_PROMPT in captions and "a red door" in captions  # shown as text, not markup
     assert page.query_selector("#gallery-images img[src='x']") is None
     page.wait_for_selector("#gallery-videos .job-media img")  # the video's thumbnail
     assert "waves on a beach" in page.inner_text("#gallery-videos")

@@ -222,4 +222,4 @@ def test_refusals_of_known_callers_are_counted_per_tier_and_reason(tmp_path: Pat
     assert service.generate({"prompt": "x", "size": "13x7"}).status_code == 400  # not counted
     anonymous = service.client.post("/v1/images/generations", json={"prompt": "x"})
     assert anonymous.status_code == 401  # no caller known: not counted
-    assert counted == [("free", "insufficient_quota"), ("free", "operator_key_required")]
+    assert counted == [("free", "insufficient_quota")]  # not the operator endpoints' 403

@@ -77,7 +77,9 @@ function showRefusal(error) {
     `${error.status || ""} ${error.code || error.type || "error"}`.trim();
   document.getElementById("refusal-message").textContent = error.message;
   const retry = document.getElementById("refusal-retry");
-  const countdown = document.getElementById("refusal-countdown");
+  // Built anew each time: the last countdown may have ended as "You can retry now."
+  const countdown = el("span", { id: "refusal-countdown" });
+  retry.replaceChildren("You can retry in ", countdown, ".");
   retry.hidden = !(error.retryAfter > 0);
   if (error.retryAfter > 0) {
     const until = Date.now() + error.retryAfter * 1000;
@@ -86,7 +88,7 @@ function showRefusal(error) {
       countdown.textContent = duration(left);
       if (left <= 0) {
         clearInterval(countdownTimer);
-        retry.textContent = "You can retry now.";
+        retry.replaceChildren("You can retry now.");
       }
     };
     tick();

@@ -104,8 +104,8 @@ const PLOTS = [
   ["running", "Running, per tier", "", (f) =>
     tiersOf(f.running_by_tier).map((tier) => [tier, f.running_by_tier[tier]])],
   ["decisions", "Decisions per second", "/s", (f, sample, previous) => {
-    if (!previous) return [];
-    const before = previous.status.models[sample.model] || {};
+    const before = previous && previous.status.models[sample.model];
+    if (!before || before.error) return []; // no rate without two good samples
     const gap = Math.max(0.001, sample.at - previous.at);
     return ["admitted", "shed", "expired", "preempted"].map((decision) => [
       decision, Math.max(0, (sumValues(f[decision]) - sumValues(before[decision])) / gap),
@@ -169,15 +169,23 @@ function limitsForm(model) {
     button.disabled = !allowed;
     if (!allowed) answer.textContent = "Limit changes are off here; use mediagate scale set.";
     if (form.contains(document.activeElement) || !row) return;
-    inputs.min_replicas.value = row.min ?? "";
-    inputs.max_replicas.value = row.max ?? "";
-    inputs.target_ongoing_requests.value = row.target_per_replica ?? "";
+    const shown = { min_replicas: row.min, max_replicas: row.max,
+      target_ongoing_requests: row.target_per_replica };
+    for (const [name, value] of Object.entries(shown)) {
+      // what the deployment has; only fields changed from it are sent
+      inputs[name].value = value ?? "";
+      inputs[name].dataset.deployed = inputs[name].value;
+    }
   };
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     const body = { model, allow_zero: allowZero.checked };
     for (const [name, input] of Object.entries(inputs)) {
-      if (input.value !== "") body[name] = Number(input.value);
+      // Only what the operator changed: a value shown from an older sample must not
+      // undo a change made meanwhile (from another page or `mediagate scale set`).
+      if (input.value !== "" && input.value !== input.dataset.deployed) {
+        body[name] = Number(input.value);
+      }
     }
     answer.className = "limits-answer";
     try {

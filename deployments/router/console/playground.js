@@ -184,7 +184,8 @@ function setUpEdits() {
     const image = new Image();
     image.onload = () => {
       photo = image;
-      const scale = Math.min(1, 512 / Math.max(image.naturalWidth, image.naturalHeight));
+      const side = Math.max(image.naturalWidth, image.naturalHeight);
+      const scale = Math.min(512 / side, Math.max(1, 256 / side)); // small ones shown larger
       canvas.width = Math.round(image.naturalWidth * scale);
       canvas.height = Math.round(image.naturalHeight * scale);
       resetMask();
@@ -200,7 +201,14 @@ function setUpEdits() {
     event.preventDefault();
     busy(form, async () => {
       const data = new FormData();
-      data.append("image", form.elements.image.files[0]);
+      // The photo as this page shows it (EXIF rotation applied), so that it and the
+      // mask painted over it are the same size and the same way up.
+      const upright = document.createElement("canvas");
+      upright.width = photo.naturalWidth;
+      upright.height = photo.naturalHeight;
+      upright.getContext("2d").drawImage(photo, 0, 0);
+      const photoPng = await new Promise((done) => upright.toBlob(done, "image/png"));
+      data.append("image", photoPng, "photo.png");
       if (painted) {
         const png = await new Promise((done) => mask.toBlob(done, "image/png"));
         data.append("mask", png, "mask.png");
@@ -256,6 +264,7 @@ async function follow(job, view) {
   let current = job;
   while (current.status === "queued" || current.status === "in_progress") {
     await new Promise((done) => setTimeout(done, 700));
+    if (!view.isConnected) return; // its list was redrawn: that copy follows it
     try {
       current = await api(`/v1/videos/${encodeURIComponent(job.id)}`);
     } catch (error) {
@@ -265,7 +274,7 @@ async function follow(job, view) {
     view.update(current);
   }
   refreshUsage();
-  if (current.status === "completed") await view.showVideo(current);
+  if (current.status === "completed" && view.isConnected) await view.showVideo(current);
 }
 
 function setUpVideos() {

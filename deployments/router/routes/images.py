@@ -170,5 +170,7 @@ async def download(
         raise NotFound(f"no file {artifact_id!r}", param="file_id")
     data = await asyncio.to_thread(gateway.artifacts.read_signed, artifact_id, expires, signature)
     return Response(
-        data, media_type=content_type(artifact_id), headers={"cache-control": "private"}
+        data,
+        media_type=content_type(artifact_id),
+        headers={"cache-control": "private", "x-content-type-options": "nosniff"},
     )
