@@ -27,6 +27,7 @@ import httpx
 import pytest
 import yaml
 
+from tests.integration.browser import Watched, chromium, plotted
 from tests.integration.conftest import free_port, mediagate_up, write_unlimited_tiers
 
 MEDIAGATE = str(Path(sys.executable).with_name("mediagate"))
@@ -200,9 +201,34 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             created = running.cli("keys", "create", "--tier", tier, "--account", f"as-{tier}")
             assert created.returncode == 0, created.stderr
             running.keys[tier] = created.stdout.strip().splitlines()[-1]
+        created = running.cli(
+            "keys", "create", "--tier", "pro", "--account", "as-ops", "--role", "operator"
+        )
+        assert created.returncode == 0, created.stderr
+        running.keys["operator"] = created.stdout.strip().splitlines()[-1]
         yield running
     finally:
         subprocess.run([MEDIAGATE, "down"], env=env, capture_output=True, timeout=120)
+
+
+def watch_plots(
+    page: Any, *, until: Callable[[dict[str, float]], bool], limit_s: float
+) -> list[dict[str, float]]:
+    """What the operations view plots for `sim` (queued in all, replicas), each time it
+    samples, until ``until`` holds."""
+    seen: list[dict[str, float]] = []
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        plots = {
+            "queued": sum(plotted(page, "sim", "queue").values()),
+            "replicas": plotted(page, "sim", "replicas").get("replicas", 0.0),
+        }
+        if not seen or plots != seen[-1]:
+            seen.append(plots)
+        if until(plots):
+            break
+        page.wait_for_timeout(500)
+    return seen
 
 
 def burst(cluster: Cluster, count: int) -> concurrent.futures.Future[list[tuple[int, str]]]:
@@ -222,8 +248,20 @@ def test_a_burst_scales_workers_up_then_back_to_min(cluster: Cluster) -> None:
     # 48 s of work for one replica: it outlasts the start of new replicas (4-6 s for
     # three at once on the project's faster machines, 25-27 s on a slow one), so they
     # take a share of it.
-    results = burst(cluster, 48)
-    took = wait_for(lambda: len(cluster.replicas("TextToImage-sim")) >= 3, 60, ">= 3 replicas")
+    with chromium() as browser:  # the operations view, watching the burst
+        sre = Watched(browser)
+        sre.sign_in(f"{cluster.base_url}/ops", cluster.keys["operator"])
+        sre.page.wait_for_selector("[data-model='sim'] canvas[data-plot='replicas'][data-latest]")
+        results = burst(cluster, 48)
+        seen = watch_plots(sre.page, until=lambda plots: plots["replicas"] >= 3, limit_s=75)
+        took = wait_for(lambda: len(cluster.replicas("TextToImage-sim")) >= 3, 60, ">= 3 replicas")
+        shots = os.environ.get("CONSOLE_SCREENSHOT_DIR")
+        if shots:
+            sre.page.screenshot(path=f"{shots}/ops-autoscaling.png", full_page=True)
+        sre.check_key_handling(cluster.keys["operator"])
+    # The plots moved with the burst: the queue rose, and the replicas followed it.
+    assert max(plots["queued"] for plots in seen) > 0, seen
+    assert [plots["replicas"] for plots in seen][-1] >= 3 > seen[0]["replicas"], seen
     answers = results.result(timeout=120)
     elapsed = time.monotonic() - started
     assert [status for status, _ in answers] == [200] * 48, [a for a in answers if a[0] != 200]
