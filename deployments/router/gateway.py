@@ -90,7 +90,7 @@ class Gateway:
             jobs=jobs,
             clock=clock,
             limit_changes=settings.ops_limit_changes,
-            free_class=lambda: min(tier.priority_class for tier in self.policy.tiers.values()),
+            free_class=lambda: self.policy.lowest_priority_class,
         )
 
     async def authenticate(self, authorization: str | None) -> Account:

@@ -101,6 +101,11 @@ class TierPolicy(_Frozen):
     def zone(self) -> ZoneInfo:
         return ZoneInfo(self.timezone)
 
+    @property
+    def lowest_priority_class(self) -> int:
+        """The class served last and shed first (the free tier's, as shipped)."""
+        return min(tier.priority_class for tier in self.tiers.values())
+
     def tier(self, name: str) -> Tier:
         """The tier called ``name``; an unknown name (a tier since removed) is the default's."""
         return self.tiers.get(name) or self.tiers[self.default_tier]

@@ -52,7 +52,7 @@ def deployed_free_class(deployments: dict[str, Any]) -> int:
             policy = _policy()
     else:
         policy = load_tier_policy()
-    return min(tier.priority_class for tier in policy.tiers.values())
+    return policy.lowest_priority_class
 
 
 def _service_queues(url: str | None, api_key: str | None) -> dict[str, dict[str, Any]]:
