@@ -21,7 +21,13 @@ where the slowest 2% of pro requests spent their time (the median of each
 The free flood comes from a process of its own and the processes are sampled from
 another (sharing the timed pro clients' event loop, the flood's 10x sends and answers
 and the sampler's reads of every process delayed pro requests in the client, not in
-the service). The load generators run with their garbage collectors off (what they
+the service). The flood and the sampler run at a lower CPU priority
+(``--flood-niceness``, default 10): free clients are other people's machines, and on
+these two shared cores the flood's sends and reads of answers would otherwise take
+CPU from the router and the scheduler at the moments the pro requests need it;
+whether the flood still offers its rate is in the JSON (``send_lag_p99_ms`` per
+minute, ``free_offered_rps``).
+The load generators run with their garbage collectors off (what they
 allocate is freed by reference counting): full collections over the answers kept
 paused the event loop up to ~120 ms and made requests in flight look that much
 slower; ``--client-gc`` leaves the pro clients' on, and the JSON says how many
@@ -42,7 +48,7 @@ cores, which the simulated model does not).
 Usage: python scripts/bench_overload.py [--steps 20] [--step-ms 8] [--seconds 20]
        [--unloaded-seconds N] [--max-batch 1] [--batch-cost 0] [--stepping]
        [--model sim|tiny-sd]
-       [--ingress haproxy|serve-proxy] [--client-gc] [--smoke]
+       [--ingress haproxy|serve-proxy] [--client-gc] [--flood-niceness 10] [--smoke]
 """
 
 from __future__ import annotations
@@ -238,15 +244,17 @@ def process_name(process: Any) -> str:
 
 
 def sample_processes(
-    pids: dict[str, int], generators: list[int], every_s: float, pipe: Connection
+    pids: dict[str, int], generators: list[int], every_s: float, niceness: int, pipe: Connection
 ) -> None:
     """A process of its own (reading every process of the machine takes tens of ms,
     which in the load generator's event loop would stall the requests it times): every
     ``every_s``, from the parent's go until its stop, the RSS (MB) of the router and
     scheduler and the CPU seconds used so far by every process of the machine, by name
     (the ``generators`` and this sampler count as "load generator"). Sends back
-    ``(memory, cpu)``."""
+    ``(memory, cpu)``. Runs ``niceness`` steps below normal CPU priority."""
     import psutil
+
+    os.nice(niceness)
 
     watched = {name: psutil.Process(pid) for name, pid in pids.items()}
     names: dict[int, str] = dict.fromkeys([*generators, os.getpid()], "load generator")
@@ -272,15 +280,23 @@ def sample_processes(
 
 
 def flood(
-    base_url: str, model: str, keys: list[str], rate: float, seconds: float, pipe: Connection
+    base_url: str,
+    model: str,
+    keys: list[str],
+    rate: float,
+    seconds: float,
+    niceness: int,
+    pipe: Connection,
 ) -> None:
     """A process of its own: free requests for ``model`` from ``keys`` at ``rate`` for ``seconds``
     from the start time the parent sends (after this sends "ready"). Free clients are
     other people's machines: sharing the timed pro clients' event loop, their 10x
     traffic's sends and answers would delay the pro requests' in the client, not the
-    service. Sends back the outcomes as plain tuples."""
+    service. Runs ``niceness`` steps below normal CPU priority. Sends back the outcomes
+    as plain tuples."""
     global MODEL
     MODEL = model  # a spawned process starts from the module's default
+    os.nice(niceness)
     collector_off()
 
     async def main() -> list[Outcome]:
@@ -341,6 +357,12 @@ def growth_mb_per_min(samples: list[dict[str, float]], every_s: float) -> dict[s
     return slopes
 
 
+def free_span(free: list[Outcome]) -> float:
+    """Seconds from the flood's first send to its last."""
+    sent = [o.sent_at for o in free]
+    return max(sent) - min(sent) if len(sent) > 1 else 0.0
+
+
 class GcPauses:
     """The load generator's own garbage-collection pauses (their lengths in ms): a full
     collection over the tens of thousands of answers it keeps stalls its event loop,
@@ -365,6 +387,7 @@ async def run(
     unloaded_s: float,
     *,
     client_gc: bool = False,
+    flood_niceness: int = 0,
 ) -> dict[str, Any]:
     pauses = GcPauses()
     if not client_gc:
@@ -375,10 +398,14 @@ async def run(
         c = await capacity(client, pro_key, 8)
         unloaded: list[Outcome] = []
         await open_loop(client, [pro_key], "pro", 0.3 * c, unloaded_s, unloaded)
-        flooder, flood_pipe = start_process(flood, base_url, MODEL, free_keys, 10 * c, seconds)
+        flooder, flood_pipe = start_process(
+            flood, base_url, MODEL, free_keys, 10 * c, seconds, flood_niceness
+        )
         watched = actor_pids("mediagate", ["Router", f"Scheduler-{MODEL}"])
         generators = [os.getpid(), flooder.pid or 0]
-        sampler, sampler_pipe = start_process(sample_processes, watched, generators, 1.0)
+        sampler, sampler_pipe = start_process(
+            sample_processes, watched, generators, 1.0, flood_niceness
+        )
         overload: list[Outcome] = []
         started = time.perf_counter() + 0.5  # both processes start on the same tick
         flood_pipe.send(started)
@@ -438,6 +465,13 @@ def main() -> None:
         "latencies measured)",
     )
     parser.add_argument(
+        "--flood-niceness",
+        type=int,
+        default=10,
+        help="how far below normal CPU priority the free flood and the sampler run "
+        "(0: the same as the service)",
+    )
+    parser.add_argument(
         "--smoke", action="store_true", help="seconds, not minutes: checks the script runs"
     )
     args = parser.parse_args()
@@ -486,6 +520,7 @@ def main() -> None:
                 args.seconds,
                 unloaded_s,
                 client_gc=args.client_gc,
+                flood_niceness=args.flood_niceness,
             )
         )
         serve.shutdown()
@@ -515,6 +550,8 @@ def main() -> None:
         "capacity_rps": round(c, 2),
         "pro_rate_rps": round(0.3 * c, 2),
         "free_rate_rps": round(10 * c, 2),
+        "free_offered_rps": round(len(free) / max(1e-9, free_span(free)), 2),
+        "flood_niceness": args.flood_niceness,
         "pro_unloaded_p50_s": round(statistics.median(o.latency_s for o in unloaded), 4),
         "pro_unloaded_p99_s": round(unloaded_p99, 4),
         "pro_p50_ratio": round(statistics.median(o.latency_s for o in pro_ok) / unloaded_p99, 3),
