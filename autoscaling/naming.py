@@ -12,6 +12,7 @@ from typing import Any
 from mediagate.protocol.catalog import Scaling
 
 ROUTER = "Router"
+WEBHOOKS = "Webhooks"  # the deployment that delivers webhook events
 SCHEDULER_PREFIX = "Scheduler-"
 WORKER_PREFIX_BY_TASK: dict[str, str] = {
     "text-to-image": "TextToImage-",

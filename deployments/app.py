@@ -19,6 +19,7 @@ from autoscaling.naming import (
     LOOK_BACK_PERIOD_S,
     METRICS_INTERVAL_S,
     ROUTER,
+    WEBHOOKS,
     scheduler_name,
     worker_autoscaling_config,
     worker_name,
@@ -28,14 +29,19 @@ from deployments.router.settings import RouterSettings
 from deployments.scheduler.images import Scheduler
 from deployments.scheduler.settings import VideoSchedulerSettings
 from deployments.scheduler.videos import VideoScheduler
+from deployments.webhooks.deployment import Webhooks
 from deployments.workers.step_level import StepLevelTextToImage
 from deployments.workers.text_to_image import TextToImage
 from deployments.workers.text_to_video import TextToVideo
 from mediagate.access.tiers import TierPolicy, load_tier_policy
+from mediagate.moderation.settings import ModerationSettings
 from mediagate.protocol.catalog import ModelSpec
+from mediagate.provenance.certificates import ensure_local_certificate
+from mediagate.provenance.settings import ProvenanceSettings
 from mediagate.settings import HomeLayout, artifact_config, get_settings, state_config
 from mediagate.stores import StateConfig
 from mediagate.stores.artifacts import ArtifactConfig
+from mediagate.webhooks.settings import WebhookSettings
 from models.catalog import load_catalog
 
 WORKER_CLASSES: dict[str, type] = {"text-to-image": TextToImage, "text-to-video": TextToVideo}
@@ -65,6 +71,20 @@ class AppArgs(BaseModel):
     )
     artifacts: ArtifactConfig | None = Field(
         None, description="Artifact store; from MEDIAGATE_S3_BUCKET, else files under home."
+    )
+    webhooks: WebhookSettings | None = Field(
+        None,
+        description="Webhook delivery; allowed_networks from MEDIAGATE_WEBHOOK_ALLOWED_NETWORKS "
+        "when unset.",
+    )
+    provenance: ProvenanceSettings = Field(
+        default_factory=ProvenanceSettings,
+        description="C2PA signing of outputs; without a certificate and key of the "
+        "operator's, a local test certificate (untrusted) under home.",
+    )
+    moderation: ModerationSettings = Field(
+        default_factory=ModerationSettings,
+        description="Prompt, upload and output checks; the tier file says each tier's level.",
     )
     router_replicas: int = Field(1, ge=1, description="Router replicas (stateless).")
     worker_ray_actor_options: dict[str, Any] | None = Field(
@@ -118,6 +138,19 @@ def video_scheduler_settings(
     )
 
 
+def signing_settings(declared: ProvenanceSettings, layout: HomeLayout) -> ProvenanceSettings:
+    """The provenance settings every process signs with: the operator's certificate and
+    key, or (neither given) the local test certificate, made once under home."""
+    if not declared.enabled or (declared.certificate_chain and declared.private_key):
+        return declared
+    if declared.certificate_chain or declared.private_key:
+        raise ValueError("provenance needs both certificate_chain and private_key, or neither")
+    files = ensure_local_certificate(layout.secrets)
+    return declared.model_copy(
+        update={"certificate_chain": str(files.chain), "private_key": str(files.key)}
+    )
+
+
 def _deployment(cls: type) -> Deployment:
     return cast(Deployment, serve.deployment(cls))
 
@@ -138,6 +171,7 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
 
     tiers_file = app_args.tiers_file or (str(settings.tiers_file) if settings.tiers_file else None)
     tiers = load_tier_policy(tiers_file)
+    provenance = signing_settings(app_args.provenance, layout)
     schedulers = {}
     for model_id in wanted:
         spec = catalog.models[model_id]
@@ -147,7 +181,12 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
         worker_deployment = worker_name(spec.task, spec.id)
         worker_kwargs: dict[str, Any] = {"cache_dir": str(layout.model_cache)}
         if is_video:
-            worker_kwargs |= {"state": state, "artifacts": artifacts}
+            worker_kwargs |= {
+                "state": state,
+                "artifacts": artifacts,
+                "provenance": provenance,
+                "moderation": app_args.moderation,
+            }
         worker_class = WORKER_CLASSES[spec.task]
         seats = 1  # one batch at a time: waiting happens in the scheduler
         if spec.stepping is not None:  # the worker holds seats (a video one: its loop)
@@ -208,6 +247,21 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
                 )
             )
 
+    webhook_settings = app_args.webhooks or WebhookSettings(
+        allowed_networks=settings.webhook_networks
+    )
+    webhooks = (
+        _deployment(Webhooks)
+        .options(
+            name=WEBHOOKS,
+            num_replicas=1,
+            ray_actor_options={"num_cpus": 0},
+            health_check_period_s=2,  # the health check also (re)starts the sender
+        )
+        .bind(state=state, settings=webhook_settings)
+        if webhook_settings.enabled
+        else None
+    )
     router = _deployment(serve.ingress()(Router)).options(
         name=ROUTER,
         num_replicas=app_args.router_replicas,
@@ -223,4 +277,8 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
         catalog=app_args.catalog,
         settings=app_args.router,
         tiers_file=tiers_file,
+        webhooks=webhooks,
+        webhook_settings=webhook_settings,
+        provenance=provenance,
+        moderation=app_args.moderation,
     )

@@ -35,10 +35,19 @@ class Settings(BaseSettings):
         None, description="An S3-compatible endpoint (MinIO, R2, ...); AWS if unset."
     )
     s3_region: str | None = Field(None, description="AWS region of the bucket.")
+    webhook_allowed_networks: str = Field(
+        "",
+        description="Comma-separated private networks (CIDR) webhooks may reach, e.g. "
+        "127.0.0.1/32 for a receiver on this machine; none by default.",
+    )
 
     @property
     def home_dir(self) -> Path:
         return self.home.expanduser().resolve()
+
+    @property
+    def webhook_networks(self) -> tuple[str, ...]:
+        return tuple(n.strip() for n in self.webhook_allowed_networks.split(",") if n.strip())
 
 
 @lru_cache(maxsize=1)

@@ -211,3 +211,75 @@ class CuttableProxy:
             with self._lock:
                 self._open.discard(source)
             source.close()
+
+
+@dataclass
+class ReceivedHook:
+    headers: dict[str, str]
+    body: bytes
+    at: float
+
+
+class WebhookReceiver:
+    """A real HTTP server on loopback that records what is POSTed to it and answers
+    each request with the next of ``answers`` (a status, or ``(status, headers, body)``;
+    200 once they run out). ``hold`` makes the next request wait until released (a
+    receiver that is slow, for killing a sender mid-delivery)."""
+
+    def __init__(self, answers: list[int | tuple[int, dict[str, str], bytes]] | None = None):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.answers = list(answers or [])
+        self.received: list[ReceivedHook] = []
+        self.arrived = threading.Event()  # set at each request
+        self.hold_next = threading.Event()  # set: the next request waits for `release`
+        self.release = threading.Event()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("content-length") or 0)
+                body = self.rfile.read(length)
+                hold = receiver.hold_next.is_set()
+                receiver.hold_next.clear()
+                receiver.received.append(
+                    ReceivedHook({k.lower(): v for k, v in self.headers.items()}, body, time.time())
+                )
+                receiver.arrived.set()
+                if hold:
+                    receiver.release.wait(60)
+                answer = receiver.answers.pop(0) if receiver.answers else 200
+                status, headers, content = (
+                    answer if isinstance(answer, tuple) else (answer, {}, b"ok")
+                )
+                try:
+                    self.send_response(status)
+                    for name, value in headers.items():
+                        self.send_header(name, value)
+                    self.send_header("content-length", str(len(content)))
+                    self.end_headers()
+                    self.wfile.write(content)
+                except OSError:
+                    pass  # the sender went away
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}/hooks"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.release.set()
+        self._server.shutdown()
+        self._server.server_close()
+
+    def wait_for(self, count: int, timeout_s: float = 30) -> list[ReceivedHook]:
+        deadline = time.monotonic() + timeout_s
+        while len(self.received) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{len(self.received)} of {count} webhooks arrived")
+            time.sleep(0.02)
+        return self.received

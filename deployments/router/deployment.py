@@ -23,7 +23,11 @@ from mediagate.access.guard import TierGuard
 from mediagate.access.idempotency import IDEMPOTENCY_TTL_S
 from mediagate.access.ledger import QuotaLedger
 from mediagate.access.tiers import load_tier_policy, parse_tier_policy
+from mediagate.moderation.moderator import Moderator
+from mediagate.moderation.settings import ModerationSettings
 from mediagate.protocol.clock import Clock, system_clock
+from mediagate.provenance.settings import ProvenanceSettings
+from mediagate.provenance.signing import ContentSigner
 from mediagate.settings import HomeLayout
 from mediagate.stores import (
     StateConfig,
@@ -33,6 +37,7 @@ from mediagate.stores.artifacts import (
     ArtifactConfig,
     open_artifact_store,
 )
+from mediagate.webhooks.settings import WebhookSettings
 from models.catalog import load_catalog
 
 logger = logging.getLogger(__name__)
@@ -59,6 +64,10 @@ class Router:
         settings: RouterSettings | None = None,
         tiers_file: str | None = None,
         accounts: Any = None,
+        webhooks: Any = None,
+        webhook_settings: WebhookSettings | None = None,
+        provenance: ProvenanceSettings | None = None,
+        moderation: ModerationSettings | None = None,
         clock: Clock = system_clock,
     ) -> None:
         HomeLayout(home).root.mkdir(parents=True, exist_ok=True)
@@ -73,6 +82,14 @@ class Router:
             settings=settings or RouterSettings(),
             guard=TierGuard(self.ledger),
             serve_control=RayServeControl.of_this_replica(),
+            webhook_settings=webhook_settings,
+            webhook_sender=webhooks,
+            signer=(
+                ContentSigner.from_files(provenance)
+                if provenance is not None and provenance.enabled
+                else None
+            ),
+            moderator=Moderator(moderation or ModerationSettings(enabled=False)),
             clock=clock,
         )
         if ray.is_initialized():  # a replica (not a router built by hand in a test)

@@ -17,7 +17,8 @@ from fastapi import Request
 
 from mediagate.protocol.catalog import ModelSpec
 from mediagate.protocol.errors import InvalidRequest
-from mediagate.protocol.work import RawImage
+from mediagate.protocol.images import ImageEditRequest
+from mediagate.protocol.work import ImageTask, RawImage
 from models.uploads import (
     UploadHeader,
     UploadLimits,
@@ -165,3 +166,26 @@ def decode_edit_inputs(
     if uploads.mask is None:
         return image, None
     return image, _decoded(uploads.mask, "mask", inpaint_mask, width, height, limits)
+
+
+def edit_strength(
+    spec: ModelSpec, body: ImageEditRequest, task: ImageTask, steps: int
+) -> float | None:
+    """The share of ``steps`` an edit redraws (diffusers' ``strength``); None for a model
+    that edits by instruction, where it does not apply."""
+    if spec.edit_by == "instruction" and task == "image-to-image":
+        if body.strength is not None:
+            raise InvalidRequest(
+                f"model {spec.id} edits by instruction: `strength` does not apply (say in the "
+                "prompt what to change)",
+                param="strength",
+            )
+        return None
+    strength = body.resolved_strength(masked=task == "inpaint")
+    if int(steps * strength) < 1:  # what diffusers runs of the schedule
+        raise InvalidRequest(
+            f"`strength` {strength:g} of {steps} steps leaves no step to run "
+            f"(int(steps x strength) must be at least 1); raise either",
+            param="strength",
+        )
+    return strength

@@ -20,6 +20,9 @@ from mediagate.access.guard import TierGuard
 from mediagate.access.idempotency import IdempotencyKeys
 from mediagate.access.ledger import QuotaLedger
 from mediagate.access.tiers import TierPolicy, load_tier_policy
+from mediagate.moderation.moderator import Moderator, moderation_level
+from mediagate.moderation.prompts import Level
+from mediagate.moderation.settings import ModerationSettings
 from mediagate.protocol.catalog import Catalog, ModelSpec, Task
 from mediagate.protocol.clock import Clock, system_clock
 from mediagate.protocol.errors import (
@@ -30,6 +33,7 @@ from mediagate.protocol.errors import (
 from mediagate.protocol.listing import ModelObject
 from mediagate.protocol.scheduling import DECISIONS, QueueStats
 from mediagate.protocol.work import ImageJob
+from mediagate.provenance.signing import ContentSigner
 from mediagate.stores import (
     JobStore,
     StoreUnavailable,
@@ -37,6 +41,8 @@ from mediagate.stores import (
 from mediagate.stores.artifacts import (
     ArtifactStore,
 )
+from mediagate.webhooks.endpoints import WebhookEndpoints
+from mediagate.webhooks.settings import WebhookSettings
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +71,10 @@ class Gateway:
         settings: RouterSettings,
         guard: TierGuard | None = None,
         serve_control: ServeControl | None = None,
+        webhook_settings: WebhookSettings | None = None,
+        webhook_sender: Any = None,
+        signer: ContentSigner | None = None,
+        moderator: Moderator | None = None,
         clock: Clock = system_clock,
     ) -> None:
         self.catalog = catalog
@@ -82,6 +92,10 @@ class Gateway:
         self.on_refusal: Callable[[str, str], None] = lambda tier, code: None
         # Accounts last seen per key hash, used only while the store is unreachable.
         self._seen: dict[str, tuple[Account, float]] = {}
+        self.webhooks = WebhookEndpoints(jobs, webhook_settings or WebhookSettings(), clock=clock)
+        self.webhook_sender = webhook_sender  # the Webhooks deployment's handle (status)
+        self.signer = signer
+        self.moderator = moderator or Moderator(ModerationSettings(enabled=False))
         self.images = ImageRequests(self)
         self.videos = VideoJobs(self)
         self.own_account = AccountViews(self)
@@ -216,6 +230,12 @@ class Gateway:
                 param="prompt",
                 code="string_above_max_length",
             )
+
+    def moderation_level(self, tier_name: str, requested: Level | None = None) -> Level:
+        """The moderation level of a request of ``tier_name`` (400 on ``moderation`` if
+        it asks for one its tier does not allow)."""
+        terms = self.policy.tier(tier_name).moderation
+        return moderation_level(tier_name, terms.default, terms.allow_low, requested)
 
     def model_object(self, spec: ModelSpec) -> ModelObject:
         return ModelObject(

@@ -100,8 +100,10 @@ def invalid_request_from(errors: list[Any]) -> InvalidRequest:
 
 
 # What counts as a refusal of an authenticated caller (quota, cooldown, rate, tier
-# gates, shedding), counted per tier and code (``Gateway.on_refusal``).
+# gates, shedding, and moderation's 400s), counted per tier and code
+# (``Gateway.on_refusal``).
 REFUSAL_STATUSES = frozenset({403, 429, 503})
+COUNTED_CODES = frozenset({"moderation_blocked"})
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -111,7 +113,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _domain(request: Request, error: MediagateError) -> JSONResponse:
         tier = getattr(request.state, "tier", None)  # set once the key is known
         counted = not request.url.path.startswith("/v1/ops/")  # users' work only
-        if error.status in REFUSAL_STATUSES and tier is not None and counted:
+        refusal = error.status in REFUSAL_STATUSES or error.code in COUNTED_CODES
+        if refusal and tier is not None and counted:
             try:
                 request.app.state.gateway.on_refusal(tier, error.code or error.type)
             except Exception:  # a count lost, not the answer

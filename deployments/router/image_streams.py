@@ -21,6 +21,7 @@ from typing import Any
 from ray.exceptions import TaskCancelledError
 from ray.serve.exceptions import RequestCancelledError
 
+from deployments.router.image_delivery import encoded_and_signed, pil_image
 from deployments.router.images import ImageRequests, ImageWork
 from deployments.streams import finish_regardless
 from mediagate.access.accounts import Account
@@ -36,7 +37,6 @@ from mediagate.protocol.image_stream import (
     sse_error,
 )
 from mediagate.protocol.work import ImageResult, PartialImage, RawImage, StreamQueued
-from models.encoding import encode_raw_image
 
 logger = logging.getLogger(__name__)
 # What a handle call raises when the request that made it was cancelled.
@@ -128,6 +128,7 @@ class ImageStream:
             result: ImageResult | None = None
             async for item in self.scheduled:
                 if isinstance(item, PartialImage):
+                    await self._moderate([item.image])  # a preview shows what is coming
                     yield await self._event(item.image, item.image_index, item.partial_image_index)
                 elif isinstance(item, ImageResult):
                     result = item
@@ -135,6 +136,7 @@ class ImageStream:
                 raise GenerationFailed("the stream ended without its images; please retry")
             done = True  # the work is done: a caller who leaves now has had it
             self.requests.refresh_load_now(self.work.spec.id)
+            await self._moderate(result.images)  # all of them, before the first goes out
             for index, image in enumerate(result.images):
                 yield await self._event(image, index, None)
             delivered = True
@@ -163,12 +165,26 @@ class ImageStream:
         finally:
             await self.requests.gateway.guard.settle(self.admission, charge=charge)
 
+    async def _moderate(self, images: list[RawImage]) -> None:
+        """Refuse (an ``error`` event, nothing charged) if the checker flags one."""
+        moderator = self.requests.gateway.moderator
+        if moderator.image_checker is None or not moderator.settings.enabled:
+            return
+        await asyncio.to_thread(
+            moderator.check_images,
+            [pil_image(image) for image in images],
+            self.work.moderation,
+            param=None,
+        )
+
     async def _event(self, image: RawImage, image_index: int, partial: int | None) -> bytes:
         """An image as an event (encoded off the event loop)."""
         delivery, kind = self.work.delivery, self.work.kind
         try:
-            encoded = await asyncio.to_thread(
-                encode_raw_image, image, delivery.output_format, delivery.output_compression
+            # the final image carries its manifest; partial ones are previews, unsigned
+            signer = self.requests.gateway.signer if partial is None else None
+            encoded, _, _ = await asyncio.to_thread(
+                encoded_and_signed, image, delivery, signer, self.work.provenance
             )
         except Exception as error:
             logger.exception("could not encode a streamed image of %s", self.job.request_id)

@@ -10,7 +10,6 @@ work that had started when its caller left; given back otherwise.
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import time
 from collections import Counter
@@ -22,14 +21,17 @@ from deployments.router.edit_uploads import (
     EditUploads,
     check_edit_uploads,
     decode_edit_inputs,
+    edit_strength,
     edit_upload_limits,
 )
+from deployments.router.image_delivery import Delivery, deliver, pil_image
 from deployments.router.services import RouterServices
 from deployments.scheduler.admission import count_forwarded, shed_on_published_load
 from deployments.streams import detached
 from mediagate.access.accounts import Account
 from mediagate.access.guard import rate_limit_headers
 from mediagate.access.tiers import check_edit_inputs, check_image_caps
+from mediagate.moderation.prompts import Level
 from mediagate.protocol.catalog import ModelSpec
 from mediagate.protocol.errors import (
     InvalidRequest,
@@ -40,17 +42,15 @@ from mediagate.protocol.errors import (
 )
 from mediagate.protocol.image_stream import StreamKind
 from mediagate.protocol.images import (
-    ImageData,
     ImageEditRequest,
     ImageGenerationRequest,
     ImageRequest,
     ImagesResponse,
 )
-from mediagate.protocol.media import ImageFormat
 from mediagate.protocol.scheduling import PublishedLoad
 from mediagate.protocol.timing import SERVER_TIMING_HEADER, server_timing
 from mediagate.protocol.work import ImageJob, ImageResult, ImageTask, draw_seed
-from models.encoding import encode_raw_image
+from mediagate.provenance.signing import Provenance
 
 logger = logging.getLogger(__name__)
 
@@ -68,20 +68,6 @@ class ImageRouter(RouterServices, Protocol):
 
 
 @dataclass(frozen=True)
-class Delivery:
-    """How the answer's images are handed out: encoding, and inline or by URL."""
-
-    response_format: str  # "b64_json" or "url"
-    output_format: ImageFormat
-    output_compression: int | None
-    base_url: str  # for URLs of local files
-
-    @classmethod
-    def of(cls, body: ImageRequest, base_url: str) -> Delivery:
-        return cls(body.response_format, body.output_format, body.output_compression, base_url)
-
-
-@dataclass(frozen=True)
 class ImageWork:
     """An image request resolved and checked against its model and tier, nothing
     reserved yet: its job, how its images go out, and (edits) the decode of its uploads,
@@ -91,30 +77,9 @@ class ImageWork:
     job: ImageJob
     delivery: Delivery
     kind: StreamKind  # what its streamed events are called
+    provenance: Provenance  # what its images' C2PA manifests state
     inputs: Callable[[], Awaitable[ImageJob]] | None = None
-
-
-def edit_strength(
-    spec: ModelSpec, body: ImageEditRequest, task: ImageTask, steps: int
-) -> float | None:
-    """The share of ``steps`` an edit redraws (diffusers' ``strength``); None for a model
-    that edits by instruction, where it does not apply."""
-    if spec.edit_by == "instruction" and task == "image-to-image":
-        if body.strength is not None:
-            raise InvalidRequest(
-                f"model {spec.id} edits by instruction: `strength` does not apply (say in the "
-                "prompt what to change)",
-                param="strength",
-            )
-        return None
-    strength = body.resolved_strength(masked=task == "inpaint")
-    if int(steps * strength) < 1:  # what diffusers runs of the schedule
-        raise InvalidRequest(
-            f"`strength` {strength:g} of {steps} steps leaves no step to run "
-            f"(int(steps x strength) must be at least 1); raise either",
-            param="strength",
-        )
-    return strength
+    moderation: Level = "auto"  # its level: uploads and outputs are checked at it
 
 
 class ImageRequests:
@@ -154,6 +119,8 @@ class ImageRequests:
     ) -> ImageWork:
         """A generation resolved and checked against its model and tier (nothing reserved)."""
         self.gateway.check_prompt(body.prompt)
+        level = self.gateway.moderation_level(account.tier, body.moderation)
+        self.gateway.moderator.check_prompt(body.prompt, level)
         spec = self.gateway.task_model(body.model, "text-to-image")
         if "text-to-image" not in spec.tasks:
             raise InvalidRequest(
@@ -162,7 +129,9 @@ class ImageRequests:
                 code="unsupported_task",
             )
         job = self.job_for(account, spec, body, request_id, **body.to_pipeline_kwargs(spec))
-        return ImageWork(spec, job, Delivery.of(body, base_url), "image_generation")
+        provenance = Provenance(model=spec.id, prompt=body.prompt)
+        delivery = Delivery.of(body, base_url)
+        return ImageWork(spec, job, delivery, "image_generation", provenance, moderation=level)
 
     def edit(
         self,
@@ -177,6 +146,8 @@ class ImageRequests:
         are judged by their headers and the tier decided here; they are decoded only once
         the quota is reserved (``ImageWork.inputs``: a damaged one is a 400, not charged)."""
         self.gateway.check_prompt(body.prompt)
+        level = self.gateway.moderation_level(account.tier)
+        self.gateway.moderator.check_prompt(body.prompt, level)
         spec = self.gateway.task_model(body.model, "text-to-image")
         task: ImageTask = "inpaint" if uploads.mask is not None else "image-to-image"
         if task not in spec.tasks:
@@ -205,9 +176,24 @@ class ImageRequests:
             image, mask = await asyncio.to_thread(
                 decode_edit_inputs, uploads, width, height, limits
             )
+            # decoded only now (checked unread before): refused uploads cost nothing
+            await asyncio.to_thread(
+                self.gateway.moderator.check_images, [pil_image(image)], level, param="image"
+            )
             return job.model_copy(update={"init_image": image, "mask_image": mask})
 
-        return ImageWork(spec, job, Delivery.of(body, base_url), "image_edit", with_inputs)
+        provenance = Provenance(
+            model=spec.id, action="c2pa.edited", prompt=body.prompt, parent=uploads.images[0]
+        )
+        return ImageWork(
+            spec,
+            job,
+            Delivery.of(body, base_url),
+            "image_edit",
+            provenance,
+            with_inputs,
+            moderation=level,
+        )
 
     def job_for(
         self,
@@ -269,18 +255,27 @@ class ImageRequests:
             answered = time.perf_counter()
             self.refresh_load_now(spec.id)  # a slot just freed: the copy overstates
             try:
-                data, encode_ms, stored = await asyncio.to_thread(self._deliver, result, delivery)
+                delivered_images = await asyncio.to_thread(
+                    deliver,
+                    result,
+                    delivery,
+                    work.provenance,
+                    signer=self.gateway.signer,
+                    moderation=(self.gateway.moderator, work.moderation),
+                    artifacts=self.gateway.artifacts,
+                    url_ttl_s=self.gateway.settings.url_ttl_s,
+                )
             except asyncio.CancelledError:  # left while its images were encoded: work done
                 spent = True
                 raise
             delivered = True  # (a failure to encode or store them is ours: not charged)
         finally:  # failures, shedding and callers who left before their work began
             await self.gateway.guard.settle(admission, charge=delivered or spent)
-        if stored:
-            await self.gateway.remember_images(job, spec.id, work.kind, stored)
+        if delivered_images.stored:
+            await self.gateway.remember_images(job, spec.id, work.kind, delivered_images.stored)
         response = ImagesResponse(
             created=int(self.gateway.clock()),
-            data=data,
+            data=delivered_images.data,
             output_format=delivery.output_format,
             size=f"{job.width}x{job.height}",
             quality=spec.quality_of(job.num_inference_steps),
@@ -296,8 +291,16 @@ class ImageRequests:
                 **result.timings_ms,
                 "router": (forwarded - received) * 1000,
                 "to_scheduler": max(0.0, (answered - forwarded) * 1000 - scheduler_ms),
-                "encode": encode_ms,
-                "respond": max(0.0, (time.perf_counter() - answered) * 1000 - encode_ms),
+                "moderate": delivered_images.moderate_ms,
+                "encode": delivered_images.encode_ms,
+                "sign": delivered_images.sign_ms,
+                "respond": max(
+                    0.0,
+                    (time.perf_counter() - answered) * 1000
+                    - delivered_images.moderate_ms
+                    - delivered_images.encode_ms
+                    - delivered_images.sign_ms,
+                ),
             }
         )
         return response, headers
@@ -375,23 +378,3 @@ class ImageRequests:
             logger.debug("no load from %s: %r", model_id, error)
         else:
             self._published_load[model_id] = (load, self.gateway.clock())
-
-    def _deliver(
-        self, result: ImageResult, delivery: Delivery
-    ) -> tuple[list[ImageData], float, list[str]]:
-        """Encode the worker's pixels as asked, then store them (URLs) or inline them
-        (base64); runs in a thread, off the event loop. Returns the encoding time and
-        the stored files' ids too."""
-        started = time.perf_counter()
-        encoded = [
-            encode_raw_image(raw, delivery.output_format, delivery.output_compression)
-            for raw in result.images
-        ]
-        encode_ms = (time.perf_counter() - started) * 1000
-        if delivery.response_format == "b64_json":
-            data = [ImageData(b64_json=base64.b64encode(image).decode()) for image in encoded]
-            return data, encode_ms, []
-        artifacts, ttl_s = self.gateway.artifacts, self.gateway.settings.url_ttl_s
-        stored = [artifacts.put(image, delivery.output_format, "img") for image in encoded]
-        data = [ImageData(url=artifacts.url(id_, ttl_s, delivery.base_url)) for id_ in stored]
-        return data, encode_ms, stored

@@ -9,8 +9,11 @@ from typing import Any, Protocol
 from deployments.router.settings import RouterSettings
 from mediagate.access.guard import TierGuard
 from mediagate.access.tiers import TierPolicy
+from mediagate.moderation.moderator import Moderator
+from mediagate.moderation.prompts import Level
 from mediagate.protocol.catalog import ModelSpec, Task
 from mediagate.protocol.clock import Clock
+from mediagate.provenance.signing import ContentSigner
 from mediagate.stores.artifacts import ArtifactStore
 
 
@@ -22,10 +25,14 @@ class RouterServices(Protocol):
     guard: TierGuard
     schedulers: dict[str, Any]
     clock: Clock
+    signer: ContentSigner | None  # C2PA signing of outputs (None: off)
+    moderator: Moderator
 
     @property
     def policy(self) -> TierPolicy: ...
 
     def check_prompt(self, prompt: str) -> None: ...
+
+    def moderation_level(self, tier_name: str, requested: Level | None = None) -> Level: ...
 
     def task_model(self, model_id: str | None, task: Task) -> ModelSpec: ...

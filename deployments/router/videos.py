@@ -21,6 +21,7 @@ from mediagate.access.accounts import Account
 from mediagate.access.guard import rate_limit_headers
 from mediagate.access.tiers import Tier, check_video_request
 from mediagate.jobs.video import VideoJobLifecycle
+from mediagate.moderation.prompts import Level
 from mediagate.protocol.catalog import ModelSpec
 from mediagate.protocol.errors import Gone, InvalidRequest, NotFound, Overloaded, unwrap
 from mediagate.protocol.videos import (
@@ -89,13 +90,14 @@ class VideoJobs:
         settings = self.gateway.settings
         return UploadLimits(settings.max_upload_bytes, settings.max_reference_pixels)
 
-    def _store_reference(self, data: bytes) -> str:
-        """Decode the image (a damaged one is a 400) and keep it for the worker; runs in a
-        thread, once the job's slot is reserved."""
+    def _store_reference(self, data: bytes, level: Level) -> str:
+        """Decode the image (a damaged one is a 400), check it (a refused one too), and
+        keep it for the worker; runs in a thread, once the job's slot is reserved."""
         try:
-            load_reference_image(data, **self._upload_limits.as_kwargs())
+            image = load_reference_image(data, **self._upload_limits.as_kwargs())
         except UploadRejected as error:
             raise InvalidRequest(str(error), param="input_reference") from None
+        self.gateway.moderator.check_images([image], level, param="input_reference")
         extension = ALLOWED_FORMATS[sniff_format(data) or "PNG"]
         return self.gateway.artifacts.put(data, extension, "ref")
 
@@ -108,6 +110,8 @@ class VideoJobs:
         """Store a new ``queued`` job and hand it to the model's scheduler."""
         gateway = self.gateway
         gateway.check_prompt(body.prompt)
+        level = gateway.moderation_level(account.tier)
+        gateway.moderator.check_prompt(body.prompt, level)
         spec = gateway.task_model(body.model, "text-to-video")
         resolved = body.resolve(spec)
         seconds = resolved.pop("seconds")
@@ -121,7 +125,7 @@ class VideoJobs:
             )
         if reference is not None:
             self._check_reference(spec, reference)
-        generation = VideoGeneration(**resolved, seed=draw_seed(body.seed))
+        generation = VideoGeneration(**resolved, seed=draw_seed(body.seed), moderation=level)
         return await self._submit(account, spec, generation, seconds, reference=reference)
 
     async def _submit(
@@ -149,7 +153,9 @@ class VideoJobs:
             raise
         if reference is not None:
             try:
-                reference_id = await asyncio.to_thread(self._store_reference, reference)
+                reference_id = await asyncio.to_thread(
+                    self._store_reference, reference, generation.moderation
+                )
             except BaseException:
                 await self.gateway.guard.settle(admission, charge=False)
                 raise
@@ -292,9 +298,13 @@ class VideoJobs:
     ) -> tuple[VideoJobRecord, dict[str, str]]:
         """A new job with the source's model, size, length and seed, and a new prompt."""
         self.gateway.check_prompt(body.prompt)
+        level = self.gateway.moderation_level(account.tier)
+        self.gateway.moderator.check_prompt(body.prompt, level)
         source = await self._completed(account, video_id, "only completed videos can be remixed")
         spec = self.gateway.model(source.model)
-        generation = VideoGeneration.model_validate({**source.generation, "prompt": body.prompt})
+        generation = VideoGeneration.model_validate(
+            {**source.generation, "prompt": body.prompt, "moderation": level}
+        )
         if generation.input_reference is not None:  # the remix must outlive its source
             copied = await asyncio.to_thread(self._copy_artifact, generation.input_reference)
             generation = generation.model_copy(update={"input_reference": copied})

@@ -22,6 +22,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from deployments.workers.runner import (
@@ -33,10 +34,14 @@ from deployments.workers.runner import (
 from deployments.workers.step_engine import SeatCancelled
 from deployments.workers.video_steps import SeatReports, VideoSteps, denoising_progress
 from mediagate.jobs.video import VideoJobLifecycle
+from mediagate.moderation.moderator import Moderator
+from mediagate.moderation.settings import ModerationSettings
 from mediagate.protocol.catalog import ModelSpec
 from mediagate.protocol.clock import Clock, system_clock
-from mediagate.protocol.errors import StoreUnavailable
+from mediagate.protocol.errors import ModerationBlocked, StoreUnavailable
 from mediagate.protocol.work import VideoGeneration, VideoOutcome, VideoTask
+from mediagate.provenance.settings import ProvenanceSettings
+from mediagate.provenance.signing import ContentSigner, Provenance
 from mediagate.stores import JobStore, StateConfig, given_or_opened, open_state_store
 from mediagate.stores.artifacts import ArtifactConfig, ArtifactStore, open_artifact_store
 from mediagate.stores.records import JobCheckpoint
@@ -130,9 +135,15 @@ class TextToVideo:
         progress_interval_s: float = 0.25,
         max_reference_pixels: int = 4096 * 4096,
         store_retry_s: float = 120.0,
+        provenance: ProvenanceSettings | None = None,
+        moderation: ModerationSettings | None = None,
         clock: Clock = system_clock,
     ) -> None:
         self.spec = spec
+        self.moderator = Moderator(moderation or ModerationSettings(enabled=False))
+        self.signer = (
+            ContentSigner.from_files(provenance) if provenance and provenance.enabled else None
+        )
         if self.spec.video is None:
             raise ValueError(f"model {self.spec.id} has no video settings")
         self.video = self.spec.video
@@ -232,15 +243,28 @@ class TextToVideo:
         return to_uint8_frames(output.frames[0])
 
     def _encode_and_store(
-        self, frames: Any, fps: int, cancelled: threading.Event
+        self, frames: Any, generation: VideoGeneration, cancelled: threading.Event
     ) -> dict[str, str]:
-        """Every file stored, or none (what was stored is deleted again)."""
+        """Every file checked (flagged frames: ``ModerationBlocked``, the job fails
+        uncharged), encoded, signed (a C2PA manifest each) and stored, or none (what was
+        stored is deleted again). Runs after the denoising, off its loop."""
+        self.moderator.check_frames(frames, generation.moderation)
         files = {
-            "video": (encode_mp4(frames, fps), "mp4"),
+            "video": (encode_mp4(frames, generation.fps), "mp4"),
             "thumbnail": (encode_thumbnail(frames), "webp"),
             "spritesheet": (encode_spritesheet(frames), "jpeg"),
         }
         give_up_at = time.monotonic() + self.store_retry_s  # for all three together
+        if self.signer is not None:
+            provenance = Provenance(model=self.spec.id, prompt=generation.prompt)
+            if generation.input_reference is not None:  # made from the client's image
+                read = functools.partial(self.artifacts.read, generation.input_reference)
+                parent = self._while_store_recovers(read, give_up_at, cancelled)
+                provenance = replace(provenance, action="c2pa.edited", parent=parent)
+            files = {
+                name: (self.signer.sign(data, extension, provenance), extension)
+                for name, (data, extension) in files.items()
+            }
         stored: dict[str, str] = {}
         try:
             for name, (data, extension) in files.items():
@@ -296,7 +320,7 @@ class TextToVideo:
             if cancelled.is_set():
                 raise JobCancelled(task.job_id)
             artifacts = await asyncio.to_thread(
-                self._encode_and_store, frames, task.generation.fps, cancelled
+                self._encode_and_store, frames, task.generation, cancelled
             )
         except JobCancelled:
             steps_done = reporter.steps_done - reporter.resumed_at
@@ -353,7 +377,9 @@ class TextToVideo:
         so is a file store that stayed down past ``store_retry_s``. Neither is charged.
         Whether the job was still this dispatch's to fail."""
         code = "generation_failed"
-        if isinstance(error, StoreUnavailable):
+        if isinstance(error, ModerationBlocked):
+            code, message = "moderation_blocked", error.message
+        elif isinstance(error, StoreUnavailable):
             code = "storage_unavailable"
             message = "the file store stayed unavailable for this video; please submit it again"
         elif isinstance(error, ValueError) and task.generation.input_reference:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -37,6 +37,13 @@ class VideoAccess(_Frozen):
     min_account_age_days: float = Field(0, ge=0, description="Younger accounts are refused.")
 
 
+class ModerationAccess(_Frozen):
+    """How strictly the tier's prompts, uploads and outputs are checked."""
+
+    default: Literal["auto", "low"] = Field("auto", description="Level when none is asked.")
+    allow_low: bool = Field(False, description="Requests may ask for `moderation: low`.")
+
+
 class TierCaps(_Frozen):
     """Largest requests the tier may make (on top of each model's own caps)."""
 
@@ -62,6 +69,7 @@ class Tier(_Frozen):
     video: VideoAccess = Field(default_factory=VideoAccess)
     video_jobs_at_once: int = Field(0, ge=0, description="Video jobs queued or running at once.")
     caps: TierCaps = Field(default_factory=TierCaps)
+    moderation: ModerationAccess = Field(default_factory=ModerationAccess)
     priority_class: int = Field(0, ge=0, description="Higher is served first.")
     max_queue_wait_s: float = Field(60, gt=0, description="Longest wait before shedding.")
     max_queued: int | None = Field(

@@ -23,6 +23,12 @@ from mediagate.cli.service import (
     command_down,
     command_up,
 )
+from mediagate.cli.webhooks import (
+    command_webhooks_add,
+    command_webhooks_list,
+    command_webhooks_remove,
+)
+from mediagate.protocol.webhooks import EVENT_TYPES
 from mediagate.settings import absolute_http_url
 
 
@@ -113,6 +119,28 @@ def build_parser() -> argparse.ArgumentParser:
     usage = commands.add_parser("usage", help="today's usage of an account, per limit")
     usage.add_argument("name")
     usage.set_defaults(handler=command_usage)
+
+    webhooks = commands.add_parser(
+        "webhooks", help="an account's webhook endpoints"
+    ).add_subparsers(dest="webhooks", required=True)
+    add = webhooks.add_parser("add", help="register an endpoint (its secret is printed once)")
+    add.add_argument("account", help="account name")
+    add.add_argument("url", help="https URL the events are POSTed to")
+    add.add_argument(
+        "--event",
+        dest="events",
+        action="append",
+        choices=EVENT_TYPES,
+        help="an event type to send (repeat; default: all)",
+    )
+    add.set_defaults(handler=command_webhooks_add)
+    listed = webhooks.add_parser("list", help="an account's endpoints and their state")
+    listed.add_argument("account")
+    listed.set_defaults(handler=command_webhooks_list)
+    remove = webhooks.add_parser("remove", help="remove an endpoint")
+    remove.add_argument("account")
+    remove.add_argument("id", help="wh_...")
+    remove.set_defaults(handler=command_webhooks_remove)
 
     scale = commands.add_parser("scale", help="autoscaling limits, live").add_subparsers(
         dest="scale", required=True

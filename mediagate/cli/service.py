@@ -34,6 +34,7 @@ from mediagate.cli.local_ray import (
     ray_executable,
     ray_start_command,
 )
+from mediagate.provenance.certificates import ensure_local_certificate
 from mediagate.settings import HomeLayout
 
 DEFAULT_DASHBOARD_PORT = 8265
@@ -272,6 +273,9 @@ def command_up(args: argparse.Namespace) -> int:
         f"operations view: {base_url}/ops (operator keys)",
         file=sys.stderr,
     )
+    note = provenance_note(config, layout)
+    if note:
+        print(note, file=sys.stderr)
     if "ports" in run:
         print(
             f"Prometheus metrics: http://{LOOPBACK}:{run['ports']['metrics']}/metrics "
@@ -305,3 +309,18 @@ def command_down(_: argparse.Namespace) -> int:
     layout.run_file.unlink(missing_ok=True)
     print("mediagate stopped", file=sys.stderr)
     return 0
+
+
+def provenance_note(config: dict[str, Any], layout: HomeLayout) -> str | None:
+    """What `up` says about the certificate outputs are signed with, when it is the
+    local test one (made here, once, so the message can name it)."""
+    for app in config.get("applications", []):
+        provenance = (app.get("args") or {}).get("provenance") or {}
+        if provenance.get("enabled", True) and not provenance.get("certificate_chain"):
+            files = ensure_local_certificate(layout.secrets)
+            return (
+                f"outputs are signed (C2PA) with a local test certificate ({files.chain}): "
+                "readers report it as untrusted; give your own in args.provenance "
+                "(certificate_chain, private_key)"
+            )
+    return None

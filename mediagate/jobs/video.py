@@ -3,7 +3,9 @@
 its lease, a scheduler that restarted and a user who deleted the job can never
 overwrite one another; a transition that ends the job settles its quota reservation
 here and nowhere else: committed when it completed, released when it failed on our side,
-waited too long, or was deleted before it ended.
+waited too long, or was deleted before it ended. A transition that ends the job also
+writes its webhook event (``video.completed`` or ``video.failed``) to the outbox, in the
+same compare-and-set: the event exists if and only if the job ended.
 
     queued --claim--> in_progress --complete--> completed
       ^  \\                |   \\------fail------> failed (generation_failed)
@@ -22,7 +24,8 @@ from typing import Any
 from mediagate.access.ledger import finish_reservation
 from mediagate.protocol.clock import Clock, system_clock
 from mediagate.stores import JobStore, VideoJobRecord
-from mediagate.stores.records import JobCheckpoint
+from mediagate.stores.records import JobCheckpoint, OutboxEvent
+from mediagate.webhooks.events import job_finished_event
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +101,7 @@ class VideoJobLifecycle:
                 "error_message": f"this video waited longer than your tier allows "
                 f"({limit_s:g}s) for a free worker; please submit it again",
             },
+            events=[job_finished_event(job.account_id, job.id, "video.failed", now)],
         )
         await self._settle(expired, commit=False)
         return expired
@@ -133,12 +137,16 @@ class VideoJobLifecycle:
             # to run again, from its checkpoint if it has one
             resumes_at = current.checkpoint.progress if current.checkpoint else 0
             changes |= {"status": "queued", "progress": resumes_at}
+        events: list[OutboxEvent] = []
+        if changes["status"] == "failed":
+            events.append(job_finished_event(job.account_id, job.id, "video.failed", now))
         updated = await self.store.update_job(
             job.account_id,
             job.id,
             expect_status=("in_progress",),
             expect_attempt=job.attempt,
             changes=changes,
+            events=events,
         )
         if updated is not None and updated.status == "failed":
             await self._settle(updated, commit=False)  # a server-side failure costs nothing
@@ -193,6 +201,7 @@ class VideoJobLifecycle:
                 "artifacts": artifacts,
                 "checkpoint": None,  # the worker deletes it
             },
+            events=[job_finished_event(account_id, job_id, "video.completed", now)],
         )
         await self._settle(completed, commit=True)
         return completed
@@ -222,6 +231,7 @@ class VideoJobLifecycle:
                 "error_message": message,
                 "checkpoint": None,  # the worker deletes it
             },
+            events=[job_finished_event(account_id, job_id, "video.failed", now)],
         )
         await self._settle(failed, commit=False)
         return failed
@@ -233,7 +243,12 @@ class VideoJobLifecycle:
         return deleted
 
     async def _write(
-        self, account_id: str, job_id: str, attempt: int, changes: dict[str, Any]
+        self,
+        account_id: str,
+        job_id: str,
+        attempt: int,
+        changes: dict[str, Any],
+        events: list[OutboxEvent] | None = None,
     ) -> VideoJobRecord | None:
         """Change the job only while it is still dispatch ``attempt``'s (in progress)."""
         return await self.store.update_job(
@@ -242,6 +257,7 @@ class VideoJobLifecycle:
             expect_status=("in_progress",),
             expect_attempt=attempt,
             changes=changes,
+            events=events or (),
         )
 
     async def _settle(self, job: VideoJobRecord | None, *, commit: bool) -> None:

@@ -67,6 +67,13 @@ class InvalidRequest(MediagateError):
     default_code = "invalid_value"
 
 
+class ModerationBlocked(InvalidRequest):
+    """A prompt, an upload or an output the moderation checks refused (OpenAI's code);
+    no quota is spent on it."""
+
+    default_code = "moderation_blocked"
+
+
 class Unauthorized(MediagateError):
     status = 401
     type = "invalid_request_error"

@@ -12,7 +12,9 @@ router's whole handling time, so nothing hides between them:
 - ``dispatch``: the scheduler's round trip to the worker, less the worker's pipeline
   (both hops, the worker's thread hand-off and its lock);
 - ``pipeline``: the diffusers call (the whole batch's);
+- ``moderate``: the image check of the outputs, in the router (when one is configured);
 - ``encode``: encoding this request's images (PNG, JPEG or WebP), in the router;
+- ``sign``: signing their C2PA manifests, in the router (absent when signing is off);
 - ``respond``: the router's other work on the answer (storing or base64, the response).
 
 What the client measures beyond their sum is the ingress (HAProxy or Serve's proxy)
@@ -25,7 +27,17 @@ from collections.abc import Mapping
 
 SERVER_TIMING_HEADER = "server-timing"
 
-STAGES = ("router", "to_scheduler", "queue", "dispatch", "pipeline", "encode", "respond")
+STAGES = (
+    "router",
+    "to_scheduler",
+    "queue",
+    "dispatch",
+    "pipeline",
+    "moderate",
+    "encode",
+    "sign",
+    "respond",
+)
 
 
 def server_timing(timings_ms: Mapping[str, float]) -> str:

@@ -226,6 +226,9 @@ class VideoGeneration(BaseModel):
     input_reference: str | None = Field(
         None, description="Artifact id of the conditioning image (image-to-video), if any."
     )
+    moderation: Literal["auto", "low"] = Field(
+        "auto", description="The level its frames are checked at (its tier's)."
+    )
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {

@@ -14,11 +14,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mediagate.protocol.errors import StoreUnavailable
 from mediagate.stores.base import JobStore, ListOrder
-from mediagate.stores.records import VideoJobRecord
+from mediagate.stores.records import OutboxEvent, VideoJobRecord
 
 __all__ = [
     "JobStore",
     "ListOrder",
+    "OutboxEvent",
     "StateConfig",
     "StoreUnavailable",
     "VideoJobRecord",

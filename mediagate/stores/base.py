@@ -8,10 +8,10 @@ another's decisions.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, Literal, Protocol, TypeVar
 
-from mediagate.stores.records import VideoJobRecord
+from mediagate.stores.records import OutboxEvent, VideoJobRecord
 
 ListOrder = Literal["asc", "desc"]
 
@@ -46,8 +46,11 @@ class JobStore(Protocol):
         expect_status: Collection[str],
         expect_attempt: int | None = None,
         changes: dict[str, Any],
+        events: Sequence[OutboxEvent] = (),
     ) -> VideoJobRecord | None:
-        """Apply ``changes`` atomically if the job is in an expected state; else ``None``."""
+        """Apply ``changes`` atomically if the job is in an expected state; else ``None``.
+        ``events`` (of the same account) join the outbox in the same transaction: written
+        if and only if the change is."""
 
     async def delete_job(self, account_id: str, job_id: str) -> VideoJobRecord | None:
         """Remove the job; returns what was removed, ``None`` if there was nothing."""
@@ -57,6 +60,19 @@ class JobStore(Protocol):
 
     async def expired_jobs(self, now: float, limit: int = 100) -> list[VideoJobRecord]:
         """Finished jobs whose content expired at or before ``now``."""
+
+    async def due_events(self, now: float, limit: int = 100) -> list[OutboxEvent]:
+        """Outbox events due at or before ``now``, soonest first (to be claimed)."""
+
+    async def claim_event(
+        self, account_id: str, event_id: str, *, now: float, claim: str, hold_s: float
+    ) -> OutboxEvent | None:
+        """Take a due event for ``hold_s`` (``due_at`` moves there, ``claim`` names the
+        taker); ``None`` if it is gone or not due (another sender has it)."""
+
+    async def finish_event(self, event: OutboxEvent, *, claim: str, done: bool) -> bool:
+        """Write back an event ``claim`` holds: removed when ``done``, else stored as given
+        (its next ``due_at``, no claim). ``False`` if the claim was lost meanwhile."""
 
     async def mutate(
         self, account_id: str, name: str, change: DocumentChange[T], *, ttl_s: float | None = None

@@ -81,3 +81,44 @@ class VideoJobRecord(BaseModel):
 def split_ref(ref: str) -> tuple[str, str]:
     account_id, _, job_id = ref.partition("/")
     return account_id, job_id
+
+
+class EndpointDelivery(BaseModel):
+    """An outbox event's delivery to one webhook endpoint."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    attempts: int = Field(0, ge=0, description="Attempts made so far.")
+    next_attempt_at: float = Field(description="Unix time of the next attempt.")
+    delivered_at: float | None = Field(None, description="When a 2xx answered.")
+    given_up: str | None = Field(
+        None, description="Why no more attempts are made (endpoint gone, disabled, 410)."
+    )
+    last_error: str | None = Field(None, description="What the last failed attempt got.")
+
+    @property
+    def pending(self) -> bool:
+        return self.delivered_at is None and self.given_up is None
+
+
+class OutboxEvent(BaseModel):
+    """An event written in the same transition that finished its job, kept until every
+    endpoint that wanted it has it (or was given up on). The sender holding it is named
+    in ``claim`` until ``due_at``; after that any sender may take it up again."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(description="`evt_...`: the `webhook-id` of every attempt.")
+    account_id: str = Field(description="Whose endpoints get it.")
+    type: str = Field(description="Event type, e.g. `video.completed`.")
+    payload: str = Field(description="The exact JSON body signed and sent.")
+    created_at: float = Field(description="Unix time of the transition.")
+    due_at: float = Field(description="When a sender should next look at it.")
+    claim: str | None = Field(None, description="The sender working on it, until due_at.")
+    deliveries: dict[str, EndpointDelivery] | None = Field(
+        None, description="Per endpoint id; None until a sender first takes it up."
+    )
+
+    @property
+    def ref(self) -> str:
+        return f"{self.account_id}/{self.id}"

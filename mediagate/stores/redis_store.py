@@ -5,11 +5,13 @@ so it lives in one Redis Cluster slot and can change atomically together:
 
     mg:{a:<account>}:job:<id>   the job, as JSON
     mg:{a:<account>}:jobs       sorted set of the account's job ids by creation time
+    mg:{a:<account>}:event:<id> an outbox event (webhooks), as JSON
 
 Two cross-account indexes live in their own slots and are *hints*, never truth:
 
     mg:{m:<model>}:active       set of ``account/job`` refs that may be queued or running
     mg:{expiry}                 sorted set of ``account/job`` refs by content expiry
+    mg:{outbox}                 sorted set of ``account/event`` refs by when they are due
 
 A hint is written before the job it points at and removed after the job leaves
 that state, so a crash in between leaves a stale hint (skipped and cleaned when
@@ -21,13 +23,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from mediagate.protocol.errors import StoreUnavailable
 from mediagate.stores.base import DocumentChange, ListOrder
-from mediagate.stores.records import ACTIVE_STATUSES, VideoJobRecord, split_ref
+from mediagate.stores.records import ACTIVE_STATUSES, OutboxEvent, VideoJobRecord, split_ref
+from mediagate.stores.redis_outbox import OUTBOX_KEY, RedisOutbox, event_key
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +113,9 @@ def redacted_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-class RedisStateStore:
-    """``JobStore`` on Redis, through ``redis.asyncio``."""
+class RedisStateStore(RedisOutbox):
+    """``JobStore`` on Redis, through ``redis.asyncio`` (the outbox's methods in
+    ``redis_outbox``)."""
 
     def __init__(self, url: str, *, client: Any = None) -> None:
         import redis.asyncio as redis
@@ -179,10 +183,13 @@ class RedisStateStore:
         expect_status: Collection[str],
         expect_attempt: int | None = None,
         changes: dict[str, Any],
+        events: Sequence[OutboxEvent] = (),
     ) -> VideoJobRecord | None:
         from redis.exceptions import WatchError
 
         key = job_key(account_id, job_id)
+        if any(event.account_id != account_id for event in events):
+            raise ValueError("a job's events belong to its account")
 
         async def compare_and_set() -> VideoJobRecord | None:
             # (before, after) of our last EXEC: redis-py reports a connection lost during
@@ -206,8 +213,16 @@ class RedisStateStore:
                         updated = VideoJobRecord.model_validate({**current.model_dump(), **changes})
                         if updated.expires_at is not None and updated.status != current.status:
                             await self._redis.zadd(EXPIRY_KEY, {updated.ref: updated.expires_at})
+                        if events:  # hints first, as for the other indexes
+                            await self._redis.zadd(
+                                OUTBOX_KEY, {event.ref: event.due_at for event in events}
+                            )
                         tx.multi()
                         tx.set(key, updated.model_dump_json())
+                        for event in events:
+                            tx.set(
+                                event_key(account_id, event.id), event.model_dump_json(), nx=True
+                            )
                         written = (current, updated)
                         await tx.execute()
                         before = current

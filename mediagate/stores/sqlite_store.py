@@ -11,13 +11,18 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 from mediagate.stores.base import DocumentChange, ListOrder, T
-from mediagate.stores.records import ACTIVE_STATUSES, FINAL_STATUSES, VideoJobRecord
+from mediagate.stores.records import (
+    ACTIVE_STATUSES,
+    FINAL_STATUSES,
+    OutboxEvent,
+    VideoJobRecord,
+)
 from mediagate.stores.sqlite_connections import SqliteConnections
 
 _SCHEMA = """
@@ -41,6 +46,13 @@ CREATE TABLE IF NOT EXISTS account_docs (
     PRIMARY KEY (account_id, name)
 );
 CREATE INDEX IF NOT EXISTS account_docs_by_expiry ON account_docs (expires_at);
+CREATE TABLE IF NOT EXISTS outbox (
+    id TEXT PRIMARY KEY,
+    account_id TEXT NOT NULL,
+    due_at REAL NOT NULL,
+    doc TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS outbox_by_due ON outbox (due_at);
 """
 
 
@@ -124,30 +136,39 @@ class SqliteStateStore:
         expect_status: Collection[str],
         expect_attempt: int | None = None,
         changes: dict[str, Any],
+        events: Sequence[OutboxEvent] = (),
     ) -> VideoJobRecord | None:
         def compare_and_set() -> VideoJobRecord | None:
+            # Committed only at the end: a refusal or an error leaves nothing written
+            # (the connection rolls an open transaction back), the job and its events
+            # go together.
             with self._connect() as db:
                 db.execute("BEGIN IMMEDIATE")
-                try:
-                    row = db.execute(
-                        "SELECT doc FROM video_jobs WHERE id = ? AND account_id = ?",
-                        (job_id, account_id),
-                    ).fetchone()
-                    if row is None:
-                        return None
-                    job = VideoJobRecord.model_validate_json(row[0])
-                    if job.status not in expect_status or (
-                        expect_attempt is not None and job.attempt != expect_attempt
-                    ):
-                        return None
-                    updated = VideoJobRecord.model_validate({**job.model_dump(), **changes})
-                    db.execute(
-                        "UPDATE video_jobs SET status = ?, expires_at = ?, doc = ? WHERE id = ?",
-                        (updated.status, updated.expires_at, updated.model_dump_json(), job_id),
-                    )
-                    return updated
-                finally:
-                    db.execute("COMMIT")
+                row = db.execute(
+                    "SELECT doc FROM video_jobs WHERE id = ? AND account_id = ?",
+                    (job_id, account_id),
+                ).fetchone()
+                if row is None:
+                    return None
+                job = VideoJobRecord.model_validate_json(row[0])
+                if job.status not in expect_status or (
+                    expect_attempt is not None and job.attempt != expect_attempt
+                ):
+                    return None
+                updated = VideoJobRecord.model_validate({**job.model_dump(), **changes})
+                db.execute(
+                    "UPDATE video_jobs SET status = ?, expires_at = ?, doc = ? WHERE id = ?",
+                    (updated.status, updated.expires_at, updated.model_dump_json(), job_id),
+                )
+                db.executemany(
+                    "INSERT OR IGNORE INTO outbox VALUES (?, ?, ?, ?)",
+                    [
+                        (event.id, event.account_id, event.due_at, event.model_dump_json())
+                        for event in events
+                    ],
+                )
+                db.execute("COMMIT")
+                return updated
 
         return await asyncio.to_thread(compare_and_set)
 
@@ -187,6 +208,64 @@ class SqliteStateStore:
             return [VideoJobRecord.model_validate_json(row[0]) for row in rows]
 
         return await asyncio.to_thread(read)
+
+    async def due_events(self, now: float, limit: int = 100) -> list[OutboxEvent]:
+        def read() -> list[OutboxEvent]:
+            with self._connect() as db:
+                rows = db.execute(
+                    "SELECT doc FROM outbox WHERE due_at <= ? ORDER BY due_at LIMIT ?",
+                    (now, limit),
+                ).fetchall()
+            return [OutboxEvent.model_validate_json(row[0]) for row in rows]
+
+        return await asyncio.to_thread(read)
+
+    async def claim_event(
+        self, account_id: str, event_id: str, *, now: float, claim: str, hold_s: float
+    ) -> OutboxEvent | None:
+        def take() -> OutboxEvent | None:
+            with self._connect() as db:
+                db.execute("BEGIN IMMEDIATE")
+                row = db.execute(
+                    "SELECT doc FROM outbox WHERE id = ? AND account_id = ? AND due_at <= ?",
+                    (event_id, account_id, now),
+                ).fetchone()
+                if row is None:
+                    return None
+                event = OutboxEvent.model_validate_json(row[0]).model_copy(
+                    update={"claim": claim, "due_at": now + hold_s}
+                )
+                db.execute(
+                    "UPDATE outbox SET due_at = ?, doc = ? WHERE id = ?",
+                    (event.due_at, event.model_dump_json(), event_id),
+                )
+                db.execute("COMMIT")
+                return event
+
+        return await asyncio.to_thread(take)
+
+    async def finish_event(self, event: OutboxEvent, *, claim: str, done: bool) -> bool:
+        def write_back() -> bool:
+            with self._connect() as db:
+                db.execute("BEGIN IMMEDIATE")
+                row = db.execute(
+                    "SELECT doc FROM outbox WHERE id = ? AND account_id = ?",
+                    (event.id, event.account_id),
+                ).fetchone()
+                if row is None or OutboxEvent.model_validate_json(row[0]).claim != claim:
+                    return False
+                if done:
+                    db.execute("DELETE FROM outbox WHERE id = ?", (event.id,))
+                else:
+                    released = event.model_copy(update={"claim": None})
+                    db.execute(
+                        "UPDATE outbox SET due_at = ?, doc = ? WHERE id = ?",
+                        (released.due_at, released.model_dump_json(), event.id),
+                    )
+                db.execute("COMMIT")
+                return True
+
+        return await asyncio.to_thread(write_back)
 
     async def mutate(
         self, account_id: str, name: str, change: DocumentChange[T], *, ttl_s: float | None = None

@@ -114,6 +114,13 @@ def video_app_args(home: Path, state: StateConfig, artifacts: ArtifactConfig) ->
         artifacts=artifacts,
         router={"poll_after_ms": 100, "artifact_sweep_s": 1},
         video={"lease_s": 3, "reconcile_s": 0.5, "max_attempts": 2},
+        # the tests' receivers listen on loopback; a lost sender's events move on quickly
+        webhooks={
+            "allowed_networks": ["127.0.0.1/32"],
+            "retry_delays_s": [0.5, 0.5, 0.5],
+            "claim_hold_s": 3,
+            "poll_interval_s": 0.2,
+        },
     )
 
 

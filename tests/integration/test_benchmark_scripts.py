@@ -111,3 +111,10 @@ def test_bench_edits_runs() -> None:
     assert memory["tasks_with_edits"] == ["image-to-image", "inpaint", "text-to-image"], result
     assert memory["weight_ratio"] == 1.0, result  # every weight shared
     assert all(kind["p50_ms"] > 0 for kind in result["refusals"].values()), result
+
+
+def test_bench_safety_runs() -> None:
+    result = run_smoke("bench_safety.py")
+    assert result["signing"]["png_64"]["bytes_added"] > 0, result
+    assert result["moderation"]["nudenet_64"]["p50_ms"] > 0, result
+    assert result["share_of_tiny_sd_request"]["both"] > 0, result

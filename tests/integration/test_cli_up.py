@@ -258,6 +258,13 @@ def check_readme_snippet(tmp_path: Path, env: dict[str, str], port: int) -> None
     with av.open(str(tmp_path / "video.mp4")) as container:
         assert sum(1 for _ in container.decode(video=0)) == 33
     assert (tmp_path / "thumbnail.webp").read_bytes()[8:12] == b"WEBP"
+    # signed with the local test certificate `up` made under MEDIAGATE_HOME
+    from mediagate.provenance.signing import read_manifest
+
+    assert (tmp_path / "home" / "secrets" / "c2pa_chain.pem").exists()
+    for name, file_format in (("image-1.png", "png"), ("video.mp4", "mp4")):
+        store = read_manifest((tmp_path / name).read_bytes(), file_format)
+        assert store["validation_state"] == "Valid", store.get("validation_status")
 
     # The deployed config is on disk for later `serve deploy` updates.
     assert f"port: {port}" in (tmp_path / "home" / "serve.yaml").read_text()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import time
 from typing import Any
 
@@ -18,6 +19,7 @@ import openai
 import pytest
 from PIL import Image
 
+from mediagate.provenance.signing import read_manifest
 from tests.integration.conftest import RunningService, deploy_video_app
 
 # A job long enough to catch mid-run: 97 frames at 128x128, 50 steps (about 3.7 s of
@@ -100,14 +102,21 @@ def test_create_and_poll_then_download_every_variant(client: openai.OpenAI) -> N
     assert video.completed_at is not None and video.expires_at is not None
     assert video.expires_at > video.completed_at >= video.created_at
 
-    frames = decode_mp4(client.videos.download_content(video.id).read())
+    mp4 = client.videos.download_content(video.id).read()
+    frames = decode_mp4(mp4)
     assert len(frames) == 33 and frames[0].shape == (48, 64, 3)  # 4 s x 8 fps + 1
-    thumbnail = Image.open(
-        io.BytesIO(client.videos.download_content(video.id, variant="thumbnail").read())
-    )
+    thumbnail_file = client.videos.download_content(video.id, variant="thumbnail").read()
+    thumbnail = Image.open(io.BytesIO(thumbnail_file))
     assert thumbnail.format == "WEBP" and thumbnail.size == (64, 48)
     sheet = client.videos.download_content(video.id, variant="spritesheet").read()
     assert Image.open(io.BytesIO(sheet)).format == "JPEG"
+    # every variant carries a valid C2PA manifest (the app's local test certificate)
+    for data, file_format in ((mp4, "mp4"), (thumbnail_file, "webp"), (sheet, "jpeg")):
+        store = read_manifest(data, file_format)
+        assert store["validation_state"] == "Valid", store.get("validation_status")
+        manifest = store["manifests"][store["active_manifest"]]
+        assert manifest["claim_generator_info"][0]["name"] == "mediagate"
+        assert "tiny-wan" in json.dumps(manifest["assertions"])
 
 
 def test_json_create_like_the_2x_client(
@@ -132,7 +141,14 @@ def test_image_to_video_upload(client: openai.OpenAI) -> None:
         prompt="it moves", input_reference=("start.png", buffer.getvalue(), "image/png")
     )
     assert video.status == "completed", video
-    assert len(decode_mp4(client.videos.download_content(video.id).read())) == 33
+    mp4 = client.videos.download_content(video.id).read()
+    assert len(decode_mp4(mp4)) == 33
+    # made from the client's image: an edit of it, the image its parent ingredient
+    store = read_manifest(mp4, "mp4")
+    assert store["validation_state"] == "Valid", store.get("validation_status")
+    manifest = store["manifests"][store["active_manifest"]]
+    assert [i["relationship"] for i in manifest["ingredients"]] == ["parentOf"]
+    assert '"c2pa.edited"' in json.dumps(manifest["assertions"])
 
 
 def test_list_delete_and_remix(client: openai.OpenAI) -> None:

@@ -14,10 +14,13 @@ from mediagate.access.accounts import AccountStore, SqliteAccountStore
 from mediagate.access.guard import TierGuard
 from mediagate.access.ledger import QuotaLedger
 from mediagate.access.tiers import TierPolicy, load_tier_policy
+from mediagate.moderation.moderator import Moderator
 from mediagate.protocol.catalog import Catalog
+from mediagate.provenance.signing import ContentSigner
 from mediagate.stores import JobStore
 from mediagate.stores.artifacts import LocalArtifactStore
 from mediagate.stores.sqlite_store import SqliteStateStore
+from mediagate.webhooks.settings import WebhookSettings
 from models.catalog import load_catalog
 from tests.fakes import FakeClock, FakeScheduler, FakeVideoScheduler, LocalHandle
 
@@ -34,6 +37,9 @@ class Service:
         tier: str = "pro",
         jobs: JobStore | None = None,
         accounts: AccountStore | None = None,
+        webhooks: WebhookSettings | None = None,
+        signer: ContentSigner | None = None,
+        moderator: Moderator | None = None,
         **settings: Any,
     ) -> None:
         self.clock = FakeClock()
@@ -56,6 +62,9 @@ class Service:
             jobs=self.jobs,
             settings=RouterSettings(**settings),
             guard=TierGuard(QuotaLedger(self.jobs, policy or load_tier_policy(), clock=self.clock)),
+            webhook_settings=webhooks,
+            signer=signer,
+            moderator=moderator,
             clock=self.clock,
         )
         self.client = TestClient(create_api(gateway), raise_server_exceptions=False)

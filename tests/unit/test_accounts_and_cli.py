@@ -253,3 +253,30 @@ def test_cli_creates_operator_keys_and_lists_roles(
     assert "operator" in capsys.readouterr().out
     with pytest.raises(SystemExit):  # argparse refuses a role that does not exist
         cli.main(["keys", "create", "--tier", "pro", "--role", "root"])
+
+
+def test_cli_webhooks_add_list_remove(
+    home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+
+    assert cli.main(["keys", "create", "--tier", "pro", "--account", "erin"]) == 0
+    # refused like POST /v1/webhooks: loopback is not allowed by default
+    assert cli.main(["webhooks", "add", "erin", "http://127.0.0.1:9/hooks"]) == 1
+    assert "loopback" in capsys.readouterr().err
+    monkeypatch.setenv("MEDIAGATE_WEBHOOK_ALLOWED_NETWORKS", "127.0.0.1/32")
+    get_settings.cache_clear()
+    try:
+        added = ["webhooks", "add", "erin", "http://127.0.0.1:9/hooks", "--event", "video.failed"]
+        assert cli.main(added) == 0
+        lines = capsys.readouterr().out.strip().splitlines()
+        secret = lines[-1]
+        assert secret.startswith("whsec_")
+        endpoint_id = lines[0].split()[1]
+        assert cli.main(["webhooks", "list", "erin"]) == 0
+        listing = capsys.readouterr().out
+        assert endpoint_id in listing and "video.failed" in listing and secret not in listing
+        assert cli.main(["webhooks", "remove", "erin", endpoint_id]) == 0
+        assert cli.main(["webhooks", "remove", "erin", endpoint_id]) == 1
+        assert cli.main(["webhooks", "list", "nobody"]) == 1
+    finally:
+        get_settings.cache_clear()

@@ -226,6 +226,21 @@ async def test_a_pipeline_failure_fails_the_job(tmp_path: Path, model_cache: Pat
     assert job.completed_at is not None and job.lease_expires_at is None
 
 
+async def test_a_flagged_video_fails_uncharged_and_leaves_no_files(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    from mediagate.moderation.settings import ModerationSettings
+
+    flags_all = ModerationSettings(image_checker="tests.moderation_checkers:FlagsEverything")
+    rig = Rig(tmp_path, model_cache, moderation=flags_all)
+    task = await rig.dispatch("video_1", num_frames=9)
+    assert (await rig.worker.run(task)).status == "failed"
+    job = await rig.job("video_1")
+    assert job is not None and job.status == "failed"
+    assert job.error_code == "moderation_blocked" and "safety system" in (job.error_message or "")
+    assert job.artifacts == {} and not list(rig.files.rglob("vid_*"))
+
+
 async def test_the_heartbeat_renews_the_lease(tmp_path: Path, model_cache: Path) -> None:
     """With progress writes out of the picture, the lease is still renewed every lease_s / 3."""
     rig = Rig(tmp_path, model_cache, progress_interval_s=3600)

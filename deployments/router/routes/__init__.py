@@ -14,7 +14,7 @@ from fastapi import FastAPI
 
 from deployments.router.gateway import Gateway
 from deployments.router.http_edge import EdgeMiddleware, install_error_handlers
-from deployments.router.routes import account, console, images, models, ops, videos
+from deployments.router.routes import account, console, images, models, ops, videos, webhooks
 from mediagate.protocol.errors import ErrorResponse
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -44,7 +44,7 @@ def create_api(
         upload_paths={videos.UPLOAD_PATH, images.EDIT_PATH},
         max_upload_bytes=gateway.settings.max_upload_bytes,
     )
-    for module in (images, videos, models, account, ops):
+    for module in (images, videos, models, account, ops, webhooks):
         app.include_router(module.router)
     if gateway.settings.console:
         app.include_router(console.router)
