@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from mediagate.moderation.prompts import Level
@@ -57,9 +58,20 @@ class NudeNetChecker:
     """NudeNet's 320 px detector on the CPU (one ONNX session per process)."""
 
     def __init__(self) -> None:
+        import nudenet
+        import onnxruntime
         from nudenet import NudeDetector
 
         self._detector = NudeDetector()
+        # One thread: it runs beside a router's event loop (or a worker's pipeline), and
+        # onnxruntime's default of a thread per core would contend with both.
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.inter_op_num_threads = 1
+        model = Path(nudenet.__file__).with_name("320n.onnx")
+        self._detector.onnx_session = onnxruntime.InferenceSession(
+            str(model), options, providers=["CPUExecutionProvider"]
+        )
 
     def check(self, images: list[Any], level: Level) -> list[ImageVerdict]:
         import numpy as np
