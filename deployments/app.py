@@ -258,9 +258,7 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
             ray_actor_options={"num_cpus": 0},
             health_check_period_s=2,  # the health check also (re)starts the sender
         )
-        .bind(state=state, settings=webhook_settings)
-        if webhook_settings.enabled
-        else None
+        .bind(state=state, settings=webhook_settings)  # switched off, it drops the events
     )
     router = _deployment(serve.ingress()(Router)).options(
         name=ROUTER,

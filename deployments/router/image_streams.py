@@ -134,9 +134,9 @@ class ImageStream:
                     result = item
             if result is None:
                 raise GenerationFailed("the stream ended without its images; please retry")
-            done = True  # the work is done: a caller who leaves now has had it
             self.requests.refresh_load_now(self.work.spec.id)
             await self._moderate(result.images)  # all of them, before the first goes out
+            done = True  # the work is done: a caller who leaves now has had it
             for index, image in enumerate(result.images):
                 yield await self._event(image, index, None)
             delivered = True

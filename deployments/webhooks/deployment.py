@@ -40,7 +40,7 @@ class Webhooks:
 
     def _ensure_started(self) -> None:
         """Start the sender's loop (again, if it ended)."""
-        if not self.settings.enabled or (self._task is not None and not self._task.done()):
+        if self._task is not None and not self._task.done():
             return
         if self._task is not None and not self._task.cancelled() and self._task.exception():
             logger.error("webhook sender stopped: %r; starting it again", self._task.exception())
@@ -56,6 +56,6 @@ class Webhooks:
 
     async def status(self) -> dict[str, Any]:
         """Counts since this replica started: events taken up, attempts delivered and
-        failed, deliveries given up, endpoints disabled."""
+        failed, deliveries given up, endpoints disabled, events dropped (delivery off)."""
         self._ensure_started()
         return {"enabled": self.settings.enabled, **self.sender.counts}

@@ -160,7 +160,9 @@ class ImageGenerationRequest(ImageRequest):
     """``POST /v1/images/generations``."""
 
     moderation: Literal["auto", "low"] | None = Field(
-        None, description="Accepted for compatibility; mediagate runs no moderation model."
+        None,
+        description="Moderation level: `auto` (the default) or `low` (less restrictive; "
+        "only on tiers that allow it, else a 400).",
     )
     style: Literal["vivid", "natural"] | None = Field(
         None, description="A DALL-E 3 option with no meaning for diffusion models: rejected if set."

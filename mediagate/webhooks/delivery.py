@@ -10,6 +10,7 @@ spec says), reads at most a few kB of the answer and gives up after a short time
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import email.utils
 import time
@@ -63,7 +64,7 @@ def retry_after(value: str | None, now: float) -> float | None:
     """A ``Retry-After`` header in seconds (delta-seconds or an HTTP date)."""
     if not value:
         return None
-    if value.strip().isdigit():
+    if value.strip().isascii() and value.strip().isdigit():
         return float(value.strip())
     try:
         when = email.utils.parsedate_to_datetime(value)
@@ -99,7 +100,9 @@ async def attempt(
     if target.scheme == "https" and literal_address(target.host) is None:
         extensions["sni_hostname"] = target.host  # the certificate is checked for the name
     try:
+        # the whole attempt, not each read: a receiver that drips bytes is cut off too
         async with (
+            asyncio.timeout(settings.timeout_s),
             new_client(settings) as client,
             client.stream(
                 "POST",
@@ -114,10 +117,12 @@ async def attempt(
                 read += len(chunk)
                 if read >= settings.max_response_bytes:
                     break
-    except httpx.TimeoutException:
+    except (TimeoutError, httpx.TimeoutException):
         return AttemptResult(delivered=False, error=f"no answer within {settings.timeout_s:g}s")
     except httpx.HTTPError as error:
         return AttemptResult(delivered=False, error=f"connection failed ({type(error).__name__})")
+    except Exception as error:  # whatever else: a failed attempt, never a stuck event
+        return AttemptResult(delivered=False, error=f"attempt failed ({type(error).__name__})")
     status = response.status_code
     if 200 <= status < 300:
         return AttemptResult(delivered=True, status=status)

@@ -80,7 +80,13 @@ class WebhookSender:
         return len(taken)
 
     async def deliver(self, event: OutboxEvent) -> None:
-        """Attempt every delivery of ``event`` that is due, then write it back."""
+        """Attempt every delivery of ``event`` that is due, then write it back. With
+        delivery switched off, events are dropped as they come (never a backlog sent
+        days late when it is switched on again)."""
+        if not self.settings.enabled:
+            self.counts["dropped"] += 1
+            await self.store.finish_event(event, claim=self.claim, done=True)
+            return
         endpoints = {e.id: e for e in await self.endpoints.list(event.account_id)}
         now = self.clock()
         if event.deliveries is None:

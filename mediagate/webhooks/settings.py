@@ -26,7 +26,11 @@ class WebhookSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    enabled: bool = Field(True, description="Deliver events (registration works either way).")
+    enabled: bool = Field(
+        True,
+        description="Deliver events; false drops them as they come (registration works "
+        "either way).",
+    )
     allowed_networks: tuple[str, ...] = Field(
         (),
         description="Private, loopback or link-local networks (CIDR) targets may be in, "

@@ -173,6 +173,11 @@ async def test_an_endpoint_failing_the_whole_schedule_is_disabled(
         "http://user:pass@example.com/hook",
         "http://name.invalid/hook",
         "not a url",
+        "http://[64:ff9b::a9fe:a9fe]/hook",  # NAT64 of 169.254.169.254
+        "http://[2002:7f00:1::]/hook",  # 6to4 of 127.0.0.1
+        "http://[::7f00:1]/hook",  # IPv4-compatible 127.0.0.1
+        "http://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/hook",  # Teredo
+        "http://167772161/hook",  # 10.0.0.1 spelled as a number
     ],
 )
 async def test_targets_refused_at_registration(store: JobStore, url: str) -> None:
@@ -188,8 +193,10 @@ async def test_loopback_needs_the_operators_setting(
 ) -> None:
     by_default = WebhookSender(store, WebhookSettings()).endpoints
     for url in (receiver.url, f"http://localhost:{receiver.port}/hooks"):
-        with pytest.raises(InvalidRequest, match="loopback"):
+        with pytest.raises(InvalidRequest, match="loopback") as refused:
             await by_default.add(ACCOUNT, WebhookEndpointCreate(url=url))
+        # what a name resolves to is not told (registration is no DNS oracle)
+        assert "127.0.0.1" not in refused.value.message or "127.0.0.1" in url
     added = await WebhookSender(store, LOOPBACK).endpoints.add(
         ACCOUNT, WebhookEndpointCreate(url=receiver.url)
     )
@@ -276,3 +283,31 @@ async def test_a_sender_lost_mid_delivery_is_replaced_without_losing_the_event(
     assert hooks[0].body == hooks[1].body
     assert unwrap(secret or "", hooks[1]).data.id == "video_1"
     assert json.loads(hooks[1].body)["type"] == "video.completed"
+
+
+async def test_odd_answers_and_names_fail_attempts_not_the_sender(
+    store: JobStore, receiver: WebhookReceiver
+) -> None:
+    """A Retry-After that only looks numeric, and an internationalised host name: failed
+    attempts (retried, then given up), never an event stuck in the outbox."""
+    from mediagate.webhooks.targets import parse_target
+
+    assert parse_target("https://bücher.example/h").host == "xn--bcher-kva.example"
+    receiver.answers = [(503, {"retry-after": "\u00b2"}, b"")] * 5
+    settings = LOOPBACK.model_copy(update={"retry_delays_s": (0.05,)})
+    sender = WebhookSender(store, settings)
+    await sender.endpoints.add(ACCOUNT, WebhookEndpointCreate(url=receiver.url))
+    await finish(store, "video_1")
+    await deliver_all(sender)
+    assert len(receiver.received) == 2 and sender.counts["given_up"] == 1
+
+
+async def test_switched_off_drops_events_instead_of_keeping_a_backlog(
+    store: JobStore, receiver: WebhookReceiver
+) -> None:
+    settings = LOOPBACK.model_copy(update={"enabled": False})
+    sender = WebhookSender(store, settings)
+    await sender.endpoints.add(ACCOUNT, WebhookEndpointCreate(url=receiver.url))
+    await finish(store, "video_1")
+    await deliver_all(sender)
+    assert receiver.received == [] and sender.counts["dropped"] == 1
