@@ -26,7 +26,7 @@ from deployments.router.images import ImageRequests, ImageWork
 from deployments.streams import finish_regardless
 from mediagate.access.accounts import Account
 from mediagate.access.guard import Admission, rate_limit_headers
-from mediagate.protocol.errors import GenerationFailed, caused_by
+from mediagate.protocol.errors import GenerationFailed, ModerationBlocked, caused_by
 from mediagate.protocol.image_stream import (
     ImageStreamEvent,
     ImagesUsage,
@@ -147,7 +147,9 @@ class ImageStream:
             if caller_went_away(error):
                 left = True
                 raise
-            done = False  # failed on our side (encoding included): not charged
+            done = False  # failed on our side (encoding included), or refused: not charged
+            if isinstance(error, ModerationBlocked):  # counted as the edge counts its 400s
+                self.requests.gateway.on_refusal(self.account.tier, error.code or "")
             yield sse_error(self.requests.scheduler_error(self.work.spec.id, error))
         finally:
             if not delivered:

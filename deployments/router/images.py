@@ -60,6 +60,8 @@ WORKER_HEADER = "x-mediagate-worker"  # the worker replica that made the images
 class ImageRouter(RouterServices, Protocol):
     """What image requests need from the router."""
 
+    on_refusal: Callable[[str, str], None]
+
     def served_models(self) -> list[ModelSpec]: ...
 
     async def remember_images(

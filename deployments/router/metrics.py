@@ -14,9 +14,10 @@ class RouterMetrics:
         self.refusals = metrics.Counter(
             "mediagate_refusals",
             description=(
-                "Requests of known callers refused (403, 429, 503), per tier and reason "
+                "Requests of known callers refused (403, 429, 503, and moderation's 400s; "
+                "video outputs refused are counted by their worker), per tier and reason "
                 "(the error code: insufficient_quota, rate_limit_exceeded, "
-                "server_overloaded, ...)."
+                "server_overloaded, moderation_blocked, ...)."
             ),
             tag_keys=tags,
         )

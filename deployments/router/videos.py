@@ -125,7 +125,9 @@ class VideoJobs:
             )
         if reference is not None:
             self._check_reference(spec, reference)
-        generation = VideoGeneration(**resolved, seed=draw_seed(body.seed), moderation=level)
+        generation = VideoGeneration(
+            **resolved, seed=draw_seed(body.seed), moderation=level, tier=account.tier
+        )
         return await self._submit(account, spec, generation, seconds, reference=reference)
 
     async def _submit(
@@ -303,7 +305,7 @@ class VideoJobs:
         source = await self._completed(account, video_id, "only completed videos can be remixed")
         spec = self.gateway.model(source.model)
         generation = VideoGeneration.model_validate(
-            {**source.generation, "prompt": body.prompt, "moderation": level}
+            {**source.generation, "prompt": body.prompt, "moderation": level, "tier": account.tier}
         )
         if generation.input_reference is not None:  # the remix must outlive its source
             copied = await asyncio.to_thread(self._copy_artifact, generation.input_reference)

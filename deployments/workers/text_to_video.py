@@ -25,6 +25,9 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, TypeVar
 
+import ray
+
+from deployments.router.metrics import RouterMetrics
 from deployments.workers.runner import (
     PipelineLoader,
     StoppedAtStep,
@@ -32,13 +35,14 @@ from deployments.workers.runner import (
     stop_pipeline,
 )
 from deployments.workers.step_engine import SeatCancelled
+from deployments.workers.video_failures import video_failure
 from deployments.workers.video_steps import SeatReports, VideoSteps, denoising_progress
 from mediagate.jobs.video import VideoJobLifecycle
 from mediagate.moderation.moderator import Moderator
 from mediagate.moderation.settings import ModerationSettings
 from mediagate.protocol.catalog import ModelSpec
 from mediagate.protocol.clock import Clock, system_clock
-from mediagate.protocol.errors import ModerationBlocked, StoreUnavailable
+from mediagate.protocol.errors import StoreUnavailable
 from mediagate.protocol.work import VideoGeneration, VideoOutcome, VideoTask
 from mediagate.provenance.settings import ProvenanceSettings
 from mediagate.provenance.signing import ContentSigner, Provenance
@@ -141,6 +145,9 @@ class TextToVideo:
     ) -> None:
         self.spec = spec
         self.moderator = Moderator(moderation or ModerationSettings(enabled=False))
+        self.refusals = (
+            RouterMetrics() if ray.is_initialized() and moderation else None
+        )  # a replica
         self.signer = (
             ContentSigner.from_files(provenance) if provenance and provenance.enabled else None
         )
@@ -245,9 +252,8 @@ class TextToVideo:
     def _encode_and_store(
         self, frames: Any, generation: VideoGeneration, cancelled: threading.Event
     ) -> dict[str, str]:
-        """Every file checked (flagged frames: ``ModerationBlocked``, the job fails
-        uncharged), encoded, signed (a C2PA manifest each) and stored, or none (what was
-        stored is deleted again). Runs after the denoising, off its loop."""
+        """Every file checked (flagged frames: the job fails uncharged), encoded, signed
+        (C2PA) and stored, or none (what was stored is deleted again); off the loop."""
         self.moderator.check_frames(frames, generation.moderation)
         files = {
             "video": (encode_mp4(frames, generation.fps), "mp4"),
@@ -373,19 +379,11 @@ class TextToVideo:
         return outcome.images[0], outcome.service_s
 
     async def _fail(self, task: VideoTask, error: Exception) -> bool:
-        """A model-side failure is final for this job (re-running would fail the same way);
-        so is a file store that stayed down past ``store_retry_s``. Neither is charged.
-        Whether the job was still this dispatch's to fail."""
-        code = "generation_failed"
-        if isinstance(error, ModerationBlocked):
-            code, message = "moderation_blocked", error.message
-        elif isinstance(error, StoreUnavailable):
-            code = "storage_unavailable"
-            message = "the file store stayed unavailable for this video; please submit it again"
-        elif isinstance(error, ValueError) and task.generation.input_reference:
-            message = f"the input_reference image cannot be used: {error}"
-        else:
-            message = f"model {self.spec.id} failed to generate this video"
+        """A model-side failure (or a refusal) is final for this job, uncharged; whether
+        the job was still this dispatch's to fail."""
+        code, message = video_failure(error, self.spec.id, task.generation)
+        if code == "moderation_blocked" and self.refusals is not None:  # per tier, as routers
+            self.refusals.refused(task.generation.tier or "unknown", code)
         failed = await self.jobs.fail(
             task.account_id,
             task.job_id,

@@ -229,6 +229,7 @@ class VideoGeneration(BaseModel):
     moderation: Literal["auto", "low"] = Field(
         "auto", description="The level its frames are checked at (its tier's)."
     )
+    tier: str = Field("", description="Its owner's tier when submitted (for metrics).")
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         kwargs: dict[str, Any] = {

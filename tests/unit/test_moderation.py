@@ -162,11 +162,14 @@ def test_a_flagged_stream_ends_with_an_error_event_uncharged(service: Service) -
         http_client=service.client,
         max_retries=0,
     )
+    counted: list[tuple[str, str]] = []
+    service.gateway.on_refusal = lambda tier, code: counted.append((tier, code))
     stream = client.images.generate(prompt="x", stream=True, extra_body={"seed": 250})
     with pytest.raises(openai.APIError, match="safety system"):
         for event in stream:
             assert event.type != "image_generation.completed"
     assert images_today(service) == 0
+    assert counted == [("free", "moderation_blocked")]
 
 
 def test_video_prompts_and_references_are_checked(tmp_path: Path) -> None:
