@@ -38,7 +38,9 @@ from typing import Any
 import httpx
 import yaml
 from benchmarking import (
+    add_checks_argument,
     add_ingress_argument,
+    checks_off,
     percentile,
     start_local_serve,
     write_tiers_without_quotas,
@@ -107,7 +109,7 @@ def catalog_with_batch(home: Path, batch: int) -> Path:
     return path
 
 
-def deploy(home: Path, batch: int) -> None:
+def deploy(home: Path, batch: int, *, without_checks: bool = False) -> None:
     from ray import serve
 
     from deployments.app import AppArgs, build_app
@@ -118,6 +120,7 @@ def deploy(home: Path, batch: int) -> None:
         models=["tiny-sd"],
         tiers_file=str(write_tiers_without_quotas(home)),
         worker_ray_actor_options={"num_cpus": 1, "num_gpus": 0},
+        **checks_off(without_checks),
     )
     serve.run(build_app(args), name="mediagate", route_prefix="/")
 
@@ -226,6 +229,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=50)
     parser.add_argument("--batch", type=int, default=4)
     add_ingress_argument(parser)
+    add_checks_argument(parser)
     parser.add_argument(
         "--smoke", action="store_true", help="a few requests: checks the script runs (the suite)"
     )
@@ -248,13 +252,13 @@ def main() -> None:
         key = store.create_key(store.ensure_account("bench", "pro").id)
         base_url = f"http://127.0.0.1:{port}"
 
-        deploy(home, 1)
+        deploy(home, 1, without_checks=args.without_checks)
         served = interleaved_latency(base_url, key, actor, args.requests)
         bare = {"p50_s": served.pop("bare_p50_s"), "p99_s": served.pop("bare_p99_s")}
         bare["throughput_b1"], served["throughput_b1"] = interleaved_throughput(
             base_url, key, actor, 1, args.requests, concurrency=2
         )
-        deploy(home, args.batch)
+        deploy(home, args.batch, without_checks=args.without_checks)
         batch_key = f"throughput_b{args.batch}"
         bare[batch_key], served[batch_key] = interleaved_throughput(
             base_url, key, actor, args.batch, 2 * args.requests, concurrency=2 * args.batch
@@ -266,6 +270,7 @@ def main() -> None:
     result = {
         "model": "tiny-sd",
         "ingress": args.ingress,
+        "checks": "off" if args.without_checks else "moderation and signing",
         "size": f"{SIZE}x{SIZE}",
         "steps": STEPS,
         "requests": args.requests,

@@ -74,7 +74,9 @@ import httpx
 import yaml
 from benchmarking import (
     actor_pids,
+    add_checks_argument,
     add_ingress_argument,
+    checks_off,
     percentile,
     start_local_serve,
     write_tiers_without_quotas,
@@ -458,6 +460,7 @@ def main() -> None:
         help="tiny-sd: the REAL tiny pipeline on the CPU (4 steps) instead of the simulation",
     )
     add_ingress_argument(parser)
+    add_checks_argument(parser)
     parser.add_argument(
         "--client-gc",
         action="store_true",
@@ -503,6 +506,7 @@ def main() -> None:
             ),
             tiers_file=str(write_tiers_without_quotas(home)),
             worker_ray_actor_options={"num_cpus": 0.1, "num_gpus": 0},
+            **checks_off(args.without_checks),
         )
         serve.run(build_app(app_args), name="mediagate", route_prefix="/")
         store = SqliteAccountStore(home / "state.db")
@@ -547,6 +551,7 @@ def main() -> None:
         "max_batch": args.max_batch,
         "batch_cost": args.batch_cost,
         "ingress": args.ingress,
+        "checks": "off" if args.without_checks else "moderation and signing",
         "capacity_rps": round(c, 2),
         "pro_rate_rps": round(0.3 * c, 2),
         "free_rate_rps": round(10 * c, 2),

@@ -10,7 +10,7 @@ import argparse
 import importlib
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -52,6 +52,22 @@ def add_ingress_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_checks_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--without-checks",
+        action="store_true",
+        help="serve without the per-image moderation check and C2PA signing (both on by "
+        "default; scripts/bench_safety.py measures what they cost)",
+    )
+
+
+def checks_off(without: bool) -> dict[str, Any]:
+    """AppArgs fields that switch the per-image checks off, if asked."""
+    if not without:
+        return {}
+    return {"moderation": {"enabled": False}, "provenance": {"enabled": False}}
+
+
 def start_local_ray(home: Path, ingress: Ingress) -> None:
     """A local Ray instance set up as `mediagate up` sets up its own (token auth,
     loopback listeners, the chosen ingress), with this process as its driver."""
@@ -91,7 +107,6 @@ def start_local_serve(home: Path, ingress: Ingress) -> int:
 def actor_pids(app: str, deployments: list[str]) -> dict[str, int]:
     """The process id of one live replica of each of ``deployments`` in ``app``."""
     import os
-    from typing import Any
 
     import ray
 
