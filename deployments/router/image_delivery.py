@@ -40,6 +40,17 @@ class Delivered:
     encode_ms: float
     sign_ms: float
     stored: list[str]  # artifact ids (URL answers)
+    checked: bool = False  # an image checker ran (else no `moderate` stage)
+    signed: bool = False  # a signer ran (else no `sign` stage)
+
+    def timings_ms(self) -> dict[str, float]:
+        """Its stages for ``Server-Timing``: only what ran."""
+        timings = {"encode": self.encode_ms}
+        if self.checked:
+            timings["moderate"] = self.moderate_ms
+        if self.signed:
+            timings["sign"] = self.sign_ms
+        return timings
 
 
 def pil_image(raw: RawImage) -> Any:
@@ -78,7 +89,8 @@ def deliver(
     charged), encoded, signed, and inlined or stored."""
     started = time.perf_counter()
     moderator, level = moderation
-    if moderator.image_checker is not None and moderator.settings.enabled:
+    checked = moderator.image_checker is not None and moderator.settings.enabled
+    if checked:
         moderator.check_images([pil_image(raw) for raw in result.images], level, param=None)
     moderate_ms = (time.perf_counter() - started) * 1000
     files, encode_ms, sign_ms = [], 0.0, 0.0
@@ -89,7 +101,7 @@ def deliver(
         sign_ms += signing
     if delivery.response_format == "b64_json":
         inline = [ImageData(b64_json=base64.b64encode(image).decode()) for image in files]
-        return Delivered(inline, moderate_ms, encode_ms, sign_ms, [])
+        return Delivered(inline, moderate_ms, encode_ms, sign_ms, [], checked, signer is not None)
     stored = [artifacts.put(image, delivery.output_format, "img") for image in files]
     urls = [ImageData(url=artifacts.url(id_, url_ttl_s, delivery.base_url)) for id_ in stored]
-    return Delivered(urls, moderate_ms, encode_ms, sign_ms, stored)
+    return Delivered(urls, moderate_ms, encode_ms, sign_ms, stored, checked, signer is not None)

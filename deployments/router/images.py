@@ -293,9 +293,7 @@ class ImageRequests:
                 **result.timings_ms,
                 "router": (forwarded - received) * 1000,
                 "to_scheduler": max(0.0, (answered - forwarded) * 1000 - scheduler_ms),
-                "moderate": delivered_images.moderate_ms,
-                "encode": delivered_images.encode_ms,
-                "sign": delivered_images.sign_ms,
+                **delivered_images.timings_ms(),
                 "respond": max(
                     0.0,
                     (time.perf_counter() - answered) * 1000

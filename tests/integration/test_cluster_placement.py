@@ -42,6 +42,7 @@ def placement_config(home: Path) -> Path:
                 "args": {"models": ["tiny-sd", "tiny-wan"]},
                 "deployments": [
                     {"name": "Router", "ray_actor_options": head},
+                    {"name": "Webhooks", "ray_actor_options": head},
                     {"name": "Scheduler-tiny-sd", "ray_actor_options": head},
                     {"name": "Scheduler-tiny-wan", "ray_actor_options": head},
                     {
@@ -132,6 +133,7 @@ def test_routers_on_the_head_workers_on_their_gpu_nodes(gpu_cluster: dict[str, A
     }
     assert where == {
         "Router": {nodes["head"]},
+        "Webhooks": {nodes["head"]},
         "Scheduler-tiny-sd": {nodes["head"]},
         "Scheduler-tiny-wan": {nodes["head"]},
         "TextToImage-tiny-sd": {nodes["A10G"]},

@@ -25,9 +25,9 @@ def receiver() -> Iterator[WebhookReceiver]:
     server.close()
 
 
-def register(service: RunningService, url: str) -> str:
-    """A new endpoint of the test account; its secret. (Earlier tests' endpoints are
-    removed: each test sees only its own receiver's events.)"""
+def registered_client(service: RunningService, url: str) -> openai.OpenAI:
+    """The official client with the secret of a new endpoint of the test account (earlier
+    tests' endpoints are removed: each test sees only its own receiver's events)."""
     headers = {"Authorization": f"Bearer {service.key}"}
     with httpx.Client(base_url=f"{service.base_url}/v1", headers=headers, timeout=30) as http:
         for endpoint in http.get("/webhooks").json()["data"]:
@@ -36,20 +36,18 @@ def register(service: RunningService, url: str) -> str:
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "url"
         created = http.post("/webhooks", json={"url": url})
         assert created.status_code == 200, created.text
-        secret: str = created.json()["secret"]
-        return secret
+    return openai.OpenAI(
+        base_url=f"{service.base_url}/v1",
+        api_key=service.key,
+        webhook_secret=created.json()["secret"],
+        max_retries=0,
+    )
 
 
 def test_a_finished_video_is_delivered_signed(
     video_service: RunningService, receiver: WebhookReceiver
 ) -> None:
-    secret = register(video_service, receiver.url)
-    client = openai.OpenAI(
-        base_url=f"{video_service.base_url}/v1",
-        api_key=video_service.key,
-        webhook_secret=secret,
-        max_retries=0,
-    )
+    client = registered_client(video_service, receiver.url)
     video = client.videos.create_and_poll(prompt="a hooked fish", poll_interval_ms=100)
     assert video.status == "completed"
     [hook] = receiver.wait_for(1)
@@ -63,13 +61,7 @@ def test_killing_the_sender_mid_delivery_loses_nothing(
 ) -> None:
     import ray
 
-    secret = register(video_service, receiver.url)
-    client = openai.OpenAI(
-        base_url=f"{video_service.base_url}/v1",
-        api_key=video_service.key,
-        webhook_secret=secret,
-        max_retries=0,
-    )
+    client = registered_client(video_service, receiver.url)
     receiver.hold_next.set()  # the first attempt gets no answer
     video = client.videos.create_and_poll(prompt="a kept promise", poll_interval_ms=100)
     assert video.status == "completed"

@@ -75,7 +75,7 @@ def test_head_runs_routers_and_schedulers_gpu_nodes_run_workers() -> None:
     }
     for name, entry in deployments(gpu_serve_config()).items():
         options = entry.get("ray_actor_options", {})
-        if name == "Router" or name.startswith("Scheduler-"):
+        if name in ("Router", "Webhooks") or name.startswith("Scheduler-"):
             assert options.get("resources", {}).get("head"), f"{name} is not pinned to the head"
             assert not options.get("num_gpus")
         else:
