@@ -28,14 +28,18 @@ def to_raw_image(image: Any) -> RawImage:
     return RawImage(mode=image.mode, width=image.width, height=image.height, pixels=image.tobytes())
 
 
+def from_raw_image(raw: RawImage) -> Any:
+    """The plain pixels a worker returns -> PIL image (``to_raw_image`` undone)."""
+    from PIL import Image
+
+    return Image.frombytes(raw.mode, (raw.width, raw.height), raw.pixels)
+
+
 def encode_raw_image(
     raw: RawImage, output_format: ImageFormat, compression: int | None = None
 ) -> bytes:
     """A worker's raw pixels -> PNG, JPEG or WebP bytes (``encode_image`` of them)."""
-    from PIL import Image
-
-    image = Image.frombytes(raw.mode, (raw.width, raw.height), raw.pixels)
-    return encode_image(image, output_format, compression)
+    return encode_image(from_raw_image(raw), output_format, compression)
 
 
 VIDEO_CONTENT_TYPES: dict[str, str] = {

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from mediagate.moderation.moderator import Moderator
 from mediagate.moderation.prompts import Level
@@ -16,7 +15,7 @@ from mediagate.protocol.media import ImageFormat
 from mediagate.protocol.work import ImageResult, RawImage
 from mediagate.provenance.signing import ContentSigner, Provenance
 from mediagate.stores.artifacts import ArtifactStore
-from models.encoding import encode_raw_image
+from models.encoding import encode_raw_image, from_raw_image
 
 
 @dataclass(frozen=True)
@@ -53,12 +52,6 @@ class Delivered:
         return timings
 
 
-def pil_image(raw: RawImage) -> Any:
-    from PIL import Image
-
-    return Image.frombytes(raw.mode, (raw.width, raw.height), raw.pixels)
-
-
 def encoded_and_signed(
     raw: RawImage,
     delivery: Delivery,
@@ -89,9 +82,9 @@ def deliver(
     charged), encoded, signed, and inlined or stored."""
     started = time.perf_counter()
     moderator, level = moderation
-    checked = moderator.image_checker is not None and moderator.settings.enabled
+    checked = moderator.checks_images
     if checked:
-        moderator.check_images([pil_image(raw) for raw in result.images], level, param=None)
+        moderator.check_images([from_raw_image(raw) for raw in result.images], level, param=None)
     moderate_ms = (time.perf_counter() - started) * 1000
     files, encode_ms, sign_ms = [], 0.0, 0.0
     for raw in result.images:

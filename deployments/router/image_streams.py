@@ -21,7 +21,7 @@ from typing import Any
 from ray.exceptions import TaskCancelledError
 from ray.serve.exceptions import RequestCancelledError
 
-from deployments.router.image_delivery import encoded_and_signed, pil_image
+from deployments.router.image_delivery import encoded_and_signed
 from deployments.router.images import ImageRequests, ImageWork
 from deployments.streams import finish_regardless
 from mediagate.access.accounts import Account
@@ -37,6 +37,7 @@ from mediagate.protocol.image_stream import (
     sse_error,
 )
 from mediagate.protocol.work import ImageResult, PartialImage, RawImage, StreamQueued
+from models.encoding import from_raw_image
 
 logger = logging.getLogger(__name__)
 # What a handle call raises when the request that made it was cancelled.
@@ -170,11 +171,11 @@ class ImageStream:
     async def _moderate(self, images: list[RawImage]) -> None:
         """Refuse (an ``error`` event, nothing charged) if the checker flags one."""
         moderator = self.requests.gateway.moderator
-        if moderator.image_checker is None or not moderator.settings.enabled:
+        if not moderator.checks_images:
             return
         await asyncio.to_thread(
             moderator.check_images,
-            [pil_image(image) for image in images],
+            [from_raw_image(image) for image in images],
             self.work.moderation,
             param=None,
         )

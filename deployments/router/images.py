@@ -24,7 +24,7 @@ from deployments.router.edit_uploads import (
     edit_strength,
     edit_upload_limits,
 )
-from deployments.router.image_delivery import Delivery, deliver, pil_image
+from deployments.router.image_delivery import Delivery, deliver
 from deployments.router.services import RouterServices
 from deployments.scheduler.admission import count_forwarded, shed_on_published_load
 from deployments.streams import detached
@@ -51,6 +51,7 @@ from mediagate.protocol.scheduling import PublishedLoad
 from mediagate.protocol.timing import SERVER_TIMING_HEADER, server_timing
 from mediagate.protocol.work import ImageJob, ImageResult, ImageTask, draw_seed
 from mediagate.provenance.signing import Provenance
+from models.encoding import from_raw_image
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +181,7 @@ class ImageRequests:
             )
             # decoded only now (checked unread before): refused uploads cost nothing
             await asyncio.to_thread(
-                self.gateway.moderator.check_images, [pil_image(image)], level, param="image"
+                self.gateway.moderator.check_images, [from_raw_image(image)], level, param="image"
             )
             return job.model_copy(update={"init_image": image, "mask_image": mask})
 

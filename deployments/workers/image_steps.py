@@ -10,7 +10,7 @@ from typing import Any
 
 from deployments.workers.runner import StoppedAtStep, stop_pipeline
 from mediagate.protocol.work import ImageJob, PartialImage, RawImage, preview_steps
-from models.encoding import to_raw_image
+from models.encoding import from_raw_image, to_raw_image
 from models.previews import can_preview, decode_previews
 
 logger = logging.getLogger(__name__)
@@ -19,12 +19,6 @@ StepCallback = Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]
 
 class BatchStopped(StoppedAtStep):
     """The scheduler took the batch back (to run higher-priority work) mid-way."""
-
-
-def pil_of(raw: RawImage) -> Any:
-    from PIL import Image
-
-    return Image.frombytes(raw.mode, (raw.width, raw.height), raw.pixels)
 
 
 def inpaint_inputs(jobs: list[ImageJob]) -> list[tuple[RawImage, RawImage]]:
@@ -43,7 +37,7 @@ def keep_outside_masks(images: list[Any], inputs: list[tuple[RawImage, RawImage]
     from PIL import Image
 
     return [
-        Image.composite(image.convert("RGB"), pil_of(original), pil_of(mask))
+        Image.composite(image.convert("RGB"), from_raw_image(original), from_raw_image(mask))
         for image, (original, mask) in zip(images, inputs, strict=True)
     ]
 

@@ -26,7 +26,6 @@ from deployments.workers.image_steps import (
     PreviewPlan,
     inpaint_inputs,
     keep_outside_masks,
-    pil_of,
     step_callback,
 )
 from deployments.workers.runner import PipelineLoader, load_warm_pipeline
@@ -41,7 +40,7 @@ from mediagate.protocol.work import (
     image_seeds,
     pipeline_call_kwargs,
 )
-from models.encoding import to_raw_image
+from models.encoding import from_raw_image, to_raw_image
 from models.loading import load_pipeline
 
 logger = logging.getLogger(__name__)
@@ -108,13 +107,19 @@ def call_kwargs(
         if incomplete:
             raise InvalidRequest(f"an {first.task} job came without its input image or mask")
         kwargs["image"] = [
-            pil_of(job.init_image) for job in jobs for _ in range(job.images) if job.init_image
+            from_raw_image(job.init_image)
+            for job in jobs
+            for _ in range(job.images)
+            if job.init_image
         ]
         if first.strength is not None:
             kwargs["strength"] = first.strength
         if first.task == "inpaint":
             kwargs["mask_image"] = [
-                pil_of(job.mask_image) for job in jobs for _ in range(job.images) if job.mask_image
+                from_raw_image(job.mask_image)
+                for job in jobs
+                for _ in range(job.images)
+                if job.mask_image
             ]
     accepted = accepted_arguments(type(pipeline))
     if accepted is None:

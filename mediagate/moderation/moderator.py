@@ -50,6 +50,11 @@ class Moderator:
             else load_image_checker(settings.image_checker)
         )
 
+    @property
+    def checks_images(self) -> bool:
+        """Whether image checks run (callers skip preparing images for them if not)."""
+        return self.settings.enabled and self.image_checker is not None
+
     def check_prompt(self, prompt: str, level: Level) -> None:
         if not self.settings.enabled:
             return
@@ -63,8 +68,9 @@ class Moderator:
 
     def check_images(self, images: list[Any], level: Level, *, param: str | None) -> None:
         """Refuse if any of ``images`` (PIL) is flagged; ``param`` names an upload."""
-        if not self.settings.enabled or self.image_checker is None or not images:
+        if not self.checks_images or not images:
             return
+        assert self.image_checker is not None  # (checks_images)
         verdicts = self.image_checker.check(images, level)
         flagged = [v for v in verdicts if v.flagged]
         if flagged:
@@ -75,7 +81,7 @@ class Moderator:
 
     def check_frames(self, frames: Any, level: Level) -> None:
         """A video's frames (uint8, F x H x W x 3): its first, middle and last checked."""
-        if not self.settings.enabled or self.image_checker is None or not len(frames):
+        if not self.checks_images or not len(frames):
             return
         from PIL import Image
 
