@@ -54,10 +54,20 @@ SERVE_THROUGHPUT_ENVIRONMENT = {
 HAPROXY_DIR_MAX_CHARS = 24
 
 
+# Ports a Ray node takes by default when it is not told otherwise: in the ephemeral
+# range only the dashboard agent's 52365 (a test's Cluster() head was handed it as its
+# dashboard port in CI, and refused to start).
+RAY_DEFAULT_PORTS = frozenset({6379, 8265, 10001, 52365})
+
+
 def free_port(host: str = LOOPBACK) -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
+    """A port free on ``host`` now, and none that a Ray node takes by default."""
+    while True:
+        with socket.socket() as probe:
+            probe.bind((host, 0))
+            port = int(probe.getsockname()[1])
+        if port not in RAY_DEFAULT_PORTS:
+            return port
 
 
 @dataclass(frozen=True)

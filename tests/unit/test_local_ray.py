@@ -15,9 +15,11 @@ import pytest
 from mediagate.cli.command import CommandError
 from mediagate.cli.local_ray import (
     LOOPBACK,
+    RAY_DEFAULT_PORTS,
     LocalRayPorts,
     auth_environment,
     ensure_ray_token,
+    free_port,
     haproxy_link,
     local_ray_environment,
     ray_auth_token,
@@ -165,3 +167,30 @@ def test_ray_starts_on_loopback_with_every_fixed_port_chosen() -> None:
         == 4
     )
     assert os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") is None  # nothing leaked here
+
+
+def test_a_free_port_is_never_one_that_ray_takes_by_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The kernel hands out 52365 now and then: a Ray node's dashboard agent takes it
+    unless told otherwise, so a port chosen beside a Ray node must skip it."""
+    import socket
+
+    handed_out = iter([52365, 8265, 41000])
+
+    class Probe:
+        def __enter__(self) -> Probe:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def bind(self, address: tuple[str, int]) -> None:
+            self.port = next(handed_out)
+
+        def getsockname(self) -> tuple[str, int]:
+            return (LOOPBACK, self.port)
+
+    monkeypatch.setattr(socket, "socket", Probe)
+    assert 52365 in RAY_DEFAULT_PORTS
+    assert free_port() == 41000
