@@ -14,7 +14,13 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from autoscaling.naming import WORKER_PREFIXES, is_image_worker, scheduler_name, worker_model
+from autoscaling.naming import (
+    ROUTER,
+    WORKER_PREFIXES,
+    is_image_worker,
+    scheduler_name,
+    worker_model,
+)
 from autoscaling.policy import DEFAULT_QUEUE_WEIGHTS
 from mediagate.protocol.ops import MAX_REPLICAS_LIMIT
 
@@ -176,16 +182,44 @@ def _check_limits(limits: dict[str, Any], *, worker: str, allow_zero_images: boo
         )
 
 
+def live_model_apps(details: dict[str, Any], app_name: str) -> dict[str, str]:
+    """The models ``app_name``'s router serves from applications of their own (its
+    ``user_config.live_models``, written by ``mediagate models``): model -> application."""
+    config = ((details.get("applications") or {}).get(app_name) or {}).get("deployed_app_config")
+    for entry in (config or {}).get("deployments") or []:
+        if entry.get("name") == ROUTER:
+            live = (entry.get("user_config") or {}).get("live_models") or {}
+            return {model: str(route["app"]) for model, route in live.items()}
+    return {}
+
+
+def model_application(details: dict[str, Any], app_name: str, model: str) -> str:
+    """The application whose workers serve ``model`` for ``app_name``'s router: the one
+    its live route names, else ``app_name`` itself."""
+    return live_model_apps(details, app_name).get(model, app_name)
+
+
 def scale_rows(
     details: dict[str, Any], app_name: str, queues: dict[str, dict[str, Any]]
 ) -> list[dict[str, Any]]:
     """Per model: replicas now and targeted and limits, from the Serve REST API's
     application details (``GET /api/serve/applications/``), with the queue per tier
-    from the service's ``GET /v1/status`` (``queues``: model -> tier -> queued)."""
-    app = (details.get("applications") or {}).get(app_name) or {}
-    deployments: dict[str, Any] = app.get("deployments") or {}
+    from the service's ``GET /v1/status`` (``queues``: model -> tier -> queued). The
+    models of ``app_name`` and those its router serves from their own applications."""
+    applications = details.get("applications") or {}
+    live = live_model_apps(details, app_name)
+    workers: list[tuple[str, Any]] = [
+        (name, deployment)
+        for name, deployment in (
+            (applications.get(app_name) or {}).get("deployments") or {}
+        ).items()
+        if worker_model(name) not in live
+    ]
+    for live_model, application in live.items():
+        deployments = (applications.get(application) or {}).get("deployments") or {}
+        workers += [(n, d) for n, d in deployments.items() if worker_model(n) == live_model]
     rows = []
-    for name, deployment in sorted(deployments.items()):
+    for name, deployment in sorted(workers, key=lambda pair: pair[0]):
         model = worker_model(name)
         if model is None:
             continue
@@ -216,7 +250,9 @@ def changed_deployment(
 ) -> tuple[dict[str, Any], list[str]]:
     """The whole deployed Serve config (from the Serve REST API's, or the controller's,
     application details) with ``change`` applied to ``app_name``, and one line per value
-    changed: what ``mediagate scale set`` and ``POST /v1/ops/limits`` deploy."""
+    changed: what ``mediagate scale set`` and ``POST /v1/ops/limits`` deploy. A model
+    served from an application of its own (``live_model_apps``) is changed there."""
+    app_name = model_application(details, app_name, change.model)
     app = (details.get("applications") or {}).get(app_name)
     if not app or not app.get("deployed_app_config"):
         raise ScaleError(
@@ -226,18 +262,29 @@ def changed_deployment(
     deployments = app.get("deployments") or {}
     worker = worker_deployment(change.model, deployments)
     current = (deployments[worker].get("deployment_config") or {}).get("autoscaling_config") or {}
-    config = {
+    return apply_scale_change(
+        deployed_config(details),
+        app_name,
+        change,
+        current_limits=current,
+        worker=worker,
+        free_class=free_class,
+    )
+
+
+def deployed_config(details: dict[str, Any]) -> dict[str, Any]:
+    """The whole Serve config deployed now, from the application details: what a
+    change deploys again with its own edits (an application left out would be deleted)."""
+    config: dict[str, Any] = {
         "proxy_location": details.get("proxy_location"),
         "http_options": details.get("http_options"),
         "applications": [
-            other["deployed_app_config"]
-            for other in details["applications"].values()
+            copy.deepcopy(other["deployed_app_config"])
+            for other in (details.get("applications") or {}).values()
             if other.get("deployed_app_config")
         ],
     }
     for kept in KEPT_SETTINGS:  # what the details show of the rest of the deployed config
         if details.get(kept) is not None:
             config[kept] = details[kept]
-    return apply_scale_change(
-        config, app_name, change, current_limits=current, worker=worker, free_class=free_class
-    )
+    return config

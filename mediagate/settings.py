@@ -85,6 +85,12 @@ class HomeLayout:
     def run_file(self) -> Path:
         return self.root / "run.json"
 
+    @property
+    def live_catalog(self) -> Path:
+        """The models `mediagate models` deployed, as a catalog file (kept up to date
+        after every change, for the operator's version control)."""
+        return self.root / "models.yaml"
+
 
 def state_config(settings: Settings, layout: HomeLayout) -> StateConfig:
     """Redis when MEDIAGATE_REDIS_URL is set, else SQLite under MEDIAGATE_HOME."""

@@ -13,6 +13,7 @@ from typing import Any
 import ray
 from fastapi import FastAPI
 
+from autoscaling.naming import scheduler_name
 from deployments.router.gateway import Gateway
 from deployments.router.metrics import RouterMetrics
 from deployments.router.routes import create_api
@@ -25,6 +26,7 @@ from mediagate.access.ledger import QuotaLedger
 from mediagate.access.tiers import load_tier_policy, parse_tier_policy
 from mediagate.moderation.moderator import Moderator
 from mediagate.moderation.settings import ModerationSettings
+from mediagate.protocol.catalog import LiveModel
 from mediagate.protocol.clock import Clock, system_clock
 from mediagate.provenance.settings import ProvenanceSettings
 from mediagate.provenance.signing import ContentSigner
@@ -44,6 +46,13 @@ logger = logging.getLogger(__name__)
 
 
 CHECKPOINT_TTL_S = 86_400  # video checkpoints older than this belong to no running job
+
+
+def live_scheduler(entry: LiveModel) -> Any:
+    """The handle of a live model's scheduler, in the application that holds it."""
+    from ray import serve
+
+    return serve.get_deployment_handle(scheduler_name(entry.spec.id), app_name=entry.app)
 
 
 class Router:
@@ -101,7 +110,23 @@ class Router:
         gc.freeze()
 
     def reconfigure(self, config: dict[str, Any]) -> None:
-        """Reload the tier policy from ``tiers`` (inline) or ``tiers_file``."""
+        """Reload the tier policy from ``tiers`` (inline) or ``tiers_file``, and route the
+        models served as applications of their own (``live_models``: model id ->
+        ``LiveModel``, what ``mediagate models`` writes)."""
+        live = {
+            model_id: LiveModel.model_validate(entry)
+            for model_id, entry in (config.get("live_models") or {}).items()
+        }
+        changed = self.gateway.route_live_models(live, scheduler_of=live_scheduler)
+        for model_id in changed:
+            entry = live.get(model_id)
+            logger.info(
+                "model %s: %s",
+                model_id,
+                "not served"
+                if entry is None or not entry.accepting
+                else f"version {entry.spec.version} from application {entry.app}",
+            )
         if config.get("tiers"):
             self.ledger.policy = parse_tier_policy(config["tiers"])
         elif config.get("tiers_file"):

@@ -23,7 +23,7 @@ from mediagate.access.tiers import TierPolicy, load_tier_policy
 from mediagate.moderation.moderator import Moderator, moderation_level
 from mediagate.moderation.prompts import Level
 from mediagate.moderation.settings import ModerationSettings
-from mediagate.protocol.catalog import Catalog, ModelSpec, Task
+from mediagate.protocol.catalog import Catalog, LiveModel, ModelSpec, Task
 from mediagate.protocol.clock import Clock, system_clock
 from mediagate.protocol.errors import (
     InvalidRequest,
@@ -79,6 +79,10 @@ class Gateway:
     ) -> None:
         self.catalog = catalog
         self.schedulers = dict(schedulers)
+        # What the router was built with; live models (``route_live_models``) go on top.
+        self._built_catalog = catalog
+        self._built_schedulers = dict(schedulers)
+        self.live_models: dict[str, LiveModel] = {}
         self.accounts = accounts
         self.artifacts = artifacts
         self.jobs = jobs
@@ -141,6 +145,46 @@ class Gateway:
     @property
     def policy(self) -> TierPolicy:
         return self.guard.ledger.policy
+
+    def route_live_models(
+        self, live: Mapping[str, LiveModel], scheduler_of: Callable[[LiveModel], Any]
+    ) -> list[str]:
+        """Serve the models of other applications as ``live`` says (the router's
+        ``user_config``), over the ones this router was built with: a live model of the
+        same id takes its place, one taken out of ``live`` is no longer served (404), or
+        again the built one. ``scheduler_of`` makes the handle of a live model's
+        scheduler. Returns the ids whose route changed."""
+        routed = {model_id: entry for model_id, entry in live.items() if entry.accepting}
+        changed = [
+            model_id
+            for model_id in set(self.live_models) | set(live)
+            if self.live_models.get(model_id) != live.get(model_id)
+        ]
+        schedulers = dict(self._built_schedulers)
+        models = dict(self._built_catalog.models)
+        for model_id in live:  # accepting or not, a live entry hides the built model
+            schedulers.pop(model_id, None)
+            models.pop(model_id, None)
+        for model_id, entry in routed.items():
+            unchanged = self.live_models.get(model_id)
+            same_app = unchanged is not None and unchanged.app == entry.app
+            schedulers[model_id] = (
+                self.schedulers[model_id]
+                if same_app and model_id in self.schedulers
+                else scheduler_of(entry)
+            )
+            models[model_id] = entry.spec
+        defaults = {
+            task: model_id
+            for task, model_id in self._built_catalog.default_models.items()
+            if model_id in models
+        }
+        self.catalog = Catalog(models=models, default_models=defaults)
+        self.schedulers = schedulers
+        self.live_models = dict(live)
+        for model_id in changed:
+            self.images.forget_load(model_id)
+        return sorted(changed)
 
     def served_models(self) -> list[ModelSpec]:
         return [

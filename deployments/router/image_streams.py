@@ -23,6 +23,7 @@ from ray.serve.exceptions import RequestCancelledError
 
 from deployments.router.image_delivery import encoded_and_signed
 from deployments.router.images import ImageRequests, ImageWork
+from deployments.router.live_schedulers import on_live_scheduler
 from deployments.streams import finish_regardless
 from mediagate.access.accounts import Account
 from mediagate.access.guard import Admission, rate_limit_headers
@@ -55,9 +56,12 @@ async def start_image_stream(
     stream = ImageStream(requests, account, work, admission)
     try:
         job = await work.inputs() if work.inputs is not None else work.job
-        scheduler = gateway.schedulers[work.spec.id]
-        stream.scheduled = scheduler.options(stream=True).submit_streaming.remote(job)
-        queued = await stream.scheduled.__anext__()  # StreamQueued, or the scheduler's refusal
+
+        async def queue_on(scheduler: Any) -> Any:
+            stream.scheduled = scheduler.options(stream=True).submit_streaming.remote(job)
+            return await stream.scheduled.__anext__()  # StreamQueued, or its refusal
+
+        queued = await on_live_scheduler(lambda: gateway.schedulers, work.spec.id, queue_on)
     except BaseException as error:
         queued_already = stream.scheduled is not None
         if queued_already:

@@ -25,6 +25,7 @@ from deployments.router.edit_uploads import (
     edit_upload_limits,
 )
 from deployments.router.image_delivery import Delivery, deliver
+from deployments.router.live_schedulers import on_live_scheduler
 from deployments.router.services import RouterServices
 from deployments.scheduler.admission import count_forwarded, shed_on_published_load
 from deployments.streams import detached
@@ -56,6 +57,7 @@ from models.encoding import from_raw_image
 logger = logging.getLogger(__name__)
 
 WORKER_HEADER = "x-mediagate-worker"  # the worker replica that made the images
+MODEL_VERSION_HEADER = "x-mediagate-model-version"  # the version of the model that made them
 
 
 class ImageRouter(RouterServices, Protocol):
@@ -248,7 +250,9 @@ class ImageRequests:
                 job = await work.inputs()
             forwarded = time.perf_counter()
             try:
-                result: ImageResult = await self.gateway.schedulers[spec.id].submit.remote(job)
+                result: ImageResult = await on_live_scheduler(
+                    lambda: self.gateway.schedulers, spec.id, lambda live: live.submit.remote(job)
+                )
             except asyncio.CancelledError:  # the caller went away: did its work start?
                 asking = detached(self.started_before_leaving(spec.id, account.id, job.request_id))
                 spent = await asyncio.shield(asking)
@@ -286,6 +290,8 @@ class ImageRequests:
         headers = rate_limit_headers(admission.usage)
         if result.worker:
             headers[WORKER_HEADER] = result.worker
+        if result.model_version:
+            headers[MODEL_VERSION_HEADER] = result.model_version
         scheduler_ms = sum(
             result.timings_ms.get(stage, 0.0) for stage in ("queue", "dispatch", "pipeline")
         )
@@ -360,6 +366,10 @@ class ImageRequests:
             # all at once: one slow scheduler must not delay the others' fresh loads
             await asyncio.gather(*(self._read_load(model_id) for model_id in image_models))
             await asyncio.sleep(self.gateway.settings.load_refresh_s)
+
+    def forget_load(self, model_id: str) -> None:
+        """Drop ``model_id``'s published load (its scheduler was replaced or removed)."""
+        self._published_load.pop(model_id, None)
 
     def refresh_load_now(self, model_id: str) -> None:
         """Read ``model_id``'s load now rather than at the next refresh (one read at a

@@ -23,7 +23,14 @@ from mediagate.access.tiers import Tier, check_video_request
 from mediagate.jobs.video import VideoJobLifecycle
 from mediagate.moderation.prompts import Level
 from mediagate.protocol.catalog import ModelSpec
-from mediagate.protocol.errors import Gone, InvalidRequest, NotFound, Overloaded, unwrap
+from mediagate.protocol.errors import (
+    Gone,
+    InvalidRequest,
+    ModelRemoved,
+    NotFound,
+    Overloaded,
+    unwrap,
+)
 from mediagate.protocol.videos import (
     VideoCreateRequest,
     VideoDeleted,
@@ -217,8 +224,8 @@ class VideoJobs:
                 ),
                 ADMIT_TIMEOUT_S,
             )
-        except Exception as error:
-            if isinstance(unwrap(error), Overloaded):
+        except Exception as error:  # (moved to a new version: that one finds the job)
+            if isinstance(unwrap(error), Overloaded | ModelRemoved):
                 raise unwrap(error) from None
             logger.warning("could not ask %s's scheduler to admit a job: %r", spec.id, error)
 
@@ -351,6 +358,7 @@ class VideoJobs:
             remixed_from_video_id=job.remixed_from,
             error=error,
             queue_position=queue_position,
+            model_version=job.model_version,
         )
 
     async def purge_expired(self) -> int:

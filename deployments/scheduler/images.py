@@ -37,6 +37,7 @@ from deployments.scheduler.in_flight import (
 from deployments.scheduler.metrics import SchedulerMetrics
 from deployments.scheduler.preemption import batch_to_preempt
 from deployments.scheduler.queue import Deadlines, FairQueue, Ticket
+from deployments.scheduler.retirement import on_loop, refusal, release_queued, running_loop
 from deployments.scheduler.settings import ImageSchedulerSettings
 from deployments.scheduler.step_reports import StepLevelReport
 from mediagate.protocol.catalog import Batching, ModelSpec
@@ -112,6 +113,7 @@ class Scheduler(ImageSchedulerReports):
         self._wakeup = self._slots.changed
         self._tasks: set[asyncio.Task[Any]] = set()
         self._dispatcher: asyncio.Task[None] | None = None
+        self._loop = running_loop()  # where a reconfigure from Serve's thread acts
         self._capacity_watcher: asyncio.Task[None] | None = None
 
     def reconfigure(self, config: dict[str, Any]) -> None:
@@ -122,6 +124,9 @@ class Scheduler(ImageSchedulerReports):
         self._batching = self.settings.batching.over(self.spec.batching)
         self._slots.set_slots_per_replica(self.settings.slots_per_replica)
         self._queue.min_shares = dict(self.settings.min_shares)
+        on_loop(
+            self._loop, lambda: release_queued(self._queue, self.settings.retired, self.spec.id)
+        )
 
     def _ensure_started(self) -> None:
         """Start the loops, outside the context of the request that calls this first:
@@ -156,6 +161,8 @@ class Scheduler(ImageSchedulerReports):
     def _enqueue(self, job: ImageJob, *, streamed: bool = False) -> Ticket[ImageJob]:
         """Admit ``job`` (or shed it: ``Overloaded``) and queue its ticket."""
         self._ensure_started()
+        if (retired := refusal(self.settings.retired, self.spec.id)) is not None:
+            raise retired  # this version left service: nothing queued here any more
         if self._withdrawn.seen(job.request_key, self._clock()):  # its caller left first
             raise InvalidRequest(
                 "this request id belongs to a request withdrawn moments ago; send a new one",

@@ -9,6 +9,8 @@ unknown key is refused with its name.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from autoscaling.policy import queue_weights_from_config
@@ -37,6 +39,13 @@ class QueueSettings(BaseModel):
         description="Per class, the share of the slots it may fill (step-level models: "
         "lower classes leave seats free for the top one); a class left out may fill all.",
     )
+    retired: Literal["moved", "drain", "removed"] | None = Field(
+        None,
+        description="Set by `mediagate models` on a version leaving service; it takes no "
+        "new work. moved: a new version serves the model, queued work goes there; drain: "
+        "the model is being removed, queued work is served first; removed: queued work "
+        "fails (model_removed, not charged). Its worker then scales to zero.",
+    )
 
     @field_validator("min_shares")
     @classmethod
@@ -51,7 +60,10 @@ class QueueSettings(BaseModel):
         return None if weights is None else queue_weights_from_config(weights)
 
     def weights(self) -> dict[int, float]:
-        """The autoscaler's weight per class, defaults filled in."""
+        """The autoscaler's weight per class, defaults filled in; every class counts
+        fully once retired (its workers stay while any work waits, however weighed)."""
+        if self.retired is not None:
+            return {}
         return queue_weights_from_config(self.queue_weights)
 
     def held_back(self, *, busy: int, slots: int) -> frozenset[int]:

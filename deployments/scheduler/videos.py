@@ -34,6 +34,7 @@ from deployments.scheduler.capacity import ReplicaCounter, WorkerSlots, serve_re
 from deployments.scheduler.in_flight import RecentIds
 from deployments.scheduler.metrics import SchedulerMetrics
 from deployments.scheduler.queue import Ticket
+from deployments.scheduler.retirement import VideoRetirement, on_loop, refusal, running_loop
 from deployments.scheduler.settings import VideoSchedulerSettings
 from deployments.scheduler.video_queue import QueuedVideo, VideoQueue
 from deployments.scheduler.video_reports import VideoSchedulerReports
@@ -54,7 +55,7 @@ from mediagate.stores import (
 logger = logging.getLogger(__name__)
 
 
-class VideoScheduler(VideoSchedulerReports):
+class VideoScheduler(VideoSchedulerReports, VideoRetirement):
     """Queues a video model's jobs and feeds them, one per slot, to its workers: higher
     priority classes first, round-robin between accounts within a class."""
 
@@ -112,6 +113,7 @@ class VideoScheduler(VideoSchedulerReports):
         self.decisions: Counter[str] = Counter()  # admitted/shed/expired per class
         self.estimate_check = EstimateCheck()
         self._service_s: float | None = None  # measured per completed job
+        self._loop = running_loop()  # where a reconfigure from Serve's thread acts
         with contextlib.suppress(RuntimeError):  # Serve constructs us on the replica's loop:
             asyncio.get_running_loop().call_soon(self._ensure_started)  # recover at once
 
@@ -122,6 +124,8 @@ class VideoScheduler(VideoSchedulerReports):
         self.settings = VideoSchedulerSettings.model_validate(merged)
         self._slots.set_slots_per_replica(self.settings.slots_per_replica)
         self._queue.min_shares = dict(self.settings.min_shares)
+        if self.settings.retired in ("moved", "removed"):
+            on_loop(self._loop, self._retire)
 
     def _ensure_started(self) -> None:
         """Start the loops outside the calling request's context (Serve cancels the
@@ -143,6 +147,8 @@ class VideoScheduler(VideoSchedulerReports):
         its class's queue holds ``max_queued`` jobs or it would not start well within
         ``max_wait_s``; else return the estimated wait (None before any job was measured)."""
         self._ensure_started()
+        if (retired := refusal(self.settings.retired, self.spec.id)) is not None:
+            raise retired
         probe = QueuedVideo("", account_id, priority_class)
         try:
             return admit_or_shed(
@@ -173,6 +179,8 @@ class VideoScheduler(VideoSchedulerReports):
     async def enqueue(self, account_id: str, job_id: str, priority_class: int = 0) -> int:
         """Queue a job the router has stored as ``queued``; returns its position (1 = next)."""
         self._ensure_started()
+        if self.settings.retired in ("moved", "removed"):
+            return 0  # the live version's scheduler takes it from the store
         if not self._holds(job_id):
             video = QueuedVideo(job_id, account_id, priority_class)
             self._queue.add(video, now=self._clock(), estimated_wait_s=self._estimate_s(video))
@@ -235,7 +243,9 @@ class VideoScheduler(VideoSchedulerReports):
         if overdue(current, now):
             await self._expire(current, ticket)
             return None
-        claimed = await self._jobs.claim(current, lease_s=self.settings.lease_s)
+        claimed = await self._jobs.claim(
+            current, lease_s=self.settings.lease_s, model_version=self.spec.version
+        )
         if claimed is not None:
             self.estimate_check.record(
                 ticket.job.priority_class,
@@ -312,6 +322,8 @@ class VideoScheduler(VideoSchedulerReports):
             self._metrics.finished("failed")
             return
         self.counts["requeued"] += 1
+        if self.settings.retired in ("moved", "removed"):
+            return  # queued in the store: the live version takes it (or it was failed)
         if updated.worker_started_at is None:  # Serve may still route to a dead replica
             await asyncio.sleep(self.settings.redispatch_delay_s)
         # First in line: it was accepted before anything now queued. (Pushed directly:

@@ -156,6 +156,7 @@ class StepLevelTextToImage:
                 batch_images=len(seat.images),
                 inference_s=took_s,
                 worker=self.replica_id,
+                model_version=self.spec.version,
                 timings_ms={"pipeline": took_s * 1000},
                 first_step_wait_s=seat.first_step_wait_s,
                 service_s=seat.service_s,

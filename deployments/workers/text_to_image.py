@@ -136,11 +136,12 @@ def generate_batch(
     worker: str = "",
     previews: PreviewPlan | None = None,
     fixed: Mapping[str, Any] | None = None,
+    model_version: str = "",
 ) -> list[ImageResult]:
     """Run one pipeline call for same-shape ``jobs`` and split its images by job, as raw
     pixels; setting ``stop`` ends it at the next denoising step with ``BatchStopped``;
     ``previews`` decodes the partial images of streamed jobs as the steps go; ``fixed``
-    are the catalog's ``pipeline_arguments``."""
+    are the catalog's ``pipeline_arguments``; ``model_version`` names the weights."""
     import torch
 
     if len({job.batch_key for job in jobs}) != 1:
@@ -168,6 +169,7 @@ def generate_batch(
                 batch_images=len(images),
                 inference_s=inference_s,
                 worker=worker,
+                model_version=model_version,
                 timings_ms={"pipeline": inference_s * 1000},
             )
         )
@@ -291,6 +293,7 @@ class TextToImage:
                     self.replica_id,
                     previews,
                     self.spec.pipeline_arguments,
+                    self.spec.version,
                 )
             )
             try:

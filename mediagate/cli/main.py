@@ -15,6 +15,7 @@ from mediagate.cli.accounts import (
 )
 from mediagate.cli.command import CommandError
 from mediagate.cli.local_ray import INGRESSES
+from mediagate.cli.models import add_model_commands
 from mediagate.cli.scale import command_scale_set, command_scale_show
 from mediagate.cli.service import (
     DEFAULT_DASHBOARD_PORT,
@@ -166,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--address", help="Ray dashboard URL (default: from `mediagate up`)")
         command.add_argument("--app", default="mediagate", help="Serve application name")
         command.set_defaults(handler=handler)
+    add_model_commands(commands)
     return parser
 
 

@@ -34,8 +34,10 @@ from mediagate.cli.local_ray import (
     ray_executable,
     ray_start_command,
 )
+from mediagate.cli.model_apps import ROUTER_APP_IMPORT, split_models
 from mediagate.provenance.certificates import ensure_local_certificate
 from mediagate.settings import HomeLayout
+from models.catalog import load_catalog
 
 DEFAULT_DASHBOARD_PORT = 8265
 
@@ -80,6 +82,23 @@ def effective_config(
         args["router"] = router
         # download URLs' base (never a request's Host header)
         router.setdefault("public_base_url", public_url or _local_url(host, port))
+    # Each model an application of its own, so that `mediagate models` changes one
+    # model without restarting the others (mediagate.cli.model_apps).
+    routers = [
+        app for app in config.get("applications", []) if app.get("import_path") == ROUTER_APP_IMPORT
+    ]
+    if routers:
+        catalog_path = (routers[0].get("args") or {}).get("catalog")
+        try:
+            catalog = load_catalog(catalog_path)
+        except OSError as error:  # a path on the cluster's nodes, not here
+            print(
+                f"note: the catalog is not readable here ({error}): its models stay in the "
+                "router's application (`mediagate models` can add others beside them)",
+                file=sys.stderr,
+            )
+        else:
+            config = split_models(config, catalog)
     return config
 
 

@@ -61,9 +61,12 @@ class VideoJobLifecycle:
         """A new ``queued`` job (its reservation already held)."""
         await self.store.create_job(job)
 
-    async def claim(self, job: VideoJobRecord, *, lease_s: float) -> VideoJobRecord | None:
+    async def claim(
+        self, job: VideoJobRecord, *, lease_s: float, model_version: str | None = None
+    ) -> VideoJobRecord | None:
         """``queued -> in_progress`` with ``attempt + 1`` (the dispatch's fence) and a
-        lease; ``None`` if it is no longer the queued ``job`` (deleted, taken, expired)."""
+        lease, by the scheduler of ``model_version``; ``None`` if it is no longer the
+        queued ``job`` (deleted, taken, expired)."""
         now = self.clock()
         return await self.store.update_job(
             job.account_id,
@@ -76,6 +79,7 @@ class VideoJobLifecycle:
                 "started_at": now,
                 "lease_expires_at": now + lease_s,
                 "worker_started_at": None,
+                "model_version": model_version,
                 # resumed from its checkpoint, a job's progress goes back to that step only
                 "progress": job.checkpoint.progress if job.checkpoint else 0,
             },
@@ -232,6 +236,33 @@ class VideoJobLifecycle:
                 "checkpoint": None,  # the worker deletes it
             },
             events=[job_finished_event(account_id, job_id, "video.failed", now)],
+        )
+        await self._settle(failed, commit=False)
+        return failed
+
+    async def fail_unserved(
+        self, job: VideoJobRecord, *, code: str, message: str, content_ttl_s: float
+    ) -> VideoJobRecord | None:
+        """``queued`` or ``in_progress -> failed`` for a reason of the service's (its model
+        was taken out of service): nothing is charged. A running job's worker stops at
+        its next write (the attempt it holds no longer matches). ``None`` if the job
+        moved on first."""
+        now = self.clock()
+        failed = await self.store.update_job(
+            job.account_id,
+            job.id,
+            expect_status=("queued", "in_progress"),
+            expect_attempt=job.attempt,
+            changes={
+                "status": "failed",
+                "completed_at": now,
+                "expires_at": now + content_ttl_s,
+                "lease_expires_at": None,
+                "error_code": code,
+                "error_message": message,
+                "checkpoint": None,  # its file goes with the sweep of old checkpoints
+            },
+            events=[job_finished_event(job.account_id, job.id, "video.failed", now)],
         )
         await self._settle(failed, commit=False)
         return failed

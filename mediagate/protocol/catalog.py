@@ -204,6 +204,12 @@ class ModelSpec(_Frozen):
     num_gpus: float = Field(1, ge=0, description="GPUs one replica needs on a real cluster.")
     accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. A10G.")
     owned_by: str = Field("mediagate", description="Shown as `owned_by` in /v1/models.")
+    version: str = Field(
+        "1",
+        pattern=r"^[A-Za-z0-9._-]{1,32}$",
+        description="Which weights serve this id: `mediagate models swap` makes the next "
+        "one; every image and video job names the version that made it.",
+    )
     description: str = Field("", description="One line for humans.")
     defaults: GenerationDefaults = Field(default_factory=GenerationDefaults)
     caps: GenerationCaps = Field(default_factory=GenerationCaps)
@@ -241,6 +247,13 @@ class ModelSpec(_Frozen):
         "AutoPipelineFor*.from_pipe). A video model serves image-to-video when "
         "`video.image_to_video_pipeline_class` is set. Empty means `task` alone.",
     )
+
+    def ray_actor_options(self) -> dict[str, Any]:
+        """What one worker replica of this model asks Ray for on a real cluster."""
+        options: dict[str, Any] = {"num_cpus": 1, "num_gpus": self.num_gpus}
+        if self.accelerator_type and self.num_gpus:
+            options["accelerator_type"] = self.accelerator_type
+        return options
 
     @field_validator("source")
     @classmethod
@@ -349,3 +362,15 @@ class Catalog(_Frozen):
 
     def for_task(self, task: Task) -> list[ModelSpec]:
         return [spec for spec in self.models.values() if spec.task == task]
+
+
+class LiveModel(_Frozen):
+    """A model served as a Serve application of its own, as the router's ``user_config``
+    names it (``live_models``: model id -> this); ``mediagate models`` writes it."""
+
+    app: str = Field(min_length=1, description="The Serve application holding its scheduler.")
+    spec: ModelSpec = Field(description="Its catalog entry, version included.")
+    accepting: bool = Field(
+        True,
+        description="False while it is being removed: requests for it are refused (404).",
+    )

@@ -172,6 +172,21 @@ class ModelUnavailable(MediagateError):
     default_code = "model_unavailable"
 
 
+class ModelMoved(ModelUnavailable):
+    """The scheduler asked has been replaced by a new version of its model (``mediagate
+    models swap``): the router sends the request to the live version instead. A 503 only
+    if the router cannot (the client may retry)."""
+
+    default_code = "model_version_changed"
+
+
+class ModelRemoved(NotFound):
+    """The model was taken out of service (``mediagate models remove``) while this
+    request waited for it; nothing was charged."""
+
+    default_code = "model_removed"
+
+
 class ControlUnavailable(MediagateError):
     """The cluster's control plane (the Serve controller) did not answer an operator's
     request; nothing was changed. A 503: retry."""

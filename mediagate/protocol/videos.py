@@ -143,6 +143,11 @@ class VideoObject(BaseModel):
     queue_position: int | None = Field(
         None, description="mediagate extension: 1 = next to run, while `queued`."
     )
+    model_version: str | None = Field(
+        None,
+        description="mediagate extension: the version of `model` that made it (that runs "
+        "it), once it has started.",
+    )
 
 
 class VideoList(BaseModel):

@@ -165,6 +165,7 @@ class ImageResult(BaseModel):
     batch_images: int = Field(description="How many images shared the pipeline call.")
     inference_s: float = Field(description="Seconds the pipeline call took.")
     worker: str = Field("", description="The worker replica that ran it (for operators).")
+    model_version: str = Field("", description="The version of the model that made them.")
     timings_ms: dict[str, float] = Field(
         default_factory=dict,
         description="Milliseconds per stage of its way (``mediagate.protocol.timing``), "

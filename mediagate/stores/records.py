@@ -48,6 +48,9 @@ class VideoJobRecord(BaseModel):
         None, description="When a worker took up the current dispatch (None: not yet)."
     )
     runs_lost: int = Field(0, ge=0, description="Runs whose worker vanished mid-job.")
+    model_version: str | None = Field(
+        None, description="The model version of its latest dispatch (what made it)."
+    )
     priority_class: int = Field(
         0, description="The owner's tier's priority class when accepted: higher runs first."
     )

@@ -55,6 +55,16 @@ def write_unlimited_tiers(home: Path, *, keep_queue_caps: bool = False) -> Path:
     return path
 
 
+def deployments_of(details: dict[str, Any]) -> dict[str, Any]:
+    """Every deployment of every application in Serve's application details, by name
+    (`mediagate up` serves each model as an application of its own)."""
+    return {
+        name: deployment
+        for app in (details.get("applications") or {}).values()
+        for name, deployment in (app.get("deployments") or {}).items()
+    }
+
+
 def mediagate_up(env: dict[str, str], *options: str) -> subprocess.CompletedProcess[str]:
     """`mediagate up --detach OPTIONS...` as a newcomer runs it (its own process)."""
     return subprocess.run(

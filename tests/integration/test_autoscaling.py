@@ -28,7 +28,12 @@ import pytest
 import yaml
 
 from tests.integration.browser import Watched, chromium, plotted
-from tests.integration.conftest import free_port, mediagate_up, write_unlimited_tiers
+from tests.integration.conftest import (
+    deployments_of,
+    free_port,
+    mediagate_up,
+    write_unlimited_tiers,
+)
 
 MEDIAGATE = str(Path(sys.executable).with_name("mediagate"))
 STEP_MS = 100
@@ -60,8 +65,7 @@ class Cluster:
 
     def replicas(self, deployment: str) -> list[str]:
         """Ids of the RUNNING replicas of ``deployment``."""
-        app = self.details()["applications"]["mediagate"]
-        found = app["deployments"][deployment]["replicas"]
+        found = deployments_of(self.details())[deployment]["replicas"]
         return sorted(r["replica_id"] for r in found if r["state"] == "RUNNING")
 
     def status(self) -> dict[str, Any]:
@@ -362,8 +366,7 @@ def test_an_operator_key_changes_limits_through_the_api(cluster: Cluster) -> Non
     assert changed.json()["changes"] == [line]
 
     def deployed_max() -> int:
-        app = cluster.details()["applications"]["mediagate"]
-        config = app["deployments"]["TextToImage-sim"]["deployment_config"]
+        config = deployments_of(cluster.details())["TextToImage-sim"]["deployment_config"]
         return int(config["autoscaling_config"]["max_replicas"])
 
     wait_for(lambda: deployed_max() == wanted, 60, f"max_replicas {wanted} deployed")

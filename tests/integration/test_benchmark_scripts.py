@@ -120,3 +120,16 @@ def test_bench_safety_runs() -> None:
     assert result["signing"]["png_64"]["bytes_added"] > 0, result
     assert result["moderation"]["nudenet_64"]["p50_ms"] > 0, result
     assert result["share_of_tiny_sd_request"]["both"] > 0, result
+
+
+@pytest.mark.own_ray_cluster
+def test_bench_model_change_runs() -> None:
+    result = run_smoke("bench_model_change.py")
+    assert result["errors"] == 0 and result["first_model_replicas_unchanged"], result
+    assert result["new_model_status"] == 200 and result["p99_ratio_during"] > 0, result
+
+
+def test_bench_cold_start_runs() -> None:
+    result = run_smoke("bench_cold_start.py")
+    figures = result["models"]["tiny-sd"]
+    assert figures["remote_s"] > 0 and figures["disk_s"] > 0 and figures["files"] > 0, result

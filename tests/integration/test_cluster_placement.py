@@ -23,7 +23,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.integration.conftest import free_port, mediagate_up
+from tests.integration.conftest import deployments_of, free_port, mediagate_up
 
 MEDIAGATE = str(Path(sys.executable).with_name("mediagate"))
 ROOT = Path(__file__).resolve().parents[2]
@@ -125,7 +125,7 @@ def test_routers_on_the_head_workers_on_their_gpu_nodes(gpu_cluster: dict[str, A
     )
     answer.raise_for_status()
     details = answer.json()
-    deployments = details["applications"]["mediagate"]["deployments"]
+    deployments = deployments_of(details)
     nodes = gpu_cluster["nodes"]
     where = {
         name: {replica["node_id"] for replica in deployment["replicas"]}

@@ -6,6 +6,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -136,48 +137,68 @@ def test_keys_create_backdated_and_usage(home: Path, capsys: pytest.CaptureFixtu
 def test_effective_config_sets_host_port_and_home(tmp_path: Path) -> None:
     config = service.effective_config(None, "0.0.0.0", 9000, tmp_path)
     assert config["http_options"] == {"host": "0.0.0.0", "port": 9000}
-    [app] = config["applications"]
-    assert app["import_path"] == "deployments.app:build_app"
-    assert app["args"]["home"] == str(tmp_path)
+    router, *models = config["applications"]
+    assert router["import_path"] == "deployments.app:build_app"
+    assert router["args"]["home"] == str(tmp_path) and router["args"]["models"] == []
     # download URLs on the address it serves on, never on a request's Host header
-    assert app["args"]["router"]["public_base_url"] == "http://127.0.0.1:9000"
+    assert router["args"]["router"]["public_base_url"] == "http://127.0.0.1:9000"
     public = service.effective_config(None, "0.0.0.0", 9000, tmp_path, "https://img.example")
     assert public["applications"][0]["args"]["router"]["public_base_url"] == "https://img.example"
-    workers = [d for d in app["deployments"] if d["name"].startswith("TextTo")]
+    # each model an application of its own, sharing the router's home and routed by it
+    assert [app["name"] for app in models] == ["model-tiny-sd-v1", "model-tiny-wan-v1"]
+    assert all(app["args"]["home"] == str(tmp_path) for app in models)
+    workers = [d for app in models for d in app["deployments"] if d["name"].startswith("TextTo")]
     assert len(workers) == 2 and all(d["ray_actor_options"]["num_gpus"] == 0 for d in workers)
+    [entry] = [d for d in router["deployments"] if d["name"] == "Router"]
+    routes = entry["user_config"]["live_models"]
+    assert {model: route["app"] for model, route in routes.items()} == {
+        "tiny-sd": "model-tiny-sd-v1",
+        "tiny-wan": "model-tiny-wan-v1",
+    }
 
 
 def test_shipped_config_names_every_deployment_the_builder_makes(tmp_path: Path) -> None:
     """A GPU-less machine must override every worker (else it waits for a GPU forever)."""
     from autoscaling.naming import scheduler_name, worker_name
     from deployments.app import AppArgs
+    from deployments.model_app import ModelAppArgs
     from deployments.scheduler.settings import VideoSchedulerSettings
     from models.catalog import load_catalog
 
     path = Path(cli.__file__).parents[1] / "configs" / "serve.yaml"
-    [app] = service.effective_config(str(path), "127.0.0.1", 8000, tmp_path)["applications"]
-    AppArgs.model_validate(app["args"])
-    configured = {d["name"]: d for d in app["deployments"]}
+    router, *models = service.effective_config(str(path), "127.0.0.1", 8000, tmp_path)[
+        "applications"
+    ]
+    AppArgs.model_validate(router["args"])
+    configured: dict[str, Any] = {}
+    for app in models:
+        ModelAppArgs.model_validate(app["args"])
+        configured |= {d["name"]: d for d in app["deployments"]}
     catalog = load_catalog()
     for spec in catalog.models.values():
         assert configured[worker_name(spec.task, spec.id)]["ray_actor_options"]["num_gpus"] == 0
         assert scheduler_name(spec.id) in configured
     video = configured["Scheduler-tiny-wan"]["user_config"]
     VideoSchedulerSettings.model_validate(video)
-    assert not set(video) & set(app["args"]["video"]), "a video setting declared twice"
+    [video_app] = [app for app in models if app["args"]["spec"]["id"] == "tiny-wan"]
+    assert not set(video) & set(video_app["args"]["video"]), "a video setting declared twice"
 
 
 def test_gpu_example_config_validates_against_serve_schema(tmp_path: Path) -> None:
     from ray.serve.schema import ServeDeploySchema
 
     from deployments.app import AppArgs
+    from deployments.model_app import ModelAppArgs
 
     for name in ("serve.yaml", "serve.gpu.yaml"):
         path = Path(cli.__file__).parents[1] / "configs" / name
         config = service.effective_config(str(path), "127.0.0.1", 8000, tmp_path)
         ServeDeploySchema.model_validate(config)
         for app in config["applications"]:
-            AppArgs.model_validate(app["args"])
+            if app["import_path"] == "deployments.app:build_app":
+                AppArgs.model_validate(app["args"])
+            else:
+                ModelAppArgs.model_validate(app["args"])
 
 
 def test_down_without_up_is_a_clear_error(home: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -156,7 +156,7 @@ async def test_a_step_level_scheduler_keeps_seats_for_the_top_class() -> None:
     """Step-level terms (deployments/app.py): one job per call, no preemption, and
     classes below the top fill at most half the seats, so a pro request always finds
     one and pauses free work at a step instead of queueing behind it."""
-    from deployments.app import step_level_scheduler_config
+    from deployments.model_app import step_level_scheduler_config
     from deployments.scheduler.images import Scheduler
     from mediagate.access.tiers import load_tier_policy
     from mediagate.protocol.catalog import StepLevel
@@ -201,7 +201,7 @@ async def test_a_step_level_slots_turn_is_what_its_steps_cost_not_how_long_it_sa
     """A seat's call lasts as long as higher classes pause it; the wait estimates count
     its steps' cost times the seats instead (slots / service time = the replica's
     throughput), and a whole-call worker's round trip as before."""
-    from deployments.app import step_level_scheduler_config
+    from deployments.model_app import step_level_scheduler_config
     from deployments.scheduler.images import Scheduler
     from mediagate.access.tiers import load_tier_policy
     from mediagate.protocol.catalog import StepLevel

@@ -1,0 +1,103 @@
+"""How long a worker replica takes to be ready, by where its weights come from.
+
+A replica is ready when its constructor returns: weights resolved (fetched when
+remote), the pipeline loaded with ``from_pretrained`` and moved to its device, the edit
+pipelines built from it, and one warm-up generation run. Measured here by building the
+real ``TextToImage`` worker class in this process (no Ray), for the tiny models:
+
+- remote: the weights in S3 (moto's server, a real HTTP endpoint), the node's model
+  cache empty: the replica downloads them (once per node: a file lock and an atomic
+  rename share them with the node's other replicas);
+- disk: the same weights already in the node's model cache (what every further replica
+  of that node, and every restart, finds);
+- memory: not built yet (a warm standby holding the weights in host RAM).
+
+Each mode runs ``--repeats`` times (remote: a fresh cache each time); imports happen
+once, before any timing, as they do before a replica's constructor. Last line: one
+JSON object with the medians and the disk / remote ratio per model.
+
+Usage: python scripts/bench_cold_start.py [--repeats 5] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from deployments.workers.text_to_image import TextToImage
+from models.catalog import load_catalog
+from models.tiny import ensure_tiny_pipeline
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.servers: moto's server
+from tests.servers import MOTO_CREDENTIALS, moto_s3_server
+
+BUCKET = "weights"
+TINY_SOURCES = {"tiny-sd": "stable-diffusion", "tiny-sdxl": "stable-diffusion-xl"}
+
+
+def upload(client: Any, directory: Path, prefix: str) -> int:
+    count = 0
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            client.upload_file(str(path), BUCKET, f"{prefix}/{path.relative_to(directory)}")
+            count += 1
+    return count
+
+
+def ready_s(spec: Any, cache_dir: Path) -> float:
+    started = time.perf_counter()
+    TextToImage(spec, cache_dir=str(cache_dir), torch_threads=1)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--smoke", action="store_true", help="one model, one repeat")
+    args = parser.parse_args()
+    models = ["tiny-sd"] if args.smoke else list(TINY_SOURCES)
+    repeats = 1 if args.smoke else args.repeats
+    os.environ.update(MOTO_CREDENTIALS)
+    base = load_catalog().models["tiny-sd"]
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="mg-cold-") as scratch, moto_s3_server() as s3:
+        os.environ["MEDIAGATE_S3_ENDPOINT_URL"] = s3.endpoint_url
+        client: Any = s3.client()
+        client.create_bucket(Bucket=BUCKET)
+        root = Path(scratch)
+        for model in models:
+            built = ensure_tiny_pipeline(TINY_SOURCES[model], root / "built")
+            files = upload(client, built, model)
+            size = sum(path.stat().st_size for path in built.rglob("*") if path.is_file())
+            pipeline_class = "StableDiffusionXLPipeline" if "xl" in model else base.pipeline_class
+            spec = base.model_copy(
+                update={
+                    "id": model,
+                    "source": f"s3://{BUCKET}/{model}",
+                    "pipeline_class": pipeline_class,
+                    "tasks": ["text-to-image"],
+                }
+            )
+            ready_s(spec, root / "warm")  # imports and lazy initialisation, untimed
+            remote = [ready_s(spec, root / f"cache-{model}-{n}") for n in range(repeats)]
+            disk = [ready_s(spec, root / f"cache-{model}-0") for _ in range(repeats)]
+            results[model] = {
+                "files": files,
+                "megabytes": round(size / 1e6, 2),
+                "remote_s": round(statistics.median(remote), 3),
+                "disk_s": round(statistics.median(disk), 3),
+                "disk_over_remote": round(statistics.median(disk) / statistics.median(remote), 3),
+                "memory_s": None,
+            }
+    print(json.dumps({"repeats": repeats, "models": results}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""What adding a model does to a model already serving (issue 20's check): its p99
+latency while `mediagate models add` runs, against its p99 before.
+
+1. `mediagate up` (its own Ray, own ports, a temporary home) serving tiny-sd alone,
+   with the shipped tier file's quotas off.
+2. Closed-loop clients (``--clients``, one request after another each) ask tiny-sd for
+   64x64 images for ``--before-s``: the baseline.
+3. `mediagate models add tiny-b --like tiny-sd --gpus 0` while they go on: the new
+   application loads and warms up its replica, the router starts routing to it. The
+   "during" window is the command's run.
+4. ``--after-s`` more, then `mediagate down`.
+
+Reported: p50/p99 per window, their ratios during/before, errors, how long the add
+took, and whether tiny-sd's replicas stayed the same. On a 2-core machine the new
+replica's start competes with tiny-sd's for the CPU (on a GPU cluster it starts on
+another node): that competition is in the figures. Last line: one JSON object.
+
+Usage: python scripts/bench_model_change.py [--before-s 60] [--after-s 10]
+       [--clients 2] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
+from benchmarking import free_port, percentile, write_tiers_without_quotas
+
+MEDIAGATE = str(Path(sys.executable).with_name("mediagate"))
+FIRST = ("TextToImage-tiny-sd", "Scheduler-tiny-sd")
+
+
+def write_config(home: Path) -> Path:
+    tiers = write_tiers_without_quotas(home)
+    config = {
+        "proxy_location": "HeadOnly",
+        "applications": [
+            {
+                "name": "mediagate",
+                "route_prefix": "/",
+                "import_path": "deployments.app:build_app",
+                "autoscaling_policy": {"policy_function": "autoscaling.policy:scale_workers"},
+                "args": {"models": ["tiny-sd"], "tiers_file": str(tiers)},
+                "deployments": [
+                    {
+                        "name": "TextToImage-tiny-sd",
+                        "ray_actor_options": {"num_cpus": 0, "num_gpus": 0},
+                    }
+                ],
+            }
+        ],
+    }
+    path = home / "serve.bench.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+class Clients:
+    """Closed-loop callers of one model; every answer kept as (sent, seconds, status)."""
+
+    def __init__(self, base_url: str, key: str, model: str, count: int) -> None:
+        self.answers: list[tuple[float, float, int]] = []
+        self.stop = threading.Event()
+        self.threads = [
+            threading.Thread(target=self._run, args=(base_url, key, model), daemon=True)
+            for _ in range(count)
+        ]
+
+    def _run(self, base_url: str, key: str, model: str) -> None:
+        with httpx.Client(base_url=base_url, timeout=120) as client:
+            while not self.stop.is_set():
+                sent = time.monotonic()
+                try:
+                    status = client.post(
+                        "/v1/images/generations",
+                        json={"prompt": "a lighthouse", "model": model, "size": "64x64"},
+                        headers={"Authorization": f"Bearer {key}"},
+                    ).status_code
+                except httpx.HTTPError:
+                    status = 0
+                self.answers.append((sent, time.monotonic() - sent, status))
+
+    def __enter__(self) -> Clients:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=180)
+
+    def window(self, start: float, end: float) -> dict[str, Any]:
+        inside = [(took, status) for sent, took, status in self.answers if start <= sent < end]
+        took_ms = [took * 1000 for took, status in inside if status == 200]
+        return {
+            "requests": len(inside),
+            "errors": sum(1 for _, status in inside if status != 200),
+            "p50_ms": round(percentile(took_ms, 50), 1),
+            "p99_ms": round(percentile(took_ms, 99), 1),
+        }
+
+
+def replica_ids(dashboard_url: str, token: str) -> dict[str, list[str]]:
+    details = httpx.get(
+        f"{dashboard_url}/api/serve/applications/",
+        headers={"authorization": f"Bearer {token}"},
+        timeout=30,
+    ).json()
+    found = {
+        name: deployment
+        for app in details["applications"].values()
+        for name, deployment in app["deployments"].items()
+    }
+    return {
+        name: sorted(r["replica_id"] for r in found[name]["replicas"] if r["state"] == "RUNNING")
+        for name in FIRST
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--before-s", type=float, default=60.0)
+    parser.add_argument("--after-s", type=float, default=10.0)
+    parser.add_argument("--clients", type=int, default=2)
+    parser.add_argument("--smoke", action="store_true", help="a few seconds per window")
+    args = parser.parse_args()
+    if args.smoke:
+        args.before_s, args.after_s, args.clients = 4.0, 1.0, 1
+    with tempfile.TemporaryDirectory(prefix="mg-bench-models-") as scratch:
+        home = Path(scratch)
+        port, dashboard_port, ray_port = free_port(), free_port(), free_port()
+        token = secrets.token_hex(32)
+        env = {**os.environ, "MEDIAGATE_HOME": str(home), "RAY_AUTH_TOKEN": token}
+
+        def cli(*command: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [MEDIAGATE, *command], env=env, capture_output=True, text=True, timeout=900
+            )
+
+        up = cli(
+            "up", "--detach", "--config", str(write_config(home)), "--port", str(port),
+            "--dashboard-port", str(dashboard_port), "--ray-port", str(ray_port),
+        )  # fmt: skip
+        try:
+            if up.returncode != 0:
+                raise SystemExit(f"mediagate up failed:\n{up.stderr[-3000:]}")
+            created = cli("keys", "create", "--tier", "pro", "--account", "bench")
+            key = created.stdout.strip().splitlines()[-1]
+            base_url, dashboard_url = (
+                f"http://127.0.0.1:{port}",
+                f"http://127.0.0.1:{dashboard_port}",
+            )
+            before_ids = replica_ids(dashboard_url, token)
+            with Clients(base_url, key, "tiny-sd", args.clients) as clients:
+                time.sleep(1.0)  # past the first requests' warm-up
+                start = time.monotonic()
+                time.sleep(args.before_s)
+                change_started = time.monotonic()
+                added = cli("models", "add", "tiny-b", "--like", "tiny-sd", "--gpus", "0")
+                change_ended = time.monotonic()
+                time.sleep(args.after_s)
+                ended = time.monotonic()
+            if added.returncode != 0:
+                raise SystemExit(f"models add failed:\n{added.stderr[-3000:]}")
+            new_model = httpx.post(
+                f"{base_url}/v1/images/generations",
+                json={"prompt": "a lighthouse", "model": "tiny-b", "size": "64x64"},
+                headers={"Authorization": f"Bearer {key}"},
+                timeout=120,
+            ).status_code
+            after_ids = replica_ids(dashboard_url, token)
+        finally:
+            cli("down")
+    before = clients.window(start, change_started)
+    during = clients.window(change_started, change_ended)
+    after = clients.window(change_ended, ended)
+    print(
+        json.dumps(
+            {
+                "clients": args.clients,
+                "before": before,
+                "during_add": during,
+                "after": after,
+                "add_s": round(change_ended - change_started, 1),
+                "p99_ratio_during": round(during["p99_ms"] / before["p99_ms"], 3),
+                "p50_ratio_during": round(during["p50_ms"] / before["p50_ms"], 3),
+                "errors": before["errors"] + during["errors"] + after["errors"],
+                "first_model_replicas_unchanged": before_ids == after_ids,
+                "new_model_status": new_model,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

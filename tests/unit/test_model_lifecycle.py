@@ -1,0 +1,308 @@
+"""Model lifecycle without Ray (issue 20): models as applications of their own in the
+Serve config, the router's live routes, schedulers leaving service, and the checks
+made before anything is deployed. (tests/integration/test_model_lifecycle.py runs
+`mediagate models` on a real cluster.)"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from autoscaling.limits import ScaleChange, changed_deployment, scale_rows
+from deployments.router.live_schedulers import on_live_scheduler
+from deployments.scheduler.images import Scheduler
+from mediagate.cli import service
+from mediagate.cli.model_apps import (
+    live_models,
+    model_application,
+    router_app,
+    split_models,
+    with_application,
+    with_retired,
+    with_routes,
+    without_application,
+)
+from mediagate.protocol.catalog import LiveModel, ModelSpec
+from mediagate.protocol.errors import ModelMoved, ModelRemoved
+from mediagate.protocol.work import ImageJob, ImageResult
+from models.catalog import load_catalog
+from models.checks import pipeline_class_problems, placement_problems, weights_problems
+from tests.fakes import FakeClock, FakeImageWorker, FakeScheduler, LocalHandle
+from tests.unit.harness import Service
+from tests.unit.test_video_scheduler import Rig
+
+CATALOG = load_catalog()
+SD = CATALOG.models["tiny-sd"]
+WAN = CATALOG.models["tiny-wan"]
+
+
+def shipped(tmp_path: Path) -> dict[str, Any]:
+    return service.effective_config(None, "127.0.0.1", 8000, tmp_path)
+
+
+def apps_by_name(config: dict[str, Any]) -> dict[str, Any]:
+    return {app["name"]: app for app in config["applications"]}
+
+
+def test_a_model_change_touches_one_application_and_the_routers_user_config(
+    tmp_path: Path,
+) -> None:
+    """What makes a change leave the other models alone: every other application's
+    entry is the same, and the router's application changes only in user_config (an
+    in-place update in Serve, whose code version hashes import path and args)."""
+    before = shipped(tmp_path)
+    v2 = SD.model_copy(update={"version": "2"})
+    new_app = model_application(router_app(before), v2)
+    assert new_app["name"] == "model-tiny-sd-v2" and new_app["route_prefix"] is None
+    assert new_app["args"]["home"] == str(tmp_path) and new_app["args"]["spec"]["version"] == "2"
+    after = with_retired(
+        with_routes(
+            with_application(before, new_app),
+            {"tiny-sd": LiveModel(app="model-tiny-sd-v2", spec=v2)},
+        ),
+        "model-tiny-sd-v1",
+        SD,
+        "moved",
+    )
+    old_apps, new_apps = apps_by_name(before), apps_by_name(after)
+    assert new_apps["model-tiny-wan-v1"] == old_apps["model-tiny-wan-v1"]
+    router_before, router_after = old_apps["mediagate"], new_apps["mediagate"]
+    for key in ("import_path", "args", "route_prefix", "autoscaling_policy"):
+        assert router_after.get(key) == router_before.get(key), key
+    [entry] = [d for d in router_after["deployments"] if d["name"] == "Router"]
+    assert entry["user_config"]["tiers_file"] is None  # its other keys kept
+    assert live_models(after)["tiny-sd"].spec.version == "2"
+    retired = apps_by_name(after)["model-tiny-sd-v1"]
+    assert retired["args"] == old_apps["model-tiny-sd-v1"]["args"]  # no restart
+    deployments = {d["name"]: d for d in retired["deployments"]}
+    assert deployments["Scheduler-tiny-sd"]["user_config"]["retired"] == "moved"
+    assert deployments["Scheduler-tiny-sd"]["user_config"]["batching"]  # kept
+    scaling = deployments["TextToImage-tiny-sd"]["autoscaling_config"]
+    assert scaling["min_replicas"] == 0 and scaling["downscale_delay_s"] == 0
+    assert "initial_replicas" not in scaling and scaling["max_replicas"] == 1
+    gone = with_routes(without_application(after, "model-tiny-sd-v1"), {"tiny-sd": None})
+    assert "model-tiny-sd-v1" not in apps_by_name(gone) and "tiny-sd" not in live_models(gone)
+    assert split_models(gone, CATALOG) == gone  # already split: nothing more to do
+
+
+def test_scale_changes_follow_a_model_into_its_own_application(tmp_path: Path) -> None:
+    """`mediagate scale` and POST /v1/ops/limits name the router's application; a live
+    model's limits live in its own."""
+    config = shipped(tmp_path)
+    details: dict[str, Any] = {
+        "proxy_location": "HeadOnly",
+        "http_options": config["http_options"],
+        "applications": {
+            app["name"]: {
+                "deployed_app_config": copy.deepcopy(app),
+                "deployments": {
+                    d["name"]: {"deployment_config": {"autoscaling_config": {"min_replicas": 1}}}
+                    for d in app["deployments"]
+                },
+            }
+            for app in config["applications"]
+        },
+    }
+    rows = scale_rows(details, "mediagate", {})
+    assert [row["model"] for row in rows] == ["tiny-sd", "tiny-wan"]
+    updated, lines = changed_deployment(
+        details, "mediagate", ScaleChange(model="tiny-sd", max_replicas=3), free_class=0
+    )
+    assert lines == ["TextToImage-tiny-sd.autoscaling_config.max_replicas: 1 -> 3"]
+    changed = apps_by_name(updated)
+    worker = {d["name"]: d for d in changed["model-tiny-sd-v1"]["deployments"]}
+    assert worker["TextToImage-tiny-sd"]["autoscaling_config"]["max_replicas"] == 3
+    assert changed["mediagate"] == apps_by_name(config)["mediagate"]
+
+
+def test_checks_say_what_is_wrong_before_anything_is_deployed(tmp_path: Path) -> None:
+    assert pipeline_class_problems(SD) == []
+    unknown_class = SD.model_copy(update={"pipeline_class": "NoSuchPipeline"})
+    assert "no pipeline class 'NoSuchPipeline'" in pipeline_class_problems(unknown_class)[0]
+    assert weights_problems(SD) == []
+    assert "unknown tiny model" in weights_problems(SD.model_copy(update={"source": "tiny://x"}))[0]
+    empty = SD.model_copy(update={"source": str(tmp_path)})
+    assert "no model_index.json" in weights_problems(empty)[0]
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "X"}))
+    assert weights_problems(empty) == []
+
+    class MissingBucket:
+        def get_object(self, **_: Any) -> Any:
+            raise RuntimeError("NoSuchKey")
+
+    in_s3 = SD.model_copy(update={"source": "s3://weights/sd"})
+    [problem] = weights_problems(in_s3, s3=MissingBucket())
+    assert "cannot read s3://weights/sd/model_index.json" in problem
+    cpu_only = [{"CPU": 2.0}]
+    [problem] = placement_problems(SD.ray_actor_options(), cpu_only)
+    assert "GPU 1" in problem and "--gpus 0" in problem
+    assert placement_problems({"num_cpus": 1, "num_gpus": 0}, cpu_only) == []
+    a10g = [{"CPU": 8.0, "GPU": 1.0, "accelerator_type:A10G": 1.0}]
+    on_a100 = SD.model_copy(update={"accelerator_type": "A100"})
+    [problem] = placement_problems(on_a100.ray_actor_options(), a10g)
+    assert "accelerator_type:A100" in problem and "accelerator_type:A10G" in problem
+    assert placement_problems(SD.ray_actor_options(), a10g) == []
+
+
+class VersionedScheduler(FakeScheduler):
+    """A fake scheduler of one model version: its results name it."""
+
+    def __init__(self, version: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.version = version
+
+    async def submit(self, job: ImageJob) -> ImageResult:
+        result = await super().submit(job)
+        return result.model_copy(update={"model_version": self.version})
+
+
+def test_the_router_serves_the_live_version_and_404s_a_removed_model(tmp_path: Path) -> None:
+    service = Service(tmp_path)
+    body = {"prompt": "a cat", "model": "tiny-sd", "size": "64x64"}
+    v2 = VersionedScheduler("2")
+    live = {
+        "tiny-sd": LiveModel(app="model-tiny-sd-v2", spec=SD.model_copy(update={"version": "2"}))
+    }
+    assert service.gateway.route_live_models(live, lambda _: LocalHandle(v2)) == ["tiny-sd"]
+    answer = service.generate(body)
+    assert answer.status_code == 200 and answer.headers["x-mediagate-model-version"] == "2"
+    assert len(v2.jobs) == 1 and not service.scheduler.jobs
+    closing = {"tiny-sd": live["tiny-sd"].model_copy(update={"accepting": False})}
+    service.gateway.route_live_models(closing, lambda _: pytest.fail("not routed"))
+    refused = service.generate(body)
+    assert refused.status_code == 404 and refused.json()["error"]["code"] == "model_not_found"
+    listed = service.client.get("/v1/models", headers=service.auth).json()
+    assert [model["id"] for model in listed["data"]] == ["tiny-wan"]
+    service.gateway.route_live_models({}, lambda _: pytest.fail("not routed"))
+    assert service.generate(body).status_code == 200  # its built model again
+    assert len(service.scheduler.jobs) == 1
+
+
+async def test_a_request_refused_by_a_moved_version_goes_to_the_new_one() -> None:
+    new = VersionedScheduler("2")
+    schedulers: dict[str, Any] = {}
+
+    class Old:
+        async def submit(self, job: ImageJob) -> ImageResult:
+            schedulers["tiny-sd"] = LocalHandle(new)  # the router hears of it meanwhile
+            raise ModelMoved("moved")
+
+    schedulers["tiny-sd"] = LocalHandle(Old())
+    job = ImageJob(
+        request_id="r",
+        prompt="p",
+        width=64,
+        height=64,
+        num_inference_steps=1,
+        guidance_scale=1,
+        num_images_per_prompt=1,
+        seed=1,
+        output_format="png",
+    )
+    result = await on_live_scheduler(
+        lambda: schedulers, "tiny-sd", lambda live: live.submit.remote(job)
+    )
+    assert result.model_version == "2"
+    stuck = {"tiny-sd": LocalHandle(Old())}
+    with pytest.raises(ModelMoved):  # nobody took over within the wait: the refusal
+        await on_live_scheduler(
+            lambda: stuck, "tiny-sd", lambda live: live.submit.remote(job), wait_s=0.2
+        )
+    with pytest.raises(ModelRemoved):
+        await on_live_scheduler(lambda: {}, "tiny-sd", lambda live: live.submit.remote(job))
+
+
+def image_job(request_id: str) -> ImageJob:
+    return ImageJob(
+        request_id=request_id,
+        prompt="p",
+        width=64,
+        height=64,
+        num_inference_steps=4,
+        guidance_scale=7.5,
+        num_images_per_prompt=1,
+        seed=1,
+        output_format="png",
+    )
+
+
+async def one() -> int:
+    return 1
+
+
+@pytest.mark.parametrize("mode", ["moved", "removed"])
+async def test_an_image_scheduler_leaving_service(mode: str) -> None:
+    """Retired, it takes no new work; what runs finishes; what it queued is served
+    (moved: its workers stay until then) or fails uncharged (removed)."""
+    worker = FakeImageWorker()
+    scheduler = Scheduler(LocalHandle(worker), SD, count_replicas=one, clock=FakeClock())
+    scheduler.reconfigure({"batching": {"max_batch_size": 1}})
+    running = asyncio.create_task(scheduler.submit(image_job("a")))
+    await worker.started.wait()
+    queued = asyncio.create_task(scheduler.submit(image_job("b")))
+    await asyncio.sleep(0)
+    scheduler.reconfigure({"batching": {"max_batch_size": 1}, "retired": mode})
+    refused = ModelMoved if mode == "moved" else ModelRemoved
+    with pytest.raises(refused):
+        await scheduler.submit(image_job("c"))
+    stats = scheduler.record_autoscaling_stats()
+    assert stats["weighted_queue_len"] == stats["queue_len"]  # every class counts fully
+    worker.release.set()
+    assert (await running).request_id == "a"
+    if mode == "moved":
+        assert (await queued).request_id == "b"
+    else:
+        with pytest.raises(ModelRemoved):
+            await queued
+    await scheduler.shutdown()
+
+
+async def test_a_video_scheduler_moved_leaves_its_queue_to_the_new_version(
+    tmp_path: Path,
+) -> None:
+    rig = Rig(tmp_path)
+    try:
+        await rig.add("video_a")
+        await rig.add("video_b")
+        await rig.worker.wait_running(1)
+        assert (await rig.job("video_a")).model_version == WAN.version
+        rig.scheduler.reconfigure({"retired": "moved"})
+        with pytest.raises(ModelMoved):
+            await rig.scheduler.admit("acct", 0, 60, None)
+        assert await rig.scheduler.enqueue("acct", "video_c") == 0
+        rig.worker.finish("video_a")
+        await asyncio.sleep(0.05)
+        await rig.scheduler.reconcile()
+        assert rig.worker.running() == []  # b waits, queued in the store, for the new one
+        assert (await rig.job("video_b")).status == "queued"
+    finally:
+        await rig.scheduler.shutdown()
+
+
+async def test_a_video_scheduler_removed_fails_what_it_holds_uncharged(tmp_path: Path) -> None:
+    rig = Rig(tmp_path)
+    try:
+        await rig.add("video_a")
+        await rig.add("video_b")
+        await rig.worker.wait_running(1)
+        rig.scheduler.reconfigure({"retired": "removed"})
+        for _ in range(200):
+            jobs = [await rig.job(name) for name in ("video_a", "video_b")]
+            if all(job.status == "failed" for job in jobs):
+                break
+            await asyncio.sleep(0.01)
+        assert [(job.status, job.error_code) for job in jobs] == [("failed", "model_removed")] * 2
+    finally:
+        await rig.scheduler.shutdown()
+
+
+def test_a_live_model_entry_is_checked_data() -> None:
+    with pytest.raises(ValueError):
+        LiveModel.model_validate({"app": "", "spec": SD.model_dump()})
+    with pytest.raises(ValueError):
+        ModelSpec.model_validate({**SD.model_dump(), "version": "has space"})
