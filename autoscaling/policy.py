@@ -34,6 +34,7 @@ from autoscaling.naming import scheduler_name, worker_model
 
 QUEUE_PREFIX = "queue_len_class_"
 WEIGHTED_QUEUE = "weighted_queue_len"
+RETIRED = "retired"  # reported by a scheduler whose model version leaves service
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,7 @@ class QueueReport:
     queued_by_class: dict[int, float]
     inflight: float
     weighted_queued: float
+    retired: bool = False
 
     @property
     def demand(self) -> float:
@@ -67,6 +69,12 @@ def weighted_queue_len(queued_by_class: Mapping[int, int], weights: Mapping[int,
     """Waiting work as the autoscaler counts it: each class's queue times its weight
     (1 for a class without one)."""
     return float(sum(weights.get(cls, 1.0) * queued for cls, queued in queued_by_class.items()))
+
+
+def retired_metric(retired: str | None) -> dict[str, float]:
+    """What a retired scheduler adds to its report (``scale_workers`` then keeps its
+    workers until it holds nothing, and then takes them all away)."""
+    return {RETIRED: 1.0} if retired is not None else {}
 
 
 def report_metrics(
@@ -112,6 +120,7 @@ def read_report(metrics: Mapping[str, Mapping[Any, float]] | None) -> QueueRepor
         queued_by_class=queued_by_class,
         inflight=total("inflight_requests"),
         weighted_queued=max(0.0, weighted),
+        retired=total(RETIRED) > 0,
     )
 
 
@@ -137,11 +146,16 @@ def scale_workers(contexts: Mapping[Any, Any]) -> tuple[dict[Any, int], dict[Any
         if report is None:  # no news from the scheduler: keep what was decided
             decisions[deployment_id] = ctx.target_num_replicas
             continue
-        decisions[deployment_id] = desired_replicas(
+        desired = desired_replicas(
             report.demand,
             target=float(ctx.config.target_ongoing_requests or 1.0),
             min_replicas=ctx.capacity_adjusted_min_replicas,
             max_replicas=ctx.capacity_adjusted_max_replicas,
         )
+        if report.retired and report.demand > 0:
+            # A version leaving service never shrinks while it holds work: Serve would
+            # stop any replica, busy or not. Once it holds nothing, it goes to zero.
+            desired = max(desired, ctx.target_num_replicas)
+        decisions[deployment_id] = desired
         states[deployment_id] = {"demand": round(report.demand, 3)}
     return decisions, states

@@ -245,6 +245,10 @@ def model_scheduler(spec: ModelSpec, shared: Shared) -> Application:
         },
         "max_ongoing_requests": 100_000,
         "ray_actor_options": {"num_cpus": 0},
+        # Deleted (a model version removed) only once drained: what a router still
+        # holds open on it then is not work, and need not be waited for 20 s.
+        "graceful_shutdown_timeout_s": 5,
+        "graceful_shutdown_wait_loop_s": 1,
     }
     if is_video:
         return (

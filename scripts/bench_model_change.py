@@ -16,7 +16,7 @@ replica's start competes with tiny-sd's for the CPU (on a GPU cluster it starts 
 another node): that competition is in the figures. Last line: one JSON object.
 
 Usage: python scripts/bench_model_change.py [--before-s 60] [--after-s 10]
-       [--clients 2] [--smoke]
+       [--clients 2] [--existing [--name tiny-b]] [--smoke]
 """
 
 from __future__ import annotations
@@ -134,41 +134,50 @@ def main() -> None:
     parser.add_argument("--before-s", type=float, default=60.0)
     parser.add_argument("--after-s", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=2)
+    parser.add_argument(
+        "--existing",
+        action="store_true",
+        help="use the `mediagate up` of $MEDIAGATE_HOME (it serves tiny-sd, CPUs for one "
+        "more replica, RAY_AUTH_TOKEN set) instead of starting one; the added model is "
+        "removed again",
+    )
+    parser.add_argument("--name", default="tiny-b", help="the model to add")
     parser.add_argument("--smoke", action="store_true", help="a few seconds per window")
     args = parser.parse_args()
     if args.smoke:
-        args.before_s, args.after_s, args.clients = 4.0, 1.0, 1
+        args.before_s, args.after_s, args.clients = 3.0, 1.0, 1
     with tempfile.TemporaryDirectory(prefix="mg-bench-models-") as scratch:
-        home = Path(scratch)
-        port, dashboard_port, ray_port = free_port(), free_port(), free_port()
-        token = secrets.token_hex(32)
-        env = {**os.environ, "MEDIAGATE_HOME": str(home), "RAY_AUTH_TOKEN": token}
+        env = dict(os.environ)
+        if not args.existing:
+            env |= {"MEDIAGATE_HOME": scratch, "RAY_AUTH_TOKEN": secrets.token_hex(32)}
 
         def cli(*command: str) -> subprocess.CompletedProcess[str]:
             return subprocess.run(
                 [MEDIAGATE, *command], env=env, capture_output=True, text=True, timeout=900
             )
 
-        up = cli(
-            "up", "--detach", "--config", str(write_config(home)), "--port", str(port),
-            "--dashboard-port", str(dashboard_port), "--ray-port", str(ray_port),
-        )  # fmt: skip
-        try:
+        home = Path(env["MEDIAGATE_HOME"]).expanduser()
+        if not args.existing:
+            port, dashboard_port, ray_port = free_port(), free_port(), free_port()
+            up = cli(
+                "up", "--detach", "--config", str(write_config(home)), "--port", str(port),
+                "--dashboard-port", str(dashboard_port), "--ray-port", str(ray_port),
+            )  # fmt: skip
             if up.returncode != 0:
                 raise SystemExit(f"mediagate up failed:\n{up.stderr[-3000:]}")
+        run = json.loads((home / "run.json").read_text())
+        base_url, dashboard_url = run["base_url"], run["dashboard_url"]
+        token = env["RAY_AUTH_TOKEN"]
+        try:
             created = cli("keys", "create", "--tier", "pro", "--account", "bench")
             key = created.stdout.strip().splitlines()[-1]
-            base_url, dashboard_url = (
-                f"http://127.0.0.1:{port}",
-                f"http://127.0.0.1:{dashboard_port}",
-            )
             before_ids = replica_ids(dashboard_url, token)
             with Clients(base_url, key, "tiny-sd", args.clients) as clients:
                 time.sleep(1.0)  # past the first requests' warm-up
                 start = time.monotonic()
                 time.sleep(args.before_s)
                 change_started = time.monotonic()
-                added = cli("models", "add", "tiny-b", "--like", "tiny-sd", "--gpus", "0")
+                added = cli("models", "add", args.name, "--like", "tiny-sd", "--gpus", "0")
                 change_ended = time.monotonic()
                 time.sleep(args.after_s)
                 ended = time.monotonic()
@@ -176,13 +185,16 @@ def main() -> None:
                 raise SystemExit(f"models add failed:\n{added.stderr[-3000:]}")
             new_model = httpx.post(
                 f"{base_url}/v1/images/generations",
-                json={"prompt": "a lighthouse", "model": "tiny-b", "size": "64x64"},
+                json={"prompt": "a lighthouse", "model": args.name, "size": "64x64"},
                 headers={"Authorization": f"Bearer {key}"},
                 timeout=120,
             ).status_code
             after_ids = replica_ids(dashboard_url, token)
         finally:
-            cli("down")
+            if args.existing:
+                cli("models", "remove", args.name, "--now")
+            else:
+                cli("down")
     before = clients.window(start, change_started)
     during = clients.window(change_started, change_ended)
     after = clients.window(change_ended, ended)

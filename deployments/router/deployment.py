@@ -52,7 +52,11 @@ def live_scheduler(entry: LiveModel) -> Any:
     """The handle of a live model's scheduler, in the application that holds it."""
     from ray import serve
 
-    return serve.get_deployment_handle(scheduler_name(entry.spec.id), app_name=entry.app)
+    # Unchecked: a check is a blocking call to the controller, on the event loop, while
+    # the controller applies the very deploy that made this reconfigure.
+    return serve.get_deployment_handle(
+        scheduler_name(entry.spec.id), app_name=entry.app, _check_exists=False
+    )
 
 
 class Router:
@@ -109,10 +113,11 @@ class Router:
         # effect was not measured separately.)
         gc.freeze()
 
-    def reconfigure(self, config: dict[str, Any]) -> None:
+    async def reconfigure(self, config: dict[str, Any]) -> None:
         """Reload the tier policy from ``tiers`` (inline) or ``tiers_file``, and route the
         models served as applications of their own (``live_models``: model id ->
-        ``LiveModel``, what ``mediagate models`` writes)."""
+        ``LiveModel``, what ``mediagate models`` writes). Async: on the replica's event
+        loop, where requests read the routes (a sync one would run on a thread)."""
         live = {
             model_id: LiveModel.model_validate(entry)
             for model_id, entry in (config.get("live_models") or {}).items()

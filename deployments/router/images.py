@@ -382,7 +382,9 @@ class ImageRequests:
             read.add_done_callback(lambda _: self._load_reads.pop(model_id, None))
 
     async def _read_load(self, model_id: str) -> None:
-        scheduler = self.gateway.schedulers[model_id]
+        scheduler = self.gateway.schedulers.get(model_id)
+        if scheduler is None:
+            return  # taken out of service meanwhile
         try:
             load = await asyncio.wait_for(scheduler.published_load.remote(), 2)
         except Exception as error:

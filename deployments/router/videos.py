@@ -15,6 +15,7 @@ import logging
 import uuid
 from typing import Protocol
 
+from deployments.router.live_schedulers import on_live_scheduler
 from deployments.router.services import RouterServices
 from deployments.router.video_uploads import decode_image_reference
 from mediagate.access.accounts import Account
@@ -192,8 +193,11 @@ class VideoJobs:
             await self._forget_reference(generation)
             raise
         try:
-            scheduler = self.gateway.schedulers[spec.id]
-            await scheduler.enqueue.remote(account.id, job.id, job.priority_class)
+            await on_live_scheduler(
+                lambda: self.gateway.schedulers,
+                spec.id,
+                lambda live: live.enqueue.remote(account.id, job.id, job.priority_class),
+            )
         except Exception as error:  # stored as queued: the scheduler's reconcile finds it
             logger.warning("could not hand %s to its scheduler now: %r", job.id, error)
         return job, rate_limit_headers(admission.usage)
@@ -219,12 +223,16 @@ class VideoJobs:
         not block creation: the job is durable and its reconcile finds it."""
         try:
             await asyncio.wait_for(
-                self.gateway.schedulers[spec.id].admit.remote(
-                    account.id, tier.priority_class, tier.max_queue_wait_s, tier.max_queued
+                on_live_scheduler(  # (a version being swapped out: the new one admits)
+                    lambda: self.gateway.schedulers,
+                    spec.id,
+                    lambda live: live.admit.remote(
+                        account.id, tier.priority_class, tier.max_queue_wait_s, tier.max_queued
+                    ),
                 ),
                 ADMIT_TIMEOUT_S,
             )
-        except Exception as error:  # (moved to a new version: that one finds the job)
+        except Exception as error:
             if isinstance(unwrap(error), Overloaded | ModelRemoved):
                 raise unwrap(error) from None
             logger.warning("could not ask %s's scheduler to admit a job: %r", spec.id, error)

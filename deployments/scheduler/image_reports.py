@@ -7,7 +7,7 @@ from collections import Counter
 from collections.abc import Hashable
 from typing import Any
 
-from autoscaling.policy import report_metrics
+from autoscaling.policy import report_metrics, retired_metric
 from deployments.scheduler.admission import (
     EstimateCheck,
     seat_turn_s,
@@ -58,7 +58,7 @@ class ImageSchedulerReports:
         )
         running = sum(len(batch.tickets) for batch in self._in_flight.values())
         stats = report_metrics(by_class, running, self.settings.weights(), self._classes_seen)
-        return stats | {"inflight": float(self._slots.busy)}
+        return stats | {"inflight": float(self._slots.busy)} | retired_metric(self.settings.retired)
 
     def measured_service_s(self, in_flight: InFlightBatch, results: list[ImageResult]) -> float:
         """How long a finished batch held its slot, as the wait estimates count a slot's

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from autoscaling.policy import report_metrics
+from autoscaling.policy import report_metrics, retired_metric
 from deployments.scheduler.admission import EstimateCheck, wait_estimates_s_by_class
 from deployments.scheduler.capacity import WorkerSlots
 from deployments.scheduler.metrics import SchedulerMetrics
@@ -44,7 +44,7 @@ class VideoSchedulerReports:
         stats = report_metrics(
             by_class, self._slots.busy, self.settings.weights(), self._classes_seen
         )
-        return stats | {"inflight": float(self._slots.busy)}
+        return stats | {"inflight": float(self._slots.busy)} | retired_metric(self.settings.retired)
 
     def queue_stats(self) -> QueueStats:
         """The queue as every scheduler reports it (what ``GET /v1/status`` shows)."""

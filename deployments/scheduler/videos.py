@@ -179,8 +179,9 @@ class VideoScheduler(VideoSchedulerReports, VideoRetirement):
     async def enqueue(self, account_id: str, job_id: str, priority_class: int = 0) -> int:
         """Queue a job the router has stored as ``queued``; returns its position (1 = next)."""
         self._ensure_started()
-        if self.settings.retired in ("moved", "removed"):
-            return 0  # the live version's scheduler takes it from the store
+        retired = self.settings.retired
+        if retired in ("moved", "removed") and (error := refusal(retired, self.spec.id)):
+            raise error  # the live version takes it from the store (or it was removed)
         if not self._holds(job_id):
             video = QueuedVideo(job_id, account_id, priority_class)
             self._queue.add(video, now=self._clock(), estimated_wait_s=self._estimate_s(video))
@@ -339,6 +340,9 @@ class VideoScheduler(VideoSchedulerReports, VideoRetirement):
             await self._reconcile_pass()
 
     async def _reconcile_pass(self) -> None:
+        if self.settings.retired == "removed":  # what reaches the store meanwhile fails too
+            await self._fail_unserved()
+            return
         active = await self._store.active_jobs(self.spec.id)
         now = self._clock()
         worked_on = {job.id for job in active if job.status == "in_progress" and live(job, now)}
@@ -353,7 +357,7 @@ class VideoScheduler(VideoSchedulerReports, VideoRetirement):
                     await self._expire(job, self._queue.ticket(job.id))
                 elif self._holds(job.id) or job.id in worked_on:
                     continue
-                elif job.status == "queued":
+                elif job.status == "queued" and self.settings.retired != "moved":
                     await self.enqueue(job.account_id, job.id, job.priority_class)
                 else:
                     logger.warning("job %s lost its worker (lease ran out)", job.id)
@@ -367,9 +371,13 @@ class VideoScheduler(VideoSchedulerReports, VideoRetirement):
         each until they end (a job sent to that busy replica would wait there while its
         lease ran out). Never one dispatched here: it may have just ended."""
         now = self._clock()
+        if self.settings.retired is not None:
+            return  # leaving service: it waits for its own runs only
         for job in running:
             if self._holds(job.id) or self._dispatched.seen(job.id, now):
                 continue
+            if job.model_version not in (None, self.spec.version):
+                continue  # another version of the model runs it (a swap): not ours
             logger.info("job %s runs on a worker dispatched to before; adopted", job.id)
             self._adopted[job.id] = job.priority_class
             self._slots.acquire()

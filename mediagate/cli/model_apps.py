@@ -17,7 +17,13 @@ import copy
 from typing import Any
 
 from autoscaling.limits import AUTOSCALING_NUMBERS
-from autoscaling.naming import ROUTER, scheduler_name, worker_model, worker_name
+from autoscaling.naming import (
+    ROUTER,
+    scheduler_name,
+    worker_autoscaling_config,
+    worker_model,
+    worker_name,
+)
 from mediagate.cli.command import CommandError
 from mediagate.protocol.catalog import Catalog, LiveModel, ModelSpec
 
@@ -88,13 +94,23 @@ def model_application(
     shared arguments, the whole spec, the queue-driven autoscaling policy, and
     ``overrides`` (per-deployment entries: ray_actor_options, autoscaling numbers)."""
     shared = {key: value for key, value in (router.get("args") or {}).items() if key in SHARED_ARGS}
+    # The worker's entry always carries an autoscaling_config: Serve counts the entries
+    # that have one into the code version (their policies), so adding one later (a
+    # retirement, a `scale set`) would restart the application.
+    entries = copy.deepcopy(overrides or [])
+    name = worker_name(spec.task, spec.id)
+    worker = next((entry for entry in entries if entry.get("name") == name), None)
+    if worker is None:
+        worker = {"name": name}
+        entries.append(worker)
+    worker.setdefault("autoscaling_config", worker_autoscaling_config(spec.scaling))
     application: dict[str, Any] = {
         "name": app_name(spec.id, spec.version),
         "route_prefix": None,  # reached by handle from the router, never over HTTP
         "import_path": MODEL_APP_IMPORT,
         "autoscaling_policy": dict(WORKER_POLICY),
         "args": {**copy.deepcopy(shared), "spec": spec.model_dump(mode="json")},
-        "deployments": copy.deepcopy(overrides or []),
+        "deployments": entries,
     }
     if router.get("runtime_env"):
         application["runtime_env"] = copy.deepcopy(router["runtime_env"])
@@ -116,6 +132,8 @@ def with_routes(config: dict[str, Any], routes: dict[str, LiveModel | None]) -> 
     router = router_app(new)
     entry = _entry(router, ROUTER)
     user_config = dict(entry.get("user_config") or {})
+    if "tiers" not in user_config:  # the one Serve would otherwise have kept
+        user_config.setdefault("tiers_file", (router.get("args") or {}).get("tiers_file"))
     live = dict(user_config.get("live_models") or {})
     for model_id, route in routes.items():
         if route is None:
@@ -136,6 +154,17 @@ def with_application(config: dict[str, Any], application: dict[str, Any]) -> dic
     return new
 
 
+def deployment_entries(config: dict[str, Any], application: str) -> list[dict[str, Any]]:
+    """``application``'s per-deployment entries (placement, limits, user_config), without
+    a retirement: what a new version of its model starts with."""
+    entries = copy.deepcopy(_app(config, application).get("deployments") or [])
+    for entry in entries:
+        user_config = entry.get("user_config")
+        if isinstance(user_config, dict):
+            user_config.pop("retired", None)
+    return entries
+
+
 def without_application(config: dict[str, Any], name: str) -> dict[str, Any]:
     new = copy.deepcopy(config)
     new["applications"] = [app for app in new["applications"] if app.get("name") != name]
@@ -143,12 +172,19 @@ def without_application(config: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def with_retired(
-    config: dict[str, Any], application: str, spec: ModelSpec, mode: str
+    config: dict[str, Any],
+    application: str,
+    spec: ModelSpec,
+    mode: str,
+    deployed_limits: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``config`` with ``application``'s model version retired: its scheduler takes no
     new work (``mode``: moved, drain or removed; ``deployments.scheduler.retirement``)
-    and its workers may scale to zero at once, which they do once nothing waits or
-    runs. Both are in-place updates of that application alone."""
+    and its workers may go to zero, which the autoscaling policy does only once
+    nothing waits or runs (until then it keeps every replica it has: Serve would stop
+    any of them, busy or not). ``deployed_limits`` are the worker's deployed
+    autoscaling numbers (kept, bar the minimum). Both are in-place updates of that
+    application alone."""
     if mode not in RETIRED_MODES:
         raise ModelChangeError(f"unknown retirement {mode!r}")
     new = copy.deepcopy(config)
@@ -158,8 +194,11 @@ def with_retired(
     worker = _entry(app, worker_name(spec.task, spec.id))
     autoscaling = {
         key: value
-        for key, value in (worker.get("autoscaling_config") or {}).items()
-        if key in AUTOSCALING_NUMBERS and key != "initial_replicas"
+        for key, value in {
+            **(deployed_limits or {}),
+            **(worker.get("autoscaling_config") or {}),
+        }.items()
+        if key in AUTOSCALING_NUMBERS and key != "initial_replicas" and value is not None
     }
     autoscaling |= {"min_replicas": 0, "downscale_delay_s": 0, "downscale_to_zero_delay_s": 0}
     autoscaling.setdefault("max_replicas", 1)

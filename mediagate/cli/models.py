@@ -12,21 +12,18 @@ reason.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from autoscaling.limits import deployed_config
 from autoscaling.naming import worker_name
 from mediagate.cli.audit import record
 from mediagate.cli.command import CommandError, _layout
 from mediagate.cli.model_apps import (
+    deployment_entries,
     live_models,
     model_application,
     router_app,
@@ -35,93 +32,15 @@ from mediagate.cli.model_apps import (
     with_routes,
     without_application,
 )
+from mediagate.cli.model_cluster import Cluster, one_change_at_a_time
 from mediagate.cli.scale import _dashboard_url
-from mediagate.cli.service import ray_auth_headers, serve_client
 from mediagate.protocol.catalog import LiveModel, ModelSpec
 from models.catalog import load_catalog
 from models.checks import pipeline_class_problems, placement_problems, weights_problems
 
 READY_TIMEOUT_S = 900.0  # a large model's weights may take minutes to load
 DRAIN_TIMEOUT_S = 600.0
-POLL_S = 0.5
-FAILED_STATUSES = ("DEPLOY_FAILED", "UNHEALTHY")
-
-
-class Cluster:
-    """The Serve REST API of one cluster, as the model commands use it."""
-
-    def __init__(self, dashboard_url: str) -> None:
-        self.dashboard_url = dashboard_url
-        self.client = serve_client(dashboard_url)
-
-    def config(self) -> dict[str, Any]:
-        return deployed_config(self.client.get_serve_details())
-
-    def apply(self, config: dict[str, Any]) -> None:
-        self.client.deploy_applications(config)
-
-    def applications(self) -> dict[str, Any]:
-        return dict(self.client.get_serve_details().get("applications") or {})
-
-    def node_resources(self) -> list[dict[str, float]]:
-        """The total resources of every live node (the dashboard's state API)."""
-        request = urllib.request.Request(
-            f"{self.dashboard_url.rstrip('/')}/api/v0/nodes?detail=1&limit=10000",
-            headers=ray_auth_headers(),
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=30) as answer:
-                listing = json.loads(answer.read())
-        except (urllib.error.URLError, OSError, ValueError) as error:
-            raise CommandError(f"cannot list the cluster's nodes: {error}") from None
-        nodes = ((listing.get("data") or {}).get("result") or {}).get("result") or []
-        return [
-            {name: float(amount) for name, amount in (node.get("resources_total") or {}).items()}
-            for node in nodes
-            if node.get("state") == "ALIVE"
-        ]
-
-    def wait_running(self, names: list[str], timeout_s: float) -> None:
-        """Until every application of ``names`` runs (its replicas up: a model's loaded
-        and warmed up); a failure or the timeout raises with Serve's own messages."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            applications = self.applications()
-            statuses = {name: (applications.get(name) or {}).get("status") for name in names}
-            failed = [name for name, status in statuses.items() if status in FAILED_STATUSES]
-            if failed:
-                raise CommandError(failure_message(applications[failed[0]], failed[0]))
-            if all(status == "RUNNING" for status in statuses.values()):
-                return
-            if time.monotonic() > deadline:
-                waiting = ", ".join(f"{n} ({s})" for n, s in statuses.items() if s != "RUNNING")
-                raise CommandError(f"not running after {timeout_s:.0f}s: {waiting}")
-            time.sleep(POLL_S)
-
-    def wait_drained(self, application: str, spec: ModelSpec, timeout_s: float) -> bool:
-        """Until the retired ``application``'s workers have scaled to zero (nothing of
-        it waits or runs any more); False if they have not within ``timeout_s``."""
-        worker = worker_name(spec.task, spec.id)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            app = self.applications().get(application)
-            if app is None:
-                return True
-            deployment = (app.get("deployments") or {}).get(worker) or {}
-            if deployment.get("target_num_replicas") == 0 and not deployment.get("replicas"):
-                return True
-            time.sleep(POLL_S)
-        return False
-
-
-def failure_message(application: dict[str, Any], name: str) -> str:
-    """Serve's reason an application failed, with each failing deployment's message."""
-    parts = [application.get("message") or ""]
-    for deployment, details in (application.get("deployments") or {}).items():
-        if details.get("status") in FAILED_STATUSES and details.get("message"):
-            parts.append(f"{deployment}: {details['message']}")
-    reason = " | ".join(part.strip() for part in parts if part and part.strip())
-    return f"application {name} failed: {reason[-3000:] or 'no reason given'}"
+DELETE_TIMEOUT_S = 120.0  # what a removed model has left, and Serve's graceful shutdown
 
 
 def built_in_models(config: dict[str, Any]) -> set[str]:
@@ -132,9 +51,18 @@ def built_in_models(config: dict[str, Any]) -> set[str]:
     return set(load_catalog(args.get("catalog")).models)
 
 
-def check_spec(cluster: Cluster, config: dict[str, Any], spec: ModelSpec) -> None:
-    """Refuse, with every reason at once, a model that could not serve."""
-    options = (router_app(config).get("args") or {}).get("worker_ray_actor_options")
+def check_spec(
+    cluster: Cluster,
+    config: dict[str, Any],
+    spec: ModelSpec,
+    entries: list[dict[str, Any]] | None = None,
+) -> None:
+    """Refuse, with every reason at once, a model that could not serve (``entries``:
+    its deployment entries, whose ray_actor_options win, as Serve applies them)."""
+    worker = next((e for e in entries or [] if e.get("name", "").startswith("TextTo")), {}).get(
+        "ray_actor_options"
+    )
+    options = worker or (router_app(config).get("args") or {}).get("worker_ray_actor_options")
     problems = [
         *pipeline_class_problems(spec),
         *weights_problems(spec),
@@ -231,125 +159,149 @@ def command_models_list(args: argparse.Namespace) -> int:
 
 
 def _deploy_version(
-    cluster: Cluster, config: dict[str, Any], spec: ModelSpec, timeout_s: float
-) -> tuple[dict[str, Any], str]:
+    cluster: Cluster, spec: ModelSpec, entries: list[dict[str, Any]] | None, timeout_s: float
+) -> str:
     """Start ``spec``'s application beside everything deployed and wait until it
-    serves; on failure take it away again and raise why."""
-    application = model_application(router_app(config), spec)
+    serves; on any failure (or an interruption) take it away again and say why."""
+    application = model_application(router_app(cluster.config()), spec, entries)
     name = application["name"]
     if name in cluster.applications():
         raise CommandError(f"application {name} is already deployed; choose another --version")
     print(f"starting {spec.id} version {spec.version} ({name}) ...", file=sys.stderr)
     started = time.monotonic()
-    with_new = with_application(config, application)
-    cluster.apply(with_new)
     try:
+        cluster.change(lambda config: with_application(config, application))
         cluster.wait_running([name], timeout_s)
-    except CommandError as error:
-        cluster.apply(config)  # what was deployed before: the new application goes
+    except BaseException as error:
+        cluster.change(lambda config: without_application(config, name))
         record([f"model {spec.id} version {spec.version} failed to start: {error}"])
         raise CommandError(f"{error}; rolled back, nothing else changed") from None
     print(f"{name} ready in {time.monotonic() - started:.1f}s", file=sys.stderr)
-    return with_new, name
+    return name
+
+
+def _retire(cluster: Cluster, route: LiveModel, mode: str, timeout_s: float) -> bool:
+    """Retire ``route``'s version (``mode``), once Serve has applied it wait until its
+    workers are at zero; whether they got there within ``timeout_s``."""
+    limits = cluster.worker_limits(route.app, route.spec)
+    cluster.change(lambda config: with_retired(config, route.app, route.spec, mode, limits))
+    cluster.wait_running([route.app], timeout_s)  # its scheduler has the retirement
+    draining = time.monotonic()
+    drained = cluster.wait_drained(route.app, route.spec, timeout_s)
+    print(f"{route.app} drained in {time.monotonic() - draining:.1f}s", file=sys.stderr)
+    return drained
 
 
 def command_models_add(args: argparse.Namespace) -> int:
     cluster = Cluster(_dashboard_url(args.address))
-    config = cluster.config()
-    served = built_in_models(config) | {m for m, r in live_models(config).items() if r.accepting}
-    if args.name in served:
-        raise CommandError(f"model {args.name!r} is served already; use `mediagate models swap`")
-    spec = spec_from_args(args, config)
-    check_spec(cluster, config, spec)
-    deployed, name = _deploy_version(cluster, config, spec, args.ready_timeout_s)
-    routed = with_routes(deployed, {spec.id: LiveModel(app=name, spec=spec)})
-    cluster.apply(routed)
-    cluster.wait_running([router_app(routed)["name"]], args.ready_timeout_s)
-    record([f"model {spec.id} added: version {spec.version} from {spec.source} ({name})"])
-    print(f"model {spec.id} serves (catalog: {write_live_catalog(routed)})", file=sys.stderr)
+    with one_change_at_a_time():
+        config = cluster.config()
+        live = live_models(config)
+        if args.name in built_in_models(config) | set(live):
+            hint = "use `mediagate models swap`" if args.name in live else "it is built in"
+            raise CommandError(f"model {args.name!r} is served already ({hint})")
+        spec = spec_from_args(args, config)
+        check_spec(cluster, config, spec)
+        name = _deploy_version(cluster, spec, None, args.ready_timeout_s)
+        route = LiveModel(app=name, spec=spec)
+        routed = cluster.change(lambda config: with_routes(config, {spec.id: route}))
+        record([f"model {spec.id} added: version {spec.version} from {spec.source} ({name})"])
+        cluster.wait_running([router_app(routed)["name"]], args.ready_timeout_s)
+        print(f"model {spec.id} serves (catalog: {write_live_catalog(routed)})", file=sys.stderr)
     return 0
 
 
 def command_models_swap(args: argparse.Namespace) -> int:
     cluster = Cluster(_dashboard_url(args.address))
-    config = cluster.config()
-    old = live_models(config).get(args.name)
-    if old is None or not old.accepting:
-        raise CommandError(
-            f"model {args.name!r} is not served from an application of its own "
-            "(`mediagate models list`); add it with `mediagate models add`"
+    with one_change_at_a_time():
+        config = cluster.config()
+        old = live_models(config).get(args.name)
+        if old is None or not old.accepting:
+            raise CommandError(
+                f"model {args.name!r} is not served from an application of its own "
+                "(`mediagate models list`): a built-in model changes only with a redeploy "
+                "of the router's application"
+            )
+        update: dict[str, Any] = {"version": args.version or next_version(old.spec.version)}
+        for flag, key in (
+            ("source", "source"),
+            ("pipeline_class", "pipeline_class"),
+            ("gpus", "num_gpus"),
+            ("accelerator", "accelerator_type"),
+        ):
+            if getattr(args, flag) is not None:
+                update[key] = getattr(args, flag)
+        spec = ModelSpec.model_validate({**old.spec.model_dump(), **update})
+        # the running version's placement, limits and scheduler settings carry over
+        entries = deployment_entries(config, old.app)
+        if args.gpus is not None or args.accelerator is not None:
+            for entry in entries:
+                entry.pop("ray_actor_options", None)
+        check_spec(cluster, config, spec, entries)
+        name = _deploy_version(cluster, spec, entries, args.ready_timeout_s)
+        route = LiveModel(app=name, spec=spec)
+        # new requests go to the new version; the old one finishes what it holds
+        cluster.change(lambda config: with_routes(config, {spec.id: route}))
+        print(f"traffic moved to version {spec.version}; draining {old.app}", file=sys.stderr)
+        drained = _retire(cluster, old, "moved", args.drain_timeout_s)
+        cluster.delete(lambda config: without_application(config, old.app), old.app)
+        record(
+            [
+                f"model {spec.id} swapped: version {old.spec.version} ({old.spec.source}) -> "
+                f"{spec.version} ({spec.source})"
+                + ("" if drained else f"; {old.app} removed before its work ended")
+            ]
         )
-    update: dict[str, Any] = {"version": args.version or next_version(old.spec.version)}
-    if args.source:
-        update["source"] = args.source
-    if args.pipeline_class:
-        update["pipeline_class"] = args.pipeline_class
-    spec = ModelSpec.model_validate({**old.spec.model_dump(), **update})
-    check_spec(cluster, config, spec)
-    deployed, name = _deploy_version(cluster, config, spec, args.ready_timeout_s)
-    moved = with_retired(
-        with_routes(deployed, {spec.id: LiveModel(app=name, spec=spec)}), old.app, old.spec, "moved"
-    )
-    cluster.apply(moved)  # new requests go to the new version; the old one finishes its own
-    print(f"traffic moved to version {spec.version}; draining {old.app} ...", file=sys.stderr)
-    drained = cluster.wait_drained(old.app, old.spec, args.drain_timeout_s)
-    cluster.apply(without_application(moved, old.app))
-    record(
-        [
-            f"model {spec.id} swapped: version {old.spec.version} ({old.spec.source}) -> "
-            f"{spec.version} ({spec.source})"
-            + ("" if drained else f"; {old.app} removed before its work ended")
-        ]
-    )
-    if not drained:
-        print(
-            f"warning: {old.app} still had work after {args.drain_timeout_s:.0f}s and was "
-            "removed anyway (its video jobs run again on the new version)",
-            file=sys.stderr,
-        )
-    print(f"model {spec.id} serves version {spec.version}", file=sys.stderr)
-    write_live_catalog(moved)
+        if not drained:
+            print(
+                f"warning: {old.app} still had work after {args.drain_timeout_s:.0f}s and "
+                "was removed anyway (its video jobs run again on the new version)",
+                file=sys.stderr,
+            )
+        write_live_catalog(cluster.config())
+        print(f"model {spec.id} serves version {spec.version}", file=sys.stderr)
     return 0
 
 
 def command_models_remove(args: argparse.Namespace) -> int:
     cluster = Cluster(_dashboard_url(args.address))
-    config = cluster.config()
-    route = live_models(config).get(args.name)
-    if route is None:
-        hint = (
-            " (it is built into the router application: take it out of args.models there)"
-            if args.name in built_in_models(config)
-            else ""
+    with one_change_at_a_time():
+        config = cluster.config()
+        route = live_models(config).get(args.name)
+        if route is None:
+            hint = (
+                " (it is built into the router application: take it out of args.models "
+                "there, which restarts that application)"
+                if args.name in built_in_models(config)
+                else ""
+            )
+            raise CommandError(f"model {args.name!r} is not served from its own application{hint}")
+        closed = route.model_copy(update={"accepting": False})
+        cluster.change(lambda config: with_routes(config, {args.name: closed}))  # 404 at once
+        print(
+            f"{args.name} takes no new requests; "
+            + ("failing its queued and running work" if args.now else "serving what it holds"),
+            file=sys.stderr,
         )
-        raise CommandError(f"model {args.name!r} is not served from its own application{hint}")
-    mode = "removed" if args.now else "drain"
-    closed = with_retired(
-        with_routes(config, {args.name: route.model_copy(update={"accepting": False})}),
-        route.app,
-        route.spec,
-        mode,
-    )
-    cluster.apply(closed)  # 404 for new requests at once
-    print(
-        f"{args.name} takes no new requests; "
-        + ("failing its queued and running work" if args.now else "serving what it holds")
-        + " ...",
-        file=sys.stderr,
-    )
-    drained = cluster.wait_drained(route.app, route.spec, args.drain_timeout_s)
-    removed = with_routes(without_application(closed, route.app), {args.name: None})
-    cluster.apply(removed)
-    record(
-        [
-            f"model {args.name} removed (version {route.spec.version}, "
-            + ("queued and running work failed, not charged" if args.now else "drained")
-            + ("" if drained else f"; stopped after {args.drain_timeout_s:.0f}s")
-            + ")"
-        ]
-    )
-    write_live_catalog(removed)
-    print(f"model {args.name} removed", file=sys.stderr)
+        drained = _retire(cluster, route, "removed" if args.now else "drain", args.drain_timeout_s)
+        if not drained:  # what is left fails (not charged) rather than hang forever
+            print(f"{route.app} still had work: failing it", file=sys.stderr)
+            _retire(cluster, route, "removed", DELETE_TIMEOUT_S)
+
+        def removed(config: dict[str, Any]) -> dict[str, Any]:
+            return with_routes(without_application(config, route.app), {args.name: None})
+
+        cluster.delete(removed, route.app)
+        record(
+            [
+                f"model {args.name} removed (version {route.spec.version}, "
+                + ("queued and running work failed, not charged" if args.now else "drained")
+                + ("" if drained else f"; what was left after {args.drain_timeout_s:.0f}s failed")
+                + ")"
+            ]
+        )
+        write_live_catalog(cluster.config())
+        print(f"model {args.name} removed", file=sys.stderr)
     return 0
 
 
@@ -378,6 +330,8 @@ def add_model_commands(commands: Any) -> None:
     swap.add_argument("name")
     swap.add_argument("--source", help="the new version's weights")
     swap.add_argument("--pipeline-class")
+    swap.add_argument("--gpus", type=float, help="GPUs per replica (0: run on CPUs)")
+    swap.add_argument("--accelerator", help="Ray accelerator type, e.g. A10G")
     swap.add_argument("--version", help="version name (default: the next number)")
     swap.set_defaults(handler=command_models_swap)
     remove = models.add_parser("remove", help="stop serving a model (404 at once)")

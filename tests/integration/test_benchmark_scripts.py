@@ -122,13 +122,6 @@ def test_bench_safety_runs() -> None:
     assert result["share_of_tiny_sd_request"]["both"] > 0, result
 
 
-@pytest.mark.own_ray_cluster
-def test_bench_model_change_runs() -> None:
-    result = run_smoke("bench_model_change.py")
-    assert result["errors"] == 0 and result["first_model_replicas_unchanged"], result
-    assert result["new_model_status"] == 200 and result["p99_ratio_during"] > 0, result
-
-
 def test_bench_cold_start_runs() -> None:
     result = run_smoke("bench_cold_start.py")
     figures = result["models"]["tiny-sd"]

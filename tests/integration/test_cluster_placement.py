@@ -170,7 +170,7 @@ def test_a_worker_on_a_fake_gpu_node_serves_on_the_cpu(gpu_cluster: dict[str, An
         "import json, sys, ray\n"
         "from ray import serve\n"
         "ray.init(address=sys.argv[1], namespace='serve', log_to_driver=False)\n"
-        "handle = serve.get_deployment_handle('TextToImage-tiny-sd', app_name='mediagate')\n"
+        "handle = serve.get_deployment_handle('TextToImage-tiny-sd', app_name='model-tiny-sd-v1')\n"
         "print(json.dumps(handle.placement_report.remote().result(timeout_s=60)))\n"
     )
     asked = subprocess.run(

@@ -90,6 +90,64 @@ def test_a_model_change_touches_one_application_and_the_routers_user_config(
     assert split_models(gone, CATALOG) == gone  # already split: nothing more to do
 
 
+def code_versions(config: dict[str, Any]) -> dict[str, str]:
+    """Serve's code version of each application: a change of it restarts its replicas."""
+    from ray.serve._private.deploy_utils import get_app_code_version
+    from ray.serve.schema import ServeApplicationSchema
+
+    return {
+        app["name"]: get_app_code_version(ServeApplicationSchema.model_validate(app))
+        for app in config["applications"]
+    }
+
+
+@pytest.mark.parametrize("made_by", ["shipped config", "bare config entry", "models add"])
+def test_no_step_of_a_swap_restarts_an_application_it_keeps(tmp_path: Path, made_by: str) -> None:
+    """Serve's own code version (import path, args, policies, and which deployment entries
+    carry an autoscaling_config) of every application stays the same through a swap,
+    for a model split out by `mediagate up` (from the shipped config, or from an entry
+    that names only its ray_actor_options) and for one `models add` made."""
+    if made_by == "bare config entry":
+        path = tmp_path / "serve.yaml"
+        entry = {"name": "TextToImage-tiny-sd", "ray_actor_options": {"num_gpus": 0}}
+        app: dict[str, Any] = {"name": "mediagate", "import_path": "deployments.app:build_app"}
+        app |= {"args": {"models": ["tiny-sd"]}, "deployments": [entry]}
+        path.write_text(json.dumps({"applications": [app]}))
+        config = service.effective_config(str(path), "127.0.0.1", 8000, tmp_path)
+    else:
+        config = shipped(tmp_path)
+    router = apps_by_name(config)["mediagate"]
+    spec = SD
+    if made_by == "models add":
+        spec = SD.model_copy(update={"id": "tiny-b"})
+        config = with_routes(
+            with_application(config, model_application(router, spec)),
+            {"tiny-b": LiveModel(app="model-tiny-b-v1", spec=spec)},
+        )
+    old_app = app_name_of(spec)
+    before = code_versions(config)
+    v2 = spec.model_copy(update={"version": "2"})
+    swapped = with_retired(
+        with_routes(
+            with_application(config, model_application(router, v2)),
+            {spec.id: LiveModel(app=app_name_of(v2), spec=v2)},
+        ),
+        old_app,
+        spec,
+        "moved",
+    )
+    after = code_versions(swapped)
+    assert {name: after[name] for name in before} == before
+    removed = without_application(swapped, old_app)
+    assert {name: code for name, code in code_versions(removed).items()} == {
+        name: code for name, code in after.items() if name != old_app
+    }
+
+
+def app_name_of(spec: ModelSpec) -> str:
+    return f"model-{spec.id}-v{spec.version}"
+
+
 def test_scale_changes_follow_a_model_into_its_own_application(tmp_path: Path) -> None:
     """`mediagate scale` and POST /v1/ops/limits name the router's application; a live
     model's limits live in its own."""
@@ -274,14 +332,50 @@ async def test_a_video_scheduler_moved_leaves_its_queue_to_the_new_version(
         rig.scheduler.reconfigure({"retired": "moved"})
         with pytest.raises(ModelMoved):
             await rig.scheduler.admit("acct", 0, 60, None)
-        assert await rig.scheduler.enqueue("acct", "video_c") == 0
+        with pytest.raises(ModelMoved):  # the router hands it to the live version
+            await rig.scheduler.enqueue("acct", "video_c")
         rig.worker.finish("video_a")
         await asyncio.sleep(0.05)
         await rig.scheduler.reconcile()
         assert rig.worker.running() == []  # b waits, queued in the store, for the new one
         assert (await rig.job("video_b")).status == "queued"
+        assert rig.scheduler.record_autoscaling_stats()["retired"] == 1.0
     finally:
         await rig.scheduler.shutdown()
+
+
+async def test_a_video_scheduler_adopts_no_run_of_another_version(tmp_path: Path) -> None:
+    """Both versions of a model read its active jobs during a swap: a job the other
+    version runs holds no slot here (the retired one would never drain, the new one
+    would scale for work running elsewhere)."""
+    rig = Rig(tmp_path)
+    try:
+        now = rig.clock()
+        await rig.add(
+            "video_elsewhere",
+            enqueue=False,
+            status="in_progress",
+            attempt=1,
+            model_version="0",
+            lease_expires_at=now + 600,
+            worker_started_at=now,
+        )
+        await rig.scheduler.reconcile()
+        stats = rig.scheduler.record_autoscaling_stats()
+        assert stats["inflight"] == 0.0 and "retired" not in stats
+    finally:
+        await rig.scheduler.shutdown()
+
+
+def test_a_retired_versions_workers_stay_while_it_holds_work_then_go() -> None:
+    from tests.unit.test_autoscaling_policy import decide, queue
+
+    retired = {"retired": 1.0}
+    # target 2 per replica: one request running would want 1 replica of the 6
+    assert decide(6, queue(inflight=1), min_replicas=0) == 1  # in service: it shrinks
+    assert decide(6, queue(inflight=1) | retired, min_replicas=0) == 6  # no busy one stopped
+    assert decide(6, queue(free=1) | retired, min_replicas=0) == 6  # queued counts too
+    assert decide(6, queue() | retired, min_replicas=0) == 0  # holds nothing: all go
 
 
 async def test_a_video_scheduler_removed_fails_what_it_holds_uncharged(tmp_path: Path) -> None:
@@ -297,6 +391,10 @@ async def test_a_video_scheduler_removed_fails_what_it_holds_uncharged(tmp_path:
                 break
             await asyncio.sleep(0.01)
         assert [(job.status, job.error_code) for job in jobs] == [("failed", "model_removed")] * 2
+        # a job stored by a router that had not heard yet fails at the next pass
+        await rig.add("video_late", enqueue=False)
+        await rig.scheduler.reconcile()
+        assert (await rig.job("video_late")).error_code == "model_removed"
     finally:
         await rig.scheduler.shutdown()
 

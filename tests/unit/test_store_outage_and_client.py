@@ -108,7 +108,7 @@ def test_openai_client_sees_insufficient_quota_and_does_not_retry(
     assert counting.requests == 4  # the client did not retry
 
 
-def test_tier_policy_reloads_live(tmp_path: Path) -> None:
+async def test_tier_policy_reloads_live(tmp_path: Path) -> None:
     from deployments.router.deployment import Router
 
     home = tmp_path / "home"
@@ -125,7 +125,7 @@ def test_tier_policy_reloads_live(tmp_path: Path) -> None:
 
     data = load_tier_policy().model_dump()
     data["tiers"]["free"]["images_per_day"] = 10
-    router.reconfigure({"tiers": data})
+    await router.reconfigure({"tiers": data})
     assert router.gateway.policy.tiers["free"].images_per_day == 10
-    router.reconfigure({"tiers_file": None})  # nothing given: nothing changes
+    await router.reconfigure({"tiers_file": None})  # nothing given: nothing changes
     assert router.gateway.policy.tiers["free"].images_per_day == 10
