@@ -190,7 +190,7 @@ def ray_session_processes(session_dir: str) -> list[Any]:
     return list(found.values())
 
 
-def stop_ray_session(session_dir: str, gcs_port: int, *, grace_s: float = 15.0) -> int:
+def stop_ray_session(session_dir: str, gcs_port: int, *, grace_s: float = 5.0) -> int:
     """Stop only the Ray instance `mediagate up` started (`ray stop` would stop every Ray
     on the machine): SIGTERM its processes, SIGKILL what is left after ``grace_s``."""
     import psutil
@@ -218,11 +218,14 @@ def forget_cluster_address(session_dir: str, gcs_port: int) -> None:
 
 
 def _stop(run: dict[str, Any]) -> None:
-    try:
-        serve_client(run["dashboard_url"]).delete_applications()
-    except Exception as error:  # the cluster may already be gone
-        print(f"could not delete the Serve applications: {error}", file=sys.stderr)
+    """Delete the applications from a cluster `up` did not start; stop the Ray that it
+    did start (which ends its applications with it: Serve's own shutdown first would
+    wait out every replica's graceful stop, about half a minute)."""
     if not run.get("started_ray"):
+        try:
+            serve_client(run["dashboard_url"]).delete_applications()
+        except Exception as error:  # the cluster may already be gone
+            print(f"could not delete the Serve applications: {error}", file=sys.stderr)
         return
     if run.get("ray_session_dir") and run.get("ray_port"):
         stop_ray_session(run["ray_session_dir"], int(run["ray_port"]))
