@@ -182,18 +182,23 @@ def _check_limits(limits: dict[str, Any], *, worker: str, allow_zero_images: boo
         )
 
 
-def live_model_apps(details: dict[str, Any], app_name: str) -> dict[str, str]:
-    """The models ``app_name``'s router serves from applications of their own (its
-    ``user_config.live_models``, written by ``mediagate models``): model -> application."""
-    config = ((details.get("applications") or {}).get(app_name) or {}).get("deployed_app_config")
-    for entry in (config or {}).get("deployments") or []:
+def live_routes(router_app_config: dict[str, Any]) -> dict[str, Any]:
+    """The router's routes to models served as applications of their own: its config
+    entry's ``user_config.live_models`` (written by ``mediagate models``), as data."""
+    for entry in router_app_config.get("deployments") or []:
         if entry.get("name") == ROUTER:
-            live = (entry.get("user_config") or {}).get("live_models") or {}
-            return {model: str(route["app"]) for model, route in live.items()}
+            return dict((entry.get("user_config") or {}).get("live_models") or {})
     return {}
 
 
-def model_application(details: dict[str, Any], app_name: str, model: str) -> str:
+def live_model_apps(details: dict[str, Any], app_name: str) -> dict[str, str]:
+    """The models ``app_name``'s router serves from applications of their own: model ->
+    application."""
+    config = ((details.get("applications") or {}).get(app_name) or {}).get("deployed_app_config")
+    return {model: str(route["app"]) for model, route in live_routes(config or {}).items()}
+
+
+def serving_application(details: dict[str, Any], app_name: str, model: str) -> str:
     """The application whose workers serve ``model`` for ``app_name``'s router: the one
     its live route names, else ``app_name`` itself."""
     return live_model_apps(details, app_name).get(model, app_name)
@@ -252,7 +257,7 @@ def changed_deployment(
     application details) with ``change`` applied to ``app_name``, and one line per value
     changed: what ``mediagate scale set`` and ``POST /v1/ops/limits`` deploy. A model
     served from an application of its own (``live_model_apps``) is changed there."""
-    app_name = model_application(details, app_name, change.model)
+    app_name = serving_application(details, app_name, change.model)
     app = (details.get("applications") or {}).get(app_name)
     if not app or not app.get("deployed_app_config"):
         raise ScaleError(

@@ -34,36 +34,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import yaml
 from benchmarking import free_port, percentile, write_tiers_without_quotas
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' config writer
+from tests.integration.conftest import write_tiny_sd_config
 
 MEDIAGATE = str(Path(sys.executable).with_name("mediagate"))
 FIRST = ("TextToImage-tiny-sd", "Scheduler-tiny-sd")
-
-
-def write_config(home: Path) -> Path:
-    tiers = write_tiers_without_quotas(home)
-    config = {
-        "proxy_location": "HeadOnly",
-        "applications": [
-            {
-                "name": "mediagate",
-                "route_prefix": "/",
-                "import_path": "deployments.app:build_app",
-                "autoscaling_policy": {"policy_function": "autoscaling.policy:scale_workers"},
-                "args": {"models": ["tiny-sd"], "tiers_file": str(tiers)},
-                "deployments": [
-                    {
-                        "name": "TextToImage-tiny-sd",
-                        "ray_actor_options": {"num_cpus": 0, "num_gpus": 0},
-                    }
-                ],
-            }
-        ],
-    }
-    path = home / "serve.bench.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
 
 
 class Clients:
@@ -160,7 +137,8 @@ def main() -> None:
         if not args.existing:
             port, dashboard_port, ray_port = free_port(), free_port(), free_port()
             up = cli(
-                "up", "--detach", "--config", str(write_config(home)), "--port", str(port),
+                "up", "--detach", "--port", str(port),
+                "--config", str(write_tiny_sd_config(home, write_tiers_without_quotas(home))),
                 "--dashboard-port", str(dashboard_port), "--ray-port", str(ray_port),
             )  # fmt: skip
             if up.returncode != 0:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from autoscaling.limits import AUTOSCALING_NUMBERS
+from autoscaling.limits import AUTOSCALING_NUMBERS, live_routes
 from autoscaling.naming import (
     ROUTER,
     scheduler_name,
@@ -79,12 +79,8 @@ def _app(config: dict[str, Any], name: str) -> dict[str, Any]:
 
 def live_models(config: dict[str, Any]) -> dict[str, LiveModel]:
     """The router's routes to model applications (its ``user_config.live_models``)."""
-    router = router_app(config)
-    for entry in router.get("deployments") or []:
-        if entry.get("name") == ROUTER:
-            raw = (entry.get("user_config") or {}).get("live_models") or {}
-            return {model_id: LiveModel.model_validate(route) for model_id, route in raw.items()}
-    return {}
+    raw = live_routes(router_app(config))
+    return {model_id: LiveModel.model_validate(route) for model_id, route in raw.items()}
 
 
 def model_application(

@@ -59,10 +59,10 @@ def check_spec(
 ) -> None:
     """Refuse, with every reason at once, a model that could not serve (``entries``:
     its deployment entries, whose ray_actor_options win, as Serve applies them)."""
-    worker = next((e for e in entries or [] if e.get("name", "").startswith("TextTo")), {}).get(
-        "ray_actor_options"
-    )
-    options = worker or (router_app(config).get("args") or {}).get("worker_ray_actor_options")
+    name = worker_name(spec.task, spec.id)
+    worker = next((entry for entry in entries or [] if entry.get("name") == name), {})
+    shared = (router_app(config).get("args") or {}).get("worker_ray_actor_options")
+    options = worker.get("ray_actor_options") or shared
     problems = [
         *pipeline_class_problems(spec),
         *weights_problems(spec),
@@ -70,6 +70,25 @@ def check_spec(
     ]
     if problems:
         raise CommandError(f"model {spec.id} refused, nothing changed: " + "; ".join(problems))
+
+
+# The catalog fields `models add` and `swap` take as flags (flag -> field).
+SPEC_FLAGS = {
+    "source": "source",
+    "task": "task",
+    "pipeline_class": "pipeline_class",
+    "gpus": "num_gpus",
+    "accelerator": "accelerator_type",
+}
+
+
+def flagged_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The catalog fields the command line sets (a command without a flag sets none)."""
+    return {
+        field: getattr(args, flag)
+        for flag, field in SPEC_FLAGS.items()
+        if getattr(args, flag, None) is not None
+    }
 
 
 def spec_from_args(args: argparse.Namespace, config: dict[str, Any]) -> ModelSpec:
@@ -84,15 +103,7 @@ def spec_from_args(args: argparse.Namespace, config: dict[str, Any]) -> ModelSpe
     elif args.like:
         base = served_spec(config, args.like).model_dump()
     fields: dict[str, Any] = {**base, "id": args.name, "version": args.version or "1"}
-    for flag, key in (
-        ("source", "source"),
-        ("task", "task"),
-        ("pipeline_class", "pipeline_class"),
-        ("gpus", "num_gpus"),
-        ("accelerator", "accelerator_type"),
-    ):
-        if getattr(args, flag, None) is not None:
-            fields[key] = getattr(args, flag)
+    fields |= flagged_fields(args)
     scaling = dict(fields.get("scaling") or {})
     if args.min_replicas is not None:
         scaling["min_replicas"] = args.min_replicas
@@ -223,14 +234,7 @@ def command_models_swap(args: argparse.Namespace) -> int:
                 "of the router's application"
             )
         update: dict[str, Any] = {"version": args.version or next_version(old.spec.version)}
-        for flag, key in (
-            ("source", "source"),
-            ("pipeline_class", "pipeline_class"),
-            ("gpus", "num_gpus"),
-            ("accelerator", "accelerator_type"),
-        ):
-            if getattr(args, flag) is not None:
-                update[key] = getattr(args, flag)
+        update |= flagged_fields(args)
         spec = ModelSpec.model_validate({**old.spec.model_dump(), **update})
         # the running version's placement, limits and scheduler settings carry over
         entries = deployment_entries(config, old.app)

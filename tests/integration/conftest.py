@@ -55,6 +55,34 @@ def write_unlimited_tiers(home: Path, *, keep_queue_caps: bool = False) -> Path:
     return path
 
 
+def write_tiny_sd_config(home: Path, tiers_file: Path) -> Path:
+    """A Serve config for `mediagate up` serving tiny-sd alone (its worker asks for no
+    CPU, leaving the machine's for models added later) under ``tiers_file``."""
+    import yaml
+
+    config = {
+        "proxy_location": "HeadOnly",
+        "applications": [
+            {
+                "name": "mediagate",
+                "route_prefix": "/",
+                "import_path": "deployments.app:build_app",
+                "autoscaling_policy": {"policy_function": "autoscaling.policy:scale_workers"},
+                "args": {"models": ["tiny-sd"], "tiers_file": str(tiers_file)},
+                "deployments": [
+                    {
+                        "name": "TextToImage-tiny-sd",
+                        "ray_actor_options": {"num_cpus": 0, "num_gpus": 0},
+                    }
+                ],
+            }
+        ],
+    }
+    path = home / "serve.tiny-sd.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
 def deployments_of(details: dict[str, Any]) -> dict[str, Any]:
     """Every deployment of every application in Serve's application details, by name
     (`mediagate up` serves each model as an application of its own)."""

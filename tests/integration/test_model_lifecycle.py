@@ -28,6 +28,7 @@ from tests.integration.conftest import (
     deployments_of,
     free_port,
     mediagate_up,
+    write_tiny_sd_config,
     write_unlimited_tiers,
 )
 
@@ -114,31 +115,6 @@ class Stream:
         self.thread.join(timeout=180)
 
 
-def write_config(home: Path) -> Path:
-    tiers = write_unlimited_tiers(home)
-    config = {
-        "proxy_location": "HeadOnly",
-        "applications": [
-            {
-                "name": "mediagate",
-                "route_prefix": "/",
-                "import_path": "deployments.app:build_app",
-                "autoscaling_policy": {"policy_function": "autoscaling.policy:scale_workers"},
-                "args": {"models": ["tiny-sd"], "tiers_file": str(tiers)},
-                "deployments": [
-                    {
-                        "name": "TextToImage-tiny-sd",
-                        "ray_actor_options": {"num_cpus": 0, "num_gpus": 0},
-                    }
-                ],
-            }
-        ],
-    }
-    path = home / "serve.models.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
-
-
 @pytest.fixture(scope="module")
 def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
     home = tmp_path_factory.mktemp("models")
@@ -151,7 +127,12 @@ def up(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
     }
     started = mediagate_up(
         env,
-        *("--config", str(write_config(home)), "--port", str(port)),
+        *(
+            "--config",
+            str(write_tiny_sd_config(home, write_unlimited_tiers(home))),
+            "--port",
+            str(port),
+        ),
         *("--dashboard-port", str(dashboard_port), "--ray-port", str(ray_port)),
     )
     running = Up(env, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}")
