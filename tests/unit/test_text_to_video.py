@@ -126,14 +126,16 @@ async def test_same_seed_same_video_and_the_reference_image_conditions_it(
     import numpy as np
 
     rig = Rig(tmp_path, model_cache)
-    videos = {}
+    videos, files = {}, {}
     red = rig.artifacts.put(solid_png(64, 64, seed=255), "png", "ref")
     for job_id, reference in [("video_a", None), ("video_b", None), ("video_c", red)]:
         task = await rig.dispatch(job_id, num_frames=9, input_reference=reference)
         assert (await rig.worker.run(task)).status == "completed"
         job = await rig.job(job_id)
         assert job is not None
-        videos[job_id] = np.stack(decode(rig.artifacts.read(job.artifacts["video"])))
+        files[job_id] = rig.artifacts.read(job.artifacts["video"])
+        videos[job_id] = np.stack(decode(files[job_id]))
+    assert files["video_a"] == files["video_b"]  # the same frames make the same file
     same_seed = np.abs(videos["video_a"].astype(int) - videos["video_b"]).mean()
     with_reference = np.abs(videos["video_a"].astype(int) - videos["video_c"]).mean()
     # Random weights make grey-ish noise, so the reference moves pixels a little, but
