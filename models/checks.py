@@ -6,6 +6,9 @@ list means go. Nothing here loads weights.
 
 from __future__ import annotations
 
+import ast
+import functools
+import importlib.util
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -19,12 +22,29 @@ from models.tiny import MODEL_INDEX, TINY_BUILDERS
 def pipeline_class_problems(spec: ModelSpec) -> list[str]:
     if spec.source.startswith("simulated://"):
         return []
-    import diffusers
-
-    cls = getattr(diffusers, spec.pipeline_class, None)
-    if cls is None or not hasattr(cls, "from_pretrained"):
+    if spec.pipeline_class not in diffusers_pipeline_classes():
         return [f"diffusers has no pipeline class {spec.pipeline_class!r}"]
     return []
+
+
+@functools.cache
+def diffusers_pipeline_classes() -> frozenset[str]:
+    """The pipeline classes the installed diffusers exports, read from its package's
+    lazy import table without importing it: ``import diffusers`` imports torch (~6 s
+    of CPU), which a ``mediagate models add`` on a serving node would take from the
+    models serving there. Every name in that table that names a pipeline."""
+    found = importlib.util.find_spec("diffusers")
+    if found is None or found.origin is None:
+        return frozenset()
+    table = ast.parse(Path(found.origin).read_text(encoding="utf-8"))
+    return frozenset(
+        node.value
+        for node in ast.walk(table)
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and node.value.isidentifier()
+        and "Pipeline" in node.value
+    )
 
 
 def weights_problems(spec: ModelSpec, *, s3: Any = None) -> list[str]:

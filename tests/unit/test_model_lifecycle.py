@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,12 @@ from mediagate.protocol.catalog import LiveModel, ModelSpec
 from mediagate.protocol.errors import ModelMoved, ModelRemoved
 from mediagate.protocol.work import ImageJob, ImageResult
 from models.catalog import load_catalog
-from models.checks import pipeline_class_problems, placement_problems, weights_problems
+from models.checks import (
+    diffusers_pipeline_classes,
+    pipeline_class_problems,
+    placement_problems,
+    weights_problems,
+)
 from tests.fakes import FakeClock, FakeImageWorker, FakeScheduler, LocalHandle
 from tests.unit.harness import Service
 from tests.unit.test_video_scheduler import Rig
@@ -176,6 +183,24 @@ def test_scale_changes_follow_a_model_into_its_own_application(tmp_path: Path) -
     worker = {d["name"]: d for d in changed["model-tiny-sd-v1"]["deployments"]}
     assert worker["TextToImage-tiny-sd"]["autoscaling_config"]["max_replicas"] == 3
     assert changed["mediagate"] == apps_by_name(config)["mediagate"]
+
+
+def test_the_pipeline_class_check_reads_diffusers_without_importing_torch() -> None:
+    probe = (
+        "import sys; from models.checks import diffusers_pipeline_classes as c; "
+        "print(len(c()), 'torch' in sys.modules, 'diffusers' in sys.modules)"
+    )
+    ran = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    count, torch_imported, diffusers_imported = ran.stdout.split()
+    assert int(count) > 100 and torch_imported == diffusers_imported == "False"
+    import diffusers
+
+    exported = {name for name in dir(diffusers) if "Pipeline" in name}
+    assert exported <= diffusers_pipeline_classes()  # what the package itself exports
+    for spec in CATALOG.models.values():
+        assert spec.pipeline_class in diffusers_pipeline_classes(), spec.id
+    refused = SD.model_copy(update={"pipeline_class": "AutoencoderKL"})  # a model, no pipeline
+    assert pipeline_class_problems(refused)
 
 
 def test_checks_say_what_is_wrong_before_anything_is_deployed(tmp_path: Path) -> None:
