@@ -108,15 +108,15 @@ def main() -> None:
     if args.smoke:
         args.requests, args.gap_ms = 3, 0
 
-    import ray
     from ray import serve
+
+    from mediagate.cli.service import stop_own_ray
 
     with tempfile.TemporaryDirectory() as scratch:
         port = start_local_serve(Path(scratch), args.ingress)
         serve.run(build_app(), name="hops", route_prefix="/")
         timings = measure(f"http://127.0.0.1:{port}", args.requests, args.gap_ms / 1000)
-        serve.shutdown()
-        ray.shutdown()
+        stop_own_ray()
 
     def p(route: str, kind: str, q: float) -> float:
         return round(percentile(timings[route][kind], q), 2)

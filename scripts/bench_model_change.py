@@ -11,7 +11,9 @@ latency while `mediagate models add` runs, against its p99 before.
 4. ``--after-s`` more, then `mediagate down`.
 
 Reported: p50/p99 per window, their ratios during/before, errors, how long the add
-took, and whether tiny-sd's replicas stayed the same. On a 2-core machine the new
+took, the CPU seconds each process spent during it (by process title: the new
+application's replicas, Serve's build task, the command), and whether tiny-sd's
+replicas stayed the same. On a 2-core machine the new
 replica's start competes with tiny-sd's for the CPU (on a GPU cluster it starts on
 another node): that competition is in the figures. Last line: one JSON object.
 
@@ -89,6 +91,59 @@ class Clients:
         }
 
 
+class CpuByProcess:
+    """CPU seconds the machine's processes spend while it runs, per process title (a
+    Ray worker's title names what it runs at the time: a replica, a task, IDLE):
+    what the add cost, and who paid it. Sampled every ``every_s``; a process's CPU
+    between two samples goes to the title it had at the second."""
+
+    def __init__(self, every_s: float = 1.0) -> None:
+        self.every_s = every_s
+        self.seconds: dict[str, float] = {}
+        self._last: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        import psutil
+
+        for process in psutil.process_iter(["cmdline", "name", "cpu_times"]):
+            times = process.info["cpu_times"]
+            if times is None:
+                continue
+            used = times.user + times.system
+            before = self._last.get(process.pid)
+            self._last[process.pid] = used
+            if before is None or used <= before:
+                continue
+            title = " ".join(process.info["cmdline"] or [process.info["name"] or "?"])
+            if title.startswith("ray::"):
+                title = title.split()[0]
+            elif "models add" in title:
+                title = "the `mediagate models add` command"
+            else:
+                title = process.info["name"] or "?"
+            self.seconds[title] = self.seconds.get(title, 0.0) + used - before
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self._sample()
+
+    def __enter__(self) -> CpuByProcess:
+        self._sample()  # the baseline
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+    def busiest(self, count: int = 8) -> dict[str, float]:
+        ranked = sorted(self.seconds.items(), key=lambda kv: -kv[1])[:count]
+        return {title: round(seconds, 1) for title, seconds in ranked}
+
+
 def replica_ids(dashboard_url: str, token: str) -> dict[str, list[str]]:
     details = httpx.get(
         f"{dashboard_url}/api/serve/applications/",
@@ -155,7 +210,8 @@ def main() -> None:
                 start = time.monotonic()
                 time.sleep(args.before_s)
                 change_started = time.monotonic()
-                added = cli("models", "add", args.name, "--like", "tiny-sd", "--gpus", "0")
+                with CpuByProcess() as cpu:
+                    added = cli("models", "add", args.name, "--like", "tiny-sd", "--gpus", "0")
                 change_ended = time.monotonic()
                 time.sleep(args.after_s)
                 ended = time.monotonic()
@@ -184,6 +240,7 @@ def main() -> None:
                 "during_add": during,
                 "after": after,
                 "add_s": round(change_ended - change_started, 1),
+                "cpu_s_during_add": cpu.busiest(),
                 "p99_ratio_during": round(during["p99_ms"] / before["p99_ms"], 3),
                 "p50_ratio_during": round(during["p50_ms"] / before["p50_ms"], 3),
                 "errors": before["errors"] + during["errors"] + after["errors"],

@@ -238,9 +238,9 @@ def main() -> None:
         args.requests, args.batch = 3, 2
 
     import ray
-    from ray import serve
 
     from mediagate.access.accounts import SqliteAccountStore
+    from mediagate.cli.service import stop_own_ray
 
     with tempfile.TemporaryDirectory() as scratch:
         home = Path(scratch)
@@ -264,8 +264,7 @@ def main() -> None:
             base_url, key, actor, args.batch, 2 * args.requests, concurrency=2 * args.batch
         )
         ray.kill(actor)
-        serve.shutdown()
-        ray.shutdown()
+        stop_own_ray()
 
     result = {
         "model": "tiny-sd",

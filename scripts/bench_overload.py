@@ -390,14 +390,15 @@ async def run(
     *,
     client_gc: bool = False,
     flood_niceness: int = 0,
+    capacity_s: float = 8.0,
 ) -> dict[str, Any]:
     pauses = GcPauses()
     if not client_gc:
         collector_off()
     gc.callbacks.append(pauses)
     async with httpx.AsyncClient(base_url=base_url, timeout=120, limits=CLIENT_LIMITS) as client:
-        await capacity(client, pro_key, 2)  # warm up
-        c = await capacity(client, pro_key, 8)
+        await capacity(client, pro_key, capacity_s / 4)  # warm up
+        c = await capacity(client, pro_key, capacity_s)
         unloaded: list[Outcome] = []
         await open_loop(client, [pro_key], "pro", 0.3 * c, unloaded_s, unloaded)
         flooder, flood_pipe = start_process(
@@ -482,11 +483,11 @@ def main() -> None:
     MODEL = args.model
     if args.smoke:
         args.seconds, args.unloaded_seconds = 2.0, 2.0
-    import ray
     from ray import serve
 
     from deployments.app import AppArgs, build_app
     from mediagate.access.accounts import SqliteAccountStore
+    from mediagate.cli.service import stop_own_ray
 
     with tempfile.TemporaryDirectory() as scratch:
         home = Path(scratch)
@@ -525,10 +526,10 @@ def main() -> None:
                 unloaded_s,
                 client_gc=args.client_gc,
                 flood_niceness=args.flood_niceness,
+                capacity_s=2.0 if args.smoke else 8.0,
             )
         )
-        serve.shutdown()
-        ray.shutdown()
+        stop_own_ray()
 
     c = measured["capacity"]
     memory = measured["memory"]

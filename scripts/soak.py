@@ -364,11 +364,11 @@ def main() -> None:
     if args.smoke:
         # two free accounts: their 3-a-day quotas run out (429) after 6 s of requests
         args.minutes, args.sample_s, args.free_accounts, args.warmup_s = 0.4, 3.0, 2, 0.0
-    import ray
     from ray import serve
 
     from deployments.app import AppArgs, build_app
     from mediagate.access.accounts import open_account_store
+    from mediagate.cli.service import stop_own_ray
     from mediagate.stores import StateConfig
 
     gc.disable()  # the generator's own collections would pause it (see bench_overload.py)
@@ -401,8 +401,7 @@ def main() -> None:
         try:
             asyncio.run(run(soak, home, redis_port, args.sample_s))
         finally:
-            serve.shutdown()
-            ray.shutdown()
+            stop_own_ray()
             if redis is not None:
                 redis.terminate()
     print(f"{'at s':>7} {'state':>6} {'files':>6}  RSS MB / fds: " + ", ".join(WATCHED))

@@ -47,12 +47,12 @@ def s3_endpoint() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[None]:
     import ray
-    from ray import serve
+
+    from mediagate.cli.service import stop_own_ray
 
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
-    serve.shutdown()
-    ray.shutdown()
+    stop_own_ray()
 
 
 @pytest.fixture(scope="session")

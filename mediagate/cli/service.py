@@ -207,6 +207,19 @@ def stop_ray_session(session_dir: str, gcs_port: int, *, grace_s: float = 5.0) -
     return len(processes)
 
 
+def stop_own_ray() -> None:
+    """Stop the local Ray instance this process started as its driver (``ray.init``
+    with ``address="local"``), with everything on it (replicas, HAProxy), without
+    Serve's shutdown first: that waits out each replica's graceful stop, tens of
+    seconds nothing needs when the whole instance goes."""
+    import ray
+
+    node: Any = ray._private.worker.global_worker.node
+    session_dir, gcs_port = node.get_session_dir_path(), int(node.gcs_address.rsplit(":", 1)[1])
+    ray.shutdown()
+    stop_ray_session(session_dir, gcs_port)
+
+
 def forget_cluster_address(session_dir: str, gcs_port: int) -> None:
     """Remove Ray's "current cluster" file when it names the stopped cluster (as `ray
     stop` does): a later `ray.init()` on this machine would otherwise try to join a
