@@ -89,12 +89,14 @@ class WebhookSender:
             return
         endpoints = {e.id: e for e in await self.endpoints.list(event.account_id)}
         now = self.clock()
-        if event.deliveries is None:
+        if event.deliveries is None:  # the endpoints the account had when it happened
             self.counts["events"] += 1
             deliveries = {
                 e.id: EndpointDelivery(next_attempt_at=now)
                 for e in endpoints.values()
-                if e.status == "enabled" and event.type in e.events
+                if e.status == "enabled"
+                and event.type in e.events
+                and e.created_at <= event.created_at
             }
         else:
             deliveries = {k: v.model_copy() for k, v in event.deliveries.items()}

@@ -302,6 +302,21 @@ async def test_odd_answers_and_names_fail_attempts_not_the_sender(
     assert len(receiver.received) == 2 and sender.counts["given_up"] == 1
 
 
+async def test_an_endpoint_added_after_an_event_does_not_get_it(
+    store: JobStore, receiver: WebhookReceiver
+) -> None:
+    """An event goes to the endpoints the account had when it happened, even when the
+    sender takes it up only after a new endpoint was added (a backlog, a sender being
+    replaced): the new endpoint's owner never subscribed to the past."""
+    sender = WebhookSender(store, LOOPBACK)
+    await finish(store, "video_before")
+    await asyncio.sleep(0.01)
+    await sender.endpoints.add(ACCOUNT, WebhookEndpointCreate(url=receiver.url))
+    await finish(store, "video_after")
+    await deliver_all(sender)
+    assert [json.loads(hook.body)["data"]["id"] for hook in receiver.received] == ["video_after"]
+
+
 async def test_switched_off_drops_events_instead_of_keeping_a_backlog(
     store: JobStore, receiver: WebhookReceiver
 ) -> None:
