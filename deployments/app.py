@@ -83,6 +83,10 @@ def build_app(args: dict[str, Any] | AppArgs) -> Application:
         num_replicas=app_args.router_replicas,
         max_ongoing_requests=10_000,
         ray_actor_options={"num_cpus": 0},
+        # A stopping router lets its requests (queued up to a tier's wait, then made)
+        # finish for a minute; Serve's default is 20 s (the direct-ingress drain floor
+        # raised it to 35 s before mediagate shortened that drain to 5 s).
+        graceful_shutdown_timeout_s=60,
         user_config={"tiers_file": shared.tiers_file},
     )
     return router.bind(

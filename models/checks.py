@@ -22,9 +22,16 @@ from models.tiny import MODEL_INDEX, TINY_BUILDERS
 def pipeline_class_problems(spec: ModelSpec) -> list[str]:
     if spec.source.startswith("simulated://"):
         return []
-    if spec.pipeline_class not in diffusers_pipeline_classes():
+    known = diffusers_pipeline_classes()
+    if not known:
+        return ["diffusers is not installed where this command runs"]
+    if spec.pipeline_class not in known:
         return [f"diffusers has no pipeline class {spec.pipeline_class!r}"]
     return []
+
+
+# Exported names with "Pipeline" in them that are no pipeline one can load.
+NOT_PIPELINES = ("Output", "Config", "Blocks", "Mixin")
 
 
 @functools.cache
@@ -32,7 +39,8 @@ def diffusers_pipeline_classes() -> frozenset[str]:
     """The pipeline classes the installed diffusers exports, read from its package's
     lazy import table without importing it: ``import diffusers`` imports torch (~6 s
     of CPU), which a ``mediagate models add`` on a serving node would take from the
-    models serving there. Every name in that table that names a pipeline."""
+    models serving there. Every name in that table that names a loadable pipeline
+    (not an output, a config, the modular pipelines' blocks)."""
     found = importlib.util.find_spec("diffusers")
     if found is None or found.origin is None:
         return frozenset()
@@ -44,6 +52,8 @@ def diffusers_pipeline_classes() -> frozenset[str]:
         and isinstance(node.value, str)
         and node.value.isidentifier()
         and "Pipeline" in node.value
+        and "Modular" not in node.value
+        and not node.value.endswith(NOT_PIPELINES)
     )
 
 

@@ -95,34 +95,34 @@ class CpuByProcess:
     """CPU seconds the machine's processes spend while it runs, per process title (a
     Ray worker's title names what it runs at the time: a replica, a task, IDLE):
     what the add cost, and who paid it. Sampled every ``every_s``; a process's CPU
-    between two samples goes to the title it had at the second."""
+    between two samples goes to the title it had at the second, and a process started
+    meanwhile counts from its start. The command itself is measured apart (its
+    children's rusage), not sampled: it may live less than a sample's interval."""
 
     def __init__(self, every_s: float = 1.0) -> None:
         self.every_s = every_s
         self.seconds: dict[str, float] = {}
-        self._last: dict[int, float] = {}
+        self._last: dict[tuple[int, float], float] = {}
+        self._started = time.time()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
+        self._children_before = 0.0
 
     def _sample(self) -> None:
         import psutil
 
-        for process in psutil.process_iter(["cmdline", "name", "cpu_times"]):
-            times = process.info["cpu_times"]
-            if times is None:
+        for process in psutil.process_iter(["cmdline", "name", "cpu_times", "create_time"]):
+            times, created = process.info["cpu_times"], process.info["create_time"]
+            title = " ".join(process.info["cmdline"] or [process.info["name"] or "?"])
+            if times is None or created is None or "models add" in title:
                 continue
             used = times.user + times.system
-            before = self._last.get(process.pid)
-            self._last[process.pid] = used
+            key = (process.pid, created)
+            before = self._last.get(key, 0.0 if created >= self._started else None)
+            self._last[key] = used
             if before is None or used <= before:
                 continue
-            title = " ".join(process.info["cmdline"] or [process.info["name"] or "?"])
-            if title.startswith("ray::"):
-                title = title.split()[0]
-            elif "models add" in title:
-                title = "the `mediagate models add` command"
-            else:
-                title = process.info["name"] or "?"
+            title = title.split()[0] if title.startswith("ray::") else process.info["name"]
             self.seconds[title] = self.seconds.get(title, 0.0) + used - before
 
     def _run(self) -> None:
@@ -131,6 +131,7 @@ class CpuByProcess:
 
     def __enter__(self) -> CpuByProcess:
         self._sample()  # the baseline
+        self._children_before = _children_cpu_s()
         self._thread.start()
         return self
 
@@ -138,10 +139,21 @@ class CpuByProcess:
         self._stop.set()
         self._thread.join()
         self._sample()
+        self.seconds["the `mediagate models add` command"] = (
+            _children_cpu_s() - self._children_before
+        )
 
     def busiest(self, count: int = 8) -> dict[str, float]:
         ranked = sorted(self.seconds.items(), key=lambda kv: -kv[1])[:count]
         return {title: round(seconds, 1) for title, seconds in ranked}
+
+
+def _children_cpu_s() -> float:
+    """CPU seconds of this process's children that have ended (the commands run)."""
+    import resource
+
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return used.ru_utime + used.ru_stime
 
 
 def replica_ids(dashboard_url: str, token: str) -> dict[str, list[str]]:

@@ -68,11 +68,12 @@ RAY_DEFAULT_PORTS = frozenset({6379, 8265, 10001, 52365})
 
 
 # Ports chosen for listeners that start later (HAProxy's, Ray's) come from between
-# Ray's worker ports (10002-19999 by default) and the kernel's ephemeral range: a port
-# the kernel handed out as free (bind to port 0) could be handed again, before the
-# listener binds it, to any of the many processes a Ray node starts (CI saw HAProxy's
-# stats port taken so: "Address already in use").
-CHOSEN_PORTS_FROM = 20000
+# Ray's worker ports (10002-19999 by default) and Serve's direct-ingress replica ports
+# (30000-31000), below the kernel's ephemeral range: a port the kernel handed out as
+# free (bind to port 0) could be handed again, before the listener binds it, to any of
+# the many processes a Ray node starts (CI saw HAProxy's stats port taken so: "Address
+# already in use").
+CHOSEN_PORTS_FROM, CHOSEN_PORTS_TO = 20000, 30000
 _given_ports: set[int] = set()
 
 
@@ -88,11 +89,11 @@ def ephemeral_port_range() -> tuple[int, int]:
 def free_port(host: str = LOOPBACK) -> int:
     """A port free on ``host`` now, outside the kernel's ephemeral range where it can,
     never one a Ray node takes by default or one this process gave out before."""
-    low = ephemeral_port_range()[0]
+    below = min(CHOSEN_PORTS_TO, ephemeral_port_range()[0])
     for _ in range(100):
-        if low - CHOSEN_PORTS_FROM < 100:
+        if below - CHOSEN_PORTS_FROM < 100:
             break  # no room below the ephemeral range: let the kernel choose
-        port = random.randrange(CHOSEN_PORTS_FROM, low)
+        port = random.randrange(CHOSEN_PORTS_FROM, below)
         if port in RAY_DEFAULT_PORTS or port in _given_ports:
             continue
         with socket.socket() as probe:

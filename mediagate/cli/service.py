@@ -16,6 +16,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -190,12 +191,17 @@ def ray_session_processes(session_dir: str) -> list[Any]:
     return list(found.values())
 
 
-def stop_ray_session(session_dir: str, gcs_port: int, *, grace_s: float = 5.0) -> int:
+def stop_ray_session(
+    session_dir: str, gcs_port: int, *, grace_s: float = 5.0, known: Iterable[Any] = ()
+) -> int:
     """Stop only the Ray instance `mediagate up` started (`ray stop` would stop every Ray
-    on the machine): SIGTERM its processes, SIGKILL what is left after ``grace_s``."""
+    on the machine): SIGTERM its processes (those found now, and ``known`` ones found
+    before), SIGKILL what is left after ``grace_s``."""
     import psutil
 
-    processes = ray_session_processes(session_dir)
+    found = {process.pid: process for process in known}
+    found |= {process.pid: process for process in ray_session_processes(session_dir)}
+    processes = list(found.values())
     for process in processes:
         with contextlib.suppress(psutil.Error):
             process.terminate()
@@ -211,13 +217,20 @@ def stop_own_ray() -> None:
     """Stop the local Ray instance this process started as its driver (``ray.init``
     with ``address="local"``), with everything on it (replicas, HAProxy), without
     Serve's shutdown first: that waits out each replica's graceful stop, tens of
-    seconds nothing needs when the whole instance goes."""
+    seconds nothing needs when the whole instance goes. A driver that joined a Ray it
+    did not start only disconnects."""
     import ray
 
     node: Any = ray._private.worker.global_worker.node
+    if node is None or not node.all_processes:  # not started here (or not at all)
+        ray.shutdown()
+        return
     session_dir, gcs_port = node.get_session_dir_path(), int(node.gcs_address.rsplit(":", 1)[1])
+    # Found while the raylet lives: workers (their titles no longer name the session)
+    # and what they started (HAProxy) are reached as its children.
+    processes = ray_session_processes(session_dir)
     ray.shutdown()
-    stop_ray_session(session_dir, gcs_port)
+    stop_ray_session(session_dir, gcs_port, known=processes)
 
 
 def forget_cluster_address(session_dir: str, gcs_port: int) -> None:

@@ -22,6 +22,11 @@ from mediagate.webhooks.delivery import ClientFactory, attempt, next_delay_s, pl
 from mediagate.webhooks.endpoints import StoredEndpoint, WebhookEndpoints
 from mediagate.webhooks.settings import WebhookSettings
 
+# An event's time comes from the process that made it (a worker, a scheduler), an
+# endpoint's from a router, maybe on another node: an endpoint made this much after an
+# event, by the clocks, still gets it, in case the clocks disagree.
+CLOCK_SKEW_S = 2.0
+
 logger = logging.getLogger(__name__)
 
 
@@ -96,7 +101,7 @@ class WebhookSender:
                 for e in endpoints.values()
                 if e.status == "enabled"
                 and event.type in e.events
-                and e.created_at <= event.created_at
+                and e.created_at <= event.created_at + CLOCK_SKEW_S
             }
         else:
             deliveries = {k: v.model_copy() for k, v in event.deliveries.items()}

@@ -18,11 +18,12 @@ import openai
 import pytest
 
 from mediagate.jobs.video import VideoJobLifecycle
+from mediagate.protocol.clock import Clock, system_clock
 from mediagate.protocol.errors import InvalidRequest
 from mediagate.protocol.webhooks import WebhookEndpointCreate
 from mediagate.stores import JobStore, StateConfig, open_state_store
 from mediagate.webhooks.endpoints import DOCUMENT, EndpointBook, StoredEndpoint, new_secret
-from mediagate.webhooks.sender import WebhookSender
+from mediagate.webhooks.sender import CLOCK_SKEW_S, WebhookSender
 from mediagate.webhooks.settings import WebhookSettings
 from tests.servers import WebhookReceiver
 from tests.unit.test_state_store import job
@@ -50,10 +51,12 @@ def receiver() -> Iterator[WebhookReceiver]:
     server.close()
 
 
-async def finish(store: JobStore, job_id: str, *, ok: bool = True) -> None:
+async def finish(
+    store: JobStore, job_id: str, *, ok: bool = True, clock: Clock = system_clock
+) -> None:
     """A running job of ACCOUNT, then completed (or failed) through its lifecycle."""
     await store.create_job(job(job_id, ACCOUNT, status="in_progress", attempt=1))
-    lifecycle = VideoJobLifecycle(store)
+    lifecycle = VideoJobLifecycle(store, clock=clock)
     if ok:
         await lifecycle.complete(ACCOUNT, job_id, 1, artifacts={}, content_ttl_s=60)
     else:
@@ -309,8 +312,7 @@ async def test_an_endpoint_added_after_an_event_does_not_get_it(
     sender takes it up only after a new endpoint was added (a backlog, a sender being
     replaced): the new endpoint's owner never subscribed to the past."""
     sender = WebhookSender(store, LOOPBACK)
-    await finish(store, "video_before")
-    await asyncio.sleep(0.01)
+    await finish(store, "video_before", clock=lambda: time.time() - CLOCK_SKEW_S - 1)
     await sender.endpoints.add(ACCOUNT, WebhookEndpointCreate(url=receiver.url))
     await finish(store, "video_after")
     await deliver_all(sender)
