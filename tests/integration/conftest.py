@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from mediagate.access.accounts import open_account_store
+from mediagate.cli.model_apps import ROUTER_APP_IMPORT, WORKER_POLICY
 from mediagate.stores import StateConfig
 from mediagate.stores.artifacts import ArtifactConfig, s3_client
 from tests.servers import free_port
@@ -55,9 +56,10 @@ def write_unlimited_tiers(home: Path, *, keep_queue_caps: bool = False) -> Path:
     return path
 
 
-def write_tiny_sd_config(home: Path, tiers_file: Path) -> Path:
-    """A Serve config for `mediagate up` serving tiny-sd alone (its worker asks for no
-    CPU, leaving the machine's for models added later) under ``tiers_file``."""
+def write_up_config(path: Path, args: dict[str, Any], deployments: list[dict[str, Any]]) -> Path:
+    """A Serve config for `mediagate up --config` at ``path``: the router's application
+    (its import path and the worker autoscaling policy, as `up` deploys them) with
+    ``args`` and the given per-deployment entries."""
     import yaml
 
     config = {
@@ -66,21 +68,25 @@ def write_tiny_sd_config(home: Path, tiers_file: Path) -> Path:
             {
                 "name": "mediagate",
                 "route_prefix": "/",
-                "import_path": "deployments.app:build_app",
-                "autoscaling_policy": {"policy_function": "autoscaling.policy:scale_workers"},
-                "args": {"models": ["tiny-sd"], "tiers_file": str(tiers_file)},
-                "deployments": [
-                    {
-                        "name": "TextToImage-tiny-sd",
-                        "ray_actor_options": {"num_cpus": 0, "num_gpus": 0},
-                    }
-                ],
+                "import_path": ROUTER_APP_IMPORT,
+                "autoscaling_policy": dict(WORKER_POLICY),
+                "args": args,
+                "deployments": deployments,
             }
         ],
     }
-    path = home / "serve.tiny-sd.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+def write_tiny_sd_config(home: Path, tiers_file: Path) -> Path:
+    """A Serve config for `mediagate up` serving tiny-sd alone (its worker asks for no
+    CPU, leaving the machine's for models added later) under ``tiers_file``."""
+    return write_up_config(
+        home / "serve.tiny-sd.yaml",
+        {"models": ["tiny-sd"], "tiers_file": str(tiers_file)},
+        [{"name": "TextToImage-tiny-sd", "ray_actor_options": {"num_cpus": 0, "num_gpus": 0}}],
+    )
 
 
 def deployments_of(details: dict[str, Any]) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from tests.integration.conftest import (
     free_port,
     mediagate_up,
     write_unlimited_tiers,
+    write_up_config,
 )
 
 MEDIAGATE = str(Path(sys.executable).with_name("mediagate"))
@@ -130,50 +131,36 @@ def write_config(home: Path) -> Path:
     tiers_file = write_unlimited_tiers(home)
     workers = {"num_cpus": 0, "num_gpus": 0}
     fast = {"metrics_interval_s": 0.5, "look_back_period_s": 1.0, "upscale_delay_s": 0.5}
-    config = {
-        "proxy_location": "HeadOnly",
-        "applications": [
+    return write_up_config(
+        home / "serve.sim.yaml",
+        {"catalog": str(home / "catalog.yaml"), "tiers_file": str(tiers_file)},
+        [
             {
-                "name": "mediagate",
-                "route_prefix": "/",
-                "import_path": "deployments.app:build_app",
-                "autoscaling_policy": {"policy_function": "autoscaling.policy:scale_workers"},
-                "args": {
-                    "catalog": str(home / "catalog.yaml"),
-                    "tiers_file": str(tiers_file),
+                "name": "TextToImage-sim",
+                "ray_actor_options": workers,
+                "autoscaling_config": {
+                    "min_replicas": 1,
+                    "max_replicas": 4,
+                    "target_ongoing_requests": 1,
+                    "downscale_delay_s": 3.0,
+                    **fast,
                 },
-                "deployments": [
-                    {
-                        "name": "TextToImage-sim",
-                        "ray_actor_options": workers,
-                        "autoscaling_config": {
-                            "min_replicas": 1,
-                            "max_replicas": 4,
-                            "target_ongoing_requests": 1,
-                            "downscale_delay_s": 3.0,
-                            **fast,
-                        },
-                    },
-                    {
-                        "name": "TextToVideo-simvid",
-                        "ray_actor_options": workers,
-                        "autoscaling_config": {
-                            "min_replicas": 0,
-                            "max_replicas": 1,
-                            "initial_replicas": 1,
-                            "target_ongoing_requests": 1,
-                            "downscale_delay_s": 2.0,
-                            "downscale_to_zero_delay_s": 2.0,
-                            **fast,
-                        },
-                    },
-                ],
-            }
+            },
+            {
+                "name": "TextToVideo-simvid",
+                "ray_actor_options": workers,
+                "autoscaling_config": {
+                    "min_replicas": 0,
+                    "max_replicas": 1,
+                    "initial_replicas": 1,
+                    "target_ongoing_requests": 1,
+                    "downscale_delay_s": 2.0,
+                    "downscale_to_zero_delay_s": 2.0,
+                    **fast,
+                },
+            },
         ],
-    }
-    path = home / "serve.sim.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
+    )
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,8 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 
-from tests.integration.conftest import deployments_of, free_port, mediagate_up
+from tests.integration.conftest import deployments_of, free_port, mediagate_up, write_up_config
 
 MEDIAGATE = str(Path(sys.executable).with_name("mediagate"))
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,43 +30,32 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def placement_config(home: Path) -> Path:
     head = {"num_cpus": 0, "resources": {"head": 0.01}}
-    config = {
-        "proxy_location": "HeadOnly",
-        "applications": [
+    return write_up_config(
+        home / "serve.placement.yaml",
+        {"models": ["tiny-sd", "tiny-wan"]},
+        [
+            {"name": "Router", "ray_actor_options": head},
+            {"name": "Webhooks", "ray_actor_options": head},
+            {"name": "Scheduler-tiny-sd", "ray_actor_options": head},
+            {"name": "Scheduler-tiny-wan", "ray_actor_options": head},
             {
-                "name": "mediagate",
-                "route_prefix": "/",
-                "import_path": "deployments.app:build_app",
-                "autoscaling_policy": {"policy_function": "autoscaling.policy:scale_workers"},
-                "args": {"models": ["tiny-sd", "tiny-wan"]},
-                "deployments": [
-                    {"name": "Router", "ray_actor_options": head},
-                    {"name": "Webhooks", "ray_actor_options": head},
-                    {"name": "Scheduler-tiny-sd", "ray_actor_options": head},
-                    {"name": "Scheduler-tiny-wan", "ray_actor_options": head},
-                    {
-                        "name": "TextToImage-tiny-sd",
-                        "ray_actor_options": {
-                            "num_cpus": 1,
-                            "num_gpus": 1,
-                            "accelerator_type": "A10G",
-                        },
-                    },
-                    {
-                        "name": "TextToVideo-tiny-wan",
-                        "ray_actor_options": {
-                            "num_cpus": 1,
-                            "num_gpus": 1,
-                            "accelerator_type": "A100",
-                        },
-                    },
-                ],
-            }
+                "name": "TextToImage-tiny-sd",
+                "ray_actor_options": {
+                    "num_cpus": 1,
+                    "num_gpus": 1,
+                    "accelerator_type": "A10G",
+                },
+            },
+            {
+                "name": "TextToVideo-tiny-wan",
+                "ray_actor_options": {
+                    "num_cpus": 1,
+                    "num_gpus": 1,
+                    "accelerator_type": "A100",
+                },
+            },
         ],
-    }
-    path = home / "serve.placement.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
+    )
 
 
 @pytest.fixture(scope="module")

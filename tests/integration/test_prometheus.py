@@ -29,7 +29,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.integration.conftest import free_port, mediagate_up
+from tests.integration.conftest import free_port, mediagate_up, write_up_config
 
 ROOT = Path(__file__).resolve().parents[2]
 MEDIAGATE = str(Path(sys.executable).with_name("mediagate"))
@@ -97,26 +97,15 @@ def write_config(home: Path) -> Path:
     }
     (home / "catalog.yaml").write_text(yaml.safe_dump(catalog))
     workers = {"num_cpus": 0, "num_gpus": 0}
-    config = {
-        "proxy_location": "HeadOnly",
-        "applications": [
-            {
-                "name": "mediagate",
-                "route_prefix": "/",
-                "import_path": "deployments.app:build_app",
-                "autoscaling_policy": {"policy_function": "autoscaling.policy:scale_workers"},
-                "args": {"catalog": str(home / "catalog.yaml")},
-                "deployments": [
-                    {"name": f"TextToImage-{model}", "ray_actor_options": workers}
-                    for model in ("sim", "simstep")
-                ]
-                + [{"name": "TextToVideo-simvid", "ray_actor_options": workers}],
-            }
-        ],
-    }
-    path = home / "serve.metrics.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
+    return write_up_config(
+        home / "serve.metrics.yaml",
+        {"catalog": str(home / "catalog.yaml")},
+        [
+            {"name": f"TextToImage-{model}", "ray_actor_options": workers}
+            for model in ("sim", "simstep")
+        ]
+        + [{"name": "TextToVideo-simvid", "ray_actor_options": workers}],
+    )
 
 
 def prometheus_config(home: Path, session_dir: str) -> Path:
