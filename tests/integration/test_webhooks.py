@@ -7,6 +7,7 @@ same event again, with the same ``webhook-id``."""
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,6 +15,7 @@ import httpx
 import openai
 import pytest
 
+from mediagate.access.accounts import open_account_store
 from tests.integration.conftest import RunningService
 from tests.servers import WebhookReceiver
 
@@ -26,19 +28,21 @@ def receiver() -> Iterator[WebhookReceiver]:
 
 
 def registered_client(service: RunningService, url: str) -> openai.OpenAI:
-    """The official client with the secret of a new endpoint of the test account (earlier
-    tests' endpoints are removed: each test sees only its own receiver's events)."""
-    headers = {"Authorization": f"Bearer {service.key}"}
+    """The official client of a new pro account with one endpoint, at ``url``: each test
+    sees only its own videos' events (the test account's videos from other tests may
+    finish at any time, and their events rightly go to that account's endpoints)."""
+    assert service.state is not None
+    store = open_account_store(service.state)
+    key = store.create_key(store.ensure_account(f"hooked-{uuid.uuid4().hex[:8]}", "pro").id)
+    headers = {"Authorization": f"Bearer {key}"}
     with httpx.Client(base_url=f"{service.base_url}/v1", headers=headers, timeout=30) as http:
-        for endpoint in http.get("/webhooks").json()["data"]:
-            assert http.delete(f"/webhooks/{endpoint['id']}").is_success
         refused = http.post("/webhooks", json={"url": "http://169.254.169.254/latest/"})
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "url"
         created = http.post("/webhooks", json={"url": url})
         assert created.status_code == 200, created.text
     return openai.OpenAI(
         base_url=f"{service.base_url}/v1",
-        api_key=service.key,
+        api_key=key,
         webhook_secret=created.json()["secret"],
         max_retries=0,
     )
