@@ -35,7 +35,7 @@ from deployments.scheduler.in_flight import (
     worker_was_lost,
 )
 from deployments.scheduler.metrics import SchedulerMetrics
-from deployments.scheduler.preemption import batch_to_preempt
+from deployments.scheduler.preemption import batch_to_preempt, class_to_preempt_for
 from deployments.scheduler.queue import Deadlines, FairQueue, Ticket
 from deployments.scheduler.retirement import on_loop, refusal, release_queued, running_loop
 from deployments.scheduler.settings import ImageSchedulerSettings
@@ -243,12 +243,13 @@ class Scheduler(ImageSchedulerReports):
             if head is None:
                 break  # what waits is held back: the other seats are for higher classes
             max_images = self._batching.max_batch_size
-            waited_s = self._clock() - head.enqueued_at
-            if (
-                self._batching.batch_wait_s > waited_s
-                and self._queue.batch_images_available(max_images) < max_images
-            ):
-                return self._batching.batch_wait_s - waited_s
+            hold_s = self._queue.hold_for_fuller_batch_s(
+                max_images=max_images,
+                batch_wait_s=self._batching.batch_wait_s,
+                waited_s=self._clock() - head.enqueued_at,
+            )
+            if hold_s is not None:
+                return hold_s
             batch, now = [], self._clock()
             for ticket in self._queue.take_batch(max_images):
                 if self._withdrawn.seen(ticket.job.request_key, now):  # its router said it left
@@ -274,10 +275,9 @@ class Scheduler(ImageSchedulerReports):
 
     def _preempt_for_waiting_work(self) -> None:
         """Take back at most one lower-class batch per waiting request of the top class."""
-        by_class = self._queue.length_by_class()
-        waiting_class = max(by_class)
         stopping = sum(1 for b in self._in_flight.values() if b.preempted or b.abandoned)
-        if stopping >= by_class[waiting_class]:
+        waiting_class = class_to_preempt_for(self._queue.length_by_class(), stopping=stopping)
+        if waiting_class is None:
             return
         victim = batch_to_preempt(
             [

@@ -9,7 +9,7 @@ the end, so a busy hour cannot starve it forever).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -74,3 +74,14 @@ def batch_to_preempt(
     if not candidates:
         return None
     return min(candidates, key=lambda b: (b.priority_class, -remaining_fraction(b, now)))
+
+
+def class_to_preempt_for(queued_by_class: Mapping[int, int], *, stopping: int) -> int | None:
+    """The waiting class to take a slot back for when every slot is busy: the highest
+    one, while fewer batches are being stopped than it has requests waiting (at most one
+    batch taken back per waiting request)."""
+    waiting = [cls for cls, queued in queued_by_class.items() if queued]
+    if not waiting:
+        return None
+    top = max(waiting)
+    return top if stopping < queued_by_class[top] else None

@@ -266,6 +266,15 @@ class FairQueue(Generic[JobT]):
         """How many images ``take_batch(max_images)`` would return now."""
         return sum(ticket.job.images for ticket in self._plan_batch(max_images))
 
+    def hold_for_fuller_batch_s(
+        self: FairQueue[BatchableT], *, max_images: int, batch_wait_s: float, waited_s: float
+    ) -> float | None:
+        """How long to hold the head's partial batch hoping for more of its shape (the
+        head has waited ``waited_s``); ``None``: dispatch now."""
+        if batch_wait_s > waited_s and self.batch_images_available(max_images) < max_images:
+            return batch_wait_s - waited_s
+        return None
+
     def take_batch(self: FairQueue[BatchableT], max_images: int) -> list[Ticket[BatchableT]]:
         """Remove and return the next ticket plus same-shape ones of its class, up to
         ``max_images`` (the first is always taken, even when it alone exceeds it)."""

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("mediagate", "models", "autoscaling", "deployments")
+PACKAGES = ("mediagate", "models", "autoscaling", "deployments", "simulation")
 
 # Layer -> the layers it may import (besides itself). Longest prefix names the layer.
 ALLOWED: dict[str, set[str]] = {
@@ -30,7 +30,20 @@ ALLOWED: dict[str, set[str]] = {
     "mediagate.settings": {"mediagate.protocol", "mediagate.stores"},
     "models": {"mediagate.protocol", "mediagate.stores", "mediagate.settings"},
     "autoscaling": {"mediagate.protocol"},
+    # The schedulers' policies, which the surge simulator drives too.
+    "deployments.scheduler": {
+        "mediagate.protocol",
+        "mediagate.stores",
+        "mediagate.access",
+        "mediagate.jobs",
+        "mediagate.webhooks",
+        "mediagate.settings",
+        "models",
+        "autoscaling",
+        "deployments",
+    },
     "deployments": {
+        "deployments.scheduler",
         "mediagate.protocol",
         "mediagate.stores",
         "mediagate.access",
@@ -53,6 +66,15 @@ ALLOWED: dict[str, set[str]] = {
         "mediagate.settings",
         "models",
         "autoscaling",
+    },
+    # The surge simulator drives the real policies: schedulers' decisions, quota, the
+    # autoscaling policy; no deployment class (nothing of Serve's processes).
+    "simulation": {
+        "mediagate.protocol",
+        "mediagate.access",
+        "mediagate.stores",
+        "autoscaling",
+        "deployments.scheduler",
     },
     "mediagate": set(),  # the package's own __init__
 }
