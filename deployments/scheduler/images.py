@@ -176,7 +176,7 @@ class Scheduler(ImageSchedulerReports):
                 slots=self.capacity,
                 service_s=self._service_s.get(job.batch_key),
                 max_wait_s=job.max_wait_s,
-                queued_in_class=self._queue.length_by_class().get(cls, 0),
+                queued_in_class=self._queue.queued(cls),
                 max_queued=job.max_queued,
                 share_above=self._queue.share_above(cls),
             )

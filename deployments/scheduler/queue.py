@@ -187,19 +187,32 @@ class FairQueue(Generic[JobT]):
         # min_shares put first never keeps a higher one from the seats left to it.
         self.held_back: frozenset[int] = frozenset()
         self._recent: deque[int] = deque(maxlen=RECENT_DISPATCHES)
+        self._recent_by_class: Counter[int] = Counter()  # the same, counted per class
 
     def __len__(self) -> int:
         return sum(queued.size for queued in self._classes.values())
 
+    def queued(self, priority_class: int) -> int:
+        """Tickets queued in one class (admission asks at every request)."""
+        queued = self._classes.get(priority_class)
+        return queued.size if queued is not None else 0
+
     def length_by_class(self) -> dict[int, int]:
         return {cls: queued.size for cls, queued in sorted(self._classes.items()) if queued.size}
 
+    def _class(self, priority_class: int) -> _Class[JobT]:
+        # (not ``setdefault(cls, _Class())``: that builds a class, and its Counter, per push)
+        queued = self._classes.get(priority_class)
+        if queued is None:
+            queued = self._classes[priority_class] = _Class()
+        return queued
+
     def push(self, ticket: Ticket[JobT]) -> None:
-        self._classes.setdefault(ticket.job.priority_class, _Class()).push(ticket)
+        self._class(ticket.job.priority_class).push(ticket)
 
     def requeue(self, ticket: Ticket[JobT]) -> None:
         """Return a ticket whose batch was preempted: it keeps its place at the front."""
-        self._classes.setdefault(ticket.job.priority_class, _Class()).push_front(ticket)
+        self._class(ticket.job.priority_class).push_front(ticket)
 
     def discard(self, ticket: Ticket[JobT]) -> bool:
         """Remove a ticket whose submitter went away; ``False`` if it was not queued."""
@@ -224,7 +237,7 @@ class FairQueue(Generic[JobT]):
         starved = [
             cls
             for cls in waiting
-            if self._recent.count(cls) / dispatched < self.min_shares.get(cls, 0.0)
+            if self._recent_by_class[cls] / dispatched < self.min_shares.get(cls, 0.0)
         ]
         return max(starved) if starved else max(waiting)
 
@@ -241,7 +254,7 @@ class FairQueue(Generic[JobT]):
             return None
         ticket = next(self._classes[cls].in_turn())
         self._classes[cls].take([ticket])
-        self._recent.append(cls)
+        self._record_dispatch(cls)
         return ticket
 
     def _plan_batch(self: FairQueue[BatchableT], max_images: int) -> list[Ticket[BatchableT]]:
@@ -282,14 +295,20 @@ class FairQueue(Generic[JobT]):
         if batch:
             cls = batch[0].job.priority_class
             self._classes[cls].take(batch)
-            self._recent.append(cls)
+            self._record_dispatch(cls)
         return batch
 
     def charge(self, priority_class: int) -> None:
         """Count capacity used by ``priority_class`` outside a dispatch (the work a batch
         it preempted had done and will redo), so lower classes' wait estimates and
         minimum shares see that the capacity was not theirs."""
+        self._record_dispatch(priority_class)
+
+    def _record_dispatch(self, priority_class: int) -> None:
+        if len(self._recent) == self._recent.maxlen:
+            self._recent_by_class[self._recent[0]] -= 1  # about to fall out of the window
         self._recent.append(priority_class)
+        self._recent_by_class[priority_class] += 1
 
     def position(self, ticket: Ticket[JobT]) -> int:
         """1-based place of a queued ticket in dispatch order under strict priority
@@ -329,11 +348,12 @@ class FairQueue(Generic[JobT]):
     def ahead_of(self, job: JobT) -> int:
         """Tickets that would be dispatched before ``job`` if it were pushed now."""
         same = self._classes.get(job.priority_class)
-        own = len(same.accounts.get(job.account_id, ())) if same is not None else 0
+        if same is None:
+            return self.queued_above(job.priority_class)
         return tickets_ahead(
             queued_above=self.queued_above(job.priority_class),
-            depths=self.depths(job.priority_class),
-            own_depth=own,
+            depths=same.depths,  # read, not copied: this runs for every admission
+            own_depth=len(same.accounts.get(job.account_id, ())),
         )
 
     def ahead_of_new(self, priority_class: int) -> int:
@@ -349,7 +369,8 @@ class FairQueue(Generic[JobT]):
         part of the capacity a request of this class cannot count on."""
         if not self._recent:
             return 0.0
-        return sum(1 for cls in self._recent if cls > priority_class) / len(self._recent)
+        above = sum(n for cls, n in self._recent_by_class.items() if cls > priority_class)
+        return above / len(self._recent)
 
 
 class Deadlines(Generic[JobT]):

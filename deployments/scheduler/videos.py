@@ -157,7 +157,7 @@ class VideoScheduler(VideoSchedulerReports, VideoRetirement):
                 slots=self._slots.for_estimates,
                 service_s=self._service_s,
                 max_wait_s=max_wait_s,
-                queued_in_class=self._queue.length_by_class().get(priority_class, 0),
+                queued_in_class=self._queue.queued(priority_class),
                 max_queued=max_queued,
                 share_above=self._queue.share_above(priority_class),
             )
