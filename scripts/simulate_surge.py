@@ -25,12 +25,18 @@ from simulation.trace import read_trace_csv, synthetic_trace
 
 
 def what_ifs(scenario: Scenario, peak_need: dict[str, int]) -> dict[str, dict[str, Any]]:
-    """The runs an SRE repeats, as changes to the scenario."""
+    """The runs an SRE repeats, as changes to the scenario; ``peak_need`` is the nodes
+    of each type the baseline used at its peak (its fleet cap is set above that)."""
     halved = {
         name: {"max_nodes": max(1, peak_need.get(name, spec.max_nodes) // 2)}
         for name, spec in scenario.node_types.items()
     }
+    capped = {
+        name: {"max_nodes": max(1, peak_need.get(name, spec.max_nodes))}
+        for name, spec in scenario.node_types.items()
+    }
     return {
+        "capped_at_peak_need": {"node_types": capped},
         "no_preemption": {
             "models": {
                 name: {"scheduler": {**profile.scheduler, "preemption": {"enabled": False}}}
@@ -149,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plots", help="a directory for PNG plots of each run")
     parser.add_argument("--days", type=float, help="simulate this many days instead")
     parser.add_argument("--smoke", action="store_true", help="a small fleet for two hours")
+    parser.add_argument(
+        "--peak-nodes",
+        help="skip the baseline: the what-ifs' peak need as TYPE=NODES,... (from a baseline run)",
+    )
     args = parser.parse_args(argv)
 
     scenario = load_scenario(args.scenario)
@@ -166,11 +176,15 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"trace": args.write_trace}))
         return 0
 
-    results: dict[str, Any] = {"baseline": run(scenario, args.trace)}
-    peak = {
-        name: max(1, round(results["baseline"]["peak_gpus_by_type"].get(name, 0) / spec.gpus))
-        for name, spec in scenario.node_types.items()
-    }
+    results: dict[str, Any] = {}
+    if args.peak_nodes:  # what-ifs only, against a baseline run before
+        peak = {k: int(v) for k, v in (item.split("=") for item in args.peak_nodes.split(","))}
+    else:
+        results["baseline"] = run(scenario, args.trace)
+        peak = {
+            name: max(1, round(results["baseline"]["peak_gpus_by_type"].get(name, 0) / spec.gpus))
+            for name, spec in scenario.node_types.items()
+        }
     chosen = what_ifs(scenario, peak)
     names = list(chosen) if args.what_if == "all" else [n for n in args.what_if.split(",") if n]
     for name in names:

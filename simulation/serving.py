@@ -104,10 +104,11 @@ class ModelServer:
     batches: dict[int, SimBatch] = field(default_factory=dict)
     free_replicas: dict[int, Replica] = field(default_factory=dict)  # running, with a free slot
     classes_seen: set[int] = field(default_factory=set)
-    # Running batches by class, in start order, and how many of each shape: the
-    # candidates preemption looks at without walking every batch (see ``_preempt``).
-    running_by_class: dict[int, dict[int, SimBatch]] = field(default_factory=dict)
-    shapes_by_class: dict[int, Counter[Hashable]] = field(default_factory=dict)
+    # Running batches preemption may take (not being stopped, none of their requests
+    # preempted its allowed times yet) by class, in start order, and how many of each
+    # shape: its candidates, found without walking every batch (see ``_preempt``).
+    preemptable: dict[int, dict[int, SimBatch]] = field(default_factory=dict)
+    preemptable_shapes: dict[int, Counter[Hashable]] = field(default_factory=dict)
     stopping_batches: int = 0
     busy_slots: int = 0
     slots: int = 0
@@ -154,7 +155,7 @@ class ModelServer:
             slots=self.slots,
             service_s=self.service_s.get(job.batch_key),
             max_wait_s=max_wait_s,
-            queued_in_class=self.queue.length_by_class().get(cls, 0),
+            queued_in_class=self.queue.queued(cls),
             max_queued=max_queued,
             share_above=self.queue.share_above(cls),
         )
@@ -202,7 +203,7 @@ class ModelServer:
     def dispatch(self, now: float) -> None:
         """The scheduler's ``_dispatch_ready``: expire, fill free slots, preempt."""
         self._drop_expired(now)
-        while len(self.queue) and self.free_replicas:
+        while self.free_replicas and len(self.queue):
             self.queue.held_back = self.settings.held_back(busy=self.busy_slots, slots=self.slots)
             head = self.queue.head()
             if head is None:
@@ -222,7 +223,7 @@ class ModelServer:
                 tickets = [ticket] if (ticket := self.queue.take_next()) is not None else []
             if tickets:
                 self._start(tickets, now)
-        if len(self.queue) and not self.free_replicas:
+        if not self.free_replicas and len(self.queue):
             self._preempt(now)
 
     def wake_at(self, at: float) -> None:
@@ -263,8 +264,13 @@ class ModelServer:
             max(ticket.preemptions for ticket in tickets),
         )
         self.batches[batch.batch_id] = batch
-        self.running_by_class.setdefault(batch.priority_class, {})[batch.batch_id] = batch
-        self.shapes_by_class.setdefault(batch.priority_class, Counter())[batch.batch_key] += 1
+        if (
+            isinstance(self.settings, ImageSchedulerSettings)
+            and batch.most_preempted < self.settings.preemption.max_per_request
+        ):
+            self.preemptable.setdefault(batch.priority_class, {})[batch.batch_id] = batch
+            shapes = self.preemptable_shapes.setdefault(batch.priority_class, Counter())
+            shapes[batch.batch_key] += 1
         replica.batches.add(batch.batch_id)
         if len(replica.batches) >= self.slots_per_replica:
             del self.free_replicas[replica.replica_id]
@@ -288,14 +294,18 @@ class ModelServer:
 
     def _drop_batch(self, batch_id: int) -> SimBatch:
         batch = self.batches.pop(batch_id)
-        del self.running_by_class[batch.priority_class][batch_id]
-        shapes = self.shapes_by_class[batch.priority_class]
-        shapes[batch.batch_key] -= 1
-        if not shapes[batch.batch_key]:
-            del shapes[batch.batch_key]
+        self._not_preemptable(batch)
         if batch.stopping:
             self.stopping_batches -= 1
         return batch
+
+    def _not_preemptable(self, batch: SimBatch) -> None:
+        if self.preemptable.get(batch.priority_class, {}).pop(batch.batch_id, None) is None:
+            return
+        shapes = self.preemptable_shapes[batch.priority_class]
+        shapes[batch.batch_key] -= 1
+        if not shapes[batch.batch_key]:
+            del shapes[batch.batch_key]
 
     def _slot_freed(self, batch: SimBatch, now: float) -> None:
         replica = batch.replica
@@ -310,7 +320,7 @@ class ModelServer:
     def _preempt(self, now: float) -> None:
         """The scheduler's ``_preempt_for_waiting_work``: ``class_to_preempt_for`` and
         ``batch_to_preempt`` decide. The latter is shown, per class from the lowest up,
-        only the newest eligible batch of each shape: it takes the lowest class first
+        only the newest preemptable batch of each shape: it takes the lowest class first
         and there the most work left, which among batches of one shape (one expected
         time) is the one started last; so its choice is the one it would make over all
         of them, without a walk of thousands of batches at every dispatch."""
@@ -321,12 +331,11 @@ class ModelServer:
             return
         policy = self.settings.preemption
         victim = None
-        for cls in sorted(c for c in self.running_by_class if c < waiting_class):
+        for cls in sorted(c for c in self.preemptable if c < waiting_class):
             candidates: dict[Hashable, SimBatch] = {}
-            shapes = len(self.shapes_by_class[cls])
-            for batch in reversed(self.running_by_class[cls].values()):
-                eligible = not batch.stopping and batch.most_preempted < policy.max_per_request
-                if eligible and batch.batch_key not in candidates:
+            shapes = len(self.preemptable_shapes[cls])
+            for batch in reversed(self.preemptable[cls].values()):
+                if batch.batch_key not in candidates:
                     candidates[batch.batch_key] = batch
                     if len(candidates) == shapes:
                         break
@@ -352,6 +361,7 @@ class ModelServer:
             return
         batch = self.batches[victim.batch_id]
         batch.stopping = True
+        self._not_preemptable(batch)
         self.stopping_batches += 1
         self.preemptions += 1
         self.queue.charge(waiting_class)

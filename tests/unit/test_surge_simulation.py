@@ -195,7 +195,8 @@ def test_preemption_sees_the_newest_batch_of_each_shape_and_chooses_as_over_all(
             server._start([ticket], next(starts))
             if rng.random() < 0.1:
                 batch = next(reversed(server.batches.values()))
-                batch.stopping = True
+                batch.stopping = True  # as _preempt marks one it takes
+                server._not_preemptable(batch)
                 server.stopping_batches += 1
         for _ in range(server.stopping_batches + 1):  # more waiting than being stopped
             waiting = SimJob("b", 2, shapes[0], 1, Request(1, 1, "pro", "image", 1, now))
