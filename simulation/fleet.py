@@ -137,12 +137,7 @@ class Fleet:
         run starts from a fleet that has been serving, not from an empty cloud account.
         Returns the replicas now running."""
         for type_name, spec in self.node_types.items():
-            gpus = sum(
-                replica.gpus
-                for model, pending in self.pending.items()
-                if self.models[model].node_type == type_name
-                for replica in pending.values()
-            )
+            gpus = self._pending_gpus(type_name)
             for _ in range(max(math.ceil(gpus / spec.gpus), spec.min_nodes)):
                 self._launch(type_name, spec, now, booted=True)
                 node = next(reversed(self._booting[type_name].values()))
@@ -203,12 +198,7 @@ class Fleet:
     def autoscale_nodes(self, now: float) -> None:
         """One pass of Ray's cluster autoscaler: launch for pending demand, release idle."""
         for type_name, spec in self.node_types.items():
-            pending_gpus = sum(
-                replica.gpus
-                for model, pending in self.pending.items()
-                if self.models[model].node_type == type_name
-                for replica in pending.values()
-            )
+            pending_gpus = self._pending_gpus(type_name)
             nodes, booting = len(self._by_type[type_name]), len(self._booting[type_name])
             shortfall = pending_gpus - booting * spec.gpus
             wanted = max(math.ceil(shortfall / spec.gpus), spec.min_nodes - nodes, 0)
@@ -221,6 +211,15 @@ class Fleet:
                 idle_s = now - (node.idle_since if node.idle_since is not None else now)
                 if idle_s >= spec.idle_timeout_s and len(self._by_type[type_name]) > spec.min_nodes:
                     self.end_node(node, now)
+
+    def _pending_gpus(self, type_name: str) -> int:
+        """GPUs asked for by the replicas waiting for a node of ``type_name``."""
+        return sum(
+            replica.gpus
+            for model, pending in self.pending.items()
+            if self.models[model].node_type == type_name
+            for replica in pending.values()
+        )
 
     def _launch(self, type_name: str, spec: NodeType, now: float, *, booted: bool = False) -> None:
         node = Node(next(self._ids), type_name, spec.gpus, launched_at=now)
