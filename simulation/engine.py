@@ -31,7 +31,7 @@ from mediagate.access.tiers import (
     check_video_request,
     load_tier_policy,
 )
-from mediagate.protocol.errors import MediagateError, Overloaded
+from mediagate.protocol.errors import MediagateError, ModelUnavailable, Overloaded
 from simulation.control import Controller, ModelControl, simulated_time
 from simulation.fleet import Fleet, Replica, ReplicaState
 from simulation.report import Recorder
@@ -99,7 +99,7 @@ class Simulation:
             "sample": self._sample,
             "region_down": self._region_down,
             "region_up": self._region_up,
-            "new_quota_day": self._new_quota_day,
+            "prune_ledgers": self._prune_ledgers,
         }
 
     def schedule(self, at: float, event: str, payload: object) -> None:
@@ -122,7 +122,7 @@ class Simulation:
         first_prune_s = (
             quota.seconds_to_next_day(0.0, self.policy.zone) % 86_400 + LEDGER_PRUNE_AFTER_S
         )
-        self.schedule(first_prune_s, "new_quota_day", None)
+        self.schedule(first_prune_s, "prune_ledgers", None)
         if (failure := self.scenario.region_failure) is not None:
             self.schedule(failure.at_h * HOUR_S, "region_down", None)
         times, accounts = self.trace.time_s.tolist(), self.trace.account.tolist()
@@ -303,7 +303,7 @@ class Simulation:
         self._release(request)
         self._refused(
             request,
-            Overloaded("the worker was lost twice", code="model_unavailable", retry_after_s=2),
+            ModelUnavailable("the worker running it stopped twice", retry_after_s=2),
         )
 
     # The fleet.
@@ -323,10 +323,10 @@ class Simulation:
             running=lambda model: len(self.fleet.running[model]),
             ongoing=lambda model: self.servers[model].running_requests,
         )
-        for model, target in targets.items():
-            for replica in self.fleet.set_target(model, target, now):
-                self.servers[model].replica_stopping(replica)
-            self.recorder.check_replicas(self.fleet, self.controls, model)
+        for control in self.controls:
+            for replica in self.fleet.set_target(control.model, targets[control.model], now):
+                self.servers[control.model].replica_stopping(replica)
+            self.recorder.check_replicas(self.fleet, control)
         self.schedule(now + self.scenario.control_interval_s, "control", None)
 
     def _ray_autoscaler(self, _: object) -> None:
@@ -337,7 +337,7 @@ class Simulation:
         self.recorder.sample(self.now, self.fleet, self.servers, self.controls)
         self.schedule(self.now + self.scenario.sample_interval_s, "sample", None)
 
-    def _new_quota_day(self, _: object) -> None:
+    def _prune_ledgers(self, _: object) -> None:
         """At midday of each quota day, drop the ledgers of accounts that reserved
         nothing since midnight and hold nothing: ``reserve`` would decide on them as on
         a fresh one (their day rolled over, and every window of the shipped tiers, at
@@ -352,7 +352,7 @@ class Simulation:
         for account in idle:
             del self.ledgers[account]
         next_day_s = quota.seconds_to_next_day(self.now, self.policy.zone)
-        self.schedule(self.now + next_day_s + LEDGER_PRUNE_AFTER_S, "new_quota_day", None)
+        self.schedule(self.now + next_day_s + LEDGER_PRUNE_AFTER_S, "prune_ledgers", None)
 
     def _region_down(self, _: object) -> None:
         failure = self.scenario.region_failure

@@ -257,6 +257,9 @@ class Fleet:
     def nodes_of(self, type_name: str) -> list[Node]:
         return list(self._by_type[type_name].values())
 
+    def node_count(self, type_name: str) -> int:
+        return len(self._by_type[type_name])
+
     # What the report samples.
     def gpus(self, *, up_only: bool = False) -> int:
         if not up_only:

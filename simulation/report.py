@@ -110,15 +110,12 @@ class Recorder:
         ):
             self.violations["top_class_shed_while_lower_runs"] += 1
 
-    def check_replicas(self, fleet: Fleet, controls: list[ModelControl], model: str) -> None:
-        config = next(c.config for c in controls if c.model == model)
-        live = fleet.live_count(model)
-        if not config.min_replicas <= live <= config.max_replicas:
+    def check_replicas(self, fleet: Fleet, control: ModelControl) -> None:
+        config = control.config
+        if not config.min_replicas <= fleet.live_count(control.model) <= config.max_replicas:
             self.violations["replicas_outside_limits"] += 1
-        for type_name, cap in fleet.max_nodes.items():
-            if len(fleet.nodes_of(type_name)) > max(
-                cap, self.scenario.node_types[type_name].max_nodes
-            ):
+        for type_name, spec in self.scenario.node_types.items():
+            if fleet.node_count(type_name) > max(fleet.max_nodes[type_name], spec.max_nodes):
                 self.violations["nodes_over_cap"] += 1
 
     # The fleet over time.
@@ -134,7 +131,7 @@ class Recorder:
         add["gpus_provisioned"].append(fleet.gpus())
         add["gpus_up"].append(fleet.gpus(up_only=True))
         for type_name, spec in self.scenario.node_types.items():
-            add[f"{type_name}.gpus"].append(len(fleet.nodes_of(type_name)) * spec.gpus)
+            add[f"{type_name}.gpus"].append(fleet.node_count(type_name) * spec.gpus)
         busy = 0.0
         for name, server in servers.items():
             gpus = server.profile.gpus_per_replica
@@ -143,7 +140,7 @@ class Recorder:
             add[f"{name}.busy_gpus"].append(server.busy_slots * gpus / server.slots_per_replica)
             add[f"{name}.pending"].append(len(fleet.pending[name]))
             for cls in sorted(server.classes_seen | {0}):
-                add[f"{name}.queued.{cls}"].append(server.queue.length_by_class().get(cls, 0))
+                add[f"{name}.queued.{cls}"].append(server.queue.queued(cls))
             busy += server.busy_slots * gpus / server.slots_per_replica
         add["gpus_busy"].append(busy)
         for control in controls:

@@ -20,6 +20,7 @@ from deployments.scheduler.admission import admit_or_shed, updated_service_time
 from deployments.scheduler.preemption import RunningBatch, batch_to_preempt, class_to_preempt_for
 from deployments.scheduler.queue import Deadlines, FairQueue, Ticket
 from deployments.scheduler.settings import ImageSchedulerSettings, VideoSchedulerSettings
+from mediagate.protocol.catalog import Batching
 from simulation.fleet import Replica
 from simulation.scenario import ModelProfile
 
@@ -98,6 +99,7 @@ class ModelServer:
     schedule: Callable[[float, str, object], None]
     outcomes: Outcomes
     settings: ImageSchedulerSettings | VideoSchedulerSettings = field(init=False)
+    batching: Batching = field(init=False)  # the profile's, under the settings' override
     queue: FairQueue[SimJob] = field(default_factory=FairQueue)
     deadlines: Deadlines[SimJob] = field(default_factory=Deadlines)
     service_s: dict[Hashable, float] = field(default_factory=dict)
@@ -120,6 +122,12 @@ class ModelServer:
     def __post_init__(self) -> None:
         model = ImageSchedulerSettings if self.profile.kind == "image" else VideoSchedulerSettings
         self.settings = model.model_validate(self.profile.scheduler)
+        catalog = Batching(
+            max_batch_size=self.profile.max_batch_size, batch_wait_s=self.profile.batch_wait_s
+        )
+        self.batching = catalog
+        if isinstance(self.settings, ImageSchedulerSettings):  # as the scheduler's reconfigure
+            self.batching = self.settings.batching.over(catalog)
         self.queue.min_shares = dict(self.settings.min_shares)
 
     @property
@@ -209,10 +217,10 @@ class ModelServer:
             if head is None:
                 break
             if self.profile.kind == "image":
-                max_images = self._max_batch()
+                max_images = self.batching.max_batch_size
                 hold_s = self.queue.hold_for_fuller_batch_s(
                     max_images=max_images,
-                    batch_wait_s=self._batch_wait_s(),
+                    batch_wait_s=self.batching.batch_wait_s,
                     waited_s=now - head.enqueued_at,
                 )
                 if hold_s is not None:  # (at least 1 us: the loop's clock always moves on)
@@ -234,19 +242,6 @@ class ModelServer:
     def woken(self, now: float) -> None:
         self._dispatch_at = math.inf
         self.dispatch(now)
-
-    def _max_batch(self) -> int:
-        batching = (
-            self.settings.batching if isinstance(self.settings, ImageSchedulerSettings) else None
-        )
-        return (batching.max_batch_size if batching else None) or self.profile.max_batch_size
-
-    def _batch_wait_s(self) -> float:
-        batching = (
-            self.settings.batching if isinstance(self.settings, ImageSchedulerSettings) else None
-        )
-        wait = batching.batch_wait_s if batching else None
-        return self.profile.batch_wait_s if wait is None else wait
 
     def _start(self, tickets: list[Ticket[SimJob]], now: float) -> None:
         replica = next(iter(self.free_replicas.values()))
