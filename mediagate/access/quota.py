@@ -32,6 +32,7 @@ delivered after ``IMAGE_RESERVATION_TTL_S``; video slots free after
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Literal
 from zoneinfo import ZoneInfo
@@ -98,14 +99,41 @@ class Usage(BaseModel):
     video_jobs_at_once: int
 
 
+@dataclass(frozen=True)
+class _DayWindow:
+    """One quota day of one zone: ``[starts_at, ends_at)`` in epoch seconds."""
+
+    day: str
+    starts_at: float
+    ends_at: float
+
+
+# The last day looked up per zone: every request asks, and nearly all fall in the same
+# day (a zone conversion costs more than the rest of a reservation's arithmetic).
+_last_day_by_zone: dict[ZoneInfo, _DayWindow] = {}
+
+
+def _day_window(now: float, zone: ZoneInfo) -> _DayWindow:
+    window = _last_day_by_zone.get(zone)
+    if window is not None and window.starts_at <= now < window.ends_at:
+        return window
+    date = datetime.fromtimestamp(now, zone).date()
+    window = _DayWindow(
+        date.isoformat(),
+        datetime.combine(date, datetime.min.time(), zone).timestamp(),
+        datetime.combine(date + timedelta(days=1), datetime.min.time(), zone).timestamp(),
+    )
+    if window.starts_at <= now < window.ends_at:  # (a zone whose midnight is skipped: not kept)
+        _last_day_by_zone[zone] = window
+    return window
+
+
 def quota_day(now: float, zone: ZoneInfo) -> str:
-    return datetime.fromtimestamp(now, zone).date().isoformat()
+    return _day_window(now, zone).day
 
 
 def seconds_to_next_day(now: float, zone: ZoneInfo) -> float:
-    local = datetime.fromtimestamp(now, zone)
-    midnight = datetime.combine(local.date() + timedelta(days=1), datetime.min.time(), zone)
-    return max(1.0, midnight.timestamp() - now)
+    return max(1.0, _day_window(now, zone).ends_at - now)
 
 
 def bucket_width_s(window_s: float) -> float:

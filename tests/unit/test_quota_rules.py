@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import random
+from datetime import datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -55,6 +57,24 @@ def test_daily_quota_resets_at_midnight_in_the_policy_zone() -> None:
     admit(state, tier, after_midnight)  # a new day
     tokyo = ZoneInfo("Asia/Tokyo")
     assert quota_day(T0, tokyo) == "2027-01-15" and quota_day(T0 + 8 * 3600, tokyo) == "2027-01-16"
+
+
+@pytest.mark.parametrize("zone_name", ["Europe/Berlin", "America/Santiago", "Asia/Tokyo"])
+def test_the_remembered_day_is_the_zone_calendar_day_across_daylight_saving(
+    zone_name: str,
+) -> None:
+    """``quota_day`` keeps the last day it looked up; asked in any order, across DST
+    changes (Santiago's happen at midnight, so some days start at 01:00), it answers
+    as a fresh conversion would."""
+    zone = ZoneInfo(zone_name)
+    start = datetime(2027, 1, 1, tzinfo=UTC).timestamp()
+    times = [start + minute * 60.0 + 0.5 for minute in range(0, 366 * 1440, 37)]
+    random.Random(3).shuffle(times[: len(times) // 2])  # half in order, half shuffled
+    for now in times:
+        local = datetime.fromtimestamp(now, zone)
+        assert quota_day(now, zone) == local.date().isoformat()
+        next_midnight = datetime.combine(local.date() + timedelta(days=1), time.min, zone)
+        assert seconds_to_next_day(now, zone) == max(1.0, next_midnight.timestamp() - now)
 
 
 def test_n_images_count_as_n() -> None:
