@@ -4,17 +4,23 @@ Each model has a scheduler (``Scheduler-<model>``) that holds its queue and a wo
 deployment (``TextToImage-<model>`` / ``TextToVideo-<model>``) that runs the work.
 Serve cannot see a queue that our code holds, so the scheduler reports it through
 ``record_autoscaling_stats``: per priority class the requests waiting
-(``queue_len_class_<c>``), the requests running (``inflight_requests``) and the
-waiting work weighed by class (``weighted_queue_len``: each class's queue times its
-weight, a setting of the scheduler's ``user_config`` an SRE changes live; the
-weights themselves stay in the scheduler, they are not metrics). This policy sizes
+(``queue_len_class_<c>``), the requests running (``inflight_requests``), and the
+three parts of its demand weighed by class: waiting (``weighted_queue_len``),
+running (``weighted_inflight_requests``) and turned away at admission
+(``weighted_turned_away``: the requests that would run at once had the refused ones
+been served, over the last minute; ``deployments/scheduler/turned_away.py``). Each
+class's weight is a setting of the scheduler's ``user_config`` that an SRE changes
+live (the weights stay in the scheduler, they are not metrics). This policy sizes
 each worker:
 
-    desired = ceil((weighted_queue_len + in flight) / target)
+    desired = ceil(weighted (queued + running + turned away) / target)
 
 where ``target`` is the worker's ``autoscaling_config.target_ongoing_requests``
 (requests per replica), bounded by its ``min_replicas`` / ``max_replicas``. Paid
-work counts fully; free work can count less, so a free flood does not buy GPUs.
+work counts fully; free work can count less, and then a free flood buys GPUs for
+that share of itself. Every part must be weighed for that to hold: weighing only
+the queue made the weight a cliff (refused demand bought nothing, and admitted free
+work, counted fully while running, bought the rest: docs/SCALE.md).
 
 The function is pure: it reads only the contexts (no I/O, no clock of its own) and
 runs in the Serve controller about ten times a second. Serve wraps it: the
@@ -34,6 +40,9 @@ from autoscaling.naming import scheduler_name, worker_model
 
 QUEUE_PREFIX = "queue_len_class_"
 WEIGHTED_QUEUE = "weighted_queue_len"
+WEIGHTED_INFLIGHT = "weighted_inflight_requests"
+TURNED_AWAY_PREFIX = "turned_away_class_"
+WEIGHTED_TURNED_AWAY = "weighted_turned_away"
 RETIRED = "retired"  # reported by a scheduler whose model version leaves service
 
 
@@ -45,11 +54,14 @@ class QueueReport:
     inflight: float
     weighted_queued: float
     retired: bool = False
+    weighted_turned_away: float = 0.0
+    weighted_inflight: float | None = None  # None: a scheduler that weighed no running work
 
     @property
     def demand(self) -> float:
-        """Weighted waiting work plus the work running now, in requests."""
-        return self.weighted_queued + self.inflight
+        """Weighted waiting, running and refused work, in requests."""
+        running = self.inflight if self.weighted_inflight is None else self.weighted_inflight
+        return self.weighted_queued + running + self.weighted_turned_away
 
 
 DEFAULT_QUEUE_WEIGHTS = {0: 0.5}  # class 0 (free by default) counts half; others fully
@@ -65,9 +77,9 @@ def queue_weights_from_config(config: Mapping[Any, Any] | None) -> dict[int, flo
     return weights
 
 
-def weighted_queue_len(queued_by_class: Mapping[int, int], weights: Mapping[int, float]) -> float:
-    """Waiting work as the autoscaler counts it: each class's queue times its weight
-    (1 for a class without one)."""
+def weighted_queue_len(queued_by_class: Mapping[int, float], weights: Mapping[int, float]) -> float:
+    """Waiting (or turned-away) work as the autoscaler counts it: each class's amount
+    times its weight (1 for a class without one)."""
     return float(sum(weights.get(cls, 1.0) * queued for cls, queued in queued_by_class.items()))
 
 
@@ -82,17 +94,27 @@ def report_metrics(
     inflight_requests: int,
     weights: Mapping[int, float],
     classes_seen: set[int],
+    running_by_class: Mapping[int, int] | None = None,
+    turned_away_by_class: Mapping[int, float] | None = None,
 ) -> dict[str, float]:
     """What a scheduler returns from ``record_autoscaling_stats`` (read by ``read_report``).
     Every class seen so far is reported, at 0 when empty, so that an emptied queue reads
-    as empty rather than as missing."""
+    as empty rather than as missing. ``running_by_class``: the ``inflight_requests`` by
+    class (without it they count fully); ``turned_away_by_class``: the requests refused
+    at admission would run this many at once (``TurnedAwayDemand``)."""
+    turned_away = turned_away_by_class or {}
     metrics = {
         "queue_len": float(sum(queued_by_class.values())),
         "inflight_requests": float(inflight_requests),
         WEIGHTED_QUEUE: weighted_queue_len(queued_by_class, weights),
+        WEIGHTED_TURNED_AWAY: weighted_queue_len(turned_away, weights),
     }
+    if running_by_class is not None:
+        metrics[WEIGHTED_INFLIGHT] = weighted_queue_len(running_by_class, weights)
     for cls in classes_seen | set(queued_by_class):
         metrics[f"{QUEUE_PREFIX}{cls}"] = float(queued_by_class.get(cls, 0))
+    for cls in classes_seen | set(turned_away):
+        metrics[f"{TURNED_AWAY_PREFIX}{cls}"] = float(turned_away.get(cls, 0.0))
     return metrics
 
 
@@ -121,6 +143,10 @@ def read_report(metrics: Mapping[str, Mapping[Any, float]] | None) -> QueueRepor
         inflight=total("inflight_requests"),
         weighted_queued=max(0.0, weighted),
         retired=total(RETIRED) > 0,
+        weighted_turned_away=max(0.0, total(WEIGHTED_TURNED_AWAY)),  # (0 from older ones)
+        weighted_inflight=max(0.0, total(WEIGHTED_INFLIGHT))
+        if WEIGHTED_INFLIGHT in metrics
+        else None,
     )
 
 

@@ -57,12 +57,12 @@ class ModelControl:
         self._reports: deque[tuple[float, dict[str, float]]] = deque()
         self._next_report_at = 0.0
 
-    def record(self, now: float, metrics: Callable[[], dict[str, float]]) -> None:
+    def record(self, now: float, metrics: Callable[[float], dict[str, float]]) -> None:
         """The scheduler's ``record_autoscaling_stats``, every ``metrics_interval_s``."""
         if now < self._next_report_at:
             return
         self._next_report_at = now + self.config.metrics_interval_s
-        self._reports.append((now, metrics()))
+        self._reports.append((now, metrics(now)))
         while self._reports and self._reports[0][0] < now - self.config.look_back_period_s:
             self._reports.popleft()
 

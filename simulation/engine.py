@@ -35,8 +35,9 @@ from mediagate.protocol.errors import MediagateError, ModelUnavailable, Overload
 from simulation.control import Controller, ModelControl, simulated_time
 from simulation.fleet import Fleet, Replica, ReplicaState
 from simulation.report import Recorder
+from simulation.requests import Answer, Request, SimJob
 from simulation.scenario import HOUR_S, KINDS, Scenario
-from simulation.serving import Answer, ModelServer, Outcomes, Request, SimJob
+from simulation.serving import ModelServer, Outcomes
 from simulation.trace import Trace
 
 IMAGE_SIDE = 1024  # the request shape checked against tier caps (within every tier's)
@@ -184,8 +185,10 @@ class Simulation:
             self._check_tier(request, tier)
             # The router's order: caps, the early refusal from the scheduler's published
             # load (no quota write for what would be shed), the reservation, then the
-            # scheduler's own admission.
-            server.admission(job, tier.max_queue_wait_s, tier.max_queued)
+            # scheduler's own admission. The load is published exactly here and the
+            # reservation leaves the queue as it was: the scheduler's check would repeat
+            # the early one's answer, so the queue takes that.
+            estimated_wait_s = server.admission(job, now, tier.max_queue_wait_s, tier.max_queued)
             state = self.ledgers.get(request.account) or quota.LedgerState()
             units = 1 if request.kind == "video" else request.size
             kind: quota.Kind = "video" if request.kind == "video" else "image"
@@ -193,7 +196,7 @@ class Simulation:
                 state, tier, kind=kind, units=units, rid=rid, now=now, zone=self.policy.zone
             )
             request.held = rid
-            request.ticket = server.submit(job, now, tier.max_queue_wait_s, tier.max_queued)
+            request.ticket = server.submit(job, now, tier.max_queue_wait_s, estimated_wait_s)
         except MediagateError as error:
             self._release(request)
             if isinstance(error, Overloaded) and tier.priority_class == self._top_class:

@@ -20,7 +20,8 @@ from simulation.scenario import HOUR_S, Scenario
 if TYPE_CHECKING:
     from simulation.control import ModelControl
     from simulation.fleet import Fleet
-    from simulation.serving import ModelServer, Request, SimBatch
+    from simulation.requests import Request
+    from simulation.serving import ModelServer, SimBatch
 
 MINUTE_S = 60.0
 SERVED = "served"
@@ -30,6 +31,10 @@ LAG_TOLERANCE = 0.95  # ready replicas "match" the policy's target at 95% of it
 # Both curves are averaged over this many samples first: a video model's target jumps
 # for a few seconds with each burst of jobs, which no replica can follow.
 LAG_SMOOTHING_SAMPLES = 10
+# A lag needs a rise to lag behind: a model whose smoothed target at its spike peak is
+# less than this many times its level at the spike's start saw only its own noise (a
+# video model the free tier cannot use), and its lag is not measured (``None``).
+LAG_MIN_RISE = 3.0
 
 
 def percentile(values: Any, q: float) -> float:
@@ -180,6 +185,7 @@ class Recorder:
             "gpu_hours_over_oracle": round(gpu_hours / oracle, 3) if oracle else None,
             "cost": round(cost, 2),
             "scale_up_lag_s": self.scale_up_lag_s(servers, controls),
+            "spike_demand_rise": self.demand_rise(controls),
             "tiers": self.tier_figures(finals),
             "outcomes": {t: dict(sorted(c for c in _of(finals, t))) for t in self._tiers()},
             "refusals": {t: dict(sorted(_of(self.refusals, t))) for t in self._tiers()},
@@ -257,16 +263,19 @@ class Recorder:
         least 95% of the policy's target d earlier (rounded down: 9 of 10 match; within
         the replicas the fleet cap allows; both averaged over ten samples). It is the
         path from a decision to a replica serving: Serve's delays, Ray's node launch and
-        boot, the model's load."""
-        spike = self.scenario.workload.spike
-        t_h = np.array(self.samples["t_h"])
-        if spike is None or not len(t_h):
+        boot, the model's load. ``None`` for a model whose demand did not rise
+        ``LAG_MIN_RISE`` times (``demand_rise``), or that never caught up."""
+        window = self._spike_window()
+        if window is None:
             return {}
+        first, last = window
         step_s = self.scenario.sample_interval_s
-        first = int(np.searchsorted(t_h, spike.start_h))
-        last = int(np.searchsorted(t_h, spike.start_h + spike.ramp_h + 2))
+        rises = self.demand_rise(controls)
         lags: dict[str, float | None] = {}
         for control in controls:
+            if (rises.get(control.model) or 0.0) < LAG_MIN_RISE:
+                lags[control.model] = None
+                continue
             profile = servers[control.model].profile
             node_type = self.scenario.node_types[profile.node_type]
             cap = node_type.max_nodes * node_type.gpus // profile.gpus_per_replica
@@ -281,6 +290,29 @@ class Recorder:
                     lags[control.model] = lag * step_s
                     break
         return lags
+
+    def _spike_window(self) -> tuple[int, int] | None:
+        """Sample indexes from the spike's start to two hours past its peak."""
+        spike = self.scenario.workload.spike
+        t_h = np.array(self.samples["t_h"])
+        if spike is None or not len(t_h):
+            return None
+        first = int(np.searchsorted(t_h, spike.start_h))
+        last = int(np.searchsorted(t_h, spike.start_h + spike.ramp_h + 2))
+        return (first, last) if last > first else None
+
+    def demand_rise(self, controls: list[ModelControl]) -> dict[str, float]:
+        """Per model, the policy's smoothed target at its highest in the spike window
+        over its level at the spike's start."""
+        window = self._spike_window()
+        if window is None:
+            return {}
+        first, last = window
+        rises = {}
+        for control in controls:
+            target = _smoothed(np.array(self.samples[f"{control.model}.target"], dtype=float))
+            rises[control.model] = round(float(target[first:last].max() / target[first]), 2)
+        return rises
 
 
 def _rate(outcomes: Counter[str]) -> float | None:

@@ -17,53 +17,16 @@ from dataclasses import dataclass, field
 
 from autoscaling.policy import report_metrics
 from deployments.scheduler.admission import admit_or_shed, updated_service_time
+from deployments.scheduler.deadlines import Deadlines
 from deployments.scheduler.preemption import RunningBatch, batch_to_preempt, class_to_preempt_for
-from deployments.scheduler.queue import Deadlines, FairQueue, Ticket
+from deployments.scheduler.queue import FairQueue, Ticket
 from deployments.scheduler.settings import ImageSchedulerSettings, VideoSchedulerSettings
+from deployments.scheduler.turned_away import TurnedAwayDemand
 from mediagate.protocol.catalog import Batching
+from mediagate.protocol.errors import Overloaded
 from simulation.fleet import Replica
+from simulation.requests import Answer, SimJob
 from simulation.scenario import ModelProfile
-
-
-@dataclass(eq=False, slots=True)
-class Request:
-    """One logical request: its first attempt and the retries its client sends."""
-
-    rid: int
-    account: int
-    tier: str
-    kind: str
-    size: int
-    first_at: float
-    attempts: int = 0
-    attempt_at: float = 0.0
-    held: str | None = None  # the quota reservation's id while one is held
-    ticket: Ticket[SimJob] | None = None
-    outcome: str | None = None
-
-
-@dataclass(eq=False, slots=True)
-class SimJob:
-    """A request as the queue sees it (the ``Batchable`` protocol) plus who sent it."""
-
-    account_id: str
-    priority_class: int
-    batch_key: Hashable
-    images: int
-    request: Request
-
-
-class Answer:
-    """What a ticket's ``future`` is in simulated time: only whether it is settled (the
-    ``Deadlines`` heap drops settled tickets' entries by it)."""
-
-    __slots__ = ("settled",)
-
-    def __init__(self) -> None:
-        self.settled = False
-
-    def done(self) -> bool:
-        return self.settled
 
 
 @dataclass(eq=False)
@@ -102,6 +65,7 @@ class ModelServer:
     batching: Batching = field(init=False)  # the profile's, under the settings' override
     queue: FairQueue[SimJob] = field(default_factory=FairQueue)
     deadlines: Deadlines[SimJob] = field(default_factory=Deadlines)
+    turned_away: TurnedAwayDemand = field(default_factory=TurnedAwayDemand)
     service_s: dict[Hashable, float] = field(default_factory=dict)
     batches: dict[int, SimBatch] = field(default_factory=dict)
     free_replicas: dict[int, Replica] = field(default_factory=dict)  # running, with a free slot
@@ -115,6 +79,7 @@ class ModelServer:
     busy_slots: int = 0
     slots: int = 0
     running_requests: int = 0
+    running_by_class: Counter[int] = field(default_factory=Counter)
     preemptions: int = 0
     _batch_ids: int = 0
     _dispatch_at: float = math.inf  # a dispatch pass already on the calendar
@@ -136,37 +101,44 @@ class ModelServer:
 
     # Requests.
     def submit(
-        self, job: SimJob, now: float, max_wait_s: float, max_queued: int | None
+        self, job: SimJob, now: float, max_wait_s: float, estimated_wait_s: float | None
     ) -> Ticket[SimJob]:
-        """Admit (``Overloaded`` raised as the real scheduler raises it) and queue."""
-        estimated = self.admission(job, max_wait_s, max_queued)
+        """Queue a job ``admission`` admitted on the queue as it stands."""
         ticket: Ticket[SimJob] = Ticket(
             job=job,
             enqueued_at=now,
             future=Answer(),  # type: ignore[arg-type]
             deadline=now + max_wait_s,
-            estimated_wait_s=estimated,
+            estimated_wait_s=estimated_wait_s,
         )
         self.queue.push(ticket)
         self.deadlines.add(ticket, queued=len(self.queue))
         self.dispatch(now)
         return ticket
 
-    def admission(self, job: SimJob, max_wait_s: float, max_queued: int | None) -> float | None:
+    def admission(
+        self, job: SimJob, now: float, max_wait_s: float, max_queued: int | None
+    ) -> float | None:
         """``admit_or_shed`` on the queue as it stands: the router's early refusal (from
-        the load the scheduler publishes, exact here) and the scheduler's own."""
+        the load the scheduler publishes, exact here) and the scheduler's own. A shed
+        request's slot time is kept as demand turned away, as both count it."""
         cls = job.priority_class
         self.classes_seen.add(cls)
-        return admit_or_shed(
-            ahead=self.queue.ahead_of(job),
-            busy=self.busy_slots,
-            slots=self.slots,
-            service_s=self.service_s.get(job.batch_key),
-            max_wait_s=max_wait_s,
-            queued_in_class=self.queue.queued(cls),
-            max_queued=max_queued,
-            share_above=self.queue.share_above(cls),
-        )
+        service_s = self.service_s.get(job.batch_key)
+        try:
+            return admit_or_shed(
+                ahead=self.queue.ahead_of(job),
+                busy=self.busy_slots,
+                slots=self.slots,
+                service_s=service_s,
+                max_wait_s=max_wait_s,
+                queued_in_class=self.queue.queued(cls),
+                max_queued=max_queued,
+                share_above=self.queue.share_above(cls),
+            )
+        except Overloaded:
+            self.turned_away.add(job.account_id, cls, service_s or 0.0, now)
+            raise
 
     def withdraw(self, ticket: Ticket[SimJob]) -> bool:
         """A client left: True if its ticket was still queued (it never runs)."""
@@ -271,6 +243,7 @@ class ModelServer:
             del self.free_replicas[replica.replica_id]
         self.busy_slots += 1
         self.running_requests += len(tickets)
+        self.running_by_class[batch.priority_class] += len(tickets)
         for ticket in tickets:
             self.outcomes.started(ticket, now)
         self.schedule(now + batch.service_s, "batch_done", batch)
@@ -307,6 +280,7 @@ class ModelServer:
         replica.batches.discard(batch.batch_id)
         self.busy_slots -= 1
         self.running_requests -= len(batch.tickets)
+        self.running_by_class[batch.priority_class] -= len(batch.tickets)
         if replica.state == "running":
             self.free_replicas[replica.replica_id] = replica
         elif replica.state == "stopping" and not replica.batches:
@@ -385,8 +359,13 @@ class ModelServer:
                 self.outcomes.expired(ticket, now)
 
     # What the scheduler reports to the autoscaler (``record_autoscaling_stats``).
-    def autoscaling_metrics(self) -> dict[str, float]:
+    def autoscaling_metrics(self, now: float) -> dict[str, float]:
         by_class = self.queue.length_by_class()
         return report_metrics(
-            by_class, self.running_requests, self.settings.weights(), self.classes_seen
+            by_class,
+            self.running_requests,
+            self.settings.weights(),
+            self.classes_seen,
+            self.running_by_class,
+            self.turned_away.concurrency_by_class(now),
         )

@@ -138,12 +138,15 @@ class FakeScheduler:
         self.load = PublishedLoad(busy=0, slots=1, service_s={})
         self.withdrawn: list[str] = []  # request ids whose callers left
         self.started_when_withdrawn = False  # what withdraw answers
+        self.turned_away: list[dict[int, float]] = []  # what routers sent with load reads
 
     def withdraw(self, account_id: str, request_id: str) -> bool:
         self.withdrawn.append(request_id)
         return self.started_when_withdrawn
 
-    def published_load(self) -> PublishedLoad:
+    def published_load(self, turned_away: dict[int, float] | None = None) -> PublishedLoad:
+        if turned_away:
+            self.turned_away.append(turned_away)
         return self.load
 
     def queue_stats(self) -> QueueStats:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -28,6 +28,7 @@ from deployments.router.image_delivery import Delivery, deliver
 from deployments.router.live_schedulers import on_live_scheduler
 from deployments.router.services import RouterServices
 from deployments.scheduler.admission import count_forwarded, shed_on_published_load
+from deployments.scheduler.turned_away import TurnedAwayDemand
 from deployments.streams import detached
 from mediagate.access.accounts import Account
 from mediagate.access.guard import rate_limit_headers
@@ -97,6 +98,8 @@ class ImageRequests:
         self._published_load: dict[str, tuple[PublishedLoad, float]] = {}
         self._load_reads: dict[str, asyncio.Task[None]] = {}  # refreshes under way
         self.shed_by_router: Counter[str] = Counter()  # per tier, this replica only
+        # What it refused early, per model: sent with its next load read, for autoscaling.
+        self._turned_away: defaultdict[str, TurnedAwayDemand] = defaultdict(TurnedAwayDemand)
 
     async def generate(
         self,
@@ -313,13 +316,13 @@ class ImageRequests:
         return response, headers
 
     def refuse_if_overloaded(self, model_id: str, job: ImageJob, tier_name: str) -> None:
-        """Refuse here, before any quota write or hop, what the scheduler would refuse:
-        its decision, from the load it last published, updated for the requests this
-        router forwarded since."""
+        """Refuse here, before any quota write or hop, what the scheduler would refuse (its
+        decision, on the load it published, updated for what this router forwarded)."""
         published = self._published_load.get(model_id)
         if published is None:
             return
         load, received_at = published
+        now = self.gateway.clock()
         try:
             shed_on_published_load(
                 load,
@@ -328,11 +331,13 @@ class ImageRequests:
                 account_id=job.account_id,
                 max_wait_s=job.max_wait_s,
                 max_queued=job.max_queued,
-                age_s=self.gateway.clock() - received_at,
+                age_s=now - received_at,
                 max_age_s=self.gateway.settings.load_max_age_s,
             )
         except Overloaded:
             self.shed_by_router[tier_name] += 1
+            slot_s = load.service_s.get(job.batch_key, 0.0)
+            self._turned_away[model_id].add(job.account_id, job.priority_class, slot_s, now)
             raise
         count_forwarded(load, priority_class=job.priority_class, account_id=job.account_id)
 
@@ -385,9 +390,11 @@ class ImageRequests:
         scheduler = self.gateway.schedulers.get(model_id)
         if scheduler is None:
             return  # taken out of service meanwhile
+        turned_away = self._turned_away[model_id].take_unsent()
         try:
-            load = await asyncio.wait_for(scheduler.published_load.remote(), 2)
+            load = await asyncio.wait_for(scheduler.published_load.remote(turned_away), 2)
         except Exception as error:
+            self._turned_away[model_id].give_back(turned_away)
             logger.debug("no load from %s: %r", model_id, error)
         else:
             self._published_load[model_id] = (load, self.gateway.clock())

@@ -19,9 +19,10 @@ from deployments.scheduler.metrics import SchedulerMetrics
 from deployments.scheduler.queue import FairQueue
 from deployments.scheduler.settings import ImageSchedulerSettings
 from deployments.scheduler.step_reports import StepLevelReport
+from deployments.scheduler.turned_away import TurnedAwayDemand
 from mediagate.protocol.catalog import Batching, ModelSpec
 from mediagate.protocol.clock import Clock
-from mediagate.protocol.scheduling import PublishedLoad, QueueStats
+from mediagate.protocol.scheduling import Decision, PublishedLoad, QueueStats, decision_key
 from mediagate.protocol.work import ImageJob, ImageResult
 
 
@@ -40,12 +41,25 @@ class ImageSchedulerReports:
     _in_flight: dict[int, InFlightBatch]
     _metrics: SchedulerMetrics
     _step_level: StepLevelReport
+    _turned_away: TurnedAwayDemand
     _batching: Batching
     _clock: Clock
 
     @property
     def capacity(self) -> int:
         return self._slots.capacity
+
+    def _count(self, decision: Decision, priority_class: int) -> None:
+        self.counts[decision_key(decision, priority_class)] += 1
+        self._classes_seen.add(priority_class)
+        self._metrics.decided(decision, priority_class)
+
+    def _count_shed(self, job: ImageJob) -> None:
+        """A request shed at admission: counted, and the slot time it would have taken
+        kept as demand turned away (none before its shape's service time is measured)."""
+        self._count("shed", job.priority_class)
+        slot_s = self._service_s.get(job.batch_key, 0.0)
+        self._turned_away.add(job.account_id, job.priority_class, slot_s, self._clock())
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Queue metrics that the autoscaling policy reads (``ctx.aggregated_metrics``)."""
@@ -56,8 +70,17 @@ class ImageSchedulerReports:
             self._classes_seen | set(by_class),
             self.estimate_check.summary(),
         )
-        running = sum(len(batch.tickets) for batch in self._in_flight.values())
-        stats = report_metrics(by_class, running, self.settings.weights(), self._classes_seen)
+        running_by_class: Counter[int] = Counter()
+        for batch in self._in_flight.values():
+            running_by_class[batch.priority_class] += len(batch.tickets)
+        stats = report_metrics(
+            by_class,
+            running_by_class.total(),
+            self.settings.weights(),
+            self._classes_seen,
+            running_by_class,
+            self._turned_away.concurrency_by_class(self._clock()),
+        )
         return stats | {"inflight": float(self._slots.busy)} | retired_metric(self.settings.retired)
 
     def measured_service_s(self, in_flight: InFlightBatch, results: list[ImageResult]) -> float:
@@ -80,10 +103,14 @@ class ImageSchedulerReports:
             service_s=service_s,
         )
 
-    def published_load(self) -> PublishedLoad:
+    def published_load(self, turned_away: dict[int, float] | None = None) -> PublishedLoad:
         """What routers need to make this scheduler's admission decision themselves,
         without a hop: slots, measured service times, and per class the queue, the work
-        above it, the share of capacity above it and its accounts' queue depths."""
+        above it, the share of capacity above it and its accounts' queue depths. A
+        router reads it with the slot-seconds it refused early since its last read
+        (``turned_away``, per class), which the autoscaler's report then counts."""
+        if turned_away:
+            self._turned_away.merge(turned_away, self._clock())
         return PublishedLoad(
             busy=self._slots.busy,
             slots=self.capacity,

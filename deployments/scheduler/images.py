@@ -25,6 +25,7 @@ from deployments.scheduler.admission import (
     updated_service_time,
 )
 from deployments.scheduler.capacity import ReplicaCounter, WorkerSlots, serve_replica_follower
+from deployments.scheduler.deadlines import Deadlines
 from deployments.scheduler.image_reports import ImageSchedulerReports
 from deployments.scheduler.in_flight import (
     InFlightBatch,
@@ -36,10 +37,11 @@ from deployments.scheduler.in_flight import (
 )
 from deployments.scheduler.metrics import SchedulerMetrics
 from deployments.scheduler.preemption import batch_to_preempt, class_to_preempt_for
-from deployments.scheduler.queue import Deadlines, FairQueue, Ticket
+from deployments.scheduler.queue import FairQueue, Ticket
 from deployments.scheduler.retirement import on_loop, refusal, release_queued, running_loop
 from deployments.scheduler.settings import ImageSchedulerSettings
 from deployments.scheduler.step_reports import StepLevelReport
+from deployments.scheduler.turned_away import TurnedAwayDemand
 from mediagate.protocol.catalog import Batching, ModelSpec
 from mediagate.protocol.clock import Clock, system_clock
 from mediagate.protocol.errors import (
@@ -49,10 +51,6 @@ from mediagate.protocol.errors import (
     ModelUnavailable,
     Overloaded,
     unwrap,
-)
-from mediagate.protocol.scheduling import (
-    Decision,
-    decision_key,
 )
 from mediagate.protocol.work import (
     ImageJob,
@@ -91,6 +89,7 @@ class Scheduler(ImageSchedulerReports):
         self._metrics = SchedulerMetrics(self.spec.id)
         self._step_level = StepLevelReport()
         self._classes_seen: set[int] = set()
+        self._turned_away = TurnedAwayDemand()  # shed here and by routers, for autoscaling
         self._in_flight: dict[int, InFlightBatch] = {}  # what each busy slot serves
         self._deadlines: Deadlines[ImageJob] = Deadlines()
         # Request ids, remembered for a while: those whose batch was dispatched (their
@@ -129,9 +128,8 @@ class Scheduler(ImageSchedulerReports):
         )
 
     def _ensure_started(self) -> None:
-        """Start the loops, outside the context of the request that calls this first:
-        Serve would take every worker call they make for that request's children, and
-        cancel them with it."""
+        """Start the loops outside the first caller's context (Serve would take their
+        worker calls for that request's children and cancel them with it)."""
         if self._dispatcher is None:
             fresh = contextvars.Context()
             self._dispatcher = fresh.run(asyncio.create_task, self._dispatch_loop())
@@ -181,7 +179,7 @@ class Scheduler(ImageSchedulerReports):
                 share_above=self._queue.share_above(cls),
             )
         except Overloaded:
-            self._count("shed", cls)
+            self._count_shed(job)
             raise
         self._count("admitted", cls)
         now = self._clock()
@@ -301,11 +299,6 @@ class Scheduler(ImageSchedulerReports):
             ", ".join(t.job.request_id for t in in_flight.tickets),
             waiting_class,
         )
-
-    def _count(self, decision: Decision, priority_class: int) -> None:
-        self.counts[decision_key(decision, priority_class)] += 1
-        self._classes_seen.add(priority_class)
-        self._metrics.decided(decision, priority_class)
 
     def _drop_expired(self) -> None:
         """Tickets past their tier's longest wait leave before they reach a worker (the

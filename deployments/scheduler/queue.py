@@ -10,7 +10,6 @@ class, in the same round-robin order.
 from __future__ import annotations
 
 import asyncio
-import heapq
 import itertools
 from collections import Counter, OrderedDict, deque
 from collections.abc import Hashable, Iterator, Mapping
@@ -27,7 +26,10 @@ def tickets_ahead(*, queued_above: int, depths: Mapping[int, int], own_depth: in
     account per round it waits (round-robin), ``own_depth + 1`` rounds. ``depths``
     counts the class's accounts by how many tickets each has queued."""
     rounds = own_depth + 1
-    return queued_above + sum(accounts * min(depth, rounds) for depth, accounts in depths.items())
+    ahead = queued_above
+    for depth, accounts in depths.items():  # (a loop: a generator's sum costs three times)
+        ahead += accounts * (depth if depth < rounds else rounds)
+    return ahead
 
 
 class Queueable(Protocol):
@@ -190,7 +192,10 @@ class FairQueue(Generic[JobT]):
         self._recent_by_class: Counter[int] = Counter()  # the same, counted per class
 
     def __len__(self) -> int:
-        return sum(queued.size for queued in self._classes.values())
+        total = 0
+        for queued in self._classes.values():
+            total += queued.size
+        return total
 
     def queued(self, priority_class: int) -> int:
         """Tickets queued in one class (admission asks at every request)."""
@@ -318,7 +323,11 @@ class FairQueue(Generic[JobT]):
         return self.queued_above(ticket.job.priority_class) + in_class if in_class else 0
 
     def queued_above(self, priority_class: int) -> int:
-        return sum(queued.size for cls, queued in self._classes.items() if cls > priority_class)
+        above = 0
+        for cls, queued in self._classes.items():
+            if cls > priority_class:
+                above += queued.size
+        return above
 
     def depths(self, priority_class: int) -> Counter[int]:
         """How many accounts of the class have 1, 2, ... tickets queued (no account ids)."""
@@ -369,31 +378,8 @@ class FairQueue(Generic[JobT]):
         part of the capacity a request of this class cannot count on."""
         if not self._recent:
             return 0.0
-        above = sum(n for cls, n in self._recent_by_class.items() if cls > priority_class)
+        above = 0
+        for cls, dispatched in self._recent_by_class.items():
+            if cls > priority_class:
+                above += dispatched
         return above / len(self._recent)
-
-
-class Deadlines(Generic[JobT]):
-    """Queued tickets by deadline, earliest first, so expiring them costs the due
-    entries only (no walk of the queue). A ticket that left the queue keeps its entry
-    until its deadline comes up; one whose deadline changed is skipped then."""
-
-    def __init__(self) -> None:
-        self._heap: list[tuple[float, int, Ticket[JobT]]] = []
-        self._pushes = itertools.count()
-
-    def __len__(self) -> int:
-        return len(self._heap)
-
-    def add(self, ticket: Ticket[JobT], *, queued: int) -> None:
-        heapq.heappush(self._heap, (ticket.deadline, next(self._pushes), ticket))
-        if len(self._heap) > 2 * queued + 64:  # answered tickets hold their results
-            self._heap = [entry for entry in self._heap if not entry[2].answered]
-            heapq.heapify(self._heap)
-
-    def due(self, now: float) -> Iterator[Ticket[JobT]]:
-        """Tickets whose deadline is before ``now`` (each once)."""
-        while self._heap and self._heap[0][0] < now:
-            deadline, _, ticket = heapq.heappop(self._heap)
-            if ticket.deadline == deadline:
-                yield ticket

@@ -11,9 +11,11 @@ from deployments.scheduler.admission import EstimateCheck, wait_estimates_s_by_c
 from deployments.scheduler.capacity import WorkerSlots
 from deployments.scheduler.metrics import SchedulerMetrics
 from deployments.scheduler.settings import VideoSchedulerSettings
+from deployments.scheduler.turned_away import TurnedAwayDemand
 from deployments.scheduler.video_queue import VideoQueue
 from mediagate.protocol.catalog import ModelSpec
-from mediagate.protocol.scheduling import QueueStats
+from mediagate.protocol.clock import Clock
+from mediagate.protocol.scheduling import Decision, QueueStats, decision_key
 
 
 class VideoSchedulerReports:
@@ -33,6 +35,19 @@ class VideoSchedulerReports:
     _running: dict[str, Any]
     _running_class: dict[str, int]
     _adopted: dict[str, int]
+    _turned_away: TurnedAwayDemand
+    _clock: Clock
+
+    def _count(self, decision: Decision, priority_class: int) -> None:
+        self.decisions[decision_key(decision, priority_class)] += 1
+        self._classes_seen.add(priority_class)
+        self._metrics.decided(decision, priority_class)
+
+    def _count_shed(self, account_id: str, priority_class: int) -> None:
+        """A job shed at admission: counted, and the slot time it would have taken kept
+        as demand turned away (none before a job's time is measured)."""
+        self._count("shed", priority_class)
+        self._turned_away.add(account_id, priority_class, self._service_s or 0.0, self._clock())
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Queue metrics that the autoscaling policy reads (one job per slot)."""
@@ -42,7 +57,12 @@ class VideoSchedulerReports:
             by_class, self._slots.busy, self._classes_seen, self.estimate_check.summary()
         )
         stats = report_metrics(
-            by_class, self._slots.busy, self.settings.weights(), self._classes_seen
+            by_class,
+            self._slots.busy,
+            self.settings.weights(),
+            self._classes_seen,
+            Counter([*self._running_class.values(), *self._adopted.values()]),
+            self._turned_away.concurrency_by_class(self._clock()),
         )
         return stats | {"inflight": float(self._slots.busy)} | retired_metric(self.settings.retired)
 

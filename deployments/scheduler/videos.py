@@ -36,13 +36,13 @@ from deployments.scheduler.metrics import SchedulerMetrics
 from deployments.scheduler.queue import Ticket
 from deployments.scheduler.retirement import VideoRetirement, on_loop, refusal, running_loop
 from deployments.scheduler.settings import VideoSchedulerSettings
+from deployments.scheduler.turned_away import TurnedAwayDemand
 from deployments.scheduler.video_queue import QueuedVideo, VideoQueue
 from deployments.scheduler.video_reports import VideoSchedulerReports
 from mediagate.jobs.video import RetryLimits, VideoJobLifecycle, live, overdue
 from mediagate.protocol.catalog import ModelSpec
 from mediagate.protocol.clock import Clock, system_clock
 from mediagate.protocol.errors import Overloaded
-from mediagate.protocol.scheduling import Decision, decision_key
 from mediagate.protocol.work import VideoGeneration, VideoOutcome, VideoTask
 from mediagate.stores import (
     JobStore,
@@ -95,6 +95,7 @@ class VideoScheduler(VideoSchedulerReports, VideoRetirement):
         self._claiming: set[str] = set()  # taken off the queue, being claimed in the store
         self._reconciling = asyncio.Lock()
         self._classes_seen: set[int] = set()
+        self._turned_away = TurnedAwayDemand()  # jobs shed at admission, for autoscaling
         self._running: dict[str, asyncio.Task[None]] = {}
         self._running_class: dict[str, int] = {}  # running job id -> its priority class
         # running on a worker a predecessor dispatched to: id -> class (see _adopt)
@@ -162,7 +163,7 @@ class VideoScheduler(VideoSchedulerReports, VideoRetirement):
                 share_above=self._queue.share_above(priority_class),
             )
         except Overloaded:
-            self._count("shed", priority_class)
+            self._count_shed(account_id, priority_class)
             raise
 
     def _estimate_s(self, video: QueuedVideo) -> float | None:
@@ -201,11 +202,6 @@ class VideoScheduler(VideoSchedulerReports, VideoRetirement):
     async def cancel(self, account_id: str, job_id: str) -> bool:
         """Drop a deleted job from the queue; a running one stops at its next step by itself."""
         return self._queue.remove(job_id)
-
-    def _count(self, decision: Decision, priority_class: int) -> None:
-        self.decisions[decision_key(decision, priority_class)] += 1
-        self._classes_seen.add(priority_class)
-        self._metrics.decided(decision, priority_class)
 
     async def _dispatch_loop(self) -> None:
         await self._recovered.wait()  # what a predecessor left running holds its slots

@@ -41,8 +41,9 @@ class ImageScheduling(Protocol):
         """Its caller left: whether it had started running (True: its quota is spent)."""
         ...
 
-    def published_load(self) -> PublishedLoad:
-        """What a router needs to make the admission decision without a hop."""
+    def published_load(self, turned_away: dict[int, float] | None = None) -> PublishedLoad:
+        """What a router needs to make the admission decision without a hop; it sends
+        the slot-seconds per class it refused early since its last read."""
         ...
 
     def queue_stats(self) -> QueueStats:

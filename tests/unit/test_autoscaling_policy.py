@@ -97,14 +97,52 @@ def test_desired_replicas_is_weighted_demand_over_target_within_bounds() -> None
     assert desired_replicas(4.01, target=2, min_replicas=0, max_replicas=10) == 3
 
 
+def test_demand_turned_away_at_admission_buys_replicas_by_its_weight() -> None:
+    """A flood refused at admission never reaches the queue; its slot time, weighed like
+    the queue, is demand all the same."""
+    refused = {0: 20.0, 1: 3.0}  # requests that would run at once: free and plus
+    metrics = report_metrics({}, 2, {0: 0.5}, {0, 1}, {1: 2}, refused)
+    assert metrics["weighted_turned_away"] == 20.0 * 0.5 + 3.0
+    assert (metrics["turned_away_class_0"], metrics["turned_away_class_1"]) == (20.0, 3.0)
+    assert decide(1, metrics) == 8  # (2 running + 13 weighed) / 2, rounded up
+    none_refused = report_metrics({}, 2, {0: 0.5}, {0, 1}, {1: 2})
+    assert decide(1, none_refused) == 1
+    zero_weight = report_metrics({}, 2, {0: 0.0}, {0, 1}, {1: 2}, {0: 20.0})
+    assert decide(1, zero_weight) == 1  # a weight of 0: free buys nothing, refused or queued
+
+
+def test_running_work_is_weighed_as_its_class_so_a_weight_is_a_share() -> None:
+    """Free work counted fully once running bought a free flood the whole fleet once any
+    of it was admitted; weighed like its queue, free demand buys its weight's share:
+    in equilibrium free runs on w x its demand, and w x (that + the rest refused) is
+    again w x its demand."""
+    free_demand, weight = 40.0, 0.25  # free requests that would run at once
+    running = int(weight * free_demand)  # what the fleet sized for it runs
+    metrics = report_metrics(
+        {}, running, {0: weight}, {0}, {0: running}, {0: free_demand - running}
+    )
+    assert metrics["weighted_inflight_requests"] == weight * running
+    report = read_report({name: {"only": value} for name, value in metrics.items()})
+    assert report is not None and report.demand == pytest.approx(weight * free_demand)
+    paid = report_metrics({}, 6, {0: weight}, {0, 2}, {0: 4, 2: 2})
+    assert paid["weighted_inflight_requests"] == 0.25 * 4 + 2
+    unweighed = {name: {"only": value} for name, value in paid.items()}
+    del unweighed["weighted_inflight_requests"]  # a scheduler from before: counts all of it
+    assert (report := read_report(unweighed)) is not None and report.demand == 6.0
+
+
 def test_reports_and_weights_are_plain_numbers() -> None:
-    metrics = report_metrics({2: 3}, 1, {0: 0.25}, {0, 2})
+    metrics = report_metrics({2: 3}, 1, {0: 0.25}, {0, 2}, {2: 1})
     assert metrics == {
         "queue_len": 3.0,
         "inflight_requests": 1.0,
+        "weighted_inflight_requests": 1.0,
         "weighted_queue_len": 3.0,  # only class 0 is weighed, and it is empty
         "queue_len_class_0": 0.0,  # an emptied class reads as 0, not as missing
         "queue_len_class_2": 3.0,
+        "weighted_turned_away": 0.0,
+        "turned_away_class_0": 0.0,
+        "turned_away_class_2": 0.0,
     }
     reporter = ReplicaID("only", SCHEDULER)
     report = read_report({name: {reporter: value} for name, value in metrics.items()})
@@ -119,6 +157,8 @@ def test_reports_and_weights_are_plain_numbers() -> None:
     report = read_report({name: {reporter: value, other: value} for name, value in both.items()})
     assert report is not None and report.demand == 4.0
     assert queue_weights_from_config({"0": "0.1"}) == {0: 0.1}
+    del older["weighted_turned_away"]  # nor refused demand: it counts none
+    assert (report := read_report(older)) is not None and report.demand == 4.0
     with pytest.raises(ValueError, match="between 0 and 10"):
         queue_weights_from_config({"0": -1})
 

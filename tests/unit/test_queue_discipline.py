@@ -464,7 +464,9 @@ def test_one_stuck_scheduler_does_not_delay_the_others_load(tmp_path: Any) -> No
     service = Service(tmp_path, catalog=catalog, load_refresh_s=0.01)
 
     class StuckScheduler(FakeScheduler):
-        async def published_load(self) -> PublishedLoad:  # type: ignore[override]
+        async def published_load(  # type: ignore[override]
+            self, turned_away: dict[int, float] | None = None
+        ) -> PublishedLoad:
             await asyncio.Event().wait()
             raise AssertionError("never answers")
 

@@ -83,6 +83,9 @@ async def test_dispatches_only_into_free_slots_and_batches_the_rest() -> None:
         "inflight_requests": 1.0,
         "queue_len_class_0": 5.0,
         "weighted_queue_len": 2.5,  # free work counts half for the autoscaler by default
+        "turned_away_class_0": 0.0,  # nothing shed
+        "weighted_turned_away": 0.0,
+        "weighted_inflight_requests": 0.5,  # the running free request weighs half too
     }
     scheduler.reconfigure({"queue_weights": {"0": 0.1}})  # an SRE's live change
     assert scheduler.record_autoscaling_stats()["weighted_queue_len"] == pytest.approx(0.5)
@@ -97,6 +100,9 @@ async def test_dispatches_only_into_free_slots_and_batches_the_rest() -> None:
         "inflight_requests": 0.0,
         "queue_len_class_0": 0.0,  # emptied, still reported
         "weighted_queue_len": 0.0,
+        "turned_away_class_0": 0.0,
+        "weighted_turned_away": 0.0,
+        "weighted_inflight_requests": 0.0,
     }
     await scheduler.shutdown()
 

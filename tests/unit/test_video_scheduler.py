@@ -104,6 +104,9 @@ async def test_one_job_per_slot_in_arrival_order(rig: Rig) -> None:
         "inflight_requests": 1.0,
         "queue_len_class_0": 2.0,
         "weighted_queue_len": 1.0,  # free jobs count half by default
+        "turned_away_class_0": 0.0,  # none shed
+        "weighted_turned_away": 0.0,
+        "weighted_inflight_requests": 0.5,  # the running free job weighs half too
     }
     assert rig.scheduler.position("video_c") == 2
 

@@ -327,6 +327,11 @@ async def test_admission_before_and_after_a_measured_service_time(tmp_path: Path
         assert shed.value.retry_after_s is not None and shed.value.retry_after_s >= 1
         assert await rig.scheduler.admit("pro", 2, 600, None) is not None
         assert rig.scheduler.stats()["shed_class_0"] == 2
+        # The job shed after a measure is demand the autoscaler sees (weighed half: free);
+        # the one shed before it (no slot time known) is not counted.
+        stats = rig.scheduler.record_autoscaling_stats()
+        assert stats["turned_away_class_0"] == pytest.approx(23 / 60)
+        assert stats["weighted_turned_away"] == pytest.approx(0.5 * 23 / 60)
     finally:
         await rig.scheduler.shutdown()
 
