@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from simulation.engine import Simulation
 from simulation.report import LAG_MIN_RISE
-from simulation.scenario import Scenario, load_scenario
+from simulation.scenario import SCENARIOS_DIR, Scenario, load_scenario
 from simulation.trace import read_trace_csv, synthetic_trace
 
 
@@ -45,13 +45,23 @@ def what_ifs(scenario: Scenario, peak_need: dict[str, int]) -> dict[str, dict[st
                 if profile.kind == "image"
             }
         },
-        "free_weight_0.25": {
-            "models": {
-                name: {"scheduler": {**profile.scheduler, "queue_weights": {0: 0.25}}}
-                for name, profile in scenario.models.items()
+        **{
+            f"free_weight_{weight:g}": {
+                "models": {
+                    name: {"scheduler": {**profile.scheduler, "queue_weights": {0: weight}}}
+                    for name, profile in scenario.models.items()
+                }
             }
+            for weight in (0.25, 1.0)
         },
         "half_peak_nodes": {"node_types": halved},
+        # FLUX.1-dev at 1024x1024 on an L4 may well take 36 s an image, not 22: a batch of
+        # two takes 75 s, the tiers' waits are scaled to it, and the fleet is ~2,000 GPUs.
+        "slow_images": {
+            "tiers_file": str(SCENARIOS_DIR / "surge-tiers-slow.yaml"),
+            "models": {"flux": {"service": {"base_s": 3.0, "per_image_s": 36.0}}},
+            "node_types": {"l4": {"max_nodes": 3600}},
+        },
         "region_failure": {
             "region_failure": {
                 "at_h": (scenario.workload.spike.start_h + scenario.workload.spike.ramp_h)

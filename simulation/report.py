@@ -259,7 +259,7 @@ class Recorder:
     ) -> dict[str, float | None]:
         """Per model, how far serving replicas trail what the autoscaling policy asks for
         through the spike's rise: the least d (in sample steps) such that at every sample
-        from the spike's start to two hours past its peak, replicas ready to serve are at
+        from the spike's start to an hour past its peak, replicas ready to serve are at
         least 95% of the policy's target d earlier (rounded down: 9 of 10 match; within
         the replicas the fleet cap allows; both averaged over ten samples). It is the
         path from a decision to a replica serving: Serve's delays, Ray's node launch and
@@ -292,13 +292,14 @@ class Recorder:
         return lags
 
     def _spike_window(self) -> tuple[int, int] | None:
-        """Sample indexes from the spike's start to two hours past its peak."""
+        """Sample indexes from the spike's start to an hour past its peak (later, the
+        fleet follows a falling target within its noise: not a scale-up)."""
         spike = self.scenario.workload.spike
         t_h = np.array(self.samples["t_h"])
         if spike is None or not len(t_h):
             return None
         first = int(np.searchsorted(t_h, spike.start_h))
-        last = int(np.searchsorted(t_h, spike.start_h + spike.ramp_h + 2))
+        last = int(np.searchsorted(t_h, spike.start_h + spike.ramp_h + 1))
         return (first, last) if last > first else None
 
     def demand_rise(self, controls: list[ModelControl]) -> dict[str, float]:

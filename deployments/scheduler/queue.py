@@ -203,13 +203,14 @@ class FairQueue(Generic[JobT]):
         return queued.size if queued is not None else 0
 
     def length_by_class(self) -> dict[int, int]:
-        return {cls: queued.size for cls, queued in sorted(self._classes.items()) if queued.size}
+        return {cls: queued.size for cls, queued in self._classes.items() if queued.size}
 
     def _class(self, priority_class: int) -> _Class[JobT]:
         # (not ``setdefault(cls, _Class())``: that builds a class, and its Counter, per push)
         queued = self._classes.get(priority_class)
-        if queued is None:
+        if queued is None:  # a class seen for the first time: classes stay in order
             queued = self._classes[priority_class] = _Class()
+            self._classes = dict(sorted(self._classes.items()))
         return queued
 
     def push(self, ticket: Ticket[JobT]) -> None:

@@ -102,6 +102,7 @@ async def test_higher_classes_first_fifo_within_an_account() -> None:
     ]:
         queue.push(item)
     assert queue.length_by_class() == {0: 1, 1: 1, 2: 2}
+    assert list(queue.length_by_class()) == [0, 1, 2]  # in class order, as they came 0, 2, 1
     assert drain(queue) == ["p1", "p2", "s1", "f1"]
 
 
