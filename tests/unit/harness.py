@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,11 @@ class Service:
             clock=self.clock,
         )
         self.client = TestClient(create_api(gateway), raise_server_exceptions=False)
+        # One event loop for the client's life, as a server has: without it each request
+        # runs on a loop of its own that ends with the response, killing the bookkeeping a
+        # request leaves detached (a stream's settlement) when the machine is slow.
+        self.client.__enter__()
+        weakref.finalize(self, self.client.__exit__, None, None, None)
         self.auth = {"Authorization": f"Bearer {self.key}"}
 
     def generate(self, body: Any, **kwargs: Any) -> Any:
