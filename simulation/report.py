@@ -35,6 +35,7 @@ LAG_SMOOTHING_SAMPLES = 10
 # less than this many times its level at the spike's start saw only its own noise (a
 # video model the free tier cannot use), and its lag is not measured (``None``).
 LAG_MIN_RISE = 3.0
+LAG_LEVELS = 50  # levels of the rise at which the fleet's lag is measured
 
 
 def percentile(values: Any, q: float) -> float:
@@ -257,14 +258,16 @@ class Recorder:
     def scale_up_lag_s(
         self, servers: dict[str, ModelServer], controls: list[ModelControl]
     ) -> dict[str, float | None]:
-        """Per model, how far serving replicas trail what the autoscaling policy asks for
-        through the spike's rise: the least d (in sample steps) such that at every sample
-        from the spike's start to an hour past its peak, replicas ready to serve are at
-        least 95% of the policy's target d earlier (rounded down: 9 of 10 match; within
-        the replicas the fleet cap allows; both averaged over ten samples). It is the
-        path from a decision to a replica serving: Serve's delays, Ray's node launch and
-        boot, the model's load. ``None`` for a model whose demand did not rise
-        ``LAG_MIN_RISE`` times (``demand_rise``), or that never caught up."""
+        """Per model, how long after the demand reached a level the fleet did, through
+        the spike's rise: for each of ``LAG_LEVELS`` levels between the policy's target
+        at the spike's start and its highest (within the replicas the fleet cap allows),
+        the time from the target's first reaching it to the ready replicas' first
+        reaching 95% of it (rounded down: 9 of 10), both averaged over ten samples; the
+        lag is the longest. First crossings: a fleet that follows a noisy target a few
+        percent below it, later, is not late. It is the path from a decision to a
+        replica serving: Serve's delays, Ray's node launch and boot, the model's load.
+        ``None`` for a model whose demand did not rise ``LAG_MIN_RISE`` times
+        (``demand_rise``), or whose ready replicas never reached a level in the window."""
         window = self._spike_window()
         if window is None:
             return {}
@@ -273,22 +276,27 @@ class Recorder:
         rises = self.demand_rise(controls)
         lags: dict[str, float | None] = {}
         for control in controls:
+            lags[control.model] = None
             if (rises.get(control.model) or 0.0) < LAG_MIN_RISE:
-                lags[control.model] = None
                 continue
             profile = servers[control.model].profile
             node_type = self.scenario.node_types[profile.node_type]
             cap = node_type.max_nodes * node_type.gpus // profile.gpus_per_replica
             ready = _smoothed(
                 np.array(self.samples[f"{control.model}.ready_gpus"]) / profile.gpus_per_replica
-            )
-            target = _smoothed(np.minimum(np.array(self.samples[f"{control.model}.target"]), cap))
-            lags[control.model] = None
-            for lag in range(last - first + 1):
-                earlier = target[max(0, first - lag) : last - lag]
-                if np.all(ready[first : first + len(earlier)] >= np.floor(LAG_TOLERANCE * earlier)):
-                    lags[control.model] = lag * step_s
+            )[first:last]
+            target = _smoothed(np.minimum(np.array(self.samples[f"{control.model}.target"]), cap))[
+                first:last
+            ]
+            crossings = []
+            for level in np.linspace(target[0], target.max(), LAG_LEVELS + 1)[1:]:
+                reached = np.flatnonzero(ready >= np.floor(LAG_TOLERANCE * level))
+                if not len(reached):
                     break
+                asked = int(np.argmax(target >= level))
+                crossings.append(max(0, int(reached[0]) - asked))
+            else:
+                lags[control.model] = max(crossings, default=0) * step_s
         return lags
 
     def _spike_window(self) -> tuple[int, int] | None:

@@ -110,6 +110,31 @@ def test_the_fleet_follows_the_spike(baseline: tuple[Simulation, dict[str, Any]]
     assert all(lags[model] is None for model, rise in rises.items() if rise < LAG_MIN_RISE)
 
 
+def test_the_lag_is_how_long_after_the_demand_the_fleet_reached_each_level(
+    baseline: tuple[Simulation, dict[str, Any]],
+) -> None:
+    """A fleet trailing a rising target by k samples lags k samples, noise a few
+    percent below the target after the rise does not count, and a fleet that never
+    gets there has no lag to report."""
+    simulation, _ = baseline
+    recorder, scenario = simulation.recorder, simulation.scenario
+    spike = scenario.workload.spike
+    assert spike is not None
+    samples = dict(recorder.samples)
+    t_h = np.array(samples["t_h"])
+    rise = np.clip((t_h - spike.start_h) / spike.ramp_h, 0, 1)
+    target = np.round(2 + 18 * rise).astype(int)  # 2 to 20 replicas over the rise
+    for shift in (0, 3, 7):
+        ready = np.concatenate([np.full(shift, 2), target[: len(target) - shift]])
+        ready = np.where(t_h > spike.start_h + spike.ramp_h + 0.2, ready - 1, ready)  # 95%
+        recorder.samples = samples | {"flux.target": list(target), "flux.ready_gpus": list(ready)}
+        lags = recorder.scale_up_lag_s(simulation.servers, simulation.controls)
+        assert lags["flux"] == shift * scenario.sample_interval_s, (shift, lags)
+    recorder.samples = samples | {"flux.target": list(target), "flux.ready_gpus": [2] * len(t_h)}
+    assert recorder.scale_up_lag_s(simulation.servers, simulation.controls)["flux"] is None
+    recorder.samples = samples
+
+
 def test_preemption_is_the_schedulers_setting() -> None:
     on = simulate(small_scenario())[1]
     off = simulate(
