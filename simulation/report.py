@@ -110,11 +110,12 @@ class Recorder:
 
     # Invariants.
     def violation_if_lower_running(self, server: ModelServer, priority_class: int) -> None:
-        """A top-class request shed or expired while a lower class's batch runs."""
+        """A top-class request shed or expired while a lower class's batch runs (by model:
+        a video model preempts nothing, so there a running plus job keeps its slot)."""
         if any(
             b.priority_class < priority_class and not b.stopping for b in server.batches.values()
         ):
-            self.violations["top_class_shed_while_lower_runs"] += 1
+            self.violations[f"top_class_shed_while_lower_runs:{server.name}"] += 1
 
     def check_replicas(self, fleet: Fleet, control: ModelControl) -> None:
         config = control.config
