@@ -39,11 +39,8 @@ class TurnedAwayDemand:
         if key in self._counted or slot_s <= 0:
             return False
         self._counted.add(key)
-        self._refusals.append((now, account_id, priority_class, slot_s))
-        self._slot_s_by_class[priority_class] = (
-            self._slot_s_by_class.get(priority_class, 0.0) + slot_s
-        )
-        self._unsent[priority_class] = self._unsent.get(priority_class, 0.0) + slot_s
+        self._keep(now, account_id, priority_class, slot_s)
+        _add(self._unsent, priority_class, slot_s)
         return True
 
     def take_unsent(self) -> dict[int, float]:
@@ -55,17 +52,19 @@ class TurnedAwayDemand:
     def give_back(self, unsent: Mapping[int, float]) -> None:
         """``take_unsent``'s counts that could not be sent: they go with the next read."""
         for priority_class, slot_s in unsent.items():
-            self._unsent[priority_class] = self._unsent.get(priority_class, 0.0) + slot_s
+            _add(self._unsent, priority_class, slot_s)
 
     def merge(self, slot_s_by_class: Mapping[int, float], now: float) -> None:
         """Refusals counted elsewhere (a router's early refusals, each account once in
         its own window), arriving now."""
         for priority_class, slot_s in slot_s_by_class.items():
             if slot_s > 0:
-                self._refusals.append((now, "", int(priority_class), float(slot_s)))
-                self._slot_s_by_class[int(priority_class)] = self._slot_s_by_class.get(
-                    int(priority_class), 0.0
-                ) + float(slot_s)
+                self._keep(now, "", int(priority_class), float(slot_s))
+
+    def _keep(self, now: float, account_id: str, priority_class: int, slot_s: float) -> None:
+        """A refusal in the window (``account_id`` empty: counted by a router)."""
+        self._refusals.append((now, account_id, priority_class, slot_s))
+        _add(self._slot_s_by_class, priority_class, slot_s)
 
     def concurrency_by_class(self, now: float) -> dict[int, float]:
         """Per class, the requests that would be running at once had the refused ones
@@ -86,3 +85,7 @@ class TurnedAwayDemand:
                 self._slot_s_by_class[priority_class] = left
             else:
                 del self._slot_s_by_class[priority_class]
+
+
+def _add(slot_s_by_class: dict[int, float], priority_class: int, slot_s: float) -> None:
+    slot_s_by_class[priority_class] = slot_s_by_class.get(priority_class, 0.0) + slot_s
