@@ -78,7 +78,6 @@ class ModelServer:
     stopping_batches: int = 0
     busy_slots: int = 0
     slots: int = 0
-    running_requests: int = 0
     running_by_class: Counter[int] = field(default_factory=Counter)
     preemptions: int = 0
     _batch_ids: int = 0
@@ -94,6 +93,10 @@ class ModelServer:
         if isinstance(self.settings, ImageSchedulerSettings):  # as the scheduler's reconfigure
             self.batching = self.settings.batching.over(catalog)
         self.queue.min_shares = dict(self.settings.min_shares)
+
+    @property
+    def running_requests(self) -> int:
+        return self.running_by_class.total()
 
     @property
     def slots_per_replica(self) -> int:
@@ -242,7 +245,6 @@ class ModelServer:
         if len(replica.batches) >= self.slots_per_replica:
             del self.free_replicas[replica.replica_id]
         self.busy_slots += 1
-        self.running_requests += len(tickets)
         self.running_by_class[batch.priority_class] += len(tickets)
         for ticket in tickets:
             self.outcomes.started(ticket, now)
@@ -279,7 +281,6 @@ class ModelServer:
         replica = batch.replica
         replica.batches.discard(batch.batch_id)
         self.busy_slots -= 1
-        self.running_requests -= len(batch.tickets)
         self.running_by_class[batch.priority_class] -= len(batch.tickets)
         if replica.state == "running":
             self.free_replicas[replica.replica_id] = replica
