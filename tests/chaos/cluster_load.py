@@ -17,14 +17,17 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import httpx
+import yaml
 
 from mediagate.access.accounts import open_account_store
 from mediagate.access.ledger import QuotaLedger
-from mediagate.access.tiers import load_tier_policy
+from mediagate.access.tiers import TierPolicy, load_tier_policy
 from mediagate.stores import StateConfig, VideoJobRecord, open_state_store
 from mediagate.stores.artifacts import ArtifactConfig
 from tests.servers import CuttableProxy, moto_s3_server, redis_server
@@ -44,9 +47,31 @@ class FaultApp:
     state: StateConfig
     store: CuttableProxy
     keys: dict[str, str]  # account name -> API key
+    tiers_file: str
+
+    def tier_policy(self) -> TierPolicy:
+        return load_tier_policy(self.tiers_file)
 
     def auth(self, account: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.keys[account]}"}
+
+
+def zone_at_midday(now: datetime) -> str:
+    """A fixed-offset zone in which ``now`` (UTC) is about noon: a quota day there does not
+    end during a test, so images counted before and after a scenario are of one day (a
+    run across midnight UTC once saw two images of a scenario "given back" by the day
+    rolling over)."""
+    hours_behind_utc = now.hour - 12  # Etc/GMT+N is N hours behind UTC (POSIX sign)
+    return "Etc/GMT" if hours_behind_utc == 0 else f"Etc/GMT{hours_behind_utc:+d}"
+
+
+def midday_tiers_file(home: Path) -> str:
+    """The shipped tiers with the quota day in ``zone_at_midday``."""
+    shipped = resources.files("mediagate").joinpath("configs/tiers.yaml").read_text()
+    tiers = yaml.safe_load(shipped) | {"timezone": zone_at_midday(datetime.now(UTC))}
+    path = home / "tiers-midday.yaml"
+    path.write_text(yaml.safe_dump(tiers))
+    return str(path)
 
 
 @contextmanager
@@ -62,8 +87,10 @@ def fault_app(serve_port: int, home: Path, accounts: dict[str, str]) -> Iterator
         bucket = f"faults-{uuid.uuid4().hex[:8]}"
         moto.client().create_bucket(Bucket=bucket)  # type: ignore[attr-defined]
         state = StateConfig(backend="redis", redis_url=redis.url)
+        tiers_file = midday_tiers_file(home)
         args = AppArgs(
             home=str(home),
+            tiers_file=tiers_file,
             models=[IMAGE_MODEL, VIDEO_MODEL],
             worker_ray_actor_options={"num_cpus": 0, "num_gpus": 0},
             state=state,
@@ -80,7 +107,7 @@ def fault_app(serve_port: int, home: Path, accounts: dict[str, str]) -> Iterator
             for name, tier in accounts.items()
         }
         try:
-            yield FaultApp(f"http://127.0.0.1:{serve_port}/{APP}", state, proxy, keys)
+            yield FaultApp(f"http://127.0.0.1:{serve_port}/{APP}", state, proxy, keys, tiers_file)
         finally:
             serve.delete(APP)
             proxy.close()
@@ -265,7 +292,7 @@ async def usage_by_account(app: FaultApp) -> dict[str, tuple[int, int]]:
     """(images today, video jobs held) per account, as the quota ledger has them."""
     accounts = open_account_store(app.state)
     store = open_state_store(app.state)
-    ledger = QuotaLedger(store, load_tier_policy())
+    ledger = QuotaLedger(store, app.tier_policy())
     usage = {}
     try:
         for name in app.keys:
