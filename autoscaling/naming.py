@@ -45,6 +45,17 @@ def is_image_worker(deployment_name: str) -> bool:
     return deployment_name.startswith(WORKER_PREFIX_BY_TASK["text-to-image"])
 
 
+# How long a removed worker replica may finish its running work (``Scaling.drain_s``):
+# longer than an image batch or a video run on the GPUs these models are sized for. The
+# policy may ask for fewer replicas than are busy (running free work weighs less), so a
+# replica told to stop must not lose what it runs.
+DEFAULT_DRAIN_S_BY_TASK: dict[str, float] = {"text-to-image": 60.0, "text-to-video": 1800.0}
+
+
+def worker_drain_s(scaling: Scaling, task: str) -> float:
+    return scaling.drain_s if scaling.drain_s is not None else DEFAULT_DRAIN_S_BY_TASK[task]
+
+
 def worker_autoscaling_config(scaling: Scaling) -> dict[str, Any]:
     """A worker deployment's Serve ``autoscaling_config`` from its catalog entry."""
     config: dict[str, Any] = {

@@ -20,7 +20,10 @@ where ``target`` is the worker's ``autoscaling_config.target_ongoing_requests``
 work counts fully; free work can count less, and then a free flood buys GPUs for
 that share of itself. Every part must be weighed for that to hold: weighing only
 the queue made the weight a cliff (refused demand bought nothing, and admitted free
-work, counted fully while running, bought the rest: docs/SCALE.md).
+work, counted fully while running, bought the rest: docs/SCALE.md). Weighed running
+work can ask for fewer replicas than are busy; Serve drains the replicas it removes
+(no new work, running work finishes, up to the model's ``drain_s``:
+``autoscaling.naming.worker_drain_s``).
 
 The function is pure: it reads only the contexts (no I/O, no clock of its own) and
 runs in the Serve controller about ten times a second. Serve wraps it: the

@@ -25,6 +25,7 @@ from autoscaling.naming import (
     METRICS_INTERVAL_S,
     scheduler_name,
     worker_autoscaling_config,
+    worker_drain_s,
     worker_name,
 )
 from deployments.scheduler.images import Scheduler
@@ -229,6 +230,10 @@ def model_scheduler(spec: ModelSpec, shared: Shared) -> Application:
             ray_actor_options=shared.worker_ray_actor_options or spec.ray_actor_options(),
             health_check_period_s=10,
             health_check_timeout_s=60,
+            # A replica the autoscaler removes is drained: no new work, its running
+            # batches or video runs finish (up to the model's drain_s).
+            graceful_shutdown_timeout_s=worker_drain_s(spec.scaling, spec.task),
+            graceful_shutdown_wait_loop_s=1,
         )
         .bind(spec, **worker_kwargs)
     )

@@ -148,6 +148,15 @@ class Scaling(_Frozen):
     downscale_to_zero_delay_s: float | None = Field(
         None, ge=0, description="Idle this long to go from 1 to 0 (default: downscale_delay_s)."
     )
+    drain_s: float | None = Field(
+        None,
+        ge=0,
+        description=(
+            "A replica the autoscaler removes takes no new work and finishes what it runs for "
+            "up to this long (Serve's graceful_shutdown_timeout_s); work still running then is "
+            "lost and runs again elsewhere. Default: 60 s for image models, 1800 s for video."
+        ),
+    )
 
     @model_validator(mode="after")
     def _min_below_max(self) -> Scaling:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import types
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ from ray.serve._private.common import DeploymentID, ReplicaID
 from ray.serve.autoscaling_policy import _apply_app_level_autoscaling_config
 from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
+from autoscaling.naming import DEFAULT_DRAIN_S_BY_TASK, worker_drain_s
 from autoscaling.policy import (
     desired_replicas,
     queue_weights_from_config,
@@ -25,6 +27,7 @@ from autoscaling.policy import (
     report_metrics,
     scale_workers,
 )
+from mediagate.protocol.catalog import Scaling
 
 APP = "mediagate"
 WORKER = DeploymentID(name="TextToImage-sim", app_name=APP)
@@ -129,6 +132,24 @@ def test_running_work_is_weighed_as_its_class_so_a_weight_is_a_share() -> None:
     unweighed = {name: {"only": value} for name, value in paid.items()}
     del unweighed["weighted_inflight_requests"]  # a scheduler from before: counts all of it
     assert (report := read_report(unweighed)) is not None and report.demand == 6.0
+
+
+def test_a_worker_the_policy_removes_drains_what_it_runs(tmp_path: Path) -> None:
+    """Weighed running work can ask for fewer replicas than are busy: a replica Serve
+    stops then takes no new work and finishes its runs (the worker's graceful stop is
+    the model's drain_s, not Serve's 20 s, which a video run outlasts)."""
+    from deployments.model_app import build_model_app
+
+    def worker_config(model: str) -> Any:
+        scheduler = build_model_app({"home": str(tmp_path), "model": model})._bound_deployment
+        return scheduler.init_args[0]._bound_deployment._deployment_config
+
+    images, videos = worker_config("tiny-sd"), worker_config("tiny-wan")
+    assert images.graceful_shutdown_timeout_s == DEFAULT_DRAIN_S_BY_TASK["text-to-image"]
+    assert videos.graceful_shutdown_timeout_s == 120  # the catalog's drain_s for it
+    assert videos.graceful_shutdown_wait_loop_s == 1
+    assert worker_drain_s(Scaling(), "text-to-video") == 1800
+    assert worker_drain_s(Scaling(drain_s=5), "text-to-image") == 5
 
 
 def test_reports_and_weights_are_plain_numbers() -> None:
