@@ -159,6 +159,30 @@ def desired_replicas(demand: float, *, target: float, min_replicas: int, max_rep
     return max(min_replicas, min(max_replicas, wanted))
 
 
+SHRINK = "shrink"  # policy state: [the target it began below, the most asked since]
+
+
+def stabilized(
+    desired: int, current_target: int, state: Mapping[str, Any]
+) -> tuple[int, list[int] | None]:
+    """What to ask Serve for, and the state to carry: while ``desired`` stays below the
+    current target, the most it has been since it went below. Serve shrinks a deployment
+    once the ask has stayed below its target for ``downscale_delay_s``, to the last ask;
+    a noisy demand made that last ask a trough, and the replicas removed there were
+    started again seconds later (on new nodes, the removed ones being busy to the end
+    of their batches). Asking for the highest value of the streak shrinks to what the
+    whole delay needed, as Kubernetes' scale-down stabilization window does, with the
+    same timing: the ask is below the target exactly when ``desired`` is. A new target
+    (Serve shrank, or an operator moved it) starts a new streak."""
+    if desired >= current_target:
+        return desired, None
+    began_below, highest = state.get(SHRINK) or (current_target, desired)
+    if began_below != current_target:
+        highest = desired
+    highest = max(highest, desired)
+    return highest, [current_target, highest]
+
+
 def scale_workers(contexts: Mapping[Any, Any]) -> tuple[dict[Any, int], dict[Any, dict[str, Any]]]:
     """Serve's application-level policy entry point: ``{DeploymentID: AutoscalingContext}``
     in, ``({DeploymentID: replicas}, {DeploymentID: policy_state})`` out. Deployments
@@ -181,10 +205,11 @@ def scale_workers(contexts: Mapping[Any, Any]) -> tuple[dict[Any, int], dict[Any
             min_replicas=ctx.capacity_adjusted_min_replicas,
             max_replicas=ctx.capacity_adjusted_max_replicas,
         )
+        desired, shrink = stabilized(desired, ctx.target_num_replicas, ctx.policy_state)
         if report.retired and report.demand > 0:
             # A version leaving service never shrinks while it holds work: Serve would
             # stop any replica, busy or not. Once it holds nothing, it goes to zero.
             desired = max(desired, ctx.target_num_replicas)
         decisions[deployment_id] = desired
-        states[deployment_id] = {"demand": round(report.demand, 3)}
+        states[deployment_id] = {"demand": round(report.demand, 3), SHRINK: shrink}
     return decisions, states

@@ -260,6 +260,28 @@ def test_scale_down_waits_for_the_downscale_delay(monkeypatch: pytest.MonkeyPatc
     assert replicas == 1 and elapsed == pytest.approx(5.0, abs=0.11)
 
 
+def test_a_noisy_demand_shrinks_to_the_most_it_asked_for_then_holds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Demand worth 1 and 3 replicas by turns: Serve alone would shrink to whichever came
+    last after the delay (1: a trough, the replicas removed there wanted again within
+    a tick). The policy asks for the streak's highest, so the 10 replicas go to 3 after
+    the delay and stay there: no replica removed only to be started again."""
+    loop = ControllerLoop(monkeypatch, replicas=10, upscale_delay_s=1.0, downscale_delay_s=5.0)
+
+    def noisy(seconds: float) -> Iterator[tuple[float, int]]:
+        for step in range(round(seconds / 0.1)):
+            replicas = loop.tick(queue(pro=6 if step % 2 else 2))
+            yield round((step + 1) * 0.1, 3), replicas
+
+    elapsed, replicas = first_change(noisy(10.0), 10)
+    assert replicas == 3 and elapsed == pytest.approx(5.0, abs=0.11)
+    assert {replicas for _, replicas in noisy(20.0)} == {3}
+    # A real drop still shrinks after the delay, from the new target.
+    elapsed, replicas = first_change(loop.run(queue(pro=2), 10.0), 3)
+    assert replicas == 1 and elapsed == pytest.approx(5.0, abs=0.11)
+
+
 def test_free_floods_buy_fewer_replicas_than_paid_work(monkeypatch: pytest.MonkeyPatch) -> None:
     paid = ControllerLoop(monkeypatch, upscale_delay_s=0.5, downscale_delay_s=5.0)
     assert list(paid.run(queue(pro=12), 1.0))[-1][1] == 6
