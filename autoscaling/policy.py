@@ -25,6 +25,11 @@ work can ask for fewer replicas than are busy; Serve drains the replicas it remo
 (no new work, running work finishes, up to the model's ``drain_s``:
 ``autoscaling.naming.worker_drain_s``).
 
+A downscale is stabilized (``stabilized``): while the demand asks for fewer replicas
+than the target, the policy asks for the most it has asked since it began to, so that
+Serve, which shrinks to the last ask after ``downscale_delay_s``, shrinks to what the
+whole delay needed and not to a trough of a noisy demand.
+
 The function is pure: it reads only the contexts (no I/O, no clock of its own) and
 runs in the Serve controller about ten times a second. Serve wraps it: the
 ``upscale_delay_s`` / ``downscale_delay_s`` / ``downscale_to_zero_delay_s`` of each
