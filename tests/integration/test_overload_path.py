@@ -164,7 +164,12 @@ def shed_service(
     accounts = open_account_store(StateConfig.embedded(home / "state.db"))
     keys = {
         name: accounts.create_key(accounts.ensure_account(name, tier).id)
-        for name, tier in [("free-a", "free"), ("free-b", "free"), ("pro", "pro")]
+        for name, tier in [
+            ("free-a", "free"),
+            ("free-b", "free"),
+            ("free-c", "free"),
+            ("pro", "pro"),
+        ]
     }
     yield RunningService(base_url=base_url, home=home, key=keys["pro"]), tiers_file, keys
     serve.delete("shed")
@@ -246,3 +251,37 @@ def test_one_request_id_per_answer_through_serve(
     for answer in (ok, bad, given):
         assert len(answer.headers.get_list("x-request-id")) == 1, answer.headers
     assert given.headers["x-request-id"] == "client-trace-7"
+
+
+def test_refused_demand_reaches_the_autoscaler_through_real_handles(
+    shed_service: tuple[RunningService, Path, dict[str, str]],
+) -> None:
+    """Free work refused at admission is demand the autoscaler sees (weighed like the
+    tier's queue): the scheduler's own sheds, and what a router refused early, sent as
+    plain data with its read of the scheduler's load."""
+    from ray import serve
+
+    service, _, keys = shed_service
+    scheduler = serve.get_deployment_handle("Scheduler-sim", app_name="shed")
+
+    def stats() -> dict[str, float]:
+        return dict(scheduler.record_autoscaling_stats.remote().result(timeout_s=10))
+
+    # A service time is measured first: refused work counts the slot time it would take
+    # (an account of its own: one counts once a minute).
+    assert post_image(service.base_url, keys["pro"], 4).status_code == 200
+    before = stats()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        answers = list(
+            pool.map(lambda _: post_image(service.base_url, keys["free-c"], 4), range(8))
+        )
+    assert any(answer.status_code == 503 for answer in answers), [a.status_code for a in answers]
+    flooded = stats()
+    assert flooded["turned_away_class_0"] > before.get("turned_away_class_0", 0.0), flooded
+    assert flooded["weighted_turned_away"] == pytest.approx(0.5 * flooded["turned_away_class_0"])
+
+    # A router's early refusals: 30 slot-seconds in the last minute are half a slot.
+    scheduler.published_load.remote({0: 30.0}).result(timeout_s=10)
+    routed = stats()
+    added = routed["turned_away_class_0"] - flooded["turned_away_class_0"]
+    assert added == pytest.approx(0.5, abs=0.05), (flooded, routed)
