@@ -46,6 +46,7 @@ async def run_while_shrinking(app: str, graceful_stop_s: float) -> list[str]:
 
     slow = serve.deployment(
         max_ongoing_requests=1,
+        ray_actor_options={"num_cpus": 0},  # beside the session's other applications
         graceful_shutdown_timeout_s=graceful_stop_s,
         graceful_shutdown_wait_loop_s=1,
         autoscaling_config={
