@@ -181,10 +181,10 @@ def stabilized(
     (Serve shrank, or an operator moved it) starts a new streak."""
     if desired >= current_target:
         return desired, None
-    began_below, highest = state.get(SHRINK) or (current_target, desired)
-    if began_below != current_target:
-        highest = desired
-    highest = max(highest, desired)
+    streak = state.get(SHRINK)  # [the target it began below, the most asked since]
+    if streak is None or streak[0] != current_target:
+        return desired, [current_target, desired]
+    highest = max(streak[1], desired)
     return highest, [current_target, highest]
 
 

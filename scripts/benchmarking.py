@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from mediagate.access.tiers import shipped_tier_config
 from mediagate.cli.local_ray import free_port as free_port  # one definition, re-exported
 
 if TYPE_CHECKING:
@@ -32,7 +32,7 @@ def percentile(values: list[float], q: float) -> float:
 def write_tiers_without_quotas(home: Path) -> Path:
     """The shipped tiers without daily quotas, rates, cooldowns and queue caps: with
     them, a pro key gets 429 after 60 images a minute and the figures measure the quota."""
-    data = yaml.safe_load(resources.files("mediagate").joinpath("configs/tiers.yaml").read_text())
+    data = shipped_tier_config()
     for tier in data["tiers"].values():
         tier.update(images_per_day=None, images_per_minute=None, cooldown=None, max_queued=None)
     path = home / "tiers.yaml"

@@ -123,13 +123,17 @@ def parse_tier_policy(data: dict[str, Any]) -> TierPolicy:
     return TierPolicy.model_validate(data)
 
 
+def shipped_tier_config() -> dict[str, Any]:
+    """The tier file shipped with mediagate, as data (to load, or to change and write)."""
+    text = resources.files("mediagate").joinpath("configs/tiers.yaml").read_text()
+    return dict(yaml.safe_load(text) or {})
+
+
 def load_tier_policy(path: str | Path | None = None) -> TierPolicy:
     """Read a tier file; ``None`` reads the defaults shipped with mediagate."""
     if path is None:
-        text = resources.files("mediagate").joinpath("configs/tiers.yaml").read_text()
-    else:
-        text = Path(path).read_text()
-    return parse_tier_policy(yaml.safe_load(text) or {})
+        return parse_tier_policy(shipped_tier_config())
+    return parse_tier_policy(yaml.safe_load(Path(path).read_text()) or {})
 
 
 def check_image_caps(

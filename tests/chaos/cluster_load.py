@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ import yaml
 
 from mediagate.access.accounts import open_account_store
 from mediagate.access.ledger import QuotaLedger
-from mediagate.access.tiers import TierPolicy, load_tier_policy
+from mediagate.access.tiers import TierPolicy, load_tier_policy, shipped_tier_config
 from mediagate.stores import StateConfig, VideoJobRecord, open_state_store
 from mediagate.stores.artifacts import ArtifactConfig
 from tests.servers import CuttableProxy, moto_s3_server, redis_server
@@ -67,8 +66,7 @@ def zone_at_midday(now: datetime) -> str:
 
 def midday_tiers_file(home: Path) -> str:
     """The shipped tiers with the quota day in ``zone_at_midday``."""
-    shipped = resources.files("mediagate").joinpath("configs/tiers.yaml").read_text()
-    tiers = yaml.safe_load(shipped) | {"timezone": zone_at_midday(datetime.now(UTC))}
+    tiers = shipped_tier_config() | {"timezone": zone_at_midday(datetime.now(UTC))}
     path = home / "tiers-midday.yaml"
     path.write_text(yaml.safe_dump(tiers))
     return str(path)

@@ -37,11 +37,11 @@ MEDIAGATE = str(Path(sys.executable).with_name("mediagate"))
 def write_unlimited_tiers(home: Path, *, keep_queue_caps: bool = False) -> Path:
     """The shipped tier file without daily quotas, rates and cooldowns (and queue caps,
     unless kept), so that only the scheduler decides what waits and what is shed."""
-    from importlib import resources
-
     import yaml
 
-    tiers = yaml.safe_load(resources.files("mediagate").joinpath("configs/tiers.yaml").read_text())
+    from mediagate.access.tiers import shipped_tier_config
+
+    tiers = shipped_tier_config()
     unlimited: dict[str, Any] = {
         "images_per_day": None,
         "images_per_minute": None,
