@@ -239,6 +239,12 @@ def process_name(process: Any) -> str:
     if title.startswith("ray::"):  # Ray's title names the task running: keep the actor
         actor = title.split()[0].removeprefix("ray::").split(".")[0]
         return actor.replace("ServeReplica:mediagate:", "")
+    if "multiprocessing" in title:  # a replica's pool (the Router's image processes)
+        try:
+            parent = process.parent()
+        except psutil.Error:
+            parent = None
+        return f"{process_name(parent)} pool" if parent else "other python"
     for known in ("gcs_server", "raylet", "dashboard", "log_monitor", "monitor.py", "redis"):
         if known in title:
             return known

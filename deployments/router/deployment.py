@@ -15,6 +15,7 @@ from fastapi import FastAPI
 
 from autoscaling.naming import scheduler_name
 from deployments.router.gateway import Gateway
+from deployments.router.image_processing import ImageProcessing
 from deployments.router.metrics import RouterMetrics
 from deployments.router.routes import create_api
 from deployments.router.serve_control import RayServeControl
@@ -59,6 +60,33 @@ def live_scheduler(entry: LiveModel) -> Any:
     )
 
 
+def prompts_only(
+    moderation: ModerationSettings | None, settings: RouterSettings | None
+) -> ModerationSettings:
+    """The moderation of the router's own process: its prompts, and its images too when
+    it has no image processes (else they load their own image checker, not this one)."""
+    moderation = moderation or ModerationSettings(enabled=False)
+    if (settings or RouterSettings()).image_processes:
+        return moderation.model_copy(update={"image_checker": "none"})
+    return moderation
+
+
+def image_processing(
+    moderation: ModerationSettings | None,
+    provenance: ProvenanceSettings | None,
+    settings: RouterSettings | None,
+) -> ImageProcessing:
+    """The router's image checks, encoding and signing: in processes of their own (the
+    settings' ``image_processes``), or in its threads when that is 0."""
+    moderation = moderation or ModerationSettings(enabled=False)
+    signing = provenance is not None and provenance.enabled
+    processes = (settings or RouterSettings()).image_processes
+    if processes == 0:
+        signer = ContentSigner.from_files(provenance) if signing and provenance else None
+        return ImageProcessing.in_threads(Moderator(moderation), signer)
+    return ImageProcessing.in_processes(processes, moderation, provenance if signing else None)
+
+
 class Router:
     """Serve ingress deployment; the builder wraps it with ``serve.ingress()``.
 
@@ -97,12 +125,8 @@ class Router:
             serve_control=RayServeControl.of_this_replica(),
             webhook_settings=webhook_settings,
             webhook_sender=webhooks,
-            signer=(
-                ContentSigner.from_files(provenance)
-                if provenance is not None and provenance.enabled
-                else None
-            ),
-            moderator=Moderator(moderation or ModerationSettings(enabled=False)),
+            moderator=Moderator(prompts_only(moderation, settings)),
+            image_processing=image_processing(moderation, provenance, settings),
             clock=clock,
         )
         if ray.is_initialized():  # a replica (not a router built by hand in a test)
@@ -112,6 +136,11 @@ class Router:
         # the event loop. (Kept for every overload measurement in BENCHMARKS.md; its own
         # effect was not measured separately.)
         gc.freeze()
+
+    def __del__(self) -> None:  # Serve's graceful stop of the replica
+        gateway = getattr(self, "gateway", None)
+        if gateway is not None:
+            gateway.image_processing.close()
 
     async def reconfigure(self, config: dict[str, Any]) -> None:
         """Reload the tier policy from ``tiers`` (inline) or ``tiers_file``, and route the

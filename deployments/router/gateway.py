@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from deployments.router.account_views import AccountViews
+from deployments.router.image_processing import ImageProcessing
 from deployments.router.images import ImageRequests
 from deployments.router.operations import Operations, ServeControl
 from deployments.router.settings import RouterSettings
@@ -75,6 +76,7 @@ class Gateway:
         webhook_sender: Any = None,
         signer: ContentSigner | None = None,
         moderator: Moderator | None = None,
+        image_processing: ImageProcessing | None = None,
         clock: Clock = system_clock,
     ) -> None:
         self.catalog = catalog
@@ -98,8 +100,12 @@ class Gateway:
         self._seen: dict[str, tuple[Account, float]] = {}
         self.webhooks = WebhookEndpoints(jobs, webhook_settings or WebhookSettings(), clock=clock)
         self.webhook_sender = webhook_sender  # the Webhooks deployment's handle (status)
-        self.signer = signer
         self.moderator = moderator or Moderator(ModerationSettings(enabled=False))
+        # checks, encoding and signing of images: given (a Router's processes), or in
+        # this process's threads with ``moderator`` and ``signer``
+        self.image_processing = image_processing or ImageProcessing.in_threads(
+            self.moderator, signer
+        )
         self.images = ImageRequests(self)
         self.videos = VideoJobs(self)
         self.own_account = AccountViews(self)

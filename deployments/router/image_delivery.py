@@ -1,21 +1,19 @@
-"""How an answer's images go out: encoded as asked, signed (a C2PA manifest, when the
-router has a signer), then inlined as base64 or stored behind signed URLs. Runs in a
-thread, off the event loop."""
+"""How an answer's images go out: checked, encoded as asked and signed (a C2PA manifest,
+when the router has a signer) by the router's image processes, then inlined as base64 or
+stored behind signed URLs."""
 
 from __future__ import annotations
 
-import base64
-import time
+import asyncio
 from dataclasses import dataclass
 
-from mediagate.moderation.moderator import Moderator
+from deployments.router.image_processing import Encoding, ImageProcessing
 from mediagate.moderation.prompts import Level
 from mediagate.protocol.images import ImageData, ImageRequest
 from mediagate.protocol.media import ImageFormat
-from mediagate.protocol.work import ImageResult, RawImage
-from mediagate.provenance.signing import ContentSigner, Provenance
+from mediagate.protocol.work import ImageResult
+from mediagate.provenance.signing import Provenance
 from mediagate.stores.artifacts import ArtifactStore
-from models.encoding import encode_raw_image, from_raw_image
 
 
 @dataclass(frozen=True)
@@ -30,6 +28,10 @@ class Delivery:
     @classmethod
     def of(cls, body: ImageRequest, base_url: str) -> Delivery:
         return cls(body.response_format, body.output_format, body.output_compression, base_url)
+
+    def encoding(self, *, inline: bool) -> Encoding:
+        """How its files are written (``inline``: as base64 text, for an answer's body)."""
+        return Encoding(self.output_format, self.output_compression, base64=inline)
 
 
 @dataclass(frozen=True)
@@ -52,49 +54,31 @@ class Delivered:
         return timings
 
 
-def encoded_and_signed(
-    raw: RawImage,
-    delivery: Delivery,
-    signer: ContentSigner | None,
-    provenance: Provenance,
-) -> tuple[bytes, float, float]:
-    """One image's file, and the ms its encoding and its signing took."""
-    started = time.perf_counter()
-    encoded = encode_raw_image(raw, delivery.output_format, delivery.output_compression)
-    encoded_at = time.perf_counter()
-    if signer is not None:
-        encoded = signer.sign(encoded, delivery.output_format, provenance)
-    signed_at = time.perf_counter()
-    return encoded, (encoded_at - started) * 1000, (signed_at - encoded_at) * 1000
-
-
-def deliver(
+async def deliver(
     result: ImageResult,
     delivery: Delivery,
     provenance: Provenance,
     *,
-    signer: ContentSigner | None,
-    moderation: tuple[Moderator, Level],
+    processing: ImageProcessing,
+    level: Level,
     artifacts: ArtifactStore,
     url_ttl_s: int,
 ) -> Delivered:
     """The images checked (one flagged refuses them all: ``ModerationBlocked``, nothing
     charged), encoded, signed, and inlined or stored."""
-    started = time.perf_counter()
-    moderator, level = moderation
-    checked = moderator.checks_images
-    if checked:
-        moderator.check_images([from_raw_image(raw) for raw in result.images], level, param=None)
-    moderate_ms = (time.perf_counter() - started) * 1000
-    files, encode_ms, sign_ms = [], 0.0, 0.0
-    for raw in result.images:
-        data, encoding, signing = encoded_and_signed(raw, delivery, signer, provenance)
-        files.append(data)
-        encode_ms += encoding
-        sign_ms += signing
-    if delivery.response_format == "b64_json":
-        inline = [ImageData(b64_json=base64.b64encode(image).decode()) for image in files]
-        return Delivered(inline, moderate_ms, encode_ms, sign_ms, [], checked, signer is not None)
-    stored = [artifacts.put(image, delivery.output_format, "img") for image in files]
+    inline = delivery.response_format == "b64_json"
+    prepared = await processing.prepare(
+        result.images, level, delivery.encoding(inline=inline), provenance
+    )
+    ran = (prepared.moderate_ms, prepared.encode_ms, prepared.sign_ms)
+    checked, signed = processing.checks_images, processing.signs
+    if inline:
+        data = [ImageData(b64_json=text.decode()) for text in prepared.files]
+        return Delivered(data, *ran, [], checked, signed)
+
+    def store() -> list[str]:
+        return [artifacts.put(image, delivery.output_format, "img") for image in prepared.files]
+
+    stored = await asyncio.to_thread(store)
     urls = [ImageData(url=artifacts.url(id_, url_ttl_s, delivery.base_url)) for id_ in stored]
-    return Delivered(urls, moderate_ms, encode_ms, sign_ms, stored, checked, signer is not None)
+    return Delivered(urls, *ran, stored, checked, signed)

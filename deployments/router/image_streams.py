@@ -13,7 +13,6 @@ work that had started when the caller left; given back otherwise.
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -21,7 +20,6 @@ from typing import Any
 from ray.exceptions import TaskCancelledError
 from ray.serve.exceptions import RequestCancelledError
 
-from deployments.router.image_delivery import encoded_and_signed
 from deployments.router.images import ImageRequests, ImageWork
 from deployments.router.live_schedulers import on_live_scheduler
 from deployments.streams import finish_regardless
@@ -38,7 +36,6 @@ from mediagate.protocol.image_stream import (
     sse_error,
 )
 from mediagate.protocol.work import ImageResult, PartialImage, RawImage, StreamQueued
-from models.encoding import from_raw_image
 
 logger = logging.getLogger(__name__)
 # What a handle call raises when the request that made it was cancelled.
@@ -174,31 +171,25 @@ class ImageStream:
 
     async def _moderate(self, images: list[RawImage]) -> None:
         """Refuse (an ``error`` event, nothing charged) if the checker flags one."""
-        moderator = self.requests.gateway.moderator
-        if not moderator.checks_images:
-            return
-        await asyncio.to_thread(
-            moderator.check_images,
-            [from_raw_image(image) for image in images],
-            self.work.moderation,
-            param=None,
-        )
+        processing = self.requests.gateway.image_processing
+        await processing.check(images, self.work.moderation, param=None)
 
     async def _event(self, image: RawImage, image_index: int, partial: int | None) -> bytes:
         """An image as an event (encoded off the event loop)."""
         delivery, kind = self.work.delivery, self.work.kind
         try:
             # the final image carries its manifest; partial ones are previews, unsigned
-            signer = self.requests.gateway.signer if partial is None else None
-            encoded, _, _ = await asyncio.to_thread(
-                encoded_and_signed, image, delivery, signer, self.work.provenance
+            encoded = await self.requests.gateway.image_processing.encode(
+                image,
+                delivery.encoding(inline=True),
+                self.work.provenance if partial is None else None,
             )
         except Exception as error:
             logger.exception("could not encode a streamed image of %s", self.job.request_id)
             raise GenerationFailed("the image could not be encoded; please retry") from error
         event = ImageStreamEvent(
             type=completed_event_type(kind) if partial is None else partial_event_type(kind),
-            b64_json=base64.b64encode(encoded).decode(),
+            b64_json=encoded.decode(),
             created_at=int(self.requests.gateway.clock()),
             size=f"{self.job.width}x{self.job.height}",
             quality=self.work.spec.quality_of(self.job.num_inference_steps),

@@ -53,7 +53,6 @@ from mediagate.protocol.scheduling import PublishedLoad
 from mediagate.protocol.timing import SERVER_TIMING_HEADER, server_timing
 from mediagate.protocol.work import ImageJob, ImageResult, ImageTask, draw_seed
 from mediagate.provenance.signing import Provenance
-from models.encoding import from_raw_image
 
 logger = logging.getLogger(__name__)
 
@@ -185,9 +184,7 @@ class ImageRequests:
                 decode_edit_inputs, uploads, width, height, limits
             )
             # decoded only now (checked unread before): refused uploads cost nothing
-            await asyncio.to_thread(
-                self.gateway.moderator.check_images, [from_raw_image(image)], level, param="image"
-            )
+            await self.gateway.image_processing.check([image], level, param="image")
             return job.model_copy(update={"init_image": image, "mask_image": mask})
 
         provenance = Provenance(
@@ -265,13 +262,12 @@ class ImageRequests:
             answered = time.perf_counter()
             self.refresh_load_now(spec.id)  # a slot just freed: the copy overstates
             try:
-                delivered_images = await asyncio.to_thread(
-                    deliver,
+                delivered_images = await deliver(
                     result,
                     delivery,
                     work.provenance,
-                    signer=self.gateway.signer,
-                    moderation=(self.gateway.moderator, work.moderation),
+                    processing=self.gateway.image_processing,
+                    level=work.moderation,
                     artifacts=self.gateway.artifacts,
                     url_ttl_s=self.gateway.settings.url_ttl_s,
                 )

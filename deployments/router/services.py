@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from deployments.router.image_processing import ImageProcessing
 from deployments.router.settings import RouterSettings
 from mediagate.access.guard import TierGuard
 from mediagate.access.tiers import TierPolicy
@@ -13,7 +14,6 @@ from mediagate.moderation.moderator import Moderator
 from mediagate.moderation.prompts import Level
 from mediagate.protocol.catalog import ModelSpec, Task
 from mediagate.protocol.clock import Clock
-from mediagate.provenance.signing import ContentSigner
 from mediagate.stores.artifacts import ArtifactStore
 
 
@@ -25,8 +25,8 @@ class RouterServices(Protocol):
     guard: TierGuard
     schedulers: dict[str, Any]
     clock: Clock
-    signer: ContentSigner | None  # C2PA signing of outputs (None: off)
-    moderator: Moderator
+    moderator: Moderator  # prompts (images: ``image_processing``)
+    image_processing: ImageProcessing  # checks, encoding and C2PA signing of images
 
     @property
     def policy(self) -> TierPolicy: ...

@@ -22,6 +22,14 @@ class RouterSettings(BaseModel):
     max_reference_pixels: int = Field(
         4096 * 4096, ge=64, description="Uploaded images with more pixels are refused unread."
     )
+    image_processes: int = Field(
+        1,
+        ge=0,
+        le=64,
+        description="Processes of each router replica that check (moderation), encode and "
+        "sign images, out of the process that serves requests: under a flood of requests "
+        "their CPU never waits on its event loop. 0 runs them in the replica's own threads.",
+    )
     poll_after_ms: int = Field(
         1000, ge=50, description="`openai-poll-after-ms` on video GETs: how often clients poll."
     )

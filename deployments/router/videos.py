@@ -44,6 +44,7 @@ from mediagate.protocol.work import VideoGeneration, draw_seed
 from mediagate.stores import JobStore, ListOrder, VideoJobRecord
 from mediagate.stores.artifacts import content_type
 from mediagate.stores.records import VideoVariant
+from models.encoding import to_raw_image
 from models.uploads import (
     ALLOWED_FORMATS,
     UploadLimits,
@@ -105,7 +106,9 @@ class VideoJobs:
             image = load_reference_image(data, **self._upload_limits.as_kwargs())
         except UploadRejected as error:
             raise InvalidRequest(str(error), param="input_reference") from None
-        self.gateway.moderator.check_images([image], level, param="input_reference")
+        self.gateway.image_processing.check_now(
+            [to_raw_image(image)], level, param="input_reference"
+        )
         extension = ALLOWED_FORMATS[sniff_format(data) or "PNG"]
         return self.gateway.artifacts.put(data, extension, "ref")
 

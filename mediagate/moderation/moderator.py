@@ -68,16 +68,18 @@ class Moderator:
 
     def check_images(self, images: list[Any], level: Level, *, param: str | None) -> None:
         """Refuse if any of ``images`` (PIL) is flagged; ``param`` names an upload."""
+        labels = self.flagged_labels(images, level)
+        if labels:
+            raise refusal(labels, level, param=param)
+
+    def flagged_labels(self, images: list[Any], level: Level) -> tuple[str, ...]:
+        """What the checker found in ``images`` (PIL) at ``level``: empty if nothing."""
         if not self.checks_images or not images:
-            return
+            return ()
         assert self.image_checker is not None  # (checks_images)
-        verdicts = self.image_checker.check(images, level)
-        flagged = [v for v in verdicts if v.flagged]
-        if flagged:
-            labels = sorted({label for v in flagged for label in v.labels})
-            logger.info("image refused (%s, level %s)", ", ".join(labels), level)
-            what = "the uploaded image is" if param else "the generated image was"
-            raise ModerationBlocked(f"{REFUSED}: {what} not allowed", param=param)
+        flagged = [v for v in self.image_checker.check(images, level) if v.flagged]
+        # (a checker of your own may flag without naming why)
+        return tuple(sorted({label for v in flagged for label in v.labels or ("unnamed",)}))
 
     def check_frames(self, frames: Any, level: Level) -> None:
         """A video's frames (uint8, F x H x W x 3): its first, middle and last checked."""
@@ -87,3 +89,11 @@ class Moderator:
 
         picks = sorted({0, len(frames) // 2, len(frames) - 1})
         self.check_images([Image.fromarray(frames[index]) for index in picks], level, param=None)
+
+
+def refusal(labels: tuple[str, ...], level: Level, *, param: str | None) -> ModerationBlocked:
+    """The refusal of flagged images (``labels`` are logged, never shown); ``param``
+    names an upload, None a generated image."""
+    logger.info("image refused (%s, level %s)", ", ".join(labels), level)
+    what = "the uploaded image is" if param else "the generated image was"
+    return ModerationBlocked(f"{REFUSED}: {what} not allowed", param=param)

@@ -1,0 +1,247 @@
+"""The router's CPU-heavy image work: the image check (moderation), encoding and C2PA
+signing, kept off the replica's event loop and, by default, out of its process.
+
+A Python process has one GIL, so work in a thread beside the event loop still takes
+turns with the loop. Under a flood of refusals the loop holds it most of the time, and a
+paid request's image check (NudeNet, ~40 ms of CPU an image) and signing wait for it
+(issue 17's run k: +10.7 and +2.4 ms at the tail). A Router therefore runs them in a
+small pool of processes of its own (``RouterSettings.image_processes``), as vLLM keeps
+its engine core apart from its API server; 0 runs them in the router's threads (unit
+tests, the smallest set-ups). Only plain data crosses: raw pixels in; files, labels and
+timings out. A flagged image is refused here, in the router, from the labels returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import multiprocessing
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from typing import Any
+
+from mediagate.moderation.moderator import Moderator, refusal
+from mediagate.moderation.prompts import Level
+from mediagate.moderation.settings import ModerationSettings
+from mediagate.protocol.errors import GenerationFailed
+from mediagate.protocol.media import ImageFormat
+from mediagate.protocol.work import RawImage
+from mediagate.provenance.settings import ProvenanceSettings
+from mediagate.provenance.signing import ContentSigner, Provenance
+from models.encoding import encode_raw_image, from_raw_image
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How images are written: the format, its JPEG/WebP quality, base64 or raw bytes."""
+
+    output_format: ImageFormat
+    output_compression: int | None = None
+    base64: bool = False  # an inline answer's (done where the file is made)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """An answer's images checked, encoded and signed (or refused: ``flagged`` names
+    what was found, and there are no files)."""
+
+    files: list[bytes] = field(default_factory=list)  # base64 text when asked for
+    flagged: tuple[str, ...] = ()
+    moderate_ms: float = 0.0
+    encode_ms: float = 0.0
+    sign_ms: float = 0.0
+
+
+class ImageTools:
+    """What one process holds for the work: the image checker and the signer."""
+
+    def __init__(self, moderator: Moderator, signer: ContentSigner | None) -> None:
+        self.moderator = moderator
+        self.signer = signer
+
+    def flagged(self, images: list[RawImage], level: Level) -> tuple[str, ...]:
+        return self.moderator.flagged_labels([from_raw_image(raw) for raw in images], level)
+
+    def encode(
+        self, image: RawImage, encoding: Encoding, provenance: Provenance | None
+    ) -> tuple[bytes, float, float]:
+        """One image's file (signed when ``provenance`` is given and a signer is set),
+        and the ms its encoding and its signing took."""
+        started = time.perf_counter()
+        data = encode_raw_image(image, encoding.output_format, encoding.output_compression)
+        encoded_at = time.perf_counter()
+        if self.signer is not None and provenance is not None:
+            data = self.signer.sign(data, encoding.output_format, provenance)
+        signed_at = time.perf_counter()
+        if encoding.base64:
+            data = base64.b64encode(data)
+        return data, (encoded_at - started) * 1000, (signed_at - encoded_at) * 1000
+
+    def prepare(
+        self, images: list[RawImage], level: Level, encoding: Encoding, provenance: Provenance
+    ) -> Prepared:
+        """All checked first (one flagged refuses them all), then each encoded, signed."""
+        started = time.perf_counter()
+        flagged = self.flagged(images, level)
+        moderate_ms = (time.perf_counter() - started) * 1000
+        if flagged:
+            return Prepared(flagged=flagged, moderate_ms=moderate_ms)
+        files, encode_ms, sign_ms = [], 0.0, 0.0
+        for image in images:
+            data, encoding_ms, signing_ms = self.encode(image, encoding, provenance)
+            files.append(data)
+            encode_ms += encoding_ms
+            sign_ms += signing_ms
+        return Prepared(files, (), moderate_ms, encode_ms, sign_ms)
+
+
+_PROCESS_TOOLS: ImageTools | None = None  # a pool process's own
+
+
+def _start_pool_process(
+    moderation: ModerationSettings, provenance: ProvenanceSettings | None, parent: int
+) -> None:
+    """A pool process's start: its checker and signer, and a watch that ends it when
+    its router is gone (a replica killed outright leaves no one to stop the pool)."""
+    global _PROCESS_TOOLS
+    signer = ContentSigner.from_files(provenance) if provenance and provenance.enabled else None
+    _PROCESS_TOOLS = ImageTools(Moderator(moderation), signer)
+
+    def watch_parent() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch_parent, name="watch-router", daemon=True).start()
+
+
+def _in_pool_process(method: str, *args: Any) -> Any:
+    assert _PROCESS_TOOLS is not None  # (set when the process started)
+    return getattr(_PROCESS_TOOLS, method)(*args)
+
+
+class ImageProcessing:
+    """Runs ``ImageTools`` work for the router: in a process pool, or in its threads."""
+
+    def __init__(
+        self,
+        tools: ImageTools | None,
+        *,
+        checks_images: bool,
+        signs: bool,
+        start_pool: Callable[[], ProcessPoolExecutor] | None = None,
+    ) -> None:
+        if (tools is None) == (start_pool is None):
+            raise ValueError("image work runs in threads (tools) or in processes (a pool)")
+        self._tools = tools
+        self._start_pool = start_pool
+        self._pool = start_pool() if start_pool else None
+        self._replacing = asyncio.Lock()
+        self.checks_images = checks_images
+        self.signs = signs
+
+    @classmethod
+    def in_threads(cls, moderator: Moderator, signer: ContentSigner | None) -> ImageProcessing:
+        tools = ImageTools(moderator, signer)
+        return cls(tools, checks_images=moderator.checks_images, signs=signer is not None)
+
+    @classmethod
+    def in_processes(
+        cls,
+        processes: int,
+        moderation: ModerationSettings,
+        provenance: ProvenanceSettings | None,
+    ) -> ImageProcessing:
+        """``processes`` started now, each with its own checker and signer; one that
+        cannot start (a bad key, a checker that does not load) fails this call."""
+
+        def start_pool() -> ProcessPoolExecutor:
+            pool = ProcessPoolExecutor(
+                processes,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_start_pool_process,
+                initargs=(moderation, provenance, os.getpid()),
+            )
+            pings = [pool.submit(_in_pool_process, "flagged", [], "auto") for _ in range(processes)]
+            try:
+                for ping in pings:
+                    ping.result(timeout=300)
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+            return pool
+
+        checks_images = moderation.enabled and moderation.image_checker != "none"
+        signs = provenance is not None and provenance.enabled
+        return cls(None, checks_images=checks_images, signs=signs, start_pool=start_pool)
+
+    async def _run(self, method: str, *args: Any) -> Any:
+        if self._tools is not None:
+            return await asyncio.to_thread(getattr(self._tools, method), *args)
+        pool = self._pool
+        assert pool is not None  # (processes, when there are no tools)
+        try:
+            return await asyncio.wrap_future(pool.submit(_in_pool_process, method, *args))
+        except BrokenProcessPool:  # a process died (killed, out of memory): a new pool
+            await self._replace(pool)
+            raise GenerationFailed("the image could not be processed; please retry") from None
+
+    async def _replace(self, broken: ProcessPoolExecutor) -> None:
+        async with self._replacing:
+            if self._pool is not broken:  # another request has replaced it
+                return
+            logger.error("an image process died; starting the pool again")
+            broken.shutdown(wait=False, cancel_futures=True)
+            assert self._start_pool is not None
+            self._pool = await asyncio.to_thread(self._start_pool)
+
+    async def check(self, images: list[RawImage], level: Level, *, param: str | None) -> None:
+        """Refuse (``ModerationBlocked``) if the checker flags one of ``images``."""
+        if not self.checks_images or not images:
+            return
+        flagged = await self._run("flagged", images, level)
+        if flagged:
+            raise refusal(flagged, level, param=param)
+
+    def check_now(self, images: list[RawImage], level: Level, *, param: str | None) -> None:
+        """``check``, from a thread of the router's (not its event loop)."""
+        if self.checks_images and images:
+            if self._tools is not None:
+                flagged = self._tools.flagged(images, level)
+            else:
+                assert self._pool is not None
+                try:
+                    flagged = self._pool.submit(_in_pool_process, "flagged", images, level).result()
+                except BrokenProcessPool:  # (the next request on the loop starts new ones)
+                    raise GenerationFailed("the image could not be checked; please retry") from None
+            if flagged:
+                raise refusal(flagged, level, param=param)
+
+    async def prepare(
+        self, images: list[RawImage], level: Level, encoding: Encoding, provenance: Provenance
+    ) -> Prepared:
+        """The images checked (one flagged refuses all: ``ModerationBlocked``), then
+        encoded and signed."""
+        prepared: Prepared = await self._run("prepare", images, level, encoding, provenance)
+        if prepared.flagged:
+            raise refusal(prepared.flagged, level, param=None)
+        return prepared
+
+    async def encode(
+        self, image: RawImage, encoding: Encoding, provenance: Provenance | None
+    ) -> bytes:
+        """One file, signed when ``provenance`` is given (and signing is on)."""
+        data, _, _ = await self._run("encode", image, encoding, provenance)
+        return bytes(data)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
