@@ -79,12 +79,13 @@ def image_processing(
     """The router's image checks, encoding and signing: in processes of their own (the
     settings' ``image_processes``), or in its threads when that is 0."""
     moderation = moderation or ModerationSettings(enabled=False)
-    signing = provenance is not None and provenance.enabled
+    signing = provenance if provenance is not None and provenance.enabled else None
+    # here too, so that a key that does not match its certificate says so at start
+    signer = ContentSigner.from_files(signing) if signing else None
     processes = (settings or RouterSettings()).image_processes
     if processes == 0:
-        signer = ContentSigner.from_files(provenance) if signing and provenance else None
         return ImageProcessing.in_threads(Moderator(moderation), signer)
-    return ImageProcessing.in_processes(processes, moderation, provenance if signing else None)
+    return ImageProcessing.in_processes(processes, moderation, signing)
 
 
 class Router:

@@ -174,6 +174,12 @@ class ImageProcessing:
             try:
                 for ping in pings:
                     ping.result(timeout=300)
+            except BrokenProcessPool:
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise RuntimeError(
+                    "the router's image processes did not start: their image checker or "
+                    "signer failed to load (the replica's log has the reason)"
+                ) from None
             except BaseException:
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise

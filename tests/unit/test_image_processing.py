@@ -141,3 +141,9 @@ def alive(pid: int) -> bool:
         return False
     status = Path(f"/proc/{pid}/stat")
     return status.exists() and status.read_text().split()[2] != "Z"  # a zombie has ended
+
+
+def test_a_checker_that_does_not_load_fails_the_start_and_says_so() -> None:
+    broken = ModerationSettings(image_checker="tests.moderation_checkers:NoSuchChecker")
+    with pytest.raises(RuntimeError, match="image checker or signer failed to load"):
+        ImageProcessing.in_processes(1, broken, None)
