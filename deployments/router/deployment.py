@@ -60,32 +60,25 @@ def live_scheduler(entry: LiveModel) -> Any:
     )
 
 
-def prompts_only(
-    moderation: ModerationSettings | None, settings: RouterSettings | None
-) -> ModerationSettings:
-    """The moderation of the router's own process: its prompts, and its images too when
-    it has no image processes (else they load their own image checker, not this one)."""
-    moderation = moderation or ModerationSettings(enabled=False)
-    if (settings or RouterSettings()).image_processes:
-        return moderation.model_copy(update={"image_checker": "none"})
-    return moderation
-
-
-def image_processing(
+def checks_and_signing(
     moderation: ModerationSettings | None,
     provenance: ProvenanceSettings | None,
     settings: RouterSettings | None,
-) -> ImageProcessing:
-    """The router's image checks, encoding and signing: in processes of their own (the
-    settings' ``image_processes``), or in its threads when that is 0."""
+) -> tuple[Moderator, ImageProcessing]:
+    """The router's moderator (its prompts, and its images when it has no image
+    processes) and its image checks, encoding and signing: in processes of their own
+    (the settings' ``image_processes``, each loading its own checker), or in its threads
+    with that same moderator when that is 0."""
     moderation = moderation or ModerationSettings(enabled=False)
     signing = provenance if provenance is not None and provenance.enabled else None
     # here too, so that a key that does not match its certificate says so at start
     signer = ContentSigner.from_files(signing) if signing else None
     processes = (settings or RouterSettings()).image_processes
     if processes == 0:
-        return ImageProcessing.in_threads(Moderator(moderation), signer)
-    return ImageProcessing.in_processes(processes, moderation, signing)
+        moderator = Moderator(moderation)
+        return moderator, ImageProcessing.in_threads(moderator, signer)
+    prompts_only = Moderator(moderation.model_copy(update={"image_checker": "none"}))
+    return prompts_only, ImageProcessing.in_processes(processes, moderation, signing)
 
 
 class Router:
@@ -114,6 +107,7 @@ class Router:
     ) -> None:
         HomeLayout(home).root.mkdir(parents=True, exist_ok=True)
         jobs = open_state_store(state)
+        moderator, image_processing = checks_and_signing(moderation, provenance, settings)
         self.ledger = QuotaLedger(jobs, load_tier_policy(tiers_file), clock=clock)
         self.gateway = Gateway(
             catalog=load_catalog(catalog),
@@ -126,8 +120,8 @@ class Router:
             serve_control=RayServeControl.of_this_replica(),
             webhook_settings=webhook_settings,
             webhook_sender=webhooks,
-            moderator=Moderator(prompts_only(moderation, settings)),
-            image_processing=image_processing(moderation, provenance, settings),
+            moderator=moderator,
+            image_processing=image_processing,
             clock=clock,
         )
         if ray.is_initialized():  # a replica (not a router built by hand in a test)

@@ -43,10 +43,11 @@ class Delivered:
     stored: list[str]  # artifact ids (URL answers)
     checked: bool = False  # an image checker ran (else no `moderate` stage)
     signed: bool = False  # a signer ran (else no `sign` stage)
+    hand_over_ms: float = 0.0  # to the image processes and back, beyond their work
 
     def timings_ms(self) -> dict[str, float]:
         """Its stages for ``Server-Timing``: only what ran."""
-        timings = {"encode": self.encode_ms}
+        timings = {"encode": self.encode_ms, "hand_over": self.hand_over_ms}
         if self.checked:
             timings["moderate"] = self.moderate_ms
         if self.signed:
@@ -67,18 +68,18 @@ async def deliver(
     """The images checked (one flagged refuses them all: ``ModerationBlocked``, nothing
     charged), encoded, signed, and inlined or stored."""
     inline = delivery.response_format == "b64_json"
-    prepared = await processing.prepare(
+    prepared, hand_over_ms = await processing.prepare(
         result.images, level, delivery.encoding(inline=inline), provenance
     )
     ran = (prepared.moderate_ms, prepared.encode_ms, prepared.sign_ms)
     checked, signed = processing.checks_images, processing.signs
     if inline:
         data = [ImageData(b64_json=text.decode()) for text in prepared.files]
-        return Delivered(data, *ran, [], checked, signed)
+        return Delivered(data, *ran, [], checked, signed, hand_over_ms)
 
     def store() -> list[str]:
         return [artifacts.put(image, delivery.output_format, "img") for image in prepared.files]
 
     stored = await asyncio.to_thread(store)
     urls = [ImageData(url=artifacts.url(id_, url_ttl_s, delivery.base_url)) for id_ in stored]
-    return Delivered(urls, *ran, stored, checked, signed)
+    return Delivered(urls, *ran, stored, checked, signed, hand_over_ms)

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from mediagate.moderation.moderator import Moderator, refusal
 from mediagate.moderation.prompts import Level
@@ -37,6 +37,8 @@ from mediagate.provenance.signing import ContentSigner, Provenance
 from models.encoding import encode_raw_image, from_raw_image
 
 logger = logging.getLogger(__name__)
+
+Done = TypeVar("Done")
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,7 @@ class Prepared:
     sign_ms: float = 0.0
 
 
-class ImageTools:
+class CheckerAndSigner:
     """What one process holds for the work: the image checker and the signer."""
 
     def __init__(self, moderator: Moderator, signer: ContentSigner | None) -> None:
@@ -68,6 +70,7 @@ class ImageTools:
         self.signer = signer
 
     def flagged(self, images: list[RawImage], level: Level) -> tuple[str, ...]:
+        """What the checker found in ``images`` (empty: nothing)."""
         return self.moderator.flagged_labels([from_raw_image(raw) for raw in images], level)
 
     def encode(
@@ -86,7 +89,11 @@ class ImageTools:
         return data, (encoded_at - started) * 1000, (signed_at - encoded_at) * 1000
 
     def prepare(
-        self, images: list[RawImage], level: Level, encoding: Encoding, provenance: Provenance
+        self,
+        images: list[RawImage],
+        level: Level,
+        encoding: Encoding,
+        provenance: Provenance | None,
     ) -> Prepared:
         """All checked first (one flagged refuses them all), then each encoded, signed."""
         started = time.perf_counter()
@@ -103,7 +110,8 @@ class ImageTools:
         return Prepared(files, (), moderate_ms, encode_ms, sign_ms)
 
 
-_PROCESS_TOOLS: ImageTools | None = None  # a pool process's own
+_PROCESS_TOOLS: CheckerAndSigner | None = None  # a pool process's own
+POOL_START_TIMEOUT_S = 300.0  # (loading a checker's model from a slow disk)
 
 
 def _start_pool_process(
@@ -113,7 +121,7 @@ def _start_pool_process(
     its router is gone (a replica killed outright leaves no one to stop the pool)."""
     global _PROCESS_TOOLS
     signer = ContentSigner.from_files(provenance) if provenance and provenance.enabled else None
-    _PROCESS_TOOLS = ImageTools(Moderator(moderation), signer)
+    _PROCESS_TOOLS = CheckerAndSigner(Moderator(moderation), signer)
 
     def watch_parent() -> None:
         while os.getppid() == parent:
@@ -123,17 +131,21 @@ def _start_pool_process(
     threading.Thread(target=watch_parent, name="watch-router", daemon=True).start()
 
 
-def _in_pool_process(method: str, *args: Any) -> Any:
+def _with_process_tools(work: Callable[..., Done], *args: Any) -> Done:
+    """``work`` (a ``CheckerAndSigner`` method) with this pool process's own."""
     assert _PROCESS_TOOLS is not None  # (set when the process started)
-    return getattr(_PROCESS_TOOLS, method)(*args)
+    return work(_PROCESS_TOOLS, *args)
 
 
 class ImageProcessing:
-    """Runs ``ImageTools`` work for the router: in a process pool, or in its threads."""
+    """Runs ``CheckerAndSigner`` work for the router: in a process pool, or in its
+    threads. A pool whose process died is started again, once, by the first request to
+    find it broken; requests that meet it broken fail (``GenerationFailed``: a 500,
+    nothing charged) rather than wait for the new one."""
 
     def __init__(
         self,
-        tools: ImageTools | None,
+        tools: CheckerAndSigner | None,
         *,
         checks_images: bool,
         signs: bool,
@@ -144,13 +156,14 @@ class ImageProcessing:
         self._tools = tools
         self._start_pool = start_pool
         self._pool = start_pool() if start_pool else None
-        self._replacing = asyncio.Lock()
+        self._restart: asyncio.Task[None] | None = None
         self.checks_images = checks_images
         self.signs = signs
 
     @classmethod
     def in_threads(cls, moderator: Moderator, signer: ContentSigner | None) -> ImageProcessing:
-        tools = ImageTools(moderator, signer)
+        """The work in the caller's threads, with these checker and signer."""
+        tools = CheckerAndSigner(moderator, signer)
         return cls(tools, checks_images=moderator.checks_images, signs=signer is not None)
 
     @classmethod
@@ -170,10 +183,14 @@ class ImageProcessing:
                 initializer=_start_pool_process,
                 initargs=(moderation, provenance, os.getpid()),
             )
-            pings = [pool.submit(_in_pool_process, "flagged", [], "auto") for _ in range(processes)]
+            # (a process that cannot start breaks the pool, whichever answers these)
+            pings = [
+                pool.submit(_with_process_tools, CheckerAndSigner.flagged, [], "auto")
+                for _ in range(processes)
+            ]
             try:
                 for ping in pings:
-                    ping.result(timeout=300)
+                    ping.result(timeout=POOL_START_TIMEOUT_S)
             except BrokenProcessPool:
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise RuntimeError(
@@ -185,69 +202,67 @@ class ImageProcessing:
                 raise
             return pool
 
-        checks_images = moderation.enabled and moderation.image_checker != "none"
         signs = provenance is not None and provenance.enabled
-        return cls(None, checks_images=checks_images, signs=signs, start_pool=start_pool)
+        return cls(None, checks_images=moderation.checks_images, signs=signs, start_pool=start_pool)
 
-    async def _run(self, method: str, *args: Any) -> Any:
+    async def _run(self, work: Callable[..., Done], *args: Any) -> Done:
+        """``work`` (a ``CheckerAndSigner`` method) where this runs it."""
         if self._tools is not None:
-            return await asyncio.to_thread(getattr(self._tools, method), *args)
+            return await asyncio.to_thread(work, self._tools, *args)
         pool = self._pool
-        assert pool is not None  # (processes, when there are no tools)
+        if pool is None or (self._restart is not None and not self._restart.done()):
+            raise GenerationFailed("the image processes are restarting; please retry")
         try:
-            return await asyncio.wrap_future(pool.submit(_in_pool_process, method, *args))
-        except BrokenProcessPool:  # a process died (killed, out of memory): a new pool
-            await self._replace(pool)
+            return await asyncio.wrap_future(pool.submit(_with_process_tools, work, *args))
+        except BrokenProcessPool:  # a process died (killed, out of memory)
+            if self._pool is pool:
+                self._pool = None
+                # its own task: a caller who leaves meanwhile does not abandon the pool
+                self._restart = asyncio.ensure_future(self._restart_pool(pool))
             raise GenerationFailed("the image could not be processed; please retry") from None
 
-    async def _replace(self, broken: ProcessPoolExecutor) -> None:
-        async with self._replacing:
-            if self._pool is not broken:  # another request has replaced it
-                return
-            logger.error("an image process died; starting the pool again")
-            broken.shutdown(wait=False, cancel_futures=True)
-            assert self._start_pool is not None
+    async def _restart_pool(self, broken: ProcessPoolExecutor) -> None:
+        logger.error("an image process died; starting the pool again")
+        broken.shutdown(wait=False, cancel_futures=True)
+        assert self._start_pool is not None
+        try:
             self._pool = await asyncio.to_thread(self._start_pool)
+        except Exception:  # the next request to find no pool tries again
+            logger.exception("the image processes did not start again")
+            self._pool = broken
 
     async def check(self, images: list[RawImage], level: Level, *, param: str | None) -> None:
         """Refuse (``ModerationBlocked``) if the checker flags one of ``images``."""
         if not self.checks_images or not images:
             return
-        flagged = await self._run("flagged", images, level)
+        flagged = await self._run(CheckerAndSigner.flagged, images, level)
         if flagged:
             raise refusal(flagged, level, param=param)
 
-    def check_now(self, images: list[RawImage], level: Level, *, param: str | None) -> None:
-        """``check``, from a thread of the router's (not its event loop)."""
-        if self.checks_images and images:
-            if self._tools is not None:
-                flagged = self._tools.flagged(images, level)
-            else:
-                assert self._pool is not None
-                try:
-                    flagged = self._pool.submit(_in_pool_process, "flagged", images, level).result()
-                except BrokenProcessPool:  # (the next request on the loop starts new ones)
-                    raise GenerationFailed("the image could not be checked; please retry") from None
-            if flagged:
-                raise refusal(flagged, level, param=param)
-
     async def prepare(
         self, images: list[RawImage], level: Level, encoding: Encoding, provenance: Provenance
-    ) -> Prepared:
+    ) -> tuple[Prepared, float]:
         """The images checked (one flagged refuses all: ``ModerationBlocked``), then
-        encoded and signed."""
-        prepared: Prepared = await self._run("prepare", images, level, encoding, provenance)
+        encoded and signed; and the ms the hand-over took (the wait for a process, the
+        pixels there and the files back)."""
+        started = time.perf_counter()
+        signed_as = provenance if self.signs else None  # (an edit's parent: not sent idle)
+        prepared = await self._run(CheckerAndSigner.prepare, images, level, encoding, signed_as)
+        took_ms = (time.perf_counter() - started) * 1000
         if prepared.flagged:
             raise refusal(prepared.flagged, level, param=None)
-        return prepared
+        worked_ms = prepared.moderate_ms + prepared.encode_ms + prepared.sign_ms
+        return prepared, max(0.0, took_ms - worked_ms)
 
     async def encode(
         self, image: RawImage, encoding: Encoding, provenance: Provenance | None
     ) -> bytes:
         """One file, signed when ``provenance`` is given (and signing is on)."""
-        data, _, _ = await self._run("encode", image, encoding, provenance)
+        signed_as = provenance if self.signs else None
+        data, _, _ = await self._run(CheckerAndSigner.encode, image, encoding, signed_as)
         return bytes(data)
 
     def close(self) -> None:
+        """Stop the processes (the replica is stopping); work in flight is dropped."""
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)

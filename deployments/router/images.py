@@ -294,18 +294,15 @@ class ImageRequests:
         scheduler_ms = sum(
             result.timings_ms.get(stage, 0.0) for stage in ("queue", "dispatch", "pipeline")
         )
+        delivery_ms = delivered_images.timings_ms()
         headers[SERVER_TIMING_HEADER] = server_timing(
             {
                 **result.timings_ms,
                 "router": (forwarded - received) * 1000,
                 "to_scheduler": max(0.0, (answered - forwarded) * 1000 - scheduler_ms),
-                **delivered_images.timings_ms(),
+                **delivery_ms,
                 "respond": max(
-                    0.0,
-                    (time.perf_counter() - answered) * 1000
-                    - delivered_images.moderate_ms
-                    - delivered_images.encode_ms
-                    - delivered_images.sign_ms,
+                    0.0, (time.perf_counter() - answered) * 1000 - sum(delivery_ms.values())
                 ),
             }
         )

@@ -40,7 +40,7 @@ from mediagate.protocol.videos import (
     VideoObject,
     VideoRemixRequest,
 )
-from mediagate.protocol.work import VideoGeneration, draw_seed
+from mediagate.protocol.work import RawImage, VideoGeneration, draw_seed
 from mediagate.stores import JobStore, ListOrder, VideoJobRecord
 from mediagate.stores.artifacts import content_type
 from mediagate.stores.records import VideoVariant
@@ -99,18 +99,23 @@ class VideoJobs:
         settings = self.gateway.settings
         return UploadLimits(settings.max_upload_bytes, settings.max_reference_pixels)
 
-    def _store_reference(self, data: bytes, level: Level) -> str:
+    async def _store_reference(self, data: bytes, level: Level) -> str:
         """Decode the image (a damaged one is a 400), check it (a refused one too), and
-        keep it for the worker; runs in a thread, once the job's slot is reserved."""
-        try:
-            image = load_reference_image(data, **self._upload_limits.as_kwargs())
-        except UploadRejected as error:
-            raise InvalidRequest(str(error), param="input_reference") from None
-        self.gateway.image_processing.check_now(
-            [to_raw_image(image)], level, param="input_reference"
-        )
+        keep it for the worker; once the job's slot is reserved."""
+        processing = self.gateway.image_processing
+
+        def decoded() -> RawImage | None:  # (pixels only when they are to be checked)
+            try:
+                image = load_reference_image(data, **self._upload_limits.as_kwargs())
+            except UploadRejected as error:
+                raise InvalidRequest(str(error), param="input_reference") from None
+            return to_raw_image(image) if processing.checks_images else None
+
+        image = await asyncio.to_thread(decoded)
+        if image is not None:
+            await processing.check([image], level, param="input_reference")
         extension = ALLOWED_FORMATS[sniff_format(data) or "PNG"]
-        return self.gateway.artifacts.put(data, extension, "ref")
+        return await asyncio.to_thread(self.gateway.artifacts.put, data, extension, "ref")
 
     async def create(
         self,
@@ -166,9 +171,7 @@ class VideoJobs:
             raise
         if reference is not None:
             try:
-                reference_id = await asyncio.to_thread(
-                    self._store_reference, reference, generation.moderation
-                )
+                reference_id = await self._store_reference(reference, generation.moderation)
             except BaseException:
                 await self.gateway.guard.settle(admission, charge=False)
                 raise

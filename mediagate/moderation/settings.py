@@ -18,3 +18,8 @@ class ModerationSettings(BaseModel):
         "`package.module:Class` of your own (constructed without arguments; see "
         "mediagate.moderation.images.ImageChecker).",
     )
+
+    @property
+    def checks_images(self) -> bool:
+        """Whether images are checked (without loading the checker)."""
+        return self.enabled and self.image_checker != "none"

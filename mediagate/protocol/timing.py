@@ -12,10 +12,12 @@ router's whole handling time, so nothing hides between them:
 - ``dispatch``: the scheduler's round trip to the worker, less the worker's pipeline
   (both hops, the worker's thread hand-off and its lock);
 - ``pipeline``: the diffusers call (the whole batch's);
-- ``moderate``: the image check of the outputs, in the router (when one is configured);
-- ``encode``: encoding this request's images (PNG, JPEG or WebP), in the router;
-- ``sign``: signing their C2PA manifests, in the router (absent when signing is off);
-- ``respond``: the router's other work on the answer (storing or base64, the response).
+- ``hand_over``: the router's images to its image processes and their files back,
+  waiting for a free one included (beyond the three stages they time themselves);
+- ``moderate``: the image check of the outputs, there (when one is configured);
+- ``encode``: encoding this request's images (PNG, JPEG or WebP, and base64), there;
+- ``sign``: signing their C2PA manifests, there (absent when signing is off);
+- ``respond``: the router's other work on the answer (storing, the response).
 
 What the client measures beyond their sum is the ingress (HAProxy or Serve's proxy)
 and the network.
@@ -33,6 +35,7 @@ STAGES = (
     "queue",
     "dispatch",
     "pipeline",
+    "hand_over",
     "moderate",
     "encode",
     "sign",

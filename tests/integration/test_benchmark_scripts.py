@@ -120,6 +120,7 @@ def test_bench_safety_runs() -> None:
     assert result["signing"]["png_64"]["bytes_added"] > 0, result
     assert result["moderation"]["nudenet_64"]["p50_ms"] > 0, result
     assert result["share_of_tiny_sd_request"]["both"] > 0, result
+    assert result["image_process_hand_over"]["process_1024"]["p50_ms"] > 0, result
 
 
 def test_bench_cold_start_runs() -> None:

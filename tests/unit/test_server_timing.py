@@ -46,7 +46,9 @@ def test_an_image_answer_says_where_its_time_went(tmp_path: Path) -> None:
     assert response.status_code == 200, response.text
     stages = parse_server_timing(response.headers["server-timing"])
     # The fake scheduler reports no stages of its own; the router's are all there.
-    assert {"router", "to_scheduler", "encode", "respond"} <= set(stages) <= set(STAGES)
+    assert (
+        {"router", "to_scheduler", "encode", "hand_over", "respond"} <= set(stages) <= set(STAGES)
+    )
     assert stages["router"] > 0 and stages["encode"] > 0  # the router encodes the pixels
     # Measured inside the router's handling, so never more than it.
     assert sum(stages.values()) <= float(response.headers["x-mediagate-handled-ms"]) + 0.1
