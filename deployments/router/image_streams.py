@@ -20,7 +20,7 @@ from typing import Any
 from ray.exceptions import TaskCancelledError
 from ray.serve.exceptions import RequestCancelledError
 
-from deployments.router.images import ImageRequests, ImageWork
+from deployments.router.images import ImageRequests, ImageWork, started_before_leaving
 from deployments.router.live_schedulers import on_live_scheduler
 from deployments.streams import finish_regardless
 from mediagate.access.accounts import Account
@@ -55,6 +55,7 @@ async def start_image_stream(
         job = await work.inputs() if work.inputs is not None else work.job
 
         async def queue_on(scheduler: Any) -> Any:
+            stream.scheduler = scheduler  # (asked, if its caller leaves, whether it started)
             stream.scheduled = scheduler.options(stream=True).submit_streaming.remote(job)
             return await stream.scheduled.__anext__()  # StreamQueued, or its refusal
 
@@ -120,6 +121,7 @@ class ImageStream:
         self.work = work
         self.job = work.job  # (its decoded uploads go to the scheduler, not kept here)
         self.admission = admission
+        self.scheduler: Any = None  # the scheduler it was sent to (last), once sent
         self.scheduled: Any = None  # the scheduler's DeploymentResponseGenerator, once sent
 
     async def events(self, queued: StreamQueued) -> AsyncGenerator[bytes, None]:
@@ -163,9 +165,7 @@ class ImageStream:
         had started (its scheduler says)."""
         try:
             if left and not charge:  # it may have started running: ask its scheduler
-                charge = await self.requests.started_before_leaving(
-                    self.work.spec.id, self.account.id, self.job.request_id
-                )
+                charge = await started_before_leaving(self.scheduler, self.account.id, self.job)
         finally:
             await self.requests.gateway.guard.settle(self.admission, charge=charge)
 

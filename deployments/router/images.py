@@ -249,12 +249,21 @@ class ImageRequests:
             if work.inputs is not None:
                 job = await work.inputs()
             forwarded = time.perf_counter()
+            holder: list[Any] = []  # the scheduler sent to last (a moved version refuses)
+
+            def submit(live: Any) -> Any:
+                holder[:] = [live]
+                return live.submit.remote(job)
+
             try:
                 result: ImageResult = await on_live_scheduler(
-                    lambda: self.gateway.schedulers, spec.id, lambda live: live.submit.remote(job)
+                    lambda: self.gateway.schedulers, spec.id, submit
                 )
             except asyncio.CancelledError:  # the caller went away: did its work start?
-                asking = detached(self.started_before_leaving(spec.id, account.id, job.request_id))
+                # (asked of the scheduler holding it: a swap may have routed the id on)
+                asking = detached(
+                    started_before_leaving(holder[-1] if holder else None, account.id, job)
+                )
                 spent = await asyncio.shield(asking)
                 raise
             except Exception as error:
@@ -345,16 +354,6 @@ class ImageRequests:
             f"model {model_id} is restarting; please retry shortly", retry_after_s=2
         )
 
-    async def started_before_leaving(self, model_id: str, account_id: str, request_id: str) -> bool:
-        """Whether a request whose caller left had already started running: its quota is
-        spent then (a loop of request-and-disconnect must not burn GPU time for free)."""
-        try:
-            withdrawal = self.gateway.schedulers[model_id].withdraw.remote(account_id, request_id)
-            return bool(await asyncio.wait_for(withdrawal, 2))
-        except Exception as error:  # the scheduler is gone: its work is lost, not charged
-            logger.warning("could not withdraw %s: %r", request_id, error)
-            return False
-
     async def follow_load(self) -> None:
         """Keep a fresh copy of every image scheduler's published load (runs for the
         router's lifetime); a scheduler that does not answer is simply not used."""
@@ -391,3 +390,17 @@ class ImageRequests:
             logger.debug("no load from %s: %r", model_id, error)
         else:
             self._published_load[model_id] = (load, self.gateway.clock())
+
+
+async def started_before_leaving(scheduler: Any, account_id: str, job: ImageJob) -> bool:
+    """Whether a request whose caller left had already started running on ``scheduler``
+    (the one it was sent to; None: never sent): its quota is spent then (a loop of
+    request-and-disconnect must not burn GPU time for free)."""
+    if scheduler is None:
+        return False
+    try:
+        withdrawal = scheduler.withdraw.remote(account_id, job.request_id)
+        return bool(await asyncio.wait_for(withdrawal, 2))
+    except Exception as error:  # the scheduler is gone: its work is lost, not charged
+        logger.warning("could not withdraw %s: %r", job.request_id, error)
+        return False

@@ -311,6 +311,43 @@ async def test_a_request_refused_by_a_moved_version_goes_to_the_new_one() -> Non
         await on_live_scheduler(lambda: {}, "tiny-sd", lambda live: live.submit.remote(job))
 
 
+async def test_a_caller_who_leaves_mid_swap_is_asked_of_the_version_holding_its_request(
+    tmp_path: Path,
+) -> None:
+    """The id was routed on to a new version while the request ran on the old one: the
+    old one says whether it had started (it had: charged), not the new one (which never
+    saw it and would let it go uncharged)."""
+    import contextlib
+
+    from mediagate.protocol.images import ImageGenerationRequest
+
+    service = Service(tmp_path, tier="pro")
+    old, new = service.scheduler, FakeScheduler()
+    old.started_when_withdrawn = True
+    forwarded = asyncio.Event()
+
+    async def runs_until_the_caller_leaves(job: ImageJob) -> ImageResult:
+        forwarded.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    old.submit = runs_until_the_caller_leaves  # type: ignore[method-assign]
+    account = service.accounts.get_account("alice")
+    assert account is not None
+    request = asyncio.create_task(
+        service.gateway.images.generate(
+            account, ImageGenerationRequest(prompt="a cat"), request_id="r1", base_url="http://h"
+        )
+    )
+    await asyncio.wait_for(forwarded.wait(), 10)
+    service.gateway.schedulers["tiny-sd"] = LocalHandle(new)  # the swap's new route
+    request.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await request
+    assert (old.withdrawn, new.withdrawn) == (["r1"], [])
+    assert (await service.gateway.guard.ledger.usage(account)).images_today == 1
+
+
 def image_job(request_id: str) -> ImageJob:
     return ImageJob(
         request_id=request_id,
