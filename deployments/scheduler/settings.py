@@ -128,3 +128,9 @@ class VideoSchedulerSettings(QueueSettings):
     )
     reconcile_s: float = Field(2.0, gt=0, description="How often memory and store are compared.")
     content_ttl_s: float = Field(86_400, gt=0, description="How long finished files stay.")
+    standby: bool = Field(
+        False,
+        description="Set by `mediagate models swap` on a new version while it starts beside "
+        "the live one, lifted when traffic moves to it: until then it takes no job from the "
+        "store (a start that fails must not have cost queued jobs an attempt).",
+    )

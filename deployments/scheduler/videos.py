@@ -339,6 +339,8 @@ class VideoScheduler(VideoSchedulerReports, VideoRetirement):
         if self.settings.retired == "removed":  # what reaches the store meanwhile fails too
             await self._fail_unserved()
             return
+        if self.settings.standby:  # the live version holds the model's jobs until routed
+            return
         active = await self._store.active_jobs(self.spec.id)
         now = self._clock()
         worked_on = {job.id for job in active if job.status == "in_progress" and live(job, now)}

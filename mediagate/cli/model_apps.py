@@ -158,7 +158,38 @@ def deployment_entries(config: dict[str, Any], application: str) -> list[dict[st
         user_config = entry.get("user_config")
         if isinstance(user_config, dict):
             user_config.pop("retired", None)
+            user_config.pop("standby", None)  # (the next version starts in its own)
     return entries
+
+
+def standing_by(application: dict[str, Any], spec: ModelSpec) -> dict[str, Any]:
+    """A new version's application, started beside the live one (a swap): a video
+    model's scheduler then takes no job from the store until traffic moves to it
+    (``out_of_standby``). In its arguments, so it holds from the replica's first moment
+    (a ``user_config`` arrives only after the constructor has begun recovering jobs).
+    Image schedulers hold nothing in the store: their application is as given."""
+    if spec.task != "text-to-video":
+        return application
+    application = copy.deepcopy(application)
+    args = application["args"]
+    args["video"] = {**(args.get("video") or {}), "standby": True}
+    return application
+
+
+def out_of_standby(config: dict[str, Any], application: str, spec: ModelSpec) -> dict[str, Any]:
+    """``config`` with ``application``'s video scheduler out of standby: its
+    ``user_config`` overrides the argument, in place (the version is not restarted)."""
+    if spec.task != "text-to-video":
+        return config
+    new = copy.deepcopy(config)
+    app = _app(new, application)
+    scheduler = _entry(app, scheduler_name(spec.id))
+    scheduler["user_config"] = {**(scheduler.get("user_config") or {}), "standby": False}
+    entries = app.get("deployments") or []
+    kept = [scheduler if entry.get("name") == scheduler["name"] else entry for entry in entries]
+    app["deployments"] = kept if scheduler in kept else [*kept, scheduler]
+    _replace_app(new, app)
+    return new
 
 
 def without_application(config: dict[str, Any], name: str) -> dict[str, Any]:

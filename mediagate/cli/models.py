@@ -26,7 +26,9 @@ from mediagate.cli.model_apps import (
     deployment_entries,
     live_models,
     model_application,
+    out_of_standby,
     router_app,
+    standing_by,
     with_application,
     with_retired,
     with_routes,
@@ -170,11 +172,19 @@ def command_models_list(args: argparse.Namespace) -> int:
 
 
 def _deploy_version(
-    cluster: Cluster, spec: ModelSpec, entries: list[dict[str, Any]] | None, timeout_s: float
+    cluster: Cluster,
+    spec: ModelSpec,
+    entries: list[dict[str, Any]] | None,
+    timeout_s: float,
+    *,
+    beside_live: bool = False,
 ) -> str:
     """Start ``spec``'s application beside everything deployed and wait until it
-    serves; on any failure (or an interruption) take it away again and say why."""
+    serves; on any failure (or an interruption) take it away again and say why.
+    ``beside_live``: another version serves the model meanwhile (``standing_by``)."""
     application = model_application(router_app(cluster.config()), spec, entries)
+    if beside_live:
+        application = standing_by(application, spec)
     name = application["name"]
     if name in cluster.applications():
         raise CommandError(f"application {name} is already deployed; choose another --version")
@@ -242,10 +252,13 @@ def command_models_swap(args: argparse.Namespace) -> int:
             for entry in entries:
                 entry.pop("ray_actor_options", None)
         check_spec(cluster, config, spec, entries)
-        name = _deploy_version(cluster, spec, entries, args.ready_timeout_s)
+        name = _deploy_version(cluster, spec, entries, args.ready_timeout_s, beside_live=True)
         route = LiveModel(app=name, spec=spec)
-        # new requests go to the new version; the old one finishes what it holds
-        cluster.change(lambda config: with_routes(config, {spec.id: route}))
+        # new requests go to the new version, which now takes the model's queued jobs
+        # too; the old one finishes what it holds
+        cluster.change(
+            lambda config: out_of_standby(with_routes(config, {spec.id: route}), name, spec)
+        )
         print(f"traffic moved to version {spec.version}; draining {old.app}", file=sys.stderr)
         drained = _retire(cluster, old, "moved", args.drain_timeout_s)
         cluster.delete(lambda config: without_application(config, old.app), old.app)

@@ -20,10 +20,13 @@ from deployments.router.live_schedulers import on_live_scheduler
 from deployments.scheduler.images import Scheduler
 from mediagate.cli import service
 from mediagate.cli.model_apps import (
+    deployment_entries,
     live_models,
     model_application,
+    out_of_standby,
     router_app,
     split_models,
+    standing_by,
     with_application,
     with_retired,
     with_routes,
@@ -415,6 +418,56 @@ async def test_a_video_scheduler_moved_leaves_its_queue_to_the_new_version(
         assert rig.scheduler.record_autoscaling_stats()["retired"] == 1.0
     finally:
         await rig.scheduler.shutdown()
+
+
+async def test_a_new_video_version_takes_no_queued_job_until_traffic_moves_to_it(
+    tmp_path: Path,
+) -> None:
+    """A swap starts the new version in standby: a job queued in the store (the live
+    version's) stays there, unclaimed and with its attempts untouched, until the route
+    moves and standby is lifted; then the new version runs it."""
+    rig = Rig(tmp_path, standby=True)
+    try:
+        await rig.add("video_waiting", enqueue=False)
+        await rig.scheduler.reconcile()
+        await asyncio.sleep(0.05)
+        waiting = await rig.job("video_waiting")
+        assert (waiting.status, waiting.attempt, rig.worker.running()) == ("queued", 0, [])
+        rig.scheduler.reconfigure({"standby": False})  # routed to it: lifted
+        await rig.scheduler.reconcile()
+        await rig.worker.wait_running(1)
+        assert (await rig.job("video_waiting")).model_version == WAN.version
+    finally:
+        await rig.scheduler.shutdown()
+
+
+def test_a_video_swap_starts_its_new_version_in_standby_and_lifts_it_in_place(
+    tmp_path: Path,
+) -> None:
+    """The new version's scheduler starts in standby (an argument: it holds from the
+    replica's first moment) and leaves it in the deploy that routes to it (a user_config
+    override: that version is not restarted); the next swap's version starts in its own."""
+    config = shipped(tmp_path)
+    router = apps_by_name(config)["mediagate"]
+    v2 = WAN.model_copy(update={"version": "2"})
+    started = with_application(config, standing_by(model_application(router, v2), v2))
+    assert apps_by_name(started)[app_name_of(v2)]["args"]["video"]["standby"] is True
+    routed = out_of_standby(
+        with_routes(started, {v2.id: LiveModel(app=app_name_of(v2), spec=v2)}),
+        app_name_of(v2),
+        v2,
+    )
+    [scheduler] = [
+        entry
+        for entry in apps_by_name(routed)[app_name_of(v2)]["deployments"]
+        if entry["name"] == f"Scheduler-{v2.id}"
+    ]
+    assert scheduler["user_config"] == {"standby": False}
+    assert code_versions(routed)[app_name_of(v2)] == code_versions(started)[app_name_of(v2)]
+    carried = deployment_entries(routed, app_name_of(v2))
+    assert all("standby" not in (entry.get("user_config") or {}) for entry in carried)
+    image_app = model_application(router, SD)
+    assert standing_by(image_app, SD) == image_app  # image schedulers hold no stored jobs
 
 
 async def test_a_video_scheduler_adopts_no_run_of_another_version(tmp_path: Path) -> None:
