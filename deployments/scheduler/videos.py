@@ -103,6 +103,7 @@ class VideoScheduler(VideoSchedulerReports, VideoRetirement):
         self._dispatched = RecentIds(keep_s=86_400)  # claimed here: never to be adopted
         self._recovered = asyncio.Event()  # the first reconcile pass is done
         self._tasks: list[asyncio.Task[None]] = []
+        self._taking_up: asyncio.Task[None] | None = None  # the pass after standby ends
         self.counts = {
             "dispatched": 0,
             "completed": 0,
@@ -122,11 +123,23 @@ class VideoScheduler(VideoSchedulerReports, VideoRetirement):
         """Live update from ``user_config`` (no replica restart): its keys override the
         application's settings; a key taken out of it goes back to the application's."""
         merged = {**self._base_settings.model_dump(), **config}
+        was_standing_by = self.settings.standby
         self.settings = VideoSchedulerSettings.model_validate(merged)
         self._slots.set_slots_per_replica(self.settings.slots_per_replica)
         self._queue.min_shares = dict(self.settings.min_shares)
         if self.settings.retired in ("moved", "removed"):
             on_loop(self._loop, self._retire)
+        if was_standing_by and not self.settings.standby:  # routed to: the store's jobs now
+            on_loop(self._loop, self._take_up_stored_jobs)
+
+    def _take_up_stored_jobs(self) -> None:
+        async def reconciled() -> None:
+            try:
+                await self.reconcile()
+            except Exception as error:  # (the loop's next pass tries again)
+                logger.warning("reconcile of %s failed: %s", self.spec.id, error)
+
+        self._taking_up = asyncio.ensure_future(reconciled())
 
     def _ensure_started(self) -> None:
         """Start the loops outside the calling request's context (Serve cancels the
@@ -389,7 +402,8 @@ class VideoScheduler(VideoSchedulerReports, VideoRetirement):
             await asyncio.sleep(self.settings.reconcile_s)
 
     async def shutdown(self) -> None:
-        for task in [*self._tasks, *self._running.values()]:
+        taking_up = [self._taking_up] if self._taking_up is not None else []
+        for task in [*self._tasks, *taking_up, *self._running.values()]:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task

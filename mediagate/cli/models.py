@@ -201,6 +201,20 @@ def _deploy_version(
     return name
 
 
+def _withdraw_unrouted(cluster: Cluster, spec: ModelSpec, name: str, error: BaseException) -> None:
+    """A swap stopped after its new version started but before traffic moved to it:
+    take that version away again (it serves nothing and, in standby, holds no job)."""
+    try:
+        live = live_models(cluster.config()).get(spec.id)
+        if live is not None and live.app == name:
+            return  # the route did move: the swap's remaining steps are to be re-run
+        cluster.change(lambda config: without_application(config, name))
+    except Exception as cleanup:
+        print(f"warning: could not remove {name} ({cleanup}); remove it by hand", file=sys.stderr)
+        return
+    record([f"model {spec.id} version {spec.version} removed again: the swap stopped ({error!r})"])
+
+
 def _retire(cluster: Cluster, route: LiveModel, mode: str, timeout_s: float) -> bool:
     """Retire ``route``'s version (``mode``), once Serve has applied it wait until its
     workers are at zero; whether they got there within ``timeout_s``."""
@@ -256,9 +270,13 @@ def command_models_swap(args: argparse.Namespace) -> int:
         route = LiveModel(app=name, spec=spec)
         # new requests go to the new version, which now takes the model's queued jobs
         # too; the old one finishes what it holds
-        cluster.change(
-            lambda config: out_of_standby(with_routes(config, {spec.id: route}), name, spec)
-        )
+        try:
+            cluster.change(
+                lambda config: out_of_standby(with_routes(config, {spec.id: route}), name, spec)
+            )
+        except BaseException as error:
+            _withdraw_unrouted(cluster, spec, name, error)
+            raise
         print(f"traffic moved to version {spec.version}; draining {old.app}", file=sys.stderr)
         drained = _retire(cluster, old, "moved", args.drain_timeout_s)
         cluster.delete(lambda config: without_application(config, old.app), old.app)

@@ -6,6 +6,7 @@ made before anything is deployed. (tests/integration/test_model_lifecycle.py run
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
 import subprocess
@@ -34,6 +35,7 @@ from mediagate.cli.model_apps import (
 )
 from mediagate.protocol.catalog import LiveModel, ModelSpec
 from mediagate.protocol.errors import ModelMoved, ModelRemoved
+from mediagate.protocol.images import ImageGenerationRequest
 from mediagate.protocol.work import ImageJob, ImageResult
 from models.catalog import load_catalog
 from models.checks import (
@@ -320,10 +322,6 @@ async def test_a_caller_who_leaves_mid_swap_is_asked_of_the_version_holding_its_
     """The id was routed on to a new version while the request ran on the old one: the
     old one says whether it had started (it had: charged), not the new one (which never
     saw it and would let it go uncharged)."""
-    import contextlib
-
-    from mediagate.protocol.images import ImageGenerationRequest
-
     service = Service(tmp_path, tier="pro")
     old, new = service.scheduler, FakeScheduler()
     old.started_when_withdrawn = True
@@ -429,8 +427,7 @@ async def test_a_new_video_version_takes_no_queued_job_until_traffic_moves_to_it
     rig = Rig(tmp_path, standby=True)
     try:
         await rig.add("video_waiting", enqueue=False)
-        await rig.scheduler.reconcile()
-        await asyncio.sleep(0.05)
+        await rig.scheduler.reconcile()  # (the pass that would have enqueued and claimed it)
         waiting = await rig.job("video_waiting")
         assert (waiting.status, waiting.attempt, rig.worker.running()) == ("queued", 0, [])
         rig.scheduler.reconfigure({"standby": False})  # routed to it: lifted
@@ -468,6 +465,48 @@ def test_a_video_swap_starts_its_new_version_in_standby_and_lifts_it_in_place(
     assert all("standby" not in (entry.get("user_config") or {}) for entry in carried)
     image_app = model_application(router, SD)
     assert standing_by(image_app, SD) == image_app  # image schedulers hold no stored jobs
+
+
+class ConfigOnly:
+    """The part of ``Cluster`` a swap's clean-up uses: the deployed config, changed."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.deployed = config
+
+    def config(self) -> dict[str, Any]:
+        return copy.deepcopy(self.deployed)
+
+    def change(self, edit: Any) -> dict[str, Any]:
+        self.deployed = edit(self.config())
+        return self.deployed
+
+
+def test_a_swap_stopped_before_traffic_moves_takes_its_new_version_away(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Interrupted (Ctrl-C, a dashboard error) between the new version's start and the
+    route's move, a swap removes that version again, audited; once the route has moved
+    it leaves it (the rest of the swap is to be re-run)."""
+    from mediagate.cli.models import _withdraw_unrouted
+    from mediagate.settings import get_settings
+
+    monkeypatch.setenv("MEDIAGATE_HOME", str(tmp_path / "home"))
+    get_settings.cache_clear()
+    try:
+        config = shipped(tmp_path)
+        router = apps_by_name(config)["mediagate"]
+        v2 = WAN.model_copy(update={"version": "2"})
+        started = with_application(config, standing_by(model_application(router, v2), v2))
+        cluster = ConfigOnly(started)
+        _withdraw_unrouted(cluster, v2, app_name_of(v2), KeyboardInterrupt())  # type: ignore[arg-type]
+        assert app_name_of(v2) not in apps_by_name(cluster.deployed)
+        assert "removed again: the swap stopped" in (tmp_path / "home" / "audit.log").read_text()
+        routed = with_routes(started, {v2.id: LiveModel(app=app_name_of(v2), spec=v2)})
+        cluster = ConfigOnly(routed)
+        _withdraw_unrouted(cluster, v2, app_name_of(v2), KeyboardInterrupt())  # type: ignore[arg-type]
+        assert app_name_of(v2) in apps_by_name(cluster.deployed)
+    finally:
+        get_settings.cache_clear()
 
 
 async def test_a_video_scheduler_adopts_no_run_of_another_version(tmp_path: Path) -> None:
