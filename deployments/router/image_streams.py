@@ -20,8 +20,8 @@ from typing import Any
 from ray.exceptions import TaskCancelledError
 from ray.serve.exceptions import RequestCancelledError
 
-from deployments.router.images import ImageRequests, ImageWork, started_before_leaving
-from deployments.router.live_schedulers import on_live_scheduler
+from deployments.router.images import ImageRequests, ImageWork
+from deployments.router.live_schedulers import on_live_scheduler, started_before_leaving
 from deployments.streams import finish_regardless
 from mediagate.access.accounts import Account
 from mediagate.access.guard import Admission, rate_limit_headers
@@ -165,7 +165,9 @@ class ImageStream:
         had started (its scheduler says)."""
         try:
             if left and not charge:  # it may have started running: ask its scheduler
-                charge = await started_before_leaving(self.scheduler, self.account.id, self.job)
+                charge = await started_before_leaving(
+                    self.scheduler, self.account.id, self.job.request_id
+                )
         finally:
             await self.requests.gateway.guard.settle(self.admission, charge=charge)
 

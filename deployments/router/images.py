@@ -25,7 +25,7 @@ from deployments.router.edit_uploads import (
     edit_upload_limits,
 )
 from deployments.router.image_delivery import Delivery, deliver
-from deployments.router.live_schedulers import on_live_scheduler
+from deployments.router.live_schedulers import on_live_scheduler, started_before_leaving
 from deployments.router.services import RouterServices
 from deployments.scheduler.admission import count_forwarded, shed_on_published_load
 from deployments.scheduler.turned_away import TurnedAwayDemand
@@ -262,7 +262,9 @@ class ImageRequests:
             except asyncio.CancelledError:  # the caller went away: did its work start?
                 # (asked of the scheduler holding it: a swap may have routed the id on)
                 asking = detached(
-                    started_before_leaving(holder[-1] if holder else None, account.id, job)
+                    started_before_leaving(
+                        holder[-1] if holder else None, account.id, job.request_id
+                    )
                 )
                 spent = await asyncio.shield(asking)
                 raise
@@ -390,17 +392,3 @@ class ImageRequests:
             logger.debug("no load from %s: %r", model_id, error)
         else:
             self._published_load[model_id] = (load, self.gateway.clock())
-
-
-async def started_before_leaving(scheduler: Any, account_id: str, job: ImageJob) -> bool:
-    """Whether a request whose caller left had already started running on ``scheduler``
-    (the one it was sent to; None: never sent): its quota is spent then (a loop of
-    request-and-disconnect must not burn GPU time for free)."""
-    if scheduler is None:
-        return False
-    try:
-        withdrawal = scheduler.withdraw.remote(account_id, job.request_id)
-        return bool(await asyncio.wait_for(withdrawal, 2))
-    except Exception as error:  # the scheduler is gone: its work is lost, not charged
-        logger.warning("could not withdraw %s: %r", job.request_id, error)
-        return False

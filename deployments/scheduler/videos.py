@@ -103,7 +103,7 @@ class VideoScheduler(VideoSchedulerReports, VideoRetirement):
         self._dispatched = RecentIds(keep_s=86_400)  # claimed here: never to be adopted
         self._recovered = asyncio.Event()  # the first reconcile pass is done
         self._tasks: list[asyncio.Task[None]] = []
-        self._taking_up: asyncio.Task[None] | None = None  # the pass after standby ends
+        self._reconcile_now = asyncio.Event()  # the next pass at once, not in reconcile_s
         self.counts = {
             "dispatched": 0,
             "completed": 0,
@@ -130,16 +130,7 @@ class VideoScheduler(VideoSchedulerReports, VideoRetirement):
         if self.settings.retired in ("moved", "removed"):
             on_loop(self._loop, self._retire)
         if was_standing_by and not self.settings.standby:  # routed to: the store's jobs now
-            on_loop(self._loop, self._take_up_stored_jobs)
-
-    def _take_up_stored_jobs(self) -> None:
-        async def reconciled() -> None:
-            try:
-                await self.reconcile()
-            except Exception as error:  # (the loop's next pass tries again)
-                logger.warning("reconcile of %s failed: %s", self.spec.id, error)
-
-        self._taking_up = asyncio.ensure_future(reconciled())
+            on_loop(self._loop, self._reconcile_now.set)
 
     def _ensure_started(self) -> None:
         """Start the loops outside the calling request's context (Serve cancels the
@@ -349,11 +340,10 @@ class VideoScheduler(VideoSchedulerReports, VideoRetirement):
             await self._reconcile_pass()
 
     async def _reconcile_pass(self) -> None:
-        if self.settings.retired == "removed":  # what reaches the store meanwhile fails too
-            await self._fail_unserved()
-            return
         if self.settings.standby:  # the live version holds the model's jobs until routed
             return
+        if self.settings.retired == "removed":  # what reaches the store meanwhile fails too
+            return await self._fail_unserved()
         active = await self._store.active_jobs(self.spec.id)
         now = self._clock()
         worked_on = {job.id for job in active if job.status == "in_progress" and live(job, now)}
@@ -399,11 +389,12 @@ class VideoScheduler(VideoSchedulerReports, VideoRetirement):
                 await self.reconcile()
             except Exception as error:  # a store outage must not end the loop
                 logger.warning("reconcile of %s failed: %s", self.spec.id, error)
-            await asyncio.sleep(self.settings.reconcile_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._reconcile_now.wait(), self.settings.reconcile_s)
+            self._reconcile_now.clear()
 
     async def shutdown(self) -> None:
-        taking_up = [self._taking_up] if self._taking_up is not None else []
-        for task in [*self._tasks, *taking_up, *self._running.values()]:
+        for task in [*self._tasks, *self._running.values()]:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
