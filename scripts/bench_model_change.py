@@ -10,6 +10,15 @@ latency while `mediagate models add` runs, against its p99 before.
    "during" window is the command's run.
 4. ``--after-s`` more, then `mediagate down`.
 
+``--gpu-nodes`` emulates the GPU cluster the target is about on this machine's two
+cores: the head (Serve's controller, HAProxy, the router, the schedulers, this
+script's clients and the command) on core 1; tiny-sd's worker on a node of its own
+declaring one fake GPU, pinned to core 0; the added model's worker on a second such
+node, pinned to core 1 beside the head (`taskset`: every process a node starts
+inherits its core). Each model's compute then has a core of its own, as each has a
+GPU of its own on a cluster; the added model's start still competes with the head's
+processes that tiny-sd's requests pass through.
+
 Reported: p50/p99 per window, their ratios during/before, errors, how long the add
 took, the CPU seconds each process spent during it (by process title: the new
 application's replicas, Serve's build task, the command), and whether tiny-sd's
@@ -18,7 +27,7 @@ replica's start competes with tiny-sd's for the CPU (on a GPU cluster it starts 
 another node): that competition is in the figures. Last line: one JSON object.
 
 Usage: python scripts/bench_model_change.py [--before-s 60] [--after-s 10]
-       [--clients 2] [--existing [--name tiny-b]] [--smoke]
+       [--clients 2] [--existing [--name tiny-b] | --gpu-nodes] [--smoke]
 """
 
 from __future__ import annotations
@@ -39,7 +48,18 @@ import httpx
 from benchmarking import free_port, percentile, write_tiers_without_quotas
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' config writer
-from tests.integration.conftest import write_tiny_sd_config
+from mediagate.cli.local_ray import (
+    LOOPBACK,
+    LocalRayPorts,
+    haproxy_link,
+    local_ray_environment,
+    ray_executable,
+    ray_start_command,
+)
+from mediagate.cli.service import ray_temp_dir, stop_ray_session
+from mediagate.protocol.timing import parse_server_timing
+from mediagate.settings import HomeLayout
+from tests.integration.conftest import write_tiny_sd_config, write_up_config
 
 MEDIAGATE = str(Path(sys.executable).with_name("mediagate"))
 FIRST = ("TextToImage-tiny-sd", "Scheduler-tiny-sd")
@@ -50,6 +70,7 @@ class Clients:
 
     def __init__(self, base_url: str, key: str, model: str, count: int) -> None:
         self.answers: list[tuple[float, float, int]] = []
+        self.timings: dict[float, str] = {}  # sent -> the answer's Server-Timing
         self.stop = threading.Event()
         self.threads = [
             threading.Thread(target=self._run, args=(base_url, key, model), daemon=True)
@@ -61,11 +82,13 @@ class Clients:
             while not self.stop.is_set():
                 sent = time.monotonic()
                 try:
-                    status = client.post(
+                    answer = client.post(
                         "/v1/images/generations",
                         json={"prompt": "a lighthouse", "model": model, "size": "64x64"},
                         headers={"Authorization": f"Bearer {key}"},
-                    ).status_code
+                    )
+                    status = answer.status_code
+                    self.timings[sent] = answer.headers.get("server-timing", "")
                 except httpx.HTTPError:
                     status = 0
                 self.answers.append((sent, time.monotonic() - sent, status))
@@ -89,6 +112,25 @@ class Clients:
             "p50_ms": round(percentile(took_ms, 50), 1),
             "p99_ms": round(percentile(took_ms, 99), 1),
         }
+
+    def slowest(self, start: float, end: float, count: int = 3) -> list[dict[str, Any]]:
+        """The ``count`` slowest answers sent in [start, end): when (s after ``start``),
+        how long, and their stages (Server-Timing; ``ingress``: the rest)."""
+        inside = sorted(
+            (answer for answer in self.answers if start <= answer[0] < end), key=lambda a: -a[1]
+        )
+        found = []
+        for sent, took, _ in inside[:count]:
+            stages = parse_server_timing(self.timings.get(sent, ""))
+            stages["ingress"] = took * 1000 - sum(stages.values())
+            found.append(
+                {
+                    "at_s": round(sent - start, 1),
+                    "ms": round(took * 1000, 1),
+                    "stages_ms": {name: round(ms, 1) for name, ms in stages.items()},
+                }
+            )
+        return found
 
 
 class CpuByProcess:
@@ -122,7 +164,7 @@ class CpuByProcess:
             self._last[key] = used
             if before is None or used <= before:
                 continue
-            title = title.split()[0] if title.startswith("ray::") else process.info["name"]
+            title = title.split()[0] if title.startswith("ray::") else _program(process.info)
             self.seconds[title] = self.seconds.get(title, 0.0) + used - before
 
     def _run(self) -> None:
@@ -148,12 +190,106 @@ class CpuByProcess:
         return {title: round(seconds, 1) for title, seconds in ranked}
 
 
+def _program(info: dict[str, Any]) -> str:
+    """A process's name, or for Python the script it runs (Ray's dashboard, agents)."""
+    command = info["cmdline"] or ()
+    scripts = [Path(part).name for part in command if part.endswith(".py")]
+    if scripts:
+        return f"python {scripts[0]}"
+    return " ".join(command[:3]) if "-m" in command[1:2] else str(info["name"])
+
+
 def _children_cpu_s() -> float:
     """CPU seconds of this process's children that have ended (the commands run)."""
     import resource
 
     used = resource.getrusage(resource.RUSAGE_CHILDREN)
     return used.ru_utime + used.ru_stime
+
+
+HEAD_CORE, FIRST_MODEL_CORE = 1, 0
+ON_THE_HEAD = {"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}}
+
+
+def gpu_nodes_config(home: Path, tiers_file: Path) -> Path:
+    """tiny-sd alone, its worker on a (fake) GPU node, everything else on the head
+    (where serve.gpu.yaml puts it; a model added later places its scheduler beside
+    the router)."""
+    return write_up_config(
+        home / "serve.gpu-nodes.yaml",
+        {"models": ["tiny-sd"], "tiers_file": str(tiers_file)},
+        [
+            {"name": "Router", "ray_actor_options": ON_THE_HEAD},
+            {"name": "Webhooks", "ray_actor_options": ON_THE_HEAD},
+            {"name": "Scheduler-tiny-sd", "ray_actor_options": ON_THE_HEAD},
+            {"name": "TextToImage-tiny-sd", "ray_actor_options": {"num_cpus": 1, "num_gpus": 1}},
+        ],
+    )
+
+
+class GpuNodes:
+    """The emulated cluster of ``--gpu-nodes``: a head set up as `mediagate up` sets up
+    its own (``local_ray_environment``), but open to other nodes, on ``HEAD_CORE``;
+    then nodes of one CPU and one fake GPU, each pinned to a core. Stopped as `mediagate
+    down` stops its own Ray (the session's processes), with the nodes' `ray start`."""
+
+    def __init__(self, env: dict[str, str], home: Path) -> None:
+        layout = HomeLayout(home)
+        self.ports = LocalRayPorts.choose(gcs=free_port(), dashboard=free_port())
+        self.environment = {
+            **env,
+            **local_ray_environment(layout, self.ports, "haproxy"),
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",  # several nodes on one machine
+        }
+        self.haproxy_link = haproxy_link(layout)
+        self.dashboard_url = f"http://{LOOPBACK}:{self.ports.dashboard}"
+        self.nodes: list[subprocess.Popen[bytes]] = []
+        head = [*ray_start_command(ray_executable(), self.ports, 2), "--num-gpus=0"]
+        started = subprocess.run(
+            ["taskset", "-c", str(HEAD_CORE), *head],
+            env=self.environment, capture_output=True, text=True,
+        )  # fmt: skip
+        if started.returncode != 0:
+            raise SystemExit(f"ray start --head failed:\n{started.stderr[-3000:]}")
+        self.session_dir = str((ray_temp_dir() / "session_latest").resolve())
+
+    def add_node(self, core: int, nice: int = 0) -> None:
+        """A node of one CPU and one fake GPU, every process of it on ``core`` (at
+        ``nice``: a node of lower priority stands in for a machine of its own)."""
+        node_ports = [
+            f"--{name}-port={free_port()}"
+            for name in (
+                "node-manager", "object-manager", "dashboard-agent-listen",
+                "dashboard-agent-grpc", "runtime-env-agent", "metrics-export",
+            )
+        ]  # fmt: skip
+        command = [
+            "nice", "-n", str(nice), "taskset", "-c", str(core), ray_executable(), "start",
+            f"--address={LOOPBACK}:{self.ports.gcs}", f"--node-ip-address={LOOPBACK}",
+            "--num-cpus=1", "--num-gpus=1", *node_ports, "--disable-usage-stats", "--block",
+        ]  # fmt: skip
+        quiet = subprocess.DEVNULL
+        self.nodes.append(
+            subprocess.Popen(command, env=self.environment, stdout=quiet, stderr=quiet)
+        )
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.terminate()
+        for node in self.nodes:
+            try:
+                node.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                node.kill()
+        stop_ray_session(self.session_dir, self.ports.gcs)
+        import psutil
+
+        gcs = f":{self.ports.gcs}"  # a node's Ray client server names only the GCS address
+        for process in psutil.process_iter(["cmdline"]):
+            if any(part.endswith(gcs) for part in process.info["cmdline"] or ()):
+                process.kill()
+        if self.haproxy_link is not None:
+            self.haproxy_link.unlink(missing_ok=True)
 
 
 def replica_ids(dashboard_url: str, token: str) -> dict[str, list[str]]:
@@ -186,6 +322,18 @@ def main() -> None:
         "removed again",
     )
     parser.add_argument("--name", default="tiny-b", help="the model to add")
+    parser.add_argument(
+        "--gpu-nodes",
+        action="store_true",
+        help="each model's worker on a fake GPU node of its own, pinned to a core (above)",
+    )
+    parser.add_argument(
+        "--added-node-nice",
+        type=int,
+        default=0,
+        help="with --gpu-nodes: the added model's node runs at this nice value (19: it takes "
+        "core 1 only when the head leaves it, as a machine of its own would)",
+    )
     parser.add_argument("--smoke", action="store_true", help="a few seconds per window")
     args = parser.parse_args()
     if args.smoke:
@@ -201,15 +349,28 @@ def main() -> None:
             )
 
         home = Path(env["MEDIAGATE_HOME"]).expanduser()
+        cluster: GpuNodes | None = None
+        if args.gpu_nodes:
+            os.sched_setaffinity(0, {HEAD_CORE})  # and so every process started here
+            os.environ["RAY_AUTH_TOKEN"] = env["RAY_AUTH_TOKEN"]  # the cluster's, not a file's
+            cluster = GpuNodes(env, home)
+            cluster.add_node(FIRST_MODEL_CORE)  # tiny-sd's worker waits for it
         if not args.existing:
-            port, dashboard_port, ray_port = free_port(), free_port(), free_port()
-            up = cli(
-                "up", "--detach", "--port", str(port),
-                "--config", str(write_tiny_sd_config(home, write_tiers_without_quotas(home))),
-                "--dashboard-port", str(dashboard_port), "--ray-port", str(ray_port),
-            )  # fmt: skip
+            tiers = write_tiers_without_quotas(home)
+            if cluster is not None:
+                where = ["--address", cluster.dashboard_url]
+                config = gpu_nodes_config(home, tiers)
+            else:
+                where = ["--dashboard-port", str(free_port()), "--ray-port", str(free_port())]
+                config = write_tiny_sd_config(home, tiers)
+            up = cli("up", "--detach", "--port", str(free_port()), "--config", str(config), *where)
             if up.returncode != 0:
+                if cluster is not None:
+                    cluster.stop()
                 raise SystemExit(f"mediagate up failed:\n{up.stderr[-3000:]}")
+        if cluster is not None:  # the node the added model's worker will take
+            cluster.add_node(HEAD_CORE, args.added_node_nice)
+            time.sleep(5.0)  # joined
         run = json.loads((home / "run.json").read_text())
         base_url, dashboard_url = run["base_url"], run["dashboard_url"]
         token = env["RAY_AUTH_TOKEN"]
@@ -223,7 +384,8 @@ def main() -> None:
                 time.sleep(args.before_s)
                 change_started = time.monotonic()
                 with CpuByProcess() as cpu:
-                    added = cli("models", "add", args.name, "--like", "tiny-sd", "--gpus", "0")
+                    gpus = "1" if args.gpu_nodes else "0"
+                    added = cli("models", "add", args.name, "--like", "tiny-sd", "--gpus", gpus)
                 change_ended = time.monotonic()
                 time.sleep(args.after_s)
                 ended = time.monotonic()
@@ -239,6 +401,8 @@ def main() -> None:
         finally:
             if args.existing:
                 cli("models", "remove", args.name, "--now")
+            elif cluster is not None:
+                cluster.stop()  # the applications with it
             else:
                 cli("down")
     before = clients.window(start, change_started)
@@ -248,11 +412,14 @@ def main() -> None:
         json.dumps(
             {
                 "clients": args.clients,
+                "gpu_nodes": args.gpu_nodes,
+                "added_node_nice": args.added_node_nice,
                 "before": before,
                 "during_add": during,
                 "after": after,
                 "add_s": round(change_ended - change_started, 1),
                 "cpu_s_during_add": cpu.busiest(),
+                "slowest_during_add": clients.slowest(change_started, change_ended),
                 "p99_ratio_during": round(during["p99_ms"] / before["p99_ms"], 3),
                 "p50_ratio_during": round(during["p50_ms"] / before["p50_ms"], 3),
                 "errors": before["errors"] + during["errors"] + after["errors"],

@@ -43,6 +43,8 @@ SHARED_ARGS = (
     "moderation",
     "worker_ray_actor_options",
 )
+# The ray_actor_options that say where a replica goes rather than what it uses.
+PLACEMENT_OPTIONS = ("resources", "label_selector")
 RETIRED_MODES = ("moved", "drain", "removed")
 
 
@@ -100,6 +102,9 @@ def model_application(
         worker = {"name": name}
         entries.append(worker)
     worker.setdefault("autoscaling_config", worker_autoscaling_config(spec.scaling))
+    scheduler = scheduler_name(spec.id)
+    if not any(entry.get("name") == scheduler for entry in entries):
+        entries.append({"name": scheduler, "ray_actor_options": beside_the_router(router)})
     application: dict[str, Any] = {
         "name": app_name(spec.id, spec.version),
         "route_prefix": None,  # reached by handle from the router, never over HTTP
@@ -111,6 +116,16 @@ def model_application(
     if router.get("runtime_env"):
         application["runtime_env"] = copy.deepcopy(router["runtime_env"])
     return application
+
+
+def beside_the_router(router: dict[str, Any]) -> dict[str, Any]:
+    """Where a new model's scheduler goes when nothing says: where the router goes (on a
+    GPU cluster, the CPU head's custom resource or label: serve.gpu.yaml), with no CPU
+    of its own, like every built-in scheduler. Without it Serve may place the scheduler
+    on a GPU node, and its actor's start takes that node's CPU from a serving model."""
+    options = _entry(router, ROUTER).get("ray_actor_options") or {}
+    placement = {key: copy.deepcopy(options[key]) for key in PLACEMENT_OPTIONS if key in options}
+    return {"num_cpus": 0, **placement}
 
 
 def _replace_app(config: dict[str, Any], app: dict[str, Any]) -> None:

@@ -173,3 +173,31 @@ def test_a_worker_on_a_fake_gpu_node_serves_on_the_cpu(gpu_cluster: dict[str, An
     assert seen["node_id"] == gpu_cluster["nodes"]["A10G"]
     assert seen["cuda_visible_devices"] == "0" and seen["gpu_ids"] in ([0], ["0"])
     assert (seen["device"], seen["dtype"]) == ("cpu", "float32")
+
+
+@pytest.mark.own_ray_cluster
+def test_a_model_added_live_keeps_its_scheduler_on_the_head(gpu_cluster: dict[str, Any]) -> None:
+    """`mediagate models add` on a GPU cluster: the new model's scheduler goes where
+    the router goes (the head's resource), never onto a GPU node (no worker replica
+    is started: min 0)."""
+    env, nodes = gpu_cluster["env"], gpu_cluster["nodes"]
+
+    def cli(*command: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [MEDIAGATE, *command], env=env, capture_output=True, text=True, timeout=300
+        )
+
+    added = cli("models", "add", "tiny-b", "--like", "tiny-sd", "--min-replicas", "0")
+    assert added.returncode == 0, added.stderr[-3000:]
+    try:
+        answer = httpx.get(
+            f"{gpu_cluster['address']}/api/serve/applications/",
+            headers={"authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"},
+            timeout=30,
+        )
+        deployments = deployments_of(answer.json())
+        where = {replica["node_id"] for replica in deployments["Scheduler-tiny-b"]["replicas"]}
+        assert where == {nodes["head"]}
+    finally:
+        removed = cli("models", "remove", "tiny-b", "--now")
+        assert removed.returncode == 0, removed.stderr[-3000:]

@@ -103,6 +103,27 @@ def test_a_model_change_touches_one_application_and_the_routers_user_config(
     assert split_models(gone, CATALOG) == gone  # already split: nothing more to do
 
 
+def test_a_new_models_scheduler_goes_where_the_router_goes(tmp_path: Path) -> None:
+    """On a GPU cluster (serve.gpu.yaml) the routers and schedulers keep to the CPU
+    head: a model added live places its scheduler there too, not on a GPU node."""
+    gpu = service.effective_config("mediagate/configs/serve.gpu.yaml", "127.0.0.1", 8000, tmp_path)
+    added = SD.model_copy(update={"id": "tiny-b"})
+    entries = {d["name"]: d for d in model_application(router_app(gpu), added)["deployments"]}
+    assert entries["Scheduler-tiny-b"]["ray_actor_options"] == {
+        "num_cpus": 0,
+        "resources": {"head": 0.01},
+    }
+    given = [{"name": "Scheduler-tiny-b", "ray_actor_options": {"num_cpus": 0.5}}]
+    entries = {
+        d["name"]: d for d in model_application(router_app(gpu), added, given)["deployments"]
+    }
+    assert entries["Scheduler-tiny-b"]["ray_actor_options"] == {"num_cpus": 0.5}  # as given
+    cpu = {
+        d["name"]: d for d in model_application(router_app(shipped(tmp_path)), added)["deployments"]
+    }
+    assert cpu["Scheduler-tiny-b"]["ray_actor_options"] == {"num_cpus": 0}
+
+
 def code_versions(config: dict[str, Any]) -> dict[str, str]:
     """Serve's code version of each application: a change of it restarts its replicas."""
     from ray.serve._private.deploy_utils import get_app_code_version
