@@ -137,6 +137,12 @@ def load_pipeline(spec: ModelSpec, *, cache_dir: Path, placement: Placement | No
             batch_cost=float(query.get("batch_cost", ["0"])[0]),
         )
     placement = placement or choose_placement(spec.dtype)
+    return on_device(read_pipeline(spec, cache_dir=cache_dir, placement=placement), placement, spec)
+
+
+def read_pipeline(spec: ModelSpec, *, cache_dir: Path, placement: Placement) -> Any:
+    """``spec``'s pipeline as ``from_pretrained`` builds it from its files: on the CPU,
+    in ``placement``'s dtype."""
     pipeline_class = _pipeline_class(spec)
     weights = resolve_weights(spec, cache_dir)
     is_hub = spec.source.startswith("hf://")
@@ -171,7 +177,13 @@ def load_pipeline(spec: ModelSpec, *, cache_dir: Path, placement: Placement | No
             + (f" --revision {revision}" if revision else "")
             + "` or set HF_HOME to a cache that has them"
         ) from error
+    logger.info("read %s from %s as %s", spec.id, weights, placement.dtype)
+    return pipeline
+
+
+def on_device(pipeline: Any, placement: Placement, spec: ModelSpec) -> Any:
+    """``pipeline`` moved to ``placement``'s device, ready to serve."""
     pipeline = pipeline.to(placement.device)
     pipeline.set_progress_bar_config(disable=True)
-    logger.info("loaded %s from %s on %s/%s", spec.id, weights, placement.device, placement.dtype)
+    logger.info("loaded %s on %s/%s", spec.id, placement.device, placement.dtype)
     return pipeline

@@ -10,11 +10,16 @@ real ``TextToImage`` worker class in this process (no Ray), for the tiny models:
   rename share them with the node's other replicas);
 - disk: the same weights already in the node's model cache (what every further replica
   of that node, and every restart, finds);
-- memory: not built yet (a warm standby holding the weights in host RAM).
+- memory: the model kept in the node's host memory (the catalog's ``host_memory``:
+  Ray's object store, held by the node's keeper actor, deployments/workers/host_memory.py),
+  as every replica after the first on that node finds it; this process is a driver of a
+  local Ray instance for all three modes.
 
 Each mode runs ``--repeats`` times (remote: a fresh cache each time); imports happen
-once, before any timing, as they do before a replica's constructor. Last line: one
-JSON object with the medians and the disk / remote ratio per model.
+once, before any timing, as they do before a replica's constructor. Besides the whole
+ready time, the load alone (files or host memory, to the device; no edit pipelines, no
+warm-up) is timed. Last line: one JSON object with the medians and the ratios per
+model.
 
 Usage: python scripts/bench_cold_start.py [--repeats 5] [--smoke]
 """
@@ -31,8 +36,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+from benchmarking import start_local_ray
+
+from deployments.workers.host_memory import load_through_host_memory
 from deployments.workers.text_to_image import TextToImage
+from mediagate.cli.service import stop_own_ray
 from models.catalog import load_catalog
+from models.loading import load_pipeline
 from models.tiny import ensure_tiny_pipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.servers: moto's server
@@ -57,6 +68,16 @@ def ready_s(spec: Any, cache_dir: Path) -> float:
     return time.perf_counter() - started
 
 
+def load_s(load: Any, spec: Any, cache_dir: Path) -> float:
+    started = time.perf_counter()
+    load(spec, cache_dir=cache_dir)
+    return time.perf_counter() - started
+
+
+def median(values: list[float]) -> float:
+    return round(statistics.median(values), 3)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -68,6 +89,8 @@ def main() -> None:
     base = load_catalog().models["tiny-sd"]
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="mg-cold-") as scratch, moto_s3_server() as s3:
+        start_local_ray(Path(scratch), "serve-proxy")
+        torch.set_num_threads(1)
         os.environ["MEDIAGATE_S3_ENDPOINT_URL"] = s3.endpoint_url
         client: Any = s3.client()
         client.create_bucket(Bucket=BUCKET)
@@ -87,15 +110,27 @@ def main() -> None:
             )
             ready_s(spec, root / "warm")  # imports and lazy initialisation, untimed
             remote = [ready_s(spec, root / f"cache-{model}-{n}") for n in range(repeats)]
-            disk = [ready_s(spec, root / f"cache-{model}-0") for _ in range(repeats)]
+            cache = root / f"cache-{model}-0"
+            disk = [ready_s(spec, cache) for _ in range(repeats)]
+            kept = spec.model_copy(update={"host_memory": True})
+            ready_s(kept, cache)  # the first replica on the node: from files, then kept
+            memory = [ready_s(kept, cache) for _ in range(repeats)]
+            disk_load = [load_s(load_pipeline, spec, cache) for _ in range(repeats)]
+            memory_load = [load_s(load_through_host_memory, kept, cache) for _ in range(repeats)]
             results[model] = {
                 "files": files,
                 "megabytes": round(size / 1e6, 2),
-                "remote_s": round(statistics.median(remote), 3),
-                "disk_s": round(statistics.median(disk), 3),
-                "disk_over_remote": round(statistics.median(disk) / statistics.median(remote), 3),
-                "memory_s": None,
+                "remote_s": median(remote),
+                "disk_s": median(disk),
+                "memory_s": median(memory),
+                "disk_over_remote": round(median(disk) / median(remote), 3),
+                "memory_over_disk": round(median(memory) / median(disk), 3),
+                "memory_over_remote": round(median(memory) / median(remote), 3),
+                "load_only_disk_s": median(disk_load),
+                "load_only_memory_s": median(memory_load),
+                "load_only_memory_over_disk": round(median(memory_load) / median(disk_load), 3),
             }
+        stop_own_ray()
     print(json.dumps({"repeats": repeats, "models": results}))
 
 

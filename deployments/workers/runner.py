@@ -9,8 +9,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from deployments.workers.host_memory import load_through_host_memory
 from mediagate.protocol.catalog import ModelSpec
 from models.device import assigned_cpus
+from models.loading import load_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -37,13 +39,16 @@ def load_warm_pipeline(
     torch_threads: int | None,
     warm_up: Callable[[Any], object],
 ) -> Any:
-    """Set torch to the CPUs Ray assigned (or ``torch_threads``), load the model and run
+    """Set torch to the CPUs Ray assigned (or ``torch_threads``), load the model (through
+    the node's host memory when its catalog entry says ``host_memory``) and run
     ``warm_up`` on it once, so the first request does not pay for lazy initialisation."""
     import torch
 
     threads = torch_threads or assigned_cpus()
     if threads:
         torch.set_num_threads(threads)
+    if spec.host_memory and load is load_pipeline:  # (a test's own loader stays)
+        load = load_through_host_memory
     pipeline = load(spec, cache_dir=Path(cache_dir))
     started = time.perf_counter()
     warm_up(pipeline)

@@ -81,6 +81,7 @@ SPEC_FLAGS = {
     "pipeline_class": "pipeline_class",
     "gpus": "num_gpus",
     "accelerator": "accelerator_type",
+    "host_memory": "host_memory",
 }
 
 
@@ -381,6 +382,13 @@ def add_model_commands(commands: Any) -> None:
         command.add_argument("--address", help="Ray dashboard URL (default: from `mediagate up`)")
     for command in (add, swap):
         command.add_argument("--ready-timeout-s", type=float, default=READY_TIMEOUT_S)
+        command.add_argument(
+            "--host-memory",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="keep the loaded model in each node's host memory for the next replica "
+            "there (catalog `host_memory`; default: the base entry's, else off)",
+        )
     for command in (swap, remove):
         command.add_argument("--drain-timeout-s", type=float, default=DRAIN_TIMEOUT_S)
     add.set_defaults(drain_timeout_s=DRAIN_TIMEOUT_S)

@@ -212,6 +212,12 @@ class ModelSpec(_Frozen):
     )
     num_gpus: float = Field(1, ge=0, description="GPUs one replica needs on a real cluster.")
     accelerator_type: str | None = Field(None, description="Ray accelerator type, e.g. A10G.")
+    host_memory: bool = Field(
+        False,
+        description="Keep the loaded pipeline in its node's host memory (Ray's object store) "
+        "for the next replica there, which then skips loading from files; costs host memory "
+        "the size of the weights on each node the model has run on.",
+    )
     owned_by: str = Field("mediagate", description="Shown as `owned_by` in /v1/models.")
     version: str = Field(
         "1",

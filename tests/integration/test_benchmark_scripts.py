@@ -123,7 +123,9 @@ def test_bench_safety_runs() -> None:
     assert result["image_process_hand_over"]["process_1024"]["p50_ms"] > 0, result
 
 
+@pytest.mark.own_ray_cluster
 def test_bench_cold_start_runs() -> None:
     result = run_smoke("bench_cold_start.py")
     figures = result["models"]["tiny-sd"]
     assert figures["remote_s"] > 0 and figures["disk_s"] > 0 and figures["files"] > 0, result
+    assert figures["memory_s"] > 0 and figures["load_only_memory_s"] > 0, result

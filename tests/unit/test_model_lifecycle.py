@@ -124,6 +124,21 @@ def test_a_new_models_scheduler_goes_where_the_router_goes(tmp_path: Path) -> No
     assert cpu["Scheduler-tiny-b"]["ray_actor_options"] == {"num_cpus": 0}
 
 
+def test_host_memory_is_a_flag_that_a_base_entry_can_also_set(tmp_path: Path) -> None:
+    from mediagate.cli.main import build_parser
+    from mediagate.cli.models import spec_from_args
+
+    config = shipped(tmp_path)
+
+    def added(*flags: str) -> ModelSpec:
+        args = build_parser().parse_args(["models", "add", "tiny-b", "--like", "tiny-sd", *flags])
+        return spec_from_args(args, config)
+
+    assert added().host_memory is False  # the catalog's default
+    assert added("--host-memory").host_memory is True
+    assert added("--no-host-memory").host_memory is False
+
+
 def code_versions(config: dict[str, Any]) -> dict[str, str]:
     """Serve's code version of each application: a change of it restarts its replicas."""
     from ray.serve._private.deploy_utils import get_app_code_version
