@@ -351,6 +351,8 @@ def main() -> None:
         home = Path(env["MEDIAGATE_HOME"]).expanduser()
         cluster: GpuNodes | None = None
         if args.gpu_nodes:
+            if not {HEAD_CORE, FIRST_MODEL_CORE} <= os.sched_getaffinity(0):
+                raise SystemExit("--gpu-nodes needs cores 0 and 1")
             os.sched_setaffinity(0, {HEAD_CORE})  # and so every process started here
             os.environ["RAY_AUTH_TOKEN"] = env["RAY_AUTH_TOKEN"]  # the cluster's, not a file's
             cluster = GpuNodes(env, home)

@@ -129,3 +129,12 @@ def test_bench_cold_start_runs() -> None:
     figures = result["models"]["tiny-sd"]
     assert figures["remote_s"] > 0 and figures["disk_s"] > 0 and figures["files"] > 0, result
     assert figures["memory_s"] > 0 and figures["load_only_memory_s"] > 0, result
+
+
+@pytest.mark.own_ray_cluster
+def test_bench_model_change_runs_on_emulated_gpu_nodes() -> None:
+    """The --gpu-nodes mode: its own three-node Ray (a head, two fake GPU nodes pinned to
+    cores) under `mediagate up --address`."""
+    result = run_smoke("bench_model_change.py", "--gpu-nodes")
+    assert result["gpu_nodes"] and result["errors"] == 0, result
+    assert result["first_model_replicas_unchanged"] and result["new_model_status"] == 200, result
