@@ -17,7 +17,11 @@ declaring one fake GPU, pinned to core 0; the added model's worker on a second s
 node, pinned to core 1 beside the head (`taskset`: every process a node starts
 inherits its core). Each model's compute then has a core of its own, as each has a
 GPU of its own on a cluster; the added model's start still competes with the head's
-processes that tiny-sd's requests pass through.
+processes that tiny-sd's requests pass through. Several nodes on one machine need
+``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1``, which `mediagate up` never sets: with it, Ray
+binds some of its listeners (the dashboard agent's, the nodes' Ray client servers) on
+the machine's address rather than loopback, token-checked. Run this mode only on a
+machine whose network you trust.
 
 Reported: p50/p99 per window, their ratios during/before, errors, how long the add
 took, the CPU seconds each process spent during it (by process title: the new
@@ -56,6 +60,7 @@ from mediagate.cli.local_ray import (
     ray_executable,
     ray_start_command,
 )
+from mediagate.cli.model_cluster import Cluster
 from mediagate.cli.service import ray_temp_dir, stop_ray_session
 from mediagate.protocol.timing import parse_server_timing
 from mediagate.settings import HomeLayout
@@ -273,6 +278,15 @@ class GpuNodes:
             subprocess.Popen(command, env=self.environment, stdout=quiet, stderr=quiet)
         )
 
+    def wait_for_nodes(self, count: int, timeout_s: float = 120.0) -> None:
+        """Until ``count`` nodes are alive (the dashboard's state API)."""
+        live = Cluster(self.dashboard_url)
+        deadline = time.monotonic() + timeout_s
+        while len(live.node_resources()) < count:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"fewer than {count} nodes joined within {timeout_s:.0f} s")
+            time.sleep(0.5)
+
     def stop(self) -> None:
         for node in self.nodes:
             node.terminate()
@@ -284,9 +298,14 @@ class GpuNodes:
         stop_ray_session(self.session_dir, self.ports.gcs)
         import psutil
 
-        gcs = f":{self.ports.gcs}"  # a node's Ray client server names only the GCS address
+        # A node's Ray client server names neither the session nor a parent that lives.
+        # (It names the GCS by the machine's address: match the port.)
+        gcs = f":{self.ports.gcs}"
         for process in psutil.process_iter(["cmdline"]):
-            if any(part.endswith(gcs) for part in process.info["cmdline"] or ()):
+            command = process.info["cmdline"] or ()
+            if "ray.util.client.server" in command and any(
+                part.startswith("--address=") and part.endswith(gcs) for part in command
+            ):
                 process.kill()
         if self.haproxy_link is not None:
             self.haproxy_link.unlink(missing_ok=True)
@@ -314,7 +333,8 @@ def main() -> None:
     parser.add_argument("--before-s", type=float, default=60.0)
     parser.add_argument("--after-s", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=2)
-    parser.add_argument(
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument(
         "--existing",
         action="store_true",
         help="use the `mediagate up` of $MEDIAGATE_HOME (it serves tiny-sd, CPUs for one "
@@ -322,7 +342,7 @@ def main() -> None:
         "removed again",
     )
     parser.add_argument("--name", default="tiny-b", help="the model to add")
-    parser.add_argument(
+    which.add_argument(
         "--gpu-nodes",
         action="store_true",
         help="each model's worker on a fake GPU node of its own, pinned to a core (above)",
@@ -370,13 +390,13 @@ def main() -> None:
                 if cluster is not None:
                     cluster.stop()
                 raise SystemExit(f"mediagate up failed:\n{up.stderr[-3000:]}")
-        if cluster is not None:  # the node the added model's worker will take
-            cluster.add_node(HEAD_CORE, args.added_node_nice)
-            time.sleep(5.0)  # joined
         run = json.loads((home / "run.json").read_text())
         base_url, dashboard_url = run["base_url"], run["dashboard_url"]
         token = env["RAY_AUTH_TOKEN"]
         try:
+            if cluster is not None:  # the node the added model's worker will take
+                cluster.add_node(HEAD_CORE, args.added_node_nice)
+                cluster.wait_for_nodes(3)
             created = cli("keys", "create", "--tier", "pro", "--account", "bench")
             key = created.stdout.strip().splitlines()[-1]
             before_ids = replica_ids(dashboard_url, token)

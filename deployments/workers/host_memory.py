@@ -11,12 +11,18 @@ or the old version of a swap).
   (Ray 2.56 removed ``ray.put(_owner=...)``), so the copy stays when that replica
   stops, and goes when the keeper drops it.
 - **What**: the pipeline as ``from_pretrained`` built it, on the CPU, in the dtype
-  the replica uses (part of the key, with the model id, version and source), before
-  it moves to its device. A replica taking it gets a copy of its own (one memory copy
-  out of shared memory), then moves it to its device as a file load would.
+  the replica uses (part of the key, with the model id, version, source and pipeline
+  class), before it moves to its device. A replica taking it gets a copy of its own
+  (one memory copy out of shared memory), then moves it to its device as a file load
+  would.
+- **Once per node**: the first replica to miss claims the key and hands its pipeline
+  over without waiting for the keeper; replicas starting meanwhile load from files and
+  hand nothing (a claim not fulfilled within ``CLAIM_S`` lapses).
 - **Bounded**: the keeper holds at most ``capacity_bytes`` (by default half the
   node's object store); adding beyond drops the least recently used first. A model
   larger than that is not kept.
+- **Never in the way**: every call to the keeper has a timeout, and a keeper that
+  fails, hangs or is gone means files.
 - **Opt in** per model: the catalog's ``host_memory: true``. It costs host memory the
   size of the weights on every node where the model has run.
 """
@@ -27,67 +33,99 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mediagate.protocol.catalog import ModelSpec
 from models.device import Placement, choose_placement
-from models.loading import on_device, read_pipeline
+from models.loading import load_pipeline, on_device, read_pipeline
 
 logger = logging.getLogger(__name__)
 
 NAMESPACE = "mediagate"
 KEEPER_PREFIX = "mediagate-host-memory-"
 OBJECT_STORE_SHARE = 0.5
+KEEPER_TIMEOUT_S = 10.0
+CLAIM_S = 900.0  # a large model's read from files, before its hand-over
+
+
+@dataclass(frozen=True)
+class Kept:
+    """One kept pipeline, as an operator lists it (``HostMemory.held``)."""
+
+    key: str
+    size_bytes: int
+    taken: int
 
 
 class HostMemory:
-    """A node's kept pipelines: key -> (object, size), least recently used first."""
+    """A node's kept pipelines: key -> (object, size), least recently used first; and
+    the keys a replica has claimed, loading them to hand over."""
 
-    def __init__(self, capacity_bytes: int, store: Callable[[Any], Any] | None = None) -> None:
+    def __init__(
+        self,
+        capacity_bytes: int,
+        *,
+        store: Callable[[Any], Any] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         """``store``: how a kept pipeline is stored (``ray.put`` unless a test says)."""
         self.capacity_bytes = capacity_bytes
         self._store = store
+        self._clock = clock
         self._kept: OrderedDict[str, tuple[Any, int]] = OrderedDict()
         self._taken: dict[str, int] = {}
+        self._claims: dict[str, float] = {}
 
-    def find(self, key: str) -> list[Any]:
+    def find_or_claim(self, key: str) -> tuple[list[Any], bool]:
         """The kept object of ``key`` in a list (so that Ray hands back the reference,
-        not the pipeline), or an empty list."""
-        if key not in self._kept:
-            return []
-        self._kept.move_to_end(key)
-        self._taken[key] = self._taken.get(key, 0) + 1
-        return [self._kept[key][0]]
-
-    def room_for(self, size_bytes: int) -> bool:
-        return size_bytes <= self.capacity_bytes
+        not the pipeline), or an empty list and whether the caller now holds the claim
+        to load and hand it over (False: another replica does)."""
+        if key in self._kept:
+            self._kept.move_to_end(key)
+            self._taken[key] = self._taken.get(key, 0) + 1
+            return [self._kept[key][0]], False
+        now = self._clock()
+        if now - self._claims.get(key, -CLAIM_S) < CLAIM_S:
+            return [], False
+        self._claims[key] = now
+        return [], True
 
     def keep(self, key: str, pipeline: Any, size_bytes: int) -> list[str]:
-        """Hold ``pipeline`` under ``key`` (in the object store, owned here); the keys
-        dropped to make room."""
+        """Hold ``pipeline`` under ``key`` (in the object store, owned here) unless it is
+        larger than the whole keeper; the keys dropped to make room. Stored before
+        anything is dropped: a store that fails drops nothing."""
+        self._claims.pop(key, None)
+        if size_bytes > self.capacity_bytes:
+            return []
+        stored = (self._store or _ray_put)(pipeline)
         self._kept.pop(key, None)
         dropped = []
         while self._kept and self.held_bytes() + size_bytes > self.capacity_bytes:
             old, _ = self._kept.popitem(last=False)
             self._taken.pop(old, None)
             dropped.append(old)
-        self._kept[key] = ((self._store or _ray_put)(pipeline), size_bytes)
+        self._kept[key] = (stored, size_bytes)
+        if dropped:
+            logger.info("host memory dropped %s to keep %s", dropped, key)
         return dropped
 
     def forget(self, key: str) -> bool:
+        """Drop ``key``; whether it was kept."""
         self._taken.pop(key, None)
         return self._kept.pop(key, None) is not None
 
     def held_bytes(self) -> int:
+        """The bytes of everything kept."""
         return sum(size for _, size in self._kept.values())
 
-    def held(self) -> dict[str, dict[str, int]]:
-        """Per key: its bytes, and how many replicas have taken it (for operators)."""
-        return {
-            key: {"bytes": size, "taken": self._taken.get(key, 0)}
+    def held(self) -> list[Kept]:
+        """Everything kept, least recently used first, with how often each was taken."""
+        return [
+            Kept(key=key, size_bytes=size, taken=self._taken.get(key, 0))
             for key, (_, size) in self._kept.items()
-        }
+        ]
 
 
 def _ray_put(value: Any) -> Any:
@@ -97,7 +135,9 @@ def _ray_put(value: Any) -> Any:
 
 
 def host_key(spec: ModelSpec, placement: Placement) -> str:
-    return f"{spec.id}@{spec.version}:{spec.source}:{placement.dtype}"
+    """What makes two loads the same pipeline: the model version, its weights, its
+    class and the dtype."""
+    return f"{spec.id}@{spec.version}:{spec.source}:{spec.pipeline_class}:{placement.dtype}"
 
 
 def pipeline_bytes(pipeline: Any) -> int:
@@ -148,31 +188,34 @@ def load_through_host_memory(
     spec: ModelSpec, *, cache_dir: Path, placement: Placement | None = None
 ) -> Any:
     """``spec``'s pipeline from this node's host memory when kept there, else from its
-    files (then kept for the next replica); on its device either way. Host memory only
-    ever saves time: a keeper that cannot be reached, or fails, means files."""
+    files (then handed to the keeper, when this replica holds the claim); on its
+    device either way. Host memory only ever saves time: a keeper that cannot be
+    reached, fails or hangs means files."""
     import ray
 
+    if spec.source.startswith("simulated://"):  # nothing to keep
+        return load_pipeline(spec, cache_dir=cache_dir, placement=placement)
     placement = placement or choose_placement(spec.dtype)
     key = host_key(spec, placement)
     started = time.perf_counter()
+    keeper, claimed = None, False
     try:
         keeper = node_keeper()
-        found = ray.get(keeper.find.remote(key))
-        pipeline = ray.get(found[0]) if found else None
-    except Exception as error:  # a dead keeper, an object lost, one that will not unpickle
+        found, claimed = ray.get(keeper.find_or_claim.remote(key), timeout=KEEPER_TIMEOUT_S)
+        if found:
+            pipeline = ray.get(found[0], timeout=KEEPER_TIMEOUT_S)
+            logger.info(
+                "%s taken from host memory in %.2fs", spec.id, time.perf_counter() - started
+            )
+            return on_device(pipeline, placement, spec)
+    except Exception as error:  # a keeper gone or hung, an object lost or not unpickled
         logger.warning("%s: host memory unavailable (%s); loading from files", spec.id, error)
-        return on_device(
-            read_pipeline(spec, cache_dir=cache_dir, placement=placement), placement, spec
-        )
-    if pipeline is not None:
-        logger.info("%s taken from host memory in %.2fs", spec.id, time.perf_counter() - started)
-        return on_device(pipeline, placement, spec)
+        claimed = False
     pipeline = read_pipeline(spec, cache_dir=cache_dir, placement=placement)
-    size = pipeline_bytes(pipeline)
-    try:
-        if ray.get(keeper.room_for.remote(size)):
-            dropped = ray.get(keeper.keep.remote(key, pipeline, size))
-            logger.info("%s kept in host memory (%d MB); dropped %s", spec.id, size >> 20, dropped)
-    except Exception as error:  # a keeper gone, a pipeline that does not pickle
-        logger.warning("%s: not kept in host memory (%s)", spec.id, error)
+    if keeper is not None and claimed:
+        try:
+            # Not waited for: the arguments are serialized here, before the move.
+            keeper.keep.remote(key, pipeline, pipeline_bytes(pipeline))
+        except Exception as error:  # a pipeline that does not pickle
+            logger.warning("%s: not kept in host memory (%s)", spec.id, error)
     return on_device(pipeline, placement, spec)

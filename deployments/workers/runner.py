@@ -31,25 +31,29 @@ def stop_pipeline(pipeline: Any, step: int) -> None:
     raise StoppedAtStep(f"stopped after step {step + 1}")
 
 
+def default_loader(spec: ModelSpec) -> PipelineLoader:
+    """How a worker loads ``spec`` unless told otherwise: through its node's host memory
+    when its catalog entry says ``host_memory``, else from its files."""
+    return load_through_host_memory if spec.host_memory else load_pipeline
+
+
 def load_warm_pipeline(
     spec: ModelSpec,
     *,
     cache_dir: str,
-    load: PipelineLoader,
+    load: PipelineLoader | None,
     torch_threads: int | None,
     warm_up: Callable[[Any], object],
 ) -> Any:
-    """Set torch to the CPUs Ray assigned (or ``torch_threads``), load the model (through
-    the node's host memory when its catalog entry says ``host_memory``) and run
-    ``warm_up`` on it once, so the first request does not pay for lazy initialisation."""
+    """Set torch to the CPUs Ray assigned (or ``torch_threads``), load the model (with
+    ``load``, else ``default_loader``) and run ``warm_up`` on it once, so the first
+    request does not pay for lazy initialisation."""
     import torch
 
     threads = torch_threads or assigned_cpus()
     if threads:
         torch.set_num_threads(threads)
-    if spec.host_memory and load is load_pipeline:  # (a test's own loader stays)
-        load = load_through_host_memory
-    pipeline = load(spec, cache_dir=Path(cache_dir))
+    pipeline = (load or default_loader(spec))(spec, cache_dir=Path(cache_dir))
     started = time.perf_counter()
     warm_up(pipeline)
     logger.info("%s warmed up in %.2fs", spec.id, time.perf_counter() - started)

@@ -31,7 +31,6 @@ from mediagate.protocol.catalog import ModelSpec
 from mediagate.protocol.errors import GenerationFailed, InvalidRequest, MediagateError
 from mediagate.protocol.work import ImageJob, ImageResult, PartialImage, preview_steps
 from models.encoding import to_raw_image
-from models.loading import load_pipeline
 from models.previews import can_preview, decode_previews
 from models.simulated import SimulatedPipeline
 
@@ -77,7 +76,7 @@ class StepLevelTextToImage:
         spec: ModelSpec,
         *,
         cache_dir: str,
-        load: PipelineLoader = load_pipeline,
+        load: PipelineLoader | None = None,
         torch_threads: int | None = None,
     ) -> None:
         if spec.stepping is None:

@@ -41,7 +41,6 @@ from mediagate.protocol.work import (
     pipeline_call_kwargs,
 )
 from models.encoding import from_raw_image, to_raw_image
-from models.loading import load_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -206,7 +205,7 @@ class TextToImage:
         spec: ModelSpec,
         *,
         cache_dir: str,
-        load: PipelineLoader = load_pipeline,
+        load: PipelineLoader | None = None,
         torch_threads: int | None = None,
     ) -> None:
         self.spec = spec

@@ -50,7 +50,6 @@ from mediagate.stores import JobStore, StateConfig, given_or_opened, open_state_
 from mediagate.stores.artifacts import ArtifactConfig, ArtifactStore, open_artifact_store
 from mediagate.stores.records import JobCheckpoint
 from models.encoding import encode_mp4, encode_spritesheet, encode_thumbnail, to_uint8_frames
-from models.loading import load_pipeline
 from models.uploads import load_reference_image
 
 logger = logging.getLogger(__name__)
@@ -132,7 +131,7 @@ class TextToVideo:
         cache_dir: str,
         state: StateConfig | None = None,
         artifacts: ArtifactConfig | None = None,
-        load: PipelineLoader = load_pipeline,
+        load: PipelineLoader | None = None,
         store: JobStore | None = None,
         artifact_store: ArtifactStore | None = None,
         torch_threads: int | None = None,

@@ -48,18 +48,20 @@ DEFAULT_INGRESS: Ingress = "haproxy"
 # replicas can deregister them. Here HAProxy is what stands in front, and it retries a
 # refused connection; and each model's application has its scheduler as its ingress
 # though it takes no HTTP, so every swap and remove waited those 30 s for nothing.
-# And Ray starts its worker processes at nice 15, below every other process on the
-# node; on the head those workers are the request path (the router and its image
-# processes, the schedulers, HAProxy), and the dashboard, Ray's agents or an operator's
-# command then take the CPU from it: `mediagate models add` made a serving model's p99
-# 2.3-2.7x for a few seconds, all of it the router's checks waiting for the CPU
-# (docs/BENCHMARKS.md, 2026-12-05). Workers run at the normal priority.
 SERVE_THROUGHPUT_ENVIRONMENT = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
-    "RAY_worker_niceness": "0",
 }
+
+# Ray starts its worker processes at nice 15, below every other process on the node;
+# on the head those workers are the request path (the router and its image processes,
+# the schedulers, HAProxy), and the dashboard, Ray's agents or an operator's command
+# then take the CPU from it: `mediagate models add` made a serving model's p99 2.3-2.7x
+# for a few seconds, all of it the router's checks waiting for the CPU
+# (docs/BENCHMARKS.md, 2026-12-05). Workers run at the normal priority, whatever the
+# ingress.
+WORKER_PRIORITY_ENVIRONMENT = {"RAY_worker_niceness": "0"}
 
 # Ray appends a 56-character node id directory to HAProxy's socket paths, HAProxy binds
 # a socket under a temporary name (``<path>.<pid>.tmp``) first, and a Unix socket path
@@ -314,6 +316,7 @@ def local_ray_environment(
         "MEDIAGATE_HOME": str(layout.root),
         **auth_environment(layout),
         **SINGLE_NODE_ENVIRONMENT,
+        **WORKER_PRIORITY_ENVIRONMENT,
     }
     if ingress == "haproxy":
         environment.update(haproxy_environment(layout, ports))

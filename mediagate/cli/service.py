@@ -28,6 +28,7 @@ from mediagate.cli.local_ray import (
     DEFAULT_INGRESS,
     LOOPBACK,
     SERVE_THROUGHPUT_ENVIRONMENT,
+    WORKER_PRIORITY_ENVIRONMENT,
     LocalRayPorts,
     haproxy_link,
     local_ray_environment,
@@ -273,7 +274,13 @@ def command_up(args: argparse.Namespace) -> int:
         raise CommandError(
             "--ingress applies to the Ray instance `mediagate up` starts; start an existing "
             "cluster's nodes with "
-            + " ".join(f"{name}={value}" for name, value in SERVE_THROUGHPUT_ENVIRONMENT.items())
+            + " ".join(
+                f"{name}={value}"
+                for name, value in {
+                    **SERVE_THROUGHPUT_ENVIRONMENT,
+                    **WORKER_PRIORITY_ENVIRONMENT,
+                }.items()
+            )
             + " for the HAProxy ingress (cluster.yaml does)"
         )
     if args.host in WILDCARD_HOSTS and not args.public_url:

@@ -41,10 +41,11 @@ def test_cluster_yaml_passes_rays_own_validation() -> None:
 def test_every_node_starts_locked_down_in_the_fast_mode() -> None:
     """The mode `mediagate up` uses on one machine: token authentication and the HAProxy
     ingress on every node; the dashboard never on all interfaces; one token file."""
-    from mediagate.cli.local_ray import SERVE_THROUGHPUT_ENVIRONMENT
+    from mediagate.cli.local_ray import SERVE_THROUGHPUT_ENVIRONMENT, WORKER_PRIORITY_ENVIRONMENT
 
     cluster = load("cluster.yaml")
-    fast = [f"{name}={value}" for name, value in SERVE_THROUGHPUT_ENVIRONMENT.items()]
+    every_node = SERVE_THROUGHPUT_ENVIRONMENT | WORKER_PRIORITY_ENVIRONMENT
+    fast = [f"{name}={value}" for name, value in every_node.items()]
     for commands in ("head_start_ray_commands", "worker_start_ray_commands"):
         [start] = [line for line in cluster[commands] if " start " in line]
         for needed in ("RAY_AUTH_MODE=token", "RAY_AUTH_TOKEN_PATH=/etc/mediagate/", *fast):
@@ -59,7 +60,7 @@ def test_every_node_starts_locked_down_in_the_fast_mode() -> None:
     for group in groups:
         for container in group["template"]["spec"]["containers"]:
             env = {item["name"]: item.get("value") for item in container["env"]}
-            assert SERVE_THROUGHPUT_ENVIRONMENT.items() <= env.items(), container["name"]
+            assert every_node.items() <= env.items(), container["name"]
 
 
 def test_head_runs_routers_and_schedulers_gpu_nodes_run_workers() -> None:

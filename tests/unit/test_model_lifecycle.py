@@ -126,17 +126,17 @@ def test_a_new_models_scheduler_goes_where_the_router_goes(tmp_path: Path) -> No
 
 def test_host_memory_is_a_flag_that_a_base_entry_can_also_set(tmp_path: Path) -> None:
     from mediagate.cli.main import build_parser
-    from mediagate.cli.models import spec_from_args
+    from mediagate.cli.models import flagged_fields, spec_from_args
 
     config = shipped(tmp_path)
 
-    def added(*flags: str) -> ModelSpec:
-        args = build_parser().parse_args(["models", "add", "tiny-b", "--like", "tiny-sd", *flags])
-        return spec_from_args(args, config)
+    def parsed(*flags: str) -> Any:
+        return build_parser().parse_args(["models", "add", "tiny-b", "--like", "tiny-sd", *flags])
 
-    assert added().host_memory is False  # the catalog's default
-    assert added("--host-memory").host_memory is True
-    assert added("--no-host-memory").host_memory is False
+    assert spec_from_args(parsed(), config).host_memory is False  # the catalog's default
+    assert spec_from_args(parsed("--host-memory"), config).host_memory is True
+    assert "host_memory" not in flagged_fields(parsed())  # the base entry's value stays
+    assert flagged_fields(parsed("--no-host-memory"))["host_memory"] is False
 
 
 def code_versions(config: dict[str, Any]) -> dict[str, str]:
