@@ -77,6 +77,7 @@ class HostMemory:
         self._kept: OrderedDict[str, tuple[Any, int]] = OrderedDict()
         self._taken: dict[str, int] = {}
         self._claims: dict[str, float] = {}
+        self._too_large: set[str] = set()  # (no replica need hand these over again)
 
     def find_or_claim(self, key: str) -> tuple[list[Any], bool]:
         """The kept object of ``key`` in a list (so that Ray hands back the reference,
@@ -87,7 +88,7 @@ class HostMemory:
             self._taken[key] = self._taken.get(key, 0) + 1
             return [self._kept[key][0]], False
         now = self._clock()
-        if now - self._claims.get(key, -CLAIM_S) < CLAIM_S:
+        if key in self._too_large or now - self._claims.get(key, -CLAIM_S) < CLAIM_S:
             return [], False
         self._claims[key] = now
         return [], True
@@ -98,6 +99,8 @@ class HostMemory:
         anything is dropped: a store that fails drops nothing."""
         self._claims.pop(key, None)
         if size_bytes > self.capacity_bytes:
+            self._too_large.add(key)
+            logger.warning("%s (%d MB) is larger than host memory holds", key, size_bytes >> 20)
             return []
         stored = (self._store or _ray_put)(pipeline)
         self._kept.pop(key, None)

@@ -178,8 +178,8 @@ def test_a_worker_on_a_fake_gpu_node_serves_on_the_cpu(gpu_cluster: dict[str, An
 @pytest.mark.own_ray_cluster
 def test_a_model_added_live_keeps_its_scheduler_on_the_head(gpu_cluster: dict[str, Any]) -> None:
     """`mediagate models add` on a GPU cluster: the new model's scheduler goes where
-    the router goes (the head's resource), never onto a GPU node (no worker replica
-    is started: min 0)."""
+    the router goes (the head's resource), never onto a GPU node. (Its worker runs on
+    the head's CPUs: both fake GPUs are taken.)"""
     env, nodes = gpu_cluster["env"], gpu_cluster["nodes"]
 
     def cli(*command: str) -> subprocess.CompletedProcess[str]:
@@ -187,7 +187,7 @@ def test_a_model_added_live_keeps_its_scheduler_on_the_head(gpu_cluster: dict[st
             [MEDIAGATE, *command], env=env, capture_output=True, text=True, timeout=300
         )
 
-    added = cli("models", "add", "tiny-b", "--like", "tiny-sd", "--min-replicas", "0")
+    added = cli("models", "add", "tiny-b", "--like", "tiny-sd", "--gpus", "0")
     assert added.returncode == 0, added.stderr[-3000:]
     try:
         answer = httpx.get(

@@ -56,7 +56,9 @@ def test_room_is_made_by_dropping_the_least_recently_used() -> None:
 def test_a_model_larger_than_the_keeper_or_a_failed_store_drops_nothing() -> None:
     memory = keeper(100)
     memory.keep("a", "pa", 60)
+    assert memory.find_or_claim("huge") == ([], True)
     assert memory.keep("huge", "ph", 101) == []
+    assert memory.find_or_claim("huge") == ([], False)  # not handed over again
     with pytest.raises(MemoryError):
         memory.keep("b", "unstorable", 60)
     assert [kept.key for kept in memory.held()] == ["a"]
