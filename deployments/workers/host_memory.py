@@ -201,7 +201,7 @@ def load_through_host_memory(
     placement = placement or choose_placement(spec.dtype)
     key = host_key(spec, placement)
     started = time.perf_counter()
-    keeper, claimed = None, False
+    claimed = False  # (True only with a keeper that answered)
     try:
         keeper = node_keeper()
         found, claimed = ray.get(keeper.find_or_claim.remote(key), timeout=KEEPER_TIMEOUT_S)
@@ -213,9 +213,8 @@ def load_through_host_memory(
             return on_device(pipeline, placement, spec)
     except Exception as error:  # a keeper gone or hung, an object lost or not unpickled
         logger.warning("%s: host memory unavailable (%s); loading from files", spec.id, error)
-        claimed = False
     pipeline = read_pipeline(spec, cache_dir=cache_dir, placement=placement)
-    if keeper is not None and claimed:
+    if claimed:
         try:
             # Not waited for: the arguments are serialized here, before the move.
             keeper.keep.remote(key, pipeline, pipeline_bytes(pipeline))
