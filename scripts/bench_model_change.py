@@ -49,7 +49,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from benchmarking import free_port, percentile, write_tiers_without_quotas
+from benchmarking import (
+    free_port,
+    percentile,
+    stages_seen_by_client,
+    write_tiers_without_quotas,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' config writer
 from mediagate.cli.local_ray import (
@@ -62,7 +67,6 @@ from mediagate.cli.local_ray import (
 )
 from mediagate.cli.model_cluster import Cluster
 from mediagate.cli.service import ray_temp_dir, stop_ray_session
-from mediagate.protocol.timing import parse_server_timing
 from mediagate.settings import HomeLayout
 from tests.integration.conftest import write_tiny_sd_config, write_up_config
 
@@ -126,8 +130,7 @@ class Clients:
         )
         found = []
         for sent, took, _ in inside[:count]:
-            stages = parse_server_timing(self.timings.get(sent, ""))
-            stages["ingress"] = took * 1000 - sum(stages.values())
+            stages = stages_seen_by_client(self.timings.get(sent, ""), took)
             found.append(
                 {
                     "at_s": round(sent - start, 1),

@@ -42,6 +42,7 @@ from benchmarking import (
     add_ingress_argument,
     checks_off,
     percentile,
+    stages_seen_by_client,
     start_local_serve,
     write_tiers_without_quotas,
 )
@@ -146,7 +147,7 @@ def interleaved_latency(base_url: str, key: str, actor: Any, requests: int) -> d
     stages, the HTTP ingress and the network)."""
     import ray
 
-    from mediagate.protocol.timing import STAGES, parse_server_timing
+    from mediagate.protocol.timing import STAGES
 
     headers = {"Authorization": f"Bearer {key}"}
     bare: list[float] = []
@@ -162,10 +163,9 @@ def interleaved_latency(base_url: str, key: str, actor: Any, requests: int) -> d
             response = post(client, seed)
             latency = time.perf_counter() - started
             served.append(latency)
-            reported = parse_server_timing(response.headers.get("server-timing", ""))
-            for stage, value in reported.items():
+            seen = stages_seen_by_client(response.headers.get("server-timing", ""), latency)
+            for stage, value in seen.items():
                 stages.setdefault(stage, []).append(value)
-            stages["ingress"].append(latency * 1000 - sum(reported.values()))
 
         for seed in range(requests):
             if seed % 2:

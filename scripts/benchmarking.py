@@ -29,6 +29,16 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
+def stages_seen_by_client(server_timing: str, latency_s: float) -> dict[str, float]:
+    """A response's ``Server-Timing`` stages (ms), and ``ingress``: the rest of the time
+    its client waited, outside every stage the router reported."""
+    from mediagate.protocol.timing import parse_server_timing
+
+    stages = parse_server_timing(server_timing)
+    stages["ingress"] = latency_s * 1000 - sum(stages.values())
+    return stages
+
+
 def write_tiers_without_quotas(home: Path) -> Path:
     """The shipped tiers without daily quotas, rates, cooldowns and queue caps: with
     them, a pro key gets 429 after 60 images a minute and the figures measure the quota."""
